@@ -1,0 +1,91 @@
+"""Read a model file's input/output signature and runtime requirements."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from device_agent.bundle.manifest import TensorSpec
+
+from .errors import PackError
+
+# Lowest onnxruntime release that loads each ONNX IR version.
+ORT_MIN_FOR_IR = {3: "1.0", 4: "1.0", 5: "1.0", 6: "1.1", 7: "1.3", 8: "1.10", 9: "1.15",
+                  10: "1.17", 11: "1.20", 12: "1.23"}
+
+_ONNX_DTYPES = {
+    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
+    8: "string", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64",
+    16: "bfloat16",
+}
+
+
+def onnx_signature(
+    path: str | Path,
+) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, Any]]:
+    """Inputs, outputs and runtime requirements of an ONNX model file."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and others
+        raise PackError(f"{path} is not a readable ONNX model: {e}") from e
+    initializers = {i.name for i in model.graph.initializer}
+
+    def spec(v: Any) -> TensorSpec:
+        t = v.type.tensor_type
+        dims: list[int | str | None] = []
+        for d in t.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        return TensorSpec(v.name, _ONNX_DTYPES.get(t.elem_type, f"onnx:{t.elem_type}"), tuple(dims))
+
+    inputs = [spec(v) for v in model.graph.input if v.name not in initializers]
+    outputs = [spec(v) for v in model.graph.output]
+    opsets = {(o.domain or "ai.onnx"): int(o.version) for o in model.opset_import}
+    runtime = {
+        "engine": "onnxruntime",
+        "onnx_ir_version": int(model.ir_version),
+        "opsets": opsets,
+        "min_runtime_version": ORT_MIN_FOR_IR.get(int(model.ir_version), "1.23"),
+    }
+    return inputs, outputs, runtime
+
+
+def tflite_signature(
+    path: str | Path,
+) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, Any]]:
+    """Inputs, outputs and runtime requirements of a TFLite flatbuffer."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interp = Interpreter(model_path=str(path))
+    except Exception as e:
+        raise PackError(f"{path} is not a loadable TFLite model: {e}") from e
+
+    def spec(d: dict[str, Any]) -> TensorSpec:
+        shape = [int(s) for s in d["shape_signature"]]
+        return TensorSpec(
+            d["name"],
+            str(d["dtype"].__name__),
+            tuple(None if s < 0 else s for s in shape),
+        )
+
+    inputs = [spec(d) for d in interp.get_input_details()]
+    outputs = [spec(d) for d in interp.get_output_details()]
+    runtime = {"engine": "tflite", "tflite_schema_version": 3, "min_runtime_version": "2.14"}
+    return inputs, outputs, runtime
+
+
+def model_signature(
+    path: str | Path, fmt: str
+) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, Any]]:
+    if fmt == "onnx":
+        return onnx_signature(path)
+    if fmt == "tflite":
+        return tflite_signature(path)
+    raise PackError(f"unknown model format {fmt!r}; use onnx or tflite")

@@ -1,0 +1,211 @@
+"""Strict reader for the bundle container: a restricted POSIX ustar archive.
+
+Bundles are ustar archives so ``tar tvf`` can list them, but the reader
+accepts only a small, unambiguous subset and refuses everything else before
+reading any member data:
+
+* headers must carry the POSIX ``ustar\\0`` magic and a correct checksum;
+* no extended (pax) or GNU long-name headers;
+* member names are plain names: no directory part, no ``..``, not absolute;
+* members are regular files: links, device nodes, FIFOs and directories are refused;
+* padding after a member, and everything after the end-of-archive marker, is zeros.
+
+With these rules every byte of a bundle is either covered by a header checksum,
+by the signature over the manifest, by a file hash the manifest lists, or must
+be zero, so flipping any byte makes the bundle fail verification.
+
+The reader does no I/O of its own beyond the stream it is given and reads
+member data in caller-sized chunks, so memory stays bounded whatever the
+archive claims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from .errors import (
+    MalformedBundleError,
+    OversizedMemberError,
+    TruncatedBundleError,
+    UnsafeMemberTypeError,
+    UnsafePathError,
+)
+
+BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
+#: at most this many zero bytes may follow the end-of-archive marker (tar pads to 10 KiB)
+MAX_TRAILER = 64 * 1024
+
+_TYPE_NAMES = {
+    b"1": "hard link",
+    b"2": "symbolic link",
+    b"3": "character device node",
+    b"4": "block device node",
+    b"5": "directory",
+    b"6": "FIFO",
+    b"7": "contiguous file",
+}
+
+
+@dataclass(frozen=True)
+class MemberHeader:
+    name: str
+    size: int
+    offset: int  # offset of the member's data in the stream
+
+
+class ByteSource:
+    """Exact reads over a binary stream, counting the position."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.position = 0
+
+    def read_exact(self, n: int, what: str) -> bytes:
+        buf = bytearray(n)
+        self.readinto_exact(memoryview(buf), what)
+        return bytes(buf)
+
+    def readinto_exact(self, view: memoryview, what: str) -> None:
+        got = 0
+        total = len(view)
+        while got < total:
+            n = self._stream.readinto(view[got:])  # type: ignore[attr-defined]
+            if not n:
+                raise TruncatedBundleError(
+                    f"bundle ends early while reading {what} (at byte {self.position + got}); "
+                    "the file is incomplete: download or copy it again"
+                )
+            got += n
+        self.position += total
+
+    def read_some(self, n: int) -> bytes:
+        data = self._stream.read(n)
+        self.position += len(data)
+        return data
+
+
+def _octal(field: bytes, what: str) -> int:
+    if field and field[0] & 0x80:
+        # base-256 encoding: only used for sizes >= 8 GiB, far above any cap
+        raise OversizedMemberError(f"{what} uses a base-256 size (>= 8 GiB); refusing")
+    text = field.rstrip(b"\0 ").lstrip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError as e:
+        raise MalformedBundleError(f"{what} has a non-numeric field {field!r}") from e
+
+
+def check_member_name(raw: str) -> str:
+    """Refuse absolute names, ``..``, directory parts and control characters."""
+    if (
+        not raw
+        or raw.startswith("/")
+        or raw.startswith("\\")
+        or "/" in raw
+        or "\\" in raw
+        or raw in (".", "..")
+        or ".." in raw.split("/")
+        or any(ord(c) < 32 for c in raw)
+        or (len(raw) > 1 and raw[1] == ":")
+    ):
+        raise UnsafePathError(
+            f"bundle member {raw!r} is not a plain file name (absolute path, '..' or a "
+            "directory part); this bundle may be trying to write outside its install "
+            "directory and is refused"
+        )
+    return raw
+
+
+def parse_header(block: bytes, offset: int) -> MemberHeader | None:
+    """Parse one 512-byte header; None means the end-of-archive marker."""
+    if block == _ZERO_BLOCK:
+        return None
+    field = block[148:156]
+    # exactly the form tar writers use ("%06o\0 "), so the field has one encoding
+    if field[6:8] != b"\0 " or not all(0x30 <= c <= 0x37 for c in field[:6]):
+        raise MalformedBundleError(
+            f"header at byte {offset} has a malformed checksum field; the bundle is corrupted"
+        )
+    stored = int(field[:6], 8)
+    computed = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
+    if stored != computed:
+        raise MalformedBundleError(
+            f"header at byte {offset} has a wrong checksum; the bundle is corrupted or was "
+            "tampered with. Fetch it again"
+        )
+    if block[257:263] != b"ustar\0" or block[263:265] != b"00":
+        raise MalformedBundleError(
+            f"header at byte {offset} is not a POSIX ustar header; bundles must be written "
+            "with `edgefleet bundle pack`"
+        )
+    typeflag = block[156:157]
+    if typeflag in (b"x", b"g", b"L", b"K"):
+        raise MalformedBundleError(
+            f"header at byte {offset} is an extended (pax/GNU) header; bundle format v1 "
+            "does not allow them"
+        )
+    try:
+        name = block[0:100].split(b"\0", 1)[0].decode("utf-8")
+        prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MalformedBundleError(f"header at byte {offset} has a non-UTF-8 name") from e
+    full = f"{prefix}/{name}" if prefix else name
+    check_member_name(full)
+    if typeflag not in (b"0", b"\0"):
+        kind = _TYPE_NAMES.get(typeflag, f"type {typeflag!r}")
+        raise UnsafeMemberTypeError(
+            f"bundle member {full!r} is a {kind}, not a regular file; bundles may only "
+            "contain regular files, so this one is refused"
+        )
+    size = _octal(block[124:136], f"member {full!r}")
+    return MemberHeader(name=full, size=size, offset=offset + BLOCK)
+
+
+def iter_headers(src: ByteSource, max_members: int) -> Iterator[MemberHeader]:
+    """Yield member headers. The caller must consume each member's data and
+    padding (via :func:`skip_padding`) before asking for the next header."""
+    count = 0
+    while True:
+        offset = src.position
+        block = src.read_exact(BLOCK, "a member header")
+        header = parse_header(block, offset)
+        if header is None:
+            _check_trailer(src)
+            return
+        count += 1
+        if count > max_members:
+            raise MalformedBundleError(f"bundle has more than {max_members} members")
+        yield header
+
+
+def padding_size(size: int) -> int:
+    return (BLOCK - size % BLOCK) % BLOCK
+
+
+def skip_padding(src: ByteSource, size: int, name: str) -> None:
+    pad = padding_size(size)
+    if pad and src.read_exact(pad, f"padding after {name!r}") != bytes(pad):
+        raise MalformedBundleError(
+            f"padding after member {name!r} is not zeros; the bundle was altered"
+        )
+
+
+def _check_trailer(src: ByteSource) -> None:
+    second = src.read_exact(BLOCK, "the end-of-archive marker")
+    if second != _ZERO_BLOCK:
+        raise MalformedBundleError("end-of-archive marker is damaged; the bundle was altered")
+    seen = 0
+    while True:
+        chunk = src.read_some(BLOCK * 8)
+        if not chunk:
+            return
+        seen += len(chunk)
+        if seen > MAX_TRAILER or chunk.count(0) != len(chunk):
+            raise MalformedBundleError(
+                "data after the end of the bundle; the file was altered or concatenated"
+            )

@@ -1,0 +1,19 @@
+"""The operator CLI, ``edgefleet``. It parses arguments and calls the libraries."""
+
+from __future__ import annotations
+
+import click
+
+from .bundle import bundle
+from .keys import keys, trust
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgefleet")
+def main() -> None:
+    """edgefleet: deploy ML models to fleets of edge devices and keep watch over them."""
+
+
+main.add_command(keys)
+main.add_command(trust)
+main.add_command(bundle)

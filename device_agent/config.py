@@ -1,0 +1,190 @@
+"""Agent configuration: a TOML file plus environment overrides, validated once.
+
+Precedence: defaults < file < environment. Environment variables are named
+``EDGEFLEET_AGENT_<SECTION>_<KEY>`` (for example
+``EDGEFLEET_AGENT_MQTT_PORT=1884``). Only the entry point reads the
+environment; everything below takes an :class:`AgentConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "EDGEFLEET_AGENT_"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the fix."""
+
+
+@dataclass
+class DeviceConfig:
+    id: str = "device-0"
+    device_class: str = "generic"
+    state_dir: Path = Path("/var/lib/edgefleet-agent")
+    trust_store: Path = Path("/etc/edgefleet/trust.json")
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ServerConfig:
+    url: str = ""  # empty: no server; install bundles from files
+    token_file: Path | None = None  # per-device credential issued at enrollment
+    poll_seconds: float = 300.0
+    timeout_seconds: float = 30.0
+
+
+@dataclass
+class MqttConfig:
+    host: str = ""  # empty: telemetry stays in SQLite until a broker is configured
+    port: int = 1883
+    username: str = ""
+    password_file: Path | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    keepalive: int = 60
+    batch_size: int = 200
+    inflight: int = 100
+
+
+@dataclass
+class TelemetryConfig:
+    window_seconds: float = 60.0
+    sample_rate: float = 0.01
+    drop_fields: list[str] = field(default_factory=list)
+    hash_fields: list[str] = field(default_factory=list)
+    max_db_bytes: int = 64 * 1024 * 1024
+    flush_interval_seconds: float = 1.0
+
+
+@dataclass
+class UpdateConfig:
+    max_bundle_bytes: int = 512 * 1024 * 1024
+    probation_seconds: float = 300.0
+    probation_max_error_rate: float = 0.05
+    probation_min_predictions: int = 20
+    download_chunk_bytes: int = 256 * 1024
+    runtime_threads: int = 1
+
+
+@dataclass
+class AgentConfig:
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    log_level: str = "INFO"
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+    ) -> AgentConfig:
+        """Build a config from a TOML file (optional) and an environment mapping."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            try:
+                data = tomllib.loads(p.read_text())
+            except FileNotFoundError as e:
+                raise ConfigError(f"config file {p} does not exist") from e
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+        cfg = cls.from_dict(data)
+        if env is not None:
+            cfg.apply_env(env)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AgentConfig:
+        cfg = cls()
+        for key, value in data.items():
+            if key == "log_level":
+                cfg.log_level = str(value)
+                continue
+            section = getattr(cfg, key, None)
+            if section is None or not dataclasses.is_dataclass(section):
+                raise ConfigError(f"unknown config section [{key}]")
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"[{key}] must be a table")
+            for k, v in value.items():
+                _set(section, key, k, v)
+        return cfg
+
+    def apply_env(self, env: Mapping[str, str]) -> None:
+        for name, raw in env.items():
+            if not name.startswith(ENV_PREFIX):
+                continue
+            rest = name[len(ENV_PREFIX):].lower()
+            if rest == "log_level":
+                self.log_level = raw
+                continue
+            section_name, _, key = rest.partition("_")
+            section = getattr(self, section_name, None)
+            if section is None or not dataclasses.is_dataclass(section) or not key:
+                raise ConfigError(f"environment variable {name} names no config key")
+            _set(section, section_name, key, raw, from_env=True)
+
+    def validate(self) -> None:
+        t = self.telemetry
+        if not 0.0 <= t.sample_rate <= 1.0:
+            raise ConfigError("telemetry.sample_rate must be between 0 and 1")
+        if t.window_seconds <= 0:
+            raise ConfigError("telemetry.window_seconds must be positive")
+        if t.max_db_bytes < 1024 * 1024:
+            raise ConfigError("telemetry.max_db_bytes must be at least 1 MiB")
+        if not 0.0 <= self.update.probation_max_error_rate <= 1.0:
+            raise ConfigError("update.probation_max_error_rate must be between 0 and 1")
+        if not self.device.id or "/" in self.device.id or "+" in self.device.id \
+                or "#" in self.device.id:
+            raise ConfigError("device.id must be non-empty and contain no '/', '+' or '#'")
+
+
+def _set(section: Any, section_name: str, key: str, value: Any, from_env: bool = False) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        raise ConfigError(f"unknown key {key!r} in [{section_name}]; known: {sorted(fields)}")
+    current = getattr(section, key)
+    typ = fields[key].type
+    try:
+        if from_env:
+            value = _from_text(value, current, str(typ))
+        elif "Path" in str(typ) and value is not None:
+            value = Path(value)
+        elif isinstance(current, float) and isinstance(value, int):
+            value = float(value)
+    except ValueError as e:
+        raise ConfigError(f"{section_name}.{key}: cannot use {value!r}: {e}") from e
+    setattr(section, key, value)
+
+
+def _from_text(raw: str, current: Any, typ: str) -> Any:
+    if isinstance(current, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if isinstance(current, int):
+        return int(raw)
+    if isinstance(current, float):
+        return float(raw)
+    if isinstance(current, list):
+        return [s.strip() for s in raw.split(",") if s.strip()]
+    if isinstance(current, dict):
+        return dict(p.split("=", 1) for p in raw.split(",") if "=" in p)
+    if "Path" in typ:
+        return Path(raw) if raw else None
+    return raw

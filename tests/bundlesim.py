@@ -81,9 +81,9 @@ class BundleSim:
         model = d / "model.onnx"
         model.write_bytes(model_bytes if model_bytes is not None else tiny_onnx_model(seed))
         profile = d / "drift_profile.json"
-        profile.write_bytes(canonical_json({"schema_version": 1, "features": []}))
+        profile.write_bytes(canonical_json({"placeholder": True, "schema_version": 1}))
         smoke = d / "smoke_samples.json"
-        smoke.write_bytes(canonical_json({"schema_version": 1, "samples": []}))
+        smoke.write_bytes(canonical_json({"placeholder": True, "schema_version": 1}))
         files = [
             BundleFile(model, "model.onnx", "model"),
             BundleFile(profile, "drift_profile.json", "drift_profile"),

@@ -1,0 +1,1 @@
+"""Server storage: SQLAlchemy 2 ORM tables, engine and session helpers."""

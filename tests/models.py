@@ -1,0 +1,249 @@
+"""A small zoo of real models for converter tests and benchmarks.
+
+Every builder is deterministic for a given seed and fast (well under a second
+apart from the ONNX export of the torch models). Torch and scikit-learn are
+imported inside the builders so importing this module stays light.
+
+Builders:
+
+* :func:`torch_cnn`: conv + batch norm + ReLU + max pool, conv + batch norm +
+  ReLU + average pool, flatten *after a convolution* (so NCHW/NHWC handling
+  matters), linear. Input ``x`` of shape ``[N, 3, 16, 16]``, 10 logits out.
+* :func:`torch_mlp`: linear/ReLU/linear/tanh/linear/softmax, input ``[N, 16]``,
+  4 class probabilities out.
+* :func:`sklearn_pipeline`: StandardScaler + LogisticRegression on 8 features,
+  3 classes; :func:`random_forest` (classifier, same data) and
+  :func:`random_forest_regressor`.
+* :func:`onnx_helper_mlp`: an ONNX graph built with :mod:`onnx.helper`
+  (MatMul, Add, Relu, Gemm, Softmax) with a dynamic batch dimension.
+* :func:`torch_to_onnx`: plain ``torch.onnx.export`` of a module to a
+  :class:`onnx.ModelProto` (dynamic batch, opset 18, no external data).
+
+Each builder returns the model and a float32 sample batch drawn from the same
+distribution the model was built or trained for, usable as calibration data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+CNN_INPUT_SHAPE = (3, 16, 16)
+CNN_CLASSES = 10
+MLP_FEATURES = 16
+MLP_CLASSES = 4
+TABULAR_FEATURES = 8
+TABULAR_CLASSES = 3
+ONNX_MLP_FEATURES = 8
+ONNX_MLP_CLASSES = 5
+
+
+def image_batch(n: int = 64, seed: int = 0) -> np.ndarray:
+    """Image-like float32 inputs ``[n, 3, 16, 16]``: smooth blobs plus noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:16, 0:16].astype(np.float32) / 15.0
+    out = np.empty((n, *CNN_INPUT_SHAPE), dtype=np.float32)
+    for i in range(n):
+        cx, cy = rng.uniform(0.2, 0.8, size=2)
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / rng.uniform(0.02, 0.1))
+        for c in range(3):
+            out[i, c] = blob * rng.uniform(0.5, 1.5) + rng.normal(0, 0.1, size=(16, 16))
+    return out
+
+
+def _randomize_batch_norm(module: Any, seed: int) -> None:
+    """Give batch norm layers non-trivial statistics so folding them is exercised."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            n = layer.num_features
+            assert layer.running_mean is not None and layer.running_var is not None
+            with torch.no_grad():
+                layer.running_mean.copy_(torch.randn(n, generator=gen) * 0.3)
+                layer.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                layer.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                layer.bias.copy_(torch.randn(n, generator=gen) * 0.2)
+
+
+def torch_cnn(seed: int = 0) -> tuple[Any, np.ndarray]:
+    """A small image classifier (eval mode) and a batch of 64 image-like inputs."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, kernel_size=3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, kernel_size=3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, CNN_CLASSES),
+    )
+    _randomize_batch_norm(model, seed)
+    model.eval()
+    images = image_batch(64, seed)
+    _spread_head(model, images)
+    return model, images
+
+
+def _spread_head(model: Any, images: np.ndarray) -> None:
+    """Centre and scale the final linear layer so predictions spread over the classes.
+
+    Untrained convolutional features are nearly alike for every image, so a
+    random head would predict one class for all of them, which makes top-1
+    agreement meaningless in tests.
+    """
+    import torch
+
+    body, head = model[:-1], model[-1]
+    with torch.no_grad():
+        feats = body(torch.from_numpy(images))
+        mean, std = feats.mean(0), feats.std(0) + 1e-3
+        weight = head.weight / std * 1.5
+        head.weight.copy_(weight)
+        head.bias.copy_(-(weight @ mean))
+
+
+def torch_mlp(seed: int = 0) -> tuple[Any, np.ndarray]:
+    """A tabular classifier ending in softmax (eval mode) and 128 inputs ``[N, 16]``."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(MLP_FEATURES, 32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.Tanh(),
+        nn.Linear(32, MLP_CLASSES),
+        nn.Softmax(dim=-1),
+    )
+    model.eval()
+    rng = np.random.default_rng(seed)
+    return model, rng.normal(0, 1, size=(128, MLP_FEATURES)).astype(np.float32)
+
+
+def tabular_data(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A 3-class tabular problem with features on very different scales."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples=n,
+        n_features=TABULAR_FEATURES,
+        n_informative=5,
+        n_redundant=1,
+        n_classes=TABULAR_CLASSES,
+        random_state=seed,
+    )
+    scales = np.array([1.0, 10.0, 0.1, 100.0, 1.0, 5.0, 0.5, 2.0])
+    return (x * scales + scales).astype(np.float32), y
+
+
+def sklearn_pipeline(seed: int = 0) -> tuple[Any, np.ndarray]:
+    """StandardScaler + LogisticRegression, fitted; and its (float32) training inputs."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = tabular_data(seed=seed)
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
+    pipe.fit(x, y)
+    return pipe, x
+
+
+def random_forest(seed: int = 0) -> tuple[Any, np.ndarray]:
+    """A small fitted RandomForestClassifier and its (float32) training inputs."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    x, y = tabular_data(seed=seed)
+    clf = RandomForestClassifier(n_estimators=12, max_depth=6, random_state=seed)
+    clf.fit(x, y)
+    return clf, x
+
+
+def random_forest_regressor(seed: int = 0) -> tuple[Any, np.ndarray]:
+    """A small fitted RandomForestRegressor and its (float32) training inputs."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    x, y = tabular_data(seed=seed)
+    target = x[:, 0] * 0.5 + np.sin(x[:, 2]) + y
+    reg = RandomForestRegressor(n_estimators=12, max_depth=6, random_state=seed)
+    reg.fit(x, target)
+    return reg, x
+
+
+def onnx_helper_mlp(
+    seed: int = 0, opset: int = 17, ir_version: int | None = 8
+) -> tuple[Any, np.ndarray]:
+    """An MLP classifier written with :mod:`onnx.helper` and 128 inputs ``[N, 8]``.
+
+    Graph: ``x -> MatMul(W1) -> Add(b1) -> Relu -> Gemm(W2, b2) -> Softmax -> probs``.
+    ``ir_version=None`` keeps what the installed ``onnx`` writes by default, which
+    can be newer than the installed onnxruntime accepts.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    hidden = 24
+    w1 = rng.normal(0, 0.5, size=(ONNX_MLP_FEATURES, hidden)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, size=(hidden,)).astype(np.float32)
+    w2 = rng.normal(0, 0.5, size=(hidden, ONNX_MLP_CLASSES)).astype(np.float32)
+    b2 = rng.normal(0, 0.1, size=(ONNX_MLP_CLASSES,)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h0"], name="dense1"),
+        helper.make_node("Add", ["h0", "b1"], ["h1"], name="bias1"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="relu1"),
+        helper.make_node("Gemm", ["h2", "W2", "b2"], ["logits"], name="dense2"),
+        helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "onnx_helper_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", ONNX_MLP_FEATURES])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", ONNX_MLP_CLASSES])],
+        initializer=[
+            numpy_helper.from_array(w1, "W1"),
+            numpy_helper.from_array(b1, "b1"),
+            numpy_helper.from_array(w2, "W2"),
+            numpy_helper.from_array(b2, "b2"),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgefleet-tests"
+    )
+    if ir_version is not None:
+        model.ir_version = ir_version
+    onnx.checker.check_model(model)
+    return model, rng.normal(0, 1, size=(128, ONNX_MLP_FEATURES)).astype(np.float32)
+
+
+def torch_to_onnx(module: Any, example: np.ndarray, opset: int = 18) -> Any:
+    """Export ``module`` to an in-memory :class:`onnx.ModelProto`.
+
+    Input ``x`` and output ``y``, dynamic batch dimension, weights inline.
+    """
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(example[:2]))
+    program = torch.onnx.export(
+        module,
+        (x,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        external_data=False,
+        optimize=True,
+        verbose=False,
+    )
+    assert program is not None
+    return program.model_proto

@@ -12,7 +12,7 @@ import click
 from converters.bundle import BundleFile, build_manifest, pack_bundle, read_header, sign_bundle
 from converters.introspect import model_signature
 from converters.keys import KeyStore
-from device_agent.bundle import Manifest, TrustStore, verify_file
+from device_agent.bundle import Manifest, TrustStore, VerifyLimits, verify_file
 from device_agent.bundle.manifest import format_time, parse_time
 
 from ._common import handle_errors, keys_dir_option, passphrase_options, read_passphrase
@@ -132,13 +132,17 @@ def bundle_sign(
 @click.option("--installed-version", type=click.IntRange(min=0),
               help="Refuse bundles older than this version (anti-rollback).")
 @click.option("--at", "at", help="Reference time, e.g. 2026-01-31T12:00:00Z (default: now).")
+@click.option("--max-member-bytes", type=click.IntRange(min=1),
+              default=VerifyLimits().max_member_bytes, show_default=True,
+              help="Refuse any member larger than this (the device's cap).")
 @handle_errors
 def bundle_verify(path: Path, trust_store: Path, installed_version: int | None,
-                  at: str | None) -> None:
+                  at: str | None, max_member_bytes: int) -> None:
     """Verify PATH exactly as a device would; exit 0 and print a summary if it is good."""
     now = parse_time(at) if at else datetime.now(timezone.utc)
     verified = verify_file(path, TrustStore.load(trust_store), now=now,
-                           installed_version=installed_version)
+                           installed_version=installed_version,
+                           limits=VerifyLimits(max_member_bytes=max_member_bytes))
     click.echo(summary(verified.manifest, verified.signed_by))
     click.secho("verified: OK", fg="green")
 

@@ -1,0 +1,1 @@
+"""Crash-safe verified updates: the state machine, A/B slots, the fetcher and the updater."""

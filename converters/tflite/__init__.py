@@ -1,0 +1,134 @@
+"""ONNX -> TFLite without TensorFlow: the flatbuffer is written directly.
+
+    from converters.tflite import onnx_to_tflite
+    data = onnx_to_tflite(onnx_model, weights="float32")   # or "float16", "int8"
+
+Supported ONNX operators (default domain, float32 tensors), see :data:`SUPPORTED_OPS`:
+
+* dense: ``Gemm``, ``MatMul`` (constant weights -> FULLY_CONNECTED, else BATCH_MATMUL)
+* elementwise: ``Add``, ``Sub``, ``Mul``, ``Div`` (with broadcasting)
+* activations: ``Relu``, ``Clip``, ``Sigmoid``, ``Tanh``, ``LeakyRelu``, ``HardSwish``,
+  ``Softmax`` (over the last axis, or the channel axis of an NCHW tensor)
+* ``Conv`` 2-D, including depthwise (group == channels) and grouped convolutions,
+  with pads, strides and dilations
+* ``MaxPool``, ``AveragePool`` (2-D, no dilation), ``GlobalAveragePool``, ``GlobalMaxPool``
+* ``BatchNormalization`` (inference): folded into the preceding ``Conv``, else MUL + ADD
+* ``Flatten``, ``Reshape``, ``Transpose``, ``Concat``, ``Squeeze``, ``Unsqueeze``
+* ``Pad`` (constant and reflect modes)
+* ``Identity``, ``Dropout`` (inference: no-ops); ``Constant``
+
+Subgraphs that depend only on initializers and static shapes (for instance the
+``Shape -> Gather -> Unsqueeze -> Concat`` chain torch's exporter writes for
+``x.view(x.size(0), -1)``) are folded to constants first, so operators such as
+``Shape``, ``Gather``, ``Slice`` and ``Cast`` are accepted there. Any other
+operator raises :class:`UnsupportedOperatorError` naming the operator and node.
+
+Layout: model inputs and outputs keep the ONNX layout (NCHW for images), so the
+same arrays feed both the ONNX and the TFLite model; inside, convolutions run
+NHWC behind a TRANSPOSE, and a ``Flatten`` after a convolution transposes back
+to NCHW first so the flattened order is ONNX's (see :mod:`.layout`).
+
+Batch: a dynamic first input dimension becomes ``shape_signature`` -1 (the
+stored shape uses batch 1); call ``resize_tensor_input`` for other batch sizes.
+Other dynamic dimensions are refused.
+
+Weights (see :mod:`.quantize`): ``float32``; ``float16`` (float16 constants +
+DEQUANTIZE, float32 compute); ``int8`` (dynamic range: symmetric int8 conv
+weights per channel and dense weights per tensor, hybrid kernels).
+
+The file is TFLite schema version 3 with a ``serving_default`` signature, and
+runs on ai-edge-litert and on the legacy ``tflite-runtime`` 2.14.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from converters.tflite.builder import ModelSpec, serialize
+from converters.tflite.context import Context
+from converters.tflite.errors import (
+    InvalidModelError,
+    TFLiteConversionError,
+    UnsupportedAttributeError,
+    UnsupportedOperatorError,
+    UnsupportedQuantizationError,
+    UnsupportedShapeError,
+)
+from converters.tflite.graph import FOLDABLE_OPS, load_graph
+from converters.tflite.layout import ONNX
+from converters.tflite.ops import BASIC_LOWERINGS
+from converters.tflite.ops_nn import NN_LOWERINGS
+from converters.tflite.optimize import fuse_activations
+from converters.tflite.quantize import WEIGHT_MODES, apply
+
+__all__ = [
+    "SUPPORTED_OPS",
+    "WEIGHT_MODES",
+    "InvalidModelError",
+    "TFLiteConversionError",
+    "UnsupportedAttributeError",
+    "UnsupportedOperatorError",
+    "UnsupportedQuantizationError",
+    "UnsupportedShapeError",
+    "onnx_to_tflite",
+]
+
+_LOWERINGS = {**BASIC_LOWERINGS, **NN_LOWERINGS}
+
+#: ONNX operator types the converter lowers (after constant folding).
+SUPPORTED_OPS: frozenset[str] = frozenset(_LOWERINGS)
+
+
+def _check_supported(model: onnx.ModelProto, graph_nodes: list[onnx.NodeProto]) -> None:
+    for node in graph_nodes:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _LOWERINGS:
+            op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            raise UnsupportedOperatorError(op, node.name or node.output[0], SUPPORTED_OPS)
+
+
+def onnx_to_tflite(model: onnx.ModelProto, *, weights: str = "float32") -> bytes:
+    """Convert an ONNX model to TFLite flatbuffer bytes.
+
+    ``weights`` is ``"float32"``, ``"float16"`` or ``"int8"`` (dynamic range).
+    Raises :class:`UnsupportedOperatorError` for an operator outside
+    :data:`SUPPORTED_OPS` and other :class:`TFLiteConversionError` subclasses
+    for shapes, attributes or quantization modes it cannot express.
+    """
+    if weights not in WEIGHT_MODES:
+        raise UnsupportedQuantizationError(
+            f"unknown weights mode {weights!r}; use one of {', '.join(WEIGHT_MODES)}"
+        )
+    # Refuse unknown operators before anything else, foldable ones aside.
+    _check_supported(
+        model,
+        [n for n in model.graph.node if n.op_type not in FOLDABLE_OPS | {"Constant", "Shape"}],
+    )
+    graph = load_graph(model)
+    _check_supported(model, graph.nodes)
+    spec = ModelSpec(description=f"edgefleet onnx_to_tflite ({weights} weights)")
+    ctx = Context(graph, spec)
+    for name in graph.inputs:
+        elem = _elem_type(model, name)
+        if elem != onnx.TensorProto.FLOAT:
+            raise UnsupportedShapeError(
+                f"input {name!r} is {onnx.TensorProto.DataType.Name(elem)}; "
+                "only float32 inputs are supported"
+            )
+        index = ctx.new_tensor(name, ONNX)
+        spec.inputs.append(index)
+        ctx.output(name, index, ONNX)
+    for node in graph.nodes:
+        _LOWERINGS[node.op_type](ctx, node)
+    for name in graph.outputs:
+        spec.outputs.append(ctx.input(name, ONNX))
+    fuse_activations(spec)
+    apply(spec, weights)
+    spec.compact()
+    return serialize(spec)
+
+
+def _elem_type(model: onnx.ModelProto, name: str) -> int:
+    for vi in model.graph.input:
+        if vi.name == name:
+            return int(vi.type.tensor_type.elem_type)
+    raise InvalidModelError(f"no graph input named {name!r}")

@@ -1,0 +1,262 @@
+"""Lowerings of elementwise, activation and shape operators (ONNX node -> TFLite ops).
+
+Each lowering reads its inputs through the :class:`~converters.tflite.context.Context`
+and registers its output there. Convolution, pooling and dense layers live in
+:mod:`converters.tflite.ops_nn`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+
+from converters.tflite.context import Context, Op, attrs
+from converters.tflite.errors import UnsupportedAttributeError, UnsupportedShapeError
+from converters.tflite.layout import NHWC, ONNX, compose_from_nhwc, nhwc_axis
+
+Lowering = Callable[[Context, onnx.NodeProto], None]
+
+_BINARY = {
+    "Add": (Op.ADD, "AddOptions"),
+    "Sub": (Op.SUB, "SubOptions"),
+    "Mul": (Op.MUL, "MulOptions"),
+    "Div": (Op.DIV, "DivOptions"),
+}
+
+
+def _shared_layout(ctx: Context, node: onnx.NodeProto, names: list[str]) -> str:
+    """NHWC when every activation operand is a 4-D NHWC tensor, else ONNX."""
+    if len(ctx.shape(node.output[0])) != 4:
+        return ONNX
+    acts = [n for n in names if not ctx.is_constant(n)]
+    if acts and all(ctx.layout_of(n) == NHWC for n in acts):
+        return NHWC
+    return ONNX
+
+
+def binary(ctx: Context, node: onnx.NodeProto) -> None:
+    code, options = _BINARY[node.op_type]
+    names = list(node.input[:2])
+    layout = _shared_layout(ctx, node, names)
+    ins = [ctx.input(n, layout) for n in names]
+    out = ctx.new_tensor(node.output[0], layout)
+    ctx.op(code, ins, [out], (options, {"FusedActivationFunction": 0}))
+    ctx.output(node.output[0], out, layout)
+
+
+def _unary(ctx: Context, node: onnx.NodeProto, code: int, options=None) -> None:
+    name = node.input[0]
+    layout = ctx.layout_of(name) or ONNX
+    out = ctx.new_tensor(node.output[0], layout)
+    ctx.op(code, [ctx.input(name, layout)], [out], options)
+    ctx.output(node.output[0], out, layout)
+
+
+def relu(ctx: Context, node: onnx.NodeProto) -> None:
+    _unary(ctx, node, Op.RELU)
+
+
+def sigmoid(ctx: Context, node: onnx.NodeProto) -> None:
+    _unary(ctx, node, Op.LOGISTIC)
+
+
+def tanh(ctx: Context, node: onnx.NodeProto) -> None:
+    _unary(ctx, node, Op.TANH)
+
+
+def hard_swish(ctx: Context, node: onnx.NodeProto) -> None:
+    _unary(ctx, node, Op.HARD_SWISH)
+
+
+def leaky_relu(ctx: Context, node: onnx.NodeProto) -> None:
+    alpha = float(attrs(node).get("alpha", 0.01))
+    _unary(ctx, node, Op.LEAKY_RELU, ("LeakyReluOptions", {"Alpha": alpha}))
+
+
+def _clip_bounds(ctx: Context, node: onnx.NodeProto) -> tuple[float, float]:
+    a = attrs(node)
+    lo, hi = float(a.get("min", -np.inf)), float(a.get("max", np.inf))
+    for pos in (1, 2):
+        if len(node.input) > pos and node.input[pos]:
+            name = node.input[pos]
+            if not ctx.is_constant(name):
+                raise UnsupportedAttributeError("Clip", node.name, "min/max must be constants")
+            value = float(ctx.constant(name).reshape(-1)[0])
+            lo, hi = (value, hi) if pos == 1 else (lo, value)
+    return lo, hi
+
+
+def clip(ctx: Context, node: onnx.NodeProto) -> None:
+    lo, hi = _clip_bounds(ctx, node)
+    special = {(0.0, np.inf): Op.RELU, (0.0, 6.0): Op.RELU6, (-1.0, 1.0): Op.RELU_N1_TO_1}
+    if (lo, hi) in special:
+        _unary(ctx, node, special[(lo, hi)])
+        return
+    name = node.input[0]
+    layout = ctx.layout_of(name) or ONNX
+    current = ctx.input(name, layout)
+    for code, bound, tag in ((Op.MAXIMUM, lo, "min"), (Op.MINIMUM, hi, "max")):
+        if np.isinf(bound):
+            continue
+        out = ctx.new_tensor(
+            node.output[0] if tag == "max" else f"{node.output[0]}__lo", layout, like=node.output[0]
+        )
+        bound_t = ctx.const(f"{node.output[0]}__{tag}", np.asarray([bound], dtype=np.float32))
+        ctx.op(code, [current, bound_t], [out])
+        current = out
+    ctx.output(node.output[0], current, layout)
+
+
+def softmax(ctx: Context, node: onnx.NodeProto) -> None:
+    name, out_name = node.input[0], node.output[0]
+    shape = ctx.shape(name)
+    rank = len(shape)
+    default_axis = -1 if ctx.graph.opset >= 13 else 1
+    axis = int(attrs(node).get("axis", default_axis)) % rank
+    options = ("SoftmaxOptions", {"Beta": 1.0})
+    layout = ctx.layout_of(name) or ONNX
+    if layout == NHWC and nhwc_axis(axis) == 3:
+        _unary(ctx, node, Op.SOFTMAX, options)
+        return
+    if axis == rank - 1:
+        _unary(ctx, node, Op.SOFTMAX, options)
+        return
+    if ctx.graph.opset >= 13:
+        raise UnsupportedAttributeError(
+            "Softmax", node.name, f"softmax over axis {axis} of a rank-{rank} tensor"
+        )
+    # Before opset 13, Softmax works on the input coerced to 2-D at `axis`.
+    dyn = ctx.graph.dynamic[name]
+    flat = (int(np.prod(shape[:axis])), int(np.prod(shape[axis:])))
+    flat_dyn = (any(dyn[:axis]), any(dyn[axis:]))
+    src = ctx.input(name, ONNX)
+    t2d = ctx.reshape(
+        src,
+        f"{out_name}__2d",
+        tuple(-1 if d else s for s, d in zip(flat, flat_dyn, strict=False)),
+        flat,
+        flat_dyn,
+    )
+    sm = ctx.new_tensor(f"{out_name}__sm", ONNX, shape=flat, dynamic=flat_dyn)
+    ctx.op(Op.SOFTMAX, [t2d], [sm], options)
+    out = ctx.reshape(
+        sm,
+        out_name,
+        ctx.graph.signature(out_name),
+        ctx.shape(out_name),
+        ctx.graph.dynamic[out_name],
+    )
+    ctx.output(out_name, out, ONNX)
+
+
+def reshape_like_output(ctx: Context, node: onnx.NodeProto) -> None:
+    """Flatten / Reshape / Squeeze / Unsqueeze: RESHAPE to the inferred output shape."""
+    out_name = node.output[0]
+    sig = ctx.graph.signature(out_name)
+    if sig.count(-1) > 1:
+        raise UnsupportedShapeError(
+            f"node {node.name!r} ({node.op_type}) gives {out_name!r} more than one "
+            f"batch-dependent dimension {sig}; export with a fixed batch size"
+        )
+    src = ctx.input(node.input[0], ONNX)
+    out = ctx.reshape(src, out_name, sig, ctx.shape(out_name), ctx.graph.dynamic[out_name])
+    ctx.output(out_name, out, ONNX)
+
+
+def transpose(ctx: Context, node: onnx.NodeProto) -> None:
+    name, out_name = node.input[0], node.output[0]
+    rank = len(ctx.shape(name))
+    perm = tuple(attrs(node).get("perm", list(reversed(range(rank)))))
+    layout = ctx.layout_of(name) or ONNX
+    effective = compose_from_nhwc(perm) if layout == NHWC else perm
+    src = ctx.input(name, layout)
+    out = ctx.new_tensor(out_name, ONNX)
+    ctx.op(Op.TRANSPOSE, [src, ctx.int32(f"{out_name}__perm", effective)], [out])
+    ctx.output(out_name, out, ONNX)
+
+
+def concat(ctx: Context, node: onnx.NodeProto) -> None:
+    names = [n for n in node.input if n]
+    rank = len(ctx.shape(node.output[0]))
+    axis = int(attrs(node)["axis"]) % rank
+    layout = _shared_layout(ctx, node, names)
+    out_axis = nhwc_axis(axis) if layout == NHWC else axis
+    out = ctx.new_tensor(node.output[0], layout)
+    ctx.op(
+        Op.CONCATENATION,
+        [ctx.input(n, layout) for n in names],
+        [out],
+        ("ConcatenationOptions", {"Axis": out_axis, "FusedActivationFunction": 0}),
+    )
+    ctx.output(node.output[0], out, layout)
+
+
+def _onnx_pads(ctx: Context, node: onnx.NodeProto, rank: int) -> np.ndarray:
+    a = attrs(node)
+    if "pads" in a:
+        pads = np.asarray(a["pads"], dtype=np.int64)
+    elif len(node.input) > 1 and node.input[1] and ctx.is_constant(node.input[1]):
+        pads = ctx.constant(node.input[1]).astype(np.int64)
+    else:
+        raise UnsupportedAttributeError("Pad", node.name, "pads must be a constant")
+    if len(node.input) > 3 and node.input[3]:
+        axes = [int(x) % rank for x in ctx.constant(node.input[3]).reshape(-1)]
+        full = np.zeros(2 * rank, dtype=np.int64)
+        for i, ax in enumerate(axes):
+            full[ax], full[ax + rank] = pads[i], pads[i + len(axes)]
+        pads = full
+    if (pads < 0).any():
+        raise UnsupportedAttributeError("Pad", node.name, "negative pads (cropping)")
+    return pads.reshape(2, rank).T  # rows: (before, after) per axis
+
+
+def pad(ctx: Context, node: onnx.NodeProto) -> None:
+    name, out_name = node.input[0], node.output[0]
+    rank = len(ctx.shape(name))
+    a = attrs(node)
+    mode = a.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    value = float(a.get("value", 0.0))
+    if len(node.input) > 2 and node.input[2]:
+        value = float(ctx.constant(node.input[2]).reshape(-1)[0])
+    pads = _onnx_pads(ctx, node, rank)
+    layout = ctx.layout_of(name) if rank == 4 else ONNX
+    layout = layout or ONNX
+    if layout == NHWC:
+        pads = pads[[0, 2, 3, 1]]
+    src = ctx.input(name, layout)
+    pads_t = ctx.int32(f"{out_name}__pads", pads)
+    out = ctx.new_tensor(out_name, layout)
+    if mode == "constant" and value == 0.0:
+        ctx.op(Op.PAD, [src, pads_t], [out])
+    elif mode == "constant":
+        value_t = ctx.const(f"{out_name}__value", np.asarray([value], dtype=np.float32))
+        ctx.op(Op.PADV2, [src, pads_t, value_t], [out])
+    elif mode == "reflect":
+        ctx.op(Op.MIRROR_PAD, [src, pads_t], [out], ("MirrorPadOptions", {"Mode": 0}))
+    else:
+        raise UnsupportedAttributeError("Pad", node.name, f"mode {mode!r}")
+    ctx.output(out_name, out, layout)
+
+
+def identity(ctx: Context, node: onnx.NodeProto) -> None:
+    """Identity, and Dropout at inference: the output is the input."""
+    if len(node.output) > 1 and node.output[1]:
+        raise UnsupportedAttributeError(node.op_type, node.name, "the mask output is used")
+    if ctx.is_constant(node.input[0]):
+        ctx.graph.constants[node.output[0]] = ctx.constant(node.input[0])
+        return
+    ctx.values[node.output[0]] = ctx.values[node.input[0]]
+
+
+BASIC_LOWERINGS: dict[str, Lowering] = {
+    "Add": binary, "Sub": binary, "Mul": binary, "Div": binary,
+    "Relu": relu, "Sigmoid": sigmoid, "Tanh": tanh, "HardSwish": hard_swish,
+    "LeakyRelu": leaky_relu, "Clip": clip, "Softmax": softmax,
+    "Flatten": reshape_like_output, "Reshape": reshape_like_output,
+    "Squeeze": reshape_like_output, "Unsqueeze": reshape_like_output,
+    "Transpose": transpose, "Concat": concat, "Pad": pad,
+    "Identity": identity, "Dropout": identity,
+}  # fmt: skip

@@ -62,6 +62,7 @@ class Event(str, Enum):
     UPDATE_AVAILABLE = "update_available"
     SHADOW_AVAILABLE = "shadow_available"
     INSTALL_LOCAL = "install_local"      # `edgefleet-agent install BUNDLE`
+    ROLLBACK_REQUESTED = "rollback_requested"  # `edgefleet-agent rollback`
     DOWNLOADED = "downloaded"
     DOWNLOAD_ERROR = "download_error"
     VERIFIED = "verified"
@@ -104,6 +105,7 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
     # -- the happy path ------------------------------------------------------------
     (S.IDLE, E.CHECK): (S.CHECKING, (A.FETCH_ASSIGNMENT,)),
     (S.IDLE, E.INSTALL_LOCAL): (S.VERIFYING, (A.VERIFY,)),
+    (S.IDLE, E.ROLLBACK_REQUESTED): (S.ROLLING_BACK, (A.ROLL_BACK,)),
     (S.CHECKING, E.NO_CHANGE): (S.IDLE, ()),
     (S.CHECKING, E.CHECK_FAILED): (S.IDLE, ()),
     (S.CHECKING, E.UPDATE_AVAILABLE): (S.DOWNLOADING, (A.DOWNLOAD,)),

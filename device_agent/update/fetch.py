@@ -1,0 +1,231 @@
+"""The bundle fetcher: assignment check-in, resumable bounded download, reports.
+
+:class:`Fetcher` is the I/O edge the updater depends on; :class:`HttpFetcher`
+implements it over plain HTTP(S) with the standard library:
+
+* ``GET assignment`` with ``If-None-Match``; ``304`` means nothing changed.
+* ``GET bundle`` into ``<downloads>/<bundle_id>.part``, appending in fixed-size
+  chunks (bounded memory); an existing ``.part`` is resumed with
+  ``Range: bytes=<have>-`` (``206``). A ``200`` answer restarts from zero, a
+  ``416`` means the part is complete (or bad and is restarted). A connection
+  dropped mid-body is resumed the same way, a few times, with backoff.
+* Never more than ``min(announced size, max_bytes)`` bytes are written: an
+  endless or oversized stream is cut off and the part deleted.
+* The finished file's sha256 must equal the assignment's before the file is
+  handed to verification.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urljoin
+
+from ..protocol import ASSIGNMENT_PATH, REPORTS_PATH
+from .errors import (
+    AssignmentError,
+    DownloadDigestError,
+    DownloadError,
+    DownloadTooLargeError,
+    ServerUnavailableError,
+)
+from .state import Assignment, BundleRef
+
+log = logging.getLogger(__name__)
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class Fetcher(Protocol):
+    """Where assignments and bundles come from and reports go to."""
+
+    def get_assignment(self, etag: str | None) -> tuple[Assignment | None, str | None]:
+        """Return (assignment, etag); (None, etag) when unchanged since ``etag``."""
+
+    def download(self, ref: BundleRef, downloads: Path, max_bytes: int) -> Path:
+        """Download ``ref`` (resuming a previous part) and return the verified-digest file."""
+
+    def post_reports(self, reports: list[dict[str, Any]]) -> None:
+        """Send install/health reports; raise :class:`ServerUnavailableError` on failure."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            h.update(data)
+    return h.hexdigest()
+
+
+class HttpFetcher:
+    """:class:`Fetcher` over HTTP with the standard library (no extra dependency)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        chunk_bytes: int = 256 * 1024,
+        retries: int = 3,
+        backoff_seconds: float = 0.2,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"server url {base_url!r} must start with http:// or https://")
+        self.base_url = base_url.rstrip("/") + "/"
+        self.token = token
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self.retries = retries
+        self.backoff_seconds = backoff_seconds
+        self.sleep = sleep
+
+    # -- plumbing --------------------------------------------------------------
+    def _url(self, path: str) -> str:
+        return urljoin(self.base_url, path.lstrip("/")) if not path.startswith("http") else path
+
+    def _request(self, url: str, headers: dict[str, str] | None = None,
+                 data: bytes | None = None) -> Any:
+        h = dict(headers or {})
+        if self.token:
+            h["Authorization"] = f"Bearer {self.token}"
+        if data is not None:
+            h["Content-Type"] = "application/json"
+        req = urllib.request.Request(url, data=data, headers=h,
+                                     method="POST" if data is not None else "GET")
+        return urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310 - http(s) only
+
+    # -- assignment ----------------------------------------------------------
+    def get_assignment(self, etag: str | None) -> tuple[Assignment | None, str | None]:
+        url = self._url(ASSIGNMENT_PATH)
+        try:
+            with self._request(url, {"If-None-Match": etag} if etag else None) as resp:
+                body = resp.read(1024 * 1024 + 1)
+                new_etag = resp.headers.get("ETag")
+        except urllib.error.HTTPError as e:
+            if e.code == 304:
+                return None, etag
+            raise ServerUnavailableError(
+                f"assignment check-in at {url} answered HTTP {e.code}; check the device "
+                "credential and the server") from e
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            raise ServerUnavailableError(f"cannot reach {url}: {e}; will retry") from e
+        if len(body) > 1024 * 1024:
+            raise AssignmentError("assignment document is larger than 1 MiB")
+        try:
+            obj = json.loads(body)
+        except ValueError as e:
+            raise AssignmentError(f"assignment from {url} is not JSON: {e}") from e
+        return Assignment.from_json(obj), new_etag
+
+    # -- reports -------------------------------------------------------------
+    def post_reports(self, reports: list[dict[str, Any]]) -> None:
+        url = self._url(REPORTS_PATH)
+        try:
+            with self._request(url, data=json.dumps({"reports": reports}).encode()) as resp:
+                resp.read()
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            raise ServerUnavailableError(f"cannot post reports to {url}: {e}") from e
+
+    # -- download ------------------------------------------------------------
+    def download(self, ref: BundleRef, downloads: Path, max_bytes: int) -> Path:
+        limit = min(ref.size, max_bytes)
+        if ref.size > max_bytes:
+            raise DownloadTooLargeError(
+                f"bundle {ref.bundle_id} announces {ref.size} bytes, above this device's cap "
+                f"of {max_bytes} (update.max_bundle_bytes); raise the cap or ship a smaller "
+                "bundle")
+        downloads.mkdir(parents=True, exist_ok=True)
+        part = downloads / f"{ref.bundle_id}.part"
+        final = downloads / f"{ref.bundle_id}.bundle"
+        if final.exists() and final.stat().st_size == ref.size and \
+                sha256_file(final) == ref.sha256:
+            return final
+        url = self._url(ref.url)
+        failures = 0
+        while True:
+            try:
+                if self._fetch_into(url, part, limit):
+                    break
+                reason = "the server closed the connection before the end"
+            except DownloadTooLargeError:
+                with contextlib.suppress(FileNotFoundError):
+                    part.unlink()
+                raise
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                if isinstance(e, urllib.error.HTTPError) and e.code not in (408, 429, 500,
+                                                                              502, 503, 504):
+                    raise DownloadError(f"downloading {url} failed: HTTP {e.code}") from e
+                reason = str(e) or type(e).__name__
+            failures += 1
+            have = part.stat().st_size if part.exists() else 0
+            if failures > self.retries:
+                raise DownloadError(
+                    f"downloading {url} failed {failures} times ({reason}); kept {have} "
+                    "bytes and will resume at the next check")
+            log.warning("download interrupted, resuming", extra={
+                "bundle_id": ref.bundle_id, "have": have, "reason": reason})
+            self.sleep(self.backoff_seconds * failures)
+        got = sha256_file(part)
+        if got != ref.sha256:
+            part.unlink()
+            raise DownloadDigestError(
+                f"downloaded {ref.bundle_id} has sha256 {got}, the assignment says "
+                f"{ref.sha256}; the file was corrupted in transit or the server is misconfigured")
+        os.replace(part, final)
+        return final
+
+    def _fetch_into(self, url: str, part: Path, limit: int) -> bool:
+        """One GET into ``part``; True when the file is complete (``limit`` bytes)."""
+        have = part.stat().st_size if part.exists() else 0
+        if have > limit:
+            part.unlink()
+            have = 0
+        if have == limit and limit > 0:
+            return True
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            resp = self._request(url, headers)
+        except urllib.error.HTTPError as e:
+            if e.code == 416:  # our part is not a prefix of what the server has; restart
+                e.close()
+                part.unlink(missing_ok=True)
+                return False
+            raise
+        with resp:
+            mode = "ab"
+            if resp.status == 206:
+                m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+                if m is None or int(m.group(1)) != have:
+                    part.unlink(missing_ok=True)
+                    return False
+            else:  # 200: the server ignored the range; start over
+                mode, have = "wb", 0
+            with open(part, mode) as f:
+                try:
+                    while True:
+                        chunk = resp.read(self.chunk_bytes)
+                        if not chunk:
+                            break
+                        if have + len(chunk) > limit:
+                            raise DownloadTooLargeError(
+                                f"{url} sent more than {limit} bytes (the announced size or "
+                                "update.max_bundle_bytes); download cut off")
+                        f.write(chunk)
+                        have += len(chunk)
+                finally:
+                    f.flush()
+                    os.fsync(f.fileno())
+        return have == limit

@@ -1,0 +1,519 @@
+"""The updater: the I/O shell that drives :mod:`device_agent.update.machine`.
+
+For every step it (1) persists the new state to ``update.json`` durably, then
+(2) performs the step's actions, which yield the next event. After a crash the
+persisted state is fed the ``restart`` event, whose row says what to redo.
+
+Collaborators are passed in, each behind a small interface:
+
+* ``host`` (:class:`ModelHost`): the embedding :class:`~device_agent.agent.Agent`
+  or anything with ``swap(model)`` and ``set_shadow(model | None)``;
+* ``fetcher`` (:class:`~device_agent.update.fetch.Fetcher`): assignment,
+  bundles and reports; None when the device has no server;
+* ``events`` (:class:`EventSink`): the telemetry store; install reports go
+  in as ``"event"`` records so they reach the fleet over MQTT;
+* ``error_rate_since``: ``t -> (predictions, errors)`` of the active model
+  since wall time ``t``, which probation watches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..bundle import BundleError, StagingError, TrustStore, unpack_bundle, verify_file
+from ..config import UpdateConfig
+from ..model import LoadedModel, load_model, run_smoke_test
+from ..protocol import REPORTS_PATH  # noqa: F401 - documented destination of reports
+from .errors import (
+    AssignmentError,
+    DownloadError,
+    RollbackUnavailableError,
+    ServerUnavailableError,
+    UpdateBusyError,
+)
+from .fetch import Fetcher, sha256_file
+from .machine import OUTCOMES, Action, Event, State, Step, restart_state, transition
+from .slots import ActivePointer, Slots
+from .state import Assignment, BundleRef, load_record, save_record
+
+log = logging.getLogger(__name__)
+
+MAX_REMEMBERED_FAILURES = 32
+
+
+class ModelHost(Protocol):
+    """What serves predictions: the updater hands it verified, smoke-tested models."""
+
+    def swap(self, model: LoadedModel) -> Any: ...
+
+    def set_shadow(self, model: LoadedModel | None) -> Any: ...
+
+
+class EventSink(Protocol):
+    def append(self, kind: str, body: Any, ts: float) -> Any: ...
+
+
+ErrorRate = Callable[[float], tuple[int, int]]
+Loader = Callable[[Path, str, int], LoadedModel]
+
+
+def _default_loader(path: Path, slot: str, threads: int) -> LoadedModel:
+    return load_model(path, slot, threads)
+
+
+class Updater:
+    """Crash-safe verified updates into A/B slots under ``state_dir``."""
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        trust: TrustStore,
+        host: ModelHost,
+        *,
+        config: UpdateConfig | None = None,
+        fetcher: Fetcher | None = None,
+        events: EventSink | None = None,
+        error_rate_since: ErrorRate | None = None,
+        clock: Callable[[], float] = time.time,
+        loader: Loader = _default_loader,
+        crash_at: str | None = None,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.trust = trust
+        self.host = host
+        self.config = config or UpdateConfig()
+        self.fetcher = fetcher
+        self.events = events
+        self.error_rate_since = error_rate_since
+        self.clock = clock
+        self.loader = loader
+        self.crash_at = crash_at  # test hook: SIGKILL ourselves at this point; None = off
+        self.slots = Slots(self.state_dir)
+        self.downloads = self.state_dir / "downloads"
+        self.record_file = self.state_dir / "update.json"
+        self.record = load_record(self.record_file)
+        self.history: list[str] = []  # states entered by this process, in order
+        self.reports: list[dict[str, Any]] = []  # reports made by this process
+        self._staged: LoadedModel | None = None
+        self._lock_fd: int | None = None
+
+    # -- locking: one updater per state_dir --------------------------------------
+    def lock(self) -> None:
+        """Take the state directory's update lock; :class:`UpdateBusyError` if held."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.state_dir / "update.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            raise UpdateBusyError(
+                f"another edgefleet-agent process holds {self.state_dir}/update.lock (is "
+                "`edgefleet-agent run` active?); stop it or use it instead") from e
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- public verbs --------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return State(self.record.state)
+
+    def boot(self) -> LoadedModel | None:
+        """Serve the active slot, re-arm a shadow, then resume what a crash interrupted."""
+        self.lock()
+        self.slots.clean_leftovers()
+        model = self._load_active()
+        info = self.slots.shadow()
+        if info is not None and info.get("slot") != (self.record.slot
+                                                     if self.state is not State.IDLE else None):
+            try:
+                self.host.set_shadow(self.loader(self.slots.path(info["slot"]), info["slot"],
+                                                 self.config.runtime_threads))
+            except Exception as e:  # noqa: BLE001 - a broken shadow must not stop serving
+                log.error("cannot re-load shadow candidate: %s", e)
+                self.slots.set_shadow(None)
+        log.info("resuming update state machine", extra={"state": self.record.state})
+        self._run(restart_state(self.state))
+        return model
+
+    def check(self) -> State:
+        """Check in for the assignment and act on it (returns the resting state)."""
+        self.lock()
+        if self.state is not State.IDLE:
+            return self.tick()
+        return self._run(transition(State.IDLE, Event.CHECK))
+
+    def install_file(self, path: str | Path, *, probation: bool = True) -> State:
+        """Verify, stage, smoke-test and switch to the bundle file at ``path``."""
+        self.lock()
+        if self.state is not State.IDLE:
+            raise UpdateBusyError(
+                f"an update is in progress (state {self.state.value}); let it finish first")
+        self.record.begin("install", None, self.clock())
+        self.record.bundle_path = str(Path(path).resolve())
+        self.record.local = True
+        self.record.probation = probation
+        return self._run(transition(State.IDLE, Event.INSTALL_LOCAL))
+
+    def rollback(self) -> State:
+        """Switch back to the previous slot, if it holds a verified bundle."""
+        self.lock()
+        if self.state is not State.IDLE:
+            raise UpdateBusyError(
+                f"an update is in progress (state {self.state.value}); let it finish first")
+        ptr = self.slots.active()
+        if ptr is None or ptr.previous is None:
+            raise RollbackUnavailableError(
+                "no previous slot to roll back to: only one model was ever installed here, "
+                "or the previous one was discarded after a failed update")
+        try:
+            manifest = self.slots.verify(ptr.previous, self.trust)
+        except BundleError as e:
+            raise RollbackUnavailableError(
+                f"previous slot {ptr.previous!r} does not hold a verified bundle "
+                f"({type(e).__name__}: {e}); install a bundle instead") from e
+        self.record.begin("manual_rollback", None, self.clock())
+        self.record.target = BundleRef(f"slot-{ptr.previous}", manifest.name, manifest.version,
+                                       "", "0" * 64, 0)
+        self.record.slot, self.record.from_slot = ptr.slot, ptr.previous
+        return self._run(transition(State.IDLE, Event.ROLLBACK_REQUESTED))
+
+    def tick(self) -> State:
+        """Continue a waiting state (probation); a no-op when idle."""
+        self.lock()
+        if self.state is State.IDLE:
+            return self.state
+        return self._run(restart_state(self.state))
+
+    def status(self) -> dict[str, Any]:
+        ptr = self.slots.active()
+        slots = {}
+        for s in ("a", "b"):
+            m = self.slots.manifest(s)
+            slots[s] = {"name": m.name, "version": m.version} if m else None
+        return {
+            "state": self.record.state,
+            "active": ptr.to_json() if ptr else None,
+            "slots": slots,
+            "shadow": self.slots.shadow(),
+            "target": self.record.target.to_json() if self.record.target else None,
+            "error": self.record.error,
+            "failed_bundles": dict(self.record.failed),
+        }
+
+    # -- the engine ----------------------------------------------------------------
+    def _run(self, step: Step) -> State:
+        while True:
+            self.record.state = step.state.value
+            save_record(self.record_file, self.record)
+            self.history.append(step.state.value)
+            self._crash_point(step.state.value)
+            event: Event | None = None
+            for action in step.actions:
+                ev = self._ACTIONS[action](self)
+                if ev is not None:
+                    event = ev
+            self._crash_point(f"{step.state.value}.after")
+            if event is None:
+                return step.state
+            step = transition(step.state, event)
+
+    def _crash_point(self, name: str) -> None:
+        if self.crash_at == name:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _fail(self, e: BaseException, code: str | None = None) -> None:
+        self.record.error = {"code": str(code or getattr(e, "code", type(e).__name__)),
+                             "message": str(e)}
+        log.warning("update step failed", extra={"state": self.record.state,
+                                                  "error_code": self.record.error["code"],
+                                                  "error": str(e)})
+
+    # -- actions ---------------------------------------------------------------------
+    def _fetch_assignment(self) -> Event:
+        if self.fetcher is None:
+            return Event.NO_CHANGE
+        try:
+            assignment, etag = self.fetcher.get_assignment(self.record.etag)
+        except (ServerUnavailableError, AssignmentError) as e:
+            log.warning("check-in failed", extra={"error": str(e), "error_code": e.code})
+            return Event.CHECK_FAILED
+        if assignment is None:
+            return Event.NO_CHANGE
+        event = self._decide(assignment)
+        if event is Event.NO_CHANGE:
+            self.record.etag = etag  # fully handled: only now may the server answer 304
+        return event
+
+    def _decide(self, a: Assignment) -> Event:
+        ptr = self.slots.active()
+        desired = a.desired
+        if desired is not None and not (ptr and (ptr.name, ptr.version) ==
+                                        (desired.name, desired.version)):
+            if desired.key in self.record.failed:
+                log.info("assigned bundle failed before; not retrying", extra={
+                    "bundle_id": desired.bundle_id, "error_code": self.record.failed[desired.key]})
+            else:
+                self._begin("install", desired, a)
+                return Event.UPDATE_AVAILABLE
+        shadow, current = a.shadow, self.slots.shadow()
+        if shadow is None and current is not None:
+            self.host.set_shadow(None)
+            self.slots.set_shadow(None)
+        elif shadow is not None and (current is None or current.get("sha256") != shadow.sha256) \
+                and shadow.key not in self.record.failed:
+            self._begin("shadow", shadow, a)
+            return Event.SHADOW_AVAILABLE
+        return Event.NO_CHANGE
+
+    def _begin(self, mode: str, ref: BundleRef, a: Assignment) -> None:
+        self.record.begin(mode, ref, self.clock())
+        self.record.rollout_id = a.rollout_id
+        if self.downloads.exists():  # parts of bundles no longer assigned
+            for p in self.downloads.iterdir():
+                if not p.name.startswith(ref.bundle_id + "."):
+                    p.unlink(missing_ok=True)
+        log.info("update available", extra={"mode": mode, "bundle_id": ref.bundle_id,
+                                             "model": ref.name, "model_version": ref.version})
+
+    def _download(self) -> Event:
+        assert self.fetcher is not None and self.record.target is not None
+        try:
+            path = self.fetcher.download(self.record.target, self.downloads,
+                                         self.config.max_bundle_bytes)
+        except DownloadError as e:
+            self._fail(e)
+            return Event.DOWNLOAD_ERROR
+        self.record.bundle_path = str(path)
+        return Event.DOWNLOADED
+
+    def _verify(self) -> Event:
+        path = Path(self.record.bundle_path or "")
+        try:
+            v = verify_file(path, self.trust, now=datetime.now(timezone.utc),
+                            installed_version=self.slots.installed_version())
+        except BundleError as e:
+            self._fail(e)
+            return Event.REFUSED
+        except OSError as e:
+            self._fail(e, "unreadable")
+            return Event.REFUSED
+        m, t = v.manifest, self.record.target
+        if t is None:  # a local file: describe it for reports
+            self.record.target = BundleRef("local", m.name, m.version, path.as_uri(),
+                                           sha256_file(path), path.stat().st_size)
+        elif (t.name, t.version) != (m.name, m.version):
+            self._fail(ValueError(
+                f"the assignment names {t.name} v{t.version} but the bundle is "
+                f"{m.name} v{m.version}"), "assignment_mismatch")
+            return Event.REFUSED
+        ptr = self.slots.active()
+        self.record.from_slot = ptr.slot if ptr else None
+        self.record.slot = self.slots.other(self.record.from_slot)
+        return Event.VERIFIED
+
+    def _discard_staged(self) -> None:
+        slot = self.record.slot
+        if slot is None:
+            return
+        ptr = self.slots.active()
+        if ptr is not None and ptr.slot == slot:
+            return  # never touch the active slot
+        info = self.slots.shadow()
+        if info is not None and info.get("slot") == slot:
+            self.host.set_shadow(None)
+            self.slots.set_shadow(None)
+        if ptr is not None and ptr.previous == slot:
+            self.slots.set_active(ActivePointer(ptr.slot, ptr.name, ptr.version, None, None,
+                                                ptr.switched_at))
+        self._staged = None
+        self.slots.clean_leftovers()
+        self.slots.discard(slot)
+
+    def _stage(self) -> Event:
+        assert self.record.slot is not None
+        try:
+            unpack_bundle(self.record.bundle_path or "", self.slots.path(self.record.slot),
+                          self.trust, now=datetime.now(timezone.utc),
+                          installed_version=self.slots.installed_version())
+        except StagingError as e:
+            self._fail(e)
+            return Event.STAGE_ERROR
+        except BundleError as e:
+            self._fail(e)
+            return Event.REFUSED
+        return Event.STAGED
+
+    def _load_staged(self) -> LoadedModel:
+        assert self.record.slot is not None
+        if self._staged is None or self._staged.slot != self.record.slot:
+            self._staged = self.loader(self.slots.path(self.record.slot), self.record.slot,
+                                       self.config.runtime_threads)
+        return self._staged
+
+    def _smoke_test(self) -> Event:
+        try:
+            report = run_smoke_test(self._load_staged())
+        except Exception as e:  # noqa: BLE001 - load or run failure: the bundle is unfit
+            self._staged = None
+            self._fail(e, getattr(e, "code", "model_load_failed"))
+            return Event.SMOKE_ERROR
+        log.info("smoke test passed", extra={"slot": self.record.slot, "smoke": report})
+        return Event.SMOKE_PASSED_SHADOW if self.record.mode == "shadow" else Event.SMOKE_PASSED
+
+    def _load_shadow(self) -> Event:
+        t = self.record.target
+        assert t is not None and self.record.slot is not None
+        try:
+            model = self._load_staged()
+        except Exception as e:  # noqa: BLE001
+            self._fail(e, "model_load_failed")
+            return Event.SMOKE_ERROR
+        self.slots.set_shadow({"slot": self.record.slot, "name": t.name, "version": t.version,
+                               "sha256": t.sha256, "bundle_id": t.bundle_id})
+        self.host.set_shadow(model)
+        return Event.SHADOW_LOADED
+
+    def _switch(self) -> Event:
+        slot = self.record.slot
+        assert slot is not None
+        try:
+            model = self._load_staged()
+        except Exception as e:  # noqa: BLE001
+            self._fail(e, "model_load_failed")
+            return Event.SWITCH_ERROR
+        ptr = self.slots.active()
+        if ptr is None or ptr.slot != slot:  # not yet switched (else: a crash after the write)
+            self.slots.set_active(ActivePointer(
+                slot, model.name, model.version, ptr.slot if ptr else None,
+                ptr.version if ptr else None, self.clock()))
+        self.host.swap(model)
+        self.record.probation_started = self.clock()
+        log.info("switched", extra={"slot": slot, "model": model.name,
+                                    "model_version": model.version})
+        return Event.SWITCHED
+
+    def _watch_probation(self) -> Event | None:
+        if not self.record.probation:  # a local install asked for no probation
+            return Event.PROBATION_PASSED
+        started = self.record.probation_started
+        if started is None:
+            started = self.record.probation_started = self.clock()
+        cfg = self.config
+        n, errors = self.error_rate_since(started) if self.error_rate_since else (0, 0)
+        if n >= cfg.probation_min_predictions and n and errors / n > cfg.probation_max_error_rate:
+            self._fail(RuntimeError(
+                f"error rate {errors / n:.1%} over {n} predictions exceeds "
+                f"update.probation_max_error_rate {cfg.probation_max_error_rate:.1%}"),
+                "probation_failed")
+            return Event.PROBATION_ERROR
+        if self.clock() - started >= cfg.probation_seconds:
+            return Event.PROBATION_PASSED
+        return None
+
+    def _roll_back(self) -> Event:
+        back, ptr = self.record.from_slot, self.slots.active()
+        manual = self.record.mode == "manual_rollback"
+        if back is None or self.slots.manifest(back) is None:
+            msg = "no previous model to fall back to; the new model keeps serving"
+            self.record.error = {**(self.record.error or {"code": "rollback"}),
+                                 "message": f"{(self.record.error or {}).get('message', '')}; "
+                                            f"{msg}".lstrip("; ")}
+            return Event.ROLLED_BACK
+        model = self.loader(self.slots.path(back), back, self.config.runtime_threads)
+        if ptr is None or ptr.slot != back:
+            keep = ptr.slot if (manual and ptr) else None  # a failed slot is no way forward
+            self.slots.set_active(ActivePointer(back, model.name, model.version, keep,
+                                                ptr.version if (keep and ptr) else None,
+                                                self.clock()))
+        self.host.swap(model)
+        log.warning("rolled back", extra={"slot": back, "model": model.name,
+                                          "model_version": model.version})
+        return Event.ROLLED_BACK
+
+    def _discard_download(self) -> None:
+        p = self.record.bundle_path
+        if p and Path(p).parent == self.downloads:
+            Path(p).unlink(missing_ok=True)
+
+    def _remember_failed(self) -> None:
+        t = self.record.target
+        if t is None or self.record.mode == "manual_rollback":
+            return
+        failed = self.record.failed
+        failed[t.key] = (self.record.error or {}).get("code", "failed")
+        while len(failed) > MAX_REMEMBERED_FAILURES:
+            failed.pop(next(iter(failed)))
+
+    def _report(self) -> Event:
+        state, t, err = self.state, self.record.target, self.record.error or {}
+        body: dict[str, Any] = {
+            "type": "install", "outcome": OUTCOMES.get(state, "failed"),
+            "name": t.name if t else None, "version": t.version if t else None,
+            "bundle_id": t.bundle_id if t else None,
+            "error_code": err.get("code"), "message": err.get("message", ""),
+            "state": state.value, "ts": self.clock(), "rollout_id": self.record.rollout_id,
+            "shadow": self.record.mode == "shadow",
+        }
+        if self.record.mode == "manual_rollback":
+            body["message"] = body["message"] or "rolled back by operator"
+        self.reports.append(body)
+        log.info("update outcome", extra={"report": body})
+        if self.events is not None:
+            try:
+                self.events.append("event", body, body["ts"])
+            except Exception as e:  # noqa: BLE001 - a full store must not block updates
+                log.error("cannot store install report: %s", e)
+        if self.fetcher is not None and not self.record.local:
+            with contextlib.suppress(ServerUnavailableError):
+                self.fetcher.post_reports([body])
+        return Event.REPORTED
+
+    def _load_active(self) -> LoadedModel | None:
+        ptr = self.slots.active()
+        if ptr is None:
+            return None
+        for slot in (ptr.slot, ptr.previous):
+            if slot is None:
+                continue
+            try:
+                model = self.loader(self.slots.path(slot), slot, self.config.runtime_threads)
+            except Exception as e:  # noqa: BLE001 - try the other slot rather than stop
+                log.error("cannot load slot %s: %s", slot, e)
+                continue
+            if slot != ptr.slot:
+                self.slots.set_active(ActivePointer(slot, model.name, model.version, None, None,
+                                                    self.clock()))
+            self.host.swap(model)
+            return model
+        return None
+
+    _ACTIONS: dict[Action, Callable[[Updater], Event | None]] = {
+        Action.FETCH_ASSIGNMENT: _fetch_assignment,
+        Action.DOWNLOAD: _download,
+        Action.VERIFY: _verify,
+        Action.STAGE: _stage,
+        Action.SMOKE_TEST: _smoke_test,
+        Action.LOAD_SHADOW: _load_shadow,
+        Action.SWITCH: _switch,
+        Action.WATCH_PROBATION: _watch_probation,
+        Action.ROLL_BACK: _roll_back,
+        Action.DISCARD_DOWNLOAD: _discard_download,
+        Action.DISCARD_STAGED: _discard_staged,
+        Action.REMEMBER_FAILED: _remember_failed,
+        Action.REPORT: _report,
+    }

@@ -104,6 +104,13 @@ class AgentConfig:
         cfg = cls.from_dict(data)
         if env is not None:
             cfg.apply_env(env)
+        explicit_id = "id" in data.get("device", {}) or (
+            env is not None and f"{ENV_PREFIX}DEVICE_ID" in env
+        )
+        if not explicit_id:
+            enrolled = read_identity(cfg.device.state_dir)
+            if enrolled:
+                cfg.device.id = enrolled
         cfg.validate()
         return cfg
 
@@ -150,6 +157,22 @@ class AgentConfig:
         if not self.device.id or "/" in self.device.id or "+" in self.device.id \
                 or "#" in self.device.id:
             raise ConfigError("device.id must be non-empty and contain no '/', '+' or '#'")
+
+
+IDENTITY_FILE = "identity.json"
+
+
+def read_identity(state_dir: Path) -> str | None:
+    """The device id that enrollment stored in ``state_dir``, if any."""
+    import json
+
+    path = Path(state_dir) / IDENTITY_FILE
+    try:
+        return str(json.loads(path.read_text())["device_id"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{path} is damaged ({e}); enroll the device again") from e
 
 
 def _set(section: Any, section_name: str, key: str, value: Any, from_env: bool = False) -> None:

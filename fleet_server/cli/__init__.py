@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .bundle import bundle
+from .image import image
 from .keys import keys, trust
 
 
@@ -17,3 +18,4 @@ def main() -> None:
 main.add_command(keys)
 main.add_command(trust)
 main.add_command(bundle)
+main.add_command(image)

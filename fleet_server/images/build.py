@@ -1,0 +1,267 @@
+"""Build a self-contained provisioning image for a device class.
+
+An image is a directory (and the same as a ``.tar.gz``) holding:
+
+``wheels/``            the agent and every dependency, for the class's platform and Python
+``agent.toml``         the agent configuration (class defaults + endpoints)
+``trust.json``         the trust root the device pins
+``edgefleet-agent.service``  a systemd unit
+``install.sh``         installs from ``wheels/`` with ``pip --no-index`` (no package index)
+``firstboot.sh``       enrolls the device with its one-time token, then starts the agent
+``image.json``         what the image is: class, version, platform, sha256 of every file
+
+Wheels for another platform (aarch64 on an x86-64 build host) come from
+``pip download --platform ... --only-binary=:all:``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from device_agent import __version__ as AGENT_VERSION
+from device_agent.bundle.trust import TrustStore
+
+from .recipe import DeviceClass
+
+ROOT = Path(__file__).resolve().parents[2]
+Progress = Callable[[str], None]
+
+
+class ImageBuildError(RuntimeError):
+    """The image could not be built; the message says which step failed and why."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    device_class: str
+    version: str
+    directory: Path
+    archive: Path
+    wheels: tuple[str, ...]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pip(args: list[str], step: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PIP_REQUIRE_VIRTUALENV"}
+    out = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True,
+                         env=env, timeout=1800)
+    if out.returncode != 0:
+        tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-8:])
+        raise ImageBuildError(f"{step} failed:\n{tail}")
+
+
+def agent_config_text(dc: DeviceClass, server_url: str, mqtt_host: str, mqtt_port: int) -> str:
+    """The device's agent.toml; @CONFIG_DIR@ and @STATE_DIR@ are filled in by install.sh."""
+    lines = [
+        "# edgefleet agent configuration, written by `edgefleet image build`",
+        f"# device class {dc.name}: {dc.description}",
+        'log_level = "INFO"',
+        "",
+        "[device]",
+        "# the device id comes from enrollment (state_dir/identity.json)",
+        f'device_class = "{dc.name}"',
+        'state_dir = "@STATE_DIR@"',
+        'trust_store = "@CONFIG_DIR@/trust.json"',
+        "",
+        "[server]",
+        f'url = "{server_url}"',
+        'token_file = "@CONFIG_DIR@/device-credential"',
+        "",
+        "[mqtt]",
+        f'host = "{mqtt_host}"',
+        f"port = {mqtt_port}",
+        'password_file = "@CONFIG_DIR@/device-credential"',
+    ]
+    for section in ("telemetry", "update"):
+        values = dict(dc.agent_defaults.get(section, {}))
+        if section == "update":
+            values.setdefault("max_bundle_bytes", dc.max_bundle_mb * 1024 * 1024)
+        if values:
+            lines += ["", f"[{section}]"]
+            lines += [f"{k} = {json.dumps(v)}" for k, v in sorted(values.items())]
+    return "\n".join(lines) + "\n"
+
+
+SYSTEMD_UNIT = """\
+[Unit]
+Description=edgefleet device agent
+Documentation=https://example.invalid/edgefleet
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+ExecStartPre=@PREFIX@/firstboot.sh
+ExecStart=@PREFIX@/venv/bin/edgefleet-agent run --config @CONFIG_DIR@/agent.toml
+Restart=always
+RestartSec=5
+StateDirectory=edgefleet-agent
+NoNewPrivileges=true
+ProtectSystem=full
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+INSTALL_SH = """\
+#!/bin/sh
+# Install this edgefleet image without any package index.
+#   sh install.sh [PREFIX] [CONFIG_DIR] [STATE_DIR]
+set -eu
+HERE="$(cd "$(dirname "$0")" && pwd)"
+PREFIX="${1:-/opt/edgefleet}"
+CONFIG_DIR="${2:-/etc/edgefleet}"
+STATE_DIR="${3:-/var/lib/edgefleet-agent}"
+PYTHON="${PYTHON:-python3}"
+EXTRA="@EXTRA@"
+mkdir -p "$PREFIX" "$CONFIG_DIR" "$STATE_DIR"
+"$PYTHON" -m venv "$PREFIX/venv"
+PIP_CONFIG_FILE=/dev/null "$PREFIX/venv/bin/pip" install --no-index --find-links "$HERE/wheels" \\
+    --disable-pip-version-check -q "edgefleet[$EXTRA]"
+subst() {
+  sed -e "s#@PREFIX@#$PREFIX#g" -e "s#@CONFIG_DIR@#$CONFIG_DIR#g" \\
+      -e "s#@STATE_DIR@#$STATE_DIR#g" "$1"
+}
+subst "$HERE/agent.toml" > "$CONFIG_DIR/agent.toml"
+cp "$HERE/trust.json" "$CONFIG_DIR/trust.json"
+subst "$HERE/firstboot.sh" > "$PREFIX/firstboot.sh" && chmod 0755 "$PREFIX/firstboot.sh"
+cp "$HERE/image.json" "$PREFIX/image.json"
+if [ -d /etc/systemd/system ] && [ "$(id -u)" = 0 ] && [ "${EDGEFLEET_NO_SYSTEMD:-}" = "" ]; then
+  subst "$HERE/edgefleet-agent.service" > /etc/systemd/system/edgefleet-agent.service
+fi
+echo "installed edgefleet image @CLASS@ @VERSION@ into $PREFIX (config $CONFIG_DIR)"
+echo "next: put the one-time enrollment token into $CONFIG_DIR/enrollment-token"
+echo "      and run $PREFIX/firstboot.sh"
+"""
+
+FIRSTBOOT_SH = """\
+#!/bin/sh
+# First boot: enroll with the one-time token (once), then the agent can start.
+set -eu
+CONFIG="@CONFIG_DIR@/agent.toml"
+if [ ! -s "@CONFIG_DIR@/device-credential" ]; then
+  if [ ! -s "@CONFIG_DIR@/enrollment-token" ]; then
+    echo "no enrollment token in @CONFIG_DIR@/enrollment-token; ask the operator for one" >&2
+    exit 1
+  fi
+  "@PREFIX@/venv/bin/edgefleet-agent" enroll --config "$CONFIG" \\
+      --token-file "@CONFIG_DIR@/enrollment-token"
+  rm -f "@CONFIG_DIR@/enrollment-token"
+fi
+"""
+
+
+def build_image(
+    dc: DeviceClass,
+    *,
+    out_dir: Path,
+    trust_store: Path | None = None,
+    server_url: str | None = None,
+    mqtt_host: str | None = None,
+    mqtt_port: int | None = None,
+    image_version: str | None = None,
+    project_root: Path = ROOT,
+    progress: Progress | None = None,
+) -> ImageInfo:
+    """Build the image for ``dc`` into ``out_dir``; returns where it is."""
+    say = progress or (lambda _msg: None)
+    trust_path = trust_store or dc.trust_root
+    if trust_path is None or not Path(trust_path).exists():
+        raise ImageBuildError(
+            f"no trust store for class {dc.name}: give --trust-store (create one with "
+            "`edgefleet trust add KEY --store trust.json`)"
+        )
+    try:
+        trust = TrustStore.load(trust_path)
+    except (OSError, ValueError) as e:
+        raise ImageBuildError(str(e)) from e
+    if not trust.keys:
+        raise ImageBuildError(
+            f"trust store {trust_path} holds no keys; devices would trust nothing"
+        )
+
+    out_dir = Path(out_dir)
+    stage = out_dir / f".{dc.name}.building"
+    if stage.exists():
+        shutil.rmtree(stage)
+    wheels = stage / "wheels"
+    wheels.mkdir(parents=True)
+
+    say(f"building the edgefleet {AGENT_VERSION} wheel")
+    _pip(["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
+          str(project_root)], "building the edgefleet wheel")
+    (own,) = wheels.glob("edgefleet-*.whl")
+
+    say(f"downloading {dc.extra} dependencies for {dc.architecture} / Python {dc.python}")
+    plat: list[str] = []
+    for p in dc.platforms:
+        plat += ["--platform", p]
+    _pip(["download", "-q", "--only-binary=:all:", *plat, "--python-version", dc.python,
+          "--implementation", "cp", "--abi", dc.abi, "-d", str(wheels),
+          f"edgefleet[{dc.extra}] @ {own.resolve().as_uri()}"],
+         f"downloading wheels for {dc.name}")
+
+    say("writing configuration, trust root, systemd unit and scripts")
+    (stage / "agent.toml").write_text(agent_config_text(
+        dc, server_url or dc.server_url, mqtt_host or dc.mqtt_host, mqtt_port or dc.mqtt_port))
+    shutil.copy(trust_path, stage / "trust.json")
+    (stage / "edgefleet-agent.service").write_text(SYSTEMD_UNIT)
+    wheel_names = sorted(p.name for p in wheels.glob("*.whl"))
+    digest = hashlib.sha256()
+    for name in wheel_names:
+        digest.update(_sha256(wheels / name).encode())
+    digest.update((stage / "agent.toml").read_bytes() + (stage / "trust.json").read_bytes())
+    version = image_version or f"{AGENT_VERSION}-{digest.hexdigest()[:10]}"
+    for name, text in (("install.sh", INSTALL_SH), ("firstboot.sh", FIRSTBOOT_SH)):
+        body = (text.replace("@EXTRA@", dc.extra).replace("@CLASS@", dc.name)
+                .replace("@VERSION@", version))
+        (stage / name).write_text(body)
+        (stage / name).chmod(0o755)
+
+    files = sorted(p for p in stage.rglob("*") if p.is_file())
+    meta = {
+        "image_version": version,
+        "device_class": dc.name,
+        "architecture": dc.architecture,
+        "python": dc.python,
+        "platforms": list(dc.platforms),
+        "extra": dc.extra,
+        "model": dc.model,
+        "limits": {"memory_mb": dc.memory_mb, "storage_mb": dc.storage_mb,
+                   "max_bundle_mb": dc.max_bundle_mb},
+        "edgefleet_version": AGENT_VERSION,
+        "trusted_keys": sorted(trust.keys),
+        "built_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "files": {str(p.relative_to(stage)): _sha256(p) for p in files},
+    }
+    (stage / "image.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    final = out_dir / dc.name / version
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(stage, final)
+    archive = out_dir / f"edgefleet-image-{dc.name}-{version}.tar.gz"
+    say(f"packing {archive.name}")
+    tmp_archive = archive.with_suffix(".tmp")
+    with tarfile.open(tmp_archive, "w:gz") as tar:
+        tar.add(final, arcname=f"edgefleet-image-{dc.name}-{version}")
+    os.replace(tmp_archive, archive)
+    return ImageInfo(dc.name, version, final, archive, tuple(wheel_names))

@@ -1,0 +1,113 @@
+"""Device-class recipes and provisioning images, installed with no package index."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fleet_server.images import RecipeError, build_image, list_classes, load_class
+from tests.bundlesim import BundleSim
+
+
+def test_three_device_classes_ship_with_the_project() -> None:
+    classes = {name: load_class(name) for name in list_classes()}
+    assert {"x86_64-gateway", "aarch64-board", "aarch64-legacy"} <= set(classes)
+    gw, board, legacy = (classes[n] for n in ("x86_64-gateway", "aarch64-board",
+                                              "aarch64-legacy"))
+    assert (gw.architecture, gw.model_format, gw.precision, gw.extra) == (
+        "x86_64", "onnx", "float32", "agent-onnx")
+    assert (board.architecture, board.model_format, board.precision, board.extra) == (
+        "aarch64", "tflite", "int8", "agent-tflite")
+    assert legacy.extra == "agent-tflite-legacy" and legacy.architecture == "aarch64"
+
+
+def test_unknown_class_names_the_known_ones() -> None:
+    with pytest.raises(RecipeError, match="x86_64-gateway"):
+        load_class("no-such-board")
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> BundleSim:
+    """The release keys whose trust root the images ship."""
+    return BundleSim(tmp_path_factory.mktemp("release"))
+
+
+@pytest.fixture(scope="module")
+def trust_file(release: BundleSim) -> Path:
+    path = release.root.parent / f"{release.root.name}-trust.json"
+    release.trust("release").save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def x86_image(tmp_path_factory: pytest.TempPathFactory, trust_file: Path):
+    out = tmp_path_factory.mktemp("images")
+    return build_image(load_class("x86_64-gateway"), out_dir=out, trust_store=trust_file,
+                       server_url="http://127.0.0.1:9", mqtt_host="127.0.0.1", mqtt_port=9)
+
+
+def test_image_lists_every_file_with_its_hash(x86_image) -> None:
+    meta = json.loads((x86_image.directory / "image.json").read_text())
+    assert meta["device_class"] == "x86_64-gateway" and meta["image_version"] == x86_image.version
+    for rel in ("agent.toml", "trust.json", "install.sh", "firstboot.sh",
+                "edgefleet-agent.service"):
+        assert rel in meta["files"]
+    assert any(name.startswith("wheels/onnxruntime-") for name in meta["files"])
+    assert x86_image.archive.exists()
+
+
+def _no_network_prefix() -> list[str]:
+    """Run the install in a network namespace with no interfaces up, when we can."""
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+        if probe.returncode == 0:
+            return ["unshare", "-n"]
+    return []
+
+
+def test_x86_image_installs_with_no_package_index_and_verifies_bundles(
+    x86_image, tmp_path: Path, release: BundleSim
+) -> None:
+    prefix, conf, state = tmp_path / "opt", tmp_path / "etc", tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(EDGEFLEET_NO_SYSTEMD="1", PIP_NO_INDEX="1")
+    cmd = [*_no_network_prefix(), "sh", str(x86_image.directory / "install.sh"),
+           str(prefix), str(conf), str(state)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    agent = prefix / "venv" / "bin" / "edgefleet-agent"
+    python = prefix / "venv" / "bin" / "python"
+    absent = subprocess.run([str(python), "-c", "import fastapi"], capture_output=True)
+    assert absent.returncode != 0, "the device image must not carry the server stack"
+    config = (conf / "agent.toml").read_text()
+    assert f'trust_store = "{conf}/trust.json"' in config and "@" not in config
+    # the installed agent trusts exactly the image's trust root
+    bundle = release.publish(version=3)
+    ok = subprocess.run([str(agent), "verify", str(bundle), "--trust-store",
+                         str(conf / "trust.json")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    stranger = release.publish(version=4, signers=("someone-else",))
+    bad = subprocess.run([str(agent), "verify", str(stranger), "--trust-store",
+                          str(conf / "trust.json")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "UntrustedKeyError" in bad.stderr
+
+
+@pytest.mark.parametrize("name,runtime_wheel,numpy_major", [
+    ("aarch64-board", "ai_edge_litert-", 2),
+    ("aarch64-legacy", "tflite_runtime-2.14.0-", 1),
+])
+def test_aarch64_images_carry_aarch64_wheels(
+    name: str, runtime_wheel: str, numpy_major: int, tmp_path: Path, trust_file: Path
+) -> None:
+    info = build_image(load_class(name), out_dir=tmp_path, trust_store=trust_file)
+    binary = [w for w in info.wheels if not w.endswith("-none-any.whl")]
+    assert binary and all("aarch64" in w for w in binary), binary
+    assert any(w.startswith(runtime_wheel) for w in info.wheels), info.wheels
+    (np_wheel,) = [w for w in info.wheels if w.startswith("numpy-")]
+    assert np_wheel.split("-")[1].startswith(f"{numpy_major}.")
+    assert not any(w.startswith("onnxruntime-") for w in info.wheels)

@@ -5,6 +5,9 @@ them from here.
 
 HTTP (device API, per-device credentials as ``Authorization: Bearer <token>``)::
 
+    POST /device/v1/enroll              -> {"enrollment_token", "device_id"?, "device_class",
+                                           "labels"} -> {"device_id", "credential", ...}
+                                           (no auth; the single-use token is the proof)
     GET  /device/v1/assignment          -> Assignment JSON; ETag, If-None-Match -> 304
     GET  /device/v1/bundles/{bundle_id} -> bundle bytes; Range supported (206)
     POST /device/v1/reports             -> {"reports": [Report, ...]} install/health reports
@@ -65,6 +68,7 @@ LATENCY_BUCKETS_MS: tuple[float, ...] = (
 )
 
 DEVICE_API_PREFIX = "/device/v1"
+ENROLL_PATH = f"{DEVICE_API_PREFIX}/enroll"
 ASSIGNMENT_PATH = f"{DEVICE_API_PREFIX}/assignment"
 REPORTS_PATH = f"{DEVICE_API_PREFIX}/reports"
 

@@ -1,0 +1,11 @@
+"""The admin API (``/api/v1``): one router per area, all behind operator tokens."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from . import devices, operators
+
+api_router = APIRouter()
+api_router.include_router(operators.router)
+api_router.include_router(devices.router)

@@ -1,0 +1,150 @@
+"""The app factory: ``create_app(settings) -> FastAPI``.
+
+There is no module-level app. ``edgefleet server`` runs uvicorn in factory mode
+on :func:`app_from_env`, which reads settings from the environment (and the
+file named by ``EDGEFLEET_SERVER_CONFIG``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from .assignments import Notifier
+from .context import ServerContext
+from .errors import ServerError, error_body
+from .metrics import MetricsMiddleware
+from .settings import ServerSettings, load_settings
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+
+_HTTP_CODES = {
+    400: "bad_request", 401: "not_authenticated", 403: "permission_denied", 404: "not_found",
+    405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
+    413: "payload_too_large", 415: "unsupported_media_type", 416: "range_not_satisfiable",
+    422: "validation_error", 429: "too_many_requests", 501: "not_implemented",
+}
+
+
+async def _background(ctx: ServerContext, stop: asyncio.Event) -> None:
+    """Flush buffered last-seen times and pick up other replicas' assignment changes."""
+    poll_every = max(ctx.settings.assignment_cache_seconds, 0.2)
+    flush_every = ctx.settings.last_seen_flush_seconds
+    loop = asyncio.get_running_loop()
+    next_flush = loop.time() + flush_every
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), poll_every)
+        try:
+            await asyncio.to_thread(ctx.assignment_cache.poll)
+            if loop.time() >= next_flush:
+                await asyncio.to_thread(ctx.last_seen.flush)
+                next_flush = loop.time() + flush_every
+        except Exception:  # a database hiccup must not kill the loop
+            log.exception("background maintenance failed; retrying")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServerError)
+    async def _server_error(_: Request, exc: ServerError) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.code, exc.message, exc.details), status_code=exc.status_code
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 304:
+            return Response(status_code=304, headers=exc.headers)
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return JSONResponse(
+            error_body(code, message), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return JSONResponse(
+            error_body("validation_error", f"{where}: {first['msg']}", errors), status_code=422
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error", exc_info=exc)
+        return JSONResponse(
+            error_body("internal_error", "internal server error; see the server log"),
+            status_code=500,
+        )
+
+
+def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) -> FastAPI:
+    """Build a server app. Migrations run and background tasks start in the lifespan."""
+    from .api import api_router
+    from .device.routes import router as device_router
+
+    ctx = ServerContext(settings, notifier=notifier)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(ctx.start)
+        stop = asyncio.Event()
+        task = asyncio.create_task(_background(ctx, stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            await task
+            await asyncio.to_thread(ctx.close)
+
+    app = FastAPI(
+        title="edgefleet server",
+        version="1",
+        description="Admin API (operators, `/api/v1`) and device API (`/device/v1`).",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    _install_error_handlers(app)
+    app.include_router(api_router, prefix=API_PREFIX)
+    app.include_router(device_router)
+
+    @app.get("/healthz", tags=["server"])
+    def healthz() -> dict[str, Any]:
+        """Liveness and database reachability."""
+        from sqlalchemy import text
+
+        with ctx.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return {"status": "ok", "database": ctx.engine.dialect.name}
+
+    @app.get("/metrics", tags=["server"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus metrics of this server instance."""
+        ctx.metrics.cached_assignments.set(len(ctx.assignment_cache._entries))
+        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory: settings from ``EDGEFLEET_SERVER_CONFIG`` (optional) and the environment."""
+    return create_app(load_settings(os.environ.get("EDGEFLEET_SERVER_CONFIG")))

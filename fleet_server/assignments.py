@@ -1,0 +1,152 @@
+"""Device assignments: the pure core that builds the assignment document and its ETag,
+and the writer that stores it, invalidates caches and notifies devices.
+
+The document is exactly the ``Assignment JSON`` of :mod:`device_agent.protocol`;
+``assignment_id`` is the sha256 of the canonical JSON of every other field and
+doubles as the HTTP ETag, so two replicas computing the same assignment agree
+on its ETag without talking to each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from device_agent.protocol import DEVICE_API_PREFIX
+
+from .db.models import Assignment, Bundle
+from .db.types import utcnow
+
+
+@dataclass(frozen=True)
+class TelemetryPolicy:
+    sample_rate: float = 0.01
+    window_seconds: float = 60.0
+
+
+def bundle_ref(bundle: Bundle) -> dict[str, Any]:
+    """The ``desired``/``shadow`` entry of an assignment for ``bundle``."""
+    return {
+        "bundle_id": bundle.id,
+        "name": bundle.name,
+        "version": bundle.version,
+        "url": f"{DEVICE_API_PREFIX}/bundles/{bundle.id}",
+        "sha256": bundle.sha256,
+        "size": bundle.size,
+    }
+
+
+def canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def build_assignment(
+    device_id: str,
+    *,
+    desired: Bundle | None,
+    shadow: Bundle | None = None,
+    rollout_id: str | None = None,
+    stage: int | None = None,
+    telemetry: TelemetryPolicy = TelemetryPolicy(),  # noqa: B008 - frozen, immutable
+) -> dict[str, Any]:
+    """The assignment document for one device, ``assignment_id`` included."""
+    doc: dict[str, Any] = {
+        "device_id": device_id,
+        "desired": bundle_ref(desired) if desired is not None else None,
+        "shadow": bundle_ref(shadow) if shadow is not None else None,
+        "rollout_id": rollout_id,
+        "stage": stage,
+        "telemetry": {
+            "sample_rate": telemetry.sample_rate,
+            "window_seconds": telemetry.window_seconds,
+        },
+    }
+    doc["assignment_id"] = hashlib.sha256(canonical(doc)).hexdigest()
+    return doc
+
+
+def assigned_bundle_ids(doc: dict[str, Any]) -> set[str]:
+    """The bundles a device may download under assignment ``doc``."""
+    out = set()
+    for key in ("desired", "shadow"):
+        ref = doc.get(key)
+        if isinstance(ref, dict) and isinstance(ref.get("bundle_id"), str):
+            out.add(ref["bundle_id"])
+    return out
+
+
+class Notifier(Protocol):
+    """Tells devices that their assignment changed (MQTT in production)."""
+
+    def notify(self, device_id: str, assignment_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class AssignmentChange:
+    device_id: str
+    assignment_id: str
+    body: dict[str, Any]
+
+
+class AssignmentWriter:
+    """Stores assignments; after the caller commits, :meth:`publish` fans out the change."""
+
+    def __init__(
+        self,
+        telemetry: TelemetryPolicy,
+        on_change: Callable[[list[AssignmentChange]], None],
+    ) -> None:
+        self.telemetry = telemetry
+        self._on_change = on_change
+
+    def assign(
+        self,
+        session: Session,
+        device_id: str,
+        *,
+        desired_bundle_id: str | None,
+        shadow_bundle_id: str | None = None,
+        rollout_id: str | None = None,
+        stage: int | None = None,
+    ) -> AssignmentChange | None:
+        """Set what ``device_id`` should run; returns the change, or None if unchanged."""
+        desired = session.get(Bundle, desired_bundle_id) if desired_bundle_id else None
+        shadow = session.get(Bundle, shadow_bundle_id) if shadow_bundle_id else None
+        if desired_bundle_id and desired is None:
+            raise LookupError(f"bundle {desired_bundle_id} does not exist")
+        if shadow_bundle_id and shadow is None:
+            raise LookupError(f"bundle {shadow_bundle_id} does not exist")
+        doc = build_assignment(
+            device_id, desired=desired, shadow=shadow, rollout_id=rollout_id, stage=stage,
+            telemetry=self.telemetry,
+        )
+        row = session.get(Assignment, device_id)
+        if row is not None and row.etag == doc["assignment_id"]:
+            return None
+        if row is None:
+            row = Assignment(device_id=device_id)
+            session.add(row)
+        row.desired_bundle_id = desired_bundle_id
+        row.shadow_bundle_id = shadow_bundle_id
+        row.rollout_id = rollout_id
+        row.stage = stage
+        row.etag = doc["assignment_id"]
+        row.body = doc
+        row.updated_at = utcnow()
+        return AssignmentChange(device_id, doc["assignment_id"], doc)
+
+    def publish(self, changes: Iterable[AssignmentChange | None]) -> None:
+        """Call after commit: refresh caches and notify the devices concerned."""
+        real = [c for c in changes if c is not None]
+        if real:
+            self._on_change(real)
+
+
+def current_assignment(session: Session, device_id: str) -> Assignment | None:
+    return session.scalars(select(Assignment).where(Assignment.device_id == device_id)).first()

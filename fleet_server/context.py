@@ -1,0 +1,117 @@
+"""Everything one server instance holds: settings, database, caches, notifier, metrics.
+
+One :class:`ServerContext` is built per app by :func:`fleet_server.app.create_app`
+and reached from request handlers through ``request.app.state.ctx`` (see
+:mod:`fleet_server.deps`). Nothing here is a module-level singleton.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from device_agent.bundle import TrustStore
+
+from .assignments import AssignmentChange, AssignmentWriter, Notifier, TelemetryPolicy
+from .db.models import Operator, OperatorToken
+from .db.session import make_engine, make_sessionmaker, upgrade_database
+from .device.cache import AssignmentCache, DeviceAuthCache, LastSeenBuffer
+from .metrics import ServerMetrics
+from .notify import MqttNotifier, NullNotifier
+from .security import Role, TokenHasher, new_id
+from .settings import ServerSettings
+from .storage import BundleStore
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_OPERATOR = "bootstrap-admin"
+
+
+class ServerContext:
+    """The state of one server instance."""
+
+    def __init__(self, settings: ServerSettings, notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.engine: Engine = make_engine(settings.database_url)
+        self.sessions: sessionmaker[Session] = make_sessionmaker(self.engine)
+        self.hasher = TokenHasher(settings.token_pepper)
+        self.metrics = ServerMetrics()
+        self.telemetry_policy = TelemetryPolicy(
+            settings.telemetry_sample_rate, settings.telemetry_window_seconds
+        )
+        self.device_auth = DeviceAuthCache(self.engine, settings.device_auth_cache_size)
+        self.assignment_cache = AssignmentCache(self.engine, self.telemetry_policy)
+        self.last_seen = LastSeenBuffer(self.engine)
+        self.bundles = BundleStore(settings.bundle_dir)
+        if notifier is None:
+            notifier = (
+                MqttNotifier(
+                    settings.mqtt_host, settings.mqtt_port,
+                    username=settings.mqtt_username, password=settings.mqtt_password,
+                )
+                if settings.mqtt_host
+                else NullNotifier()
+            )
+        self.notifier = notifier
+        self.assignments = AssignmentWriter(self.telemetry_policy, self._on_assignment_change)
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> None:
+        """Migrate the database and create the bootstrap admin token if configured."""
+        if self.settings.run_migrations:
+            upgrade_database(self.engine)
+        if self.settings.admin_bootstrap_token:
+            self._ensure_bootstrap_token(self.settings.admin_bootstrap_token)
+
+    def close(self) -> None:
+        try:
+            self.last_seen.flush()
+        finally:
+            close = getattr(self.notifier, "close", None)
+            if close is not None:
+                close()
+            self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self.sessions() as s:
+            yield s
+
+    def trust_store(self) -> TrustStore:
+        """The trust store uploaded bundles are verified against (read per upload)."""
+        path = self.settings.trust_store
+        if path is None:
+            return TrustStore()
+        return TrustStore.load(Path(path))
+
+    # -- internals -----------------------------------------------------------
+    def _ensure_bootstrap_token(self, token: str) -> None:
+        h = self.hasher.hash(token)
+        with self.session() as s:
+            if s.scalar(select(OperatorToken.id).where(OperatorToken.token_hash == h)):
+                return
+            op = s.scalar(select(Operator).where(Operator.name == BOOTSTRAP_OPERATOR))
+            if op is None:
+                op = Operator(id=new_id("op"), name=BOOTSTRAP_OPERATOR, role=Role.admin.name)
+                s.add(op)
+                s.flush()
+            s.add(OperatorToken(id=new_id("tok"), operator_id=op.id, token_hash=h))
+            try:
+                s.commit()
+            except Exception:  # another replica won the race; its row is equivalent
+                s.rollback()
+                log.info("bootstrap admin token already created by another replica")
+
+    def _on_assignment_change(self, changes: list[AssignmentChange]) -> None:
+        for c in changes:
+            self.assignment_cache.put(c.device_id, c.assignment_id, c.body)
+            try:
+                self.notifier.notify(c.device_id, c.assignment_id)
+                self.metrics.notifications.inc()
+            except Exception:  # notification is best effort; devices also poll
+                log.exception("could not notify %s", c.device_id)

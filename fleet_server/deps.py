@@ -1,0 +1,135 @@
+"""FastAPI dependencies: the database session, the calling operator, the calling device.
+
+Use the ``Annotated`` aliases in route signatures::
+
+    def list_devices(session: SessionDep, who: ViewerDep) -> ...
+
+Every admin route must depend on one of :data:`ViewerDep`, :data:`OperatorDep`
+or :data:`AdminDep` (a test walks ``app.routes`` and fails on any that does not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from .context import ServerContext
+from .db.models import Operator, OperatorToken
+from .db.types import utcnow
+from .errors import InvalidTokenError, NotAuthenticatedError, PermissionDeniedError
+from .security import Role, bearer_token
+
+_bearer = HTTPBearer(auto_error=False, description="Operator token (`eft_...`)")
+_device_bearer = HTTPBearer(
+    auto_error=False, scheme_name="DeviceCredential",
+    description="Per-device credential issued at enrollment (`efd_...`)",
+)
+
+
+def get_ctx(request: Request) -> ServerContext:
+    ctx: ServerContext = request.app.state.ctx
+    return ctx
+
+
+CtxDep = Annotated[ServerContext, Depends(get_ctx)]
+
+
+def get_session(ctx: CtxDep) -> Iterator[Session]:
+    with ctx.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated operator behind a request."""
+
+    operator_id: str
+    name: str
+    role: Role
+
+    @property
+    def actor(self) -> str:
+        return f"operator:{self.name}"
+
+
+def authenticate_operator(ctx: ServerContext, token: str | None) -> Principal:
+    if token is None:
+        raise NotAuthenticatedError(
+            "this route needs an operator token: send `Authorization: Bearer <token>`"
+        )
+    h = ctx.hasher.hash(token)
+    now = utcnow()
+    stmt = (
+        select(Operator.id, Operator.name, Operator.role)
+        .join(OperatorToken, OperatorToken.operator_id == Operator.id)
+        .where(
+            OperatorToken.token_hash == h,
+            OperatorToken.revoked_at.is_(None),
+            or_(OperatorToken.expires_at.is_(None), OperatorToken.expires_at > now),
+        )
+    )
+    with ctx.engine.connect() as conn:
+        row = conn.execute(stmt).first()
+    if row is None:
+        raise InvalidTokenError("the operator token is unknown, revoked or expired")
+    return Principal(row[0], row[1], Role.parse(row[2]))
+
+
+class RoleRequirement:
+    """Dependency: an operator with at least ``role``; tests find it on every admin route."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+
+    def __call__(
+        self,
+        ctx: CtxDep,
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Principal:
+        who = authenticate_operator(ctx, creds.credentials if creds else None)
+        if who.role < self.role:
+            raise PermissionDeniedError(
+                f"this action needs the {self.role.name} role; {who.name} is a {who.role.name}"
+            )
+        return who
+
+
+ViewerDep = Annotated[Principal, Depends(RoleRequirement(Role.viewer))]
+OperatorDep = Annotated[Principal, Depends(RoleRequirement(Role.operator))]
+AdminDep = Annotated[Principal, Depends(RoleRequirement(Role.admin))]
+
+
+def authenticate_device(ctx: ServerContext, authorization: str | None) -> str:
+    """The device id behind a device credential (blocking on a cache miss)."""
+    token = bearer_token(authorization)
+    if token is None:
+        raise NotAuthenticatedError(
+            "this route needs the device credential: send `Authorization: Bearer <credential>`"
+        )
+    h = ctx.hasher.hash(token)
+    device_id = ctx.device_auth.get(h) or ctx.device_auth.load(h)
+    if device_id is None:
+        raise InvalidTokenError("the device credential is unknown or revoked; re-enroll")
+    return device_id
+
+
+def current_device(
+    ctx: CtxDep,
+    request: Request,
+    _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_device_bearer)],
+) -> str:
+    device_id = authenticate_device(ctx, request.headers.get("authorization"))
+    ctx.last_seen.touch(device_id)
+    return device_id
+
+
+CurrentDevice = Annotated[str, Depends(current_device)]

@@ -1,0 +1,1 @@
+"""The device API: enrollment, check-in (assignment), bundle download, reports."""

@@ -1,0 +1,162 @@
+"""In-memory caches that keep the check-in hot path off the ORM.
+
+* :class:`DeviceAuthCache` maps a credential hash to a device id (bounded LRU);
+  a miss costs one indexed query. Revoking a device evicts its entries.
+* :class:`AssignmentCache` maps a device id to its assignment ETag and body.
+  Entries are replaced in-process the moment an assignment changes here, and a
+  background poll picks up changes other replicas made (rows whose
+  ``updated_at`` is newer than the last poll minus an overlap window).
+* :class:`LastSeenBuffer` collects check-in times and writes them in one
+  batched UPDATE every few seconds instead of one write per check-in.
+
+All three are safe to use from the event loop and from worker threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, select, update
+
+from ..assignments import TelemetryPolicy, build_assignment, canonical
+from ..db.models import Assignment, Device
+from ..db.types import utcnow
+
+
+class DeviceAuthCache:
+    """Credential hash -> device id, bounded, least recently used evicted first."""
+
+    def __init__(self, engine: Engine, max_size: int) -> None:
+        self._engine = engine
+        self._max = max_size
+        self._entries: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+        self._stmt = select(Device.id).where(
+            Device.credential_hash == bindparam("h"), Device.revoked_at.is_(None)
+        )
+
+    def get(self, credential_hash: str) -> str | None:
+        """The cached device id, or None on a miss (no database access)."""
+        with self._lock:
+            device_id = self._entries.get(credential_hash)
+            if device_id is not None:
+                self._entries.move_to_end(credential_hash)
+            return device_id
+
+    def load(self, credential_hash: str) -> str | None:
+        """Look the hash up in the database (blocking) and cache a hit."""
+        with self._engine.connect() as conn:
+            device_id = conn.execute(self._stmt, {"h": credential_hash}).scalar()
+        if device_id is not None and self._max > 0:
+            with self._lock:
+                self._entries[credential_hash] = device_id
+                while len(self._entries) > self._max:
+                    self._entries.popitem(last=False)
+        return device_id
+
+    def evict_device(self, device_id: str) -> None:
+        with self._lock:
+            for h in [h for h, d in self._entries.items() if d == device_id]:
+                del self._entries[h]
+
+
+@dataclass(frozen=True)
+class CachedAssignment:
+    etag: str
+    body: bytes
+    doc: dict[str, Any]
+
+
+class AssignmentCache:
+    """Device id -> current assignment (ETag, encoded body)."""
+
+    def __init__(self, engine: Engine, telemetry: TelemetryPolicy, overlap_seconds: float = 10.0):
+        self._engine = engine
+        self._telemetry = telemetry
+        self._entries: dict[str, CachedAssignment] = {}
+        self._lock = threading.Lock()
+        self._overlap = timedelta(seconds=overlap_seconds)
+        self._polled_at: datetime = utcnow()
+        self._stmt = select(Assignment.etag, Assignment.body).where(
+            Assignment.device_id == bindparam("d")
+        )
+
+    def get(self, device_id: str) -> CachedAssignment | None:
+        return self._entries.get(device_id)
+
+    def _entry(
+        self, device_id: str, etag: str | None, doc: dict[str, Any] | None
+    ) -> CachedAssignment:
+        if doc is None:
+            doc = build_assignment(device_id, desired=None, telemetry=self._telemetry)
+            etag = doc["assignment_id"]
+        assert etag is not None
+        return CachedAssignment(etag=etag, body=canonical(doc), doc=doc)
+
+    def load(self, device_id: str) -> CachedAssignment:
+        """Read the device's assignment from the database (blocking) and cache it."""
+        with self._engine.connect() as conn:
+            row = conn.execute(self._stmt, {"d": device_id}).first()
+        entry = self._entry(device_id, row[0] if row else None, row[1] if row else None)
+        with self._lock:
+            self._entries[device_id] = entry
+        return entry
+
+    def put(self, device_id: str, etag: str, doc: dict[str, Any]) -> None:
+        with self._lock:
+            self._entries[device_id] = self._entry(device_id, etag, doc)
+
+    def evict(self, device_id: str) -> None:
+        with self._lock:
+            self._entries.pop(device_id, None)
+
+    def poll(self) -> int:
+        """Refresh cached entries changed by any replica since the last poll (blocking)."""
+        since = self._polled_at - self._overlap
+        now = utcnow()
+        stmt = select(Assignment.device_id, Assignment.etag, Assignment.body).where(
+            Assignment.updated_at >= since
+        )
+        with self._engine.connect() as conn:
+            rows = conn.execute(stmt).all()
+        changed = 0
+        with self._lock:
+            for device_id, etag, body in rows:
+                old = self._entries.get(device_id)
+                if old is not None and old.etag != etag:
+                    self._entries[device_id] = self._entry(device_id, etag, body)
+                    changed += 1
+        self._polled_at = now
+        return changed
+
+
+class LastSeenBuffer:
+    """Buffers check-in times; :meth:`flush` writes them in one batched UPDATE."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._pending: dict[str, datetime] = {}
+        self._lock = threading.Lock()
+
+    def touch(self, device_id: str, when: datetime | None = None) -> None:
+        self._pending[device_id] = when or utcnow()
+
+    def flush(self) -> int:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return 0
+        stmt = (
+            update(Device)
+            .where(Device.id == bindparam("d"))
+            .values(last_seen_at=bindparam("t"))
+            .execution_options(synchronize_session=False)
+        )
+        params = [{"d": d, "t": t} for d, t in pending.items()]
+        with self._engine.begin() as conn:
+            conn.execute(stmt, params)
+        return len(params)

@@ -1,0 +1,186 @@
+"""Device API routes, exactly as :mod:`device_agent.protocol` describes them.
+
+The check-in route (``GET /device/v1/assignment``) is the hot path: with a
+cached credential and a cached assignment it answers a matching
+``If-None-Match`` with a 304 without touching the database or the ORM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+from starlette.responses import FileResponse
+
+from device_agent.protocol import ASSIGNMENT_PATH, DEVICE_API_PREFIX, REPORTS_PATH
+
+from .. import audit
+from ..assignments import assigned_bundle_ids
+from ..context import ServerContext
+from ..db.models import Bundle, Device, DeviceReport
+from ..db.types import utcnow
+from ..deps import CtxDep, CurrentDevice, SessionDep, authenticate_device
+from ..enrollment import enroll_device
+from ..errors import NotFoundError, error_body
+from .schemas import (
+    AssignmentPublic,
+    EnrollRequest,
+    EnrollResponse,
+    ReportAck,
+    ReportBatch,
+    report_body,
+)
+
+router = APIRouter(tags=["device"])
+
+ENROLL_PATH = f"{DEVICE_API_PREFIX}/enroll"
+BUNDLE_PATH = f"{DEVICE_API_PREFIX}/bundles/{{bundle_id}}"
+
+_ERR = {"model": dict[str, Any], "description": "JSON error `{\"error\": {code, message}}`"}
+
+
+@router.post(
+    ENROLL_PATH, status_code=status.HTTP_201_CREATED, response_model=EnrollResponse,
+    responses={401: _ERR, 409: _ERR},
+)
+def enroll(body: EnrollRequest, session: SessionDep, ctx: CtxDep) -> EnrollResponse:
+    """Exchange a single-use enrollment token for a device id and credential (shown once)."""
+    enrolled = enroll_device(
+        session, ctx.hasher, token=body.enrollment_token, device_id=body.device_id,
+        device_class=body.device_class, labels=body.labels,
+    )
+    d = enrolled.device
+    audit.record(
+        session, actor=f"device:{d.id}", action="device.enroll", target_type="device",
+        target_id=d.id, details={"device_class": d.device_class, "labels": d.labels},
+    )
+    session.commit()
+    return EnrollResponse(
+        device_id=d.id, credential=enrolled.credential, device_class=d.device_class,
+        labels=d.labels,
+    )
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    for part in header.split(","):
+        tag = part.strip()
+        if tag == "*":
+            return True
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        if tag.strip('"') == etag:
+            return True
+    return False
+
+
+def _json_error(exc_status: int, code: str, message: str) -> Response:
+    import json
+
+    return Response(
+        json.dumps(error_body(code, message)), status_code=exc_status,
+        media_type="application/json",
+    )
+
+
+@router.get(
+    ASSIGNMENT_PATH, response_model=AssignmentPublic,
+    responses={304: {"description": "Unchanged (If-None-Match matched)"}, 401: _ERR},
+    openapi_extra={"security": [{"DeviceCredential": []}]},
+)
+async def get_assignment(request: Request) -> Response:
+    """The calling device's assignment; ETag = ``assignment_id``; If-None-Match -> 304."""
+    ctx: ServerContext = request.app.state.ctx
+    headers = request.headers
+    auth = headers.get("authorization")
+    token_hash = None
+    if auth and auth[:7].lower() == "bearer ":
+        token_hash = ctx.hasher.hash(auth[7:].strip())
+    device_id = ctx.device_auth.get(token_hash) if token_hash else None
+    if device_id is None:
+        try:
+            device_id = await run_in_threadpool(authenticate_device, ctx, auth)
+        except Exception as e:  # the error handlers shape ServerError responses
+            code = getattr(e, "code", None)
+            if code is None:
+                raise
+            return _json_error(getattr(e, "status_code", 401), code, str(e))
+    ctx.last_seen.touch(device_id)
+    entry = ctx.assignment_cache.get(device_id)
+    if entry is None:
+        entry = await run_in_threadpool(ctx.assignment_cache.load, device_id)
+    etag = f'"{entry.etag}"'
+    if _etag_matches(headers.get("if-none-match"), entry.etag):
+        ctx.metrics.checkins.labels("not_modified").inc()
+        return Response(status_code=304, headers={"etag": etag})
+    ctx.metrics.checkins.labels("changed").inc()
+    return Response(
+        entry.body, media_type="application/json",
+        headers={"etag": etag, "cache-control": "no-cache"},
+    )
+
+
+@router.get(
+    BUNDLE_PATH,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The bundle file"},
+        206: {"description": "Partial content (Range)"},
+        401: _ERR, 404: _ERR, 416: {"description": "Range not satisfiable"},
+    },
+    response_class=Response,
+)
+def get_bundle(bundle_id: str, device_id: CurrentDevice, ctx: CtxDep) -> Response:
+    """Download a bundle assigned to the calling device; supports ``Range`` (206)."""
+    entry = ctx.assignment_cache.get(device_id) or ctx.assignment_cache.load(device_id)
+    if bundle_id not in assigned_bundle_ids(entry.doc):
+        raise NotFoundError(f"bundle {bundle_id} is not assigned to this device")
+    with ctx.session() as session:
+        bundle = session.get(Bundle, bundle_id)
+    if bundle is None or not Path(bundle.file_path).is_file():
+        raise NotFoundError(f"bundle {bundle_id} is not available on this server")
+    return FileResponse(
+        bundle.file_path, media_type="application/octet-stream",
+        headers={"etag": f'"{bundle.sha256}"', "accept-ranges": "bytes"},
+    )
+
+
+@router.post(REPORTS_PATH, response_model=ReportAck, responses={401: _ERR})
+def post_reports(
+    batch: ReportBatch, device_id: CurrentDevice, session: SessionDep
+) -> ReportAck:
+    """Install and health reports from the calling device."""
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFoundError(f"device {device_id} no longer exists")
+    now = utcnow()
+    for r in batch.reports:
+        body = report_body(r)
+        session.add(DeviceReport(
+            device_id=device_id, received_at=now, type=r.type, outcome=r.outcome,
+            name=r.name, version=r.version, error_code=r.error_code,
+            rollout_id=r.rollout_id, body=body,
+        ))
+        if r.type == "install" and r.outcome in ("installed", "rolled_back") and r.name:
+            device.current_name = r.name
+            device.current_version = r.version
+            device.current_bundle_id = r.bundle_id or _bundle_id_for(session, r.name, r.version)
+        if r.type == "health" and r.health:
+            device.health = r.health
+            device.health_details = body
+        if r.type == "install" and r.outcome == "failed":
+            device.health = "degraded"
+    device.last_seen_at = now
+    session.commit()
+    return ReportAck(accepted=len(batch.reports))
+
+
+def _bundle_id_for(session: Any, name: str, version: int | None) -> str | None:
+    if version is None:
+        return None
+    return session.scalar(
+        select(Bundle.id).where(Bundle.name == name, Bundle.version == version).limit(1)
+    )

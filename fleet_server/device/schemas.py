@@ -1,0 +1,81 @@
+"""Request and response bodies of the device API (see :mod:`device_agent.protocol`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LABEL_KEY = r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$"
+DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
+
+
+class EnrollRequest(BaseModel):
+    enrollment_token: str = Field(min_length=1, max_length=200)
+    device_id: str | None = Field(
+        default=None, pattern=DEVICE_ID,
+        description="Requested device id; the server picks one when omitted.",
+    )
+    device_class: str = Field(min_length=1, max_length=100)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+
+class EnrollResponse(BaseModel):
+    device_id: str
+    credential: str = Field(description="Shown once; the server stores only its hash.")
+    device_class: str
+    labels: dict[str, str]
+
+
+class BundleRef(BaseModel):
+    bundle_id: str
+    name: str
+    version: int
+    url: str
+    sha256: str
+    size: int
+
+
+class TelemetryPolicyOut(BaseModel):
+    sample_rate: float
+    window_seconds: float
+
+
+class AssignmentPublic(BaseModel):
+    device_id: str
+    assignment_id: str
+    desired: BundleRef | None
+    shadow: BundleRef | None
+    rollout_id: str | None
+    stage: int | None
+    telemetry: TelemetryPolicyOut
+
+
+class Report(BaseModel):
+    """An install or health report; unknown fields are kept in the stored body."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["install", "health"]
+    outcome: str | None = Field(default=None, max_length=20)
+    name: str | None = Field(default=None, max_length=200)
+    version: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    error_code: str | None = Field(default=None, max_length=100)
+    message: str | None = Field(default=None, max_length=4000)
+    state: str | None = Field(default=None, max_length=100)
+    ts: float | None = Field(default=None, allow_inf_nan=False)
+    bundle_id: str | None = Field(default=None, max_length=40)
+    rollout_id: str | None = Field(default=None, max_length=40)
+    health: str | None = Field(default=None, max_length=20)
+
+
+class ReportBatch(BaseModel):
+    reports: list[Report] = Field(max_length=1000)
+
+
+class ReportAck(BaseModel):
+    accepted: int
+
+
+def report_body(r: Report) -> dict[str, Any]:
+    return r.model_dump(mode="json", exclude_none=True)

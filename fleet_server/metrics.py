@@ -1,0 +1,65 @@
+"""Prometheus metrics for the server itself (one registry per app instance)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "edgefleet_http_requests", "HTTP requests served",
+            ["method", "route", "status"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "edgefleet_http_request_seconds", "HTTP request latency",
+            ["route"], registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+        self.checkins = Counter(
+            "edgefleet_checkins", "Device check-ins by result", ["result"],
+            registry=self.registry,
+        )
+        self.audit_entries = Counter(
+            "edgefleet_audit_entries", "Audit entries written", registry=self.registry,
+        )
+        self.notifications = Counter(
+            "edgefleet_assignment_notifications", "Assignment-changed notices published",
+            registry=self.registry,
+        )
+        self.cached_assignments = Gauge(
+            "edgefleet_cached_assignments", "Assignments held in memory", registry=self.registry,
+        )
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: counts requests by route template and status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route: Any = scope.get("route")
+            name = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], name, str(status[0])).inc()
+            self.metrics.latency.labels(name).observe(time.perf_counter() - start)

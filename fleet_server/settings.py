@@ -1,0 +1,110 @@
+"""Server settings: a TOML file plus ``EDGEFLEET_SERVER_*`` environment variables.
+
+Settings are validated once, at start-up. Outside ``environment = "development"``
+the server refuses to start with a default or missing secret (token pepper,
+bootstrap admin token), so a demo configuration cannot reach production.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: the development defaults; any of these outside development is refused
+DEV_TOKEN_PEPPER = "edgefleet-development-pepper"
+
+
+class SettingsError(ValueError):
+    """The server configuration is invalid; the message names the setting and the fix."""
+
+
+class ServerSettings(BaseSettings):
+    """Everything the server needs to start. Construct directly in tests."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_SERVER_", extra="forbid")
+
+    environment: Literal["development", "production"] = "development"
+    database_url: str = "sqlite:///./edgefleet.db"
+    bundle_dir: Path = Path("./edgefleet-bundles")
+    #: release signing keys the server may sign converted bundles with
+    signing_key_dir: Path | None = None
+    #: key id or name in ``signing_key_dir`` used for server-side signing
+    signing_key: str | None = None
+    #: the trust store uploaded bundles are verified against (JSON, device_agent format)
+    trust_store: Path | None = None
+    #: pepper mixed into every token hash (HMAC-SHA256 key)
+    token_pepper: str = DEV_TOKEN_PEPPER
+    #: a token that is accepted as an admin token; hashed into the database at start-up
+    admin_bootstrap_token: str | None = None
+    mqtt_host: str = ""
+    mqtt_port: int = Field(default=1883, ge=1, le=65535)
+    mqtt_username: str = ""
+    mqtt_password: str = ""
+    #: seconds an in-memory assignment ETag is trusted before re-reading the database
+    assignment_cache_seconds: float = Field(default=2.0, ge=0)
+    #: how many device credentials the auth cache holds
+    device_auth_cache_size: int = Field(default=100_000, ge=0)
+    #: seconds between flushes of buffered ``last_seen`` times
+    last_seen_flush_seconds: float = Field(default=5.0, gt=0)
+    enrollment_token_ttl_seconds: int = Field(default=24 * 3600, gt=0)
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
+    telemetry_sample_rate: float = Field(default=0.01, ge=0, le=1)
+    telemetry_window_seconds: float = Field(default=60.0, gt=0)
+    run_migrations: bool = True
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> ServerSettings:
+        if self.environment == "development":
+            return self
+        problems = []
+        if self.token_pepper == DEV_TOKEN_PEPPER or len(self.token_pepper) < 16:
+            problems.append(
+                "token_pepper is the development default or shorter than 16 characters; "
+                "set EDGEFLEET_SERVER_TOKEN_PEPPER to a long random string"
+            )
+        if self.admin_bootstrap_token is not None and len(self.admin_bootstrap_token) < 24:
+            problems.append(
+                "admin_bootstrap_token is shorter than 24 characters; generate one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        if self.mqtt_host and not self.mqtt_password:
+            problems.append("mqtt_host is set but mqtt_password is empty")
+        if problems:
+            raise ValueError("refusing to start in production: " + "; ".join(problems))
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, **overrides: Any
+) -> ServerSettings:
+    """Read settings from a TOML file (optional), then the environment, then ``overrides``.
+
+    The environment wins over the file; explicit overrides win over both.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise SettingsError(f"settings file {path} does not exist") from e
+        except tomllib.TOMLDecodeError as e:
+            raise SettingsError(f"settings file {path} is not valid TOML: {e}") from e
+        data = dict(raw.get("server", raw))
+    prefix = "EDGEFLEET_SERVER_"
+    env_keys = {k[len(prefix):].lower() for k in os.environ if k.startswith(prefix)}
+    for key in env_keys:
+        data.pop(key, None)  # let pydantic-settings read it from the environment
+    data.update(overrides)
+    try:
+        return ServerSettings(**data)
+    except ValueError as e:
+        raise SettingsError(str(e)) from e

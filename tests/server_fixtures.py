@@ -1,0 +1,212 @@
+"""Fixtures for the server tests: a fresh database per test (SQLite file or a new
+PostgreSQL database on 127.0.0.1:5432), an app with an admin token, helpers to
+create operators, enroll devices and upload bundles, and a real uvicorn server.
+
+Import the fixtures you use into the test module::
+
+    from tests.server_fixtures import db_url, fleet  # noqa: F401
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from fleet_server.app import create_app
+from fleet_server.settings import ServerSettings
+from tests.bundlesim import BundleSim
+
+ADMIN_TOKEN = "eft_test-admin-" + "x" * 24
+PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database, dropped afterwards."""
+    name = f"edgefleet_test_{secrets.token_hex(6)}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same test on a SQLite file and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'server.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture
+def bundle_sim(tmp_path: Path) -> BundleSim:
+    return BundleSim(tmp_path / "repo")
+
+
+def make_settings(tmp_path: Path, db_url: str, **overrides: Any) -> ServerSettings:
+    sim_trust = overrides.pop("trust_store", None)
+    return ServerSettings(
+        database_url=db_url,
+        bundle_dir=tmp_path / "bundles",
+        admin_bootstrap_token=ADMIN_TOKEN,
+        trust_store=sim_trust,
+        **overrides,
+    )
+
+
+@dataclass
+class Fleet:
+    """A TestClient on a fresh server plus helpers that go through the public API."""
+
+    client: TestClient
+    sim: BundleSim
+    tmp: Path
+    admin: dict[str, str] = field(default_factory=lambda: auth(ADMIN_TOKEN))
+
+    def operator_token(self, role: str, name: str | None = None) -> str:
+        name = name or f"{role}-{secrets.token_hex(3)}"
+        r = self.client.post("/api/v1/operators", headers=self.admin,
+                             json={"name": name, "role": role})
+        assert r.status_code == 201, r.text
+        t = self.client.post(f"/api/v1/operators/{r.json()['id']}/tokens", headers=self.admin,
+                             json={})
+        assert t.status_code == 201, t.text
+        return str(t.json()["token"])
+
+    def enrollment_token(self, **body: Any) -> str:
+        r = self.client.post("/api/v1/enrollment-tokens", headers=self.admin, json=body)
+        assert r.status_code == 201, r.text
+        return str(r.json()["token"])
+
+    def enroll(self, device_id: str, device_class: str = "cam",
+               labels: dict[str, str] | None = None) -> dict[str, str]:
+        """Enroll a device; returns its Authorization header."""
+        r = self.client.post("/device/v1/enroll", json={
+            "enrollment_token": self.enrollment_token(), "device_id": device_id,
+            "device_class": device_class, "labels": labels or {},
+        })
+        assert r.status_code == 201, r.text
+        return auth(r.json()["credential"])
+
+    def upload_bundle(self, version: int = 2, seed: int = 0, name: str = "tiny") -> dict[str, Any]:
+        path = self.sim.publish(version=version, seed=seed, name=name,
+                                created=_now_minus_day(), valid_for=_days(30))
+        with open(path, "rb") as f:
+            r = self.client.post("/api/v1/bundles", headers=self.admin,
+                                 files={"file": (path.name, f, "application/octet-stream")})
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+    def assign(self, device_id: str, bundle_id: str | None) -> None:
+        r = self.client.put(f"/api/v1/devices/{device_id}/assignment", headers=self.admin,
+                            json={"desired_bundle_id": bundle_id})
+        assert r.status_code == 200, r.text
+
+
+def _now_minus_day() -> Any:
+    from datetime import datetime, timedelta, timezone
+
+    return datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=1)
+
+
+def _days(n: int) -> Any:
+    from datetime import timedelta
+
+    return timedelta(days=n)
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, db_url: str, bundle_sim: BundleSim) -> Iterator[Fleet]:
+    """A fresh server (SQLite and PostgreSQL) whose trust store trusts the sim's release key."""
+    trust_path = tmp_path / "trust.json"
+    bundle_sim.trust("release").save(trust_path)
+    app = create_app(make_settings(tmp_path, db_url, trust_store=trust_path))
+    with TestClient(app) as client:
+        yield Fleet(client=client, sim=bundle_sim, tmp=tmp_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+def start_server(env_settings: dict[str, str], log: Path, port: int | None = None) -> LiveServer:
+    """Start ``uvicorn --factory fleet_server.app:app_from_env`` on a free loopback port."""
+    port = port or free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_SERVER_")}
+    env.update({f"EDGEFLEET_SERVER_{k.upper()}": v for k, v in env_settings.items()})
+    out = open(log, "wb")  # noqa: SIM115 - handed to the child, closed by the OS at exit
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "fleet_server.app:app_from_env",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        env=env, stdout=out, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return LiveServer(url, proc, log)
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    stop_server(proc)
+    raise RuntimeError(f"server did not come up in 30 s:\n{log.read_text()}")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def live_server(tmp_path: Path, db_url: str, bundle_sim: BundleSim) -> Iterator[LiveServer]:
+    """A real uvicorn server process on a free port, on the parametrized database."""
+    trust_path = tmp_path / "trust.json"
+    bundle_sim.trust("release").save(trust_path)
+    server = start_server(
+        {
+            "database_url": db_url, "bundle_dir": str(tmp_path / "bundles"),
+            "admin_bootstrap_token": ADMIN_TOKEN, "trust_store": str(trust_path),
+        },
+        tmp_path / "server.log",
+    )
+    try:
+        yield server
+    finally:
+        stop_server(server.proc)

@@ -174,6 +174,7 @@ class TelemetryStore:
             with self._lock:
                 self._write(lambda: self._evict_locked(self._budget_pages))
                 conn.execute("VACUUM")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # ---------------------------------------------------------------- schema
 

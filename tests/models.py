@@ -8,7 +8,8 @@ Builders:
 
 * :func:`torch_cnn`: conv + batch norm + ReLU + max pool, conv + batch norm +
   ReLU + average pool, flatten *after a convolution* (so NCHW/NHWC handling
-  matters), linear. Input ``x`` of shape ``[N, 3, 16, 16]``, 10 logits out.
+  matters), linear, briefly trained. Input ``x`` of shape ``[N, 3, 16, 16]``,
+  4 logits out.
 * :func:`torch_mlp`: linear/ReLU/linear/tanh/linear/softmax, input ``[N, 16]``,
   4 class probabilities out.
 * :func:`sklearn_pipeline`: StandardScaler + LogisticRegression on 8 features,
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 CNN_INPUT_SHAPE = (3, 16, 16)
-CNN_CLASSES = 10
+CNN_CLASSES = 4
 MLP_FEATURES = 16
 MLP_CLASSES = 4
 TABULAR_FEATURES = 8
@@ -39,17 +40,27 @@ ONNX_MLP_FEATURES = 8
 ONNX_MLP_CLASSES = 5
 
 
-def image_batch(n: int = 64, seed: int = 0) -> np.ndarray:
-    """Image-like float32 inputs ``[n, 3, 16, 16]``: smooth blobs plus noise."""
+def image_data(n: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Image-like float32 inputs ``[n, 3, 16, 16]`` (a bright blob plus noise) and labels.
+
+    The label is the quadrant the blob sits in (0..3).
+    """
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:16, 0:16].astype(np.float32) / 15.0
     out = np.empty((n, *CNN_INPUT_SHAPE), dtype=np.float32)
+    labels = np.empty(n, dtype=np.int64)
     for i in range(n):
-        cx, cy = rng.uniform(0.2, 0.8, size=2)
-        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / rng.uniform(0.02, 0.1))
+        cx, cy = rng.uniform(0.1, 0.9, size=2)
+        labels[i] = int(cx >= 0.5) + 2 * int(cy >= 0.5)
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / rng.uniform(0.01, 0.05))
         for c in range(3):
             out[i, c] = blob * rng.uniform(0.5, 1.5) + rng.normal(0, 0.1, size=(16, 16))
-    return out
+    return out, labels
+
+
+def image_batch(n: int = 64, seed: int = 0) -> np.ndarray:
+    """Image-like float32 inputs ``[n, 3, 16, 16]`` (see :func:`image_data`)."""
+    return image_data(n, seed)[0]
 
 
 def _randomize_batch_norm(module: Any, seed: int) -> None:
@@ -69,7 +80,12 @@ def _randomize_batch_norm(module: Any, seed: int) -> None:
 
 
 def torch_cnn(seed: int = 0) -> tuple[Any, np.ndarray]:
-    """A small image classifier (eval mode) and a batch of 64 image-like inputs."""
+    """A small trained image classifier (eval mode) and 64 held-out image-like inputs.
+
+    Trained for a fraction of a second on :func:`image_data` (which quadrant
+    holds the blob); batch norm layers then get non-trivial statistics so
+    that folding them is exercised.
+    """
     import torch
     from torch import nn
 
@@ -87,28 +103,17 @@ def torch_cnn(seed: int = 0) -> tuple[Any, np.ndarray]:
         nn.Linear(16 * 4 * 4, CNN_CLASSES),
     )
     _randomize_batch_norm(model, seed)
+    model.eval()  # train the weights around fixed batch norm statistics
+    images, labels = image_data(256, seed + 1)
+    x, y = torch.from_numpy(images), torch.from_numpy(labels)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
     model.eval()
-    images = image_batch(64, seed)
-    _spread_head(model, images)
-    return model, images
-
-
-def _spread_head(model: Any, images: np.ndarray) -> None:
-    """Centre and scale the final linear layer so predictions spread over the classes.
-
-    Untrained convolutional features are nearly alike for every image, so a
-    random head would predict one class for all of them, which makes top-1
-    agreement meaningless in tests.
-    """
-    import torch
-
-    body, head = model[:-1], model[-1]
-    with torch.no_grad():
-        feats = body(torch.from_numpy(images))
-        mean, std = feats.mean(0), feats.std(0) + 1e-3
-        weight = head.weight / std * 1.5
-        head.weight.copy_(weight)
-        head.bias.copy_(-(weight @ mean))
+    return model, image_batch(64, seed)
 
 
 def torch_mlp(seed: int = 0) -> tuple[Any, np.ndarray]:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .parity import ParityReport
+
 
 class ConverterError(Exception):
     """Root of converter errors."""
@@ -13,3 +18,38 @@ class KeyStoreError(ConverterError):
 
 class PackError(ConverterError):
     """A bundle could not be packed from the given files."""
+
+
+class IntakeError(ConverterError):
+    """The source model could not be read, exported or validated."""
+
+
+class TargetError(ConverterError):
+    """A target description is invalid (unknown format, precision or runtime)."""
+
+
+class LoweringError(ConverterError):
+    """The model cannot be brought down to the IR version/opset the target runtime accepts."""
+
+
+class QuantizationError(ConverterError):
+    """Quantizing the model failed (for example, calibration samples do not fit it)."""
+
+
+class TargetUnavailableError(ConverterError):
+    """The converter for this target format is not available in this installation."""
+
+
+class SampleError(ConverterError):
+    """Calibration samples do not match the model's input signature."""
+
+
+class ParityError(ConverterError):
+    """A produced artifact does not compute what the source computes, within tolerance.
+
+    ``report`` holds the full parity report (per output errors and the tolerance).
+    """
+
+    def __init__(self, message: str, report: ParityReport) -> None:
+        super().__init__(message)
+        self.report = report

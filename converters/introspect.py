@@ -8,10 +8,12 @@ from typing import Any
 from device_agent.bundle.manifest import TensorSpec
 
 from .errors import PackError
+from .targets import min_onnxruntime
 
-# Lowest onnxruntime release that loads each ONNX IR version.
+# Lowest onnxruntime release that loads each ONNX IR version (by IR alone; the
+# manifest uses targets.min_onnxruntime, which also accounts for opsets).
 ORT_MIN_FOR_IR = {3: "1.0", 4: "1.0", 5: "1.0", 6: "1.1", 7: "1.3", 8: "1.10", 9: "1.15",
-                  10: "1.17", 11: "1.20", 12: "1.23"}
+                  10: "1.18", 11: "1.20", 12: "1.23"}
 
 _ONNX_DTYPES = {
     1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
@@ -30,6 +32,13 @@ def onnx_signature(
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError and others
         raise PackError(f"{path} is not a readable ONNX model: {e}") from e
+    return onnx_model_signature(model)
+
+
+def onnx_model_signature(
+    model: Any,
+) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, Any]]:
+    """Inputs, outputs and runtime requirements of an in-memory ONNX model."""
     initializers = {i.name for i in model.graph.initializer}
 
     def spec(v: Any) -> TensorSpec:
@@ -51,7 +60,9 @@ def onnx_signature(
         "engine": "onnxruntime",
         "onnx_ir_version": int(model.ir_version),
         "opsets": opsets,
-        "min_runtime_version": ORT_MIN_FOR_IR.get(int(model.ir_version), "1.23"),
+        "min_runtime_version": min_onnxruntime(
+            int(model.ir_version), opsets.get("ai.onnx"), opsets.get("ai.onnx.ml")
+        ),
     }
     return inputs, outputs, runtime
 

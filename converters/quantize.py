@@ -1,0 +1,158 @@
+"""ONNX quantization: dynamic int8, static int8 (QDQ) from calibration samples, float16.
+
+All three use onnxruntime's own tools, so the result runs on onnxruntime's
+CPU kernels. Inputs and outputs stay float32 in every variant, so the
+device-side interface (and the smoke samples' dtypes) does not change.
+Operators outside the tools' reach (for example ``ai.onnx.ml`` tree
+ensembles) stay in float32; the notes returned say how many weights changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from .errors import QuantizationError
+
+STATIC_BATCH = 16
+
+
+def _initializer_dtypes(model: Any) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for t in model.graph.initializer:
+        counts[int(t.data_type)] = counts.get(int(t.data_type), 0) + 1
+    return counts
+
+
+def _summary(before: Any, after: Any) -> str:
+    from onnx import TensorProto
+
+    b, a = _initializer_dtypes(before), _initializer_dtypes(after)
+    names = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16",
+             TensorProto.INT8: "int8", TensorProto.UINT8: "uint8"}
+    parts = [f"{names[k]} {b.get(k, 0)}->{a.get(k, 0)}" for k in names if b.get(k) or a.get(k)]
+    return "initializers: " + ", ".join(parts)
+
+
+def _via_file(fn: Any, model: Any) -> Any:
+    """Run ``fn(path)`` (which writes a model to ``path``) and load the result.
+
+    onnxruntime's quantization tools log advice on the root logger; it is muted here.
+    """
+    import onnx
+
+    fd, out = tempfile.mkstemp(suffix=".onnx", prefix="edgefleet-q-")
+    os.close(fd)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        fn(out)
+        return onnx.load(out)
+    finally:
+        root.setLevel(level)
+        os.unlink(out)
+
+
+def quantize_dynamic_int8(model: Any) -> tuple[Any, list[str]]:
+    """Weights to int8, activations quantized at run time (MatMul, Gemm, Conv...)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        out = _via_file(
+            lambda path: quantize_dynamic(model, path, weight_type=QuantType.QInt8,
+                                          extra_options={"DefaultTensorType": 1}),
+            model,
+        )
+    except Exception as e:
+        raise QuantizationError(f"dynamic int8 quantization failed: {e}") from e
+    return out, [f"dynamic int8 ({_summary(model, out)})"]
+
+
+class SampleReader:
+    """A :class:`onnxruntime.quantization.CalibrationDataReader` over sample arrays.
+
+    Yields the samples in batches of ``batch`` along the first axis.
+    """
+
+    def __init__(self, samples: Mapping[str, np.ndarray], batch: int = STATIC_BATCH) -> None:
+        self.samples = {k: np.asarray(v) for k, v in samples.items()}
+        self.batch = batch
+        self._iter: Iterator[dict[str, np.ndarray]] = self._batches()
+
+    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+        n = len(next(iter(self.samples.values())))
+        for start in range(0, n, self.batch):
+            yield {k: v[start:start + self.batch] for k, v in self.samples.items()}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = self._batches()
+
+
+def quantize_static_int8(model: Any, samples: Mapping[str, np.ndarray]) -> tuple[Any, list[str]]:
+    """Weights and activations to int8 (QDQ format), ranges from calibration samples."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    if not samples:
+        raise QuantizationError("static int8 quantization needs calibration samples")
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(SampleReader, CalibrationDataReader):
+        pass
+
+    reader = _Reader(samples)
+    try:
+        out = _via_file(
+            lambda path: quantize_static(
+                model, path, reader, quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                per_channel=True, extra_options={"ActivationSymmetric": False},
+            ),
+            model,
+        )
+    except Exception as e:
+        raise QuantizationError(
+            f"static int8 quantization failed: {e}; check that the calibration samples "
+            "match the model's inputs"
+        ) from e
+    n = len(next(iter(samples.values())))
+    return out, [f"static int8 QDQ, {n} calibration samples ({_summary(model, out)})"]
+
+
+def convert_float16(model: Any) -> tuple[Any, list[str]]:
+    """Weights and compute to float16; float32 inputs/outputs kept (Cast at the edges)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from .onnx_tools import toposort
+
+    try:
+        out = convert_float_to_float16(model, keep_io_types=True)
+        toposort(out)
+    except Exception as e:
+        raise QuantizationError(f"float16 conversion failed: {e}") from e
+    return out, [f"float16 ({_summary(model, out)})"]
+
+
+def apply_precision(model: Any, precision: str,
+                    samples: Mapping[str, np.ndarray]) -> tuple[Any, list[str]]:
+    """Turn a float32 ONNX model into ``precision`` (see :data:`converters.targets.PRECISIONS`)."""
+    from .onnx_tools import drop_value_info
+
+    if precision == "float32":
+        return model, []
+    drop_value_info(model)
+    if precision == "float16":
+        return convert_float16(model)
+    if precision == "int8-dynamic":
+        return quantize_dynamic_int8(model)
+    if precision == "int8-static":
+        return quantize_static_int8(model, samples)
+    raise QuantizationError(f"unknown precision {precision!r}")

@@ -97,6 +97,7 @@ class Fault:
     endless: bool = False          # stream forever, no Content-Length
     ignore_range: bool = False     # always answer 200 with the whole file
     slow_seconds: float = 0.0      # sleep between chunks
+    refuse_range_times: int = 0    # answer 416 to this many Range requests
 
 
 @dataclass
@@ -136,7 +137,8 @@ class BundleServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -148,6 +150,7 @@ class BundleServer:
     @property
     def url(self) -> str:
         host, port = self._httpd.server_address[:2]
+        assert isinstance(host, str)
         return f"http://{host}:{port}"
 
     # -- test-facing helpers -----------------------------------------------------
@@ -238,6 +241,10 @@ class BundleServer:
         start = 0
         rng = h.headers.get("Range")
         status, headers = 200, {"Accept-Ranges": "bytes"}
+        if rng and fault.refuse_range_times > 0:
+            fault.refuse_range_times -= 1
+            self._send(h, req, 416, b"", {"Content-Range": f"bytes */{len(data)}"})
+            return
         if rng and not fault.ignore_range:
             start = int(rng.removeprefix("bytes=").split("-")[0])
             if start >= len(data):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import devices, operators
+from . import bundles, devices, operators
 
 api_router = APIRouter()
 api_router.include_router(operators.router)
 api_router.include_router(devices.router)
+api_router.include_router(bundles.router)

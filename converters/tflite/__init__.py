@@ -53,6 +53,7 @@ from converters.tflite.errors import (
     UnsupportedOperatorError,
     UnsupportedQuantizationError,
     UnsupportedShapeError,
+    UnsupportedTypeError,
 )
 from converters.tflite.graph import FOLDABLE_OPS, load_graph
 from converters.tflite.layout import ONNX
@@ -70,10 +71,13 @@ __all__ = [
     "UnsupportedOperatorError",
     "UnsupportedQuantizationError",
     "UnsupportedShapeError",
+    "UnsupportedTypeError",
     "onnx_to_tflite",
 ]
 
 _LOWERINGS = {**BASIC_LOWERINGS, **NN_LOWERINGS}
+
+_FOLDABLE_OR_SHAPE = FOLDABLE_OPS | {"Constant", "Shape"}
 
 #: ONNX operator types the converter lowers (after constant folding).
 SUPPORTED_OPS: frozenset[str] = frozenset(_LOWERINGS)
@@ -101,7 +105,11 @@ def onnx_to_tflite(model: onnx.ModelProto, *, weights: str = "float32") -> bytes
     # Refuse unknown operators before anything else, foldable ones aside.
     _check_supported(
         model,
-        [n for n in model.graph.node if n.op_type not in FOLDABLE_OPS | {"Constant", "Shape"}],
+        [
+            n
+            for n in model.graph.node
+            if n.domain not in ("", "ai.onnx") or n.op_type not in _FOLDABLE_OR_SHAPE
+        ],
     )
     graph = load_graph(model)
     _check_supported(model, graph.nodes)
@@ -110,7 +118,7 @@ def onnx_to_tflite(model: onnx.ModelProto, *, weights: str = "float32") -> bytes
     for name in graph.inputs:
         elem = _elem_type(model, name)
         if elem != onnx.TensorProto.FLOAT:
-            raise UnsupportedShapeError(
+            raise UnsupportedTypeError(
                 f"input {name!r} is {onnx.TensorProto.DataType.Name(elem)}; "
                 "only float32 inputs are supported"
             )

@@ -40,6 +40,10 @@ class UnsupportedShapeError(TFLiteConversionError):
     """Shapes the converter cannot make static (dynamic dimensions other than the batch)."""
 
 
+class UnsupportedTypeError(TFLiteConversionError):
+    """A model input of a type other than float32."""
+
+
 class InvalidModelError(TFLiteConversionError):
     """The ONNX model is malformed or fails ONNX shape inference."""
 

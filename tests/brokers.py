@@ -9,7 +9,8 @@ so clients reconnect to the address they already know.
 ``MessageCollector`` is a paho subscriber that records every message it receives
 (reconnecting and resubscribing on its own) and can wait for a condition.
 
-Use the ``broker`` fixture (import it into the test module) or build one:
+Use the ``broker`` fixture (``from tests.brokers import broker_fixture  # noqa: F401``
+in the test module) or build one:
 
     with MosquittoBroker(tmp_path, users={"dev-a": "pw"}) as b:
         ...
@@ -156,6 +157,7 @@ class MosquittoBroker:
             )
             try:
                 self.wait_listening(timeout)
+                self._fixed_port = True  # later starts come back on the same port
                 return self
             except BrokerError:
                 in_use = "Address already in use" in self.log()
@@ -184,6 +186,8 @@ class MosquittoBroker:
         if self.proc is None:
             return
         if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
@@ -200,6 +204,16 @@ class MosquittoBroker:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self._reap()
+
+    def pause(self) -> None:
+        """SIGSTOP the broker: connections stay open but nothing is answered (no PUBACK)."""
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def restart(self, timeout: float = 10.0, *, kill: bool = False) -> None:
         """Stop (or kill) and start again on the same port."""
@@ -357,12 +371,28 @@ class MessageCollector:
         self.stop()
 
 
+def publish_once(
+    broker: MosquittoBroker, username: str, password: str, topic: str, payload: bytes,
+    *, qos: int = 1, retain: bool = False, timeout: float = 10.0,
+) -> None:
+    """Connect as ``username``, publish one message, wait for PUBACK, disconnect."""
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"once-{time.monotonic_ns()}")
+    c.username_pw_set(username, password)
+    c.connect(broker.host, broker.port, keepalive=10)
+    c.loop_start()
+    try:
+        c.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(timeout)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
 #: users of the ``broker`` fixture: two devices and the server
 FIXTURE_USERS = {"dev-a": "pw-a", "dev-b": "pw-b", SERVER_USER: "pw-server"}
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+@pytest.fixture(name="broker")
+def broker_fixture(tmp_path: Path) -> Iterator[MosquittoBroker]:
     """A started Mosquitto with :data:`FIXTURE_USERS` and :data:`DEVICE_ACL`; stopped after."""
     b = MosquittoBroker(tmp_path / "broker", users=FIXTURE_USERS, acl=DEVICE_ACL)
     b.start()

@@ -271,11 +271,10 @@ class MqttTransport:
         """Drive one TCP session until it drops or we stop."""
         while not self._stop.is_set():
             rc = self._client.loop(timeout=0.05)
-            alive = self._drain_events()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self.last_error = f"connection lost: {mqtt.error_string(rc)}"
+            alive = self._drain_events()  # may name the cause more precisely
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or not alive:
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    self.last_error = f"connection lost: {mqtt.error_string(rc)}"
-                self._drain_events()
                 return
 
     def _drain_events(self) -> bool:

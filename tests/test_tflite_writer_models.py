@@ -1,0 +1,82 @@
+"""ONNX -> TFLite on real models: torch CNNs and MLP (both exporters) and an
+onnx.helper MLP, in every weight mode, against onnxruntime on the source."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import pytest
+
+from converters.tflite import onnx_to_tflite
+from tests import models
+from tests.tflite_models import run_onnx, run_tflite, torch_legacy_cnn
+
+FLOAT32_ABS = 1e-4
+# float16 / int8: max abs error relative to max(1, max |reference|), and top-1 agreement.
+TOLERANCE = {"float16": (1e-2, 1.0), "int8": (5e-2, 0.95)}
+
+
+def _torch(builder: Callable[[], tuple[object, np.ndarray]]) -> tuple[onnx.ModelProto, np.ndarray]:
+    module, x = builder()
+    return models.torch_to_onnx(module, x), x
+
+
+BUILDERS: dict[str, Callable[[], tuple[onnx.ModelProto, np.ndarray]]] = {
+    "torch_cnn": lambda: _torch(models.torch_cnn),
+    "torch_mlp": lambda: _torch(models.torch_mlp),
+    "torch_legacy_exporter_cnn": torch_legacy_cnn,
+    "onnx_helper_mlp": models.onnx_helper_mlp,
+}
+
+
+@pytest.fixture(scope="module")
+def zoo() -> dict[str, tuple[onnx.ModelProto, np.ndarray, np.ndarray]]:
+    """Each model, its sample batch and onnxruntime's output on it (built once)."""
+    out = {}
+    for name, build in BUILDERS.items():
+        model, x = build()
+        out[name] = (model, x, run_onnx(model, x))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_float32_matches_onnxruntime(zoo: dict, name: str) -> None:
+    model, x, ref = zoo[name]
+    got = run_tflite(onnx_to_tflite(model), x)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= FLOAT32_ABS
+
+
+@pytest.mark.parametrize("weights", sorted(TOLERANCE))
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_quantized_weights_within_tolerance(zoo: dict, name: str, weights: str) -> None:
+    model, x, ref = zoo[name]
+    got = run_tflite(onnx_to_tflite(model, weights=weights), x)
+    rel, top1 = TOLERANCE[weights]
+    assert np.abs(got - ref).max() <= rel * max(1.0, float(np.abs(ref).max()))
+    assert (got.argmax(axis=-1) == ref.argmax(axis=-1)).mean() >= top1
+
+
+def test_sample_batches_spread_over_classes(zoo: dict) -> None:
+    """Top-1 agreement only means something if the models predict several classes."""
+    for _, _, ref in zoo.values():
+        assert len(np.unique(ref.argmax(axis=-1))) >= 3
+
+
+def test_legacy_exporter_graph_needs_folding_and_batchnorm(zoo: dict) -> None:
+    """The TorchScript export keeps what the converter must fold away itself."""
+    ops = {n.op_type for n in zoo["torch_legacy_exporter_cnn"][0].graph.node}
+    assert {"Shape", "Gather", "Concat", "BatchNormalization", "HardSwish"} <= ops
+    groups = [
+        a.i for n in zoo["torch_legacy_exporter_cnn"][0].graph.node for a in n.attribute
+        if n.op_type == "Conv" and a.name == "group"
+    ]  # fmt: skip
+    assert sorted(groups) == [1, 2, 8]  # plain, grouped and depthwise
+
+
+def test_quantized_files_are_smaller(zoo: dict) -> None:
+    model = zoo["torch_cnn"][0]
+    sizes = {w: len(onnx_to_tflite(model, weights=w)) for w in ("float32", "float16", "int8")}
+    assert sizes["int8"] < sizes["float16"] < sizes["float32"]

@@ -213,10 +213,12 @@ class HttpFetcher:
                     return False
             else:  # 200: the server ignored the range; start over
                 mode, have = "wb", 0
-            with open(part, mode) as f:
+            # read1: write what arrived, so a kill -9 keeps what was read
+            read = getattr(resp, "read1", resp.read)
+            with open(part, mode, buffering=0) as f:
                 try:
                     while True:
-                        chunk = resp.read(self.chunk_bytes)
+                        chunk = read(self.chunk_bytes)
                         if not chunk:
                             break
                         if have + len(chunk) > limit:

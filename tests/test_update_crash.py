@@ -17,6 +17,7 @@ crash point. The test asserts:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,8 +39,14 @@ from device_agent.update.machine import restart_state
 from device_agent.update.slots import Slots
 from device_agent.update.updater import Updater
 from tests.bundlesim import BundleSim, replace_data, rewrite, tiny_onnx_model
-from tests.httpfixtures import SMOKE_INPUT, BundleServer, Fault, ServingHost, publish, \
-    reference_outputs
+from tests.httpfixtures import (
+    SMOKE_INPUT,
+    BundleServer,
+    Fault,
+    ServingHost,
+    publish,
+    reference_outputs,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD_INPUT = np.zeros((1, 7), np.float32)
@@ -61,10 +68,8 @@ def child_main(state_dir: str, trust_file: str, url: str, traffic: str) -> None:
     updater.check()
     deadline = time.monotonic() + 60
     while updater.state.value != "idle" and time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(Exception):  # bad traffic is the point
             host.predict(SMOKE_INPUT if traffic == "good" else BAD_INPUT)
-        except Exception:  # noqa: BLE001 - bad traffic is the point
-            pass
         updater.tick()
         time.sleep(0.01)
     out = np.asarray(host.predict(SMOKE_INPUT)).tolist() if host.active is not None else None
@@ -190,7 +195,8 @@ def test_crash_at_state_then_restart(row: Row, tmp_path: Path, server: BundleSer
 
     # 2. restart with no crash point
     server.chunk = 4096
-    server.faults.pop(bid, None) if row.crash_at == "downloading.mid" else None
+    if row.crash_at == "downloading.mid":
+        server.faults.pop(bid, None)
     proc = spawn(state_dir, bundles["trust"], server.url, traffic, None)
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == 0, err

@@ -40,6 +40,7 @@ PSI_SIGNIFICANT = 0.25
 
 DECISION_STYLE: dict[str, tuple[str, str, str]] = {
     # action: (marker, colour, legend text)
+    "create": ("o", "#999999", "created"),
     "start": ("o", "#0072B2", "started"),
     "advance": ("^", "#009E73", "gates passed, advanced"),
     "complete": ("*", "#009E73", "completed"),
@@ -303,6 +304,8 @@ def plot_predictions(ds: ReviewDataset) -> str | None:
                 share = dict(zip(dist.labels, dist.proportions, strict=True))
                 ax.bar([i + off for i in x], [100 * share.get(lb, 0.0) for lb in labels],
                        width, color=color, label=f"{cohort} (n={dist.count:,})")
+            tallest = max((100 * q for c in cohorts.values() for q in c.proportions), default=1)
+            ax.set_ylim(0, tallest * 1.3)  # headroom so the legend never covers a bar
             ax.set_xticks(list(x), labels, rotation=30 if len(labels) > 6 else 0)
             ax.set_ylabel("share of predictions (%)")
             ax.set_title(_rollout_title(rid, names.get(rid)), fontsize=10.5)

@@ -1,0 +1,153 @@
+"""The read-only dashboard: the telemetry review of the last N hours, served by the server.
+
+Routes (mount with ``app.include_router(dashboard_router())``):
+
+* ``GET /dashboard?hours=24`` the review page (the same HTML as ``edgefleet report``);
+* ``GET /dashboard/data.json?hours=24`` the same numbers as JSON.
+
+Both need an operator token with at least the ``viewer`` role, checked exactly
+as the admin API checks it (:func:`fleet_server.deps.authenticate_operator`).
+A browser cannot send an ``Authorization`` header from the address bar, so the
+token is taken, in this order, from:
+
+1. ``Authorization: Bearer <token>`` (scripts, curl);
+2. the ``edgefleet_token`` cookie;
+3. the ``token`` query parameter: a valid one is moved into an HttpOnly,
+   SameSite=Strict cookie scoped to ``/dashboard`` and the browser is redirected
+   to the same URL without it, so the token does not linger in the address bar
+   or the history.
+
+Nothing here writes to the database. The page carries no script and loads
+nothing from elsewhere; it is rendered per request (``Cache-Control: no-store``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from html import escape
+from typing import Annotated, Protocol
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from sqlalchemy.orm import Session
+
+from ..deps import Principal, authenticate_operator, get_ctx
+from ..errors import ServerError, error_body
+from ..security import bearer_token
+from .dataset import ReviewDataset
+from .load import load_dataset
+from .render import render_html
+
+COOKIE = "edgefleet_token"
+PREFIX = "/dashboard"
+#: the choices the navigation bar offers
+HOUR_CHOICES = (1.0, 6.0, 24.0, 24.0 * 7)
+
+
+class DatasetLoader(Protocol):
+    """Fills a review dataset from the database (see :func:`.load.load_dataset`)."""
+
+    def __call__(self, session: Session, since: datetime, until: datetime) -> ReviewDataset: ...
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _hours_label(h: float) -> str:
+    if h >= 24 and h % 24 == 0:
+        return f"{h / 24:g} d"
+    return f"{h:g} h"
+
+
+def _nav(hours: float) -> str:
+    links = []
+    for h in HOUR_CHOICES:
+        label = _hours_label(h)
+        if h == hours:
+            links.append(f'<span class="current">last {label}</span>')
+        else:
+            links.append(f'<a href="{PREFIX}?{urlencode({"hours": f"{h:g}"})}">last {label}</a>')
+    data = f'{PREFIX}/data.json?{urlencode({"hours": f"{hours:g}"})}'
+    return (f'<nav class="dash"><strong>edgefleet dashboard</strong> {" ".join(links)} '
+            f'<a href="{escape(data)}">data.json</a><span>read-only</span></nav>')
+
+
+def _error_page(exc: ServerError) -> HTMLResponse:
+    body = (
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<link rel=\"icon\" href=\"data:,\"><title>edgefleet dashboard</title></head>"
+        "<body style=\"font-family: system-ui, sans-serif; margin: 40px\">"
+        f"<h1>edgefleet dashboard</h1><p>{escape(exc.message)}</p>"
+        "<p>Open <code>/dashboard?token=&lt;operator token&gt;</code> once with a token of "
+        "role viewer or higher; the browser keeps it in a cookie for this page.</p>"
+        "</body></html>"
+    )
+    resp = HTMLResponse(body, status_code=exc.status_code,
+                        headers={"Cache-Control": "no-store"})
+    if exc.status_code == 401:
+        resp.delete_cookie(COOKIE, path=PREFIX)
+    return resp
+
+
+def _authenticate(request: Request, token: str | None) -> Principal:
+    """Any operator token may view (every role includes viewer); raises ServerError."""
+    return authenticate_operator(get_ctx(request), token)
+
+
+def dashboard_router(
+    *,
+    default_hours: float = 24.0,
+    max_hours: float = 24.0 * 90,
+    loader: DatasetLoader = load_dataset,
+    clock: Callable[[], datetime] = _utcnow,
+) -> APIRouter:
+    """The dashboard routes; the app must hold a ``ServerContext`` in ``app.state.ctx``."""
+    router = APIRouter(prefix=PREFIX, tags=["dashboard"])
+    Hours = Annotated[float, Query(gt=0, le=max_hours,
+                                   description="Review the last this many hours.")]
+
+    def dataset_for(request: Request, hours: float) -> ReviewDataset:
+        until = clock()
+        since = until - timedelta(hours=hours)
+        with get_ctx(request).sessions() as session:
+            return loader(session, since, until)
+
+    @router.get("", response_class=HTMLResponse, summary="Telemetry review page (read-only)")
+    def dashboard_page(request: Request, hours: Hours = default_hours,
+                       token: Annotated[str | None, Query(
+                           description="Operator token; moved into a cookie, then dropped "
+                                       "from the URL.")] = None) -> Response:
+        """The review of the last ``hours`` as an HTML page (viewer role or higher)."""
+        header = bearer_token(request.headers.get("authorization"))
+        presented = header or request.cookies.get(COOKIE) or token
+        try:
+            _authenticate(request, presented)
+        except ServerError as e:
+            return _error_page(e)
+        if token is not None and presented == token:
+            target = f"{PREFIX}?{urlencode({'hours': f'{hours:g}'})}"
+            resp = RedirectResponse(target, status_code=303)
+            resp.set_cookie(COOKIE, token, path=PREFIX, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https")
+            return resp
+        ds = dataset_for(request, hours)
+        html = render_html(ds, title=f"edgefleet telemetry review, last {_hours_label(hours)}",
+                           nav=_nav(hours))
+        return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+    @router.get("/data.json", summary="Telemetry review numbers (read-only)")
+    def dashboard_data(request: Request, hours: Hours = default_hours) -> JSONResponse:
+        """The numbers behind the page, in the ``edgefleet-review/1`` JSON format."""
+        header = bearer_token(request.headers.get("authorization"))
+        try:
+            _authenticate(request, header or request.cookies.get(COOKIE))
+        except ServerError as e:
+            return JSONResponse(error_body(e.code, e.message, e.details),
+                                status_code=e.status_code)
+        ds = dataset_for(request, hours)
+        return JSONResponse(ds.to_json(), headers={"Cache-Control": "no-store"})
+
+    return router

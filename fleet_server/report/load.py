@@ -1,0 +1,379 @@
+"""Fill a :class:`ReviewDataset` from the server's database (the I/O shell of the review).
+
+Sources:
+
+* ``devices`` -> the fleet table (class, labels, running bundle, last seen, health);
+* ``rollouts`` (spec and state with its history) -> stages in time; ``audit_log``
+  entries on each rollout -> decisions with every gate's figures (the engine's
+  ``Decision.to_json()`` in ``details``); rollouts without audited decisions fall
+  back to the state's own history;
+* ``telemetry_summaries`` -> adoption, latency and errors by version, drift per
+  feature and group, canary vs control prediction distributions;
+* ``telemetry_events`` and ``device_reports`` (install outcomes) -> adoption;
+* the bundles' ``drift_profile.json`` -> the reference each drift PSI compares with.
+
+Telemetry rows are placed in time by ``received_at`` (the server's clock), like
+the rollout engine does, so device clock skew cannot move them. A source that is
+missing (a table that does not exist in this database) leaves its part of the
+dataset empty and adds a note saying so; nothing here writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import inspect, select
+from sqlalchemy.orm import Session
+
+from device_agent.payloads import DriftProfile
+
+from ..db.models import AuditEntry, Bundle, Device, DeviceReport, Group, Rollout
+from ..groups import matches
+from .aggregate import (
+    FeatureWindow,
+    Seen,
+    WindowFigures,
+    adoption_series,
+    drift_cells,
+    prediction_dist,
+    time_edges,
+    version_series,
+)
+from .dataset import (
+    Decision,
+    DeviceRow,
+    GateRow,
+    PredictionDist,
+    ReviewDataset,
+    RolloutRow,
+    StageSpan,
+    version_label,
+)
+
+#: a drift profile larger than this is not read from a bundle
+MAX_PROFILE_BYTES = 8 * 1024 * 1024
+#: actions of the rollout engine that are not worth a marker (it kept waiting)
+QUIET_ACTIONS = frozenset({"hold"})
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+def _has_table(session: Session, name: str) -> bool:
+    return bool(inspect(session.get_bind()).has_table(name))
+
+
+def load_dataset(session: Session, since: datetime, until: datetime, *,
+                 drift_by: str = "class", now: datetime | None = None) -> ReviewDataset:
+    """The review of ``since`` .. ``until``.
+
+    ``drift_by`` chooses the drift heat map's groups: ``"class"`` (device class),
+    ``"label:KEY"`` (the value of a device label) or ``"group"`` (the server's
+    device groups; a device may be in several).
+    """
+    now = now or datetime.now(timezone.utc)
+    notes: list[str] = []
+    devices = list(session.scalars(select(Device).where(Device.revoked_at.is_(None))
+                                   .order_by(Device.id)))
+    fleet = tuple(DeviceRow(d.id, d.device_class, dict(d.labels or {}),
+                            version_label(d.current_name, d.current_version),
+                            d.last_seen_at, d.health) for d in devices)
+    groups = list(session.scalars(select(Group).order_by(Group.name)))
+    bundles = {b.id: b for b in session.scalars(select(Bundle))}
+    rollouts = _rollouts(session, since, until, groups, bundles)
+
+    have_summaries = _has_table(session, "telemetry_summaries")
+    have_events = _has_table(session, "telemetry_events")
+    if not have_summaries:
+        notes.append("The telemetry_summaries table does not exist in this database: "
+                     "latency, errors, drift and prediction figures are empty.")
+    lo_f, hi_f = since.timestamp(), until.timestamp()
+
+    summaries: list[Any] = []
+    if have_summaries:
+        from ..db.telemetry import TelemetrySummary as S
+
+        summaries = list(session.execute(
+            select(S.device_id, S.received_at, S.window_start, S.window_end, S.name, S.version,
+                   S.rollout_id, S.count, S.errors, S.latency_hist, S.p95_ms,
+                   S.feature_counts, S.prediction_counts)
+            .where(S.received_at >= lo_f, S.received_at <= hi_f)
+            .order_by(S.received_at)
+        ))
+
+    seen = _seen(session, summaries, hi_f, have_events)
+    data_times = [_utc(r.received_at) for r in summaries] + [s.ts for s in seen if s.ts >= since]
+    data_times += [d.ts for r in rollouts for d in r.decisions]
+    lo = max(since, min(data_times)) if data_times else since
+    hi = min(until, max(max(data_times), min(now, until))) if data_times else until
+    windows = sorted(r.window_end - r.window_start for r in summaries
+                     if r.window_end is not None and r.window_start is not None)
+    min_width = timedelta(seconds=max(1.0, windows[len(windows) // 2] if windows else 1.0))
+    edges = time_edges(lo, hi, min_width=min_width)
+
+    registry = {d.id: (version_label(d.current_name, d.current_version), d.enrolled_at)
+                for d in devices}
+    adoption = adoption_series(seen, registry, edges) if devices else []
+
+    by_version = version_series(
+        (WindowFigures(_utc(r.received_at), version_label(r.name, r.version), r.count or 0,
+                       r.errors or 0, r.latency_hist, r.p95_ms) for r in summaries), edges)
+
+    by_id = {d.id: d for d in devices}
+    references = _references(bundles.values())
+    drift, missing = drift_cells(_feature_windows(summaries, by_id, groups, drift_by),
+                                 references)
+    if missing:
+        notes.append("No reference profile for " + ", ".join(missing) + ": their drift PSI "
+                     "compares each group with the fleet-wide inputs of the same version.")
+
+    predictions = _predictions(rollouts, summaries, by_id, session)
+    return ReviewDataset(
+        generated_at=now, since=since, until=until, devices=fleet, adoption=tuple(adoption),
+        rollouts=tuple(rollouts), by_version=tuple(by_version), drift=tuple(drift),
+        predictions=tuple(predictions), notes=tuple(notes),
+    )
+
+
+# -- rollouts -----------------------------------------------------------------------
+
+def _rollouts(session: Session, since: datetime, until: datetime, groups: Sequence[Group],
+              bundles: Mapping[str, Bundle]) -> list[RolloutRow]:
+    group_names = {g.id: g.name for g in groups}
+    rows = session.scalars(select(Rollout).where(Rollout.created_at <= until,
+                                                 Rollout.updated_at >= since)
+                           .order_by(Rollout.created_at))
+    out = []
+    for r in rows:
+        spec, state = r.spec or {}, r.state or {}
+        b = bundles.get(r.bundle_id)
+        candidate = (version_label(b.name, b.version) if b else
+                     _ref_label(spec.get("bundle")) or r.bundle_id)
+        audit = session.scalars(select(AuditEntry).where(
+            AuditEntry.target_type == "rollout", AuditEntry.target_id == r.id,
+            AuditEntry.ts >= since, AuditEntry.ts <= until).order_by(AuditEntry.ts, AuditEntry.id))
+        decisions = [d for d in (_decision(e) for e in audit) if d is not None]
+        history = [h for h in state.get("history", []) if isinstance(h, Mapping)]
+        if not decisions:
+            decisions = [Decision(_utc(float(h["ts"])), str(h.get("action", "")),
+                                  _int(h.get("stage")), str(h.get("reason", "")),
+                                  actor=str(h.get("actor", "")))
+                         for h in history if "ts" in h]
+        out.append(RolloutRow(
+            id=r.id, bundle=candidate, strategy=r.strategy, status=r.status,
+            policy=str(spec.get("failure_policy", "")),
+            stages=tuple(_stages(spec, history, r.status)), decisions=tuple(decisions),
+            name=r.name, previous=_ref_label(spec.get("previous")),
+            group=group_names.get(r.group_id, r.group_id),
+        ))
+    return out
+
+
+def _ref_label(ref: Any) -> str | None:
+    if not isinstance(ref, Mapping) or not ref.get("name"):
+        return None
+    return version_label(str(ref["name"]), _int(ref.get("version")))
+
+
+def _int(x: Any) -> int | None:
+    try:
+        return None if x is None else int(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _stages(spec: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
+            status: str) -> list[StageSpan]:
+    """When each stage ran, from the state's history (stage index and time of each move)."""
+    percents = [float(s.get("percent", 0)) for s in spec.get("stages", [])
+                if isinstance(s, Mapping)]
+    spans: list[StageSpan] = []
+    current: tuple[int, datetime] | None = None
+    for h in history:
+        try:
+            ts, stage = _utc(float(h["ts"])), int(h.get("stage", -1))
+        except (KeyError, TypeError, ValueError):
+            continue
+        ended = str(h.get("to_status", "")) in ("succeeded", "rolled_back", "aborted")
+        if current is not None and (stage != current[0] or ended):
+            spans.append(_span(current, ts, percents))
+            current = None
+        if not ended and stage >= 0 and current is None:
+            current = (stage, ts)
+    if current is not None:
+        spans.append(_span(current, None, percents))
+    return spans
+
+
+def _span(cur: tuple[int, datetime], end: datetime | None, percents: Sequence[float]
+          ) -> StageSpan:
+    idx = cur[0]
+    return StageSpan(idx, percents[idx] if idx < len(percents) else 0.0, cur[1], end)
+
+
+def _decision(e: AuditEntry) -> Decision | None:
+    details = e.details or {}
+    action = str(details.get("action") or e.action.rsplit(".", 1)[-1])
+    if action in QUIET_ACTIONS:
+        return None
+    gates = []
+    for g in details.get("gates") or []:
+        if not isinstance(g, Mapping):
+            continue
+        gates.append(GateRow(
+            name=str(g.get("name", g.get("kind", ""))),
+            canary=_float(g.get("canary_value", g.get("canary"))),
+            control=_float(g.get("control_value", g.get("control"))),
+            threshold=_float(g.get("threshold")) or 0.0,
+            verdict=str(g.get("verdict", "")),
+            n_canary=_int(g.get("canary_samples", g.get("n_canary"))) or 0,
+            n_control=_int(g.get("control_samples", g.get("n_control"))) or 0))
+    if action == "advance" and details.get("status") == "pending":
+        action = "start"  # the engine starts a pending rollout by "advancing" it to stage 0
+    stage = _int(details.get("stage", details.get("from_stage")))
+    if action == "start" or (stage is not None and stage < 0):
+        stage = _int(details.get("to_stage"))
+    return Decision(e.ts, action, stage, str(details.get("reason", "")), tuple(gates), e.actor)
+
+
+def _float(x: Any) -> float | None:
+    try:
+        return None if x is None else float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+# -- telemetry ---------------------------------------------------------------------
+
+def _seen(session: Session, summaries: Sequence[Any], hi_f: float,
+          have_events: bool) -> list[Seen]:
+    """When each device started running each version: installs and first summaries."""
+    first: dict[tuple[str, str], float] = {}
+    for r in summaries:
+        key = (r.device_id, version_label(r.name, r.version))
+        if key not in first:
+            first[key] = r.received_at
+    seen = [Seen(d, label, _utc(t)) for (d, label), t in first.items()]
+    if have_events:
+        from ..db.telemetry import TelemetryEvent as E
+
+        for d, name, version, t in session.execute(
+                select(E.device_id, E.name, E.version, E.received_at).where(
+                    E.type == "install", E.outcome == "installed", E.received_at <= hi_f,
+                    E.shadow.is_not(True))):
+            if name:
+                seen.append(Seen(d, version_label(name, version), _utc(t)))
+    until = _utc(hi_f)
+    for d, name, version, at in session.execute(
+            select(DeviceReport.device_id, DeviceReport.name, DeviceReport.version,
+                   DeviceReport.received_at).where(
+                DeviceReport.type == "install", DeviceReport.outcome == "installed",
+                DeviceReport.received_at <= until)):
+        if name:
+            seen.append(Seen(d, version_label(name, version), at))
+    return seen
+
+
+def _group_keys(device: Device | None, groups: Sequence[Group], drift_by: str) -> list[str]:
+    if device is None:
+        return ["(unknown device)"]
+    if drift_by == "group":
+        keys = [g.name for g in groups if matches(g.selector or {}, g.device_class,
+                                                  device.labels or {}, device.device_class)]
+        return keys or ["(no group)"]
+    if drift_by.startswith("label:"):
+        key = drift_by[len("label:"):]
+        return [f"{key}={(device.labels or {}).get(key, '(none)')}"]
+    return [device.device_class]
+
+
+def _feature_windows(summaries: Sequence[Any], by_id: Mapping[str, Device],
+                     groups: Sequence[Group], drift_by: str) -> Iterable[FeatureWindow]:
+    for r in summaries:
+        if not r.feature_counts:
+            continue
+        for g in _group_keys(by_id.get(r.device_id), groups, drift_by):
+            yield FeatureWindow(g, version_label(r.name, r.version), r.count or 0,
+                                r.feature_counts)
+
+
+def _profile(bundle: Bundle) -> DriftProfile | None:
+    """The bundle's drift reference profile, read from the stored bundle file."""
+    files = (bundle.manifest or {}).get("files", [])
+    entry = next((f for f in files if isinstance(f, Mapping) and f.get("role") ==
+                  "drift_profile"), None)
+    if entry is None or int(entry.get("size", 0)) > MAX_PROFILE_BYTES:
+        return None
+    try:
+        with tarfile.open(bundle.file_path, "r:") as tar:
+            member = tar.getmember(str(entry["path"]))
+            if not member.isfile() or member.size > MAX_PROFILE_BYTES:
+                return None
+            fh = tar.extractfile(member)
+            raw = fh.read(MAX_PROFILE_BYTES + 1) if fh else b""
+    except (OSError, KeyError, tarfile.TarError):
+        return None
+    if hashlib.sha256(raw).hexdigest() != entry.get("sha256"):
+        return None
+    try:
+        return DriftProfile.from_json(json.loads(raw))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _references(bundles: Iterable[Bundle]) -> dict[str, dict[str, Sequence[float]]]:
+    refs: dict[str, dict[str, Sequence[float]]] = {}
+    for b in bundles:
+        profile = _profile(b)
+        if profile is not None:
+            refs[version_label(b.name, b.version)] = {f.name: f.proportions
+                                                      for f in profile.features}
+    return refs
+
+
+def _predictions(rollouts: Sequence[RolloutRow], summaries: Sequence[Any],
+                 by_id: Mapping[str, Device], session: Session) -> list[PredictionDist]:
+    """Canary (candidate, in the rollout) vs control (previous version, same group, same
+    time) prediction distributions of every rollout."""
+    out: list[PredictionDist] = []
+    specs = {r.id: (r.spec or {}, r.group_id) for r in session.scalars(
+        select(Rollout).where(Rollout.id.in_([r.id for r in rollouts])))}
+    group_of = {g.id: g for g in session.scalars(select(Group))}
+    for r in rollouts:
+        starts = [s.started_at for s in r.stages if s.started_at]
+        if not starts:
+            continue
+        t0 = min(starts).timestamp()
+        ends = [s.ended_at for s in r.stages]
+        # a finished rollout's cohorts are compared while it ran; a running one's until now
+        t1 = max(e for e in ends if e).timestamp() if all(ends) else float("inf")
+        spec, group_id = specs.get(r.id, ({}, ""))
+        group = group_of.get(group_id)
+
+        def in_group(device_id: str, group: Group | None = group) -> bool:
+            d = by_id.get(device_id)
+            if d is None or group is None:
+                return d is not None
+            return matches(group.selector or {}, group.device_class, d.labels or {},
+                           d.device_class)
+
+        canary, control = [], []
+        for s in summaries:
+            if not s.prediction_counts or not t0 <= s.received_at <= t1:
+                continue
+            label = version_label(s.name, s.version)
+            if label == r.bundle and s.rollout_id in (r.id, None) and in_group(s.device_id):
+                canary.append(s.prediction_counts)
+            elif r.previous and label == r.previous and in_group(s.device_id):
+                control.append(s.prediction_counts)
+        for cohort, windows in (("canary", canary), ("control", control)):
+            dist = prediction_dist(r.id, cohort, windows)
+            if dist is not None:
+                out.append(dist)
+    return out

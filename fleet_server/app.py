@@ -24,6 +24,10 @@ from starlette.responses import Response
 
 from .assignments import Notifier
 from .context import ServerContext
+from .db.session import normalize_url
+from .rollout_service import RolloutService, ServerRolloutRepository
+from .rollouts.leader import leader_lock_for
+from .rollouts.scheduler import RolloutScheduler
 from .errors import ServerError, error_body
 from .metrics import MetricsMiddleware
 from .settings import ServerSettings, load_settings
@@ -56,6 +60,13 @@ async def _background(ctx: ServerContext, stop: asyncio.Event) -> None:
                 next_flush = loop.time() + flush_every
         except Exception:  # a database hiccup must not kill the loop
             log.exception("background maintenance failed; retrying")
+
+
+def _make_scheduler(ctx: ServerContext) -> RolloutScheduler:
+    """The rollout scheduler of this replica (it evaluates only while holding the lock)."""
+    repo = ServerRolloutRepository(RolloutService(ctx))
+    lock = leader_lock_for(normalize_url(ctx.settings.database_url))
+    return RolloutScheduler(repo, lock, interval=ctx.settings.rollout_interval_seconds)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -104,15 +115,20 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
     ctx = ServerContext(settings, notifier=notifier)
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(ctx.start)
         stop = asyncio.Event()
         task = asyncio.create_task(_background(ctx, stop))
+        scheduler = _make_scheduler(ctx)
+        app.state.scheduler = scheduler
+        if settings.run_scheduler:
+            scheduler.start()
         try:
             yield
         finally:
             stop.set()
             await task
+            await asyncio.to_thread(scheduler.stop)
             await asyncio.to_thread(ctx.close)
 
     app = FastAPI(

@@ -92,3 +92,15 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     if details is not None:
         err["details"] = details
     return {"error": err}
+
+
+class InvalidRolloutSpecError(ServerError):
+    status_code = 422
+    code = "invalid_rollout_spec"
+
+
+class InvalidTransitionError(ServerError):
+    """The rollout's status does not allow this action (e.g. resume a running rollout)."""
+
+    status_code = 409
+    code = "invalid_transition"

@@ -56,6 +56,9 @@ class ServerSettings(BaseSettings):
     telemetry_sample_rate: float = Field(default=0.01, ge=0, le=1)
     telemetry_window_seconds: float = Field(default=60.0, gt=0)
     run_migrations: bool = True
+    #: evaluate rollouts in this process (one replica at a time holds the leader lock)
+    run_scheduler: bool = True
+    rollout_interval_seconds: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> ServerSettings:

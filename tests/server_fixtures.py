@@ -25,6 +25,7 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from converters.keys import KeyStore
 from fleet_server.app import create_app
 from fleet_server.settings import ServerSettings
 from tests.bundlesim import BundleSim
@@ -79,6 +80,14 @@ class Fleet:
     sim: BundleSim
     tmp: Path
     admin: dict[str, str] = field(default_factory=lambda: auth(ADMIN_TOKEN))
+
+    @property
+    def ctx(self) -> Any:
+        return self.client.app.state.ctx  # type: ignore[attr-defined]
+
+    @property
+    def scheduler(self) -> Any:
+        return self.client.app.state.scheduler  # type: ignore[attr-defined]
 
     def operator_token(self, role: str, name: str | None = None) -> str:
         name = name or f"{role}-{secrets.token_hex(3)}"
@@ -136,12 +145,29 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def server_keys(tmp_path: Path, sim: BundleSim) -> tuple[Path, str, Path]:
+    """A server signing key and a trust store holding it and the sim's release key."""
+    keys_dir = tmp_path / "server-keys"
+    info = KeyStore(keys_dir).generate("server")
+    trust = sim.trust("release")
+    trust.add(KeyStore(keys_dir).public_key(info.keyid), comment="server")
+    trust_path = tmp_path / "trust.json"
+    trust.save(trust_path)
+    return keys_dir, info.keyid, trust_path
+
+
 @pytest.fixture
 def fleet(tmp_path: Path, db_url: str, bundle_sim: BundleSim) -> Iterator[Fleet]:
-    """A fresh server (SQLite and PostgreSQL) whose trust store trusts the sim's release key."""
-    trust_path = tmp_path / "trust.json"
-    bundle_sim.trust("release").save(trust_path)
-    app = create_app(make_settings(tmp_path, db_url, trust_store=trust_path))
+    """A fresh server (SQLite and PostgreSQL) trusting the sim's release key and its own key.
+
+    The rollout scheduler does not run by itself; tests drive it with
+    ``fleet.scheduler.run_once()``.
+    """
+    keys_dir, kid, trust_path = server_keys(tmp_path, bundle_sim)
+    app = create_app(make_settings(
+        tmp_path, db_url, trust_store=trust_path, signing_key_dir=keys_dir, signing_key=kid,
+        run_scheduler=False,
+    ))
     with TestClient(app) as client:
         yield Fleet(client=client, sim=bundle_sim, tmp=tmp_path)
 
@@ -197,12 +223,12 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture
 def live_server(tmp_path: Path, db_url: str, bundle_sim: BundleSim) -> Iterator[LiveServer]:
     """A real uvicorn server process on a free port, on the parametrized database."""
-    trust_path = tmp_path / "trust.json"
-    bundle_sim.trust("release").save(trust_path)
+    keys_dir, kid, trust_path = server_keys(tmp_path, bundle_sim)
     server = start_server(
         {
             "database_url": db_url, "bundle_dir": str(tmp_path / "bundles"),
             "admin_bootstrap_token": ADMIN_TOKEN, "trust_store": str(trust_path),
+            "signing_key_dir": str(keys_dir), "signing_key": kid,
         },
         tmp_path / "server.log",
     )

@@ -8,19 +8,18 @@ from __future__ import annotations
 import hashlib
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import update
 
 from fleet_server.db.models import EnrollmentToken
 from fleet_server.db.types import utcnow
-from tests.server_fixtures import (  # noqa: F401
-    Fleet,
-    auth,
-    bundle_sim,
-    db_url,
-    fleet,
-    pg_url,
-)
+from tests.server_fixtures import auth
+
+if TYPE_CHECKING:
+    from tests.server_fixtures import Fleet
+
+pytest_plugins = ["tests.server_fixtures"]
 
 
 def _enroll(fleet: Fleet, token: str, device_id: str, device_class: str = "cam") -> object:

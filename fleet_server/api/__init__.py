@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import bundles, devices, operators
+from . import bundles, devices, operators, rollouts
 
 api_router = APIRouter()
 api_router.include_router(operators.router)
 api_router.include_router(devices.router)
 api_router.include_router(bundles.router)
+api_router.include_router(rollouts.router)

@@ -17,6 +17,7 @@ from ..device.schemas import LABEL_KEY
 from ..enrollment import issue_enrollment_token
 from ..errors import BadRequestError, ConflictError, NotFoundError
 from ..groups import group_members
+from ..rollout_service import RolloutService
 from ..security import new_id
 from .pagination import Page, PageDep, paginate
 
@@ -114,7 +115,7 @@ def get_device(device_id: str, session: SessionDep, who: ViewerDep) -> DevicePub
 
 @router.patch("/devices/{device_id}/labels", response_model=DevicePublic, tags=["devices"])
 def patch_labels(
-    device_id: str, body: DeviceLabelsPatch, session: SessionDep, who: OperatorDep
+    device_id: str, body: DeviceLabelsPatch, session: SessionDep, who: OperatorDep, ctx: CtxDep
 ) -> DevicePublic:
     """Add, replace or remove labels."""
     _check_labels(body.set)
@@ -125,8 +126,11 @@ def patch_labels(
     d.labels = labels
     audit.record(session, actor=who.actor, action="device.labels", target_type="device",
                  target_id=d.id, details={"before": before, "after": labels})
+    session.flush()
+    change = RolloutService(ctx).sync_device(session, d)
     session.commit()
-    return device_public(d)
+    ctx.assignments.publish([change])
+    return device_public(d, session.get(Assignment, d.id))
 
 
 @router.post("/devices/{device_id}/revoke", response_model=DevicePublic, tags=["devices"])

@@ -25,6 +25,7 @@ from ..db.types import utcnow
 from ..deps import CtxDep, CurrentDevice, SessionDep, authenticate_device
 from ..enrollment import enroll_device
 from ..errors import NotFoundError, error_body
+from ..rollout_service import RolloutService
 from .schemas import (
     AssignmentPublic,
     EnrollRequest,
@@ -57,7 +58,10 @@ def enroll(body: EnrollRequest, session: SessionDep, ctx: CtxDep) -> EnrollRespo
         session, actor=f"device:{d.id}", action="device.enroll", target_type="device",
         target_id=d.id, details={"device_class": d.device_class, "labels": d.labels},
     )
+    session.flush()
+    change = RolloutService(ctx).sync_device(session, d)
     session.commit()
+    ctx.assignments.publish([change])
     return EnrollResponse(
         device_id=d.id, credential=enrolled.credential, device_class=d.device_class,
         labels=d.labels,

@@ -3,7 +3,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-22 05:03:58.190487
+Create Date: 2026-11-22 05:11:13.625696
 """
 
 from __future__ import annotations
@@ -111,6 +111,73 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_operators')),
     sa.UniqueConstraint('name', name=op.f('uq_operators_name'))
     )
+    op.create_table('telemetry_events',
+    sa.Column('device_id', sa.String(length=100), nullable=False),
+    sa.Column('seq', sa.BigInteger(), autoincrement=False, nullable=False),
+    sa.Column('ts', sa.Float(), nullable=False),
+    sa.Column('received_at', sa.Float(), nullable=False),
+    sa.Column('type', sa.String(length=40), nullable=False),
+    sa.Column('outcome', sa.String(length=40), nullable=True),
+    sa.Column('name', sa.String(length=200), nullable=True),
+    sa.Column('version', sa.Integer(), nullable=True),
+    sa.Column('bundle_id', sa.String(length=40), nullable=True),
+    sa.Column('rollout_id', sa.String(length=40), nullable=True),
+    sa.Column('shadow', sa.Boolean(), nullable=True),
+    sa.Column('error_code', sa.String(length=100), nullable=True),
+    sa.Column('message', sa.Text(), nullable=True),
+    sa.Column('body', sa.JSON(), nullable=False),
+    sa.PrimaryKeyConstraint('device_id', 'seq', name=op.f('pk_telemetry_events'))
+    )
+    with op.batch_alter_table('telemetry_events', schema=None) as batch_op:
+        batch_op.create_index('ix_telemetry_events_model_received', ['name', 'version', 'received_at'], unique=False)
+        batch_op.create_index('ix_telemetry_events_rollout', ['rollout_id'], unique=False)
+
+    op.create_table('telemetry_samples',
+    sa.Column('device_id', sa.String(length=100), nullable=False),
+    sa.Column('seq', sa.BigInteger(), autoincrement=False, nullable=False),
+    sa.Column('ts', sa.Float(), nullable=False),
+    sa.Column('received_at', sa.Float(), nullable=False),
+    sa.Column('name', sa.String(length=200), nullable=True),
+    sa.Column('version', sa.Integer(), nullable=True),
+    sa.Column('predicted', sa.String(length=100), nullable=True),
+    sa.Column('body', sa.JSON(), nullable=False),
+    sa.PrimaryKeyConstraint('device_id', 'seq', name=op.f('pk_telemetry_samples'))
+    )
+    with op.batch_alter_table('telemetry_samples', schema=None) as batch_op:
+        batch_op.create_index('ix_telemetry_samples_model_received', ['name', 'version', 'received_at'], unique=False)
+
+    op.create_table('telemetry_summaries',
+    sa.Column('device_id', sa.String(length=100), nullable=False),
+    sa.Column('seq', sa.BigInteger(), autoincrement=False, nullable=False),
+    sa.Column('ts', sa.Float(), nullable=False),
+    sa.Column('received_at', sa.Float(), nullable=False),
+    sa.Column('window_start', sa.Float(), nullable=True),
+    sa.Column('window_end', sa.Float(), nullable=True),
+    sa.Column('name', sa.String(length=200), nullable=False),
+    sa.Column('version', sa.Integer(), nullable=False),
+    sa.Column('slot', sa.String(length=8), nullable=True),
+    sa.Column('rollout_id', sa.String(length=40), nullable=True),
+    sa.Column('count', sa.Integer(), nullable=False),
+    sa.Column('errors', sa.Integer(), nullable=False),
+    sa.Column('latency_hist', sa.JSON(), nullable=True),
+    sa.Column('p95_ms', sa.Float(), nullable=True),
+    sa.Column('drift_psi_max', sa.Float(), nullable=True),
+    sa.Column('feature_counts', sa.JSON(), nullable=True),
+    sa.Column('prediction_counts', sa.JSON(), nullable=True),
+    sa.Column('shadow_name', sa.String(length=200), nullable=True),
+    sa.Column('shadow_version', sa.Integer(), nullable=True),
+    sa.Column('shadow_count', sa.Integer(), nullable=True),
+    sa.Column('shadow_errors', sa.Integer(), nullable=True),
+    sa.Column('shadow_agreement', sa.Float(), nullable=True),
+    sa.Column('shadow_p95_ms', sa.Float(), nullable=True),
+    sa.Column('dropped', sa.JSON(), nullable=True),
+    sa.PrimaryKeyConstraint('device_id', 'seq', name=op.f('pk_telemetry_summaries'))
+    )
+    with op.batch_alter_table('telemetry_summaries', schema=None) as batch_op:
+        batch_op.create_index('ix_telemetry_summaries_model_received', ['name', 'version', 'received_at'], unique=False)
+        batch_op.create_index('ix_telemetry_summaries_rollout', ['rollout_id'], unique=False)
+        batch_op.create_index('ix_telemetry_summaries_shadow_received', ['shadow_name', 'shadow_version', 'received_at'], unique=False)
+
     op.create_table('bundles',
     sa.Column('id', sa.String(length=40), nullable=False),
     sa.Column('model_id', sa.String(length=40), nullable=False),
@@ -167,6 +234,7 @@ def upgrade() -> None:
     sa.Column('status', sa.String(length=20), nullable=False),
     sa.Column('spec', sa.JSON(), nullable=False),
     sa.Column('state', sa.JSON(), nullable=False),
+    sa.Column('revision', sa.Integer(), nullable=False),
     sa.Column('created_by', sa.String(length=200), nullable=False),
     sa.Column('created_at', fleet_server.db.types.UTCDateTime(timezone=True), nullable=False),
     sa.Column('updated_at', fleet_server.db.types.UTCDateTime(timezone=True), nullable=False),
@@ -186,6 +254,21 @@ def downgrade() -> None:
         batch_op.drop_index('ix_bundles_name_version')
 
     op.drop_table('bundles')
+    with op.batch_alter_table('telemetry_summaries', schema=None) as batch_op:
+        batch_op.drop_index('ix_telemetry_summaries_shadow_received')
+        batch_op.drop_index('ix_telemetry_summaries_rollout')
+        batch_op.drop_index('ix_telemetry_summaries_model_received')
+
+    op.drop_table('telemetry_summaries')
+    with op.batch_alter_table('telemetry_samples', schema=None) as batch_op:
+        batch_op.drop_index('ix_telemetry_samples_model_received')
+
+    op.drop_table('telemetry_samples')
+    with op.batch_alter_table('telemetry_events', schema=None) as batch_op:
+        batch_op.drop_index('ix_telemetry_events_rollout')
+        batch_op.drop_index('ix_telemetry_events_model_received')
+
+    op.drop_table('telemetry_events')
     op.drop_table('operators')
     op.drop_table('models')
     op.drop_table('groups')

@@ -1,0 +1,215 @@
+"""Rollouts: create, inspect, and the operator actions around the engine."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, status
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from ..db.models import Bundle, Rollout
+from ..deps import CtxDep, OperatorDep, SessionDep, ViewerDep
+from ..errors import (
+    BadRequestError,
+    InvalidRolloutSpecError,
+    InvalidTransitionError,
+    NotFoundError,
+    ServerError,
+)
+from ..metrics_query import cohort_metrics, cohorts
+from ..rollout_service import RolloutService, load
+from ..rollouts import InvalidSpecError, RolloutError, decide
+from ..rollouts import InvalidTransitionError as EngineTransitionError
+from .devices import get_group_or_404
+from .pagination import Page, PageDep, paginate
+
+router = APIRouter(tags=["rollouts"])
+
+
+class StageIn(BaseModel):
+    percent: float = Field(gt=0, le=100)
+    min_devices: int = Field(default=1, ge=0, le=10**6)
+    soak_seconds: float = Field(default=600.0, ge=0, le=90 * 86400)
+
+
+class GateIn(BaseModel):
+    kind: Literal["install_failure_rate", "error_rate", "latency_p95_ratio", "drift_psi",
+                  "prediction_shift"]
+    threshold: float = Field(ge=0, le=1e9)
+    min_samples: int = Field(default=100, ge=1, le=10**9)
+    confidence: float = Field(default=0.95, ge=0.5, lt=1)
+    against: Literal["reference", "control"] = "reference"
+    metric: Literal["psi", "js"] = "psi"
+    name: str = Field(default="", max_length=100)
+
+
+class RolloutCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    bundle_id: str = Field(min_length=1, max_length=40)
+    group: str = Field(min_length=1, max_length=200, description="Group id or name")
+    previous_bundle_id: str | None = Field(
+        default=None, max_length=40,
+        description="What the group runs now; default: the newest lower version of the model",
+    )
+    strategy: Literal["staged_canary", "all_at_once", "shadow"] = "staged_canary"
+    stages: list[StageIn] | None = Field(default=None, min_length=1, max_length=20)
+    gates: list[GateIn] | None = Field(default=None, max_length=20)
+    failure_policy: Literal["pause", "rollback"] = "rollback"
+    start: bool = False
+
+
+class RolloutAction(BaseModel):
+    reason: str = Field(default="", max_length=2000)
+    to_end: bool = Field(default=False, description="promote: finish instead of next stage")
+
+
+class RolloutPublic(BaseModel):
+    id: str
+    name: str
+    bundle_id: str
+    group_id: str
+    strategy: str
+    status: str
+    stage: int
+    spec: dict[str, Any]
+    state: dict[str, Any]
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    canary_devices: int | None = None
+    control_devices: int | None = None
+
+
+class RolloutEvaluation(BaseModel):
+    """What the engine would decide now, with every number (no state is changed)."""
+
+    rollout_id: str
+    decision: dict[str, Any]
+
+
+def _public(session: Any, r: Rollout, counts: bool = False) -> RolloutPublic:
+    out = RolloutPublic(
+        id=r.id, name=r.name, bundle_id=r.bundle_id, group_id=r.group_id, strategy=r.strategy,
+        status=r.status, stage=int(r.state.get("stage", -1)), spec=r.spec, state=r.state,
+        created_by=r.created_by, created_at=r.created_at, updated_at=r.updated_at,
+    )
+    if counts:
+        spec, state = load(r)
+        canary, control = cohorts(session, spec, state)
+        out.canary_devices, out.control_devices = len(canary), len(control)
+    return out
+
+
+def _rollout(session: Any, rollout_id: str) -> Rollout:
+    r = session.get(Rollout, rollout_id)
+    if r is None:
+        raise NotFoundError(f"rollout {rollout_id} does not exist")
+    return r  # type: ignore[no-any-return]
+
+
+def _engine_errors(e: RolloutError) -> ServerError:
+    if isinstance(e, InvalidSpecError):
+        return InvalidRolloutSpecError(str(e))
+    if isinstance(e, EngineTransitionError):
+        return InvalidTransitionError(str(e))
+    return BadRequestError(str(e))
+
+
+@router.post("/rollouts", response_model=RolloutPublic, status_code=status.HTTP_201_CREATED)
+def create_rollout(
+    body: RolloutCreate, session: SessionDep, who: OperatorDep, ctx: CtxDep
+) -> RolloutPublic:
+    """Create a rollout of a bundle to a group (pending unless ``start``)."""
+    bundle = session.get(Bundle, body.bundle_id)
+    if bundle is None:
+        raise NotFoundError(f"bundle {body.bundle_id} does not exist")
+    group = get_group_or_404(session, body.group)
+    if body.previous_bundle_id:
+        previous = session.get(Bundle, body.previous_bundle_id)
+        if previous is None:
+            raise NotFoundError(f"previous bundle {body.previous_bundle_id} does not exist")
+    else:
+        previous = session.scalar(
+            select(Bundle).where(Bundle.name == bundle.name, Bundle.version < bundle.version,
+                                 Bundle.format == bundle.format)
+            .order_by(Bundle.version.desc(), Bundle.created_at.desc()).limit(1)
+        )
+    options: dict[str, Any] = {"strategy": body.strategy, "failure_policy": body.failure_policy}
+    if body.stages is not None:
+        options["stages"] = [s.model_dump() for s in body.stages]
+    elif body.strategy == "all_at_once":
+        options["stages"] = [{"percent": 100, "min_devices": 1, "soak_seconds": 600.0}]
+    if body.gates is not None:
+        options["gates"] = [g.model_dump() for g in body.gates]
+    service = RolloutService(ctx)
+    try:
+        row = service.create(session, actor=who.actor, name=body.name, bundle=bundle,
+                             group=group, previous=previous, options=options)
+        session.flush()
+        changes = service.act(session, row, "start", actor=who.actor) if body.start else []
+    except RolloutError as e:
+        raise _engine_errors(e) from e
+    session.commit()
+    ctx.assignments.publish(changes)
+    session.refresh(row)
+    return _public(session, row, counts=True)
+
+
+@router.get("/rollouts", response_model=Page[RolloutPublic])
+def list_rollouts(
+    session: SessionDep, who: ViewerDep, page: PageDep,
+    status_filter: Annotated[str | None, Query(alias="status", max_length=20)] = None,
+) -> Page[RolloutPublic]:
+    stmt = select(Rollout).order_by(Rollout.created_at.desc(), Rollout.id)
+    if status_filter:
+        stmt = stmt.where(Rollout.status == status_filter)
+    rows, total, nxt = paginate(session, stmt, page)
+    return Page(items=[_public(session, r) for r in rows], total=total, limit=page.limit,
+                offset=page.offset, next_offset=nxt)
+
+
+@router.get("/rollouts/{rollout_id}", response_model=RolloutPublic)
+def get_rollout(rollout_id: str, session: SessionDep, who: ViewerDep) -> RolloutPublic:
+    """A rollout with its spec, state (history included) and cohort sizes."""
+    return _public(session, _rollout(session, rollout_id), counts=True)
+
+
+@router.get("/rollouts/{rollout_id}/evaluation", response_model=RolloutEvaluation)
+def evaluate_rollout(rollout_id: str, session: SessionDep, who: ViewerDep) -> RolloutEvaluation:
+    """Run the engine's pure decision on the current figures without acting on it."""
+    r = _rollout(session, rollout_id)
+    spec, state = load(r)
+    now = time.time()
+    d = decide(spec, state, cohort_metrics(session, spec, state, now), now)
+    return RolloutEvaluation(rollout_id=r.id, decision=d.to_json())
+
+
+def _action(action: str) -> Any:
+    def handler(
+        rollout_id: str, body: RolloutAction, session: SessionDep, who: OperatorDep,
+        ctx: CtxDep,
+    ) -> RolloutPublic:
+        r = _rollout(session, rollout_id)
+        try:
+            changes = RolloutService(ctx).act(session, r, action, actor=who.actor,
+                                              reason=body.reason, to_end=body.to_end)
+        except RolloutError as e:
+            raise _engine_errors(e) from e
+        session.commit()
+        ctx.assignments.publish(changes)
+        session.refresh(r)
+        return _public(session, r, counts=True)
+
+    handler.__name__ = f"{action}_rollout"
+    handler.__doc__ = f"Operator action: {action} the rollout (audited)."
+    return handler
+
+
+for _name in ("start", "pause", "resume", "promote", "abort", "rollback"):
+    router.add_api_route(
+        f"/rollouts/{{rollout_id}}/{_name}", _action(_name), methods=["POST"],
+        response_model=RolloutPublic, name=f"{_name}_rollout",
+    )

@@ -1,0 +1,287 @@
+"""The I/O shell around the rollout engine (:mod:`fleet_server.rollouts`).
+
+* Stores :class:`~fleet_server.rollouts.RolloutSpec` / ``RolloutState`` as JSON
+  columns; every state change is a compare-and-set on ``rollouts.revision``, so an
+  operator action and the scheduler (or two replicas) never overwrite each other.
+* Turns a rollout's state into per-device assignments with the engine's pure
+  :func:`~fleet_server.rollouts.assignment`, for every member of the target group.
+  A device belongs to the newest rollout whose group selects it; devices that
+  enroll or get relabelled later are synced on that event.
+* Re-publishes the previous bundle for rollbacks under a version the devices'
+  anti-rollback rule accepts (``spec.rollback_version()``), signed with the
+  server key, and registers it like any other bundle.
+* Implements the scheduler's :class:`~fleet_server.rollouts.scheduler.RolloutRepository`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from . import audit
+from .assignments import AssignmentChange
+from .context import ServerContext
+from .db.models import Bundle, Device, Group, Rollout
+from .db.types import utcnow
+from .errors import ConflictError, NotFoundError, ServiceUnavailableError
+from .groups import matches
+from .metrics_query import cohort_metrics
+from .rollouts import (
+    BundleRef,
+    CohortMetrics,
+    Decision,
+    RolloutError,
+    RolloutSpec,
+    RolloutState,
+    assignment,
+)
+from .rollouts import engine as rengine
+from .rollouts.spec import Status
+
+log = logging.getLogger(__name__)
+
+ACTIVE = (Status.PENDING.value, Status.RUNNING.value)
+
+
+def bundle_ref(b: Bundle) -> BundleRef:
+    return BundleRef(b.id, b.name, b.version)
+
+
+def load(row: Rollout) -> tuple[RolloutSpec, RolloutState]:
+    return RolloutSpec.from_json(row.spec), RolloutState.from_json(row.state)
+
+
+class RolloutService:
+    """Creates rollouts, applies operator actions, keeps device assignments in step."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+
+    # -- assignments -----------------------------------------------------------
+    def _owners(self, session: Session) -> list[tuple[Rollout, Group]]:
+        """Rollouts with their groups, newest first."""
+        rows = session.execute(
+            select(Rollout, Group).join(Group, Group.id == Rollout.group_id)
+            .order_by(Rollout.created_at.desc(), Rollout.id.desc())
+        ).all()
+        return [(r, g) for r, g in rows]
+
+    @staticmethod
+    def _owner_of(device: Device, owners: list[tuple[Rollout, Group]]) -> Rollout | None:
+        for r, g in owners:
+            if matches(g.selector or {}, g.device_class, device.labels or {}, device.device_class):
+                return r
+        return None
+
+    def _assign(self, session: Session, device_id: str, row: Rollout) -> AssignmentChange | None:
+        spec, state = load(row)
+        a = assignment(spec, state, device_id)
+        return self.ctx.assignments.assign(
+            session, device_id,
+            desired_bundle_id=a.desired.bundle_id if a.desired else None,
+            shadow_bundle_id=a.shadow.bundle_id if a.shadow else None,
+            rollout_id=row.id if (a.desired or a.shadow) else None,
+            stage=a.stage,
+        )
+
+    def sync_rollout(self, session: Session, row: Rollout) -> list[AssignmentChange]:
+        """Write the assignment of every device this rollout owns (unchanged ones are skipped)."""
+        owners = self._owners(session)
+        devices = session.scalars(
+            select(Device).where(Device.revoked_at.is_(None)).order_by(Device.id)
+        )
+        changes = []
+        for d in devices:
+            owner = self._owner_of(d, owners)
+            if owner is not None and owner.id == row.id:
+                c = self._assign(session, d.id, row)
+                if c is not None:
+                    changes.append(c)
+        return changes
+
+    def sync_device(self, session: Session, device: Device) -> AssignmentChange | None:
+        """Give a newly enrolled or relabelled device its assignment from its rollout."""
+        owner = self._owner_of(device, self._owners(session))
+        return self._assign(session, device.id, owner) if owner is not None else None
+
+    # -- creation and operator actions ----------------------------------------
+    def create(
+        self, session: Session, *, actor: str, name: str, bundle: Bundle, group: Group,
+        previous: Bundle | None, options: dict[str, Any],
+    ) -> Rollout:
+        """Validate the spec with the engine and store a pending rollout."""
+        rid = f"r-{int(time.time() * 1000):x}{bundle.id[-4:]}"
+        while session.get(Rollout, rid) is not None:
+            rid += "x"
+        spec_json: dict[str, Any] = {
+            "rollout_id": rid, "bundle": bundle_ref(bundle).to_json(),
+            "previous": bundle_ref(previous).to_json() if previous else None,
+            "selector": dict(group.selector or {}),
+            **{k: v for k, v in options.items() if v is not None},
+        }
+        spec = RolloutSpec.from_json(spec_json)  # raises InvalidSpecError
+        now = utcnow()
+        row = Rollout(
+            id=rid, name=name, bundle_id=bundle.id, group_id=group.id,
+            strategy=spec.strategy.value, status=Status.PENDING.value, spec=spec.to_json(),
+            state=RolloutState().to_json(), revision=0, created_by=actor, created_at=now,
+            updated_at=now,
+        )
+        session.add(row)
+        audit.record(session, actor=actor, action="rollout.create", target_type="rollout",
+                     target_id=rid, details={"spec": spec.to_json(), "group": group.name})
+        return row
+
+    def act(
+        self, session: Session, row: Rollout, action: str, *, actor: str, reason: str = "",
+        to_end: bool = False,
+    ) -> list[AssignmentChange]:
+        """Apply an operator action (start, pause, resume, promote, abort, rollback)."""
+        spec, state = load(row)
+        now = time.time()
+        if action == "start":
+            new = rengine.start(spec, state, now, actor)
+        elif action == "pause":
+            new = rengine.pause(spec, state, now, actor, reason)
+        elif action == "resume":
+            new = rengine.resume(spec, state, now, actor, reason)
+        elif action == "promote":
+            new = rengine.promote(spec, state, now, actor, reason, to_end=to_end)
+        elif action == "abort":
+            new = rengine.abort(spec, state, now, actor, reason)
+        elif action == "rollback":
+            new = rengine.rollback(spec, state, now, actor, self.prepare_rollback(session, spec),
+                                   reason)
+        else:
+            raise NotFoundError(f"unknown rollout action {action!r}")
+        if not self._cas(session, row, state, new):
+            raise ConflictError(f"rollout {row.id} changed meanwhile; reload and retry")
+        audit.record(session, actor=actor, action=f"rollout.{action}", target_type="rollout",
+                     target_id=row.id, details={
+                         "from_status": state.status.value, "to_status": new.status.value,
+                         "from_stage": state.stage, "to_stage": new.stage, "reason": reason,
+                         "rollback_bundle": new.rollback_bundle.to_json()
+                         if new.rollback_bundle else None})
+        return self.sync_rollout(session, row)
+
+    def _cas(self, session: Session, row: Rollout, expected: RolloutState,
+             new: RolloutState) -> bool:
+        current = RolloutState.from_json(row.state)
+        if current != expected:
+            return False
+        res = session.execute(
+            update(Rollout)
+            .where(Rollout.id == row.id, Rollout.revision == row.revision)
+            .values(state=new.to_json(), status=new.status.value, revision=row.revision + 1,
+                    updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        session.expire(row)
+        return True
+
+    # -- rollback bundles -----------------------------------------------------------
+    def prepare_rollback(self, session: Session, spec: RolloutSpec) -> BundleRef | None:
+        """The previous model re-published at ``spec.rollback_version()`` (reused if present)."""
+        if spec.previous is None:
+            return None
+        version = spec.rollback_version()
+        existing = session.scalar(
+            select(Bundle).where(Bundle.name == spec.previous.name, Bundle.version >= version,
+                                 Bundle.source == "rollback")
+            .order_by(Bundle.version).limit(1)
+        )
+        if existing is not None:
+            return bundle_ref(existing)
+        prev = session.get(Bundle, spec.previous.bundle_id)
+        if prev is None:
+            raise NotFoundError(f"previous bundle {spec.previous.bundle_id} is gone")
+        key = self._signing_key()
+        from .registry import accept_bundle
+        from .rollouts.republish import republish_bundle
+
+        with tempfile.TemporaryDirectory(prefix="edgefleet-rollback-") as work:
+            out = Path(work) / "rollback.efb"
+            republish_bundle(prev.file_path, version=version, out=out, signing_key=key,
+                             trust=self.ctx.trust_store())
+            with open(out, "rb") as f:
+                b = accept_bundle(self.ctx, session, f, uploaded_by=audit.SYSTEM_ACTOR,
+                                  source="rollback")
+        return bundle_ref(b)
+
+    def _signing_key(self) -> Any:
+        s = self.ctx.settings
+        if s.signing_key_dir is None or s.signing_key is None:
+            raise ServiceUnavailableError(
+                "rolling back needs the server signing key (EDGEFLEET_SERVER_SIGNING_KEY_DIR "
+                "and EDGEFLEET_SERVER_SIGNING_KEY) to re-publish the previous model"
+            )
+        from converters.keys import KeyStore
+
+        return KeyStore(s.signing_key_dir).private_key(s.signing_key)
+
+
+class ServerRolloutRepository:
+    """The scheduler's view of storage (see ``RolloutRepository``)."""
+
+    def __init__(self, service: RolloutService) -> None:
+        self.service = service
+        self.ctx = service.ctx
+
+    def active_rollouts(self) -> Sequence[tuple[RolloutSpec, RolloutState]]:
+        with self.ctx.session() as s:
+            rows = s.scalars(select(Rollout).where(Rollout.status.in_(ACTIVE))
+                             .order_by(Rollout.created_at))
+            out = []
+            for r in rows:
+                try:
+                    out.append(load(r))
+                except RolloutError:
+                    log.exception("rollout %s has an unreadable spec or state", r.id)
+            return out
+
+    def cohort_metrics(self, spec: RolloutSpec, state: RolloutState, now: float) -> CohortMetrics:
+        with self.ctx.session() as s:
+            return cohort_metrics(s, spec, state, now)
+
+    def prepare_rollback_bundle(self, spec: RolloutSpec) -> BundleRef | None:
+        with self.ctx.session() as s:
+            ref = self.service.prepare_rollback(s, spec)
+            s.commit()
+            return ref
+
+    def save_state(self, spec: RolloutSpec, expected: RolloutState, new: RolloutState) -> bool:
+        with self.ctx.session() as s:
+            row = s.get(Rollout, spec.rollout_id)
+            if row is None or not self.service._cas(s, row, expected, new):
+                s.rollback()
+                return False
+            s.commit()
+            return True
+
+    def append_audit(self, decision: Decision) -> None:
+        with self.ctx.session() as s:
+            audit.record(s, actor=audit.SYSTEM_ACTOR, action=f"rollout.{decision.action.value}",
+                         target_type="rollout", target_id=decision.rollout_id,
+                         details=decision.to_json())
+            s.commit()
+        self.ctx.metrics.audit_entries.inc()
+
+    def notify_changed(self, spec: RolloutSpec, before: RolloutState,
+                       after: RolloutState) -> int:
+        with self.ctx.session() as s:
+            row = s.get(Rollout, spec.rollout_id)
+            if row is None:
+                return 0
+            changes = self.service.sync_rollout(s, row)
+            s.commit()
+        self.ctx.assignments.publish(changes)
+        return len(changes)

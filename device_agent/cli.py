@@ -1,20 +1,91 @@
-"""The device CLI, ``edgefleet-agent``. It parses arguments and calls the library."""
+"""The device CLI, ``edgefleet-agent``. It parses arguments and calls the library.
+
+Configuration: ``--config FILE`` (or ``EDGEFLEET_AGENT_CONFIG``), then the
+``EDGEFLEET_AGENT_<SECTION>_<KEY>`` environment (see :mod:`device_agent.config`).
+Logs go to stderr as JSON lines; results go to stdout.
+
+Exit codes: 0 done, 1 refused (the bundle or the rollback), 2 bad configuration
+or input, 3 another agent process holds the state directory.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
 
 import click
 
 from .bundle import BundleError, TrustStore, verify_file
+from .config import AgentConfig, ConfigError
+
+#: test hook: the update path SIGKILLs the process at this state (see device_agent.update)
+CRASH_ENV = "EDGEFLEET_AGENT_CRASH_AT"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgefleet")
-def main() -> None:
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="EDGEFLEET_AGENT_CONFIG",
+              help="Agent config file, TOML (env EDGEFLEET_AGENT_CONFIG). Environment "
+                   "variables EDGEFLEET_AGENT_<SECTION>_<KEY> override it.")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
     """edgefleet-agent: run verified models on this device and report on them."""
+    ctx.obj = {"config_path": config_path}
+
+
+def _config(ctx: click.Context) -> AgentConfig:
+    try:
+        return AgentConfig.load(ctx.obj["config_path"], env=os.environ)
+    except ConfigError as e:
+        _die(f"config error: {e}", 2)
+
+
+def _die(message: str, code: int) -> NoReturn:
+    click.secho(message, fg="red", err=True)
+    sys.exit(code)
+
+
+def _logging(cfg: AgentConfig) -> None:
+    from .logs import setup_logging
+
+    try:
+        setup_logging(cfg.log_level)
+    except ValueError as e:
+        _die(f"config error: {e}", 2)
+
+
+def _updater(cfg: AgentConfig) -> tuple[Any, Any]:
+    """An updater on the state directory for one-shot commands, and its store."""
+    from .daemon import load_trust
+    from .store import TelemetryStore
+    from .update import Updater
+
+    try:
+        trust = load_trust(cfg)
+    except ConfigError as e:
+        _die(f"config error: {e}", 2)
+    state_dir = Path(cfg.device.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    store = TelemetryStore(state_dir / "telemetry.db", max_bytes=cfg.telemetry.max_db_bytes)
+    return Updater(state_dir, trust, _NoHost(), config=cfg.update, events=store,
+                   crash_at=os.environ.get(CRASH_ENV) or None), store
+
+
+class _NoHost:
+    """One-shot commands serve nothing; the updater still loads and smoke-tests models."""
+
+    def swap(self, model: Any) -> None:
+        pass
+
+    def set_shadow(self, model: Any) -> None:
+        pass
 
 
 @main.command("verify")
@@ -36,3 +107,126 @@ def verify(bundle: Path, trust_store: Path, installed_version: int | None) -> No
         sys.exit(2)
     m = v.manifest
     click.echo(f"verified: {m.name} v{m.version} ({m.format}), signed by {', '.join(v.signed_by)}")
+
+
+@main.command("run")
+@click.pass_context
+def run(ctx: click.Context) -> None:
+    """Run the agent: serve the active model, check in for updates, report telemetry.
+
+    Checks in every [server] poll_seconds and at once when the server publishes on
+    the device's MQTT notify topic. Stops cleanly on SIGTERM or Ctrl-C.
+    """
+    from .daemon import AgentDaemon
+    from .update import UpdateBusyError
+
+    cfg = _config(ctx)
+    _logging(cfg)
+    try:
+        daemon = AgentDaemon(cfg, crash_at=os.environ.get(CRASH_ENV) or None)
+    except ConfigError as e:
+        _die(f"config error: {e}", 2)
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        daemon.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        daemon.run()
+    except UpdateBusyError as e:
+        _die(f"busy: {e}", 3)
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show the active slot, installed versions, update state and telemetry backlog."""
+    from .store import TelemetryStore
+    from .update import read_status
+
+    cfg = _config(ctx)
+    state_dir = Path(cfg.device.state_dir)
+    info = read_status(state_dir)
+    db = state_dir / "telemetry.db"
+    backlog = None
+    if db.exists():
+        with TelemetryStore(db, max_bytes=cfg.telemetry.max_db_bytes) as store:
+            stats = store.stats()
+        backlog = {"rows": stats["rows"], "bytes": stats["bytes"], "dropped": stats["dropped"]}
+    info["telemetry_backlog"] = backlog
+    info["device_id"] = cfg.device.id
+    if as_json:
+        click.echo(json.dumps(info, sort_keys=True))
+        return
+    a = info["active"]
+    click.echo(f"device:       {cfg.device.id}")
+    click.echo("active:       " + (f"slot {a['slot']}: {a['name']} v{a['version']}" if a
+                                   else "none (install a bundle)"))
+    for s, m in info["slots"].items():
+        click.echo(f"slot {s}:       " + (f"{m['name']} v{m['version']}" if m else "empty"))
+    if a and a.get("previous"):
+        click.echo(f"previous:     slot {a['previous']} (edgefleet-agent rollback)")
+    click.echo(f"update state: {info['state']}")
+    if info["error"]:
+        click.echo(f"last error:   [{info['error']['code']}] {info['error']['message']}")
+    if info["shadow"]:
+        sh = info["shadow"]
+        click.echo(f"shadow:       slot {sh['slot']}: {sh['name']} v{sh['version']}")
+    if backlog is not None:
+        rows = ", ".join(f"{k} {v}" for k, v in backlog["rows"].items())
+        click.echo(f"telemetry:    {rows} waiting ({backlog['bytes']} bytes)")
+
+
+@main.command("install")
+@click.argument("bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.pass_context
+def install(ctx: click.Context, bundle: Path) -> None:
+    """Install BUNDLE from a file, without a server: verify, stage, smoke-test, switch.
+
+    A bundle that fails verification (tampered, unsigned, older than the installed
+    version, expired) or its smoke test is refused; the active model is untouched.
+    The outcome is recorded as a telemetry event.
+    """
+    from .update import UpdateBusyError
+
+    cfg = _config(ctx)
+    _logging(cfg)
+    updater, store = _updater(cfg)
+    try:
+        updater.install_file(bundle, probation=False)
+    except UpdateBusyError as e:
+        _die(f"busy: {e}", 3)
+    finally:
+        updater.unlock()
+        store.close()
+    report = updater.reports[-1] if updater.reports else {}
+    if report.get("outcome") == "installed":
+        click.echo(f"installed: {report['name']} v{report['version']} into slot "
+                   f"{updater.slots.active().slot}")
+        return
+    _die(f"refused: [{report.get('error_code')}] {report.get('message')}; the active model "
+         "is unchanged", 1)
+
+
+@main.command("rollback")
+@click.pass_context
+def rollback(ctx: click.Context) -> None:
+    """Switch back to the previous slot, if it still holds a verified bundle."""
+    from .update import RollbackUnavailableError, UpdateBusyError
+
+    cfg = _config(ctx)
+    _logging(cfg)
+    updater, store = _updater(cfg)
+    try:
+        updater.rollback()
+    except RollbackUnavailableError as e:
+        _die(f"refused: {e}", 1)
+    except UpdateBusyError as e:
+        _die(f"busy: {e}", 3)
+    finally:
+        updater.unlock()
+        store.close()
+    ptr = updater.slots.active()
+    click.echo(f"rolled back: now serving {ptr.name} v{ptr.version} from slot {ptr.slot}")

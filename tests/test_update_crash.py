@@ -159,8 +159,8 @@ def test_crash_at_state_then_restart(row: Row, tmp_path: Path, server: BundleSer
     setup.unlock()
 
     scenario = row.scenario
-    offered = bundles["good"] if scenario in ("good", "probation", "endless") else \
-        bundles.get(scenario)
+    offered: Path = bundles["good"] if scenario in ("good", "probation", "endless", "shadow") \
+        else bundles[scenario]
     server.faults.clear()
     if scenario == "shadow":
         doc = server.offer(bundles["v1"], version=1, shadow=bundles["good"], shadow_version=2)

@@ -39,18 +39,6 @@ class DownloadDigestError(DownloadError):
     code = "download_hash_mismatch"
 
 
-class ProbationFailedError(UpdateError):
-    """The new model misbehaved during probation; the device falls back to the previous slot."""
-
-    code = "probation_failed"
-
-
-class SwitchError(UpdateError):
-    """The staged model could not be made active."""
-
-    code = "switch_failed"
-
-
 class RollbackUnavailableError(UpdateError):
     """There is no previous slot holding a verified bundle to roll back to."""
 

@@ -200,20 +200,7 @@ class Updater:
         return self._run(restart_state(self.state))
 
     def status(self) -> dict[str, Any]:
-        ptr = self.slots.active()
-        slots = {}
-        for s in ("a", "b"):
-            m = self.slots.manifest(s)
-            slots[s] = {"name": m.name, "version": m.version} if m else None
-        return {
-            "state": self.record.state,
-            "active": ptr.to_json() if ptr else None,
-            "slots": slots,
-            "shadow": self.slots.shadow(),
-            "target": self.record.target.to_json() if self.record.target else None,
-            "error": self.record.error,
-            "failed_bundles": dict(self.record.failed),
-        }
+        return read_status(self.state_dir)
 
     # -- the engine ----------------------------------------------------------------
     def _run(self, step: Step) -> State:
@@ -516,4 +503,24 @@ class Updater:
         Action.DISCARD_STAGED: _discard_staged,
         Action.REMEMBER_FAILED: _remember_failed,
         Action.REPORT: _report,
+    }
+
+
+def read_status(state_dir: str | Path) -> dict[str, Any]:
+    """The update path's state as stored on disk; takes no lock, changes nothing."""
+    state_dir = Path(state_dir)
+    slots, record = Slots(state_dir), load_record(state_dir / "update.json")
+    ptr = slots.active()
+    contents = {}
+    for s in ("a", "b"):
+        m = slots.manifest(s)
+        contents[s] = {"name": m.name, "version": m.version} if m else None
+    return {
+        "state": record.state,
+        "active": ptr.to_json() if ptr else None,
+        "slots": contents,
+        "shadow": slots.shadow(),
+        "target": record.target.to_json() if record.target else None,
+        "error": record.error,
+        "failed_bundles": dict(record.failed),
     }

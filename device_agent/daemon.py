@@ -1,0 +1,196 @@
+"""The agent daemon: serve the active model, keep it updated, report over MQTT.
+
+:class:`AgentDaemon` wires the library's parts together from one
+:class:`~device_agent.config.AgentConfig`:
+
+* a :class:`~device_agent.store.TelemetryStore` at ``<state_dir>/telemetry.db``;
+* an :class:`~device_agent.agent.Agent` serving ``predict()`` (pass your own
+  to embed the daemon in an application: ``AgentDaemon(cfg, agent=agent)``);
+* an :class:`~device_agent.update.Updater` over ``<state_dir>`` with an
+  :class:`~device_agent.update.fetch.HttpFetcher` when ``[server] url`` is set;
+* when ``[mqtt] host`` is set, an :class:`~device_agent.transport.mqtt.MqttTransport`
+  and a :class:`~device_agent.reporter.Reporter` draining the store; a message
+  on the device's notify topic triggers an immediate check-in.
+
+The loop checks in every ``server.poll_seconds``, at once when notified, and
+about once a second while a new model is on probation. An error in one round
+is logged and never stops serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .agent import Agent
+from .bundle import TrustStore
+from .config import AgentConfig, ConfigError
+from .store import TelemetryStore
+from .update.fetch import HttpFetcher
+from .update.machine import State
+from .update.updater import Updater
+
+log = logging.getLogger(__name__)
+
+PROBATION_TICK_SECONDS = 1.0
+
+
+def load_trust(config: AgentConfig) -> TrustStore:
+    """The device's trust store, or a :class:`ConfigError` that says how to fix it."""
+    path = Path(config.device.trust_store)
+    try:
+        return TrustStore.load(path)
+    except FileNotFoundError as e:
+        raise ConfigError(
+            f"trust store {path} does not exist; set [device] trust_store to the file the "
+            "provisioning image installed") from e
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"trust store {path} is unreadable: {e}") from e
+
+
+def read_token(config: AgentConfig) -> str | None:
+    tf = config.server.token_file
+    if tf is None:
+        return None
+    try:
+        return Path(tf).read_text().strip() or None
+    except OSError as e:
+        raise ConfigError(f"cannot read server.token_file {tf}: {e}") from e
+
+
+class AgentDaemon:
+    """Everything ``edgefleet-agent run`` runs; :meth:`run` blocks until :meth:`stop`."""
+
+    def __init__(self, config: AgentConfig, *, agent: Agent | None = None,
+                 crash_at: str | None = None) -> None:
+        self.config = config
+        state_dir = Path(config.device.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.trust = load_trust(config)
+        self.store = TelemetryStore(state_dir / "telemetry.db",
+                                    max_bytes=config.telemetry.max_db_bytes)
+        self.agent = agent if agent is not None else Agent(config, self.store)
+        self.fetcher = (
+            HttpFetcher(config.server.url, token=read_token(config),
+                        timeout=config.server.timeout_seconds,
+                        chunk_bytes=config.update.download_chunk_bytes)
+            if config.server.url else None)
+        self.updater = Updater(
+            state_dir, self.trust, self.agent, config=config.update, fetcher=self.fetcher,
+            events=self.store, error_rate_since=self._error_rate_since, crash_at=crash_at)
+        self.transport: Any = None
+        self.reporter: Any = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.rounds = 0
+
+    def _error_rate_since(self, since: float) -> tuple[int, int]:
+        """Calls and errors of the active model; the Agent counts from its swap, which is
+        when probation starts."""
+        active = self.agent.stats().get("active") or {}
+        return int(active.get("count", 0)), int(active.get("errors", 0))
+
+    # -- control -------------------------------------------------------------------
+    def wake(self) -> None:
+        """Check in now (the server said the assignment changed)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def start(self) -> AgentDaemon:
+        """Run in a background thread (for applications that embed the daemon)."""
+        t = threading.Thread(target=self.run, name="edgefleet-agent", daemon=True)
+        t.start()
+        self._threads.append(t)
+        return self
+
+    def join(self, timeout: float | None = None) -> None:
+        for t in self._threads:
+            t.join(timeout)
+
+    # -- the loop ------------------------------------------------------------------
+    def run(self) -> None:
+        cfg = self.config
+        self.updater.boot()
+        self._start_mqtt()
+        log.info("agent running", extra={
+            "device_id": cfg.device.id, "server": cfg.server.url or None,
+            "mqtt": f"{cfg.mqtt.host}:{cfg.mqtt.port}" if cfg.mqtt.host else None,
+            "state": self.updater.state.value})
+        next_check = 0.0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                woke = self._wake.is_set()
+                self._wake.clear()
+                try:
+                    if self.updater.state is State.PROBATION:
+                        self.updater.tick()
+                    elif woke or now >= next_check:
+                        self.updater.check()
+                        next_check = now + cfg.server.poll_seconds
+                        self.rounds += 1
+                except Exception:  # noqa: BLE001 - one bad round must not stop serving
+                    log.exception("update round failed; serving continues")
+                    next_check = now + cfg.server.poll_seconds
+                self._after_round()
+                timeout = max(0.0, next_check - time.monotonic())
+                if self.updater.state is State.PROBATION:
+                    timeout = min(timeout, PROBATION_TICK_SECONDS)
+                self._wake.wait(timeout)
+        finally:
+            self._shutdown()
+
+    def _after_round(self) -> None:
+        if self.reporter is not None:
+            self.reporter.notify()
+        if self.transport is not None:
+            model = self.agent.model
+            status = {"update_state": self.updater.state.value,
+                      "model": model.name if model else None,
+                      "version": model.version if model else None}
+            if any(self.transport.status_extra.get(k) != v for k, v in status.items()):
+                with contextlib.suppress(Exception):
+                    self.transport.set_status(**status)
+
+    def _start_mqtt(self) -> None:
+        if not self.config.mqtt.host:
+            return
+        from .reporter import Reporter
+        from .transport.mqtt import MqttTransport
+
+        self.transport = MqttTransport.from_config(self.config).start()
+        self.reporter = Reporter(self.store, self.transport, self.config.device.id,
+                                 batch_size=self.config.mqtt.batch_size,
+                                 inflight=self.config.mqtt.inflight).start()
+        t = threading.Thread(target=self._forward_notifications, name="notify", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _forward_notifications(self) -> None:
+        q = self.transport.notifications
+        while not self._stop.is_set():
+            try:
+                q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            log.info("assignment changed (notify); checking in now")
+            self.wake()
+
+    def _shutdown(self) -> None:
+        log.info("agent stopping")
+        if self.reporter is not None:
+            self.reporter.stop(drain_timeout=2.0)
+        if self.transport is not None:
+            self.transport.stop()
+        self.agent.close()
+        self.store.close()
+        self.updater.unlock()

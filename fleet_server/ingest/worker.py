@@ -1,0 +1,276 @@
+"""The telemetry ingestion worker: MQTT 5 shared subscription -> queue -> batched writes.
+
+Shape (paho kept behind this one module):
+
+* one paho client (MQTT 5) subscribes to
+  ``$share/{group}/edgefleet/v1/devices/+/telemetry/#`` at QoS 1, so the broker
+  hands each message to exactly one of the replicas sharing the group;
+* its callbacks only put ``(topic, payload, mid)`` on a bounded queue (a full
+  queue blocks the network thread, which is back-pressure on the broker);
+* one writer thread of ours parses messages (:mod:`.parse`: topic/payload device
+  id check, record validation), collects up to ``batch_records`` records or
+  ``batch_interval`` seconds, writes them in one transaction (:mod:`.store`),
+  and only then acknowledges the messages (manual PUBACK). A message whose batch
+  was not committed is never acknowledged, so the broker delivers it again after
+  a reconnect, and ``(device_id, seq)`` keys drop what was already stored;
+* rejected messages (spoofed device id, malformed payload) are counted and
+  acknowledged, never retried;
+* a database outage holds the batch and retries it with backoff; nothing is
+  acknowledged meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from device_agent.protocol import TOPIC_ROOT
+
+from .errors import IngestConfigError, IngestError, MalformedTelemetryError, SpoofedDeviceError
+from .parse import ParsedMessage, parse_message
+from .store import TelemetryWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Where the broker is and how to batch; safe defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    #: unique per replica; the default names host and process
+    client_id: str = field(default_factory=lambda: f"edgefleet-ingest-{socket.gethostname()}"
+                                                   f"-{os.getpid()}")
+    share_group: str = "edgefleet-ingest"
+    batch_records: int = 5000
+    batch_interval: float = 0.1
+    queue_messages: int = 1000
+    keepalive: int = 30
+    #: seconds the broker keeps this replica's session (and unacknowledged messages)
+    session_expiry: int = 300
+    ca_file: str | None = None
+
+    @property
+    def subscription(self) -> str:
+        return f"$share/{self.share_group}/{TOPIC_ROOT}/+/telemetry/#"
+
+    def check(self) -> None:
+        if not self.host or not 0 < self.port < 65536:
+            raise IngestConfigError(f"broker address {self.host}:{self.port} is not valid")
+        if "/" in self.share_group or "+" in self.share_group or "#" in self.share_group:
+            raise IngestConfigError("share_group must not contain '/', '+' or '#'")
+        if self.batch_records < 1 or self.batch_interval <= 0 or self.queue_messages < 1:
+            raise IngestConfigError("batch_records, batch_interval, queue_messages must be > 0")
+
+
+@dataclass
+class IngestStats:
+    """Counters since start (written by the writer thread only)."""
+
+    messages: int = 0
+    records: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    spoofed_messages: int = 0
+    malformed_messages: int = 0
+    bad_topic_messages: int = 0
+    bad_records: int = 0
+    batches: int = 0
+    write_errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class IngestWorker:
+    """One replica's share of telemetry ingestion."""
+
+    def __init__(self, config: IngestConfig, engine: Engine) -> None:
+        config.check()
+        self.config = config
+        self.writer = TelemetryWriter(engine)
+        self.stats = IngestStats()
+        self.subscribed = threading.Event()
+        self._queue: queue.Queue[tuple[str, bytes, int] | None] = queue.Queue(
+            config.queue_messages)
+        self._stop = threading.Event()
+        self._closing = threading.Event()
+        self._writer_thread: threading.Thread | None = None
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=config.client_id,
+                        protocol=mqtt.MQTTv5, manual_ack=True)
+        if config.username:
+            c.username_pw_set(config.username, config.password)
+        if config.ca_file:
+            if not os.path.isfile(config.ca_file):
+                raise IngestConfigError(f"TLS CA file {config.ca_file} does not exist")
+            c.tls_set(ca_certs=config.ca_file)
+        c.reconnect_delay_set(0.2, 5)  # type: ignore[arg-type]
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        c.on_message = self._on_message
+        self._client = c
+
+    # -- paho callbacks: hand over, nothing else ---------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            log.error("broker refused the ingestion worker: %s", rc)
+            return
+        client.subscribe(self.config.subscription, qos=1)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, rcs: Any, _p: Any) -> None:
+        if all(not rc.is_failure for rc in rcs):
+            self.subscribed.set()
+        else:
+            log.error("broker refused subscription %s: %s", self.config.subscription, rcs)
+
+    def _on_disconnect(self, *_args: Any) -> None:
+        self.subscribed.clear()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        item = (msg.topic, bytes(msg.payload), msg.mid if msg.qos else 0)
+        while not self._closing.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        # closing: not acknowledged, so the broker delivers it again later
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> IngestWorker:
+        """Connect, subscribe and start writing; raise IngestConfigError if not subscribed."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.config.session_expiry
+        self._stop.clear()
+        self._closing.clear()
+        self._writer_thread = threading.Thread(target=self._write_loop,
+                                               name="telemetry-writer", daemon=True)
+        self._writer_thread.start()
+        try:
+            self._client.connect_async(self.config.host, self.config.port,
+                                       keepalive=self.config.keepalive, clean_start=False,
+                                       properties=props)
+        except (OSError, ValueError) as e:
+            raise IngestConfigError(f"cannot connect to {self.config.host}: {e}") from e
+        self._client.loop_start()
+        if not self.subscribed.wait(timeout):
+            self.stop()
+            raise IngestConfigError(
+                f"not subscribed to {self.config.subscription} on {self.config.host}:"
+                f"{self.config.port} within {timeout}s; check the address, credentials "
+                "and that the ACL lets the server user read edgefleet/v1/#")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Write and acknowledge what is queued, then disconnect.
+
+        Messages still arriving meanwhile stay unacknowledged; the broker keeps
+        them in this replica's session (or hands them to another) for later.
+        """
+        if self._writer_thread is not None:
+            self._queue.put(None)
+            self._writer_thread.join(timeout)
+            if self._writer_thread.is_alive():  # stuck on a database outage
+                self._stop.set()
+                self._writer_thread.join(timeout)
+            self._writer_thread = None
+        self._closing.set()
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> IngestWorker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- writer thread -----------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        cfg = self.config
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch: list[ParsedMessage] = []
+            mids: list[int] = []
+            records = 0
+            deadline = time.monotonic() + cfg.batch_interval
+            while item is not None:
+                records += self._take(item, batch, mids)
+                if records >= cfg.batch_records:
+                    break
+                left = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=left) if left > 0 else \
+                        self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._commit(batch, mids)
+            if item is None:
+                return
+
+    def _take(self, item: tuple[str, bytes, int], batch: list[ParsedMessage],
+              mids: list[int]) -> int:
+        topic, payload, mid = item
+        self.stats.messages += 1
+        mids.append(mid)
+        try:
+            parsed = parse_message(topic, payload, time.time())
+        except SpoofedDeviceError as e:
+            self.stats.spoofed_messages += 1
+            log.warning("dropped telemetry: %s", e)
+            return 0
+        except MalformedTelemetryError as e:
+            self.stats.malformed_messages += 1
+            log.warning("dropped telemetry: %s", e)
+            return 0
+        except IngestError as e:
+            self.stats.bad_topic_messages += 1
+            log.warning("dropped telemetry: %s", e)
+            return 0
+        self.stats.records += parsed.records
+        self.stats.bad_records += parsed.bad_records
+        batch.append(parsed)
+        return parsed.records
+
+    def _commit(self, batch: list[ParsedMessage], mids: list[int]) -> None:
+        delay = 0.1
+        while batch:
+            try:
+                result = self.writer.write(batch)
+                break
+            except SQLAlchemyError as e:
+                self.stats.write_errors += 1
+                log.error("telemetry batch not written (%s); retrying in %.1fs", e, delay)
+                if self._stop.wait(delay):
+                    return  # not acknowledged: the broker re-delivers after reconnect
+                delay = min(delay * 2, 5.0)
+        else:
+            result = None
+        if result is not None:
+            self.stats.batches += 1
+            self.stats.stored += result.stored
+            self.stats.duplicates += result.duplicates
+        for mid in mids:
+            if mid:
+                self._client.ack(mid, 1)

@@ -7,6 +7,7 @@ import click
 from .bundle import bundle
 from .image import image
 from .keys import keys, trust
+from .report import report
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,3 +20,4 @@ main.add_command(keys)
 main.add_command(trust)
 main.add_command(bundle)
 main.add_command(image)
+main.add_command(report)

@@ -320,3 +320,24 @@ def test_batch_size_used_as_data_is_refused() -> None:
     model = make_model(nodes, (2, 3), {"zero": np.asarray(0, np.int64)})
     with pytest.raises(UnsupportedShapeError, match="add_batch"):
         onnx_to_tflite(model)
+
+
+def test_identity_outputs_keep_their_onnx_names() -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["h"]),
+        helper.make_node("Identity", ["h"], ["y"]),
+    ]
+    interp = Interpreter(model_content=onnx_to_tflite(make_model(nodes, (2, 3))))
+    assert interp.get_signature_list()["serving_default"]["outputs"] == ["y"]
+    passthrough = make_model([helper.make_node("Identity", ["x"], ["y"])], (2, 3))
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    assert np.array_equal(run_tflite(onnx_to_tflite(passthrough), x), x)
+
+
+def test_layout_change_of_a_1x1_feature_map_moves_no_data() -> None:
+    model, x = OP_CASES["global_average_pool_squeeze"]()
+    codes = _op_codes(onnx_to_tflite(model))
+    assert codes.count(Op.TRANSPOSE) == 1  # only the input's NCHW -> NHWC
+    assert np.abs(run_tflite(onnx_to_tflite(model), x) - run_onnx(model, x)).max() <= FLOAT32_ABS

@@ -128,11 +128,30 @@ def onnx_to_tflite(model: onnx.ModelProto, *, weights: str = "float32") -> bytes
     for node in graph.nodes:
         _LOWERINGS[node.op_type](ctx, node)
     for name in graph.outputs:
-        spec.outputs.append(ctx.input(name, ONNX))
+        spec.outputs.append(_bind_output(ctx, name))
     fuse_activations(spec)
     apply(spec, weights)
     spec.compact()
     return serialize(spec)
+
+
+def _bind_output(ctx: Context, name: str) -> int:
+    """The tensor to expose as model output ``name``: ONNX layout, named ``name``.
+
+    A tensor that is already a model input or output, or whose name was taken
+    (an ``Identity`` output), is copied by a ``RESHAPE`` so each output is its own
+    tensor under its ONNX name.
+    """
+    index = ctx.input(name, ONNX)
+    spec = ctx.spec
+    if spec.tensors[index].name == name:
+        return index
+    if index in spec.inputs or index in spec.outputs:
+        return ctx.reshape(
+            index, name, ctx.graph.signature(name), ctx.shape(name), ctx.graph.dynamic[name]
+        )
+    spec.tensors[index].name = name
+    return index
 
 
 def _elem_type(model: onnx.ModelProto, name: str) -> int:

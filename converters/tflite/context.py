@@ -130,9 +130,22 @@ class Context:
                 raise UnsupportedAttributeError(
                     "layout", name, f"cannot change the layout of a rank-{rank} tensor"
                 )
-            out = self.new_tensor(name, want)
-            perm = TO_NHWC if want == NHWC else TO_NCHW
-            self.op(Op.TRANSPOSE, [index, self.int32(f"{name}__perm", perm)], [out])
+            _, c, h, w = self.graph.shapes[name]
+            sig = self.graph.signature(name)
+            if (c == 1 or h == w == 1) and sig.count(-1) <= 1:
+                # Same element order in both layouts: a RESHAPE moves no data.
+                target = [int(d) for d in (permute(sig, TO_NHWC) if want == NHWC else sig)]
+                out = self.new_tensor(name, want)
+                self.op(
+                    Op.RESHAPE,
+                    [index, self.int32(f"{name}__shape", target)],
+                    [out],
+                    ("ReshapeOptions", {"NewShape": target}),
+                )
+            else:
+                out = self.new_tensor(name, want)
+                perm = TO_NHWC if want == NHWC else TO_NCHW
+                self.op(Op.TRANSPOSE, [index, self.int32(f"{name}__perm", perm)], [out])
             self._cache[(name, want)] = out
         return self._cache[(name, want)]
 

@@ -24,6 +24,7 @@ import click
 from .bundle import BundleError, TrustStore, verify_file
 from .config import AgentConfig, ConfigError
 
+CONFIG_ENV = "EDGEFLEET_AGENT_CONFIG"
 #: test hook: the update path SIGKILLs the process at this state (see device_agent.update)
 CRASH_ENV = "EDGEFLEET_AGENT_CRASH_AT"
 
@@ -31,7 +32,7 @@ CRASH_ENV = "EDGEFLEET_AGENT_CRASH_AT"
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgefleet")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              envvar="EDGEFLEET_AGENT_CONFIG",
+              envvar=CONFIG_ENV,
               help="Agent config file, TOML (env EDGEFLEET_AGENT_CONFIG). Environment "
                    "variables EDGEFLEET_AGENT_<SECTION>_<KEY> override it.")
 @click.pass_context
@@ -42,7 +43,8 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 
 def _config(ctx: click.Context) -> AgentConfig:
     try:
-        return AgentConfig.load(ctx.obj["config_path"], env=os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in (CONFIG_ENV, CRASH_ENV)}
+        return AgentConfig.load(ctx.obj["config_path"], env=env)
     except ConfigError as e:
         _die(f"config error: {e}", 2)
 

@@ -19,16 +19,22 @@ from converters.tflite import (
     onnx_to_tflite,
 )
 from converters.tflite.builder import ModelSpec, operator_code_fields, serialize
-from tests.tflite_models import OP_CASES, make_model, run_onnx, run_tflite
+from tests.tflite_models import (
+    FLOAT32_ABS,
+    OP_CASES,
+    TOLERANCE,
+    make_model,
+    run_onnx,
+    run_tflite,
+)
 
 Op = tflite.BuiltinOperator
 
 # Tolerances of the weight modes: float32 absolute; float16 and int8 relative to
 # the output's scale (max(1, max |reference|)). int8 (dynamic range) also
 # quantizes activations on the fly, so its error grows with depth.
-FLOAT32_ABS = 1e-4
-FLOAT16_REL = 1e-2
-INT8_REL = 5e-2
+FLOAT16_REL = TOLERANCE["float16"][0]
+INT8_REL = TOLERANCE["int8"][0]
 
 
 def _scale(ref: np.ndarray) -> float:

@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 
 from converters.tflite import onnx_to_tflite
-from tests.test_tflite_writer_models import BUILDERS, FLOAT32_ABS, TOLERANCE
-from tests.tflite_models import OP_CASES, run_onnx
+from tests.tflite_models import BUILDERS, FLOAT32_ABS, OP_CASES, TOLERANCE, run_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".venv-cache"

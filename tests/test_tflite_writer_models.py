@@ -3,32 +3,12 @@ onnx.helper MLP, in every weight mode, against onnxruntime on the source."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import onnx
 import pytest
 
 from converters.tflite import onnx_to_tflite
-from tests import models
-from tests.tflite_models import run_onnx, run_tflite, torch_legacy_cnn
-
-FLOAT32_ABS = 1e-4
-# float16 / int8: max abs error relative to max(1, max |reference|), and top-1 agreement.
-TOLERANCE = {"float16": (1e-2, 1.0), "int8": (5e-2, 0.95)}
-
-
-def _torch(builder: Callable[[], tuple[object, np.ndarray]]) -> tuple[onnx.ModelProto, np.ndarray]:
-    module, x = builder()
-    return models.torch_to_onnx(module, x), x
-
-
-BUILDERS: dict[str, Callable[[], tuple[onnx.ModelProto, np.ndarray]]] = {
-    "torch_cnn": lambda: _torch(models.torch_cnn),
-    "torch_mlp": lambda: _torch(models.torch_mlp),
-    "torch_legacy_exporter_cnn": torch_legacy_cnn,
-    "onnx_helper_mlp": models.onnx_helper_mlp,
-}
+from tests.tflite_models import BUILDERS, FLOAT32_ABS, TOLERANCE, run_onnx, run_tflite
 
 
 @pytest.fixture(scope="module")

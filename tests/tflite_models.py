@@ -86,6 +86,7 @@ def after_conv(
     inits: dict[str, np.ndarray] | None = None,
     c: int = 4,
     hw: int = 6,
+    opset: int = OPSET,
     **attrs: Any,
 ) -> tuple[onnx.ModelProto, np.ndarray]:
     """``x -> Conv(3->c, 3x3, pad 1) -> op -> y``: ``op`` reads an NHWC tensor inside TFLite."""
@@ -97,7 +98,7 @@ def after_conv(
         helper.make_node(op, ["h", *(inputs_extra or [])], ["y"], name=f"node_{op}", **attrs),
     ]
     shape = (3, 3, hw, hw)
-    return make_model(nodes, shape, all_inits), _x(shape)
+    return make_model(nodes, shape, all_inits, opset=opset), _x(shape)
 
 
 def unary(
@@ -284,6 +285,13 @@ OP_CASES: dict[str, Case] = {
     "concat_rank2": lambda: unary("Concat", (3, 4), ["x"], axis=1),
     "unsqueeze": lambda: unary("Unsqueeze", (3, 4), ["axes"], {"axes": np.asarray([1], np.int64)}),
     "squeeze": lambda: unary("Squeeze", (3, 1, 4), ["axes"], {"axes": np.asarray([1], np.int64)}),
+    "reduce_mean_spatial_nhwc": lambda: after_conv("ReduceMean", axes=[2, 3], keepdims=0),
+    "reduce_mean_keepdims_nhwc": lambda: after_conv("ReduceMean", axes=[1, 3]),
+    "reduce_max_width_nhwc": lambda: after_conv("ReduceMax", axes=[3], keepdims=0),
+    "reduce_sum_axes_input": lambda: unary("ReduceSum", (3, 4, 5), ["axes"],
+                                           {"axes": np.asarray([-1], np.int64)}, keepdims=0),
+    "reduce_mean_opset18_axes_input": lambda: after_conv(
+        "ReduceMean", ["axes"], {"axes": np.asarray([2, 3], np.int64)}, opset=18),
     "pad_zero_nhwc": lambda: after_conv("Pad", ["pads"], {"pads": np.asarray(
         [0, 0, 1, 2, 0, 0, 2, 1], np.int64)}),
     "pad_value_rank2": lambda: unary("Pad", (3, 4), ["pads", "v"], {
@@ -359,3 +367,31 @@ def run_tflite(data: bytes, x: np.ndarray) -> np.ndarray:
     interp.set_tensor(d["index"], x)
     interp.invoke()
     return np.asarray(interp.get_tensor(interp.get_output_details()[0]["index"]))
+
+
+# Tolerances the tests hold the weight modes to: float32 absolute; float16 and
+# int8 as (max abs error relative to max(1, max |reference|), top-1 agreement).
+FLOAT32_ABS = 1e-4
+TOLERANCE = {"float16": (1e-2, 1.0), "int8": (5e-2, 0.95)}
+
+
+def _torch(builder: Callable[[], tuple[Any, np.ndarray]]) -> tuple[onnx.ModelProto, np.ndarray]:
+    from tests import models
+
+    module, x = builder()
+    return models.torch_to_onnx(module, x), x
+
+
+def _zoo_builders() -> dict[str, Case]:
+    from tests import models
+
+    return {
+        "torch_cnn": partial(_torch, models.torch_cnn),
+        "torch_mlp": partial(_torch, models.torch_mlp),
+        "torch_legacy_exporter_cnn": torch_legacy_cnn,
+        "onnx_helper_mlp": models.onnx_helper_mlp,
+    }
+
+
+#: Whole models (from :mod:`tests.models` and above): name -> builder of (model, samples).
+BUILDERS: dict[str, Case] = _zoo_builders()

@@ -15,6 +15,7 @@ Supported ONNX operators (default domain, float32 tensors), see :data:`SUPPORTED
 * ``BatchNormalization`` (inference): folded into the preceding ``Conv``, else MUL + ADD
 * ``Flatten``, ``Reshape``, ``Transpose``, ``Concat``, ``Squeeze``, ``Unsqueeze``
 * ``Pad`` (constant and reflect modes)
+* ``ReduceMean``, ``ReduceMax``, ``ReduceSum`` over constant axes (e.g. ``x.mean((2, 3))``)
 * ``Identity``, ``Dropout`` (inference: no-ops); ``Constant``
 
 Subgraphs that depend only on initializers and static shapes (for instance the

@@ -241,6 +241,51 @@ def pad(ctx: Context, node: onnx.NodeProto) -> None:
     ctx.output(out_name, out, layout)
 
 
+_REDUCE = {"ReduceMean": Op.MEAN, "ReduceMax": Op.REDUCE_MAX, "ReduceSum": Op.SUM}
+
+
+def _reduce_axes(ctx: Context, node: onnx.NodeProto, rank: int) -> list[int]:
+    a = attrs(node)
+    if len(node.input) > 1 and node.input[1]:
+        if not ctx.is_constant(node.input[1]):
+            raise UnsupportedAttributeError(node.op_type, node.name, "axes must be constant")
+        axes = [int(v) for v in ctx.constant(node.input[1]).reshape(-1)]
+    else:
+        axes = [int(v) for v in a.get("axes", [])]
+    if not axes:
+        if a.get("noop_with_empty_axes", 0):
+            raise UnsupportedAttributeError(node.op_type, node.name, "noop_with_empty_axes")
+        axes = list(range(rank))
+    return sorted(v % rank for v in axes)
+
+
+def reduce(ctx: Context, node: onnx.NodeProto) -> None:
+    """ReduceMean / ReduceMax / ReduceSum over constant axes.
+
+    An NHWC input is reduced in place when the result's axis order matches
+    ONNX's (e.g. a spatial mean giving ``[N, C]``), else it is transposed first.
+    """
+    name, out_name = node.input[0], node.output[0]
+    rank = len(ctx.shape(name))
+    axes = _reduce_axes(ctx, node, rank)
+    keep = bool(attrs(node).get("keepdims", 1))
+    layout = ctx.layout_of(name) or ONNX
+    if layout == NHWC and not keep:
+        remaining = [a for a in (0, 2, 3, 1) if a not in axes]
+        if remaining != sorted(remaining):
+            layout = ONNX
+    tfl_axes = [nhwc_axis(a) for a in axes] if layout == NHWC else axes
+    out_layout = layout if keep else ONNX
+    out = ctx.new_tensor(out_name, out_layout)
+    ctx.op(
+        _REDUCE[node.op_type],
+        [ctx.input(name, layout), ctx.int32(f"{out_name}__axes", sorted(tfl_axes))],
+        [out],
+        ("ReducerOptions", {"KeepDims": keep}),
+    )
+    ctx.output(out_name, out, out_layout)
+
+
 def identity(ctx: Context, node: onnx.NodeProto) -> None:
     """Identity, and Dropout at inference: the output is the input."""
     if len(node.output) > 1 and node.output[1]:
@@ -259,4 +304,5 @@ BASIC_LOWERINGS: dict[str, Lowering] = {
     "Squeeze": reshape_like_output, "Unsqueeze": reshape_like_output,
     "Transpose": transpose, "Concat": concat, "Pad": pad,
     "Identity": identity, "Dropout": identity,
+    "ReduceMean": reduce, "ReduceMax": reduce, "ReduceSum": reduce,
 }  # fmt: skip

@@ -194,8 +194,40 @@ def optimize(model: Any) -> Any:
     finally:
         os.unlink(path)
     optimized.ir_version = model.ir_version
-    normalize_opset_imports(optimized)
+    prune_opset_imports(optimized, keep=opsets(model))
     return optimized
+
+
+def _used_domains(graph: Any, out: set[str]) -> None:
+    from onnx import AttributeProto
+
+    for n in graph.node:
+        out.add("" if n.domain in ("", "ai.onnx") else n.domain)
+        for a in n.attribute:
+            if a.type == AttributeProto.GRAPH:
+                _used_domains(a.g, out)
+            for sub in a.graphs:
+                _used_domains(sub, out)
+
+
+def prune_opset_imports(model: Any, keep: dict[str, int] | None = None) -> None:
+    """Drop opset imports no node uses (onnxruntime writes every domain it knows).
+
+    Domains in ``keep`` stay at their version there; the default domain always stays.
+    """
+    used: set[str] = {""}
+    _used_domains(model.graph, used)
+    for f in model.functions:
+        used.add(f.domain)
+        for n in f.node:
+            used.add("" if n.domain in ("", "ai.onnx") else n.domain)
+    current = opsets(model)
+    merged = {d: (keep or {}).get(d, v) for d, v in current.items() if d in used}
+    del model.opset_import[:]
+    for dom, ver in sorted(merged.items()):
+        entry = model.opset_import.add()
+        entry.domain = dom
+        entry.version = ver
 
 
 def run(session: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

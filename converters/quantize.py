@@ -59,13 +59,24 @@ def _via_file(fn: Any, model: Any) -> Any:
         os.unlink(out)
 
 
+# Dynamic quantization covers dense layers only: ConvInteger with int8 weights
+# has no CPU kernel before onnxruntime 1.17 (static int8 is the path for CNNs).
+DYNAMIC_OPS = ["MatMul", "Gemm"]
+
+# Kept in float32 by the float16 conversion besides the tool's defaults:
+# onnxruntime < 1.17 expands a float16 Softmax at opset >= 18 through an invalid
+# function body and refuses the model; softmax in float32 is also more accurate.
+FLOAT16_BLOCKED = ["Softmax", "LogSoftmax"]
+
+
 def quantize_dynamic_int8(model: Any) -> tuple[Any, list[str]]:
-    """Weights to int8, activations quantized at run time (MatMul, Gemm, Conv...)."""
+    """Dense-layer weights to int8, activations quantized at run time (MatMul, Gemm)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:
         out = _via_file(
             lambda path: quantize_dynamic(model, path, weight_type=QuantType.QInt8,
+                                          op_types_to_quantize=DYNAMIC_OPS,
                                           extra_options={"DefaultTensorType": 1}),
             model,
         )
@@ -129,12 +140,15 @@ def quantize_static_int8(model: Any, samples: Mapping[str, np.ndarray]) -> tuple
 
 def convert_float16(model: Any) -> tuple[Any, list[str]]:
     """Weights and compute to float16; float32 inputs/outputs kept (Cast at the edges)."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     from .onnx_tools import toposort
 
     try:
-        out = convert_float_to_float16(model, keep_io_types=True)
+        out = convert_float_to_float16(
+            model, keep_io_types=True,
+            op_block_list=list(DEFAULT_OP_BLOCK_LIST) + FLOAT16_BLOCKED,
+        )
         toposort(out)
     except Exception as e:
         raise QuantizationError(f"float16 conversion failed: {e}") from e

@@ -26,6 +26,7 @@ distribution the model was built or trained for, usable as calibration data.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -252,3 +253,35 @@ def torch_to_onnx(module: Any, example: np.ndarray, opset: int = 18) -> Any:
     )
     assert program is not None
     return program.model_proto
+
+
+ZOO = ("cnn", "mlp", "pipeline", "forest", "forest_regressor", "onnx_mlp")
+
+
+@functools.cache
+def zoo_source(name: str) -> tuple[Any, np.ndarray]:
+    """The zoo model ``name`` taken in by :mod:`converters.source`, and its samples.
+
+    Cached per process: the torch export takes seconds and many tests share it.
+    """
+    from converters import source
+
+    if name == "cnn":
+        module, x = torch_cnn()
+        return source.from_torch(module, x[:2]), x
+    if name == "mlp":
+        module, x = torch_mlp()
+        return source.from_torch(module, x[:2]), x
+    if name == "pipeline":
+        est, x = sklearn_pipeline()
+        return source.from_sklearn(est, x), x
+    if name == "forest":
+        est, x = random_forest()
+        return source.from_sklearn(est, x), x
+    if name == "forest_regressor":
+        est, x = random_forest_regressor()
+        return source.from_sklearn(est, x), x
+    if name == "onnx_mlp":
+        model, x = onnx_helper_mlp()
+        return source.from_onnx(model), x
+    raise KeyError(f"no zoo model {name!r}; one of {ZOO}")

@@ -35,12 +35,13 @@ def make_model(
     inits: dict[str, np.ndarray] | None = None,
     opset: int = OPSET,
     output: str = "y",
+    batch: str | int = "N",
 ) -> onnx.ModelProto:
-    """A graph with input ``x`` of ``[N, *input_shape[1:]]`` and output ``output``."""
+    """A graph with input ``x`` of ``[batch, *input_shape[1:]]`` and output ``output``."""
     graph = helper.make_graph(
         nodes,
         "case",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *input_shape[1:]])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, *input_shape[1:]])],
         [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
         initializer=[numpy_helper.from_array(v, k) for k, v in (inits or {}).items()],
     )
@@ -209,6 +210,13 @@ def _gemm(**attrs: Any) -> tuple[onnx.ModelProto, np.ndarray]:
     return make_model([node], (3, 5), {"W": w, "C": c}), _x((3, 5))
 
 
+def _gemm_trans_a() -> tuple[onnx.ModelProto, np.ndarray]:
+    """transA contracts over the first axis, so the batch is fixed (5) here."""
+    node = helper.make_node("Gemm", ["x", "W", "C"], ["y"], name="gemm", transA=1)
+    inits = {"W": _w(5, 4), "C": _w(4, seed=3)}
+    return make_model([node], (5, 6), inits, batch=5), _x((5, 6))
+
+
 def _global_pool_squeeze() -> tuple[onnx.ModelProto, np.ndarray]:
     nodes = [
         helper.make_node("Conv", ["x", "W"], ["h"], kernel_shape=[3, 3]),
@@ -229,6 +237,9 @@ def _bounds(lo: float, hi: float) -> dict[str, np.ndarray]:
 OP_CASES: dict[str, Case] = {
     "gemm_transB_alpha_beta": lambda: _gemm(transB=1, alpha=0.7, beta=1.3),
     "gemm_bias_1xN": lambda: _gemm(c_2d=True),
+    "gemm_activation_weights": lambda: unary(
+        "Gemm", (3, 5), ["x", "C"], {"C": _scalar(0.3)}, alpha=0.5, beta=2.0, transB=1),
+    "gemm_transA_fixed_batch": _gemm_trans_a,
     "matmul_const": lambda: unary("MatMul", (3, 5), ["W"], {"W": _w(5, 7)}),
     "matmul_rank3_const": lambda: unary("MatMul", (3, 4, 5), ["W"], {"W": _w(5, 7)}),
     "matmul_two_activations": _batch_matmul,

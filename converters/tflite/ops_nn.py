@@ -59,15 +59,15 @@ def gemm(ctx: Context, node: onnx.NodeProto) -> None:
         )
         ctx.op(Op.TRANSPOSE, [src, ctx.int32(f"{out_name}__perm", [1, 0])], [t])
         src = t
+    if not ctx.is_constant(w_name):
+        _batch_matmul(ctx, node, src, ctx.input(w_name, ONNX), trans_b, alpha, c_name, beta)
+        return
     n = ctx.shape(out_name)[1]
     bias = None
     if c_name and ctx.is_constant(c_name):
         c = ctx.constant(c_name).astype(np.float64) * beta
         if c.size == 1 or c.shape in ((n,), (1, n)):
             bias, c_name = np.broadcast_to(c.reshape(-1), (n,)).copy(), None
-    if not ctx.is_constant(w_name):
-        _batch_matmul(ctx, node, src, ctx.input(w_name, ONNX), trans_b, alpha, c_name, beta)
-        return
     w = ctx.constant(w_name).astype(np.float64) * alpha
     out = ctx.new_tensor(out_name if c_name is None else f"{out_name}__mm", like=out_name)
     _fully_connected(ctx, node, src, w if trans_b else w.T, bias, out, keep_dims=False)

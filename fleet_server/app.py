@@ -25,11 +25,11 @@ from starlette.responses import Response
 from .assignments import Notifier
 from .context import ServerContext
 from .db.session import normalize_url
+from .errors import ServerError, error_body
+from .metrics import MetricsMiddleware
 from .rollout_service import RolloutService, ServerRolloutRepository
 from .rollouts.leader import leader_lock_for
 from .rollouts.scheduler import RolloutScheduler
-from .errors import ServerError, error_body
-from .metrics import MetricsMiddleware
 from .settings import ServerSettings, load_settings
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,20 @@ def _make_scheduler(ctx: ServerContext) -> RolloutScheduler:
     repo = ServerRolloutRepository(RolloutService(ctx))
     lock = leader_lock_for(normalize_url(ctx.settings.database_url))
     return RolloutScheduler(repo, lock, interval=ctx.settings.rollout_interval_seconds)
+
+
+def _start_ingest(ctx: ServerContext) -> Any:
+    """This replica's share of telemetry ingestion, if a broker is configured."""
+    s = ctx.settings
+    if not (s.ingest and s.mqtt_host):
+        return None
+    from .ingest.worker import IngestConfig, IngestWorker
+
+    config = IngestConfig(
+        host=s.mqtt_host, port=s.mqtt_port, username=s.mqtt_username or None,
+        password=s.mqtt_password or None, share_group=s.ingest_share_group,
+    )
+    return IngestWorker(config, ctx.engine).start()
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -123,11 +137,15 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
         app.state.scheduler = scheduler
         if settings.run_scheduler:
             scheduler.start()
+        worker = await asyncio.to_thread(_start_ingest, ctx)
+        app.state.ingest = worker
         try:
             yield
         finally:
             stop.set()
             await task
+            if worker is not None:
+                await asyncio.to_thread(worker.stop)
             await asyncio.to_thread(scheduler.stop)
             await asyncio.to_thread(ctx.close)
 
@@ -141,6 +159,10 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
     _install_error_handlers(app)
     app.include_router(api_router, prefix=API_PREFIX)
     app.include_router(device_router)
+    if settings.dashboard:
+        from .report.dashboard import dashboard_router
+
+        app.include_router(dashboard_router())
 
     @app.get("/healthz", tags=["server"])
     def healthz() -> dict[str, Any]:

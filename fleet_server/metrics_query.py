@@ -1,28 +1,28 @@
-"""Cohort figures for the rollout engine, aggregated from stored reports and telemetry.
+"""Cohort figures for the rollout engine.
 
 :func:`cohort_metrics` splits a rollout's target group into the canary cohort
-(devices the engine assigned the candidate) and the control cohort (the rest,
-on the previous bundle), then sums, per cohort, since the current stage started:
-
-* install outcomes from device reports (HTTP ``/device/v1/reports`` and the
-  ``events`` telemetry kind),
-* inference counts, errors, latency histograms, drift and prediction counts from
-  the window summaries devices publish (when the telemetry tables exist).
+(devices the engine assigned the candidate) and the control cohort (the rest),
+takes the telemetry figures from :func:`fleet_server.ingest.aggregate.cohort_metrics`
+(window summaries received since the current stage started, restricted to the
+group), and counts installs per *device* from both channels a device may use:
+``install`` events over MQTT and install reports over HTTP. A device reporting
+the same install on both channels counts once; it counts as failed if any of its
+reports for the candidate says failed, rolled back or refused.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .db.models import Device, DeviceReport, Group, Rollout
+from .db.telemetry import FAILED_INSTALL_OUTCOMES, TelemetryEvent
 from .groups import matches
-from .rollouts import CohortMetrics, CohortStats, RolloutSpec, RolloutState, assignment
-
-FAILED_OUTCOMES = ("failed", "rolled_back", "refused")
+from .ingest.aggregate import cohort_metrics as telemetry_metrics
+from .rollouts import CohortMetrics, RolloutSpec, RolloutState, assignment
 
 
 def cohorts(
@@ -42,55 +42,28 @@ def cohorts(
     return canary, control
 
 
-def _installs(
-    session: Session, device_ids: list[str], name: str, version: int | None, since: datetime
-) -> tuple[int, int, set[str]]:
-    if not device_ids or version is None:
-        return 0, 0, set()
-    rows = session.execute(
-        select(DeviceReport.device_id, DeviceReport.outcome).where(
-            DeviceReport.type == "install", DeviceReport.name == name,
-            DeviceReport.version == version, DeviceReport.received_at >= since,
-            DeviceReport.device_id.in_(device_ids),
-        )
-    ).all()
-    ok = sum(1 for _, o in rows if o == "installed")
-    failed = sum(1 for _, o in rows if o in FAILED_OUTCOMES)
-    return ok + failed, failed, {d for d, _ in rows}
-
-
-def _summaries(
-    session: Session, device_ids: list[str], name: str, version: int | None, since: float
-) -> dict[str, Any]:
-    """Sum window summaries (if the telemetry tables exist) for one cohort and version."""
-    try:
-        from .telemetry_query import summary_totals
-    except ImportError:
-        return {}
-    if not device_ids or version is None:
-        return {}
-    return summary_totals(session, device_ids, name, version, since)
-
-
-def _stats(
-    session: Session, device_ids: list[str], name: str, version: int | None,
-    since_dt: datetime, since: float,
-) -> CohortStats:
-    installs, failures, reporting = _installs(session, device_ids, name, version, since_dt)
-    tele = _summaries(session, device_ids, name, version, since)
-    reporting |= set(tele.get("devices", ()))
-    return CohortStats(
-        devices=len(reporting),
-        installs=installs,
-        install_failures=failures,
-        inferences=int(tele.get("count", 0)),
-        errors=int(tele.get("errors", 0)),
-        latency_hist=tuple(tele.get("latency_hist", ())),
-        drift_psi=tele.get("drift_psi"),
-        drift_samples=int(tele.get("drift_samples", 0)),
-        feature_counts=tele.get("feature_counts", {}),
-        prediction_counts=tuple(tele.get("prediction_counts", ())),
+def install_outcomes(
+    session: Session, device_ids: list[str], name: str, version: int, since: float
+) -> dict[str, set[str]]:
+    """device id -> install outcomes reported for (name, version) since ``since``."""
+    out: dict[str, set[str]] = {}
+    if not device_ids:
+        return out
+    keep = set(device_ids)
+    since_dt = datetime.fromtimestamp(since, timezone.utc)
+    http = select(DeviceReport.device_id, DeviceReport.outcome).where(
+        DeviceReport.type == "install", DeviceReport.name == name,
+        DeviceReport.version == version, DeviceReport.received_at >= since_dt,
     )
+    e = TelemetryEvent
+    mqtt = select(e.device_id, e.outcome).where(
+        e.type == "install", e.name == name, e.version == version, e.received_at >= since,
+    )
+    for stmt in (http, mqtt):
+        for device_id, outcome in session.execute(stmt):
+            if device_id in keep and outcome:
+                out.setdefault(device_id, set()).add(outcome)
+    return out
 
 
 def cohort_metrics(
@@ -98,13 +71,14 @@ def cohort_metrics(
 ) -> CohortMetrics:
     """Canary (candidate) and control (previous) figures since the current stage started."""
     since = state.stage_started_at if state.stage_started_at is not None else now
-    since_dt = datetime.fromtimestamp(since, timezone.utc)
     canary, control = cohorts(session, spec, state)
-    prev = spec.previous
-    return CohortMetrics(
-        canary=_stats(session, canary, spec.bundle.name, spec.bundle.version, since_dt, since),
-        control=_stats(session, control, prev.name if prev else spec.bundle.name,
-                       prev.version if prev else None, since_dt, since),
+    tele = telemetry_metrics(session.connection(), spec, since, set(canary) | set(control))
+    # telemetry is split by model version; keep each cohort's devices only
+    installs = install_outcomes(session, canary, spec.bundle.name, spec.bundle.version, since)
+    failed = sum(1 for o in installs.values() if o & set(FAILED_INSTALL_OUTCOMES))
+    counted = sum(1 for o in installs.values() if o & {"installed", *FAILED_INSTALL_OUTCOMES})
+    canary_stats = replace(
+        tele.canary, installs=counted, install_failures=failed,
+        devices=max(tele.canary.devices, len(installs)),
     )
-
-
+    return CohortMetrics(canary=canary_stats, control=tele.control)

@@ -45,6 +45,11 @@ class ServerSettings(BaseSettings):
     mqtt_port: int = Field(default=1883, ge=1, le=65535)
     mqtt_username: str = ""
     mqtt_password: str = ""
+    #: run the telemetry ingestion worker (MQTT 5 shared subscription) when a broker is set
+    ingest: bool = True
+    ingest_share_group: str = "edgefleet-ingest"
+    #: serve the read-only telemetry review at /dashboard
+    dashboard: bool = True
     #: seconds an in-memory assignment ETag is trusted before re-reading the database
     assignment_cache_seconds: float = Field(default=2.0, ge=0)
     #: how many device credentials the auth cache holds

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import bundles, devices, operators, rollouts
+from . import bundles, devices, operators, rollouts, telemetry
 
 api_router = APIRouter()
 api_router.include_router(operators.router)
 api_router.include_router(devices.router)
 api_router.include_router(bundles.router)
 api_router.include_router(rollouts.router)
+api_router.include_router(telemetry.router)

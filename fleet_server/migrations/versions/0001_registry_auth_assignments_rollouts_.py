@@ -1,9 +1,9 @@
 # ruff: noqa: E501
-"""registry auth assignments rollouts audit
+"""registry auth assignments rollouts audit telemetry
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-22 05:11:13.625696
+Create Date: 2026-11-22 05:14:54.158920
 """
 
 from __future__ import annotations

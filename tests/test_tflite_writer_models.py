@@ -3,6 +3,8 @@ onnx.helper MLP, in every weight mode, against onnxruntime on the source."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -60,3 +62,17 @@ def test_quantized_files_are_smaller(zoo: dict) -> None:
     model = zoo["torch_cnn"][0]
     sizes = {w: len(onnx_to_tflite(model, weights=w)) for w in ("float32", "float16", "int8")}
     assert sizes["int8"] < sizes["float16"] < sizes["float32"]
+
+
+def test_device_agent_tflite_backend_runs_converted_cnn(zoo: dict, tmp_path: Path) -> None:
+    """The agent's runtime backend resizes the batch of a converted file as needed."""
+    from device_agent.runtime import load_backend
+
+    model, x, ref = zoo["torch_cnn"]
+    path = tmp_path / "model.tflite"
+    path.write_bytes(onnx_to_tflite(model))
+    backend = load_backend(path, "tflite")
+    assert backend.input_names == ["x"] and backend.output_names == ["y"]
+    for batch in (x[:1], x[:5], x):
+        out = backend.run({"x": batch})[0]
+        assert np.abs(out - ref[: len(batch)]).max() <= FLOAT32_ABS

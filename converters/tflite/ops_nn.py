@@ -142,12 +142,17 @@ def _explicit_pads(
     if auto == "VALID":
         return [0, 0, 0, 0]
     before, after = [], []
-    for size, k, s in zip(in_hw, k_eff, strides, strict=False):
-        total = max((-(-size // s) - 1) * s + k - size, 0)
-        small, big = total // 2, total - total // 2
+    for size, k, s in zip(in_hw, k_eff, strides, strict=True):
+        small, big = _same_split(size, k, s)
         before.append(small if auto == "SAME_UPPER" else big)
         after.append(big if auto == "SAME_UPPER" else small)
     return [*before, *after]
+
+
+def _same_split(size: int, k_eff: int, stride: int) -> tuple[int, int]:
+    """TensorFlow SAME padding (before, after): output ceil(size / stride), extra after."""
+    total = max((-(-size // stride) - 1) * stride + k_eff - size, 0)
+    return total // 2, total - total // 2
 
 
 def _spatial(
@@ -156,8 +161,8 @@ def _spatial(
     kernel: tuple[int, int],
     fill: float | None,
     same_ok: bool = True,
-) -> tuple[int, int, dict]:
-    """Input tensor (NHWC, padded if needed), padding mode and stride/dilation options.
+) -> tuple[int, dict[str, int]]:
+    """Input tensor (NHWC, padded if needed) and the Padding/StrideH/StrideW options.
 
     ``fill`` is the value explicit padding uses (``None``: explicit padding is
     not expressible); ``same_ok`` says whether TFLite's SAME padding computes
@@ -168,12 +173,9 @@ def _spatial(
     _, _, h, w = ctx.shape(x)
     strides = tuple(a.get("strides", [1, 1]))
     dil = tuple(a.get("dilations", [1, 1]))
-    k_eff = tuple((k - 1) * d + 1 for k, d in zip(kernel, dil, strict=False))
+    k_eff = tuple((k - 1) * d + 1 for k, d in zip(kernel, dil, strict=True))
     pads = _explicit_pads(node, (h, w), k_eff, strides)  # type: ignore[arg-type]
-    same = []
-    for size, k, s in zip((h, w), k_eff, strides, strict=False):
-        total = max((-(-size // s) - 1) * s + k - size, 0)
-        same.append((total // 2, total - total // 2))
+    same = [_same_split(size, k, s) for size, k, s in zip((h, w), k_eff, strides, strict=True)]
     src = ctx.input(x, NHWC)
     is_same = [(pads[0], pads[2]), (pads[1], pads[3])] == same
     if not any(pads):
@@ -210,8 +212,7 @@ def _spatial(
             node.name,
             f"output size {tuple(expected)} (ceil_mode or pads) differs from TFLite's {got}",
         )
-    options = {"Padding": mode, "StrideH": int(strides[0]), "StrideW": int(strides[1])}
-    return src, mode, {**options, "_dil": dil}
+    return src, {"Padding": mode, "StrideH": int(strides[0]), "StrideW": int(strides[1])}
 
 
 def conv(ctx: Context, node: onnx.NodeProto) -> None:
@@ -226,9 +227,9 @@ def conv(ctx: Context, node: onnx.NodeProto) -> None:
     group = int(attrs(node).get("group", 1))
     has_bias = len(node.input) > 2 and bool(node.input[2])
     bias = ctx.constant(node.input[2]).astype(np.float32) if has_bias else np.zeros(m, np.float32)
-    src, _, opts = _spatial(ctx, node, (kh, kw), fill=0.0)
-    dh, dw = opts.pop("_dil")
-    opts.update(DilationHFactor=int(dh), DilationWFactor=int(dw), FusedActivationFunction=0)
+    src, opts = _spatial(ctx, node, (kh, kw), fill=0.0)
+    dh, dw = (int(d) for d in attrs(node).get("dilations", [1, 1]))
+    opts.update(DilationHFactor=dh, DilationWFactor=dw, FusedActivationFunction=0)
     out = ctx.new_tensor(out_name, NHWC)
     if group == 1:
         ctx.op(
@@ -265,7 +266,7 @@ def _grouped_conv(
     w: np.ndarray,
     bias: np.ndarray,
     group: int,
-    opts: dict,
+    opts: dict[str, int],
     out: int,
 ) -> None:
     x, name = node.input[0], node.output[0]
@@ -315,13 +316,12 @@ def _pool(ctx: Context, node: onnx.NodeProto, code: int) -> None:
         raise UnsupportedAttributeError(node.op_type, node.name, "dilated pooling")
     kh, kw = a["kernel_shape"]
     if code == Op.MAX_POOL_2D:
-        src, _, opts = _spatial(ctx, node, (kh, kw), fill=_LOWEST)
+        src, opts = _spatial(ctx, node, (kh, kw), fill=_LOWEST)
     else:
         inclusive = bool(a.get("count_include_pad", 0))
-        src, _, opts = _spatial(
+        src, opts = _spatial(
             ctx, node, (kh, kw), fill=0.0 if inclusive else None, same_ok=not inclusive
         )
-    opts.pop("_dil")
     opts.update(FilterHeight=int(kh), FilterWidth=int(kw), FusedActivationFunction=0)
     out = ctx.new_tensor(node.output[0], NHWC)
     ctx.op(code, [src], [out], ("Pool2DOptions", opts))

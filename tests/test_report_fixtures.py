@@ -298,3 +298,44 @@ def populate(engine: Engine, tmp: Path, *, end: datetime | None = None, devices:
 
 def session_for(engine: Engine) -> Session:
     return sessionmaker(engine, expire_on_commit=False)()
+
+
+# -- a small app serving only the dashboard, for the browser tests ------------------
+
+#: environment variable naming the database :func:`dashboard_app` serves
+DB_ENV = "EDGEFLEET_REPORT_TEST_DB"
+BUNDLES_ENV = "EDGEFLEET_REPORT_TEST_BUNDLES"
+
+
+def dashboard_app() -> Any:
+    """uvicorn factory: a FastAPI app with a server context and only the dashboard router."""
+    import os
+
+    from fastapi import FastAPI
+
+    from fleet_server.context import ServerContext
+    from fleet_server.report.dashboard import dashboard_router
+    from fleet_server.settings import ServerSettings
+
+    settings = ServerSettings(database_url=os.environ[DB_ENV],
+                              bundle_dir=Path(os.environ[BUNDLES_ENV]), run_migrations=False)
+    app = FastAPI(title="edgefleet dashboard (test app)")
+    app.state.ctx = ServerContext(settings)
+    app.include_router(dashboard_router())
+    return app
+
+
+def add_operator(engine: Engine, name: str, role: str, token: str, *,
+                 revoked: bool = False) -> None:
+    """An operator with one token (hashed with the development pepper, as the server does)."""
+    from fleet_server.db.models import Operator, OperatorToken
+    from fleet_server.security import TokenHasher
+    from fleet_server.settings import DEV_TOKEN_PEPPER
+
+    with sessionmaker(engine)() as s:
+        s.add(Operator(id=f"op-{name}", name=name, role=role))
+        s.flush()
+        s.add(OperatorToken(id=f"tok-{name}", operator_id=f"op-{name}",
+                            token_hash=TokenHasher(DEV_TOKEN_PEPPER).hash(token),
+                            revoked_at=datetime.now(timezone.utc) if revoked else None))
+        s.commit()

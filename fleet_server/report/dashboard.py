@@ -44,6 +44,12 @@ COOKIE = "edgefleet_token"
 PREFIX = "/dashboard"
 #: the choices the navigation bar offers
 HOUR_CHOICES = (1.0, 6.0, 24.0, 24.0 * 7)
+#: the longest period the dashboard reviews (90 days)
+MAX_HOURS = 24.0 * 90
+
+Hours = Annotated[float, Query(gt=0, le=MAX_HOURS, description="Review the last this many hours.")]
+Token = Annotated[str | None, Query(
+    description="Operator token; moved into a cookie, then dropped from the URL.")]
 
 
 class DatasetLoader(Protocol):
@@ -57,7 +63,7 @@ def _utcnow() -> datetime:
 
 
 def _hours_label(h: float) -> str:
-    if h >= 24 and h % 24 == 0:
+    if h >= 48 and h % 24 == 0:
         return f"{h / 24:g} d"
     return f"{h:g} h"
 
@@ -100,14 +106,11 @@ def _authenticate(request: Request, token: str | None) -> Principal:
 def dashboard_router(
     *,
     default_hours: float = 24.0,
-    max_hours: float = 24.0 * 90,
     loader: DatasetLoader = load_dataset,
     clock: Callable[[], datetime] = _utcnow,
 ) -> APIRouter:
     """The dashboard routes; the app must hold a ``ServerContext`` in ``app.state.ctx``."""
     router = APIRouter(prefix=PREFIX, tags=["dashboard"])
-    Hours = Annotated[float, Query(gt=0, le=max_hours,
-                                   description="Review the last this many hours.")]
 
     def dataset_for(request: Request, hours: float) -> ReviewDataset:
         until = clock()
@@ -117,9 +120,7 @@ def dashboard_router(
 
     @router.get("", response_class=HTMLResponse, summary="Telemetry review page (read-only)")
     def dashboard_page(request: Request, hours: Hours = default_hours,
-                       token: Annotated[str | None, Query(
-                           description="Operator token; moved into a cookie, then dropped "
-                                       "from the URL.")] = None) -> Response:
+                       token: Token = None) -> Response:
         """The review of the last ``hours`` as an HTML page (viewer role or higher)."""
         header = bearer_token(request.headers.get("authorization"))
         presented = header or request.cookies.get(COOKIE) or token

@@ -22,7 +22,7 @@ from datetime import datetime
 from html import escape
 from pathlib import Path
 
-from .dataset import GateRow, ReviewDataset, RolloutRow, iso, sorted_versions
+from .dataset import GateRow, ReviewDataset, RolloutRow, sorted_versions
 from .plots import render_plots, version_colors
 
 SECTIONS = (
@@ -218,7 +218,8 @@ def _decisions(ds: ReviewDataset) -> str:
             stage = "–" if d.stage is None else str(d.stage + 1)
             base = [_fmt_time(d.ts), d.action, stage]
             if not d.gates:
-                rows.append([*base, d.reason or "–", "", "", "", "", "", ""])
+                who = f"by {d.actor}" if d.actor else "–"
+                rows.append([*base, d.reason or who, "", "", "", "", "", ""])
                 rclass.append("first")
                 vclass.append("")
             for k, g in enumerate(d.gates):
@@ -286,7 +287,7 @@ def render_html(ds: ReviewDataset, *, title: str = "edgefleet telemetry review",
         "<link rel=\"icon\" href=\"data:,\">"
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>{nav}"
         f"<header><h1>{escape(title)}</h1><div class=\"period\">{escape(period)} · generated "
-        f"{escape(iso(ds.generated_at) or '')}</div><nav class=\"sections\">{toc}</nav></header>"
+        f"{escape(_fmt_time(ds.generated_at))}</div><nav class=\"sections\">{toc}</nav></header>"
         f"<main>{sections}</main></body></html>\n"
     )
 

@@ -142,7 +142,10 @@ class Reporter:
                 self._wake.clear()
 
     def step(self) -> bool:
-        """Reap acknowledgements and publish at most one batch; True if anything happened."""
+        """Reap acknowledgements, then publish until the in-flight window is full.
+
+        Returns True if anything happened.
+        """
         progressed = self._reap()
         if not self.transport.connected or len(self._in_flight) >= self.inflight:
             return progressed
@@ -152,13 +155,17 @@ class Reporter:
             # in case a refused batch is waiting to be re-sent
             self._cursor = dict.fromkeys(DRAIN_ORDER, 0)
         self._epoch_seen = epoch
-        for kind in DRAIN_ORDER:
-            records = self.store.pending(
-                limit=self.batch_size, kinds=(kind,), after=self._cursor[kind]
-            )
-            if records:
-                self._publish(kind, records, epoch)
-                return True
+        while len(self._in_flight) < self.inflight:  # fill the window in one go
+            for kind in DRAIN_ORDER:
+                records = self.store.pending(
+                    limit=self.batch_size, kinds=(kind,), after=self._cursor[kind]
+                )
+                if records:
+                    self._publish(kind, records, epoch)
+                    progressed = True
+                    break
+            else:
+                break  # nothing left to send
         return progressed
 
     def _publish(self, kind: str, records: list[Record], epoch: int) -> None:

@@ -298,7 +298,7 @@ class TelemetryStore:
 
         Returns how many rows were deleted.
         """
-        keys = [(int(s),) for s in seqs]
+        keys = sorted({int(s) for s in seqs})
         if not keys:
             return 0
         deleted = 0
@@ -306,9 +306,14 @@ class TelemetryStore:
 
             def delete() -> None:
                 nonlocal deleted
-                for kind in TELEMETRY_KINDS:
-                    cur = self._conn.executemany(f"DELETE FROM {_table(kind)} WHERE seq = ?", keys)
-                    deleted += cur.rowcount
+                for i in range(0, len(keys), 500):
+                    chunk = keys[i:i + 500]
+                    marks = ",".join("?" * len(chunk))
+                    for kind in TELEMETRY_KINDS:
+                        cur = self._conn.execute(
+                            f"DELETE FROM {_table(kind)} WHERE seq IN ({marks})", chunk
+                        )
+                        deleted += cur.rowcount
 
             self._write(delete)
         return deleted

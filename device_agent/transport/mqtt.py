@@ -2,11 +2,13 @@
 
 Shape:
 
-* one network thread of ours drives ``client.loop()``; it connects and reconnects
-  with exponential backoff plus jitter (:class:`~device_agent.transport.Backoff`);
-* paho callbacks do nothing but put events on our ``queue.Queue``; the network
-  thread handles them right after each ``loop()`` call (completing publish handles,
-  tracking the connection, re-subscribing, queueing notifications);
+* a supervisor thread of ours connects and reconnects with exponential backoff plus
+  jitter (:class:`~device_agent.transport.Backoff`); for each session it runs
+  paho's network thread (``loop_start``, with paho's own reconnect turned off),
+  which does all socket I/O;
+* paho callbacks do nothing but put events on our ``queue.Queue``; the supervisor
+  handles them (completing publish handles, tracking the connection,
+  re-subscribing, queueing notifications);
 * on every connect the device publishes a retained ``{"state": "online", ...}`` on
   its status topic; the last will is a retained ``{"state": "offline"}``; a clean
   :meth:`MqttTransport.stop` publishes ``offline`` itself (a clean disconnect
@@ -103,15 +105,20 @@ class MqttTransport:
         self.last_error = ""
         self._events: queue.Queue[_Event] = queue.Queue()
         self._handles: dict[int, PublishHandle] = {}
+        #: PUBACKs handled before publish() registered the handle (mid -> outcome)
+        self._early_acks: dict[int, tuple[bool, str]] = {}
+        #: mids of the transport's own status publishes, which have no handle
+        self._own_mids: set[int] = set()
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._epoch = 0
         self._thread: threading.Thread | None = None
+        self._handshake_timeout = connect_timeout + 10.0
         self._status_topic = status_topic(device_id)
         self._notify_topic = notify_topic(device_id)
         protocol = mqtt.MQTTv5 if mqtt_version == 5 else mqtt.MQTTv311
-        kwargs: dict[str, Any] = {"protocol": protocol}
+        kwargs: dict[str, Any] = {"protocol": protocol, "reconnect_on_failure": False}
         if protocol == mqtt.MQTTv311:
             kwargs["clean_session"] = True
         c = mqtt.Client(
@@ -186,18 +193,22 @@ class MqttTransport:
     def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
     ) -> PublishHandle:
-        """Queue a message; the handle completes on PUBACK (immediately for QoS 0)."""
+        """Queue a message at QoS 1 or 2; the handle completes on PUBACK (PUBCOMP)."""
+        if qos not in (1, 2):
+            raise ValueError("the transport publishes at QoS 1 or 2 only (it tracks every ack)")
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise PublishRefusedError(
+                f"paho refused to queue a message on {topic}: {mqtt.error_string(info.rc)}"
+            )
+        handle = PublishHandle(info.mid)
         with self._lock:
-            info = self._client.publish(topic, payload, qos=qos, retain=retain)
-            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                raise PublishRefusedError(
-                    f"paho refused to queue a message on {topic}: {mqtt.error_string(info.rc)}"
-                )
-            handle = PublishHandle(info.mid)
-            if qos == 0:
-                handle._complete(True)
-            else:
+            # the PUBACK may already have been handled before we got here
+            early = self._early_acks.pop(info.mid, None)
+            if early is None:
                 self._handles[info.mid] = handle
+        if early is not None:
+            handle._complete(*early)
         return handle
 
     def set_status(self, **fields: Any) -> PublishHandle:
@@ -240,74 +251,95 @@ class MqttTransport:
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         self._events.put(_Event("message", topic=msg.topic, payload=bytes(msg.payload)))
 
-    # ---------------------------------------------------------------- network thread
+    # ---------------------------------------------------------------- supervisor thread
 
     def _run(self) -> None:
-        first = True
+        """Connect, let paho's network thread serve the session, handle events, back off."""
         while not self._stop.is_set():
             try:
-                if first:
-                    self._client.connect(self.host, self.port, self.keepalive)
-                    first = False
-                else:
-                    self._client.reconnect()
+                self._client.connect(self.host, self.port, self.keepalive)
             except (OSError, ValueError) as e:
                 self.last_error = f"connect to {self.host}:{self.port} failed: {e}"
                 log.info("%s; retrying", self.last_error)
                 self._stop.wait(self.backoff.next())
                 continue
+            # paho's thread does all socket I/O; it returns when the session ends
+            # because the client is built with reconnect_on_failure=False
+            self._client.loop_start()
             self._serve()
+            self._client.loop_stop()
             self._connected.clear()
+            self._drain_events()
             if not self._stop.is_set():
                 self._stop.wait(self.backoff.next())
-        try:
-            self._client.disconnect()
-            self._client.loop(0.1)
-        except Exception:  # pragma: no cover - best effort on shutdown
-            pass
         self._connected.clear()
 
     def _serve(self) -> None:
-        """Drive one TCP session until it drops or we stop."""
-        while not self._stop.is_set():
-            rc = self._client.loop(timeout=0.05)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                self.last_error = f"connection lost: {mqtt.error_string(rc)}"
-            alive = self._drain_events()  # may name the cause more precisely
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or not alive:
+        """Handle events until the session ends; on stop, disconnect cleanly first."""
+        started = time.monotonic()
+        stop_deadline: float | None = None
+        while True:
+            if self._stop.is_set() and stop_deadline is None:
+                stop_deadline = time.monotonic() + 2.0
+                self._client.disconnect()
+            try:
+                ev = self._events.get(timeout=0.1)
+            except queue.Empty:
+                now = time.monotonic()
+                if stop_deadline is not None and now > stop_deadline:
+                    return
+                if not self._connected.is_set() and now - started > self._handshake_timeout:
+                    self.last_error = "no CONNACK from the broker; reconnecting"
+                    self._client.disconnect()
+                    return
+                continue
+            if not self._handle(ev):
                 return
 
-    def _drain_events(self) -> bool:
-        """Handle queued callback events; False once the session is gone."""
-        alive = True
+    def _drain_events(self) -> None:
+        """Handle whatever events are already queued."""
         while True:
             try:
                 ev = self._events.get_nowait()
             except queue.Empty:
-                return alive
-            if ev.kind == "published":
-                with self._lock:
-                    handle = self._handles.pop(ev.mid, None)
-                if handle is not None:
-                    handle._complete(ev.ok, ev.reason)
-            elif ev.kind == "connected":
-                self._epoch += 1
-                self.backoff.reset()
-                self.last_error = ""
-                self._client.subscribe(self._notify_topic, qos=1)
-                self._client.publish(
-                    self._status_topic, self._status_payload("online"), qos=1, retain=True
-                )
-                self._connected.set()
-            elif ev.kind == "connect_failed":
-                self.last_error = f"broker refused the connection: {ev.reason}"
-                log.warning("%s; check mqtt username/password", self.last_error)
-                alive = False
-            elif ev.kind == "disconnected":
-                self._connected.clear()
-                alive = False
-            elif ev.kind == "message" and ev.topic == self._notify_topic:
-                self.notifications.put(Notification(ev.topic, ev.payload, time.time()))
+                return
+            self._handle(ev)
+
+    def _handle(self, ev: _Event) -> bool:
+        """Act on one callback event; False once the session is gone."""
+        if ev.kind == "published":
+            with self._lock:
+                handle = self._handles.pop(ev.mid, None)
+                if handle is None:
+                    if ev.mid in self._own_mids:
+                        self._own_mids.discard(ev.mid)
+                    else:
+                        self._early_acks[ev.mid] = (ev.ok, ev.reason)
+            if handle is not None:
+                handle._complete(ev.ok, ev.reason)
+        elif ev.kind == "connected":
+            self._epoch += 1
+            self.backoff.reset()
+            self.last_error = ""
+            self._client.subscribe(self._notify_topic, qos=1)
+            info = self._client.publish(
+                self._status_topic, self._status_payload("online"), qos=1, retain=True
+            )
+            with self._lock:
+                self._own_mids.add(info.mid)
+            self._connected.set()
+        elif ev.kind == "connect_failed":
+            self.last_error = f"broker refused the connection: {ev.reason}"
+            log.warning("%s; check mqtt username/password", self.last_error)
+            return False
+        elif ev.kind == "disconnected":
+            self._connected.clear()
+            if not self.last_error and not self._stop.is_set():
+                self.last_error = f"connection lost: {ev.reason}"
+            return False
+        elif ev.kind == "message" and ev.topic == self._notify_topic:
+            self.notifications.put(Notification(ev.topic, ev.payload, time.time()))
+        return True
 
     def _status_payload(self, state: str) -> bytes:
         body: dict[str, Any] = {"state": state, "device_id": self.device_id}

@@ -57,8 +57,10 @@ def test_summary_event_and_sample_records_become_rows() -> None:
     assert (m.device_id, m.records, m.bad_records) == ("dev-a", 3, 0)
     s = m.rows["summary"][0]
     assert (s["seq"], s["name"], s["version"], s["count"], s["errors"]) == (1, "m", 7, 1000, 2)
-    assert s["feature_counts"] == {"f0": [250, 250, 250, 250]}
-    assert s["prediction_counts"] == [500, 300, 200] and s["drift_psi_max"] == 0.05
+    # JSON columns come out as JSON text, ready for the writer
+    assert json.loads(s["feature_counts"]) == {"f0": [250, 250, 250, 250]}
+    assert json.loads(s["prediction_counts"]) == [500, 300, 200]
+    assert sum(json.loads(s["latency_hist"])) == 998 and s["drift_psi_max"] == 0.05
     assert s["p95_ms"] == 4.8 and s["received_at"] == 100.0
     assert m.rows["events"][0]["outcome"] == "installed"
     assert m.rows["samples"][0]["predicted"] == "2"
@@ -114,6 +116,43 @@ def test_bad_record_is_dropped_and_counted_without_losing_its_neighbours(
     assert (m.records, m.bad_records, len(m.rows["summary"])) == (2, 1, 1)
 
 
+@pytest.mark.parametrize("hist", [[1, True], [1.5, 2], ["3"], [[1]], "1,2", {"a": 1}])
+def test_histogram_that_is_not_a_list_of_integers_is_not_stored(hist: Any) -> None:
+    body = summary_body()
+    body["latency_hist"] = hist
+    body["drift"]["prediction"]["counts"] = hist
+    s = parse_message(TOPIC, payload("dev-a", [(1, "summary", body)]), 1.0).rows["summary"][0]
+    assert s["latency_hist"] is None and s["prediction_counts"] is None
+    assert s["count"] == 1000  # the rest of the window is kept
+
+
 def test_singular_kind_aliases_are_accepted() -> None:
     m = parse_message(TOPIC, payload("dev-a", [(1, "event", install_body())]), 1.0)
     assert len(m.rows["events"]) == 1
+
+
+def test_fast_and_standard_codecs_produce_the_same_rows() -> None:
+    from fleet_server.ingest.jsoncodec import FAST, STDLIB
+
+    assert FAST is not None, "orjson is in the server extra; install it"
+    body = summary_body(shadow={"name": "m", "version": 8, "count": 9, "errors": 0,
+                                "agreement": 1.0, "latency_ms": {"p95": 1.0}})
+    raw = payload("dev-a", [(1, "summary", body), (2, "events", install_body()),
+                            (3, "samples", {"name": "m", "version": 7, "predicted": "cat"})])
+    a, b = (parse_message(TOPIC, raw, 5.0, codec=c) for c in (FAST, STDLIB))
+    for kind in a.rows:
+        for ra, rb in zip(a.rows[kind], b.rows[kind], strict=True):
+            assert ra.keys() == rb.keys()
+            for k in ra:
+                same = (json.loads(ra[k]) == json.loads(rb[k])
+                        if isinstance(ra[k], str) and ra[k][:1] in ("[", "{") else ra[k] == rb[k])
+                assert same, (kind, k, ra[k], rb[k])
+
+
+def test_integer_beyond_64_bits_in_a_body_does_not_lose_the_message() -> None:
+    big = {"seq": 2, "kind": "events", "ts": 1.0, "body": {**install_body(), "n": 2**70}}
+    good = {"seq": 1, "kind": "summary", "ts": 1.0, "body": summary_body()}
+    raw = json.dumps({"device_id": "dev-a", "records": [good, big]}).encode()
+    m = parse_message(TOPIC, raw, 1.0)
+    assert m.records == 2 and len(m.rows["summary"]) == 1
+    assert m.bad_records + len(m.rows["events"]) == 1

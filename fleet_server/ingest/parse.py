@@ -17,7 +17,6 @@ Checks, in order:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 from device_agent.protocol import parse_device_topic
 
 from .errors import MalformedTelemetryError, NotTelemetryTopicError, SpoofedDeviceError
+from .jsoncodec import DEFAULT, Codec
 
 KIND_ALIASES: Mapping[str, str] = {
     "summary": "summary", "summaries": "summary", "sample": "samples", "samples": "samples",
@@ -36,7 +36,10 @@ MAX_NAME = 200
 
 @dataclass
 class ParsedMessage:
-    """Rows for each table from one message, plus what was dropped."""
+    """Rows for each table from one message, plus what was dropped.
+
+    Values of JSON columns are JSON text already (the writer stores them as is).
+    """
 
     device_id: str
     rows: dict[str, list[dict[str, Any]]] = field(
@@ -56,11 +59,12 @@ def topic_device(topic: str) -> str:
     return device_id
 
 
-def parse_message(topic: str, payload: bytes, received_at: float) -> ParsedMessage:
+def parse_message(topic: str, payload: bytes, received_at: float,
+                  codec: Codec = DEFAULT) -> ParsedMessage:
     """Parse and check one message (see the module docstring for the order of checks)."""
     device_id = topic_device(topic)
     try:
-        obj = json.loads(payload)
+        obj = codec.loads(payload)
     except (UnicodeDecodeError, ValueError) as e:
         raise MalformedTelemetryError(f"payload from {device_id} is not JSON: {e}") from e
     if not isinstance(obj, dict) or not isinstance(obj.get("records"), list):
@@ -74,7 +78,10 @@ def parse_message(topic: str, payload: bytes, received_at: float) -> ParsedMessa
     out = ParsedMessage(device_id)
     for rec in obj["records"]:
         out.records += 1
-        row = _record_row(device_id, rec, received_at)
+        try:
+            row = _record_row(device_id, rec, received_at, codec)
+        except ValueError:  # a body the codec cannot re-encode
+            row = None
         if row is None:
             out.bad_records += 1
         else:
@@ -100,13 +107,7 @@ def _dict(x: Any) -> dict[str, Any]:
     return x if isinstance(x, dict) else {}
 
 
-def _int_list(x: Any) -> list[int] | None:
-    if isinstance(x, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in x):
-        return x
-    return None
-
-
-def _record_row(device_id: str, rec: Any, received_at: float
+def _record_row(device_id: str, rec: Any, received_at: float, codec: Codec
                 ) -> tuple[str, dict[str, Any]] | None:
     if not isinstance(rec, dict):
         return None
@@ -118,42 +119,43 @@ def _record_row(device_id: str, rec: Any, received_at: float
         return None
     base = {"device_id": device_id, "seq": seq, "ts": ts, "received_at": received_at}
     if kind == "summary":
-        row = _summary(body)
+        row = _summary(body, codec)
     elif kind == "events":
-        row = _event(body)
+        row = _event(body, codec)
     else:
         row = {"name": _str(body.get("name")), "version": _int(body.get("version")),
                "predicted": None if body.get("predicted") is None
-               else str(body.get("predicted"))[:100], "body": body}
+               else str(body.get("predicted"))[:100], "body": codec.dumps(body)}
     if row is None:
         return None
     row.update(base)
     return kind, row
 
 
-def _summary(b: dict[str, Any]) -> dict[str, Any] | None:
+def _summary(b: dict[str, Any], codec: Codec) -> dict[str, Any] | None:
     name, version = _str(b.get("name")), _int(b.get("version"))
     count, errors = _int(b.get("count")), _int(b.get("errors"))
     if name is None or version is None or count is None or errors is None:
         return None
     lat = _dict(b.get("latency_ms"))
     drift = b.get("drift") if isinstance(b.get("drift"), dict) else None
-    features: dict[str, list[int]] | None = None
-    pred: list[int] | None = None
+    features: str | None = None
+    pred: str | None = None
     psi_max = None
     if drift is not None:
         psi_max = _num(drift.get("psi_max"))
         feats = drift.get("features")
         if isinstance(feats, list):
-            features = {}
+            parts = []
             for f in feats:
                 if isinstance(f, dict) and isinstance(f.get("name"), str):
-                    counts = _int_list(f.get("counts"))
+                    counts = codec.int_list(f.get("counts"))
                     if counts is not None:
-                        features[f["name"]] = counts
+                        parts.append(f"{codec.dumps(f['name'])}: {counts}")
+            features = "{" + ", ".join(parts) + "}"
         p = drift.get("prediction")
         if isinstance(p, dict):
-            pred = _int_list(p.get("counts"))
+            pred = codec.int_list(p.get("counts"))
     sh = _dict(b.get("shadow"))
     sh_lat = _dict(sh.get("latency_ms"))
     dropped = b.get("dropped")
@@ -161,7 +163,7 @@ def _summary(b: dict[str, Any]) -> dict[str, Any] | None:
         "window_start": _num(b.get("window_start")), "window_end": _num(b.get("window_end")),
         "name": name, "version": version, "slot": _str(b.get("slot"), 8),
         "rollout_id": _str(b.get("rollout_id"), 40), "count": count, "errors": errors,
-        "latency_hist": _int_list(b.get("latency_hist")), "p95_ms": _num(lat.get("p95")),
+        "latency_hist": codec.int_list(b.get("latency_hist")), "p95_ms": _num(lat.get("p95")),
         "drift_psi_max": psi_max, "feature_counts": features, "prediction_counts": pred,
         "shadow_name": _str(sh.get("name")) if sh else None,
         "shadow_version": _int(sh.get("version")) if sh else None,
@@ -169,11 +171,11 @@ def _summary(b: dict[str, Any]) -> dict[str, Any] | None:
         "shadow_errors": _int(sh.get("errors")) if sh else None,
         "shadow_agreement": _num(sh.get("agreement")) if sh else None,
         "shadow_p95_ms": _num(sh_lat.get("p95")),
-        "dropped": dropped if isinstance(dropped, dict) else None,
+        "dropped": codec.dumps(dropped) if isinstance(dropped, dict) else None,
     }
 
 
-def _event(b: dict[str, Any]) -> dict[str, Any] | None:
+def _event(b: dict[str, Any], codec: Codec) -> dict[str, Any] | None:
     etype = _str(b.get("type"), 40)
     if etype is None:
         return None
@@ -184,5 +186,5 @@ def _event(b: dict[str, Any]) -> dict[str, Any] | None:
         "rollout_id": _str(b.get("rollout_id"), 40),
         "shadow": shadow if isinstance(shadow, bool) else None,
         "error_code": _str(b.get("error_code"), 100), "message": _str(b.get("message"), 2000),
-        "body": b,
+        "body": codec.dumps(b),
     }

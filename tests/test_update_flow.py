@@ -302,3 +302,36 @@ def test_unreachable_server_leaves_device_idle_and_serving(tmp_path: Path, sim: 
     server.start()  # a new port: the device's URL now points nowhere
     assert d.updater.check().value == "idle"
     assert d.updater.history[-3:] == ["idle", "checking", "idle"] and d.serves(1)
+
+
+def test_probation_final_smoke_check_catches_a_corrupted_slot(
+        tmp_path: Path, sim: BundleSim, server: BundleServer, store: TelemetryStore) -> None:
+    d = Device(tmp_path, sim, server, store, probation_seconds=0.2)
+    d.updater.install_file(publish(sim, version=1, seed=1), probation=False)
+    server.offer(publish(sim, version=2, seed=2), version=2)
+    assert d.updater.check().value == "probation" and d.serves(2)
+    (d.slots.path("b") / "model.onnx").write_bytes(tiny_onnx_model(8))  # storage corruption
+    time.sleep(0.25)
+    assert d.updater.tick().value == "idle"
+    assert d.serves(1)
+    failed, rolled = server.reports[-2:]
+    assert failed["error_code"] == "hash_mismatch"
+    assert rolled["outcome"] == "rolled_back" and "final smoke check failed" in rolled["message"]
+
+
+def test_boot_falls_back_to_previous_slot_when_active_slot_is_corrupt(
+        device: Device, server: BundleServer, sim: BundleSim, tmp_path: Path,
+        store: TelemetryStore) -> None:
+    server.offer(publish(sim, version=2, seed=2), version=2)
+    device.updater.check()
+    device.updater.unlock()
+    (device.slots.path("b") / "model.onnx").write_bytes(tiny_onnx_model(8))
+    host = ServingHost()
+    again = Updater(tmp_path / "state", sim.trust("release"), host, events=store)
+    model = again.boot()
+    again.unlock()
+    assert model is not None and model.version == 1
+    assert np.allclose(host.predict(SMOKE_INPUT), reference_outputs(1), atol=1e-6)
+    ptr = device.slots.active()
+    assert ptr is not None and (ptr.slot, ptr.version) == ("a", 1)
+    assert device.events()[-1]["error_code"] == "active_slot_corrupt"

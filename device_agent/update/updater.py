@@ -408,9 +408,18 @@ class Updater:
                 f"update.probation_max_error_rate {cfg.probation_max_error_rate:.1%}"),
                 "probation_failed")
             return Event.PROBATION_ERROR
-        if self.clock() - started >= cfg.probation_seconds:
-            return Event.PROBATION_PASSED
-        return None
+        if self.clock() - started < cfg.probation_seconds:
+            return None
+        try:  # a last smoke check before committing: the slot's files and the model's outputs
+            assert self.record.slot is not None
+            self.slots.verify(self.record.slot, None)
+            run_smoke_test(self._load_staged())
+        except Exception as e:  # noqa: BLE001
+            self._staged = None
+            self._fail(RuntimeError(f"final smoke check failed: {e}"),
+                       getattr(e, "code", "smoke_test_failed"))
+            return Event.PROBATION_ERROR
+        return Event.PROBATION_PASSED
 
     def _roll_back(self) -> Event:
         back, ptr = self.record.from_slot, self.slots.active()
@@ -458,6 +467,10 @@ class Updater:
         }
         if self.record.mode == "manual_rollback":
             body["message"] = body["message"] or "rolled back by operator"
+        self._report_event(body)
+        return Event.REPORTED
+
+    def _report_event(self, body: dict[str, Any]) -> None:
         self.reports.append(body)
         log.info("update outcome", extra={"report": body})
         if self.events is not None:
@@ -468,9 +481,9 @@ class Updater:
         if self.fetcher is not None and not self.record.local:
             with contextlib.suppress(ServerUnavailableError):
                 self.fetcher.post_reports([body])
-        return Event.REPORTED
 
     def _load_active(self) -> LoadedModel | None:
+        """Serve the active slot after checking its files; fall back to the previous slot."""
         ptr = self.slots.active()
         if ptr is None:
             return None
@@ -478,15 +491,25 @@ class Updater:
             if slot is None:
                 continue
             try:
+                self.slots.verify(slot, None)
                 model = self.loader(self.slots.path(slot), slot, self.config.runtime_threads)
             except Exception as e:  # noqa: BLE001 - try the other slot rather than stop
-                log.error("cannot load slot %s: %s", slot, e)
+                log.error("slot %s is not fit to serve: %s", slot, e,
+                          extra={"slot": slot, "error_code": getattr(e, "code", None)})
                 continue
             if slot != ptr.slot:
                 self.slots.set_active(ActivePointer(slot, model.name, model.version, None, None,
                                                     self.clock()))
+                self._report_event({
+                    "type": "install", "outcome": "rolled_back", "name": model.name,
+                    "version": model.version, "bundle_id": None,
+                    "error_code": "active_slot_corrupt",
+                    "message": f"slot {ptr.slot} ({ptr.name} v{ptr.version}) failed its integrity "
+                               f"check at boot; serving slot {slot}",
+                    "state": "idle", "ts": self.clock(), "rollout_id": None, "shadow": False})
             self.host.swap(model)
             return model
+        log.error("no slot is fit to serve; install a bundle (edgefleet-agent install)")
         return None
 
     _ACTIONS: dict[Action, Callable[[Updater], Event | None]] = {

@@ -381,3 +381,78 @@ def test_backoff_grows_exponentially_with_jitter_and_stays_bounded() -> None:
     assert max(delays) <= 8.0 and len({round(d, 6) for d in delays[6:]}) > 1, "jittered"
     b.reset()
     assert b.next() <= 0.5
+
+
+def _wait(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_batches_in_flight_when_the_broker_dies_are_resent_and_counted_as_retries(
+    broker: MosquittoBroker, tmp_path: Path, cleanup: list[Callable[[], None]]
+) -> None:
+    store = TelemetryStore(tmp_path / "t.db", max_bytes=8 * MiB)
+    cleanup.append(store.close)
+    store.append_many([("sample", sample_body(i), 0.0) for i in range(500)])
+    transport = transport_for(broker, cleanup)
+    assert transport.wait_connected(10)
+    broker.pause()  # the next publishes reach the socket, never the broker
+    reporter = Reporter(store, transport, "dev-a", batch_size=10, inflight=3,
+                        poll_interval=0.05).start()
+    cleanup.append(reporter.stop)
+    assert _wait(lambda: reporter.in_flight == 3, 10)
+    broker.kill()
+    assert _wait(lambda: not transport.connected, 30)
+    assert len(store.pending(limit=1000)) == 500, "a dropped connection deletes nothing"
+    broker.start()
+    assert _wait(lambda: not store.pending(limit=1), 30)
+    assert reporter.counters.retries == 3
+    assert reporter.counters.acked == 500 and reporter.counters.batches_acked == 50
+
+
+def test_rows_in_flight_when_the_agent_stops_are_sent_again_after_restart(
+    broker: MosquittoBroker, tmp_path: Path, cleanup: list[Callable[[], None]]
+) -> None:
+    collector = server_collector(broker, cleanup, [TELEMETRY])
+    path = tmp_path / "t.db"
+    store = TelemetryStore(path, max_bytes=8 * MiB)
+    appended = set(store.append_many([("sample", sample_body(i), 0.0) for i in range(300)]))
+    transport = transport_for(broker, [])
+    assert transport.wait_connected(10)
+    broker.pause()
+    reporter = Reporter(store, transport, "dev-a", batch_size=10, inflight=3,
+                        poll_interval=0.05).start()
+    assert _wait(lambda: reporter.in_flight == 3, 10)
+    reporter.stop()
+    transport.stop(timeout=0.2)
+    store.close()  # the agent is gone; nothing was acknowledged
+    broker.resume()
+
+    store = TelemetryStore(path, max_bytes=8 * MiB)
+    cleanup.append(store.close)
+    assert {r.seq for r in store.pending(limit=1000)} == appended
+    transport = transport_for(broker, cleanup)
+    reporter = Reporter(store, transport, "dev-a", batch_size=50, inflight=4).start()
+    cleanup.append(reporter.stop)
+    assert collector.wait_for(lambda m: telemetry_seqs(m) >= appended, 30)
+    assert telemetry_seqs(collector.snapshot()) == appended
+    assert _wait(lambda: not store.pending(limit=1), 10)
+
+
+def test_mqtt5_broker_refusal_is_counted_and_the_rows_are_kept(
+    broker: MosquittoBroker, tmp_path: Path, cleanup: list[Callable[[], None]]
+) -> None:
+    store = TelemetryStore(tmp_path / "t.db", max_bytes=MiB)
+    cleanup.append(store.close)
+    seqs = store.append_many([("event", {"type": "install", "n": i}, 0.0) for i in range(5)])
+    # authenticated as dev-a but configured to report as dev-b: the ACL refuses it
+    transport = transport_for(broker, cleanup, "dev-a", mqtt_version=5)
+    reporter = Reporter(store, transport, "dev-b", poll_interval=0.05).start()
+    cleanup.append(reporter.stop)
+    assert _wait(lambda: reporter.counters.rejected == 1, 10)
+    assert reporter.counters.acked == 0
+    assert [r.seq for r in store.pending()] == seqs

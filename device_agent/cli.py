@@ -197,6 +197,7 @@ def install(ctx: click.Context, bundle: Path) -> None:
     _logging(cfg)
     updater, store = _updater(cfg)
     try:
+        updater.boot()  # finish or undo what an interrupted command left
         updater.install_file(bundle, probation=False)
     except UpdateBusyError as e:
         _die(f"busy: {e}", 3)
@@ -222,6 +223,7 @@ def rollback(ctx: click.Context) -> None:
     _logging(cfg)
     updater, store = _updater(cfg)
     try:
+        updater.boot()
         updater.rollback()
     except RollbackUnavailableError as e:
         _die(f"refused: {e}", 1)

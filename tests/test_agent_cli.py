@@ -308,3 +308,23 @@ def test_run_checks_in_installs_and_checks_again_on_mqtt_notify(
     assert lines and all({"ts", "level", "logger", "msg"} <= set(x) for x in lines)
     assert any(x["msg"] == "switched" and x.get("model_version") == 2 for x in lines)
     assert any(x["msg"] == "agent stopping" for x in lines)
+
+
+def test_install_killed_mid_way_is_finished_by_the_next_command(
+        cfg: Path, sim: BundleSim, tmp_path: Path) -> None:
+    assert agent(cfg, "install", str(publish(sim, version=1, seed=1))).exit_code == 0
+    v2 = publish(sim, version=2, seed=2)
+    env = {**os.environ, "EDGEFLEET_AGENT_CONFIG": str(cfg),
+           "EDGEFLEET_AGENT_CRASH_AT": "staging.after"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "edgefleet-agent"), "install",
+                           str(v2)], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL
+    info = json.loads(agent(cfg, "status", "--json").output)
+    assert info["state"] == "staging" and info["active"]["version"] == 1
+    assert np.allclose(active_output(tmp_path), reference_outputs(1), atol=1e-6)
+    r = agent(cfg, "install", str(v2))
+    assert r.exit_code == 0, r.output
+    assert "installed: tiny v2 into slot b" in r.output
+    info = json.loads(agent(cfg, "status", "--json").output)
+    assert info["state"] == "idle" and info["active"]["previous"] == "a"
+    assert np.allclose(active_output(tmp_path), reference_outputs(2), atol=1e-6)

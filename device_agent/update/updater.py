@@ -163,6 +163,11 @@ class Updater:
         if self.state is not State.IDLE:
             raise UpdateBusyError(
                 f"an update is in progress (state {self.state.value}); let it finish first")
+        t, ptr = self.record.target, self.slots.active()
+        if t is not None and ptr is not None and (ptr.name, ptr.version) == (t.name, t.version) \
+                and t.sha256 == sha256_file(Path(path)):
+            log.info("bundle is already installed and active", extra={"slot": ptr.slot})
+            return self.state
         self.record.begin("install", None, self.clock())
         self.record.bundle_path = str(Path(path).resolve())
         self.record.local = True

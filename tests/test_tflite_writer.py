@@ -204,10 +204,14 @@ def test_operator_codes_store_deprecated_code_consistently() -> None:
     assert operator_code_fields(3) == (3, 3)
     assert operator_code_fields(126) == (126, 126)
     assert operator_code_fields(150) == (127, 150)
-    m = _model(onnx_to_tflite(OP_CASES["matmul_two_activations"]()[0]))
-    for i in range(m.OperatorCodesLength()):
-        code = m.OperatorCodes(i)
-        assert code.DeprecatedBuiltinCode() == min(code.BuiltinCode(), 127)
+    seen = set()
+    for case in ("matmul_two_activations", "gelu_tanh_nhwc"):
+        m = _model(onnx_to_tflite(OP_CASES[case]()[0]))
+        for i in range(m.OperatorCodesLength()):
+            code = m.OperatorCodes(i)
+            assert code.DeprecatedBuiltinCode() == min(code.BuiltinCode(), 127)
+            seen.add(code.BuiltinCode())
+    assert {Op.BATCH_MATMUL, Op.GELU} <= seen  # codes 126 and 150 on either side of 127
 
 
 def test_operator_above_127_runs_through_the_placeholder_code() -> None:
@@ -347,3 +351,31 @@ def test_layout_change_of_a_1x1_feature_map_moves_no_data() -> None:
     codes = _op_codes(onnx_to_tflite(model))
     assert codes.count(Op.TRANSPOSE) == 1  # only the input's NCHW -> NHWC
     assert np.abs(run_tflite(onnx_to_tflite(model), x) - run_onnx(model, x)).max() <= FLOAT32_ABS
+
+
+def test_several_inputs_and_outputs_keep_their_names_and_order() -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    nodes = [
+        helper.make_node("Mul", ["a", "b"], ["prod"]),
+        helper.make_node("Relu", ["prod"], ["relu"]),
+        helper.make_node("Sub", ["a", "b"], ["diff"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3]) for n in ("a", "b")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3]) for n in ("relu", "diff")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    interp = Interpreter(model_content=onnx_to_tflite(model))
+    assert interp.get_signature_list()["serving_default"] == {
+        "inputs": ["a", "b"],
+        "outputs": ["diff", "relu"],  # the runner lists names sorted
+    }
+    assert [d["name"] for d in interp.get_input_details()] == ["a", "b"]
+    assert [d["name"] for d in interp.get_output_details()] == ["relu", "diff"]
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(size=(4, 3)).astype(np.float32) for _ in range(2))
+    out = interp.get_signature_runner()(a=a, b=b)
+    assert np.allclose(out["relu"], np.maximum(a * b, 0)) and np.allclose(out["diff"], a - b)

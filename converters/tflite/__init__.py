@@ -8,7 +8,8 @@ Supported ONNX operators (default domain, float32 tensors), see :data:`SUPPORTED
 * dense: ``Gemm``, ``MatMul`` (constant weights -> FULLY_CONNECTED, else BATCH_MATMUL)
 * elementwise: ``Add``, ``Sub``, ``Mul``, ``Div`` (with broadcasting)
 * activations: ``Relu``, ``Clip``, ``Sigmoid``, ``Tanh``, ``LeakyRelu``, ``HardSwish``,
-  ``Softmax`` (over the last axis, or the channel axis of an NCHW tensor)
+  ``HardSigmoid``, ``Gelu`` (opset 20), ``Softmax`` (over the last axis, or the
+  channel axis of an NCHW tensor)
 * ``Conv`` 2-D, including depthwise (group == channels) and grouped convolutions,
   with pads, strides and dilations
 * ``MaxPool``, ``AveragePool`` (2-D, no dilation), ``GlobalAveragePool``, ``GlobalMaxPool``

@@ -11,12 +11,14 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
+import tflite
 
 from converters.tflite.context import Context, Op, attrs
 from converters.tflite.errors import UnsupportedAttributeError, UnsupportedShapeError
 from converters.tflite.layout import NHWC, ONNX, compose_from_nhwc, nhwc_axis
 
 Lowering = Callable[[Context, onnx.NodeProto], None]
+Act = tflite.ActivationFunctionType
 
 _BINARY = {
     "Add": (Op.ADD, "AddOptions"),
@@ -73,6 +75,36 @@ def hard_swish(ctx: Context, node: onnx.NodeProto) -> None:
 def leaky_relu(ctx: Context, node: onnx.NodeProto) -> None:
     alpha = float(attrs(node).get("alpha", 0.01))
     _unary(ctx, node, Op.LEAKY_RELU, ("LeakyReluOptions", {"Alpha": alpha}))
+
+
+def gelu(ctx: Context, node: onnx.NodeProto) -> None:
+    """Gelu (opset 20) -> GELU, builtin code 150: stored past the old int8 code field."""
+    approximate = attrs(node).get("approximate", b"none")
+    approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+    if approximate not in ("none", "tanh"):
+        raise UnsupportedAttributeError("Gelu", node.name, f"approximate={approximate!r}")
+    _unary(ctx, node, Op.GELU, ("GeluOptions", {"Approximate": approximate == "tanh"}))
+
+
+def hard_sigmoid(ctx: Context, node: onnx.NodeProto) -> None:
+    """HardSigmoid: ``min(relu(alpha * x + beta), 1)`` as MUL, ADD (fused RELU), MINIMUM."""
+    a = attrs(node)
+    alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
+    name, out_name = node.input[0], node.output[0]
+    layout = ctx.layout_of(name) or ONNX
+    scaled = ctx.new_tensor(f"{out_name}__scaled", layout, like=out_name)
+    shifted = ctx.new_tensor(f"{out_name}__shifted", layout, like=out_name)
+    out = ctx.new_tensor(out_name, layout)
+
+    def scalar(tag: str, value: float) -> int:
+        return ctx.const(f"{out_name}__{tag}", np.asarray([value], dtype=np.float32))
+
+    ctx.op(Op.MUL, [ctx.input(name, layout), scalar("alpha", alpha)], [scaled],
+           ("MulOptions", {"FusedActivationFunction": 0}))  # fmt: skip
+    ctx.op(Op.ADD, [scaled, scalar("beta", beta)], [shifted],
+           ("AddOptions", {"FusedActivationFunction": Act.RELU}))  # fmt: skip
+    ctx.op(Op.MINIMUM, [shifted, scalar("one", 1.0)], [out])
+    ctx.output(out_name, out, layout)
 
 
 def _clip_bounds(ctx: Context, node: onnx.NodeProto) -> tuple[float, float]:
@@ -300,6 +332,7 @@ BASIC_LOWERINGS: dict[str, Lowering] = {
     "Add": binary, "Sub": binary, "Mul": binary, "Div": binary,
     "Relu": relu, "Sigmoid": sigmoid, "Tanh": tanh, "HardSwish": hard_swish,
     "LeakyRelu": leaky_relu, "Clip": clip, "Softmax": softmax,
+    "Gelu": gelu, "HardSigmoid": hard_sigmoid,
     "Flatten": reshape_like_output, "Reshape": reshape_like_output,
     "Squeeze": reshape_like_output, "Unsqueeze": reshape_like_output,
     "Transpose": transpose, "Concat": concat, "Pad": pad,

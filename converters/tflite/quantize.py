@@ -13,8 +13,10 @@ Both modes keep float32 inputs, outputs and activations; only constants shrink.
     ``DEPTHWISE_CONV_2D`` (per channel, dimension 3) and ``FULLY_CONNECTED``
     (per tensor) become symmetric int8 with float scales and zero points 0, as
     TensorFlow's dynamic range quantization stores them. The interpreter then
-    runs its hybrid kernels: activations are quantized on the fly per batch
-    row. Biases and other constants stay float32.
+    runs its hybrid kernels: activations are quantized on the fly (per row for
+    dense layers, per image for convolutions). Biases and other constants stay
+    float32. Unlike TensorFlow's converter, which leaves weights under 1024
+    elements in float, every conv / dense weight is quantized, however small.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ def running(stage: int) -> RolloutState:
     return RolloutState(status=Status.RUNNING, stage=stage, stage_started_at=0.0)
 
 
+@settings(deadline=None)
 @given(rollout_id=ids, device_id=ids)
 def test_bucket_is_deterministic_and_in_unit_interval(rollout_id: str, device_id: str) -> None:
     b = bucket(rollout_id, device_id)
@@ -46,6 +47,7 @@ def test_bucket_is_deterministic_and_in_unit_interval(rollout_id: str, device_id
     assert b == bucket(rollout_id, device_id)
 
 
+@settings(deadline=None)
 @given(percents=percent_lists, device_ids=st.lists(ids, max_size=30), rollout_id=ids)
 def test_member_of_a_stage_stays_member_of_every_later_stage(
     percents: list[float], device_ids: list[str], rollout_id: str
@@ -59,6 +61,7 @@ def test_member_of_a_stage_stays_member_of_every_later_stage(
         assert first == (member.index(True) if True in member else None)
 
 
+@settings(deadline=None)
 @given(percents=percent_lists, device_id=ids)
 def test_assignment_never_goes_back_to_old_model_while_advancing(
     percents: list[float], device_id: str
@@ -148,7 +151,7 @@ def test_changed_devices_are_exactly_the_new_stage_members() -> None:
     assert changed == expected and changed
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(percents=percent_lists)
 def test_stage_members_grow_with_stage(percents: list[float]) -> None:
     spec = spec_with(percents)

@@ -105,7 +105,7 @@ def running_cases(draw: st.DrawFn) -> tuple[RolloutSpec, RolloutState, CohortMet
 
 # -- properties of decide() -----------------------------------------------------------
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(running_cases())
 def test_never_advances_or_completes_when_a_gate_breaches(case) -> None:  # type: ignore[no-untyped-def]
     spec, state, metrics, now = case
@@ -116,7 +116,7 @@ def test_never_advances_or_completes_when_a_gate_breaches(case) -> None:  # type
         assert d.action is want
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(running_cases())
 def test_advances_only_after_soak_with_min_devices_and_all_gates_decided(case) -> None:  # type: ignore[no-untyped-def]
     spec, state, metrics, now = case
@@ -129,7 +129,7 @@ def test_advances_only_after_soak_with_min_devices_and_all_gates_decided(case) -
         assert (d.action is Action.COMPLETE) == (state.stage == spec.last_stage)
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(running_cases())
 def test_never_decides_a_gate_on_insufficient_samples(case) -> None:  # type: ignore[no-untyped-def]
     spec, state, metrics, now = case
@@ -141,7 +141,7 @@ def test_never_decides_a_gate_on_insufficient_samples(case) -> None:  # type: ig
                 assert g.control_samples >= g.min_samples
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(running_cases())
 def test_every_decision_carries_the_numbers(case) -> None:  # type: ignore[no-untyped-def]
     spec, state, metrics, now = case
@@ -158,6 +158,7 @@ def test_every_decision_carries_the_numbers(case) -> None:  # type: ignore[no-un
     assert j["reason"]
 
 
+@settings(deadline=None)
 @given(specs(), metrics_st, st.sampled_from([Status.PAUSED, Status.SUCCEEDED,
                                              Status.ROLLED_BACK, Status.ABORTED]))
 def test_only_running_rollouts_move(spec: RolloutSpec, metrics: CohortMetrics,
@@ -168,6 +169,7 @@ def test_only_running_rollouts_move(spec: RolloutSpec, metrics: CohortMetrics,
     assert apply_decision(spec, state, d) == state
 
 
+@settings(deadline=None)
 @given(specs(), metrics_st)
 def test_pending_rollout_starts_at_stage_zero(spec: RolloutSpec, metrics: CohortMetrics) -> None:
     d = decide(spec, RolloutState(), metrics, T0)
@@ -363,11 +365,13 @@ def test_rollback_version_is_above_candidate_and_previous() -> None:
 
 # -- spec and state JSON -----------------------------------------------------------------
 
+@settings(deadline=None)
 @given(specs())
 def test_spec_json_round_trip(spec: RolloutSpec) -> None:
     assert RolloutSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
 
 
+@settings(deadline=None)
 @given(running_cases())
 def test_state_json_round_trip(case) -> None:  # type: ignore[no-untyped-def]
     spec, state, _, _ = case

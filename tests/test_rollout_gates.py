@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device_agent.protocol import LATENCY_BUCKETS_MS
@@ -108,6 +108,7 @@ def test_js_divergence_is_zero_for_same_and_one_bit_for_disjoint() -> None:
     assert js_divergence([1, 0], [0, 1]) == pytest.approx(1.0)
 
 
+@settings(deadline=None)
 @given(st.lists(st.integers(0, 1000), min_size=2, max_size=8),
        st.lists(st.integers(0, 1000), min_size=2, max_size=8))
 def test_divergences_are_finite_non_negative_and_js_bounded(a: list[int], b: list[int]) -> None:
@@ -159,6 +160,7 @@ def test_small_error_excess_within_margin_passes() -> None:
 
 # -- minimum samples, control sources ------------------------------------------------
 
+@settings(deadline=None)
 @given(n_canary=st.integers(0, 2000), n_control=st.integers(0, 2000),
        errors=st.integers(0, 2000), min_samples=st.integers(1, 1500))
 def test_error_gate_waits_below_min_samples_in_either_cohort(

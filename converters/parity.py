@@ -82,7 +82,7 @@ class OutputParity:
             "name": self.name, "task": self.task,
             "max_abs_error": _finite(self.max_abs_error),
             "max_rel_error": _finite(self.max_rel_error),
-            "passed": self.passed, "judged_by": self.judged_by,
+            "passed": bool(self.passed), "judged_by": self.judged_by,
         }
         if self.top1_agreement is not None:
             out["top1_agreement"] = round(self.top1_agreement, 6)
@@ -161,7 +161,7 @@ def compare_output(name: str, task: str, ref: np.ndarray, got: np.ndarray,
     if task == "classification" and ref64.ndim >= 1 and ref64.shape[-1] >= 2:
         top1 = float(np.mean(np.argmax(got64, -1) == np.argmax(ref64, -1)))
     if tol.min_top1 is not None and top1 is not None:
-        ok = top1 >= tol.min_top1 and np.isfinite(max_abs)
+        ok = bool(top1 >= tol.min_top1 and np.isfinite(max_abs))
         detail = "" if ok else f"top-1 agreement {top1:.3f} < {tol.min_top1:.3f}"
         return OutputParity(name, task, max_abs, max_rel, top1, ok, "top1", detail)
     if tol.atol is None and tol.rtol is None and tol.range_atol is None:
@@ -176,7 +176,7 @@ def compare_output(name: str, task: str, ref: np.ndarray, got: np.ndarray,
     if tol.range_atol is not None:
         bound += tol.range_atol * float(np.max(ref64) - np.min(ref64))
     over = diff > bound
-    ok = not bool(np.any(over)) and np.isfinite(max_abs)
+    ok = bool(not np.any(over) and np.isfinite(max_abs))
     detail = ""
     if not ok:
         i = int(np.argmax(diff - bound))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .bundle import bundle
+from .convert import bundle_build, convert
 from .image import image
 from .keys import keys, trust
 from .report import report
@@ -19,5 +20,7 @@ def main() -> None:
 main.add_command(keys)
 main.add_command(trust)
 main.add_command(bundle)
+main.add_command(convert)
+bundle.add_command(bundle_build)
 main.add_command(image)
 main.add_command(report)

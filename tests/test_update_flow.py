@@ -335,3 +335,22 @@ def test_boot_falls_back_to_previous_slot_when_active_slot_is_corrupt(
     ptr = device.slots.active()
     assert ptr is not None and (ptr.slot, ptr.version) == ("a", 1)
     assert device.events()[-1]["error_code"] == "active_slot_corrupt"
+
+
+def test_rolled_back_report_names_the_model_now_serving(
+        tmp_path: Path, sim: BundleSim, server: BundleServer) -> None:
+    d = Device(tmp_path, sim, server, None, probation_seconds=60.0,
+               probation_min_predictions=2, probation_max_error_rate=0.1)
+    d.updater.install_file(publish(sim, version=1, seed=1), probation=False)
+    doc = server.offer(publish(sim, version=2, seed=2), version=2)
+    d.updater.check()
+    for _ in range(3):
+        with pytest.raises(Exception, match="(?i)invalid|shape|dimension|got"):
+            d.host.predict(np.zeros((1, 7), np.float32))
+    d.updater.tick()
+    failed, rolled = server.reports[-2:]
+    assert (failed["name"], failed["version"], failed["bundle_id"]) == \
+        ("tiny", 2, doc["desired"]["bundle_id"])
+    assert (rolled["name"], rolled["version"]) == ("tiny", 1)
+    assert rolled["rolled_back_from"] == {"name": "tiny", "version": 2,
+                                          "bundle_id": doc["desired"]["bundle_id"]}

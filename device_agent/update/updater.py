@@ -466,12 +466,19 @@ class Updater:
             "type": "install", "outcome": OUTCOMES.get(state, "failed"),
             "name": t.name if t else None, "version": t.version if t else None,
             "bundle_id": t.bundle_id if t else None,
-            "error_code": err.get("code"), "message": err.get("message", ""),
+            "error_code": err.get("code"), "message": err.get("message", "")[:2000],
             "state": state.value, "ts": self.clock(), "rollout_id": self.record.rollout_id,
             "shadow": self.record.mode == "shadow",
         }
         if self.record.mode == "manual_rollback":
             body["message"] = body["message"] or "rolled back by operator"
+        ptr = self.slots.active()
+        if state is State.ROLLED_BACK and ptr is not None:
+            # name/version say what the device runs now; the failed bundle is named beside
+            if t is not None and self.record.mode != "manual_rollback":
+                body["rolled_back_from"] = {"name": t.name, "version": t.version,
+                                            "bundle_id": t.bundle_id}
+            body.update(name=ptr.name, version=ptr.version, bundle_id=None)
         self._report_event(body)
         return Event.REPORTED
 

@@ -10,7 +10,7 @@ power cut the persisted state names the step that may be incomplete.
 What a restart does is declared in the same table: the shell feeds the event
 ``restart`` for the persisted state, and the row says where to go. In short:
 
-* ``idle``, ``checking``: check again.
+* ``idle``: nothing to redo; ``checking``: check in again.
 * ``downloading``: resume the download (HTTP Range on the ``.part`` file).
 * ``verifying``: verify the downloaded file again.
 * ``staging``: discard the inactive slot's leftovers and stage again.
@@ -18,14 +18,16 @@ What a restart does is declared in the same table: the shell feeds the event
   persisted; run the smoke test again.
 * ``switching``: complete the switch; ``active.json`` is replaced atomically,
   so it names either the old or the new slot, and the switch is idempotent.
+* ``shadow_loading``: load the staged candidate as the shadow again.
 * ``probation``: continue probation (the start time is persisted).
-* ``committed``, ``shadow_started``, ``*_failed``, ``rolled_back``: report the outcome again
-  (reports are at-least-once) and return to ``idle``.
+* ``committed``, ``shadow_started``, ``*_failed``, ``rolled_back``: report the
+  outcome again (reports are at-least-once) and return to ``idle``.
 * ``rolling_back``: point ``active.json`` at the previous slot again.
 
 Invariant: ``active.json`` only ever names a slot whose bundle passed
 verification and its smoke test, so whatever the persisted state, the device
-boots into a verified model.
+boots into a verified model (boot also re-hashes the active slot's files and
+falls back to the previous slot if they changed).
 """
 
 from __future__ import annotations

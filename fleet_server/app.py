@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -112,6 +113,14 @@ def _install_error_handlers(app: FastAPI) -> None:
             error_body("validation_error", f"{where}: {first['msg']}", errors), status_code=422
         )
 
+    @app.exception_handler(DataError)
+    async def _data_error(_: Request, exc: DataError) -> JSONResponse:
+        # e.g. PostgreSQL refuses NUL characters in text, or a number out of range
+        return JSONResponse(
+            error_body("invalid_value", f"the database refused a value: {exc.orig}"),
+            status_code=422,
+        )
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error", exc_info=exc)
@@ -162,7 +171,8 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
     if settings.dashboard:
         from .report.dashboard import dashboard_router
 
-        app.include_router(dashboard_router())
+        # kept out of the OpenAPI schema: an HTML page, authenticated by cookie or header
+        app.include_router(dashboard_router(), include_in_schema=False)
 
     @app.get("/healthz", tags=["server"])
     def healthz() -> dict[str, Any]:

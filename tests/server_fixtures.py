@@ -236,3 +236,34 @@ def live_server(tmp_path: Path, db_url: str, bundle_sim: BundleSim) -> Iterator[
         yield server
     finally:
         stop_server(server.proc)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """One real server per test module and database (for schema-driven runs)."""
+    tmp = tmp_path_factory.mktemp("server")
+    sim = BundleSim(tmp / "repo")
+    keys_dir, kid, trust_path = server_keys(tmp, sim)
+    pg_name = None
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp / 'server.db'}"
+    else:
+        pg_name = f"edgefleet_test_{secrets.token_hex(6)}"
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{pg_name}"')
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{pg_name}"
+    server = start_server(
+        {"database_url": url, "bundle_dir": str(tmp / "bundles"),
+         "admin_bootstrap_token": ADMIN_TOKEN, "trust_store": str(trust_path),
+         "signing_key_dir": str(keys_dir), "signing_key": kid},
+        tmp / "server.log",
+    )
+    try:
+        yield server
+    finally:
+        stop_server(server.proc)
+        if pg_name is not None:
+            with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')

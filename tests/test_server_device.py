@@ -14,12 +14,15 @@ from sqlalchemy import update
 
 from fleet_server.db.models import EnrollmentToken
 from fleet_server.db.types import utcnow
-from tests.server_fixtures import auth
 
 if TYPE_CHECKING:
     from tests.server_fixtures import Fleet
 
 pytest_plugins = ["tests.server_fixtures"]
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 def _enroll(fleet: Fleet, token: str, device_id: str, device_class: str = "cam") -> object:

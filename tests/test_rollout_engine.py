@@ -36,6 +36,7 @@ from fleet_server.rollouts import (
     rollback,
     start,
 )
+from fleet_server.rollouts.spec import SHADOW_GATE_KINDS, default_shadow_gates
 from tests.test_rollout_gates import cohort
 
 OLD = BundleRef("b-old", "m", 3)
@@ -63,6 +64,8 @@ def specs(draw: st.DrawFn) -> RolloutSpec:
         stages = sorted(draw(st.lists(stage_st, min_size=1, max_size=5)),
                         key=lambda s: s.percent)
     gates = draw(st.lists(gate_st, max_size=6))
+    if strategy is Strategy.SHADOW:
+        gates = [g for g in gates if g.kind in SHADOW_GATE_KINDS]
     gates = [GateSpec(g.kind, g.threshold, g.min_samples, against=g.against, metric=g.metric,
                       name=f"g{i}") for i, g in enumerate(gates)]
     return RolloutSpec("r-prop", NEW, draw(st.sampled_from([OLD, None])), {"site": "a"},
@@ -389,6 +392,8 @@ def test_state_json_round_trip(case) -> None:  # type: ignore[no-untyped-def]
     ({"strategy": "yolo"}, "strategy"),
     ({"strategy": "all_at_once", "stages": [{"percent": 50}]}, "all_at_once"),
     ({"previous": {"bundle_id": "b-o", "name": "other", "version": 1}}, "model"),
+    ({"strategy": "shadow", "gates": [{"kind": "latency_p95_ratio", "threshold": 2}]},
+     "shadow"),
 ])
 def test_invalid_spec_is_refused_with_a_clear_error(change: dict[str, object],
                                                     match: str) -> None:
@@ -396,6 +401,12 @@ def test_invalid_spec_is_refused_with_a_clear_error(change: dict[str, object],
     obj.update(change)
     with pytest.raises(InvalidSpecError, match=match):
         RolloutSpec.from_json(obj)
+
+
+def test_shadow_rollout_defaults_to_the_gates_shadow_telemetry_can_feed() -> None:
+    spec = RolloutSpec("r-sh", NEW, OLD, {}, strategy=Strategy.SHADOW)
+    assert spec.gates == default_shadow_gates()
+    assert {g.kind for g in spec.gates} == SHADOW_GATE_KINDS
 
 
 def test_state_with_bad_status_is_refused() -> None:

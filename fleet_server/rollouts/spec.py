@@ -224,6 +224,15 @@ def default_gates() -> tuple[GateSpec, ...]:
     )
 
 
+#: what shadow telemetry carries (count and errors of the shadow model, no histograms)
+SHADOW_GATE_KINDS = frozenset({GateKind.INSTALL_FAILURE_RATE, GateKind.ERROR_RATE})
+
+
+def default_shadow_gates() -> tuple[GateSpec, ...]:
+    """The gates a shadow rollout can evaluate."""
+    return tuple(g for g in default_gates() if g.kind in SHADOW_GATE_KINDS)
+
+
 @dataclass(frozen=True)
 class RolloutSpec:
     """A rollout: candidate bundle x target group x stages x gates x failure policy."""
@@ -260,6 +269,16 @@ class RolloutSpec:
             )
         if self.strategy is Strategy.ALL_AT_ONCE and pcts != [100]:
             raise InvalidSpecError("all_at_once takes exactly one stage at 100 percent")
+        if self.strategy is Strategy.SHADOW:
+            if self.gates == default_gates():
+                object.__setattr__(self, "gates", default_shadow_gates())
+            bad = [g.name for g in self.gates if g.kind not in SHADOW_GATE_KINDS]
+            if bad:
+                raise InvalidSpecError(
+                    f"gates {bad} cannot judge a shadow rollout: devices report only the "
+                    "shadow model's inference count and errors; use "
+                    f"{sorted(k.value for k in SHADOW_GATE_KINDS)}"
+                )
         names = [g.name for g in self.gates]
         if len(set(names)) != len(names):
             raise InvalidSpecError(f"gate names {names} must be unique; name repeated kinds")

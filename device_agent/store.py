@@ -88,6 +88,14 @@ class RecordTooLargeError(InvalidRecordError):
     """One record's body is larger than the store allows for a single record."""
 
 
+class StoreWriteError(TelemetryStoreError):
+    """SQLite could not write (disk full, read-only file); the write was rolled back."""
+
+
+class StoreClosedError(TelemetryStoreError):
+    """The store was used after :meth:`TelemetryStore.close`."""
+
+
 class StoreCorruptError(TelemetryStoreError):
     """The file is not a telemetry store SQLite can open (corrupt or a foreign file)."""
 
@@ -144,11 +152,10 @@ class TelemetryStore:
         wal_bytes = self.max_bytes // _WAL_FRACTION
         self._wal_bytes = wal_bytes
         #: payload bytes written per transaction, so one transaction fits the WAL's share
-        self._chunk_bytes = max(4 * _PAGE_SIZE, wal_bytes // 4)
+        self._chunk_bytes = max(16 * 1024, wal_bytes // 4)
         self.max_record_bytes = int(max_record_bytes or self._chunk_bytes)
-        #: pages the main database may hold before eviction starts
-        self._budget_pages = (self.max_bytes - wal_bytes) // _PAGE_SIZE - 2
         self._lock = threading.Lock()
+        self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(
@@ -160,7 +167,11 @@ class TelemetryStore:
             self._db.enable_wal()
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA journal_size_limit={wal_bytes}")
-            conn.execute(f"PRAGMA wal_autocheckpoint={max(16, wal_bytes // 2 // _PAGE_SIZE)}")
+            #: an existing file keeps the page size it was created with
+            self._page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            conn.execute(f"PRAGMA wal_autocheckpoint={max(16, wal_bytes // 2 // self._page)}")
+            #: pages the main database may hold before eviction starts
+            self._budget_pages = (self.max_bytes - wal_bytes) // self._page - 2
             self._create_schema()
             self._next_seq = self._load_next_seq()
         except sqlite3.DatabaseError as e:
@@ -278,7 +289,7 @@ class TelemetryStore:
     def _insert_locked(
         self, rows: list[tuple[str, float, str]], first: int, start: int, end: int, size: int
     ) -> None:
-        need = int(size * 1.25) // _PAGE_SIZE + 1
+        need = int(size * 1.25) // self._page + 1
         if self._used_pages() + need > self._budget_pages:
             self._evict_locked(self._budget_pages - need)
         by_kind: dict[str, list[tuple[int, float, str]]] = {}
@@ -343,6 +354,7 @@ class TelemetryStore:
         wanted = TELEMETRY_KINDS if kinds is None else tuple(canonical_kind(k) for k in kinds)
         out: list[Record] = []
         with self._lock:
+            self._check_open()
             for kind in dict.fromkeys(wanted):
                 cur = self._conn.execute(
                     f"SELECT seq, ts, body FROM {_table(kind)} WHERE seq > ? ORDER BY seq LIMIT ?",
@@ -355,12 +367,13 @@ class TelemetryStore:
     def stats(self) -> dict[str, Any]:
         """Rows per kind, bytes in use, file bytes, and total dropped per kind."""
         with self._lock:
+            self._check_open()
             rows = {
                 kind: self._conn.execute(f"SELECT COUNT(*) FROM {_table(kind)}").fetchone()[0]
                 for kind in TELEMETRY_KINDS
             }
             dropped = {kind: self._meta(f"dropped_{kind}") or 0 for kind in TELEMETRY_KINDS}
-            used = self._used_pages() * _PAGE_SIZE
+            used = self._used_pages() * self._page
         return {
             "rows": rows,
             "bytes": used,
@@ -378,6 +391,9 @@ class TelemetryStore:
     def close(self) -> None:
         """Checkpoint the WAL and close the connection."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             with contextlib.suppress(sqlite3.DatabaseError):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.close()
@@ -392,13 +408,25 @@ class TelemetryStore:
 
     def _write(self, fn: Any) -> None:
         """Run ``fn`` in one write transaction (caller holds the lock)."""
-        self._conn.execute("BEGIN IMMEDIATE")
+        self._check_open()
         try:
-            fn()
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                fn()
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as e:
+            raise StoreWriteError(
+                f"could not write to {self.path} ({e}); nothing of this write was kept. "
+                "Free disk space or check the file's permissions"
+            ) from e
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"telemetry store {self.path} is closed; open a new one")
 
     def _used_pages(self) -> int:
         page_count = self._conn.execute("PRAGMA page_count").fetchone()[0]

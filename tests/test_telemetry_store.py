@@ -19,8 +19,10 @@ from device_agent.store import (
     EVICTION_ORDER,
     InvalidRecordError,
     RecordTooLargeError,
+    StoreClosedError,
     StoreConfigError,
     StoreCorruptError,
+    StoreWriteError,
     TelemetryStore,
     UnknownKindError,
 )
@@ -207,6 +209,31 @@ def test_foreign_file_raises_store_corrupt_error_and_is_left_alone(tmp_path: Pat
     with pytest.raises(StoreCorruptError, match="move it aside"):
         TelemetryStore(path, max_bytes=MiB)
     assert path.read_bytes() == b"this is not a database" * 100
+
+
+def test_disk_full_raises_store_write_error_and_keeps_what_was_committed(
+    tmp_path: Path,
+) -> None:
+    with TelemetryStore(tmp_path / "t.db", max_bytes=8 * MiB) as s:
+        kept = s.append_many([("sample", sample_body(i), 0.0) for i in range(50)])
+        # SQLite's own page cap produces the real SQLITE_FULL a full disk would
+        pages = s._conn.execute("PRAGMA page_count").fetchone()[0]
+        s._conn.execute(f"PRAGMA max_page_count={pages + 2}")
+        with pytest.raises(StoreWriteError, match="Free disk space"):
+            s.append_many([("sample", sample_body(i), 0.0) for i in range(2000)])
+        assert [r.seq for r in s.pending(limit=10_000)] == kept
+        s._conn.execute("PRAGMA max_page_count=1073741823")
+        assert s.append("event", {"type": "disk_ok"}, 0.0) == kept[-1] + 1
+
+
+def test_store_used_after_close_raises_store_closed_error(tmp_path: Path) -> None:
+    s = TelemetryStore(tmp_path / "t.db", max_bytes=MiB)
+    s.close()
+    s.close()  # closing twice is harmless
+    with pytest.raises(StoreClosedError, match="closed"):
+        s.append("sample", {"i": 1}, 0.0)
+    with pytest.raises(StoreClosedError):
+        s.pending()
 
 
 def test_writer_and_reader_threads_share_the_store(tmp_path: Path) -> None:

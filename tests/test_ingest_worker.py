@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import Engine, func, select
@@ -21,6 +23,7 @@ from tests.test_ingest_parse import payload, summary_body
 
 DEVICES = {f"dev-{i}": f"pw-{i}" for i in range(4)}
 USERS = {**DEVICES, SERVER_USER: "pw-server"}
+PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
 
 @pytest.fixture
@@ -124,9 +127,7 @@ def test_broker_acl_stops_a_device_publishing_under_another_id(broker: Mosquitto
     assert stored(engine) == 2
 
 
-def test_two_workers_share_the_subscription_and_store_each_record_once(
-    broker: MosquittoBroker, engine: Engine
-) -> None:
+def split_between_two_workers(broker: MosquittoBroker, engine: Engine) -> None:
     w1 = IngestWorker(config(broker, "ingest-a"), engine).start()
     w2 = IngestWorker(config(broker, "ingest-b"), engine).start()
     try:
@@ -147,6 +148,26 @@ def test_two_workers_share_the_subscription_and_store_each_record_once(
     assert w1.stats.messages > 0 and w2.stats.messages > 0
     assert w1.stats.duplicates + w2.stats.duplicates == 0
     assert w1.stats.stored + w2.stats.stored == total
+
+
+def test_two_workers_share_the_subscription_and_store_each_record_once(
+    broker: MosquittoBroker, engine: Engine
+) -> None:
+    split_between_two_workers(broker, engine)
+
+
+def test_two_workers_on_postgresql_store_each_record_once(broker: MosquittoBroker) -> None:
+    name = f"edgefleet_ingest_{secrets.token_hex(6)}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    eng = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
+    try:
+        create_telemetry_tables(eng)
+        split_between_two_workers(broker, eng)
+    finally:
+        eng.dispose()
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_database_outage_holds_messages_until_it_can_write(broker: MosquittoBroker,

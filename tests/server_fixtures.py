@@ -186,13 +186,13 @@ class LiveServer:
 
 
 def start_server(env_settings: dict[str, str], log: Path, port: int | None = None) -> LiveServer:
-    """Start ``uvicorn --factory fleet_server.app:app_from_env`` on a free loopback port."""
+    """Start ``edgefleet server`` (uvicorn, factory mode) on a free loopback port."""
     port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_SERVER_")}
     env.update({f"EDGEFLEET_SERVER_{k.upper()}": v for k, v in env_settings.items()})
     out = open(log, "wb")  # noqa: SIM115 - handed to the child, closed by the OS at exit
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "fleet_server.app:app_from_env",
+    proc = subprocess.Popen(  # `edgefleet server`: uvicorn in factory mode
+        [sys.executable, "-c", "from fleet_server.cli import main; main()", "server",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
         env=env, stdout=out, stderr=subprocess.STDOUT,
     )

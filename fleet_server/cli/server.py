@@ -1,0 +1,44 @@
+"""``edgefleet server``: run the fleet server (uvicorn, app factory mode)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ..settings import SettingsError, load_settings
+
+
+@click.command("server")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535),
+              help="Port to listen on.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True,
+              path_type=Path), envvar="EDGEFLEET_SERVER_CONFIG",
+              help="Settings file (TOML, [server] table); EDGEFLEET_SERVER_* variables win.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="uvicorn worker processes (each is a replica sharing the database).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def server(host: str, port: int, config_file: Path | None, workers: int, log_level: str) -> None:
+    """Run the fleet server: admin API (/api/v1), device API (/device/v1), /metrics.
+
+    Settings come from --config and EDGEFLEET_SERVER_* environment variables
+    (e.g. EDGEFLEET_SERVER_DATABASE_URL=postgresql://..., EDGEFLEET_SERVER_ENVIRONMENT=production).
+    Outside development the server refuses default secrets.
+    """
+    try:
+        settings = load_settings(config_file)
+    except SettingsError as e:
+        click.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    if config_file is not None:
+        os.environ["EDGEFLEET_SERVER_CONFIG"] = str(config_file)
+    import uvicorn
+
+    click.echo(f"edgefleet server on http://{host}:{port} ({settings.environment}, "
+               f"database {settings.database_url.split('://')[0]})", err=True)
+    uvicorn.run("fleet_server.app:app_from_env", factory=True, host=host, port=port,
+                workers=workers, log_level=log_level)

@@ -12,6 +12,7 @@ Heavy libraries (torch, skl2onnx, onnx) are imported inside the functions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -159,6 +160,29 @@ def export_torch(module: Any, example: Sequence[np.ndarray], input_names: Sequen
     args = tuple(torch.from_numpy(a) for a in example)
     is_script = isinstance(module, torch.jit.ScriptModule)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    if isinstance(module, torch.export.ExportedProgram):
+        # The program's own shapes decide; its batch must already be dynamic.
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(
+                    module, args, dynamo=True, opset_version=opset,
+                    input_names=list(input_names),
+                    output_names=list(output_names) if output_names else None,
+                    external_data=False, optimize=True, verbose=False,
+                )
+        except Exception as e:
+            raise IntakeError(f"torch.onnx.export failed on the torch.export program: {e}") from e
+        assert program is not None
+        model = program.model_proto
+        for inp in model.graph.input:
+            if inp.type.tensor_type.shape.dim[0].HasField("dim_value"):
+                raise IntakeError(
+                    f"the torch.export program fixes the batch size of input {inp.name!r}; "
+                    "export it with dynamic_shapes={'x': {0: torch.export.Dim('batch')}} "
+                    "so devices can run any batch size"
+                )
+        return model, notes
     if not is_script:
         try:
             batch = torch.export.Dim("batch")
@@ -221,12 +245,15 @@ def from_torch(
     """
     import torch
 
+    program = None
     if isinstance(module, torch.export.ExportedProgram):
-        module = module.module()
+        program, module = module, module.module()
     if not callable(module):
         raise IntakeError(f"expected a torch module, got {type(module).__name__}")
     if hasattr(module, "eval"):
-        module.eval()
+        # modules unflattened from a torch.export program are frozen and refuse eval()
+        with contextlib.suppress(NotImplementedError):
+            module.eval()
     example = _as_arrays(example_inputs)
     names = list(input_names) if input_names else (
         ["x"] if len(example) == 1 else [f"x{i}" for i in range(len(example))])
@@ -237,7 +264,7 @@ def from_torch(
         runner(dict(zip(names, example, strict=True)))
     except Exception as e:
         raise IntakeError(f"the module does not run on the example inputs: {e}") from e
-    model, notes = export_torch(module, example, names, output_names, opset)
+    model, notes = export_torch(program or module, example, names, output_names, opset)
     _check_onnx(model, "the exported model")
     inputs, outputs, _ = onnx_model_signature(model)
     raw = model.SerializeToString()

@@ -202,3 +202,27 @@ def test_state_dict_file_is_refused_with_advice(tmp_path: Path) -> None:
     torch.save(module.state_dict(), str(path))
     with pytest.raises(IntakeError, match="state_dict"):
         load_source(path, input_shape=(1, models.MLP_FEATURES))
+
+
+def test_torch_export_program_file_is_taken_in(tmp_path: Path) -> None:
+    import torch
+
+    module, x = models.torch_mlp()
+    example = (torch.from_numpy(x[:2]),)
+    program = torch.export.export(module, example,
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    path = tmp_path / "mlp.pt2"
+    torch.export.save(program, str(path))
+    source = load_source(path, example_inputs=x[:2])
+    artifact = convert(source, ONNX_F32, samples=x)
+    assert artifact.parity.passed and artifact.parity.outputs[0].max_abs_error <= 1e-4
+
+
+def test_torch_export_program_with_fixed_batch_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    module, x = models.torch_mlp()
+    path = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(module, (torch.from_numpy(x[:2]),)), str(path))
+    with pytest.raises(IntakeError, match="fixes the batch size"):
+        load_source(path, example_inputs=x[:2])

@@ -89,38 +89,56 @@ class WindowFigures:
     p95_ms: float | None
 
 
+class VersionSeries:
+    """Accumulates windows into per-version, per-bin figures (one pass, bounded memory)."""
+
+    def __init__(self, edges: Sequence[datetime]) -> None:
+        self.edges = list(edges)
+        self._count: dict[tuple[str, int], int] = defaultdict(int)
+        self._errors: dict[tuple[str, int], int] = defaultdict(int)
+        self._hist: dict[tuple[str, int], list[int]] = {}
+        self._p95w: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
+
+    def add(self, r: WindowFigures) -> None:
+        b = min(max(bisect.bisect_right(self.edges, r.ts) - 1, 0), len(self.edges) - 2)
+        key = (r.label, b)
+        self._count[key] += r.count
+        self._errors[key] += r.errors
+        if r.latency_hist:
+            add_into(self._hist.setdefault(key, []), r.latency_hist)
+        elif r.p95_ms is not None and r.count:
+            self._p95w[key][0] += r.p95_ms * r.count
+            self._p95w[key][1] += r.count
+
+    def points(self) -> list[VersionPoint]:
+        out = []
+        edges = self.edges
+        for (label, b), n in sorted(self._count.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            mid = edges[b] + (edges[b + 1] - edges[b]) / 2
+            merged = self._hist.get((label, b))
+            if merged and sum(merged):
+                p50, p95 = hist_quantile(merged, 0.5), hist_quantile(merged, 0.95)
+            else:
+                w = self._p95w.get((label, b))
+                p50, p95 = None, (w[0] / w[1] if w and w[1] else None)
+            out.append(VersionPoint(label, mid, n, self._errors[(label, b)], p50, p95))
+        return out
+
+
+def add_into(total: list[int], counts: Sequence[int]) -> None:
+    """``total += counts`` element-wise, growing ``total`` as needed."""
+    if len(total) < len(counts):
+        total.extend([0] * (len(counts) - len(total)))
+    for i, c in enumerate(counts):
+        total[i] += int(c)
+
+
 def version_series(rows: Iterable[WindowFigures], edges: Sequence[datetime]) -> list[VersionPoint]:
     """Per version and time bin: inferences, errors, p50 and p95 latency."""
-    count: dict[tuple[str, int], int] = defaultdict(int)
-    errors: dict[tuple[str, int], int] = defaultdict(int)
-    hist: dict[tuple[str, int], list[int]] = {}
-    p95w: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
-    last = len(edges) - 2
+    acc = VersionSeries(edges)
     for r in rows:
-        b = min(max(bisect.bisect_right(edges, r.ts) - 1, 0), last)
-        key = (r.label, b)
-        count[key] += r.count
-        errors[key] += r.errors
-        if r.latency_hist:
-            h = hist.setdefault(key, [0] * len(r.latency_hist))
-            if len(h) < len(r.latency_hist):
-                h.extend([0] * (len(r.latency_hist) - len(h)))
-            for i, c in enumerate(r.latency_hist):
-                h[i] += int(c)
-        elif r.p95_ms is not None and r.count:
-            p95w[key][0] += r.p95_ms * r.count
-            p95w[key][1] += r.count
-    out = []
-    for (label, b), n in sorted(count.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        mid = edges[b] + (edges[b + 1] - edges[b]) / 2
-        merged = hist.get((label, b))
-        if merged and sum(merged):
-            p50, p95 = hist_quantile(merged, 0.5), hist_quantile(merged, 0.95)
-        else:
-            w = p95w.get((label, b))
-            p50, p95 = None, (w[0] / w[1] if w and w[1] else None)
-        out.append(VersionPoint(label, mid, n, errors[(label, b)], p50, p95))
-    return out
+        acc.add(r)
+    return acc.points()
 
 
 @dataclass(frozen=True)
@@ -133,6 +151,38 @@ class FeatureWindow:
     feature_counts: Mapping[str, Sequence[int]]
 
 
+class DriftMap:
+    """Accumulates binned input counts per (group, version, feature) in one pass."""
+
+    def __init__(self) -> None:
+        self._merged: dict[tuple[str, str, str], list[int]] = {}
+        self._weight: dict[tuple[str, str], int] = defaultdict(int)
+        self._fleet: dict[tuple[str, str], list[int]] = {}
+
+    def add(self, r: FeatureWindow) -> None:
+        self._weight[(r.group, r.label)] += max(r.count, 1)
+        for f, counts in r.feature_counts.items():
+            add_into(self._merged.setdefault((r.group, r.label, f), []), counts)
+            add_into(self._fleet.setdefault((r.label, f), []), counts)
+
+    def cells(self, references: Mapping[str, Mapping[str, Sequence[float]]]
+              ) -> tuple[list[DriftCell], list[str]]:
+        """PSI per (group, feature), and the versions that had no reference profile."""
+        acc: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        missing: set[str] = set()
+        for (group, label, f), counts in self._merged.items():
+            ref = references.get(label, {}).get(f)
+            if ref is None:
+                missing.add(label)
+                ref = self._fleet[(label, f)]
+            w = self._weight[(group, label)]
+            acc[(group, f)][0] += psi(counts, ref) * w
+            acc[(group, f)][1] += w
+        cells = [DriftCell(g, f, s / w) for (g, f), (s, w) in acc.items() if w]
+        cells.sort(key=lambda c: (c.group, c.feature))
+        return cells, sorted(missing)
+
+
 def drift_cells(rows: Iterable[FeatureWindow],
                 references: Mapping[str, Mapping[str, Sequence[float]]]
                 ) -> tuple[list[DriftCell], list[str]]:
@@ -143,31 +193,10 @@ def drift_cells(rows: Iterable[FeatureWindow],
     counts of the version); a group's figure is the inference-weighted mean
     over the versions it ran.
     """
-    merged: dict[tuple[str, str, str], list[int]] = {}
-    weight: dict[tuple[str, str], int] = defaultdict(int)
-    fleet: dict[tuple[str, str], list[int]] = {}
+    acc = DriftMap()
     for r in rows:
-        weight[(r.group, r.label)] += max(r.count, 1)
-        for f, counts in r.feature_counts.items():
-            for target in (merged.setdefault((r.group, r.label, f), []),
-                           fleet.setdefault((r.label, f), [])):
-                if len(target) < len(counts):
-                    target.extend([0] * (len(counts) - len(target)))
-                for i, c in enumerate(counts):
-                    target[i] += int(c)
-    acc: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
-    missing: set[str] = set()
-    for (group, label, f), counts in merged.items():
-        ref = references.get(label, {}).get(f)
-        if ref is None:
-            missing.add(label)
-            ref = fleet[(label, f)]
-        w = weight[(group, label)]
-        acc[(group, f)][0] += psi(counts, ref) * w
-        acc[(group, f)][1] += w
-    cells = [DriftCell(g, f, s / w) for (g, f), (s, w) in acc.items() if w]
-    cells.sort(key=lambda c: (c.group, c.feature))
-    return cells, sorted(missing)
+        acc.add(r)
+    return acc.cells(references)
 
 
 def prediction_dist(rollout: str, cohort: str, windows: Iterable[Sequence[int]],
@@ -175,10 +204,7 @@ def prediction_dist(rollout: str, cohort: str, windows: Iterable[Sequence[int]],
     """Merge prediction counts of one cohort; None if it made no predictions."""
     total: list[int] = []
     for counts in windows:
-        if len(total) < len(counts):
-            total.extend([0] * (len(counts) - len(total)))
-        for i, c in enumerate(counts):
-            total[i] += int(c)
+        add_into(total, counts)
     n = sum(total)
     if n <= 0:
         return None

@@ -23,26 +23,28 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import inspect, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session
 
 from device_agent.payloads import DriftProfile
 
 from ..db.models import AuditEntry, Bundle, Device, DeviceReport, Group, Rollout
+from ..db.telemetry import TelemetrySummary as S
 from ..groups import matches
 from .aggregate import (
+    DriftMap,
     FeatureWindow,
     Seen,
+    VersionSeries,
     WindowFigures,
+    add_into,
     adoption_series,
-    drift_cells,
     prediction_dist,
     time_edges,
-    version_series,
 )
 from .dataset import (
     Decision,
@@ -95,45 +97,53 @@ def load_dataset(session: Session, since: datetime, until: datetime, *,
                      "latency, errors, drift and prediction figures are empty.")
     lo_f, hi_f = since.timestamp(), until.timestamp()
 
-    summaries: list[Any] = []
+    first_t, last_t, window = None, None, None
     if have_summaries:
-        from ..db.telemetry import TelemetrySummary as S
-
-        summaries = list(session.execute(
-            select(S.device_id, S.received_at, S.window_start, S.window_end, S.name, S.version,
-                   S.rollout_id, S.count, S.errors, S.latency_hist, S.p95_ms,
-                   S.feature_counts, S.prediction_counts)
-            .where(S.received_at >= lo_f, S.received_at <= hi_f)
-            .order_by(S.received_at)
-        ))
-
-    seen = _seen(session, summaries, hi_f, have_events)
-    data_times = [_utc(r.received_at) for r in summaries] + [s.ts for s in seen if s.ts >= since]
+        first_t, last_t, window = session.execute(
+            select(func.min(S.received_at), func.max(S.received_at),
+                   func.avg(S.window_end - S.window_start))
+            .where(S.received_at >= lo_f, S.received_at <= hi_f)).one()
+    seen = _seen(session, lo_f, hi_f, have_summaries, have_events)
+    data_times = [s.ts for s in seen if s.ts >= since]
+    data_times += [_utc(t) for t in (first_t, last_t) if t is not None]
     data_times += [d.ts for r in rollouts for d in r.decisions]
     lo = max(since, min(data_times)) if data_times else since
     hi = min(until, max(max(data_times), min(now, until))) if data_times else until
-    windows = sorted(r.window_end - r.window_start for r in summaries
-                     if r.window_end is not None and r.window_start is not None)
-    min_width = timedelta(seconds=max(1.0, windows[len(windows) // 2] if windows else 1.0))
-    edges = time_edges(lo, hi, min_width=min_width)
+    edges = time_edges(lo, hi, min_width=timedelta(seconds=max(1.0, float(window or 1.0))))
 
     registry = {d.id: (version_label(d.current_name, d.current_version), d.enrolled_at)
                 for d in devices}
     adoption = adoption_series(seen, registry, edges) if devices else []
 
-    by_version = version_series(
-        (WindowFigures(_utc(r.received_at), version_label(r.name, r.version), r.count or 0,
-                       r.errors or 0, r.latency_hist, r.p95_ms) for r in summaries), edges)
-
     by_id = {d.id: d for d in devices}
-    references = _references(bundles.values())
-    drift, missing = drift_cells(_feature_windows(summaries, by_id, groups, drift_by),
-                                 references)
+    series, drift_map = VersionSeries(edges), DriftMap()
+    cohorts = _cohort_plans(rollouts, by_id, session)
+    if have_summaries:
+        # one streamed pass over the period's summaries; memory stays bounded by the
+        # number of versions, bins, groups and features, not by the number of rows
+        rows = session.execute(
+            select(S.device_id, S.received_at, S.name, S.version, S.rollout_id,
+                   S.count.label("n"),  # not `count`: Row.count is tuple.count
+                   S.errors, S.latency_hist, S.p95_ms, S.feature_counts, S.prediction_counts)
+            .where(S.received_at >= lo_f, S.received_at <= hi_f)
+            .execution_options(yield_per=2000))
+        for r in rows:
+            label = version_label(r.name, r.version)
+            series.add(WindowFigures(_utc(r.received_at), label, r.n or 0, r.errors or 0,
+                                     r.latency_hist, r.p95_ms))
+            if r.feature_counts:
+                for g in _group_keys(by_id.get(r.device_id), groups, drift_by):
+                    drift_map.add(FeatureWindow(g, label, r.n or 0, r.feature_counts))
+            if r.prediction_counts:
+                for plan in cohorts:
+                    plan.add(r.device_id, r.received_at, label, r.rollout_id,
+                             r.prediction_counts)
+    by_version = series.points()
+    drift, missing = drift_map.cells(_references(bundles.values()))
     if missing:
         notes.append("No reference profile for " + ", ".join(missing) + ": their drift PSI "
                      "compares each group with the fleet-wide inputs of the same version.")
-
-    predictions = _predictions(rollouts, summaries, by_id, session)
+    predictions = [d for plan in cohorts for d in plan.dists()]
     return ReviewDataset(
         generated_at=now, since=since, until=until, devices=fleet, adoption=tuple(adoption),
         rollouts=tuple(rollouts), by_version=tuple(by_version), drift=tuple(drift),
@@ -251,32 +261,33 @@ def _float(x: Any) -> float | None:
 
 # -- telemetry ---------------------------------------------------------------------
 
-def _seen(session: Session, summaries: Sequence[Any], hi_f: float,
+def _seen(session: Session, lo_f: float, hi_f: float, have_summaries: bool,
           have_events: bool) -> list[Seen]:
     """When each device started running each version: installs and first summaries."""
-    first: dict[tuple[str, str], float] = {}
-    for r in summaries:
-        key = (r.device_id, version_label(r.name, r.version))
-        if key not in first:
-            first[key] = r.received_at
-    seen = [Seen(d, label, _utc(t)) for (d, label), t in first.items()]
+    seen = []
+    if have_summaries:
+        for d, name, version, t in session.execute(
+                select(S.device_id, S.name, S.version, func.min(S.received_at))
+                .where(S.received_at >= lo_f, S.received_at <= hi_f)
+                .group_by(S.device_id, S.name, S.version)):
+            seen.append(Seen(d, version_label(name, version), _utc(t)))
     if have_events:
         from ..db.telemetry import TelemetryEvent as E
 
-        for d, name, version, t in session.execute(
+        for d, ev_name, ev_version, t in session.execute(
                 select(E.device_id, E.name, E.version, E.received_at).where(
                     E.type == "install", E.outcome == "installed", E.received_at <= hi_f,
                     E.shadow.is_not(True))):
-            if name:
-                seen.append(Seen(d, version_label(name, version), _utc(t)))
+            if ev_name:
+                seen.append(Seen(d, version_label(ev_name, ev_version), _utc(t)))
     until = _utc(hi_f)
-    for d, name, version, at in session.execute(
+    for d, rp_name, rp_version, at in session.execute(
             select(DeviceReport.device_id, DeviceReport.name, DeviceReport.version,
                    DeviceReport.received_at).where(
                 DeviceReport.type == "install", DeviceReport.outcome == "installed",
                 DeviceReport.received_at <= until)):
-        if name:
-            seen.append(Seen(d, version_label(name, version), at))
+        if rp_name:
+            seen.append(Seen(d, version_label(rp_name, rp_version), at))
     return seen
 
 
@@ -291,16 +302,6 @@ def _group_keys(device: Device | None, groups: Sequence[Group], drift_by: str) -
         key = drift_by[len("label:"):]
         return [f"{key}={(device.labels or {}).get(key, '(none)')}"]
     return [device.device_class]
-
-
-def _feature_windows(summaries: Sequence[Any], by_id: Mapping[str, Device],
-                     groups: Sequence[Group], drift_by: str) -> Iterable[FeatureWindow]:
-    for r in summaries:
-        if not r.feature_counts:
-            continue
-        for g in _group_keys(by_id.get(r.device_id), groups, drift_by):
-            yield FeatureWindow(g, version_label(r.name, r.version), r.count or 0,
-                                r.feature_counts)
 
 
 def _profile(bundle: Bundle) -> DriftProfile | None:
@@ -337,43 +338,58 @@ def _references(bundles: Iterable[Bundle]) -> dict[str, dict[str, Sequence[float
     return refs
 
 
-def _predictions(rollouts: Sequence[RolloutRow], summaries: Sequence[Any],
-                 by_id: Mapping[str, Device], session: Session) -> list[PredictionDist]:
-    """Canary (candidate, in the rollout) vs control (previous version, same group, same
-    time) prediction distributions of every rollout."""
-    out: list[PredictionDist] = []
-    specs = {r.id: (r.spec or {}, r.group_id) for r in session.scalars(
+class _CohortPlan:
+    """Which summaries count as one rollout's canary and control, and their prediction sums.
+
+    Canary: the candidate version in this rollout's group while the rollout ran;
+    control: the previous version in the same group over the same time.
+    """
+
+    def __init__(self, r: RolloutRow, t0: float, t1: float,
+                 member: Callable[[str], bool]) -> None:
+        self.r, self.t0, self.t1, self.member = r, t0, t1, member
+        self.canary: list[int] = []
+        self.control: list[int] = []
+
+    def add(self, device_id: str, t: float, label: str, rollout_id: str | None,
+            counts: Sequence[int]) -> None:
+        if not self.t0 <= t <= self.t1 or not self.member(device_id):
+            return
+        if label == self.r.bundle and rollout_id in (self.r.id, None):
+            add_into(self.canary, counts)
+        elif self.r.previous and label == self.r.previous:
+            add_into(self.control, counts)
+
+    def dists(self) -> list[PredictionDist]:
+        out = []
+        for cohort, total in (("canary", self.canary), ("control", self.control)):
+            d = prediction_dist(self.r.id, cohort, [total])
+            if d is not None:
+                out.append(d)
+        return out
+
+
+def _cohort_plans(rollouts: Sequence[RolloutRow], by_id: Mapping[str, Device],
+                  session: Session) -> list[_CohortPlan]:
+    group_ids = {r.id: r.group_id for r in session.scalars(
         select(Rollout).where(Rollout.id.in_([r.id for r in rollouts])))}
     group_of = {g.id: g for g in session.scalars(select(Group))}
+    plans = []
     for r in rollouts:
         starts = [s.started_at for s in r.stages if s.started_at]
         if not starts:
             continue
-        t0 = min(starts).timestamp()
         ends = [s.ended_at for s in r.stages]
         # a finished rollout's cohorts are compared while it ran; a running one's until now
         t1 = max(e for e in ends if e).timestamp() if all(ends) else float("inf")
-        spec, group_id = specs.get(r.id, ({}, ""))
-        group = group_of.get(group_id)
+        group = group_of.get(group_ids.get(r.id, ""))
 
-        def in_group(device_id: str, group: Group | None = group) -> bool:
+        def member(device_id: str, group: Group | None = group) -> bool:
             d = by_id.get(device_id)
             if d is None or group is None:
                 return d is not None
             return matches(group.selector or {}, group.device_class, d.labels or {},
                            d.device_class)
 
-        canary, control = [], []
-        for s in summaries:
-            if not s.prediction_counts or not t0 <= s.received_at <= t1:
-                continue
-            label = version_label(s.name, s.version)
-            if label == r.bundle and s.rollout_id in (r.id, None) and in_group(s.device_id):
-                canary.append(s.prediction_counts)
-            elif r.previous and label == r.previous and in_group(s.device_id):
-                control.append(s.prediction_counts)
-        for cohort, windows in (("canary", canary), ("control", control)):
-            dist = prediction_dist(r.id, cohort, windows)
-            if dist is not None:
-                out.append(dist)
-    return out
+        plans.append(_CohortPlan(r, min(starts).timestamp(), t1, member))
+    return plans

@@ -80,6 +80,8 @@ class Fleet:
     sim: BundleSim
     tmp: Path
     admin: dict[str, str] = field(default_factory=lambda: auth(ADMIN_TOKEN))
+    #: device id -> Authorization header of every device enrolled through :meth:`enroll`
+    enroll_headers: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def ctx(self) -> Any:
@@ -112,7 +114,8 @@ class Fleet:
             "device_class": device_class, "labels": labels or {},
         })
         assert r.status_code == 201, r.text
-        return auth(r.json()["credential"])
+        self.enroll_headers[device_id] = auth(r.json()["credential"])
+        return self.enroll_headers[device_id]
 
     def upload_bundle(self, version: int = 2, seed: int = 0, name: str = "tiny") -> dict[str, Any]:
         path = self.sim.publish(version=version, seed=seed, name=name,

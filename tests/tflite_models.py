@@ -362,6 +362,64 @@ def torch_legacy_cnn(seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray]:
     return onnx.load_from_string(f.getvalue()), x
 
 
+def torch_mobile_block(seed: int = 0) -> tuple[Any, np.ndarray]:
+    """A MobileNetV3-style block (eval mode) and 32 image-like inputs ``[N, 3, 16, 16]``.
+
+    Stem conv + BN + HardSwish, depthwise conv + BN + ReLU6, a squeeze-excite
+    gate (AdaptiveAvgPool, 1x1 convs, HardSigmoid, broadcast Mul), a pointwise
+    conv, ``mean((2, 3))`` and a linear head with softmax.
+    """
+    import torch
+    from torch import nn
+
+    from tests.models import image_batch
+
+    torch.manual_seed(seed)
+
+    class SqueezeExcite(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.reduce, self.expand = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            gate = self.expand(torch.relu(self.reduce(self.pool(x))))
+            return x * nn.functional.hardsigmoid(gate)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.Hardswish())
+            self.dw = nn.Sequential(
+                nn.Conv2d(16, 16, 3, 1, 1, groups=16), nn.BatchNorm2d(16), nn.ReLU6()
+            )
+            self.se = SqueezeExcite(16)
+            self.pw = nn.Conv2d(16, 24, 1)
+            self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(24, 6))
+
+        def features(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pw(self.se(self.dw(self.stem(x)))).mean((2, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.head(self.features(x)), dim=-1)
+
+    block, images = Block(), image_batch(32, seed)
+    for layer in block.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.momentum = None  # running statistics = this batch's, as after training
+    with torch.no_grad():
+        block.train()(torch.from_numpy(images))
+    block.eval()
+    linear = block.head[1]
+    assert isinstance(linear, nn.Linear)
+    with torch.no_grad():  # standardize the head's inputs so predictions spread out
+        feats = block.features(torch.from_numpy(images))
+        weight = linear.weight / (feats.std(0) + 1e-3) * 1.5
+        linear.weight.copy_(weight)
+        linear.bias.copy_(-(weight @ feats.mean(0)))
+    return block, images
+
+
 def run_onnx(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """First output of ``model`` on ``x`` with onnxruntime."""
     import onnxruntime as ort
@@ -403,6 +461,7 @@ def _zoo_builders() -> dict[str, Case]:
         "torch_cnn": partial(_torch, models.torch_cnn),
         "torch_mlp": partial(_torch, models.torch_mlp),
         "torch_legacy_exporter_cnn": torch_legacy_cnn,
+        "torch_mobile_block": partial(_torch, torch_mobile_block),
         "onnx_helper_mlp": models.onnx_helper_mlp,
     }
 

@@ -253,3 +253,14 @@ def test_drift_cells_weigh_versions_by_inferences() -> None:
     assert missing == []
     want = (0.0 * 300 + psi(shifted, REFERENCE) * 100) / 400
     assert cells[0].psi == pytest.approx(want)
+
+
+def test_sums_in_the_database_equal_the_row_by_row_pass(loaded: Loaded) -> None:
+    for drift_by in ("class", "group", "label:site"):
+        with session_for(loaded.engine) as s:
+            args = (s, loaded.sc.end - timedelta(hours=24), loaded.sc.end)
+            in_db = load_dataset(*args, drift_by=drift_by, now=loaded.sc.end, in_database=True)
+            by_rows = load_dataset(*args, drift_by=drift_by, now=loaded.sc.end,
+                                   in_database=False)
+        assert in_db.to_json() == by_rows.to_json(), drift_by
+        assert in_db.by_version and in_db.drift and in_db.predictions

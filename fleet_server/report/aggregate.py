@@ -110,6 +110,27 @@ class VersionSeries:
             self._p95w[key][0] += r.p95_ms * r.count
             self._p95w[key][1] += r.count
 
+    def clamp(self, b: int) -> int:
+        """A bin index computed elsewhere (the database), clamped to this series' bins."""
+        return min(max(b, 0), len(self.edges) - 2)
+
+    def add_totals(self, label: str, b: int, count: int, errors: int,
+                   p95_sum: float | None, p95_count: int) -> None:
+        """Sums of a bin computed elsewhere; the p95 fallback counts only without a histogram."""
+        key = (label, self.clamp(b))
+        self._count[key] += int(count or 0)
+        self._errors[key] += int(errors or 0)
+        if p95_sum is not None and p95_count:
+            self._p95w[key][0] += float(p95_sum)
+            self._p95w[key][1] += int(p95_count)
+
+    def add_bucket(self, label: str, b: int, idx: int, n: int) -> None:
+        """One latency bucket's summed count for a bin."""
+        h = self._hist.setdefault((label, self.clamp(b)), [])
+        if len(h) <= idx:
+            h.extend([0] * (idx + 1 - len(h)))
+        h[idx] += int(n)
+
     def points(self) -> list[VersionPoint]:
         out = []
         edges = self.edges
@@ -159,11 +180,19 @@ class DriftMap:
         self._weight: dict[tuple[str, str], int] = defaultdict(int)
         self._fleet: dict[tuple[str, str], list[int]] = {}
 
-    def add(self, r: FeatureWindow) -> None:
-        self._weight[(r.group, r.label)] += max(r.count, 1)
-        for f, counts in r.feature_counts.items():
-            add_into(self._merged.setdefault((r.group, r.label, f), []), counts)
-            add_into(self._fleet.setdefault((r.label, f), []), counts)
+    def add(self, groups: Sequence[str], label: str, weight: int,
+            feature_counts: Mapping[str, Sequence[int]]) -> None:
+        """Counts of one device (one window, or summed) that belongs to ``groups``.
+
+        ``weight`` is the inferences behind the counts (each window at least 1); the
+        fleet-wide fallback reference counts each input once, whatever its groups.
+        """
+        for g in groups:
+            self._weight[(g, label)] += weight
+        for f, counts in feature_counts.items():
+            for g in groups:
+                add_into(self._merged.setdefault((g, label, f), []), counts)
+            add_into(self._fleet.setdefault((label, f), []), counts)
 
     def cells(self, references: Mapping[str, Mapping[str, Sequence[float]]]
               ) -> tuple[list[DriftCell], list[str]]:
@@ -195,7 +224,7 @@ def drift_cells(rows: Iterable[FeatureWindow],
     """
     acc = DriftMap()
     for r in rows:
-        acc.add(r)
+        acc.add([r.group], r.label, max(r.count, 1), r.feature_counts)
     return acc.cells(references)
 
 

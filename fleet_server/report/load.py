@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -35,9 +36,9 @@ from device_agent.payloads import DriftProfile
 from ..db.models import AuditEntry, Bundle, Device, DeviceReport, Group, Rollout
 from ..db.telemetry import TelemetrySummary as S
 from ..groups import matches
+from . import sqlagg
 from .aggregate import (
     DriftMap,
-    FeatureWindow,
     Seen,
     VersionSeries,
     WindowFigures,
@@ -72,12 +73,16 @@ def _has_table(session: Session, name: str) -> bool:
 
 
 def load_dataset(session: Session, since: datetime, until: datetime, *,
-                 drift_by: str = "class", now: datetime | None = None) -> ReviewDataset:
+                 drift_by: str = "class", now: datetime | None = None,
+                 in_database: bool | None = None) -> ReviewDataset:
     """The review of ``since`` .. ``until``.
 
     ``drift_by`` chooses the drift heat map's groups: ``"class"`` (device class),
     ``"label:KEY"`` (the value of a device label) or ``"group"`` (the server's
-    device groups; a device may be in several).
+    device groups; a device may be in several). ``in_database`` sums the
+    telemetry's JSON arrays in SQL (:mod:`.sqlagg`, SQLite and PostgreSQL) instead
+    of row by row here; by default only on PostgreSQL, where it is about twice as
+    fast (on SQLite both take about as long).
     """
     now = now or datetime.now(timezone.utc)
     notes: list[str] = []
@@ -119,25 +124,13 @@ def load_dataset(session: Session, since: datetime, until: datetime, *,
     series, drift_map = VersionSeries(edges), DriftMap()
     cohorts = _cohort_plans(rollouts, by_id, session)
     if have_summaries:
-        # one streamed pass over the period's summaries; memory stays bounded by the
-        # number of versions, bins, groups and features, not by the number of rows
-        rows = session.execute(
-            select(S.device_id, S.received_at, S.name, S.version, S.rollout_id,
-                   S.count.label("n"),  # not `count`: Row.count is tuple.count
-                   S.errors, S.latency_hist, S.p95_ms, S.feature_counts, S.prediction_counts)
-            .where(S.received_at >= lo_f, S.received_at <= hi_f)
-            .execution_options(yield_per=2000))
-        for r in rows:
-            label = version_label(r.name, r.version)
-            series.add(WindowFigures(_utc(r.received_at), label, r.n or 0, r.errors or 0,
-                                     r.latency_hist, r.p95_ms))
-            if r.feature_counts:
-                for g in _group_keys(by_id.get(r.device_id), groups, drift_by):
-                    drift_map.add(FeatureWindow(g, label, r.n or 0, r.feature_counts))
-            if r.prediction_counts:
-                for plan in cohorts:
-                    plan.add(r.device_id, r.received_at, label, r.rollout_id,
-                             r.prediction_counts)
+        def keys(device_id: str) -> list[str]:
+            return _group_keys(by_id.get(device_id), groups, drift_by)
+
+        if in_database is None:
+            in_database = session.get_bind().dialect.name == "postgresql"
+        fill = _fill_in_database if in_database and sqlagg.supported(session) else _fill_by_rows
+        fill(session, lo_f, hi_f, edges, keys, series, drift_map, cohorts)
     by_version = series.points()
     drift, missing = drift_map.cells(_references(bundles.values()))
     if missing:
@@ -289,6 +282,65 @@ def _seen(session: Session, lo_f: float, hi_f: float, have_summaries: bool,
         if rp_name:
             seen.append(Seen(d, version_label(rp_name, rp_version), at))
     return seen
+
+
+GroupKeys = Callable[[str], list[str]]
+
+
+def _fill_by_rows(session: Session, lo_f: float, hi_f: float, edges: Sequence[datetime],
+                  keys: GroupKeys, series: VersionSeries, drift_map: DriftMap,
+                  cohorts: Sequence[_CohortPlan]) -> None:
+    """One streamed pass over the period's summaries, decoding each row's JSON here."""
+    rows = session.execute(
+        select(S.device_id, S.received_at, S.name, S.version, S.rollout_id,
+               S.count.label("n"),  # not `count`: Row.count is tuple.count
+               S.errors, S.latency_hist, S.p95_ms, S.feature_counts, S.prediction_counts)
+        .where(S.received_at >= lo_f, S.received_at <= hi_f)
+        .execution_options(yield_per=2000))
+    for r in rows:
+        label = version_label(r.name, r.version)
+        series.add(WindowFigures(_utc(r.received_at), label, r.n or 0, r.errors or 0,
+                                 r.latency_hist, r.p95_ms))
+        if r.feature_counts:
+            drift_map.add(keys(r.device_id), label, max(r.n or 0, 1), r.feature_counts)
+        if r.prediction_counts:
+            for plan in cohorts:
+                plan.add(r.device_id, r.received_at, label, r.rollout_id, r.prediction_counts)
+
+
+def _fill_in_database(session: Session, lo_f: float, hi_f: float, edges: Sequence[datetime],
+                      keys: GroupKeys, series: VersionSeries, drift_map: DriftMap,
+                      cohorts: Sequence[_CohortPlan]) -> None:
+    """The same sums as :func:`_fill_by_rows`, computed by the database (:mod:`.sqlagg`)."""
+    lo = edges[0].timestamp()
+    width = (edges[1] - edges[0]).total_seconds() if len(edges) > 1 else 1.0
+    width = width or 1.0
+    for name, version, b, n, errors, p95_sum, p95_n in sqlagg.version_totals(
+            session, lo, hi_f, width):
+        series.add_totals(version_label(name, version), int(b), n, errors, p95_sum, p95_n)
+    for name, version, b, idx, n in sqlagg.latency_buckets(session, lo, hi_f, width):
+        series.add_bucket(version_label(name, version), int(b), int(idx), n)
+    counts: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for device, name, version, feature, idx, n in sqlagg.feature_buckets(session, lo_f, hi_f):
+        cells = counts[(device, version_label(name, version))][str(feature)]
+        if len(cells) <= int(idx):
+            cells.extend([0] * (int(idx) + 1 - len(cells)))
+        cells[int(idx)] += int(n)
+    for device, name, version, weight in sqlagg.feature_weights(session, lo_f, hi_f):
+        label = version_label(name, version)
+        drift_map.add(keys(device), label, int(weight), counts.get((device, label), {}))
+    for plan in cohorts:
+        t0, t1 = max(plan.t0, lo_f), min(plan.t1, hi_f)
+        if t0 > t1:
+            continue
+        preds: dict[tuple[str, str, str | None], list[int]] = defaultdict(list)
+        for device, name, version, rollout, idx, n in sqlagg.prediction_buckets(session, t0, t1):
+            cells = preds[(device, version_label(name, version), rollout)]
+            if len(cells) <= int(idx):
+                cells.extend([0] * (int(idx) + 1 - len(cells)))
+            cells[int(idx)] += int(n)
+        for (device, label, rollout), cells in preds.items():
+            plan.add(device, t0, label, rollout, cells)
 
 
 def _group_keys(device: Device | None, groups: Sequence[Group], drift_by: str) -> list[str]:

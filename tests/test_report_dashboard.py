@@ -359,3 +359,28 @@ def test_dashboard_is_read_only_and_validates_hours(served: tuple[str, Scenario]
     assert httpx.get(f"{base}/dashboard", params={"hours": 0}, headers=auth).status_code == 422
     assert httpx.get(f"{base}/dashboard", params={"hours": "lots"},
                      headers=auth).status_code == 422
+
+
+def test_router_mounts_in_the_server_app(tmp_path: Path) -> None:
+    """The two lines that mount the dashboard in ``create_app`` work against the real app."""
+    from fastapi.testclient import TestClient
+
+    from fleet_server.app import create_app
+    from fleet_server.report.dashboard import dashboard_router
+    from fleet_server.settings import ServerSettings
+
+    admin = "eft_dashboard-admin-" + "a" * 24
+    app = create_app(ServerSettings(database_url=f"sqlite:///{tmp_path / 'server.db'}",
+                                    bundle_dir=tmp_path / "bundles",
+                                    admin_bootstrap_token=admin, run_scheduler=False))
+    app.include_router(dashboard_router())
+    with TestClient(app) as client:
+        data = client.get("/dashboard/data.json", headers={"Authorization": f"Bearer {admin}"})
+        assert data.status_code == 200, data.text
+        assert data.json()["fleet"]["devices"] == []
+        page = client.get("/dashboard", params={"token": admin}, follow_redirects=False)
+        assert page.status_code == 303 and page.headers["location"] == "/dashboard?hours=24"
+        assert "httponly" in page.headers["set-cookie"].lower()
+        assert client.get("/dashboard").status_code == 200  # the cookie now carries the token
+        assert client.get("/dashboard/data.json").status_code == 200
+        assert "/dashboard/data.json" in client.get("/openapi.json").json()["paths"]

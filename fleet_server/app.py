@@ -133,6 +133,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) -> FastAPI:
     """Build a server app. Migrations run and background tasks start in the lifespan."""
     from .api import api_router
+    from .device.routes import CheckinFastPath
     from .device.routes import router as device_router
 
     ctx = ServerContext(settings, notifier=notifier)
@@ -166,8 +167,8 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
     )
     app.state.ctx = ctx
     _install_error_handlers(app)
-    app.include_router(api_router, prefix=API_PREFIX)
     app.include_router(device_router)
+    app.include_router(api_router, prefix=API_PREFIX)
     if settings.dashboard:
         from .report.dashboard import dashboard_router
 
@@ -189,6 +190,7 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
         ctx.metrics.cached_assignments.set(len(ctx.assignment_cache._entries))
         return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(CheckinFastPath, ctx=ctx)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
     return app
 

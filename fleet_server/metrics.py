@@ -8,6 +8,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from device_agent.protocol import ASSIGNMENT_PATH
+
 
 class ServerMetrics:
     def __init__(self) -> None:
@@ -25,6 +27,9 @@ class ServerMetrics:
             "edgefleet_checkins", "Device check-ins by result", ["result"],
             registry=self.registry,
         )
+        # children resolved once: the check-in path must not pay for label lookups
+        self.not_modified = self.checkins.labels("not_modified")
+        self.changed = self.checkins.labels("changed")
         self.audit_entries = Counter(
             "edgefleet_audit_entries", "Audit entries written", registry=self.registry,
         )
@@ -60,6 +65,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route: Any = scope.get("route")
-            name = getattr(route, "path", "unmatched")
+            name = getattr(route, "path", None) or (
+                ASSIGNMENT_PATH if scope["path"] == ASSIGNMENT_PATH else "unmatched"
+            )
             self.metrics.requests.labels(scope["method"], name, str(status[0])).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - start)

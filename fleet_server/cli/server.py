@@ -22,7 +22,10 @@ from ..settings import SettingsError, load_settings
               help="uvicorn worker processes (each is a replica sharing the database).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def server(host: str, port: int, config_file: Path | None, workers: int, log_level: str) -> None:
+@click.option("--access-log/--no-access-log", default=False, show_default=True,
+              help="Log every request (costly with many devices checking in).")
+def server(host: str, port: int, config_file: Path | None, workers: int, log_level: str,
+           access_log: bool) -> None:
     """Run the fleet server: admin API (/api/v1), device API (/device/v1), /metrics.
 
     Settings come from --config and EDGEFLEET_SERVER_* environment variables
@@ -41,4 +44,4 @@ def server(host: str, port: int, config_file: Path | None, workers: int, log_lev
     click.echo(f"edgefleet server on http://{host}:{port} ({settings.environment}, "
                f"database {settings.database_url.split('://')[0]})", err=True)
     uvicorn.run("fleet_server.app:app_from_env", factory=True, host=host, port=port,
-                workers=workers, log_level=log_level)
+                workers=workers, log_level=log_level, access_log=access_log)

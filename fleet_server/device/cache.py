@@ -115,23 +115,28 @@ class AssignmentCache:
             self._entries.pop(device_id, None)
 
     def poll(self) -> int:
-        """Refresh cached entries changed by any replica since the last poll (blocking)."""
+        """Refresh cached entries changed by any replica since the last poll (blocking).
+
+        Reads only (device id, ETag) of recently updated rows; bodies are fetched
+        for the cached devices whose ETag changed.
+        """
         since = self._polled_at - self._overlap
         now = utcnow()
-        stmt = select(Assignment.device_id, Assignment.etag, Assignment.body).where(
-            Assignment.updated_at >= since
-        )
         with self._engine.connect() as conn:
-            rows = conn.execute(stmt).all()
-        changed = 0
+            rows = conn.execute(
+                select(Assignment.device_id, Assignment.etag).where(Assignment.updated_at >= since)
+            ).all()
+            stale = [d for d, etag in rows
+                     if (old := self._entries.get(d)) is not None and old.etag != etag]
+            fresh = conn.execute(
+                select(Assignment.device_id, Assignment.etag, Assignment.body)
+                .where(Assignment.device_id.in_(stale))
+            ).all() if stale else []
         with self._lock:
-            for device_id, etag, body in rows:
-                old = self._entries.get(device_id)
-                if old is not None and old.etag != etag:
-                    self._entries[device_id] = self._entry(device_id, etag, body)
-                    changed += 1
+            for device_id, etag, body in fresh:
+                self._entries[device_id] = self._entry(device_id, etag, body)
         self._polled_at = now
-        return changed
+        return len(fresh)
 
 
 class LastSeenBuffer:

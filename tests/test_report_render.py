@@ -237,3 +237,14 @@ def test_malformed_dataset_is_refused(ds: ReviewDataset) -> None:
 def test_prediction_labels_and_proportions_must_match() -> None:
     with pytest.raises(DatasetFormatError, match="2 labels but 3 proportions"):
         PredictionDist("r", "canary", ("a", "b"), (0.2, 0.3, 0.5))
+
+
+def test_rendering_is_deterministic_and_thread_safe(ds: ReviewDataset, html: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    small = replace(ds, devices=ds.devices[:5])
+    alone = render_html(small)
+    with ThreadPoolExecutor(4) as pool:
+        pages = list(pool.map(lambda _: render_html(small), range(4)))
+    assert all(p == alone for p in pages)
+    assert render_html(ds) == html

@@ -11,11 +11,13 @@ version keeps its colour across every plot.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import re
+import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -70,9 +72,15 @@ _RC: dict[str, Any] = {
 }
 
 
-def _style() -> Any:
-    """The review's plot style, as a context manager around one figure."""
-    return matplotlib.rc_context(_RC)  # type: ignore[arg-type]
+#: matplotlib's rcParams are process-global: one figure is styled and drawn at a time
+_DRAWING = threading.Lock()
+
+
+@contextlib.contextmanager
+def _style() -> Iterator[None]:
+    """The review's plot style around one figure, serialised across server threads."""
+    with _DRAWING, matplotlib.rc_context(_RC):  # type: ignore[arg-type]
+        yield
 
 
 def version_colors(versions: Sequence[str]) -> dict[str, str]:

@@ -16,7 +16,7 @@ Targets can also be written as one string (for the CLI)::
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import TargetError
@@ -84,7 +84,6 @@ class Target:
     max_ml_opset: int | None = None
     device_classes: tuple[str, ...] = ()
     name: str = ""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:

@@ -108,11 +108,16 @@ def torch_cnn(seed: int = 0) -> tuple[Any, np.ndarray]:
     images, labels = image_data(256, seed + 1)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(30):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: more threads only contend on a busy machine
+    try:
+        for _ in range(30):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     return model, image_batch(64, seed)
 

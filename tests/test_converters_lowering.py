@@ -1,8 +1,9 @@
 """Lowering ONNX models for older runtimes, shown against a real older onnxruntime.
 
 The older onnxruntime lives in its own virtualenv (it needs numpy < 2), built
-once and cached in ``$EDGEFLEET_VENV_CACHE`` (default ``<repo>/.venv-cache``)
-so later runs reuse it. Models run there through a subprocess.
+once from PyPI and cached in ``$EDGEFLEET_VENV_CACHE`` (default
+``~/.cache/edgefleet/venvs``, outside the checkout so fresh CI clones on the
+same machine reuse it). Models run there through a subprocess.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from converters.targets import (
 from tests import models
 
 OLD_ORT = "1.16.3"
-REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "edgefleet", "venvs")
 
 _RUNNER = r"""
 import json, sys
@@ -89,7 +90,7 @@ def _build_venv(dest: Path) -> None:
 
 @pytest.fixture(scope="module")
 def old_ort() -> OldRuntime:
-    cache = Path(os.environ.get("EDGEFLEET_VENV_CACHE", REPO / ".venv-cache"))
+    cache = Path(os.environ.get("EDGEFLEET_VENV_CACHE", DEFAULT_CACHE))
     dest = cache / f"onnxruntime-{OLD_ORT}"
     if not (dest / ".complete").exists():
         cache.mkdir(parents=True, exist_ok=True)

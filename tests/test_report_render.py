@@ -248,3 +248,41 @@ def test_rendering_is_deterministic_and_thread_safe(ds: ReviewDataset, html: str
         pages = list(pool.map(lambda _: render_html(small), range(4)))
     assert all(p == alone for p in pages)
     assert render_html(ds) == html
+
+
+def test_sparse_and_odd_datasets_render_without_warnings() -> None:
+    import warnings
+
+    from fleet_server.report.dataset import (
+        AdoptionPoint,
+        Decision,
+        DriftCell,
+        GateRow,
+        RolloutRow,
+        StageSpan,
+        VersionPoint,
+    )
+
+    t = datetime(2026, 11, 21, 8, 0, tzinfo=timezone.utc)
+    breach = GateRow("drift_psi", 0.6, None, 0.25, "breach", 900, 0)
+    ds = ReviewDataset(
+        generated_at=t, since=t, until=t,
+        devices=(DeviceRow("d1", "cam", {}, "(none)", None, "unknown"),),
+        adoption=(AdoptionPoint(t, {"(none)": 1}),),
+        rollouts=(
+            RolloutRow("r-new", "m v2", "staged_canary", "pending", "pause",
+                       decisions=(Decision(t, "create", None, "", (), "operator:ann"),)),
+            RolloutRow("r-held", "m v3", "shadow", "paused", "pause",
+                       (StageSpan(0, 5, t, None),),
+                       (Decision(t, "pause", 0, "gate breached", (breach,)),)),
+        ),
+        by_version=(VersionPoint("m v1", t, 0, 0, None, None),),
+        drift=(DriftCell("cam", "f0", 0.6),),
+        predictions=(PredictionDist("r-held", "canary", ("a",), (1.0,), 10),),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = render_html(ds)
+    for plot in PLOTS:
+        assert f'data-plot="{plot}"' in out
+    assert "caught at stage 1 (5%) by gate drift_psi (canary 0.600, threshold 0.25)" in out

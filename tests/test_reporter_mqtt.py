@@ -456,3 +456,19 @@ def test_mqtt5_broker_refusal_is_counted_and_the_rows_are_kept(
     assert _wait(lambda: reporter.counters.rejected == 1, 10)
     assert reporter.counters.acked == 0
     assert [r.seq for r in store.pending()] == seqs
+
+
+def test_stop_returns_promptly_when_the_broker_hangs(
+    broker: MosquittoBroker, cleanup: list[Callable[[], None]]
+) -> None:
+    transport = transport_for(broker, [])
+    assert transport.wait_connected(10)
+    broker.pause()
+    cleanup.append(broker.resume)
+    blob = b"x" * (1024 * 1024)
+    handles = [transport.publish(telemetry_topic("dev-a", "samples"), blob) for _ in range(40)]
+    started = time.monotonic()
+    transport.stop(timeout=0.5)
+    assert time.monotonic() - started < 8
+    assert not transport.connected
+    assert not any(h.done for h in handles), "nothing the broker never acknowledged is done"

@@ -22,9 +22,11 @@ Shape:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -234,7 +236,7 @@ class MqttTransport:
             return len(self._handles)
 
     # ---------------------------------------------------------------- paho callbacks
-    # They run inside client.loop() and only enqueue events.
+    # They run on paho's network thread and only enqueue events.
 
     def _on_connect(self, _c: Any, _u: Any, _flags: Any, rc: Any, _props: Any) -> None:
         if rc.is_failure:
@@ -287,14 +289,22 @@ class MqttTransport:
             except queue.Empty:
                 now = time.monotonic()
                 if stop_deadline is not None and now > stop_deadline:
+                    self._abort_socket()
                     return
                 if not self._connected.is_set() and now - started > self._handshake_timeout:
                     self.last_error = "no CONNACK from the broker; reconnecting"
-                    self._client.disconnect()
+                    self._abort_socket()
                     return
                 continue
             if not self._handle(ev):
                 return
+
+    def _abort_socket(self) -> None:
+        """Shut the socket down so paho's thread ends even if the peer never answers."""
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _drain_events(self) -> None:
         """Handle whatever events are already queued."""

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from device_agent._fsutil import atomic_write_bytes
 from device_agent.bundle.manifest import TensorSpec, canonical_json
 from device_agent.payloads import DriftProfile, SmokeSamples
 
@@ -303,6 +304,16 @@ def pack_artifact(
         path = pack_bundle(out, manifest, files)
     if signing_key is not None:
         sign_bundle(path, signing_key)
+    return path
+
+
+def save_artifact(artifact: Artifact, out_dir: str | Path, stem: str) -> Path:
+    """Write the model file and ``STEM.parity.json`` (its provenance) durably."""
+    out_dir = Path(out_dir)
+    path = out_dir / f"{stem}.{artifact.format}"
+    atomic_write_bytes(path, artifact.data)
+    report = json.dumps(artifact.provenance(), indent=2) + "\n"
+    atomic_write_bytes(out_dir / f"{stem}.parity.json", report.encode())
     return path
 
 

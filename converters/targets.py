@@ -110,6 +110,10 @@ class Target:
         name = f"{self.format}-{self.precision}"
         if self.runtime_version:
             name += f"-{self.runtime}-{self.runtime_version}"
+        if self.max_ir_version is not None:
+            name += f"-ir{self.max_ir_version}"
+        if self.max_opset is not None:
+            name += f"-opset{self.max_opset}"
         return name
 
     @property

@@ -78,9 +78,9 @@ def test_convert_without_pack_writes_artifacts_and_parity_reports(
     r = CliRunner().invoke(main, ["convert", str(model), "--samples", str(samples),
                                   "--target", "onnx@ir8/opset17", "-o", str(out)])
     assert r.exit_code == 0, r.output
-    produced = out / "mlp-onnx-float32.onnx"
+    produced = out / "mlp-onnx-float32-ir8-opset17.onnx"
     assert onnx.load(str(produced)).ir_version == 8
-    report = json.loads((out / "mlp-onnx-float32.parity.json").read_text())
+    report = json.loads((out / "mlp-onnx-float32-ir8-opset17.parity.json").read_text())
     assert report["parity"]["outputs"][0]["max_abs_error"] <= 1e-4
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from .bundle import bundle
-from .demo import demo
 from .convert import bundle_build, convert
+from .demo import demo
 from .image import image
 from .keys import keys, trust
 from .ops import COMMANDS as OPS_COMMANDS

@@ -6,7 +6,6 @@ happened; conversion libraries are imported only when a command runs.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -145,7 +144,13 @@ def _run(
     atol: float | None, min_top1: float | None, allow_parity_failure: bool,
     device_classes: tuple[str, ...], out_dir: Path, pack: dict[str, Any] | None,
 ) -> None:
-    from converters.pipeline import STEPS_PER_TARGET, BuildResult, build_bundles, convert
+    from converters.pipeline import (
+        STEPS_PER_TARGET,
+        BuildResult,
+        build_bundles,
+        convert,
+        save_artifact,
+    )
     from converters.targets import parse_target
 
     specs = [parse_target(t, tuple(device_classes)) for t in (targets or ("onnx",))]
@@ -173,11 +178,7 @@ def _run(
                 except ConverterError as e:
                     results.append(BuildResult(spec, None, None, e))
                     continue
-                stem = out_dir / f"{model.stem}-{spec.name}"
-                path = stem.with_suffix(f".{spec.format}")
-                path.write_bytes(art.data)
-                stem.with_suffix(".parity.json").write_text(
-                    json.dumps(art.provenance(), indent=2) + "\n")
+                path = save_artifact(art, out_dir, f"{model.stem}-{spec.name}")
                 results.append(BuildResult(spec, art, path))
     finally:
         finish()

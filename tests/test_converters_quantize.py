@@ -120,3 +120,15 @@ def test_generated_samples_are_used_when_none_are_given() -> None:
     artifact = convert(source, Target("onnx", "float16"))
     assert artifact.parity.samples_origin == "generated from the input signature"
     assert artifact.parity.samples > 0
+
+
+def test_float16_forest_breaks_default_tolerance_and_is_refused() -> None:
+    # Tree ensembles stay float32, but float16 inputs are rounded before the
+    # splits: samples near a threshold land in other leaves. Parity catches it.
+    source, x = models.zoo_source("forest")
+    with pytest.raises(ParityError) as info:
+        convert(source, Target("onnx", "float16"), samples=x)
+    report = info.value.report
+    assert report.tolerance == DEFAULT_TOLERANCES["float16"]
+    fail = report.failures()[0]
+    assert fail.name == "probabilities" and fail.max_abs_error > 1e-2

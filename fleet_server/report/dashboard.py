@@ -11,11 +11,11 @@ A browser cannot send an ``Authorization`` header from the address bar, so the
 token is taken, in this order, from:
 
 1. ``Authorization: Bearer <token>`` (scripts, curl);
-2. the ``edgefleet_token`` cookie;
-3. the ``token`` query parameter: a valid one is moved into an HttpOnly,
-   SameSite=Strict cookie scoped to ``/dashboard`` and the browser is redirected
-   to the same URL without it, so the token does not linger in the address bar
-   or the history.
+2. the ``token`` query parameter (page only): a valid one is moved into an
+   HttpOnly, SameSite=Strict cookie scoped to ``/dashboard`` and the browser is
+   redirected to the same URL without it, so the token does not linger in the
+   address bar or the history;
+3. the ``edgefleet_token`` cookie.
 
 Nothing here writes to the database. The page carries no script and loads
 nothing from elsewhere; it is rendered per request (``Cache-Control: no-store``).
@@ -68,20 +68,21 @@ def _hours_label(h: float) -> str:
     return f"{h:g} h"
 
 
-def _nav(hours: float) -> str:
+def _nav(hours: float, base: str) -> str:
     links = []
     for h in HOUR_CHOICES:
         label = _hours_label(h)
         if h == hours:
             links.append(f'<span class="current">last {label}</span>')
         else:
-            links.append(f'<a href="{PREFIX}?{urlencode({"hours": f"{h:g}"})}">last {label}</a>')
-    data = f'{PREFIX}/data.json?{urlencode({"hours": f"{hours:g}"})}'
+            links.append(f'<a href="{escape(base)}?{urlencode({"hours": f"{h:g}"})}">'
+                         f'last {label}</a>')
+    data = f'{base}/data.json?{urlencode({"hours": f"{hours:g}"})}'
     return (f'<nav class="dash"><strong>edgefleet dashboard</strong> {" ".join(links)} '
             f'<a href="{escape(data)}">data.json</a><span>read-only</span></nav>')
 
 
-def _error_page(exc: ServerError) -> HTMLResponse:
+def _error_page(exc: ServerError, base: str) -> HTMLResponse:
     body = (
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<link rel=\"icon\" href=\"data:,\"><title>edgefleet dashboard</title></head>"
@@ -94,8 +95,13 @@ def _error_page(exc: ServerError) -> HTMLResponse:
     resp = HTMLResponse(body, status_code=exc.status_code,
                         headers={"Cache-Control": "no-store"})
     if exc.status_code == 401:
-        resp.delete_cookie(COOKIE, path=PREFIX)
+        resp.delete_cookie(COOKIE, path=base)
     return resp
+
+
+def _base(request: Request) -> str:
+    """The dashboard's path as the browser sees it (behind a proxy prefix too)."""
+    return f"{request.scope.get('root_path', '')}{PREFIX}"
 
 
 def _authenticate(request: Request, token: str | None) -> Principal:
@@ -123,20 +129,21 @@ def dashboard_router(
                        token: Token = None) -> Response:
         """The review of the last ``hours`` as an HTML page (viewer role or higher)."""
         header = bearer_token(request.headers.get("authorization"))
-        presented = header or request.cookies.get(COOKIE) or token
+        presented = header or token or request.cookies.get(COOKIE)
         try:
             _authenticate(request, presented)
         except ServerError as e:
-            return _error_page(e)
+            return _error_page(e, _base(request))
         if token is not None and presented == token:
-            target = f"{PREFIX}?{urlencode({'hours': f'{hours:g}'})}"
+            target = f"{_base(request)}?{urlencode({'hours': f'{hours:g}'})}"
             resp = RedirectResponse(target, status_code=303)
-            resp.set_cookie(COOKIE, token, path=PREFIX, httponly=True, samesite="strict",
+            resp.set_cookie(COOKIE, token, path=_base(request), httponly=True,
+                            samesite="strict",
                             secure=request.url.scheme == "https")
             return resp
         ds = dataset_for(request, hours)
         html = render_html(ds, title=f"edgefleet telemetry review, last {_hours_label(hours)}",
-                           nav=_nav(hours))
+                           nav=_nav(hours, _base(request)))
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
     @router.get("/data.json", summary="Telemetry review numbers (read-only)")

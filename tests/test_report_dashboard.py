@@ -384,3 +384,22 @@ def test_router_mounts_in_the_server_app(tmp_path: Path) -> None:
         assert client.get("/dashboard").status_code == 200  # the cookie now carries the token
         assert client.get("/dashboard/data.json").status_code == 200
         assert "/dashboard/data.json" in client.get("/openapi.json").json()["paths"]
+
+
+def test_static_report_opens_from_a_file_with_every_plot(browser: Browser,
+                                                         tmp_path: Path) -> None:
+    """The file `edgefleet report` writes needs no server: open it from disk."""
+    from fleet_server.report.render import write_report
+    from fleet_server.report.synthetic import synthetic_dataset
+
+    out = tmp_path / "report.html"
+    write_report(synthetic_dataset(devices=90), out)
+    page = browser.new_page()
+    page.goto(out.as_uri())
+    plots = page.eval("[...document.querySelectorAll('svg[data-plot]')]"
+                      ".filter(s => s.getBoundingClientRect().width > 300)"
+                      ".map(s => s.dataset.plot)")
+    assert sorted(plots) == ["adoption", "drift", "latency", "predictions", "timeline"]
+    assert page.eval("document.querySelectorAll('#fleet-devices tbody tr').length") == 90
+    assert page.console_errors() == []
+    page.screenshot(ARTIFACTS / "report-file.png")

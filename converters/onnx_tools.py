@@ -152,10 +152,19 @@ def installed_ort_max_ir(model: Any) -> int | None:
 
 def loadable_by_installed_ort(model: Any) -> Any:
     """A copy of ``model`` the installed onnxruntime accepts (IR lowered if that is safe)."""
+    import onnxruntime as ort
     from onnx import ModelProto
+
+    from .errors import TargetError
+    from .targets import onnxruntime_limits
 
     copy = ModelProto()
     copy.CopyFrom(model)
+    try:
+        if copy.ir_version <= onnxruntime_limits(ort.__version__)[0]:
+            return copy  # known to load; skip the probe session
+    except TargetError:
+        pass
     limit = installed_ort_max_ir(copy)
     if limit is not None:
         set_ir_version(copy, limit)

@@ -67,10 +67,7 @@ def _tamper(src: Path, dst: Path, how: str) -> Path:
     return dst
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("demo-output"), show_default=True, help="Where to put everything.")
-def main(workdir: Path) -> None:
+def run_roundtrip(workdir: Path) -> None:
     """Guided bundle round-trip: keys, pack, sign, verify, install, predict, tamper."""
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -143,7 +140,3 @@ def main(workdir: Path) -> None:
                 f"files in {workdir.resolve()}", fg="green" if refused == len(cases) else "red")
     if refused != len(cases):
         sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

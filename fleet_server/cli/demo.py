@@ -1,0 +1,27 @@
+"""`edgefleet demo`: the whole product on one machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("demo-output"), show_default=True,
+              help="Where everything goes (recreated on each run).")
+@click.option("--devices", type=click.IntRange(min=6, max=2000), default=120, show_default=True,
+              help="Number of simulated devices.")
+@click.option("--roundtrip", is_flag=True,
+              help="Only the short guided bundle round-trip (keys, pack, sign, verify, tamper).")
+def demo(workdir: Path, devices: int, roundtrip: bool) -> None:
+    """Run the fleet demo: server, broker, simulated fleet, a good and a bad rollout, report."""
+    if roundtrip:
+        from fleet_server.demo.roundtrip import run_roundtrip
+
+        run_roundtrip(workdir)
+        return
+    from fleet_server.demo.fleet_demo import run_demo
+
+    run_demo(workdir, devices)

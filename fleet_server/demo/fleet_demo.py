@@ -1,0 +1,284 @@
+"""The fleet demo: server, broker, a simulated fleet, a good rollout, a bad one caught.
+
+1. a release key and the devices' trust store;
+2. a Mosquitto broker with per-device credentials and ACLs, and the fleet server
+   (SQLite, local bundle store) in its own process;
+3. a small model trained three times: v1, a healthy retrain v2, and a v3 with
+   a label-mapping bug; each converted for every device class (ONNX float32 for
+   the gateways, TFLite int8 weights for the boards), parity-checked, packed
+   with its drift reference and smoke samples, signed, uploaded;
+4. provisioning images for the three device classes, and a fleet of real agents
+   provisioned from them, each enrolling with its own one-time token;
+5. v1 everywhere, then v2 by staged canary (10% -> 50% -> 100%) through the
+   health gates, then v3 by staged canary: caught by a gate and rolled back
+   automatically; the devices return to v2's model;
+6. the telemetry review report.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from converters.keys import KeyStore
+from device_agent.bundle import TrustStore
+
+from ..images import build_image, load_class
+from ..localbroker import SERVER_USER, LocalMosquitto
+from ..simulator.fleet import ClassPlan, Fleet
+from .services import AdminClient, ServerProcess
+
+CLASS_MIX = (("x86_64-gateway", 0.5), ("aarch64-board", 0.35), ("aarch64-legacy", 0.15))
+TARGETS = {"x86_64-gateway": "onnx:float32@ir9/opset17", "aarch64-board": "tflite:int8-dynamic",
+           "aarch64-legacy": "tflite:int8-dynamic"}
+MODEL = "machine-condition"
+
+
+@dataclass
+class DemoRun:
+    workdir: Path
+    devices: int
+    started: float = field(default_factory=time.monotonic)
+
+    def say(self, text: str, *, bold: bool = False, fg: str | None = None) -> None:
+        t = time.monotonic() - self.started
+        click.secho(f"[{t:6.1f}s] {text}", bold=bold, fg=fg)
+
+
+def _build_bundles(run: DemoRun, key: Any) -> dict[int, dict[str, Path]]:
+    """Train v1, v2 (healthy) and v3 (bad); convert per class; sign. -> {version: {class: path}}"""
+    from converters.pipeline import build_bundles
+    from converters.source import from_torch
+    from converters.targets import parse_target
+
+    from .model import accuracy, train
+
+    out: dict[int, dict[str, Path]] = {}
+    for version, seed, bad in ((1, 11, False), (2, 22, False), (3, 33, True)):
+        module, calib = train(seed, bad=bad)
+        source = from_torch(module, calib[:8], input_names=["x"], output_names=["probs"],
+                            task="classification")
+        targets = [parse_target(spec, tuple(c for c, s in TARGETS.items() if s == spec))
+                   for spec in dict.fromkeys(TARGETS.values())]
+        results = build_bundles(source, targets, run.workdir / "bundles", name=MODEL,
+                                version=version, signing_key=key, samples=calib,
+                                reference_samples=calib)
+        out[version] = {}
+        for r in results:
+            if r.error is not None or r.bundle is None:
+                raise click.ClickException(f"v{version} {r.target.name}: {r.error}")
+            for cls in r.target.device_classes:
+                out[version][cls] = r.bundle
+            worst = max((o.max_abs_error for o in r.artifact.parity.outputs), default=0.0) \
+                if r.artifact is not None else 0.0
+            run.say(f"  v{version} {r.target.name:<28} -> {r.bundle.name} "
+                    f"(parity max abs err {worst:.2g})")
+        label = "BAD: label-mapping bug" if bad else "healthy"
+        run.say(f"  v{version}: offline accuracy {accuracy(module):.1%} ({label})")
+    return out
+
+
+def _wait(run: DemoRun, fleet: Fleet, admin: AdminClient, rollout_ids: dict[str, str],
+          done: set[str], timeout: float) -> dict[str, dict[str, Any]]:
+    """Drive predictions until every rollout reaches a final status; narrate changes."""
+    seen: dict[str, tuple[str, int]] = {}
+    final: dict[str, dict[str, Any]] = {}
+    quiet_since: dict[str, float] = {}
+    said: dict[str, str] = {}
+
+    def tick(elapsed: float) -> bool:
+        for cls, rid in rollout_ids.items():
+            if cls in final:
+                continue
+            r = admin.get(f"/rollouts/{rid}")
+            key = (r["status"], r["stage"])
+            if seen.get(cls) != key:
+                seen[cls] = key
+                quiet_since[cls] = elapsed
+                counts = fleet.versions(cls)
+                running = ", ".join(f"v{v}: {n}" for v, n in sorted(
+                    counts.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
+                stage = f"stage {r['stage'] + 1}" if r["stage"] >= 0 else "-"
+                run.say(f"  {cls:<15} {r['status']:<12} {stage:<8} devices run {running}")
+            if r["status"] in done:
+                final[cls] = r
+            elif elapsed - quiet_since.get(cls, 0.0) > 8:
+                quiet_since[cls] = elapsed
+                why = admin.get(f"/rollouts/{rid}/evaluation")["decision"].get("reason", "")
+                if why and said.get(cls) != why:
+                    said[cls] = why
+                    run.say(f"  {cls:<15} waiting: {why}")
+        return len(final) == len(rollout_ids)
+
+    fleet.drive(timeout, calls_per_second=20.0, on_tick=tick)
+    missing = set(rollout_ids) - set(final)
+    if missing:
+        raise click.ClickException(f"rollouts for {sorted(missing)} did not finish in {timeout}s")
+    return final
+
+
+def _gate_that_caught(admin: AdminClient, rollout_id: str) -> str:
+    """The audit log's rollback entry, with the gate and its numbers."""
+    page = admin.get("/audit", params={"target_id": rollout_id, "limit": 200})
+    for entry in page.get("items", []):
+        details = entry.get("details") or {}
+        if "rollback" in str(entry.get("action", "")) or details.get("action") == "rollback":
+            gates = [g for g in details.get("gates", []) if g.get("verdict") == "fail"]
+            if gates:
+                g = gates[0]
+                return (f"gate {g.get('name') or g.get('kind')}: canary {g.get('canary')} vs "
+                        f"control {g.get('control')} (threshold {g.get('threshold')})")
+            return str(details.get("reason", entry.get("action")))
+    return "(no rollback entry in the audit log)"
+
+
+def run_demo(workdir: Path, devices: int, keep_running: bool = False) -> Path:
+    run = DemoRun(workdir, devices)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    run.say("edgefleet fleet demo", bold=True)
+
+    run.say("1. release key and device trust store", bold=True)
+    keys = KeyStore(workdir / "keys")
+    key_info = keys.generate("release-demo")
+    trust = TrustStore()
+    trust.add(keys.public_key(key_info.keyid), comment="release-demo")
+    trust_path = workdir / "trust.json"
+    trust.save(trust_path)
+
+    run.say("2. broker and fleet server", bold=True)
+    broker = LocalMosquitto(workdir / "broker")
+    server_password = secrets.token_urlsafe(18)
+    broker.add_user(SERVER_USER, server_password)
+    broker.start()
+    admin_token = "demo-admin-" + secrets.token_urlsafe(24)
+    server = ServerProcess(workdir / "server", {
+        "environment": "development",
+        "database_url": f"sqlite:///{workdir / 'server' / 'edgefleet.db'}",
+        "bundle_dir": str(workdir / "server" / "bundles"),
+        "signing_key_dir": str(workdir / "keys"), "signing_key": key_info.keyid,
+        "trust_store": str(trust_path), "admin_bootstrap_token": admin_token,
+        "mqtt_host": "127.0.0.1", "mqtt_port": str(broker.port),
+        "mqtt_username": SERVER_USER, "mqtt_password": server_password,
+        "telemetry_window_seconds": "2", "telemetry_sample_rate": "0.02",
+        "rollout_interval_seconds": "1", "assignment_cache_seconds": "0.5",
+    })
+    fleet: Fleet | None = None
+    try:
+        server.start()
+        run.say(f"  mosquitto on 127.0.0.1:{broker.port}, server on {server.url}")
+        admin = AdminClient(server.url, admin_token)
+
+        run.say("3. train, convert per device class, parity-check, sign, upload", bold=True)
+        bundles = _build_bundles(run, keys.private_key(key_info.keyid))
+        ids: dict[int, dict[str, str]] = {}
+        uploaded: dict[Path, str] = {}
+        for version, per_class in bundles.items():
+            ids[version] = {}
+            for cls, path in per_class.items():
+                if path not in uploaded:
+                    uploaded[path] = admin.upload_bundle(path)["id"]
+                ids[version][cls] = uploaded[path]
+        run.say(f"  uploaded {len(uploaded)} bundles")
+
+        run.say("4. provisioning images and the fleet", bold=True)
+        images = {}
+        for cls, _ in CLASS_MIX:
+            info = build_image(load_class(cls), out_dir=workdir / "images", trust_store=trust_path,
+                               server_url=server.url, mqtt_host="127.0.0.1", mqtt_port=broker.port)
+            images[cls] = info.directory
+            run.say(f"  image {cls} {info.version}: {len(info.wheels)} wheels")
+        fleet = Fleet(workdir / "fleet", server_url=server.url, mqtt_host="127.0.0.1",
+                      mqtt_port=broker.port)
+        plans, left = [], devices
+        for i, (cls, share) in enumerate(CLASS_MIX):
+            n = left if i == len(CLASS_MIX) - 1 else max(1, round(devices * share))
+            left -= n
+            plans.append(ClassPlan(cls, n, images[cls], labels={"site": f"plant-{i % 2 + 1}"}))
+        fleet.provision(plans)
+        tokens = {d.device_id: admin.post("/enrollment-tokens", json={
+            "device_class": d.device_class, "ttl_seconds": 3600})["token"]
+            for d in fleet.devices}
+        fleet.enroll(lambda d: tokens[d.device_id])
+        for d in fleet.devices:
+            broker.add_user(d.device_id, d.credential())
+        broker.reload()
+        fleet.start()
+        run.say(f"  {len(fleet.devices)} devices enrolled and running "
+                f"({', '.join(f'{p.count} {p.device_class}' for p in plans)})")
+
+        groups = {cls: admin.post("/groups", json={"name": cls, "device_class": cls})["id"]
+                  for cls, _ in CLASS_MIX}
+
+        def rollout(version: int, strategy: str, previous: int | None, **extra: Any
+                    ) -> dict[str, str]:
+            out = {}
+            for cls, gid in groups.items():
+                body: dict[str, Any] = {"name": f"{MODEL} v{version} to {cls}",
+                                        "bundle_id": ids[version][cls], "group": gid,
+                                        "strategy": strategy, "start": True, **extra}
+                if previous is not None:
+                    body["previous_bundle_id"] = ids[previous][cls]
+                out[cls] = admin.post("/rollouts", json=body)["id"]
+            return out
+
+        run.say("5a. v1 to every device (all at once)", bold=True)
+        quick = [{"percent": 100, "min_devices": 1, "soak_seconds": 2}]
+        final = _wait(run, fleet, admin, rollout(1, "all_at_once", None, gates=[], stages=quick),
+                      {"succeeded", "rolled_back", "aborted"}, timeout=90)
+
+        gates = [
+            {"kind": "error_rate", "threshold": 0.02, "min_samples": 200},
+            {"kind": "latency_p95_ratio", "threshold": 4.0, "min_samples": 200},
+            {"kind": "prediction_shift", "threshold": 0.15, "min_samples": 200,
+             "against": "control", "metric": "js"},
+            {"kind": "install_failure_rate", "threshold": 0.2, "min_samples": 1},
+        ]
+        stages = [{"percent": 25, "min_devices": 1, "soak_seconds": 6},
+                  {"percent": 50, "min_devices": 2, "soak_seconds": 6},
+                  {"percent": 100, "min_devices": 2, "soak_seconds": 0}]
+        run.say("5b. v2 (healthy) by staged canary 25% -> 50% -> 100%, gated", bold=True)
+        final = _wait(run, fleet, admin, rollout(2, "staged_canary", 1, stages=stages,
+                                                 gates=gates, failure_policy="rollback"),
+                      {"succeeded", "rolled_back", "aborted"}, timeout=150)
+        ok2 = all(r["status"] == "succeeded" for r in final.values())
+        run.say(f"  v2 rollout: {'completed on every group' if ok2 else final}",
+                fg="green" if ok2 else "red")
+
+        run.say("5c. v3 (label-mapping bug) by staged canary, gated", bold=True)
+        r3 = rollout(3, "staged_canary", 2, stages=stages, gates=gates,
+                     failure_policy="rollback")
+        final = _wait(run, fleet, admin, r3, {"succeeded", "rolled_back", "aborted"},
+                      timeout=150)
+        for cls, r in final.items():
+            if r["status"] == "rolled_back":
+                run.say(f"  {cls}: v3 ROLLED BACK automatically; caught by "
+                        f"{_gate_that_caught(admin, r3[cls])}", fg="yellow")
+            else:
+                run.say(f"  {cls}: v3 ended {r['status']}", fg="red")
+        fleet.drive(8, calls_per_second=20.0)
+        run.say(f"  devices now run: {dict(sorted(fleet.versions().items(), key=str))}")
+    finally:
+        if fleet is not None and not keep_running:
+            fleet.stop()
+        if not keep_running:
+            server.stop()
+            broker.stop()
+
+    run.say("6. telemetry review", bold=True)
+    report = workdir / "report.html"
+    subprocess.run([sys.executable, "-c", "from fleet_server.cli import main; main()", "report",
+                    "--since", "1h", "--out", str(report), "--json", str(workdir / "report.json"),
+                    "--database-url", f"sqlite:///{workdir / 'server' / 'edgefleet.db'}"],
+                   check=True)
+    run.say(f"report written to {report.resolve()}", bold=True, fg="green")
+    return report

@@ -178,6 +178,17 @@ def run_demo(workdir: Path, devices: int, keep_running: bool = False) -> Path:
         run.say(f"  mosquitto on 127.0.0.1:{broker.port}, server on {server.url}")
         admin = AdminClient(server.url, admin_token)
 
+        # provisioning images build in the background (pip downloads) while models train
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="image")
+        image_jobs = {
+            cls: pool.submit(build_image, load_class(cls), out_dir=workdir / "images",
+                             trust_store=trust_path, server_url=server.url,
+                             mqtt_host="127.0.0.1", mqtt_port=broker.port)
+            for cls, _ in CLASS_MIX}
+        pool.shutdown(wait=False)
+
         run.say("3. train, convert per device class, parity-check, sign, upload", bold=True)
         bundles = _build_bundles(run, keys.private_key(key_info.keyid))
         ids: dict[int, dict[str, str]] = {}
@@ -192,9 +203,8 @@ def run_demo(workdir: Path, devices: int, keep_running: bool = False) -> Path:
 
         run.say("4. provisioning images and the fleet", bold=True)
         images = {}
-        for cls, _ in CLASS_MIX:
-            info = build_image(load_class(cls), out_dir=workdir / "images", trust_store=trust_path,
-                               server_url=server.url, mqtt_host="127.0.0.1", mqtt_port=broker.port)
+        for cls, job in image_jobs.items():
+            info = job.result()
             images[cls] = info.directory
             run.say(f"  image {cls} {info.version}: {len(info.wheels)} wheels")
         fleet = Fleet(workdir / "fleet", server_url=server.url, mqtt_host="127.0.0.1",
@@ -265,8 +275,12 @@ def run_demo(workdir: Path, devices: int, keep_running: bool = False) -> Path:
                         f"{_gate_that_caught(admin, r3[cls])}", fg="yellow")
             else:
                 run.say(f"  {cls}: v3 ended {r['status']}", fg="red")
-        fleet.drive(8, calls_per_second=20.0)
-        run.say(f"  devices now run: {dict(sorted(fleet.versions().items(), key=str))}")
+        target = max(v for v in fleet.versions() if v is not None)
+        fleet.drive(45, calls_per_second=20.0,
+                    on_tick=lambda _: set(fleet.versions()) == {target})
+        counts = ", ".join(f"v{v}: {n}" for v, n in sorted(fleet.versions().items(), key=str))
+        run.say(f"  devices now run {counts} (v4 is v2's model re-signed under a higher "
+                "version, so devices accept it despite anti-rollback)")
     finally:
         if fleet is not None and not keep_running:
             fleet.stop()

@@ -136,7 +136,16 @@ def _extent(times: Sequence[datetime]) -> tuple[datetime, datetime]:
     return min(times), max(times)
 
 
-def plot_adoption(ds: ReviewDataset) -> str | None:
+def time_span(ds: ReviewDataset) -> tuple[datetime, datetime] | None:
+    """The time every time plot shows, so adoption, rollouts and latency line up."""
+    times = [p.ts for p in ds.adoption] + [p.ts for p in ds.by_version]
+    times += [t for r in ds.rollouts for s in r.stages for t in (s.started_at, s.ended_at) if t]
+    times += [d.ts for r in ds.rollouts for d in r.decisions]
+    return _extent(times) if times else None
+
+
+def plot_adoption(ds: ReviewDataset,
+                  span: tuple[datetime, datetime] | None = None) -> str | None:
     """Stacked area: devices per version over time."""
     if not ds.adoption:
         return None
@@ -153,12 +162,13 @@ def plot_adoption(ds: ReviewDataset) -> str | None:
         ax.set_ylabel("devices running the version")
         total = max((sum(p.counts.values()) for p in ds.adoption), default=0)
         ax.set_ylim(0, max(1, total) * 1.02)
-        _time_axis(ax, *_extent(ts))
+        _time_axis(ax, *(span or _extent(ts)))
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="version")
         return _svg(fig, "adoption")
 
 
-def plot_timeline(ds: ReviewDataset) -> str | None:
+def plot_timeline(ds: ReviewDataset,
+                  span: tuple[datetime, datetime] | None = None) -> str | None:
     """One lane per rollout: stage bars over time, each decision marked."""
     rollouts = [r for r in ds.rollouts if r.stages or r.decisions]
     if not rollouts:
@@ -207,7 +217,7 @@ def plot_timeline(ds: ReviewDataset) -> str | None:
         ax.grid(axis="y", visible=False)
         ax.set_title("Rollout stages and gate decisions")
         ax.xaxis_date()
-        _time_axis(ax, lo - pad, hi + pad)
+        _time_axis(ax, *(span or (lo - pad, hi + pad)))
         handles: list[Any] = [
             Line2D([], [], marker=m, color=c, linestyle="none", markersize=8, label=t)
             for m, c, t in DECISION_STYLE.values() if t in used_actions]
@@ -218,7 +228,8 @@ def plot_timeline(ds: ReviewDataset) -> str | None:
         return _svg(fig, "timeline")
 
 
-def plot_latency_errors(ds: ReviewDataset) -> str | None:
+def plot_latency_errors(ds: ReviewDataset,
+                        span: tuple[datetime, datetime] | None = None) -> str | None:
     """p95 latency (ms) and error rate (%) per version over time, sharing the time axis."""
     if not ds.by_version:
         return None
@@ -243,7 +254,7 @@ def plot_latency_errors(ds: ReviewDataset) -> str | None:
         top.set_ylim(bottom=0)
         bottom.set_ylabel("error rate (%)")
         bottom.set_ylim(bottom=0)
-        _time_axis(bottom, *_extent([p.ts for p in ds.by_version]))
+        _time_axis(bottom, *(span or _extent([p.ts for p in ds.by_version])))
         top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="version")
         return _svg(fig, "latency")
 
@@ -343,4 +354,11 @@ PLOTS = {
 
 def render_plots(ds: ReviewDataset) -> dict[str, str | None]:
     """Every plot of the review, by name (``None`` where the dataset has no data)."""
-    return {name: fn(ds) for name, fn in PLOTS.items()}
+    span = time_span(ds)
+    return {
+        "adoption": plot_adoption(ds, span),
+        "timeline": plot_timeline(ds, span),
+        "latency": plot_latency_errors(ds, span),
+        "drift": plot_drift(ds),
+        "predictions": plot_predictions(ds),
+    }

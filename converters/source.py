@@ -130,10 +130,12 @@ def from_onnx(model: Any, *, task: str | Mapping[str, str] | None = None) -> Sou
     elif not isinstance(model, onnx.ModelProto):
         raise IntakeError(f"expected an ONNX path or ModelProto, got {type(model).__name__}")
     _check_onnx(model, "the ONNX model")
+    import onnxruntime
+
     inputs, outputs, _ = onnx_model_signature(model)
     return SourceModel(
         origin="onnx", inputs=inputs, outputs=outputs, reference=_onnx_reference(model),
-        reference_runtime="onnxruntime", tasks=_tasks(outputs, task),
+        reference_runtime=f"onnxruntime {onnxruntime.__version__}", tasks=_tasks(outputs, task),
         sha256=_sha256(model.SerializeToString()), onnx_model=model,
     )
 

@@ -200,7 +200,7 @@ def start_server(env_settings: dict[str, str], log: Path, port: int | None = Non
         env=env, stdout=out, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90  # generous: CI machines may be busy
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited early:\n{log.read_text()}")
@@ -210,7 +210,7 @@ def start_server(env_settings: dict[str, str], log: Path, port: int | None = Non
         except httpx.HTTPError:
             time.sleep(0.05)
     stop_server(proc)
-    raise RuntimeError(f"server did not come up in 30 s:\n{log.read_text()}")
+    raise RuntimeError(f"server did not come up in 90 s:\n{log.read_text()}")
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:

@@ -202,3 +202,17 @@ def test_uploading_the_same_bundle_twice_conflicts(fleet: Fleet) -> None:
             r = fleet.client.post("/api/v1/bundles", headers=fleet.admin,
                                   files={"file": ("b.efb", f, "application/octet-stream")})
         assert r.status_code == expected, r.text
+
+
+def test_rollback_report_counts_against_the_bundle_rolled_back_from(fleet: Fleet) -> None:
+    dev = fleet.enroll("cam-1")
+    r = fleet.client.post("/device/v1/reports", headers=dev, json={"reports": [
+        {"type": "install", "outcome": "rolled_back", "name": "tiny", "version": 2,
+         "rolled_back_from": {"name": "tiny", "version": 3, "bundle_id": "b-x"},
+         "error_code": "probation_failed", "ts": 1760000000.0}]})
+    assert r.status_code == 200
+    d = fleet.client.get("/api/v1/devices/cam-1", headers=fleet.admin).json()
+    assert d["current_version"] == 2
+    v3 = fleet.client.get("/api/v1/telemetry", headers=fleet.admin,
+                          params={"name": "tiny", "version": 3}).json()
+    assert v3["installs"]["outcomes"] == {"rolled_back": 1}

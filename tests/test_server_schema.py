@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 pytest_plugins = ["tests.server_fixtures"]
 
-EXAMPLES_PER_OPERATION = 15
+EXAMPLES_PER_OPERATION = 8
 
 
 def test_no_server_errors(module_server: LiveServer) -> None:

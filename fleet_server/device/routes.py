@@ -194,9 +194,16 @@ def post_reports(
     now = utcnow()
     for r in batch.reports:
         body = report_body(r)
+        # a rollback report names what the device runs now; the failure belongs to
+        # the bundle it rolled back from, so that is what the report is stored under
+        about = body.get("rolled_back_from")
+        about_name, about_version = r.name, r.version
+        if isinstance(about, dict) and isinstance(about.get("name"), str) \
+                and isinstance(about.get("version"), int):
+            about_name, about_version = about["name"], about["version"]
         session.add(DeviceReport(
             device_id=device_id, received_at=now, type=r.type, outcome=r.outcome,
-            name=r.name, version=r.version, error_code=r.error_code,
+            name=about_name, version=about_version, error_code=r.error_code,
             rollout_id=r.rollout_id, body=body,
         ))
         if r.type == "install" and r.outcome in ("installed", "rolled_back") and r.name:

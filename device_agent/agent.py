@@ -127,6 +127,10 @@ def _runner(model: LoadedModel) -> tuple[Runner, Any]:
         native = getattr(sess, "_sess", None)
         if native is not None and sess.get_providers() == ["CPUExecutionProvider"]:
             return native.run, list(backend.output_names)
+    if backend.__class__.__name__ == "TFLiteBackend":
+        fast = _tflite_runner(backend)
+        if fast is not None:
+            return fast, None
     run = backend.run
     return (lambda _names, feed, _opts: run(feed)), None
 
@@ -257,7 +261,8 @@ class Agent:
             if rollout_id is not None:
                 self._rollout_id = rollout_id
             rec = self.telemetry.attach(_describe(new, self._rollout_id))
-            rec.copy_ns = _copy_cost_ns(new) if self.copy_inputs else 0
+            if self.copy_inputs:
+                rec.set_copy_cost(_copy_cost_ns(new))
             handle = _Active(new, rec, self.copy_inputs)
             old, self._active = self._active, handle
         if old is None:
@@ -351,30 +356,56 @@ class Agent:
         self.close()
 
 
+#: what keeping a copied input costs per byte: the copy plus first-touching fresh pages,
+#: since kept copies are not freed (and their memory not reused) until the worker ran
+_COPY_NS_PER_BYTE = 0.4
+
+
 def _copy_cost_ns(model: LoadedModel) -> int:
-    """Median cost of copying one call's inputs (batch 1), measured on zero arrays."""
+    """Estimated cost of copying and keeping one call's inputs (batch 1)."""
     backend = model.backend
-    arrays: list[np.ndarray] = []
+    nbytes: list[int] = []
     if isinstance(backend, OnnxBackend):
-        types = {"tensor(float)": np.float32, "tensor(double)": np.float64,
-                 "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8}
+        sizes = {"tensor(double)": 8, "tensor(int64)": 8, "tensor(uint8)": 1, "tensor(int8)": 1,
+                 "tensor(float16)": 2}
         for i in backend.session.get_inputs():
-            shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
-            arrays.append(np.zeros(shape, types.get(i.type, np.float32)))
+            n = int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in i.shape]))
+            nbytes.append(n * sizes.get(i.type, 4))
     elif hasattr(backend, "_inputs"):
         for d in backend._inputs:
-            arrays.append(np.zeros([max(1, int(v)) for v in d["shape"]], d["dtype"]))
-    if not arrays:
+            n = int(np.prod([max(1, int(v)) for v in d["shape"]]))
+            nbytes.append(n * np.dtype(d["dtype"]).itemsize)
+    if not nbytes:
         return 0
-    times = []
-    for _ in range(33):
-        t = _perf_ns()
-        if len(arrays) == 1:
-            arrays[0].copy()
-        else:
-            {str(k): np.array(v) for k, v in enumerate(arrays)}
-        times.append(_perf_ns() - t)
-    return int(sorted(times)[len(times) // 2])
+    return int(150 * len(nbytes) + _COPY_NS_PER_BYTE * sum(nbytes))
+
+
+def _tflite_runner(backend: Any) -> Runner | None:
+    """Set-tensor/invoke/get-tensor with precomputed indices, under the backend's lock."""
+    try:
+        interp, lock, shapes = backend.interp, backend._lock, backend._shapes
+        ins = [(d["name"], d["index"], np.dtype(d["dtype"])) for d in backend._inputs]
+        outs = [d["index"] for d in backend._outputs]
+    except (AttributeError, KeyError, TypeError):
+        return None
+    set_tensor, invoke, get_tensor = interp.set_tensor, interp.invoke, interp.get_tensor
+
+    def run(_names: Any, feed: dict[str, np.ndarray], _opts: Any) -> list[np.ndarray]:
+        with lock:
+            for name, idx, dtype in ins:
+                arr = feed[name]
+                if arr.__class__ is not np.ndarray or arr.dtype != dtype \
+                        or not arr.flags.c_contiguous:
+                    arr = np.ascontiguousarray(arr, dtype=dtype)
+                if arr.shape != shapes[idx]:
+                    interp.resize_tensor_input(idx, arr.shape)
+                    interp.allocate_tensors()
+                    shapes[idx] = tuple(arr.shape)
+                set_tensor(idx, arr)
+            invoke()
+            return [get_tensor(o).copy() for o in outs]
+
+    return run
 
 
 def _describe(model: LoadedModel, rollout_id: str | None) -> ModelInfo:

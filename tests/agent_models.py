@@ -157,3 +157,28 @@ def smoke_for(model_bytes: bytes, x: np.ndarray) -> SmokeSamples:
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     y = sess.run(None, {"x": x})[0]
     return SmokeSamples(inputs={"x": x}, expected={"probs": y})
+
+
+def softmax_onnx(n: int = 4) -> bytes:
+    """``probs = softmax(x)`` over ``[batch, n]``: the predicted class is ``argmax(x)``."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["probs"], axis=1)], "softmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", n])],
+    )
+    return _finish(graph)
+
+
+def add_onnx(n: int = 4) -> bytes:
+    """Two inputs: ``y = a + b`` over ``[batch, n]``."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])], "add",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", n]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+    )
+    return _finish(graph)

@@ -105,6 +105,12 @@ class Recorder:
         #: measured cost of copying one call's inputs; 0 = inputs are not copied
         self.copy_ns = 0
 
+    def set_copy_cost(self, copy_ns: int) -> None:
+        """Inputs are copied at ``copy_ns`` per call; until the model's latency is known,
+        keep every stride-th call so copying costs at most the floor on average."""
+        self.copy_ns = int(copy_ns)
+        self.stride = self.countdown = max(1, math.ceil(self.copy_ns / _COPY_NS_FLOOR))
+
     def spill(self, latency_ns: int, inputs: Inputs | np.ndarray | None,
               outputs: Outputs) -> None:
         """Slow path of the hot path: the buffer is past ``wake_batch``."""

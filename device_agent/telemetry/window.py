@@ -194,12 +194,16 @@ class Window:
         if self.pred_counts is None and info.classes == 0:
             return classes
         rows_of = [r for r in range(n) if outputs[r] is not None]
-        try:
-            parts = [outputs[r][j] for r in rows_of]  # type: ignore[index]
-            y = np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
-        except (ValueError, IndexError):
+        if not rows_of:  # only timed calls (the buffer was over its bound)
             return classes
-        rows = y.shape[0]
+        try:
+            parts = [np.asarray(outputs[r][j]) for r in rows_of]  # type: ignore[index]
+            y = np.concatenate(parts)
+        except (ValueError, IndexError, TypeError):
+            return classes
+        rows = y.shape[0] if y.ndim else 0
+        if rows == 0 or y.size == 0:
+            return classes
         if info.classes > 0:
             row_cls = y.reshape(rows, -1).argmax(axis=1) if y.ndim >= 2 else \
                 np.zeros(rows, np.int64)

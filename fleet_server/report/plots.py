@@ -1,7 +1,7 @@
 """The review's plots: a :class:`ReviewDataset` in, inline SVG text out.
 
 Each ``plot_*`` function draws one figure with matplotlib's object API (no
-pyplot, no global figure state, safe in a server thread) and returns the SVG
+pyplot, no backend switch, no window; safe in a server thread) and returns the SVG
 markup ready to inline into HTML, or ``None`` when the dataset holds nothing to
 draw. Text stays text in the SVG (``svg.fonttype = none``), so the numbers on
 the axes and annotations are selectable and searchable. Colours come from the
@@ -22,15 +22,12 @@ from datetime import datetime
 from typing import Any
 
 import matplotlib
+from matplotlib import dates as mdates
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")  # never open a window, even if a display is present
-
-from matplotlib import dates as mdates  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from .dataset import PredictionDist, ReviewDataset, RolloutRow, sorted_versions  # noqa: E402
+from .dataset import PredictionDist, ReviewDataset, RolloutRow, sorted_versions
 
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442",
            "#000000")

@@ -177,12 +177,16 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
 
     @app.get("/healthz", tags=["server"])
     def healthz() -> dict[str, Any]:
-        """Liveness and database reachability."""
+        """Liveness, database reachability, and how many rollout rounds this replica ran
+        (only the replica holding the leader lock runs them)."""
         from sqlalchemy import text
 
         with ctx.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-        return {"status": "ok", "database": ctx.engine.dialect.name}
+        scheduler = getattr(app.state, "scheduler", None)
+        return {"status": "ok", "database": ctx.engine.dialect.name,
+                "rollout_rounds": scheduler.rounds if scheduler is not None else 0,
+                "ingesting": getattr(app.state, "ingest", None) is not None}
 
     @app.get("/metrics", tags=["server"], response_class=Response)
     def metrics() -> Response:

@@ -66,14 +66,14 @@ def test_checkin_304_and_resumed_download_over_http(
         assert hashlib.sha256(data).hexdigest() == desired["sha256"]
 
 
-def test_two_replicas_share_assignments(
+def test_two_replicas_share_assignments_and_one_leads(
     tmp_path: Path, pg_url: str, bundle_sim: BundleSim
 ) -> None:
     keys_dir, kid, trust = server_keys(tmp_path, bundle_sim)
     common = {"database_url": pg_url, "bundle_dir": str(tmp_path / "bundles"),
               "admin_bootstrap_token": ADMIN_TOKEN, "trust_store": str(trust),
               "signing_key_dir": str(keys_dir), "signing_key": kid,
-              "assignment_cache_seconds": "0.2"}
+              "assignment_cache_seconds": "0.2", "rollout_interval_seconds": "0.2"}
     a = start_server(common, tmp_path / "a.log")
     try:
         b = start_server(common, tmp_path / "b.log")
@@ -94,6 +94,11 @@ def test_two_replicas_share_assignments(
                     break
                 time.sleep(0.1)
             assert status == 200, "replica b kept serving the stale assignment"
+            # both run the scheduler loop; only the holder of the database lock evaluates
+            time.sleep(1.0)
+            rounds = sorted(httpx.get(f"{s.url}/healthz").json()["rollout_rounds"]
+                            for s in (a, b))
+            assert rounds[0] == 0 and rounds[1] > 0, rounds
         finally:
             stop_server(b.proc)
     finally:

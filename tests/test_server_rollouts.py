@@ -152,3 +152,71 @@ def test_invalid_stages_are_refused_with_a_stable_code(fleet: Fleet) -> None:
         "stages": [{"percent": 50}, {"percent": 10}]})
     assert r.status_code == 422
     assert r.json()["error"]["code"] == "invalid_rollout_spec"
+
+
+def _summaries(fleet: Fleet, devices: list[str], version: int, count: int, errors: int) -> None:
+    """Window summaries as devices publish them, written by the ingestion writer."""
+    import json
+    import time
+
+    from device_agent.protocol import telemetry_topic
+    from fleet_server.ingest import TelemetryWriter, parse_message
+
+    hist = [0] * 19
+    hist[9] = count
+    msgs = []
+    for i, d in enumerate(devices):
+        body = {"window_start": 0, "window_end": 60, "name": "tiny", "version": version,
+                "slot": "a", "rollout_id": None, "count": count, "errors": errors,
+                "latency_ms": {"p50": 6, "p95": 9, "p99": 9.5, "mean": 6},
+                "latency_hist": hist, "drift": None, "shadow": None,
+                "dropped": {"samples": 0, "summaries": 0}}
+        payload = {"device_id": d, "records": [
+            {"seq": 1000 + version * 100 + i, "kind": "summary", "ts": time.time(),
+             "body": body}]}
+        msgs.append(parse_message(telemetry_topic(d, "summary"), json.dumps(payload).encode(),
+                                  time.time()))
+    TelemetryWriter(fleet.ctx.engine).write(msgs)
+
+
+def test_scheduler_rolls_back_when_canary_errors_exceed_control(fleet: Fleet) -> None:
+    rollout, creds, v2, v3 = _setup(fleet, start=True, gates=[
+        {"kind": "error_rate", "threshold": 0.01, "min_samples": 500}])
+    canary = [d for d in DEVICES if bucket(rollout["id"], d) < 0.5]
+    control = [d for d in DEVICES if d not in canary]
+    _summaries(fleet, canary, 3, count=1000, errors=200)
+    _summaries(fleet, control, 2, count=1000, errors=2)
+    decisions = fleet.scheduler.tick()
+    assert [d.action.value for d in decisions] == ["rollback"]
+    gate = decisions[0].gates[0]
+    assert gate.name == "error_rate"
+    with fleet.ctx.session() as s:
+        entry = s.scalars(select(AuditEntry).where(AuditEntry.action == "rollout.rollback")).one()
+    numbers = entry.details["metrics"]
+    assert numbers["canary"]["errors"] == 200 * len(canary)
+    assert numbers["control"]["inferences"] == 1000 * len(control)
+
+
+def test_shadow_rollout_assigns_candidate_as_shadow(fleet: Fleet) -> None:
+    rollout, creds, v2, v3 = _setup(fleet, start=True, strategy="shadow", stages=[
+        {"percent": 100, "min_devices": 1, "soak_seconds": 0}])
+    doc = fleet.client.get("/device/v1/assignment", headers=creds[DEVICES[0]]).json()
+    assert doc["desired"]["bundle_id"] == v2["id"]
+    assert doc["shadow"]["bundle_id"] == v3["id"]
+    assert doc["rollout_id"] == rollout["id"]
+    shadow_url = doc["shadow"]["url"]
+    assert fleet.client.get(shadow_url, headers=creds[DEVICES[0]]).status_code == 200
+
+
+def test_lists_are_paginated(fleet: Fleet) -> None:
+    for i in range(5):
+        fleet.enroll(f"cam-{i}")
+    first = fleet.client.get("/api/v1/devices", headers=fleet.admin,
+                             params={"limit": 2}).json()
+    assert [d["id"] for d in first["items"]] == ["cam-0", "cam-1"]
+    assert first["total"] == 5 and first["next_offset"] == 2
+    last = fleet.client.get("/api/v1/devices", headers=fleet.admin,
+                            params={"limit": 2, "offset": 4}).json()
+    assert [d["id"] for d in last["items"]] == ["cam-4"] and last["next_offset"] is None
+    bad = fleet.client.get("/api/v1/devices", headers=fleet.admin, params={"limit": 0})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "validation_error"

@@ -253,7 +253,11 @@ def test_stratified_sampler_keeps_every_prediction_of_a_rare_class() -> None:
     rng.shuffle(classes)
     for start in range(0, len(classes), 256):
         chunk = classes[start : start + 256]
-        s.offer(chunk, lambda i, start=start: start + i)
+
+        def item(i: int, start: int = start) -> int:
+            return start + i
+
+        s.offer(chunk, item)
     picked = s.take(len(classes))
     by_class = {c: [i for k, i in picked if k == c] for c in (0, 3)}
     assert len(by_class[3]) == 5  # a uniform 1 % sample would expect 0.05 of them

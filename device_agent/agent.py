@@ -40,16 +40,15 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .bundle import BundleError, TrustStore, unpack_bundle
+from .bundle import TrustStore
 from .config import AgentConfig
-from .model import LoadedModel, SmokeTestError, load_model, run_smoke_test
-from .runtime import BackendError, OnnxBackend
+from .model import LoadedModel
+from .runtime import OnnxBackend
 from .telemetry import ModelInfo, Recorder, Telemetry, TelemetryOptions, TelemetrySink
 
 log = logging.getLogger("edgefleet.agent")
@@ -312,37 +311,55 @@ class Agent:
 
     # ------------------------------------------------------------ installing
     def install_file(self, bundle_path: str | Path, trust_store: TrustStore | str | Path, *,
-                     slots_dir: str | Path | None = None, now: datetime | None = None,
+                     state_dir: str | Path | None = None, probation: bool = False,
                      ) -> LoadedModel:
         """Verify a bundle file, install it into the inactive slot, smoke-test it, swap.
 
-        For devices without a server. Slots live in ``slots_dir`` (default
-        ``<state_dir>/slots``). On any failure the active model keeps serving
-        and :class:`InstallError` says why (its ``code`` is the cause's).
+        For devices without a server. This runs the same persisted, crash-safe
+        update state machine as the daemon (:class:`device_agent.update.Updater`)
+        over ``state_dir`` (default ``device.state_dir``): A/B slots, an atomic
+        active pointer, a report in the telemetry store. On any failure the
+        active model keeps serving and :class:`InstallError` says why (its
+        ``code`` is the update's error code, for example ``hash_mismatch``,
+        ``rollback`` or ``smoke_test_failed``). With ``probation=True`` the
+        update stays in probation until the daemon (or
+        :meth:`~device_agent.update.Updater.tick`) commits or rolls it back.
         """
+        from .update import Updater
+        from .update.errors import UpdateError
+
         trust = trust_store if isinstance(trust_store, TrustStore) \
             else TrustStore.load(Path(trust_store))
-        root = Path(slots_dir) if slots_dir is not None \
-            else Path(self.config.device.state_dir) / "slots"
-        active = self.model
-        target = "b" if active is not None and active.slot == "a" else "a"
-        dest = root / target
+        root = Path(state_dir) if state_dir is not None else Path(self.config.device.state_dir)
+        sink = self.telemetry.sink
+        updater = Updater(root, trust, self, config=self.config.update,
+                          events=sink if hasattr(sink, "append") else None,  # type: ignore[arg-type]
+                          error_rate_since=self._counts_since)
         try:
-            verified = unpack_bundle(bundle_path, dest, trust, now=now,
-                                     installed_version=active.version if active else None)
-            model = load_model(dest, target, threads=self.config.update.runtime_threads)
-            run_smoke_test(model)
-        except BundleError as e:
-            raise InstallError(f"refused {bundle_path}: {e}", e.code) from e
-        except SmokeTestError as e:
-            raise InstallError(f"{bundle_path} failed its smoke test: {e}", e.code) from e
-        except BackendError as e:
-            raise InstallError(f"{bundle_path} cannot be loaded on this device: {e}",
-                               "model_load_failed") from e
-        log.info("installed %s v%s into slot %s", verified.manifest.name,
-                 verified.manifest.version, target)
-        self.swap(model)
+            if self.model is None:
+                updater.boot()
+            updater.install_file(bundle_path, probation=probation)
+        except UpdateError as e:
+            raise InstallError(f"cannot install {bundle_path}: {e}",
+                               getattr(e, "code", "install_failed")) from e
+        finally:
+            updater.unlock()
+        report = updater.reports[-1] if updater.reports else None
+        if report is not None and report.get("outcome") not in ("installed", None):
+            code = str(report.get("error_code") or "failed")
+            raise InstallError(
+                f"{report['outcome']} {bundle_path} [{code}]: "
+                f"{report.get('message') or 'no reason given'}; the previous model keeps serving",
+                code)
+        model = self.model
+        if model is None:
+            raise InstallError(f"installing {bundle_path} left no active model", "install_failed")
         return model
+
+    def _counts_since(self, since: float) -> tuple[int, int]:
+        """Calls and errors of the active model (counted from its swap, when probation starts)."""
+        active = self.stats().get("active") or {}
+        return int(active.get("count", 0)), int(active.get("errors", 0))
 
     # ------------------------------------------------------------ lifecycle
     def close(self) -> None:

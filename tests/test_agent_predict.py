@@ -7,6 +7,7 @@ real signed bundles through the same verify-unpack-load path a device takes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -305,15 +306,21 @@ def test_install_file_verifies_installs_smoke_tests_and_swaps(kit: Kit, make_age
                                                               tmp_path: Path) -> None:
     x = x16(3, n=4)
     d1, d2 = mlp_onnx(0), mlp_onnx(1)
+    state = tmp_path / "state"
     agent = make_agent()
-    slots = tmp_path / "state" / "slots"
     m1 = agent.install_file(kit.bundle(d1, version=1, smoke=smoke_for(d1, x)), kit.trust,
-                            slots_dir=slots)
-    assert (m1.slot, agent.model) == ("a", m1)
+                            state_dir=state)
+    assert (m1.slot, m1.version, agent.model) == ("a", 1, m1)
     m2 = agent.install_file(kit.bundle(d2, version=2, smoke=smoke_for(d2, x)), kit.trust,
-                            slots_dir=slots)
-    assert (m2.slot, m2.version) == ("b", 2)
+                            state_dir=state)
+    assert (m2.slot, m2.version, agent.model) == ("b", 2, m2)
     np.testing.assert_array_equal(agent.predict(x)[0], reference(d2, x))
+    assert json.loads((state / "active.json").read_text())["slot"] == "b"
+    # a new agent (an application restart) installs nothing and serves the active slot
+    again = make_agent()
+    with pytest.raises(InstallError):  # v1 is older than the installed v2
+        again.install_file(kit.bundle(d1, version=1), kit.trust, state_dir=state)
+    assert again.model is not None and again.model.version == 2
 
 
 def test_install_file_refuses_tampered_rolled_back_and_smoke_failing_bundles(
@@ -321,9 +328,9 @@ def test_install_file_refuses_tampered_rolled_back_and_smoke_failing_bundles(
     x = x16(3, n=4)
     d2 = mlp_onnx(1)
     agent = make_agent()
-    slots = tmp_path / "slots"
+    slots = tmp_path / "state"
     agent.install_file(kit.bundle(d2, version=2, smoke=smoke_for(d2, x)), kit.trust,
-                       slots_dir=slots)
+                       state_dir=slots)
     good = agent.model
 
     tampered_src = kit.bundle(mlp_onnx(5), version=3)
@@ -331,17 +338,17 @@ def test_install_file_refuses_tampered_rolled_back_and_smoke_failing_bundles(
     tampered = write_members(tmp_path / "tampered.efb",
                              replace_data(members, "model.onnx", mlp_onnx(6)))
     with pytest.raises(InstallError) as e1:
-        agent.install_file(tampered, kit.trust, slots_dir=slots)
+        agent.install_file(tampered, kit.trust, state_dir=slots)
     assert e1.value.code == "hash_mismatch"
 
     with pytest.raises(InstallError) as e2:
-        agent.install_file(kit.bundle(mlp_onnx(7), version=1), kit.trust, slots_dir=slots)
+        agent.install_file(kit.bundle(mlp_onnx(7), version=1), kit.trust, state_dir=slots)
     assert e2.value.code == "rollback"
 
     wrong = SmokeSamples(inputs={"x": x}, expected={"probs": reference(d2, x)})  # not m4's
     with pytest.raises(InstallError, match="smoke") as e3:
         agent.install_file(kit.bundle(mlp_onnx(8), version=4, smoke=wrong), kit.trust,
-                           slots_dir=slots)
+                           state_dir=slots)
     assert e3.value.code == "smoke_test_failed"
 
     assert agent.model is good  # the old model kept serving throughout

@@ -75,6 +75,7 @@ class MosquittoBroker:
         persistence: bool = True,
         max_queued_messages: int = 100_000,
         max_inflight_messages: int = 1000,
+        autosave_on_changes: int | None = None,
         port: int | None = None,
     ) -> None:
         if not os.path.exists(MOSQUITTO):
@@ -86,6 +87,7 @@ class MosquittoBroker:
         self.persistence = persistence
         self.max_queued_messages = max_queued_messages
         self.max_inflight_messages = max_inflight_messages
+        self.autosave_on_changes = autosave_on_changes
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -120,8 +122,14 @@ class MosquittoBroker:
         if self.persistence:
             data = self.dir / "data"
             data.mkdir(exist_ok=True)
-            lines += ["persistence true", f"persistence_location {data}/",
-                      "autosave_interval 1800"]
+            lines += ["persistence true", f"persistence_location {data}/"]
+            if self.autosave_on_changes:
+                # save after every N changes, so a SIGKILL loses (almost) nothing the
+                # broker already acknowledged
+                lines += ["autosave_on_changes true",
+                          f"autosave_interval {self.autosave_on_changes}"]
+            else:
+                lines.append("autosave_interval 1800")
         if self.users:
             pw = self.dir / "passwd"
             pw.write_text("".join(f"{u}:{p}\n" for u, p in self.users.items()))
@@ -295,6 +303,7 @@ class MessageCollector:
     def __post_init__(self) -> None:
         self.topics = list(self.topics)
         self._cond = threading.Condition()
+        self._seqs: set[int] = set()
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self._client = mqtt.Client(
@@ -334,8 +343,14 @@ class MessageCollector:
         self.subscribed.clear()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        # parse outside the lock so a waiting test never slows the network thread
+        seqs: list[int] = []
+        if "/telemetry/" in msg.topic:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                seqs = [r["seq"] for r in json.loads(msg.payload)["records"]]
         with self._cond:
             self.messages.append(Received(msg.topic, bytes(msg.payload), msg.retain, msg.qos))
+            self._seqs.update(seqs)
             self._cond.notify_all()
 
     def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float) -> bool:
@@ -355,7 +370,16 @@ class MessageCollector:
 
     def telemetry_seqs(self) -> set[int]:
         """Sequence numbers of every telemetry record received (duplicates collapse)."""
-        return {r["seq"] for r in self.telemetry_records()}
+        with self._cond:
+            return set(self._seqs)
+
+    def wait_for_seqs(self, seqs: set[int], timeout: float) -> bool:
+        """Wait until every sequence number in ``seqs`` has been received."""
+        return self.wait_for(lambda _m: self._seqs >= seqs, timeout)
+
+    def wait_for_count(self, n: int, timeout: float) -> bool:
+        """Wait until at least ``n`` distinct telemetry records have been received."""
+        return self.wait_for(lambda _m: len(self._seqs) >= n, timeout)
 
     def telemetry_records(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

@@ -21,6 +21,7 @@ from device_agent.store import TelemetryStore
 from device_agent.transport import Backoff, PublishHandle, TransportConfigError
 from device_agent.transport.mqtt import MqttTransport, TlsOptions
 from tests.brokers import (
+    DEVICE_ACL,
     FIXTURE_USERS,
     SERVER_USER,
     MessageCollector,
@@ -74,13 +75,15 @@ def telemetry_seqs(messages: list[Received]) -> set[int]:
 
 
 def test_broker_killed_mid_drain_every_record_arrives(
-    broker: MosquittoBroker, tmp_path: Path, cleanup: list[Callable[[], None]]
+    tmp_path: Path, cleanup: list[Callable[[], None]]
 ) -> None:
+    # Mosquitto keeps messages queued for a subscriber in memory and writes them to
+    # disk on autosave; saving on every change (as a production broker should) means
+    # the SIGKILL below cannot take away what the broker already acknowledged
+    broker = MosquittoBroker(tmp_path / "broker", users=FIXTURE_USERS, acl=DEVICE_ACL,
+                             autosave_on_changes=1).start()
+    cleanup.append(broker.stop)
     collector = server_collector(broker, cleanup, [TELEMETRY])
-    # a graceful restart writes the collector's persistent session to disk, as a
-    # production broker's autosave would; a SIGKILL later cannot lose its subscription
-    broker.restart()
-    assert collector.subscribed.wait(10)
     store = TelemetryStore(tmp_path / "t.db", max_bytes=32 * MiB)
     cleanup.append(store.close)
     appended = store.append_many([("sample", sample_body(i), float(i)) for i in range(20_000)])
@@ -89,15 +92,15 @@ def test_broker_killed_mid_drain_every_record_arrives(
     reporter = Reporter(store, transport, "dev-a", batch_size=20, inflight=1).start()
     cleanup.append(reporter.stop)
 
-    assert collector.wait_for(lambda m: len(telemetry_seqs(m)) >= 2000, 30)
+    assert collector.wait_for_count(2000, 30)
     broker.kill()
     left = store.stats()["rows"]["samples"]
     assert left > 0, "the broker must die while the store still holds rows"
     broker.start()
 
     everything = set(appended)
-    assert collector.wait_for(lambda m: telemetry_seqs(m) >= everything, 60), (
-        f"missing {len(everything - telemetry_seqs(collector.snapshot()))} records"
+    assert collector.wait_for_seqs(everything, 60), (
+        f"missing {len(everything - collector.telemetry_seqs())} records"
     )
     assert telemetry_seqs(collector.snapshot()) == everything
     deadline = time.monotonic() + 10
@@ -150,7 +153,7 @@ def test_broker_down_while_50k_records_are_produced_store_stays_bounded_and_drop
     final = store.append("summary", body, time.time())
     reporter.notify()
     expected = buffered | {final}
-    assert collector.wait_for(lambda m: telemetry_seqs(m) >= expected, 60)
+    assert collector.wait_for_seqs(expected, 60)
 
     records = {r["seq"]: r for r in _records(collector.snapshot())}
     assert set(records) == expected
@@ -216,7 +219,7 @@ def test_events_and_summaries_drain_before_samples(
     transport = transport_for(broker, cleanup)
     reporter = Reporter(store, transport, "dev-a", batch_size=100, inflight=1).start()
     cleanup.append(reporter.stop)
-    assert collector.wait_for(lambda m: len(telemetry_seqs(m)) == 302, 30)
+    assert collector.wait_for_count(302, 30)
     kinds = [parse_device_topic(m.topic)[2] for m in collector.snapshot()]
     assert kinds[:2] == ["events", "summary"]
     first = [m.json()["records"][0]["seq"] for m in collector.snapshot()[:2]]
@@ -438,7 +441,7 @@ def test_rows_in_flight_when_the_agent_stops_are_sent_again_after_restart(
     transport = transport_for(broker, cleanup)
     reporter = Reporter(store, transport, "dev-a", batch_size=50, inflight=4).start()
     cleanup.append(reporter.stop)
-    assert collector.wait_for(lambda m: telemetry_seqs(m) >= appended, 30)
+    assert collector.wait_for_seqs(appended, 30)
     assert telemetry_seqs(collector.snapshot()) == appended
     assert _wait(lambda: not store.pending(limit=1), 10)
 

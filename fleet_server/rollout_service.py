@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from . import audit
 from .assignments import AssignmentChange
 from .context import ServerContext
-from .db.models import Bundle, Device, Group, Rollout
+from .db.models import Assignment, Bundle, Device, Group, Rollout
 from .db.types import utcnow
 from .errors import ConflictError, NotFoundError, ServiceUnavailableError
 from .groups import matches
@@ -96,7 +96,9 @@ class RolloutService:
         owners = self._owners(session)
         devices = session.scalars(
             select(Device).where(Device.revoked_at.is_(None)).order_by(Device.id)
-        )
+        ).all()
+        # one query fills the identity map, so assign() finds each row without a query
+        session.scalars(select(Assignment)).all()
         changes = []
         for d in devices:
             owner = self._owner_of(d, owners)

@@ -475,3 +475,21 @@ def test_stop_returns_promptly_when_the_broker_hangs(
     assert time.monotonic() - started < 8
     assert not transport.connected
     assert not any(h.done for h in handles), "nothing the broker never acknowledged is done"
+
+
+def test_batch_payload_is_the_protocol_shape_without_re_encoding_bodies(tmp_path: Path) -> None:
+    from device_agent.reporter import encode_batch
+
+    with TelemetryStore(tmp_path / "t.db", max_bytes=MiB) as s:
+        s.append_many([("sample", {"label": "café ☕", "x": [1.5e-300, -0.0]}, 1.25),
+                       ("sample", {"nested": {"a": None}}, 1_800_000_000.123456)])
+        records = s.pending()
+    payload = json.loads(encode_batch("dev-ä", records))
+    assert payload == {"device_id": "dev-ä", "records": [r.to_wire() for r in records]}
+
+
+def test_reporter_refuses_a_zero_batch_size_or_window() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Reporter(None, None, "dev-a", batch_size=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least 1"):
+        Reporter(None, None, "dev-a", inflight=0)  # type: ignore[arg-type]

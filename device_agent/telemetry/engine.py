@@ -226,7 +226,7 @@ class Telemetry:
             deadline = self.perf_ns() + int(budget * 1e9)
             out: list[Record] = []
             for rec in list(self._recs):
-                self._drain(rec, deadline=deadline)
+                self._drain(rec, deadline=deadline, yield_gil=True)
                 while rec.window.end <= now:
                     out.extend(self._close(rec, rec.window.end))
                     start = rec.window.end
@@ -303,7 +303,8 @@ class Telemetry:
             w.shadow = ShadowStats(self._shadow.name, self._shadow.version)
         return w
 
-    def _drain(self, rec: Recorder, deadline: int | None, shadow: bool = True) -> None:
+    def _drain(self, rec: Recorder, deadline: int | None, shadow: bool = True,
+               yield_gil: bool = False) -> None:
         calls, errs = rec.calls, rec.errors
         n_err = len(errs)
         for _ in range(n_err):
@@ -319,8 +320,10 @@ class Telemetry:
         w = rec.window
         pop = calls.popleft
         while n > 0:
-            # chunks, with the GIL handed back in between, so a predict() waiting for
-            # it is delayed by one chunk at most, not by a whole switch interval
+            # chunks; the worker hands the GIL back in between, so a predict() waiting
+            # for it is delayed by one chunk at most, not by a whole switch interval
+            # (a swap's final drain does not: under contention each hand-back costs a
+            # switch interval, and the swap caller is waiting)
             k = min(n, _CHUNK)
             items = [pop() for _ in range(k)]
             n -= k
@@ -331,7 +334,7 @@ class Telemetry:
             if shadow and self._shadow is not None and rec is self._active \
                     and w.shadow is not None:
                 self._run_shadow(w, ins, outs, deadline)
-            if n:
+            if n and yield_gil:
                 time.sleep(0)
         if rec.copy_ns and w.count > w.errors and w.lat_sum_ns:
             mean = w.lat_sum_ns / (w.count - w.errors)

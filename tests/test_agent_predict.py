@@ -116,8 +116,13 @@ def test_predict_tflite_matches_onnx(kit: Kit, make_agent: Any) -> None:
     np.testing.assert_allclose(y, reference(data, x), atol=1e-5)
     (yb,) = agent.predict(x16(2, n=5))  # a different batch size resizes the interpreter
     np.testing.assert_allclose(yb, reference(data, x16(2, n=5)), atol=1e-5)
+    strided = np.asfortranarray(np.vstack([x, x]))[:1]
+    assert not strided.flags.c_contiguous
+    np.testing.assert_allclose(agent.predict(strided)[0], reference(data, x), atol=1e-5)
+    (y64,) = agent.predict(x.astype(np.float64))  # converted like the backend does
+    np.testing.assert_allclose(y64, y, atol=1e-6)
     agent.telemetry.close_all()
-    assert agent.telemetry.recent[-1]["count"] == 2
+    assert agent.telemetry.recent[-1]["count"] == 4
 
 
 def test_predict_before_any_install_raises_no_active_model(make_agent: Any) -> None:

@@ -300,6 +300,14 @@ class Agent:
         old, self._shadow = self._shadow, model
         return old
 
+    def set_rollout_id(self, rollout_id: str | None) -> None:
+        """Tag the active model's summaries (from the open window on) with ``rollout_id``."""
+        with self._swap_lock:
+            self._rollout_id = rollout_id
+            a = self._active
+            if a is not None:
+                self.telemetry.retag(a.rec, rollout_id)
+
     @property
     def shadow(self) -> LoadedModel | None:
         return self._shadow

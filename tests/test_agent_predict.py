@@ -265,6 +265,12 @@ def test_swap_writes_the_old_models_partial_window(kit: Kit, make_agent: Any,
     agent.swap(kit.load(mlp_onnx(1), version=2, slot="b"))
     summaries = [r.body for r in store.pending(100, kinds=["summary"])]
     assert [(s["version"], s["count"], s["slot"]) for s in summaries] == [(1, 5, "a")]
+    assert summaries[0]["rollout_id"] is None
+    agent.set_rollout_id("r-42")
+    agent.predict(x16())
+    agent.close()
+    last = [r.body for r in store.pending(100, kinds=["summary"])][-1]
+    assert (last["version"], last["count"], last["rollout_id"]) == (2, 1, "r-42")
     store.close()
 
 

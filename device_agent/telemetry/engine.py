@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -207,6 +208,12 @@ class Telemetry:
                 self._drain(self._active, deadline=None, shadow=False)
                 w = self._active.window
                 w.shadow = ShadowStats(name, version) if run is not None else None
+
+    def retag(self, rec: Recorder, rollout_id: str | None) -> None:
+        """Set the rollout id reported for ``rec``, starting with its open window."""
+        with self._lock:
+            rec.info = dataclasses.replace(rec.info, rollout_id=rollout_id)
+            rec.window.info = rec.info
 
     @property
     def active(self) -> Recorder | None:

@@ -366,3 +366,19 @@ def test_a_record_the_store_refuses_is_dropped_and_counted_not_retried(
     agent.telemetry.tick()
     assert agent.telemetry.invalid_records == 1
     store.close()
+
+
+def test_records_are_kept_and_written_later_when_the_store_fails(
+        load: Any, agents: list[Agent], tmp_path: Path) -> None:
+    store = TelemetryStore(tmp_path / "t.db", max_bytes=4 << 20)
+    agent = agent_for(agents, load(mlp_onnx(0)), store)
+    agent.predict(np.zeros((1, 16), np.float32))
+    store.close()  # the store is gone: writes raise
+    agent.telemetry.close_all()
+    assert agent.telemetry.write_failures == 1
+    reopened = TelemetryStore(tmp_path / "t.db", max_bytes=4 << 20)
+    agent.telemetry.sink = reopened
+    agent.telemetry.tick()
+    (summary,) = bodies(reopened, "summary")
+    assert summary["count"] == 1
+    reopened.close()

@@ -11,9 +11,10 @@ Invariants:
   read and uses only that for the whole call, so a call runs entirely on the
   old or entirely on the new model. :meth:`Agent.swap` installs the new model
   with one assignment, then waits until no call still holds the old one
-  (read-copy-update: a call's reference *is* its read lock; the grace period
-  ends when the last one is released) before it returns the old model, so
-  its caller may then unload it or overwrite its slot.
+  (read-copy-update: a call's reference *is* its read lock; CPython's
+  reference counting frees the old handle the moment the last call drops it,
+  and a weakref finalizer tells the waiting swap) before it returns the old
+  model, so its caller may then unload it or overwrite its slot.
 * **Cheap hot path.** Besides the runtime call, ``predict()`` does two
   ``perf_counter_ns`` reads, a countdown and one ``deque.append``; the
   telemetry worker does everything else in batches (see
@@ -22,9 +23,14 @@ Invariants:
   copy of the inputs of every ``stride``-th call, where the worker sets the
   stride so copying costs at most about 0.3 us or 1 % of the model's latency
   per call (1 for small inputs; drift and samples then use those calls).
-  Outputs are always kept (runtimes return fresh arrays). An application that
-  never writes into an array after passing it may set ``copy_inputs=False``:
-  nothing is copied and every call's inputs are kept.
+  Outputs are kept by reference (runtimes return fresh arrays; an application
+  that edits returned outputs in place changes what telemetry sees). An
+  application that never writes into an input array after passing it may set
+  ``copy_inputs=False``: nothing is copied and every call's inputs are kept.
+* **Bounded.** The worker wakes when ``wake_batch`` calls are buffered; past
+  ``max_buffered`` only latencies are kept (see
+  :class:`~device_agent.telemetry.TelemetryOptions`). Without a store,
+  summaries stay in memory (``agent.telemetry.recent``) and samples are dropped.
 * **Errors.** A runtime failure is counted in the model's window and
   re-raised as :class:`PredictError` with the runtime's exception as its cause.
 

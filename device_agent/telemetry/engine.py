@@ -45,7 +45,7 @@ log = logging.getLogger("edgefleet.agent.telemetry")
 
 Record = tuple[str, Mapping[str, Any], float]
 
-_CHUNK = 256
+_CHUNK = 512
 #: copying inputs on the hot path may cost this much per call on average ...
 _COPY_NS_FLOOR = 300.0
 #: ... or this share of the model's mean latency, whichever is larger

@@ -36,10 +36,22 @@ from ..localbroker import SERVER_USER, LocalMosquitto
 from ..simulator.fleet import ClassPlan, Fleet
 from .services import AdminClient, ServerProcess
 
-CLASS_MIX = (("x86_64-gateway", 0.5), ("aarch64-board", 0.35), ("aarch64-legacy", 0.15))
+CLASS_MIX = (("x86_64-gateway", 0.45), ("aarch64-board", 0.30), ("aarch64-legacy", 0.25))
 TARGETS = {"x86_64-gateway": "onnx:float32@ir9/opset17", "aarch64-board": "tflite:int8-dynamic",
            "aarch64-legacy": "tflite:int8-dynamic"}
 MODEL = "machine-condition"
+
+
+@dataclass
+class DemoResult:
+    """What the demo showed, for tests and for the closing lines."""
+
+    report: Path
+    good: dict[str, str] = field(default_factory=dict)  # class -> final status of v2
+    bad: dict[str, str] = field(default_factory=dict)  # class -> final status of v3
+    caught_by: dict[str, str] = field(default_factory=dict)  # class -> gate and numbers
+    final_versions: dict[int | None, int] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 @dataclass
@@ -140,8 +152,11 @@ def _gate_that_caught(admin: AdminClient, rollout_id: str) -> str:
     return "(no rollback entry in the audit log)"
 
 
-def run_demo(workdir: Path, devices: int, keep_running: bool = False) -> Path:
+def run_demo(workdir: Path, devices: int, *,
+             stage_percents: tuple[float, ...] = (25, 50, 100)) -> DemoResult:
+    """Run the whole demo in ``workdir``; processes it starts are stopped before it returns."""
     run = DemoRun(workdir, devices)
+    result = DemoResult(report=workdir / "report.html")
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -248,18 +263,20 @@ def run_demo(workdir: Path, devices: int, keep_running: bool = False) -> Path:
 
         gates = [
             {"kind": "error_rate", "threshold": 0.02, "min_samples": 200},
-            {"kind": "latency_p95_ratio", "threshold": 4.0, "min_samples": 200},
+            # simulated devices share two cores, so latency is noisy: a loose bound
+            {"kind": "latency_p95_ratio", "threshold": 10.0, "min_samples": 200},
             {"kind": "prediction_shift", "threshold": 0.15, "min_samples": 200,
              "against": "control", "metric": "js"},
             {"kind": "install_failure_rate", "threshold": 0.2, "min_samples": 1},
         ]
-        stages = [{"percent": 25, "min_devices": 1, "soak_seconds": 6},
-                  {"percent": 50, "min_devices": 2, "soak_seconds": 6},
-                  {"percent": 100, "min_devices": 2, "soak_seconds": 0}]
-        run.say("5b. v2 (healthy) by staged canary 25% -> 50% -> 100%, gated", bold=True)
+        stages = [{"percent": p, "min_devices": 1, "soak_seconds": 6 if p < 100 else 0}
+                  for p in stage_percents]
+        plan = " -> ".join(f"{p:g}%" for p in stage_percents)
+        run.say(f"5b. v2 (healthy) by staged canary {plan}, gated", bold=True)
         final = _wait(run, fleet, admin, rollout(2, "staged_canary", 1, stages=stages,
                                                  gates=gates, failure_policy="rollback"),
                       {"succeeded", "rolled_back", "aborted"}, timeout=150)
+        result.good = {cls: r["status"] for cls, r in final.items()}
         ok2 = all(r["status"] == "succeeded" for r in final.values())
         run.say(f"  v2 rollout: {'completed on every group' if ok2 else final}",
                 fg="green" if ok2 else "red")
@@ -269,24 +286,26 @@ def run_demo(workdir: Path, devices: int, keep_running: bool = False) -> Path:
                      failure_policy="rollback")
         final = _wait(run, fleet, admin, r3, {"succeeded", "rolled_back", "aborted"},
                       timeout=150)
+        result.bad = {cls: r["status"] for cls, r in final.items()}
         for cls, r in final.items():
             if r["status"] == "rolled_back":
+                result.caught_by[cls] = _gate_that_caught(admin, r3[cls])
                 run.say(f"  {cls}: v3 ROLLED BACK automatically; caught by "
-                        f"{_gate_that_caught(admin, r3[cls])}", fg="yellow")
+                        f"{result.caught_by[cls]}", fg="yellow")
             else:
                 run.say(f"  {cls}: v3 ended {r['status']}", fg="red")
         target = max(v for v in fleet.versions() if v is not None)
         fleet.drive(45, calls_per_second=20.0,
                     on_tick=lambda _: set(fleet.versions()) == {target})
+        result.final_versions = dict(fleet.versions())
         counts = ", ".join(f"v{v}: {n}" for v, n in sorted(fleet.versions().items(), key=str))
         run.say(f"  devices now run {counts} (v4 is v2's model re-signed under a higher "
                 "version, so devices accept it despite anti-rollback)")
     finally:
-        if fleet is not None and not keep_running:
+        if fleet is not None:
             fleet.stop()
-        if not keep_running:
-            server.stop()
-            broker.stop()
+        server.stop()
+        broker.stop()
 
     run.say("6. telemetry review", bold=True)
     report = workdir / "report.html"
@@ -294,5 +313,7 @@ def run_demo(workdir: Path, devices: int, keep_running: bool = False) -> Path:
                     "--since", "1h", "--out", str(report), "--json", str(workdir / "report.json"),
                     "--database-url", f"sqlite:///{workdir / 'server' / 'edgefleet.db'}"],
                    check=True)
-    run.say(f"report written to {report.resolve()}", bold=True, fg="green")
-    return report
+    result.seconds = time.monotonic() - run.started
+    run.say(f"done in {result.seconds:.0f}s; open the report: {report.resolve()}",
+            bold=True, fg="green")
+    return result

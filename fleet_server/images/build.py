@@ -16,6 +16,7 @@ Wheels for another platform (aarch64 on an x86-64 build host) come from
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,6 +36,7 @@ from device_agent.bundle.trust import TrustStore
 from .recipe import DeviceClass
 
 ROOT = Path(__file__).resolve().parents[2]
+_WHEEL_LOCK = threading.Lock()
 Progress = Callable[[str], None]
 
 
@@ -205,8 +208,13 @@ def build_image(
     wheels.mkdir(parents=True)
 
     say(f"building the edgefleet {AGENT_VERSION} wheel")
-    _pip(["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-          str(project_root)], "building the edgefleet wheel")
+    # setuptools builds in the project's build/ directory: one build at a time
+    lock_dir = project_root / "build"
+    lock_dir.mkdir(exist_ok=True)
+    with _WHEEL_LOCK, open(lock_dir / ".wheel.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _pip(["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
+              str(project_root)], "building the edgefleet wheel")
     (own,) = wheels.glob("edgefleet-*.whl")
 
     say(f"downloading {dc.extra} dependencies for {dc.architecture} / Python {dc.python}")

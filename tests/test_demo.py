@@ -1,0 +1,29 @@
+"""The README's main job, end to end: a real server, broker and fleet of agents.
+
+A healthy model goes through the staged canary on every device class; a model
+with a label-mapping bug is caught by a gate and rolled back; the devices end
+on the rollback version and the report is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fleet_server.demo.fleet_demo import run_demo
+from fleet_server.localbroker import LocalMosquitto
+
+
+def test_fleet_demo_good_rollout_completes_and_bad_one_is_rolled_back(tmp_path: Path) -> None:
+    assert LocalMosquitto.available(), "mosquitto is missing: scripts/_env.sh installs it"
+    result = run_demo(tmp_path / "demo", devices=48, stage_percents=(50, 100))
+    assert result.good == {c: "succeeded" for c in result.good} and len(result.good) == 3
+    assert result.bad == {c: "rolled_back" for c in result.bad} and len(result.bad) == 3
+    assert all("prediction_shift" in why or "error_rate" in why
+               for why in result.caught_by.values()), result.caught_by
+    # v4 is the rollback bundle: v2's model under a higher version
+    assert result.final_versions == {4: 48}, result.final_versions
+    html = result.report.read_text()
+    assert "rolled back" in html and "Version adoption" in html
+    data = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert len(data["fleet"]["devices"]) == 48

@@ -7,6 +7,11 @@ PY="${PYTHON:-python3}"
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
+# the tests also drive a real browser and need PostgreSQL; the demo needs neither
+if [ "${EDGEFLEET_SETUP:-}" = "test" ]; then
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+  command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
+fi
 if ((${#need_apt[@]})) && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "==> installing system packages: ${need_apt[*]}"
   apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null

@@ -146,13 +146,14 @@ def _gate(text: str) -> dict[str, Any]:
 @click.option("--previous", "previous_bundle_id",
               help="Bundle the group runs now (default: newest lower version of the model).")
 @click.option("--strategy", type=click.Choice(["staged_canary", "all_at_once", "shadow"]),
-              default="staged_canary", show_default=True)
+              default="staged_canary", show_default=True,
+              help="Staged canary, everything at once, or shadow (run beside, serve nothing).")
 @click.option("--stage", "stages", multiple=True, metavar="PCT[:MIN_DEVICES[:SOAK_S]]",
               help="A stage; repeat in order (default 1,10,50,100 %).")
 @click.option("--gate", "gates", multiple=True, metavar="KIND:THRESHOLD[:MIN_SAMPLES]",
               help="A health gate; repeat (default: every kind, moderate thresholds).")
 @click.option("--failure-policy", type=click.Choice(["rollback", "pause"]), default="rollback",
-              show_default=True)
+              show_default=True, help="What a breached gate does: roll back, or pause.")
 @click.option("--start", is_flag=True, help="Start it right away.")
 @api_options
 def rollout_create(api: ApiClient, as_json: bool, name: str, bundle_id: str, group: str,

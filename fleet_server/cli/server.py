@@ -21,7 +21,8 @@ from ..settings import SettingsError, load_settings
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="uvicorn worker processes (each is a replica sharing the database).")
 @click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+              help="Server log level.")
 @click.option("--access-log/--no-access-log", default=False, show_default=True,
               help="Log every request (costly with many devices checking in).")
 def server(host: str, port: int, config_file: Path | None, workers: int, log_level: str,

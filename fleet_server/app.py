@@ -184,9 +184,11 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
         with ctx.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         scheduler = getattr(app.state, "scheduler", None)
+        worker = getattr(app.state, "ingest", None)
         return {"status": "ok", "database": ctx.engine.dialect.name,
                 "rollout_rounds": scheduler.rounds if scheduler is not None else 0,
-                "ingesting": getattr(app.state, "ingest", None) is not None}
+                "ingesting": worker is not None,
+                "ingest": worker.stats.as_dict() if worker is not None else None}
 
     @app.get("/metrics", tags=["server"], response_class=Response)
     def metrics() -> Response:

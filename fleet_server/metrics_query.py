@@ -18,11 +18,13 @@ from datetime import datetime, timezone
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .db.models import Device, DeviceReport, Group, Rollout
+from .db.models import Bundle, Device, DeviceReport, Group, Rollout
 from .db.telemetry import FAILED_INSTALL_OUTCOMES, TelemetryEvent
 from .groups import matches
 from .ingest.aggregate import cohort_metrics as telemetry_metrics
+from .profiles import reference_proportions
 from .rollouts import CohortMetrics, RolloutSpec, RolloutState, assignment
+from .rollouts.gates import psi
 
 
 def cohorts(
@@ -81,4 +83,13 @@ def cohort_metrics(
         tele.canary, installs=counted, install_failures=failed,
         devices=max(tele.canary.devices, len(installs)),
     )
+    # drift against the reference: pool the cohort's binned counts over every window
+    # and device, then compare with the bundle's reference proportions; a mean of
+    # per-window PSIs would be biased upwards by small windows
+    reference = reference_proportions(session.get(Bundle, spec.bundle.bundle_id))
+    common = [f for f in reference if f in canary_stats.feature_counts]
+    if common:
+        pooled = max(psi(canary_stats.feature_counts[f], reference[f]) for f in common)
+        canary_stats = replace(canary_stats, drift_psi=pooled,
+                               drift_samples=canary_stats.feature_samples)
     return CohortMetrics(canary=canary_stats, control=tele.control)

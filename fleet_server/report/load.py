@@ -20,9 +20,6 @@ dataset empty and adds a note saying so; nothing here writes.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import tarfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
@@ -31,11 +28,10 @@ from typing import Any
 from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session
 
-from device_agent.payloads import DriftProfile
-
 from ..db.models import AuditEntry, Bundle, Device, DeviceReport, Group, Rollout
 from ..db.telemetry import TelemetrySummary as S
 from ..groups import matches
+from ..profiles import bundle_profile
 from . import sqlagg
 from .aggregate import (
     DriftMap,
@@ -59,7 +55,6 @@ from .dataset import (
 )
 
 #: a drift profile larger than this is not read from a bundle
-MAX_PROFILE_BYTES = 8 * 1024 * 1024
 #: actions of the rollout engine that are not worth a marker (it kept waiting)
 QUIET_ACTIONS = frozenset({"hold"})
 
@@ -356,34 +351,10 @@ def _group_keys(device: Device | None, groups: Sequence[Group], drift_by: str) -
     return [device.device_class]
 
 
-def _profile(bundle: Bundle) -> DriftProfile | None:
-    """The bundle's drift reference profile, read from the stored bundle file."""
-    files = (bundle.manifest or {}).get("files", [])
-    entry = next((f for f in files if isinstance(f, Mapping) and f.get("role") ==
-                  "drift_profile"), None)
-    if entry is None or int(entry.get("size", 0)) > MAX_PROFILE_BYTES:
-        return None
-    try:
-        with tarfile.open(bundle.file_path, "r:") as tar:
-            member = tar.getmember(str(entry["path"]))
-            if not member.isfile() or member.size > MAX_PROFILE_BYTES:
-                return None
-            fh = tar.extractfile(member)
-            raw = fh.read(MAX_PROFILE_BYTES + 1) if fh else b""
-    except (OSError, KeyError, tarfile.TarError):
-        return None
-    if hashlib.sha256(raw).hexdigest() != entry.get("sha256"):
-        return None
-    try:
-        return DriftProfile.from_json(json.loads(raw))
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 def _references(bundles: Iterable[Bundle]) -> dict[str, dict[str, Sequence[float]]]:
     refs: dict[str, dict[str, Sequence[float]]] = {}
     for b in bundles:
-        profile = _profile(b)
+        profile = bundle_profile(b)
         if profile is not None:
             refs[version_label(b.name, b.version)] = {f.name: f.proportions
                                                       for f in profile.features}

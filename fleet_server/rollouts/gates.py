@@ -363,8 +363,8 @@ def evaluate_reference_drift(gate: GateSpec, canary: CohortStats) -> GateResult:
     verdict = Verdict.BREACH if value > gate.threshold else Verdict.PASS
     return GateResult(gate.name, gate.kind.value, verdict, value, None, gate.threshold, n, 0,
                       gate.min_samples, "none",
-                      f"canary PSI vs reference profile {value:.4f} (inference-weighted mean "
-                      f"of per-window max feature PSI); breach iff > {gate.threshold}")
+                      f"canary PSI vs reference profile {value:.4f} (max over features); "
+                      f"breach iff > {gate.threshold}")
 
 
 def evaluate_gates(

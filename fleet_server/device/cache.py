@@ -15,6 +15,7 @@ All three are safe to use from the event loop and from worker threads.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -139,6 +140,9 @@ class AssignmentCache:
         return len(fresh)
 
 
+FLUSH_CHUNK = 500
+
+
 class LastSeenBuffer:
     """Buffers check-in times; :meth:`flush` writes them in one batched UPDATE."""
 
@@ -162,6 +166,10 @@ class LastSeenBuffer:
             .execution_options(synchronize_session=False)
         )
         params = [{"d": d, "t": t} for d, t in pending.items()]
-        with self._engine.begin() as conn:
-            conn.execute(stmt, params)
+        # small transactions with a pause between them: a flush of many devices must
+        # not hold the interpreter (and so the check-in path) for long in one go
+        for i in range(0, len(params), FLUSH_CHUNK):
+            with self._engine.begin() as conn:
+                conn.execute(stmt, params[i : i + FLUSH_CHUNK])
+            time.sleep(0.002)
         return len(params)

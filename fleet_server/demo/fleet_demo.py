@@ -155,6 +155,7 @@ def _gate_that_caught(admin: AdminClient, rollout_id: str) -> str:
 def run_demo(workdir: Path, devices: int, *,
              stage_percents: tuple[float, ...] = (25, 50, 100)) -> DemoResult:
     """Run the whole demo in ``workdir``; processes it starts are stopped before it returns."""
+    workdir = workdir.resolve()  # the server process runs in a directory of its own
     run = DemoRun(workdir, devices)
     result = DemoResult(report=workdir / "report.html")
     if workdir.exists():

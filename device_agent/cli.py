@@ -90,6 +90,33 @@ class _NoHost:
         pass
 
 
+@main.command("enroll")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="File holding the one-time enrollment token from the operator.")
+@click.option("--token", envvar="EDGEFLEET_ENROLLMENT_TOKEN",
+              help="The enrollment token itself (env EDGEFLEET_ENROLLMENT_TOKEN).")
+@click.option("--device-id", help="Ask for this device id (default: the server picks one).")
+@click.pass_context
+def enroll_cmd(ctx: click.Context, token_file: Path | None, token: str | None,
+               device_id: str | None) -> None:
+    """Enroll with the fleet server: trade a one-time token for this device's credential.
+
+    The credential is written (mode 0600) to [server] token_file and the device id to
+    <state_dir>/identity.json, where the agent finds both from then on.
+    """
+    from .enroll import EnrollmentError, enroll
+
+    cfg = _config(ctx)
+    if (token_file is None) == (token is None):
+        _die("give the enrollment token with --token-file or --token (one of them)", 2)
+    secret = token_file.read_text().strip() if token_file is not None else str(token)
+    try:
+        done = enroll(cfg, secret, requested_id=device_id)
+    except EnrollmentError as e:
+        _die(f"enrollment failed: {e}", 1)
+    click.echo(f"enrolled as {done.device_id}; credential in {done.credential_file}")
+
+
 @main.command("verify")
 @click.argument("bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--trust-store", required=True, type=click.Path(dir_okay=False, path_type=Path),

@@ -111,3 +111,85 @@ def test_aarch64_images_carry_aarch64_wheels(
     (np_wheel,) = [w for w in info.wheels if w.startswith("numpy-")]
     assert np_wheel.split("-")[1].startswith(f"{numpy_major}.")
     assert not any(w.startswith("onnxruntime-") for w in info.wheels)
+
+
+def test_installed_image_enrolls_and_receives_a_bundle(
+    tmp_path: Path, release: BundleSim, trust_file: Path
+) -> None:
+    """Install offline, then first boot: enroll with a one-time token, get the assigned bundle."""
+    import secrets
+    import time
+
+    from fleet_server.demo.services import AdminClient, ServerProcess
+    from fleet_server.localbroker import SERVER_USER, LocalMosquitto
+
+    broker = LocalMosquitto(tmp_path / "broker")
+    broker.add_user(SERVER_USER, "server-pw")
+    broker.start()
+    admin_token = "img-admin-" + secrets.token_urlsafe(24)
+    server = ServerProcess(tmp_path / "server", {
+        "environment": "development", "database_url": f"sqlite:///{tmp_path / 'server.db'}",
+        "bundle_dir": str(tmp_path / "bundles"), "trust_store": str(trust_file),
+        "admin_bootstrap_token": admin_token, "mqtt_host": "127.0.0.1",
+        "mqtt_port": str(broker.port), "mqtt_username": SERVER_USER,
+        "mqtt_password": "server-pw"})
+    agent_proc: subprocess.Popen[bytes] | None = None
+    try:
+        server.start()
+        admin = AdminClient(server.url, admin_token)
+        image = build_image(load_class("x86_64-gateway"), out_dir=tmp_path / "images",
+                            trust_store=trust_file, server_url=server.url,
+                            mqtt_host="127.0.0.1", mqtt_port=broker.port)
+        prefix, conf, state = tmp_path / "opt", tmp_path / "etc", tmp_path / "state"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+        env.update(EDGEFLEET_NO_SYSTEMD="1", PIP_NO_INDEX="1")
+        out = subprocess.run([*_no_network_prefix(), "sh", str(image.directory / "install.sh"),
+                              str(prefix), str(conf), str(state)],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr
+
+        bundle = admin.upload_bundle(release.publish(version=3))
+        group = admin.post("/groups", json={"name": "gateways",
+                                            "device_class": "x86_64-gateway"})
+        token = admin.post("/enrollment-tokens", json={"device_class": "x86_64-gateway"})
+        (conf / "enrollment-token").write_text(token["token"])
+        first = subprocess.run([str(prefix / "firstboot.sh")], capture_output=True, text=True,
+                               env=env, timeout=120)
+        assert first.returncode == 0, first.stderr
+        assert not (conf / "enrollment-token").exists(), "the one-time token is consumed"
+        device_id = json.loads((state / "identity.json").read_text())["device_id"]
+        broker.add_user(device_id, (conf / "device-credential").read_text().strip())
+        broker.reload()
+        admin.post("/rollouts", json={
+            "name": "first model", "bundle_id": bundle["id"], "group": group["id"],
+            "strategy": "all_at_once", "gates": [], "start": True,
+            "stages": [{"percent": 100, "soak_seconds": 0}]})
+
+        agent_proc = subprocess.Popen(
+            [str(prefix / "venv" / "bin" / "edgefleet-agent"), "--config",
+             str(conf / "agent.toml"), "run"],
+            env={**env, "EDGEFLEET_AGENT_SERVER_POLL_SECONDS": "1",
+                 "EDGEFLEET_AGENT_UPDATE_PROBATION_SECONDS": "0"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        active: dict[str, object] = {}
+        while time.monotonic() < deadline and agent_proc.poll() is None:
+            path = state / "active.json"
+            if path.exists():
+                active = json.loads(path.read_text())
+                if active.get("version") == 3:
+                    break
+            time.sleep(0.3)
+        assert active.get("version") == 3, (
+            active, agent_proc.stderr.read().decode()[-2000:] if agent_proc.poll() else "")
+        device = admin.get(f"/devices/{device_id}")
+        assert device["device_class"] == "x86_64-gateway"
+    finally:
+        if agent_proc is not None:
+            agent_proc.terminate()
+            try:
+                agent_proc.wait(15)
+            except subprocess.TimeoutExpired:
+                agent_proc.kill()
+        server.stop()
+        broker.stop()

@@ -112,7 +112,7 @@ Wants=network-online.target
 [Service]
 Type=simple
 ExecStartPre=@PREFIX@/firstboot.sh
-ExecStart=@PREFIX@/venv/bin/edgefleet-agent run --config @CONFIG_DIR@/agent.toml
+ExecStart=@PREFIX@/venv/bin/edgefleet-agent --config @CONFIG_DIR@/agent.toml run
 Restart=always
 RestartSec=5
 StateDirectory=edgefleet-agent
@@ -164,7 +164,7 @@ if [ ! -s "@CONFIG_DIR@/device-credential" ]; then
     echo "no enrollment token in @CONFIG_DIR@/enrollment-token; ask the operator for one" >&2
     exit 1
   fi
-  "@PREFIX@/venv/bin/edgefleet-agent" enroll --config "$CONFIG" \\
+  "@PREFIX@/venv/bin/edgefleet-agent" --config "$CONFIG" enroll \\
       --token-file "@CONFIG_DIR@/enrollment-token"
   rm -f "@CONFIG_DIR@/enrollment-token"
 fi

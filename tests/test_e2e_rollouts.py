@@ -33,6 +33,7 @@ from fleet_server.images.recipe import load_class
 from fleet_server.localbroker import SERVER_USER, LocalMosquitto
 from fleet_server.simulator.fleet import ClassPlan, Fleet
 from fleet_server.simulator.streams import N_FEATURES
+from tests.pg import fresh_database
 
 CLASS = "x86_64-gateway"
 DEVICES = 12
@@ -104,29 +105,11 @@ class Setup:
     ids: dict[str, str]
 
 
-def _pg_database() -> Iterator[str]:
-    import psycopg
-
-    name = f"edgefleet_e2e_{secrets.token_hex(5)}"
-    dsn = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(params=["sqlite", "postgresql", "postgresql-2-replicas"])
 def setup(request: pytest.FixtureRequest, tmp_path: Path, release: dict[str, Any]
           ) -> Iterator[Setup]:
-    if request.param == "sqlite":
-        db = f"sqlite:///{tmp_path / 'server.db'}"
-        pg = None
-    else:
-        pg = _pg_database()
-        db = next(pg)
+    pg = None if request.param == "sqlite" else fresh_database("edgefleet_e2e")
+    db = f"sqlite:///{tmp_path / 'server.db'}" if pg is None else pg.__enter__()
     replicas = 2 if request.param.endswith("replicas") else 1
     broker = LocalMosquitto(tmp_path / "broker")
     broker.add_user(SERVER_USER, "server-secret")
@@ -180,7 +163,7 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path, release: dict[str, Any
             s.stop()
         broker.stop()
         if pg is not None:
-            next(pg, None)
+            pg.__exit__(None, None, None)
 
 
 def _rollout(s: Setup, version: str, previous: str | None, strategy: str = "staged_canary",

@@ -70,3 +70,14 @@ def handle_errors(f: F) -> F:
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
+
+
+def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``key=value`` options into a dict; a usage error names the malformed one."""
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise click.BadParameter(f"label {p!r} must look like key=value")
+        k, v = p.split("=", 1)
+        out[k] = v
+    return out

@@ -15,22 +15,18 @@ from converters.keys import KeyStore
 from device_agent.bundle import Manifest, TrustStore, VerifyLimits, verify_file
 from device_agent.bundle.manifest import format_time, parse_time
 
-from ._common import handle_errors, keys_dir_option, passphrase_options, read_passphrase
+from ._common import (
+    handle_errors,
+    keys_dir_option,
+    parse_labels,
+    passphrase_options,
+    read_passphrase,
+)
 
 
 @click.group()
 def bundle() -> None:
     """Pack, sign, verify and inspect signed model bundles."""
-
-
-def _parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise click.BadParameter(f"label {p!r} must look like key=value")
-        k, v = p.split("=", 1)
-        out[k] = v
-    return out
 
 
 def summary(manifest: Manifest, signed_by: tuple[str, ...] | list[str] = ()) -> str:
@@ -94,7 +90,7 @@ def bundle_pack(
             files.append(BundleFile(given, member, role))
         manifest = build_manifest(
             name=name, version=version, fmt=fmt, files=files, inputs=inputs, outputs=outputs,
-            runtime=runtime, target_device_classes=targets, labels=_parse_labels(labels),
+            runtime=runtime, target_device_classes=targets, labels=parse_labels(labels),
             valid_for=timedelta(days=valid_days),
         )
         path = pack_bundle(out or Path(f"{name}-v{version}.efb"), manifest, files)

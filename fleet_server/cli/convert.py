@@ -16,7 +16,13 @@ import click
 
 from converters.errors import ConverterError, IntakeError
 
-from ._common import handle_errors, keys_dir_option, passphrase_options, read_passphrase
+from ._common import (
+    handle_errors,
+    keys_dir_option,
+    parse_labels,
+    passphrase_options,
+    read_passphrase,
+)
 
 
 def _load_samples(path: Path | None) -> Any:
@@ -32,16 +38,6 @@ def _load_samples(path: Path | None) -> Any:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise IntakeError(f"cannot read samples {path}: {e}; give a .npy or .npz file") from e
-
-
-def _parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise click.BadParameter(f"label {p!r} must look like key=value")
-        k, v = p.split("=", 1)
-        out[k] = v
-    return out
 
 
 def _progress(total: int) -> tuple[Callable[[str], None], Callable[[], None]]:
@@ -274,7 +270,7 @@ def _pack_args(name: str | None, version: int | None, key: str | None,
     assert key is not None
     return {"name": name, "version": version,
             "signing_key": _signing(keys_dir, key, passphrase_env, passphrase_file),
-            "labels": _parse_labels(labels), "valid_for": timedelta(days=valid_days)}
+            "labels": parse_labels(labels), "valid_for": timedelta(days=valid_days)}
 
 
 @click.command("build")

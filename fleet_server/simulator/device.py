@@ -115,6 +115,33 @@ class SimDevice:
             self.daemon = None
             self.online = False
 
+    def crash_during_install(self, state: str = "staging", timeout: float = 60.0) -> int:
+        """Power-cut fault: the device's agent dies (SIGKILL) when its update reaches
+        ``state``, in a real ``edgefleet-agent run`` process of its own.
+
+        The device must be offline (stopped) and have a pending assignment change.
+        Returns the process's exit status (-9 when the crash happened); call
+        :meth:`start` afterwards to boot it again and let the update resume or roll back.
+        """
+        import os
+        import subprocess
+        import sys
+
+        if self.online:
+            raise RuntimeError("stop the device first; a state directory has one agent")
+        env = {**os.environ, "EDGEFLEET_AGENT_CRASH_AT": state,
+               "EDGEFLEET_AGENT_SERVER_POLL_SECONDS": "0.5"}
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from device_agent.cli import main; main()",
+             "--config", str(self.config_path), "run"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            raise RuntimeError(f"{self.device_id}: the update never reached {state!r}") from None
+
     @property
     def agent(self) -> Agent | None:
         return self.daemon.agent if self.daemon is not None else None

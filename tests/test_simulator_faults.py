@@ -1,0 +1,93 @@
+"""Simulated fleet faults against the real server: a device offline during a rollout gets
+its assignment when it returns; a device whose agent dies mid-install (SIGKILL) boots into
+a verified model and finishes the update."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+
+from device_agent.bundle import TrustStore
+from device_agent.update.slots import Slots
+from fleet_server.demo.services import AdminClient, ServerProcess
+from fleet_server.images.build import agent_config_text
+from fleet_server.images.recipe import load_class
+from fleet_server.localbroker import SERVER_USER, LocalMosquitto
+from fleet_server.simulator.fleet import ClassPlan, Fleet
+from fleet_server.simulator.streams import N_FEATURES
+from tests.bundlesim import BundleSim, tiny_onnx_model
+
+CLASS = "x86_64-gateway"
+
+
+def test_offline_device_catches_up_and_crashed_install_resumes(
+    tmp_path: Path, sim: BundleSim
+) -> None:
+    trust_path = tmp_path / "trust.json"
+    sim.trust("release").save(trust_path)
+    broker = LocalMosquitto(tmp_path / "broker")
+    broker.add_user(SERVER_USER, "pw")
+    broker.start()
+    token = "sim-admin-" + secrets.token_urlsafe(24)
+    server = ServerProcess(tmp_path / "server", {
+        "environment": "development", "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}",
+        "bundle_dir": str(tmp_path / "bundles"), "trust_store": str(trust_path),
+        "admin_bootstrap_token": token, "mqtt_host": "127.0.0.1",
+        "mqtt_port": str(broker.port), "mqtt_username": SERVER_USER, "mqtt_password": "pw",
+        "assignment_cache_seconds": "0.5"})
+    fleet: Fleet | None = None
+    try:
+        server.start()
+        admin = AdminClient(server.url, token)
+        image = tmp_path / "image"
+        image.mkdir()
+        (image / "agent.toml").write_text(agent_config_text(
+            load_class(CLASS), server.url, "127.0.0.1", broker.port))
+        (image / "trust.json").write_bytes(trust_path.read_bytes())
+        fleet = Fleet(tmp_path / "fleet", server_url=server.url, mqtt_host="127.0.0.1",
+                      mqtt_port=broker.port, window_seconds=1.0, poll_seconds=0.5)
+        fleet.provision([ClassPlan(CLASS, 3, image)])
+        tokens = {d.device_id: admin.post("/enrollment-tokens", json={
+            "device_class": CLASS})["token"] for d in fleet.devices}
+        fleet.enroll(lambda d: tokens[d.device_id])
+        for d in fleet.devices:
+            broker.add_user(d.device_id, d.credential())
+        broker.reload()
+        online, offline, crashing = fleet.devices
+        fleet.start([online, crashing])
+        group = admin.post("/groups", json={"name": "gw", "device_class": CLASS})["id"]
+
+        def roll(version: int) -> None:
+            model = tiny_onnx_model(version, n_in=N_FEATURES)  # the simulator's 8 features
+            bundle = admin.upload_bundle(sim.publish(version=version, model_bytes=model))
+            admin.post("/rollouts", json={
+                "name": f"v{version}", "bundle_id": bundle["id"], "group": group,
+                "strategy": "all_at_once", "gates": [], "start": True,
+                "stages": [{"percent": 100, "soak_seconds": 0}]})
+
+        roll(2)
+        fleet.drive(30, on_tick=lambda _: (online.version(), crashing.version()) == (2, 2))
+        assert (online.version(), crashing.version(), offline.version()) == (2, 2, None)
+
+        # the crash: v3 is assigned while the device is off; its agent dies mid-install
+        crashing.stop()
+        roll(3)
+        status = crashing.crash_during_install("staging")
+        assert status == -9, "the agent was to be killed when it reached 'staging'"
+        record = json.loads((crashing.root / "state" / "update.json").read_text())
+        assert record["state"] == "staging"
+        slots = Slots(crashing.root / "state")
+        active = slots.active()
+        assert active is not None and active.version == 2  # still the verified v2
+        slots.verify(active.slot, TrustStore.load(trust_path))
+
+        # the offline device comes back; the crashed one boots and finishes its update
+        fleet.start([offline, crashing])
+        fleet.drive(45, on_tick=lambda _: set(fleet.versions()) == {3})
+        assert fleet.versions() == {3: 3}
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        server.stop()
+        broker.stop()

@@ -110,6 +110,10 @@ def format_threshold(name: str, threshold: float) -> str:
 
 def describe_breach(g: GateRow) -> str:
     """``error_rate (canary 9.10% vs control 0.19%, threshold +1.00 pt)``."""
+    if "shift" in g.name:
+        # one figure between the cohorts (a divergence), not one per cohort
+        return (f"{g.name} (canary vs control divergence {format_gate_value(g.name, g.canary)}, "
+                f"threshold {format_threshold(g.name, g.threshold)})")
     vs = ""
     if g.control is not None:
         vs = f" vs control {format_gate_value(g.name, g.control)}"

@@ -80,6 +80,7 @@ def _start_ingest(ctx: ServerContext) -> Any:
     config = IngestConfig(
         host=s.mqtt_host, port=s.mqtt_port, username=s.mqtt_username or None,
         password=s.mqtt_password or None, share_group=s.ingest_share_group,
+        mqtt_version=s.mqtt_version,
     )
     return IngestWorker(config, ctx.engine).start()
 

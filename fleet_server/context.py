@@ -53,6 +53,7 @@ class ServerContext:
                 MqttNotifier(
                     settings.mqtt_host, settings.mqtt_port,
                     username=settings.mqtt_username, password=settings.mqtt_password,
+                    mqtt_version=settings.mqtt_version,
                 )
                 if settings.mqtt_host
                 else NullNotifier()

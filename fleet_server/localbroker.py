@@ -46,6 +46,21 @@ def mosquitto_hash(password: str, *, iterations: int = 101, salt: bytes | None =
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
+def check_mosquitto_hash(stored: str, password: str) -> bool:
+    """True if ``password`` matches a ``$7$`` hash made by :func:`mosquitto_hash`."""
+    import hmac
+
+    try:
+        _, kind, iterations, salt, digest = stored.split("$")
+        if kind != "7":
+            return False
+        got = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt),
+                                  int(iterations))
+        return hmac.compare_digest(base64.b64encode(got).decode(), digest)
+    except (ValueError, TypeError):
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

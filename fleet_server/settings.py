@@ -45,6 +45,9 @@ class ServerSettings(BaseSettings):
     mqtt_port: int = Field(default=1883, ge=1, le=65535)
     mqtt_username: str = ""
     mqtt_password: str = ""
+    #: 5, or 4 (MQTT 3.1.1) for brokers without MQTT 5: then no shared subscription, so
+    #: run ingestion in one replica only
+    mqtt_version: int = Field(default=5, ge=4, le=5)
     #: run the telemetry ingestion worker (MQTT 5 shared subscription) when a broker is set
     ingest: bool = True
     ingest_share_group: str = "edgefleet-ingest"

@@ -28,6 +28,7 @@ from converters.keys import KeyStore
 from device_agent.bundle import TrustStore
 from device_agent.protocol import telemetry_topic
 from fleet_server.demo.services import AdminClient, ServerProcess
+from fleet_server.embeddedbroker import EmbeddedBroker
 from fleet_server.images.build import agent_config_text
 from fleet_server.images.recipe import load_class
 from fleet_server.localbroker import SERVER_USER, LocalMosquitto
@@ -97,7 +98,7 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @dataclass
 class Setup:
-    broker: LocalMosquitto
+    broker: LocalMosquitto | EmbeddedBroker
     servers: list[ServerProcess]
     admin: AdminClient
     fleet: Fleet
@@ -105,13 +106,16 @@ class Setup:
     ids: dict[str, str]
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "postgresql-2-replicas"])
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql-2-replicas",
+                        "sqlite-embedded-broker"])
 def setup(request: pytest.FixtureRequest, tmp_path: Path, release: dict[str, Any]
           ) -> Iterator[Setup]:
-    pg = None if request.param == "sqlite" else fresh_database("edgefleet_e2e")
+    pg = None if request.param.startswith("sqlite") else fresh_database("edgefleet_e2e")
     db = f"sqlite:///{tmp_path / 'server.db'}" if pg is None else pg.__enter__()
     replicas = 2 if request.param.endswith("replicas") else 1
-    broker = LocalMosquitto(tmp_path / "broker")
+    embedded = request.param.endswith("embedded-broker")
+    broker: LocalMosquitto | EmbeddedBroker = (
+        EmbeddedBroker(tmp_path / "broker") if embedded else LocalMosquitto(tmp_path / "broker"))
     broker.add_user(SERVER_USER, "server-secret")
     broker.start()
     admin_token = "e2e-admin-" + secrets.token_urlsafe(24)
@@ -123,6 +127,7 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path, release: dict[str, Any
         "mqtt_port": str(broker.port), "mqtt_username": SERVER_USER,
         "mqtt_password": "server-secret", "telemetry_window_seconds": "1",
         "rollout_interval_seconds": "1", "assignment_cache_seconds": "0.5",
+        "mqtt_version": "4" if embedded else "5",
     }
     servers: list[ServerProcess] = []
     fleet: Fleet | None = None
@@ -258,9 +263,10 @@ def test_rollouts_end_to_end(setup: Setup) -> None:
         assert all(h["ingest"]["stored"] > 0 for h in health), health
 
 
-def test_broker_refuses_a_device_publishing_under_another_id(tmp_path: Path) -> None:
-    """The ACL the server's broker runs with: own topics only, checked against Mosquitto."""
-    broker = LocalMosquitto(tmp_path / "broker")
+@pytest.mark.parametrize("kind", [LocalMosquitto, EmbeddedBroker])
+def test_broker_refuses_a_device_publishing_under_another_id(tmp_path: Path, kind: type) -> None:
+    """The ACL the one-machine brokers run with: own topics only, checked against the broker."""
+    broker = kind(tmp_path / "broker")
     broker.add_user(SERVER_USER, "server-pw")
     broker.add_user("dev-a", "pw-a")
     broker.add_user("dev-b", "pw-b")
@@ -289,6 +295,17 @@ def test_broker_refuses_a_device_publishing_under_another_id(tmp_path: Path) -> 
         time.sleep(0.3)
         assert telemetry_topic("dev-a", "summary") in received
         assert telemetry_topic("dev-b", "summary") not in received
+        refused: list[object] = []
+        intruder = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="intruder")
+        intruder.username_pw_set("dev-a", "not-the-password")
+        intruder.on_connect = lambda _c, _u, _f, rc, _p: refused.append(rc)
+        intruder.connect("127.0.0.1", broker.port)
+        intruder.loop_start()
+        clients.append(intruder)
+        deadline = time.monotonic() + 5
+        while not refused and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert refused and refused[0].is_failure, refused  # type: ignore[attr-defined]
     finally:
         for c in clients:
             c.loop_stop()

@@ -13,9 +13,12 @@ import click
               help="Where everything goes (recreated on each run).")
 @click.option("--devices", type=click.IntRange(min=6, max=2000), default=120, show_default=True,
               help="Number of simulated devices.")
+@click.option("--broker", "broker_kind", type=click.Choice(["auto", "mosquitto", "embedded"]),
+              default="auto", show_default=True,
+              help="MQTT broker: Mosquitto when installed (auto), or the embedded Python one.")
 @click.option("--roundtrip", is_flag=True,
               help="Only the short guided bundle round-trip (keys, pack, sign, verify, tamper).")
-def demo(workdir: Path, devices: int, roundtrip: bool) -> None:
+def demo(workdir: Path, devices: int, broker_kind: str, roundtrip: bool) -> None:
     """Run the fleet demo: server, broker, simulated fleet, a good and a bad rollout, report."""
     if roundtrip:
         from fleet_server.demo.roundtrip import run_roundtrip
@@ -24,4 +27,4 @@ def demo(workdir: Path, devices: int, roundtrip: bool) -> None:
         return
     from fleet_server.demo.fleet_demo import run_demo
 
-    run_demo(workdir, devices)
+    run_demo(workdir, devices, broker_kind=broker_kind)

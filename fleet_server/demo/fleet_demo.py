@@ -31,6 +31,7 @@ import click
 from converters.keys import KeyStore
 from device_agent.bundle import TrustStore
 
+from ..embeddedbroker import EmbeddedBroker
 from ..images import build_image, load_class
 from ..localbroker import SERVER_USER, LocalMosquitto
 from ..simulator.fleet import ClassPlan, Fleet
@@ -153,7 +154,8 @@ def _gate_that_caught(admin: AdminClient, rollout_id: str) -> str:
 
 
 def run_demo(workdir: Path, devices: int, *,
-             stage_percents: tuple[float, ...] = (25, 50, 100)) -> DemoResult:
+             stage_percents: tuple[float, ...] = (25, 50, 100),
+             broker_kind: str = "auto") -> DemoResult:
     """Run the whole demo in ``workdir``; processes it starts are stopped before it returns."""
     workdir = workdir.resolve()  # the server process runs in a directory of its own
     run = DemoRun(workdir, devices)
@@ -172,7 +174,10 @@ def run_demo(workdir: Path, devices: int, *,
     trust.save(trust_path)
 
     run.say("2. broker and fleet server", bold=True)
-    broker = LocalMosquitto(workdir / "broker")
+    embedded = broker_kind == "embedded" or (
+        broker_kind == "auto" and not LocalMosquitto.available())
+    broker: LocalMosquitto | EmbeddedBroker = (
+        EmbeddedBroker(workdir / "broker") if embedded else LocalMosquitto(workdir / "broker"))
     server_password = secrets.token_urlsafe(18)
     broker.add_user(SERVER_USER, server_password)
     broker.start()
@@ -187,11 +192,14 @@ def run_demo(workdir: Path, devices: int, *,
         "mqtt_username": SERVER_USER, "mqtt_password": server_password,
         "telemetry_window_seconds": "2", "telemetry_sample_rate": "0.02",
         "rollout_interval_seconds": "1", "assignment_cache_seconds": "0.5",
+        # the embedded broker speaks MQTT 3.1.1 only
+        "mqtt_version": "4" if embedded else "5",
     })
     fleet: Fleet | None = None
     try:
         server.start()
-        run.say(f"  mosquitto on 127.0.0.1:{broker.port}, server on {server.url}")
+        kind = "embedded MQTT broker (amqtt)" if embedded else "mosquitto"
+        run.say(f"  {kind} on 127.0.0.1:{broker.port}, server on {server.url}")
         admin = AdminClient(server.url, admin_token)
 
         # provisioning images build in the background (pip downloads) while models train

@@ -65,9 +65,14 @@ class IngestConfig:
     #: seconds the broker keeps this replica's session (and unacknowledged messages)
     session_expiry: int = 300
     ca_file: str | None = None
+    #: 5 (MQTT 5: shared subscription, replicas split the load) or 4 (MQTT 3.1.1, for
+    #: brokers without MQTT 5 such as the embedded one: one replica ingests everything)
+    mqtt_version: int = 5
 
     @property
     def subscription(self) -> str:
+        if self.mqtt_version == 4:
+            return f"{TOPIC_ROOT}/+/telemetry/#"
         return f"$share/{self.share_group}/{TOPIC_ROOT}/+/telemetry/#"
 
     def check(self) -> None:
@@ -112,8 +117,10 @@ class IngestWorker:
         self._stop = threading.Event()
         self._closing = threading.Event()
         self._writer_thread: threading.Thread | None = None
+        protocol = mqtt.MQTTv311 if config.mqtt_version == 4 else mqtt.MQTTv5
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=config.client_id,
-                        protocol=mqtt.MQTTv5, manual_ack=True)
+                        protocol=protocol, manual_ack=True, clean_session=(
+                            False if config.mqtt_version == 4 and config.client_id else None))
         if config.username:
             c.username_pw_set(config.username, config.password)
         if config.ca_file:
@@ -158,6 +165,7 @@ class IngestWorker:
 
     def start(self, timeout: float = 10.0) -> IngestWorker:
         """Connect, subscribe and start writing; raise IngestConfigError if not subscribed."""
+        v5 = self.config.mqtt_version != 4
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.config.session_expiry
         self._stop.clear()
@@ -166,9 +174,13 @@ class IngestWorker:
                                                name="telemetry-writer", daemon=True)
         self._writer_thread.start()
         try:
-            self._client.connect_async(self.config.host, self.config.port,
-                                       keepalive=self.config.keepalive, clean_start=False,
-                                       properties=props)
+            if v5:
+                self._client.connect_async(self.config.host, self.config.port,
+                                           keepalive=self.config.keepalive, clean_start=False,
+                                           properties=props)
+            else:
+                self._client.connect_async(self.config.host, self.config.port,
+                                           keepalive=self.config.keepalive)
         except (OSError, ValueError) as e:
             raise IngestConfigError(f"cannot connect to {self.config.host}: {e}") from e
         self._client.loop_start()

@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +68,17 @@ class AgentDaemon:
     """Everything ``edgefleet-agent run`` runs; :meth:`run` blocks until :meth:`stop`."""
 
     def __init__(self, config: AgentConfig, *, agent: Agent | None = None,
-                 crash_at: str | None = None) -> None:
+                 crash_at: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``clock`` is the device's wall clock (window boundaries, bundle expiry,
+        probation, report times); a simulator passes a controllable one."""
         self.config = config
         state_dir = Path(config.device.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         self.trust = load_trust(config)
         self.store = TelemetryStore(state_dir / "telemetry.db",
                                     max_bytes=config.telemetry.max_db_bytes)
-        self.agent = agent if agent is not None else Agent(config, self.store)
+        self.agent = agent if agent is not None else Agent(config, self.store, wall=clock)
         self.fetcher = (
             HttpFetcher(config.server.url, token=read_token(config),
                         timeout=config.server.timeout_seconds,
@@ -82,7 +86,8 @@ class AgentDaemon:
             if config.server.url else None)
         self.updater = Updater(
             state_dir, self.trust, self.agent, config=config.update, fetcher=self.fetcher,
-            events=self.store, error_rate_since=self._error_rate_since, crash_at=crash_at)
+            events=self.store, error_rate_since=self._error_rate_since, crash_at=crash_at,
+            clock=clock)
         self.transport: Any = None
         self.reporter: Any = None
         self._wake = threading.Event()

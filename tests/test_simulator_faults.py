@@ -1,12 +1,17 @@
 """Simulated fleet faults against the real server: a device offline during a rollout gets
 its assignment when it returns; a device whose agent dies mid-install (SIGKILL) boots into
-a verified model and finishes the update."""
+a verified model and finishes the update; a device whose clock runs far ahead refuses a
+bundle that is expired by its clock and keeps serving."""
 
 from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from device_agent.bundle import TrustStore
 from device_agent.update.slots import Slots
@@ -14,6 +19,7 @@ from fleet_server.demo.services import AdminClient, ServerProcess
 from fleet_server.images.build import agent_config_text
 from fleet_server.images.recipe import load_class
 from fleet_server.localbroker import SERVER_USER, LocalMosquitto
+from fleet_server.simulator.clock import SimClock
 from fleet_server.simulator.fleet import ClassPlan, Fleet
 from fleet_server.simulator.streams import N_FEATURES
 from tests.bundlesim import BundleSim, tiny_onnx_model
@@ -21,9 +27,18 @@ from tests.bundlesim import BundleSim, tiny_onnx_model
 CLASS = "x86_64-gateway"
 
 
-def test_offline_device_catches_up_and_crashed_install_resumes(
-    tmp_path: Path, sim: BundleSim
-) -> None:
+@dataclass
+class SmallFleet:
+    admin: AdminClient
+    fleet: Fleet
+    trust_path: Path
+    roll: Callable[[int], None]
+    database: Path
+
+
+@pytest.fixture
+def small_fleet(tmp_path: Path, sim: BundleSim) -> Iterator[SmallFleet]:
+    """Server, broker and three enrolled (not yet started) devices with a shared SimClock."""
     trust_path = tmp_path / "trust.json"
     sim.trust("release").save(trust_path)
     broker = LocalMosquitto(tmp_path / "broker")
@@ -46,7 +61,8 @@ def test_offline_device_catches_up_and_crashed_install_resumes(
             load_class(CLASS), server.url, "127.0.0.1", broker.port))
         (image / "trust.json").write_bytes(trust_path.read_bytes())
         fleet = Fleet(tmp_path / "fleet", server_url=server.url, mqtt_host="127.0.0.1",
-                      mqtt_port=broker.port, window_seconds=1.0, poll_seconds=0.5)
+                      mqtt_port=broker.port, window_seconds=1.0, poll_seconds=0.5,
+                      clock=SimClock())
         fleet.provision([ClassPlan(CLASS, 3, image)])
         tokens = {d.device_id: admin.post("/enrollment-tokens", json={
             "device_class": CLASS})["token"] for d in fleet.devices}
@@ -54,8 +70,6 @@ def test_offline_device_catches_up_and_crashed_install_resumes(
         for d in fleet.devices:
             broker.add_user(d.device_id, d.credential())
         broker.reload()
-        online, offline, crashing = fleet.devices
-        fleet.start([online, crashing])
         group = admin.post("/groups", json={"name": "gw", "device_class": CLASS})["id"]
 
         def roll(version: int) -> None:
@@ -66,28 +80,65 @@ def test_offline_device_catches_up_and_crashed_install_resumes(
                 "strategy": "all_at_once", "gates": [], "start": True,
                 "stages": [{"percent": 100, "soak_seconds": 0}]})
 
-        roll(2)
-        fleet.drive(30, on_tick=lambda _: (online.version(), crashing.version()) == (2, 2))
-        assert (online.version(), crashing.version(), offline.version()) == (2, 2, None)
-
-        # the crash: v3 is assigned while the device is off; its agent dies mid-install
-        crashing.stop()
-        roll(3)
-        status = crashing.crash_during_install("staging")
-        assert status == -9, "the agent was to be killed when it reached 'staging'"
-        record = json.loads((crashing.root / "state" / "update.json").read_text())
-        assert record["state"] == "staging"
-        slots = Slots(crashing.root / "state")
-        active = slots.active()
-        assert active is not None and active.version == 2  # still the verified v2
-        slots.verify(active.slot, TrustStore.load(trust_path))
-
-        # the offline device comes back; the crashed one boots and finishes its update
-        fleet.start([offline, crashing])
-        fleet.drive(45, on_tick=lambda _: set(fleet.versions()) == {3})
-        assert fleet.versions() == {3: 3}
+        yield SmallFleet(admin, fleet, trust_path, roll, tmp_path / "db.sqlite")
     finally:
         if fleet is not None:
             fleet.stop()
         server.stop()
         broker.stop()
+
+
+def test_offline_device_catches_up_and_crashed_install_resumes(small_fleet: SmallFleet) -> None:
+    fleet, roll = small_fleet.fleet, small_fleet.roll
+    online, offline, crashing = fleet.devices
+    fleet.start([online, crashing])
+    roll(2)
+    fleet.drive(30, on_tick=lambda _: (online.version(), crashing.version()) == (2, 2))
+    assert (online.version(), crashing.version(), offline.version()) == (2, 2, None)
+
+    # the crash: v3 is assigned while the device is off; its agent dies mid-install
+    crashing.stop()
+    roll(3)
+    status = crashing.crash_during_install("staging")
+    assert status == -9, "the agent was to be killed when it reached 'staging'"
+    record = json.loads((crashing.root / "state" / "update.json").read_text())
+    assert record["state"] == "staging"
+    slots = Slots(crashing.root / "state")
+    active = slots.active()
+    assert active is not None and active.version == 2  # still the verified v2
+    slots.verify(active.slot, TrustStore.load(small_fleet.trust_path))
+
+    # the offline device comes back; the crashed one boots and finishes its update
+    fleet.start([offline, crashing])
+    fleet.drive(45, on_tick=lambda _: set(fleet.versions()) == {3})
+    assert fleet.versions() == {3: 3}
+
+
+def test_device_clock_far_ahead_refuses_a_bundle_expired_by_its_clock(
+    small_fleet: SmallFleet,
+) -> None:
+    fleet, roll = small_fleet.fleet, small_fleet.roll
+    fleet.start()
+    roll(2)
+    fleet.drive(30, on_tick=lambda _: set(fleet.versions()) == {2})
+    assert fleet.versions() == {2: 3}
+
+    skewed = fleet.devices[0]
+    skewed.stop()
+    clock = SimClock()
+    clock.advance(60 * 86400)  # its clock runs two months ahead: v3 (valid 30 days) expired
+    skewed.clock = clock
+    skewed.start()
+    roll(3)
+    fleet.drive(30, on_tick=lambda _: [d.version() for d in fleet.devices[1:]] == [3, 3]
+                and (skewed.root / "state" / "update.json").read_text().count("expired") > 0)
+    assert [d.version() for d in fleet.devices] == [2, 3, 3]
+    record = json.loads((skewed.root / "state" / "update.json").read_text())
+    assert record["error"]["code"] == "expired", record["error"]
+    import sqlite3
+
+    with sqlite3.connect(small_fleet.database) as db:  # the refusal reached the server
+        rows = db.execute("SELECT outcome, version, error_code FROM device_reports "
+                          "WHERE device_id = ? AND error_code = 'expired'",
+                          (skewed.device_id,)).fetchall()
+    assert rows and all(v == 3 for _o, v, _c in rows), rows

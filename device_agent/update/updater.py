@@ -228,6 +228,10 @@ class Updater:
         if self.crash_at == name:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def _now(self) -> datetime:
+        """The device clock as an aware datetime (bundle expiry is judged against it)."""
+        return datetime.fromtimestamp(self.clock(), timezone.utc)
+
     def _fail(self, e: BaseException, code: str | None = None) -> None:
         self.record.error = {"code": str(code or getattr(e, "code", type(e).__name__)),
                              "message": str(e)}
@@ -296,7 +300,7 @@ class Updater:
     def _verify(self) -> Event:
         path = Path(self.record.bundle_path or "")
         try:
-            v = verify_file(path, self.trust, now=datetime.now(timezone.utc),
+            v = verify_file(path, self.trust, now=self._now(),
                             installed_version=self.slots.installed_version())
         except BundleError as e:
             self._fail(e)
@@ -340,7 +344,7 @@ class Updater:
         assert self.record.slot is not None
         try:
             unpack_bundle(self.record.bundle_path or "", self.slots.path(self.record.slot),
-                          self.trust, now=datetime.now(timezone.utc),
+                          self.trust, now=self._now(),
                           installed_version=self.slots.installed_version())
         except StagingError as e:
             self._fail(e)

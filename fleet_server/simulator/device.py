@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,7 @@ class SimDevice:
     config_path: Path
     daemon: AgentDaemon | None = None
     online: bool = False
+    clock: Callable[[], float] = time.time
     errors: int = 0
     predictions: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -103,7 +106,7 @@ class SimDevice:
         with self._lock:
             if self.online:
                 return
-            self.daemon = AgentDaemon(self.config()).start()
+            self.daemon = AgentDaemon(self.config(), clock=self.clock).start()
             self.online = True
 
     def stop(self) -> None:

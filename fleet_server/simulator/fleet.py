@@ -31,7 +31,9 @@ class Fleet:
 
     def __init__(self, root: Path, *, server_url: str, mqtt_host: str, mqtt_port: int,
                  window_seconds: float = 2.0, poll_seconds: float = 2.0,
-                 sample_rate: float = 0.02, seed: int = 0) -> None:
+                 sample_rate: float = 0.02, seed: int = 0,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``clock`` is every device's wall clock (a :class:`SimClock` to control it)."""
         self.root = Path(root)
         self.overrides: dict[str, dict[str, Any]] = {
             "server": {"url": server_url, "poll_seconds": poll_seconds, "timeout_seconds": 15.0},
@@ -41,6 +43,7 @@ class Fleet:
             "update": {"probation_seconds": 2.0, "probation_min_predictions": 5},
         }
         self.devices: list[SimDevice] = []
+        self.clock = clock
         self.rng = random.Random(seed)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fleet")
 
@@ -57,7 +60,8 @@ class Fleet:
                 cfg = provision_files(plan.image_dir, root, overrides)
                 seed = self.rng.randrange(2**31)
                 stream = drifting_stream(seed) if i < plan.drifting else InputStream(seed)
-                made.append(SimDevice(device_id, plan.device_class, root, stream, cfg))
+                made.append(SimDevice(device_id, plan.device_class, root, stream, cfg,
+                                      clock=self.clock))
         self.devices += made
         return made
 

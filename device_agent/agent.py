@@ -174,6 +174,22 @@ class Agent:
             self.telemetry.start()
 
     # ------------------------------------------------------------ serving
+    def apply_telemetry_policy(self, policy: Mapping[str, Any]) -> dict[str, float]:
+        """Take the server's telemetry policy (``sample_rate``, ``window_seconds``).
+
+        It applies from the next window on; values out of range raise ValueError and
+        change nothing. Returns what is in force.
+        """
+        cfg = self.telemetry.config
+        rate = float(policy.get("sample_rate", cfg.sample_rate))
+        window = float(policy.get("window_seconds", cfg.window_seconds))
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"sample_rate {rate} is not between 0 and 1")
+        if not 1.0 <= window <= 86400.0:
+            raise ValueError(f"window_seconds {window} is not between 1 and 86400")
+        cfg.sample_rate, cfg.window_seconds = rate, window
+        return {"sample_rate": rate, "window_seconds": window}
+
     def predict(self, inputs: Mapping[str, np.ndarray] | np.ndarray,
                 _ns: Callable[[], int] = time.perf_counter_ns,
                 _nd: type = np.ndarray) -> list[np.ndarray]:

@@ -87,7 +87,7 @@ class AgentDaemon:
         self.updater = Updater(
             state_dir, self.trust, self.agent, config=config.update, fetcher=self.fetcher,
             events=self.store, error_rate_since=self._error_rate_since, crash_at=crash_at,
-            clock=clock)
+            clock=clock, on_telemetry_policy=self.agent.apply_telemetry_policy)
         self.transport: Any = None
         self.reporter: Any = None
         self._wake = threading.Event()

@@ -91,3 +91,16 @@ def test_probation_with_real_agent_error_counts_rolls_back(
     assert np.allclose(served(daemon), reference_outputs(1), atol=1e-6)
     assert server.reports[-1]["outcome"] == "rolled_back"
     assert "error rate" in server.reports[-1]["message"]
+
+
+def test_telemetry_policy_in_the_assignment_is_applied(
+        daemon: AgentDaemon, server: BundleServer, sim: BundleSim) -> None:
+    doc = server.offer(publish(sim, version=2, seed=2), version=2)
+    doc["telemetry"] = {"sample_rate": 0.25, "window_seconds": 30}
+    daemon.updater.check()
+    cfg = daemon.agent.telemetry.config
+    assert (cfg.sample_rate, cfg.window_seconds) == (0.25, 30.0)
+    doc["telemetry"] = {"sample_rate": 7.0}  # out of range: refused, nothing changes
+    doc["assignment_id"] = "changed"
+    daemon.updater.check()
+    assert (cfg.sample_rate, cfg.window_seconds) == (0.25, 30.0)

@@ -86,6 +86,7 @@ class Updater:
         clock: Callable[[], float] = time.time,
         loader: Loader = _default_loader,
         crash_at: str | None = None,
+        on_telemetry_policy: Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +99,7 @@ class Updater:
         self.clock = clock
         self.loader = loader
         self.crash_at = crash_at  # test hook: SIGKILL ourselves at this point; None = off
+        self.on_telemetry_policy = on_telemetry_policy
         self.slots = Slots(self.state_dir)
         self.downloads = self.state_dir / "downloads"
         self.record_file = self.state_dir / "update.json"
@@ -250,6 +252,11 @@ class Updater:
             return Event.CHECK_FAILED
         if assignment is None:
             return Event.NO_CHANGE
+        if assignment.telemetry and self.on_telemetry_policy is not None:
+            try:
+                self.on_telemetry_policy(assignment.telemetry)
+            except ValueError as e:
+                log.warning("telemetry policy from the server ignored", extra={"error": str(e)})
         event = self._decide(assignment)
         if event is Event.NO_CHANGE:
             self.record.etag = etag  # fully handled: only now may the server answer 304

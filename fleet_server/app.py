@@ -195,6 +195,13 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
     def metrics() -> Response:
         """Prometheus metrics of this server instance."""
         ctx.metrics.cached_assignments.set(len(ctx.assignment_cache._entries))
+        worker = getattr(app.state, "ingest", None)
+        if worker is not None:
+            for name, value in worker.stats.as_dict().items():
+                ctx.metrics.ingest.labels(name).set(value)
+        scheduler = getattr(app.state, "scheduler", None)
+        if scheduler is not None:
+            ctx.metrics.rollout_rounds.set(scheduler.rounds)
         return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(CheckinFastPath, ctx=ctx)

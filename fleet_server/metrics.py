@@ -40,6 +40,15 @@ class ServerMetrics:
         self.cached_assignments = Gauge(
             "edgefleet_cached_assignments", "Assignments held in memory", registry=self.registry,
         )
+        self.ingest = Gauge(
+            "edgefleet_ingest", "Telemetry ingestion counters of this replica since start "
+            "(messages, records, stored, duplicates, spoofed_messages, ...)", ["counter"],
+            registry=self.registry,
+        )
+        self.rollout_rounds = Gauge(
+            "edgefleet_rollout_rounds", "Rollout evaluation rounds run by this replica "
+            "(non-zero only on the leader)", registry=self.registry,
+        )
 
 
 class MetricsMiddleware:

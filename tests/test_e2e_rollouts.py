@@ -261,6 +261,9 @@ def test_rollouts_end_to_end(setup: Setup) -> None:
         leaders = [h for h in health if h["rollout_rounds"] > 0]
         assert len(leaders) == 1, health
         assert all(h["ingest"]["stored"] > 0 for h in health), health
+        metrics = [httpx.get(f"{srv.url}/metrics").text for srv in s.servers]
+        assert all('edgefleet_ingest{counter="stored"}' in m for m in metrics)
+        assert sum("edgefleet_rollout_rounds 0.0" not in m for m in metrics) == 1
 
 
 @pytest.mark.parametrize("kind", [LocalMosquitto, EmbeddedBroker])

@@ -212,3 +212,23 @@ def test_gate_result_json_has_every_number() -> None:
 def test_cohort_stats_json_round_trip() -> None:
     c = cohort(seed=3)
     assert CohortStats.from_json(c.to_json()) == c
+
+
+def _shadow(agree: int, runs: int) -> CohortMetrics:
+    return CohortMetrics(CohortStats(shadow_agreements=agree, shadow_runs=runs), CohortStats())
+
+
+@pytest.mark.parametrize("agree,runs,verdict", [
+    (990, 1000, Verdict.PASS),     # 99% agreement, threshold 95%
+    (800, 1000, Verdict.BREACH),   # a candidate that disagrees on one input in five
+    (945, 1000, Verdict.PASS),     # below 95% but not confidently so: Wilson upper bound > 0.95
+    (40, 50, Verdict.WAIT),        # too few shadow runs to decide
+])
+def test_shadow_agreement_gate_judges_the_candidate_by_its_agreement(
+    agree: int, runs: int, verdict: Verdict
+) -> None:
+    gate = GateSpec(GateKind.SHADOW_AGREEMENT, 0.95, min_samples=200)
+    r = evaluate_gate(gate, _shadow(agree, runs), live_control=False)
+    assert r.verdict is verdict, r
+    if verdict is not Verdict.WAIT:
+        assert r.canary_value == pytest.approx(agree / runs)

@@ -37,7 +37,7 @@ class StageIn(BaseModel):
 
 class GateIn(BaseModel):
     kind: Literal["install_failure_rate", "error_rate", "latency_p95_ratio", "drift_psi",
-                  "prediction_shift"]
+                  "prediction_shift", "shadow_agreement"]
     threshold: float = Field(ge=0, le=1e9)
     min_samples: int = Field(default=100, ge=1, le=10**9)
     confidence: float = Field(default=0.95, ge=0.5, lt=1)

@@ -43,6 +43,7 @@ class _Acc:
         self.features: dict[str, list[int]] = {}
         self.preds: list[int] = []
         self.installs = self.install_failures = 0
+        self.shadow_runs = self.shadow_agreements = 0
 
     def add_summary(self, device: str, count: int, errors: int, hist: Any, psi: Any,
                     features: Any, preds: Any) -> None:
@@ -73,6 +74,7 @@ class _Acc:
             drift_samples=self.psi_n,
             feature_counts={k: tuple(v) for k, v in self.features.items()},
             prediction_counts=tuple(self.preds),
+            shadow_agreements=self.shadow_agreements, shadow_runs=self.shadow_runs,
         )
 
 
@@ -99,12 +101,15 @@ def cohort_metrics(
     canary, control = _Acc(), _Acc()
     s = TelemetrySummary
     if spec.strategy is Strategy.SHADOW:
-        for dev, n, err in conn.execute(
-                select(s.device_id, s.shadow_count, s.shadow_errors)
+        for dev, n, err, agreement in conn.execute(
+                select(s.device_id, s.shadow_count, s.shadow_errors, s.shadow_agreement)
                 .where(s.shadow_name == spec.bundle.name,
                        s.shadow_version == spec.bundle.version, s.received_at >= since)):
             if keep(dev):
                 canary.add_summary(dev, n or 0, err or 0, None, None, None, None)
+                if n and agreement is not None:
+                    canary.shadow_runs += n
+                    canary.shadow_agreements += round(float(agreement) * n)
     else:
         for row in _model_rows(conn, spec.bundle, since):
             if keep(row[0]):

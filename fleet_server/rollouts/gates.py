@@ -160,6 +160,9 @@ class CohortStats:
     drift_samples: int = 0
     feature_counts: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     prediction_counts: tuple[int, ...] = ()
+    #: shadow runs whose output agreed with the active model's, out of shadow_runs
+    shadow_agreements: int = 0
+    shadow_runs: int = 0
 
     @property
     def latency_samples(self) -> int:
@@ -179,7 +182,8 @@ class CohortStats:
                 "errors": self.errors, "latency_hist": list(self.latency_hist),
                 "drift_psi": self.drift_psi, "drift_samples": self.drift_samples,
                 "feature_counts": {k: list(v) for k, v in self.feature_counts.items()},
-                "prediction_counts": list(self.prediction_counts)}
+                "prediction_counts": list(self.prediction_counts),
+                "shadow_agreements": self.shadow_agreements, "shadow_runs": self.shadow_runs}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> CohortStats:
@@ -194,6 +198,8 @@ class CohortStats:
             feature_counts={str(k): tuple(int(c) for c in v)
                             for k, v in (obj.get("feature_counts") or {}).items()},
             prediction_counts=tuple(int(c) for c in obj.get("prediction_counts", ())),
+            shadow_agreements=int(obj.get("shadow_agreements", 0)),
+            shadow_runs=int(obj.get("shadow_runs", 0)),
         )
 
 
@@ -256,12 +262,14 @@ def _samples(gate: GateSpec, s: CohortStats) -> int:
         return s.latency_samples
     if k is GateKind.DRIFT_PSI:
         return s.drift_samples if gate.against == "reference" else s.feature_samples
+    if k is GateKind.SHADOW_AGREEMENT:
+        return s.shadow_runs
     return s.prediction_samples
 
 
 def needs_control(gate: GateSpec) -> bool:
     """Whether the gate compares with a control cohort at all."""
-    if gate.kind is GateKind.INSTALL_FAILURE_RATE:
+    if gate.kind in (GateKind.INSTALL_FAILURE_RATE, GateKind.SHADOW_AGREEMENT):
         return False
     return not (gate.kind is GateKind.DRIFT_PSI and gate.against == "reference")
 
@@ -312,6 +320,15 @@ def evaluate_gate(
         return result(verdict, x / n_can, None,
                       f"Wilson {gate.confidence:.0%} interval of canary rate "
                       f"[{lo:.4f}, {hi:.4f}]; breach iff lower bound > {gate.threshold}")
+
+    if kind is GateKind.SHADOW_AGREEMENT:
+        x = canary.shadow_agreements
+        lo, hi = wilson(x, n_can, z)
+        verdict = Verdict.BREACH if hi < gate.threshold else Verdict.PASS
+        return result(verdict, x / n_can, None,
+                      f"shadow agreed with the active model on {x} of {n_can} inputs; Wilson "
+                      f"{gate.confidence:.0%} interval [{lo:.4f}, {hi:.4f}]; breach iff upper "
+                      f"bound < {gate.threshold}")
 
     if control is None:
         return result(Verdict.SKIP, None, None, "no control cohort and no baseline to compare")

@@ -85,6 +85,7 @@ class GateKind(str, Enum):
     LATENCY_P95_RATIO = "latency_p95_ratio"
     DRIFT_PSI = "drift_psi"
     PREDICTION_SHIFT = "prediction_shift"
+    SHADOW_AGREEMENT = "shadow_agreement"
 
 
 @dataclass(frozen=True)
@@ -224,13 +225,15 @@ def default_gates() -> tuple[GateSpec, ...]:
     )
 
 
-#: what shadow telemetry carries (count and errors of the shadow model, no histograms)
-SHADOW_GATE_KINDS = frozenset({GateKind.INSTALL_FAILURE_RATE, GateKind.ERROR_RATE})
+#: what shadow telemetry carries (count, errors and agreement of the shadow model)
+SHADOW_GATE_KINDS = frozenset({GateKind.INSTALL_FAILURE_RATE, GateKind.ERROR_RATE,
+                               GateKind.SHADOW_AGREEMENT})
 
 
 def default_shadow_gates() -> tuple[GateSpec, ...]:
     """The gates a shadow rollout can evaluate."""
-    return tuple(g for g in default_gates() if g.kind in SHADOW_GATE_KINDS)
+    return (*(g for g in default_gates() if g.kind in SHADOW_GATE_KINDS),
+            GateSpec(GateKind.SHADOW_AGREEMENT, 0.9, min_samples=500))
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def small_fleet(tmp_path: Path, sim: BundleSim) -> Iterator[SmallFleet]:
         "bundle_dir": str(tmp_path / "bundles"), "trust_store": str(trust_path),
         "admin_bootstrap_token": token, "mqtt_host": "127.0.0.1",
         "mqtt_port": str(broker.port), "mqtt_username": SERVER_USER, "mqtt_password": "pw",
-        "assignment_cache_seconds": "0.5"})
+        "assignment_cache_seconds": "0.5", "telemetry_window_seconds": "1"})
     fleet: Fleet | None = None
     try:
         server.start()
@@ -142,3 +142,42 @@ def test_device_clock_far_ahead_refuses_a_bundle_expired_by_its_clock(
                           "WHERE device_id = ? AND error_code = 'expired'",
                           (skewed.device_id,)).fetchall()
     assert rows and all(v == 3 for _o, v, _c in rows), rows
+
+
+def test_shadow_candidate_that_disagrees_is_stopped_by_the_agreement_gate(
+    small_fleet: SmallFleet, sim: BundleSim
+) -> None:
+    """Devices run the candidate silently beside the active model; the server reads their
+    agreement and rolls the shadow rollout back; the active model served throughout."""
+    fleet, admin = small_fleet.fleet, small_fleet.admin
+    fleet.start()
+    small_fleet.roll(2)
+    fleet.drive(30, on_tick=lambda _: set(fleet.versions()) == {2})
+    assert fleet.versions() == {2: 3}
+    group = admin.get("/groups")["items"][0]["id"]
+    # another model of the same shape: it disagrees with v2 on many inputs
+    other = admin.upload_bundle(sim.publish(
+        version=3, model_bytes=tiny_onnx_model(99, n_in=N_FEATURES)))
+    rollout = admin.post("/rollouts", json={
+        "name": "shadow v3", "bundle_id": other["id"], "group": group, "strategy": "shadow",
+        "stages": [{"percent": 100, "soak_seconds": 2}], "failure_policy": "rollback",
+        "gates": [{"kind": "shadow_agreement", "threshold": 0.9, "min_samples": 100}],
+        "start": True})
+    final: dict[str, object] = {}
+
+    def done(_: float) -> bool:
+        final.update(admin.get(f"/rollouts/{rollout['id']}"))
+        return final["status"] in ("rolled_back", "succeeded", "paused")
+
+    fleet.drive(60, calls_per_second=40.0, on_tick=done)
+    assert final["status"] == "rolled_back", final
+    audit = admin.get("/audit", params={"target_id": rollout["id"], "limit": 100})["items"]
+    (decision,) = [e for e in audit if e["action"] == "rollout.rollback"]
+    (gate,) = decision["details"]["gates"]
+    assert gate["kind"] == "shadow_agreement" and gate["verdict"] == "breach", gate
+    assert gate["canary_value"] < 0.9 and gate["canary_samples"] >= 100, gate
+    # v3 never served; withdrawing a shadow needs no re-published bundle: v2 keeps serving
+    fleet.drive(3)
+    assert fleet.versions() == {2: 3}
+    assert all(json.loads((d.root / "state" / "active.json").read_text())["version"] == 2
+               for d in fleet.devices)

@@ -247,8 +247,12 @@ def abort(spec: RolloutSpec, state: RolloutState, now: float, actor: str,
 
 def rollback(spec: RolloutSpec, state: RolloutState, now: float, actor: str,
              rollback_bundle: BundleRef | None, reason: str = "") -> RolloutState:
-    """Send every device of the group to the re-published previous model."""
-    if spec.previous is not None:
+    """Send every device of the group to the re-published previous model.
+
+    A shadow rollout never served its candidate, so rolling it back only withdraws
+    the shadow: devices keep (or return to) the previous bundle as it is.
+    """
+    if spec.previous is not None and spec.strategy is not Strategy.SHADOW:
         if rollback_bundle is None:
             raise InvalidTransitionError(
                 f"rollout {spec.rollout_id}: re-publish the previous bundle under version "

@@ -27,7 +27,7 @@ from typing import Protocol
 from .engine import Action, Decision, apply_decision, decide
 from .gates import CohortMetrics
 from .leader import LeaderLock
-from .spec import BundleRef, RolloutSpec, RolloutState
+from .spec import BundleRef, RolloutSpec, RolloutState, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,10 @@ class RolloutScheduler:
                 self.repo.append_audit(d)
             return d
         self._last_hold.pop(spec.rollout_id, None)
-        rb = self.repo.prepare_rollback_bundle(spec) if d.action is Action.ROLLBACK else None
+        # a shadow candidate never served: rolling it back only withdraws it, and devices
+        # keep the model they run, so nothing needs re-publishing
+        rb = (self.repo.prepare_rollback_bundle(spec)
+              if d.action is Action.ROLLBACK and spec.strategy is not Strategy.SHADOW else None)
         new = apply_decision(spec, state, d, rollback_bundle=rb)
         if not self.repo.save_state(spec, state, new):
             log.info("rollout %s changed while deciding; dropping %s", spec.rollout_id,

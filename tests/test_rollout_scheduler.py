@@ -194,3 +194,23 @@ def test_background_thread_runs_rounds_until_stopped() -> None:
         time.sleep(0.01)
     sched.stop()
     assert repo.state("r-s").status is Status.RUNNING and not sched.leading
+
+
+class NoKeyRepo(MemoryRepo):
+    """A server without its signing key: the previous model cannot be re-published."""
+
+    def prepare_rollback_bundle(self, spec: RolloutSpec) -> BundleRef | None:
+        raise RuntimeError("rolling back needs the server signing key")
+
+
+def test_breach_without_a_way_to_roll_back_pauses_and_says_why() -> None:
+    repo, clock = NoKeyRepo(erroring), Clock()
+    repo.add(spec())
+    sched = RolloutScheduler(repo, SoleLeader(), clock=clock)
+    sched.tick()  # start
+    sched.tick()  # breach, but no rollback bundle can be made
+    st = repo.state("r-s")
+    assert st.status is Status.PAUSED
+    last = repo.audit[-1].to_json()
+    assert last["action"] == "pause"
+    assert "error_rate" in last["reason"] and "signing key" in last["reason"]

@@ -18,6 +18,7 @@ logged and does not stop the others. All I/O goes through the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -122,8 +123,17 @@ class RolloutScheduler:
         self._last_hold.pop(spec.rollout_id, None)
         # a shadow candidate never served: rolling it back only withdraws it, and devices
         # keep the model they run, so nothing needs re-publishing
-        rb = (self.repo.prepare_rollback_bundle(spec)
-              if d.action is Action.ROLLBACK and spec.strategy is not Strategy.SHADOW else None)
+        rb = None
+        if d.action is Action.ROLLBACK and spec.strategy is not Strategy.SHADOW:
+            try:
+                rb = self.repo.prepare_rollback_bundle(spec)
+            except Exception as e:  # noqa: BLE001 - a breach must still stop the rollout
+                # without a re-published previous model the devices cannot go back, but the
+                # rollout must not spread further: pause it and say why
+                log.exception("rollout %s: cannot prepare the rollback; pausing", spec.rollout_id)
+                d = dataclasses.replace(
+                    d, action=Action.PAUSE,
+                    reason=f"{d.reason}; rollback impossible ({e}); paused instead")
         new = apply_decision(spec, state, d, rollback_bundle=rb)
         if not self.repo.save_state(spec, state, new):
             log.info("rollout %s changed while deciding; dropping %s", spec.rollout_id,

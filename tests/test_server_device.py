@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 
@@ -175,6 +175,22 @@ def test_install_report_updates_device_and_is_stored(fleet: Fleet) -> None:
     d = fleet.client.get("/api/v1/devices/cam-1", headers=fleet.admin).json()
     assert d["current_version"] == 4 and d["current_bundle_id"] == bundle["id"]
     assert d["last_seen_at"] is not None
+
+
+def test_device_health_follows_its_install_reports(fleet: Fleet) -> None:
+    dev = fleet.enroll("cam-1")
+    fleet.upload_bundle(version=4)
+
+    def report(outcome: str, code: str | None) -> dict[str, Any]:
+        r = fleet.client.post("/device/v1/reports", headers=dev, json={"reports": [
+            {"type": "install", "outcome": outcome, "name": "tiny", "version": 4,
+             "error_code": code, "message": "", "state": "idle", "ts": 1760000000.0}]})
+        assert r.status_code == 200
+        return dict(fleet.client.get("/api/v1/devices/cam-1", headers=fleet.admin).json())
+
+    assert report("installed", None)["health"] == "ok"
+    assert report("refused", "expired")["health"] == "degraded"
+    assert report("installed", None)["health"] == "ok"
 
 
 def test_malformed_report_is_a_validation_error(fleet: Fleet) -> None:

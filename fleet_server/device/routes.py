@@ -213,8 +213,13 @@ def post_reports(
         if r.type == "health" and r.health:
             device.health = r.health
             device.health_details = body
-        if r.type == "install" and r.outcome == "failed":
+        if r.type == "install" and r.outcome == "installed":
+            device.health = "ok"
+            device.health_details = {"last_install": body}
+        elif r.type == "install" and r.outcome in ("failed", "rolled_back", "refused"):
+            # still serving a verified model, but an update did not take: needs a look
             device.health = "degraded"
+            device.health_details = {"last_install": body}
     device.last_seen_at = now
     session.commit()
     return ReportAck(accepted=len(batch.reports))

@@ -113,7 +113,7 @@ def raw_variants(model: LoadedModel, x: np.ndarray) -> dict[str, Callable[[], ob
     def invoke() -> object:
         interp.set_tensor(i_idx, x)
         interp.invoke()
-        return interp.get_tensor(o_idx).copy()
+        return interp.get_tensor(o_idx)  # already a copy
 
     return {"raw invoke": invoke}
 

@@ -441,10 +441,18 @@ def _tflite_runner(backend: Any) -> Runner | None:
         outs = [d["index"] for d in backend._outputs]
     except (AttributeError, KeyError, TypeError):
         return None
-    set_tensor, invoke, get_tensor = interp.set_tensor, interp.invoke, interp.get_tensor
+    # The interpreter's native methods, as the ONNX path uses the session's native run:
+    # the Python wrappers add only a check for numpy views into the interpreter's
+    # buffers (tensor()), which the agent never takes; GetTensor already returns a copy.
+    # No reference to the native object may outlive a call: the wrappers' check counts
+    # references to it, and resizing goes through that check.
+    if not all(hasattr(getattr(interp, "_interpreter", None), m)
+               for m in ("SetTensor", "Invoke", "GetTensor")):
+        return None
 
     def run(_names: Any, feed: dict[str, np.ndarray], _opts: Any) -> list[np.ndarray]:
         with lock:
+            ready = []
             for name, idx, dtype in ins:
                 arr = feed[name]
                 if arr.__class__ is not np.ndarray or arr.dtype is not dtype:
@@ -453,9 +461,14 @@ def _tflite_runner(backend: Any) -> Runner | None:
                     interp.resize_tensor_input(idx, arr.shape)
                     interp.allocate_tensors()
                     shapes[idx] = tuple(arr.shape)
-                set_tensor(idx, arr)
-            invoke()
-            return [get_tensor(o).copy() for o in outs]
+                ready.append((idx, arr))
+            native = interp._interpreter
+            for idx, arr in ready:
+                native.SetTensor(idx, arr)
+            native.Invoke()
+            out = [native.GetTensor(o, 0) for o in outs]
+            del native
+            return out
 
     return run
 

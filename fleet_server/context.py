@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +28,9 @@ from .security import Role, TokenHasher, new_id
 from .settings import ServerSettings
 from .storage import BundleStore
 
+if TYPE_CHECKING:
+    from .broker_beside import BrokerBeside
+
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_OPERATOR = "bootstrap-admin"
@@ -36,6 +40,16 @@ class ServerContext:
     """The state of one server instance."""
 
     def __init__(self, settings: ServerSettings, notifier: Notifier | None = None) -> None:
+        self.broker: BrokerBeside | None = None
+        if settings.broker != "none":
+            from .broker_beside import BrokerBeside
+            from .localbroker import SERVER_USER
+
+            self.broker = BrokerBeside(settings.broker, settings.broker_dir)
+            settings = settings.model_copy(update={
+                "mqtt_host": "127.0.0.1", "mqtt_port": self.broker.port,
+                "mqtt_username": SERVER_USER, "mqtt_password": self.broker.server_password,
+                "mqtt_version": self.broker.mqtt_version})
         self.settings = settings
         self.engine: Engine = make_engine(settings.database_url)
         self.sessions: sessionmaker[Session] = make_sessionmaker(self.engine)
@@ -63,7 +77,10 @@ class ServerContext:
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
-        """Migrate the database and create the bootstrap admin token if configured."""
+        """Start the broker beside the server (if configured), migrate the database and
+        create the bootstrap admin token if configured."""
+        if self.broker is not None:
+            self.broker.start()
         if self.settings.run_migrations:
             upgrade_database(self.engine)
         if self.settings.admin_bootstrap_token:
@@ -77,6 +94,8 @@ class ServerContext:
             if close is not None:
                 close()
             self.engine.dispose()
+            if self.broker is not None:
+                self.broker.stop()
 
     @contextmanager
     def session(self) -> Iterator[Session]:

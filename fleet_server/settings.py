@@ -48,6 +48,10 @@ class ServerSettings(BaseSettings):
     #: 5, or 4 (MQTT 3.1.1) for brokers without MQTT 5: then no shared subscription, so
     #: run ingestion in one replica only
     mqtt_version: int = Field(default=5, ge=4, le=5)
+    #: start a broker beside the server: "mosquitto", "embedded" (MQTT 3.1.1), or "none";
+    #: it then sets mqtt_host/port/credentials itself and admits devices as they enroll
+    broker: str = Field(default="none", pattern="^(none|mosquitto|embedded)$")
+    broker_dir: Path = Path("./edgefleet-broker")
     #: run the telemetry ingestion worker (MQTT 5 shared subscription) when a broker is set
     ingest: bool = True
     ingest_share_group: str = "edgefleet-ingest"

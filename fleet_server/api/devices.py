@@ -144,6 +144,8 @@ def revoke_device(
                  target_id=d.id)
     session.commit()
     ctx.device_auth.evict_device(d.id)
+    if ctx.broker is not None:
+        ctx.broker.remove_device(d.id)
     return device_public(d)
 
 

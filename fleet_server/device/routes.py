@@ -64,6 +64,8 @@ def enroll(body: EnrollRequest, session: SessionDep, ctx: CtxDep) -> EnrollRespo
     change = RolloutService(ctx).sync_device(session, d)
     session.commit()
     ctx.assignments.publish([change])
+    if ctx.broker is not None:  # the device may connect to the broker from now on
+        ctx.broker.add_device(d.id, enrolled.credential)
     return EnrollResponse(
         device_id=d.id, credential=enrolled.credential, device_class=d.device_class,
         labels=d.labels,

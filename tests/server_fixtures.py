@@ -9,6 +9,7 @@ Import the fixtures you use into the test module::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
@@ -29,7 +29,7 @@ from converters.keys import KeyStore
 from fleet_server.app import create_app
 from fleet_server.settings import ServerSettings
 from tests.bundlesim import BundleSim
-from tests.pg import PG_ADMIN_DSN, fresh_database
+from tests.pg import fresh_database
 
 ADMIN_TOKEN = "eft_test-admin-" + "x" * 24
 
@@ -243,14 +243,9 @@ def module_server(
     tmp = tmp_path_factory.mktemp("server")
     sim = BundleSim(tmp / "repo")
     keys_dir, kid, trust_path = server_keys(tmp, sim)
-    pg_name = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp / 'server.db'}"
-    else:
-        pg_name = f"edgefleet_test_{secrets.token_hex(6)}"
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{pg_name}"')
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{pg_name}"
+    stack = contextlib.ExitStack()
+    url = (f"sqlite:///{tmp / 'server.db'}" if request.param == "sqlite"
+           else stack.enter_context(fresh_database()))
     server = start_server(
         {"database_url": url, "bundle_dir": str(tmp / "bundles"),
          "admin_bootstrap_token": ADMIN_TOKEN, "trust_store": str(trust_path),
@@ -261,6 +256,4 @@ def module_server(
         yield server
     finally:
         stop_server(server.proc)
-        if pg_name is not None:
-            with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
+        stack.close()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import secrets
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy import Engine, func, select
 
@@ -20,31 +19,20 @@ from fleet_server.db.telemetry import (
 )
 from fleet_server.ingest import TelemetryWriter, cohort_metrics, parse_message
 from fleet_server.rollouts import BundleRef, RolloutSpec, Stage, Strategy
+from tests.pg import fresh_database
 from tests.test_ingest_parse import install_body, payload, summary_body
-
-PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """Telemetry tables on a fresh SQLite file or a fresh PostgreSQL database."""
-    name = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'server.db'}"
-    else:
-        name = f"edgefleet_ingest_{secrets.token_hex(6)}"
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    eng = make_engine(url)
-    create_telemetry_tables(eng)
-    try:
+    with contextlib.ExitStack() as stack:
+        url = (f"sqlite:///{tmp_path / 'server.db'}" if request.param == "sqlite"
+               else stack.enter_context(fresh_database("edgefleet_ingest")))
+        eng = make_engine(url)
+        stack.callback(eng.dispose)
+        create_telemetry_tables(eng)
         yield eng
-    finally:
-        eng.dispose()
-        if name:
-            with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def count(engine: Engine, table: type) -> int:

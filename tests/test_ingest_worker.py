@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import Engine, func, select
@@ -19,11 +17,11 @@ from fleet_server.db.session import make_engine
 from fleet_server.db.telemetry import TelemetrySummary, create_telemetry_tables
 from fleet_server.ingest import IngestConfig, IngestConfigError, IngestWorker
 from tests.brokers import DEVICE_ACL, SERVER_USER, MosquittoBroker
+from tests.pg import fresh_database
 from tests.test_ingest_parse import payload, summary_body
 
 DEVICES = {f"dev-{i}": f"pw-{i}" for i in range(4)}
 USERS = {**DEVICES, SERVER_USER: "pw-server"}
-PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
 
 @pytest.fixture
@@ -157,17 +155,13 @@ def test_two_workers_share_the_subscription_and_store_each_record_once(
 
 
 def test_two_workers_on_postgresql_store_each_record_once(broker: MosquittoBroker) -> None:
-    name = f"edgefleet_ingest_{secrets.token_hex(6)}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    eng = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
-    try:
-        create_telemetry_tables(eng)
-        split_between_two_workers(broker, eng)
-    finally:
-        eng.dispose()
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database("edgefleet_ingest") as url:
+        eng = make_engine(url)
+        try:
+            create_telemetry_tables(eng)
+            split_between_two_workers(broker, eng)
+        finally:
+            eng.dispose()
 
 
 def test_database_outage_holds_messages_until_it_can_write(broker: MosquittoBroker,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import secrets
+import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy import Engine
 
@@ -28,9 +27,8 @@ from fleet_server.report.aggregate import (
 from fleet_server.report.dataset import ReviewDataset
 from fleet_server.report.load import load_dataset
 from fleet_server.rollouts.gates import hist_quantile, psi
+from tests.pg import fresh_database
 from tests.test_report_fixtures import FEATURES, REFERENCE, Scenario, populate, session_for
-
-PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
 
 @dataclass
@@ -46,25 +44,15 @@ def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
            ) -> Iterator[Loaded]:
     """The fixture fleet's history in a fresh database, and the dataset loaded from it."""
     tmp = tmp_path_factory.mktemp(f"load-{request.param}")
-    pg_name = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp / 'server.db'}"
-    else:
-        pg_name = f"edgefleet_report_{secrets.token_hex(6)}"
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{pg_name}"')
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{pg_name}"
-    engine = make_engine(url)
-    try:
+    with contextlib.ExitStack() as stack:
+        url = (f"sqlite:///{tmp / 'server.db'}" if request.param == "sqlite"
+               else stack.enter_context(fresh_database("edgefleet_report")))
+        engine = make_engine(url)
+        stack.callback(engine.dispose)
         sc = populate(engine, tmp)
         with session_for(engine) as s:
             ds = load_dataset(s, sc.end - timedelta(hours=24), sc.end, now=sc.end)
         yield Loaded(engine, sc, ds, tmp)
-    finally:
-        engine.dispose()
-        if pg_name:
-            with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
 
 
 def test_fleet_lists_every_device_with_its_running_bundle(loaded: Loaded) -> None:

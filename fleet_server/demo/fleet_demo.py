@@ -58,7 +58,6 @@ class DemoResult:
 @dataclass
 class DemoRun:
     workdir: Path
-    devices: int
     started: float = field(default_factory=time.monotonic)
 
     def say(self, text: str, *, bold: bool = False, fg: str | None = None) -> None:
@@ -158,7 +157,7 @@ def run_demo(workdir: Path, devices: int, *,
              broker_kind: str = "auto") -> DemoResult:
     """Run the whole demo in ``workdir``; processes it starts are stopped before it returns."""
     workdir = workdir.resolve()  # the server process runs in a directory of its own
-    run = DemoRun(workdir, devices)
+    run = DemoRun(workdir)
     result = DemoResult(report=workdir / "report.html")
     if workdir.exists():
         shutil.rmtree(workdir)

@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from fleet_server.cli.ops import ApiClient
 from fleet_server.localbroker import free_port
 
 SERVER_SNIPPET = """
@@ -68,28 +70,15 @@ class ServerProcess:
         self.proc = None
 
 
-class AdminClient:
-    """The few admin API calls the demo makes."""
+class AdminClient(ApiClient):
+    """The operator CLI's API client with the few verbs the demo and tests use."""
 
-    def __init__(self, url: str, token: str) -> None:
-        self.http = httpx.Client(base_url=f"{url}/api/v1", timeout=60.0,
-                                 headers={"Authorization": f"Bearer {token}"})
+    def get(self, path: str, **kw: Any) -> Any:
+        return self.request("GET", path, **kw)
 
-    def _ok(self, r: httpx.Response) -> dict:  # type: ignore[type-arg]
-        if r.status_code >= 400:
-            raise RuntimeError(f"{r.request.method} {r.request.url.path} -> {r.status_code}: "
-                               f"{r.text[:500]}")
-        return r.json() if r.content else {}
+    def post(self, path: str, **kw: Any) -> Any:
+        return self.request("POST", path, **kw)
 
-    def post(self, path: str, **kw: object) -> dict:  # type: ignore[type-arg]
-        return self._ok(self.http.post(path, **kw))  # type: ignore[arg-type]
-
-    def get(self, path: str, **kw: object) -> dict:  # type: ignore[type-arg]
-        return self._ok(self.http.get(path, **kw))  # type: ignore[arg-type]
-
-    def upload_bundle(self, path: Path) -> dict:  # type: ignore[type-arg]
+    def upload_bundle(self, path: Path) -> Any:
         with open(path, "rb") as f:
             return self.post("/bundles", files={"file": (path.name, f, "application/octet-stream")})
-
-    def close(self) -> None:
-        self.http.close()

@@ -11,7 +11,7 @@ import subprocess
 import venv
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".venv-cache"
 
 

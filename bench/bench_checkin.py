@@ -76,26 +76,56 @@ def populate(db_url: str, n: int) -> list[tuple[str, str]]:
     upgrade_database(engine)
     hasher = TokenHasher(PEPPER)
     now = utcnow()
-    bundle = Bundle(id="b-bench", model_id="m-bench", name="bench", version=1, format="onnx",
-                    device_classes=[], file_path="/nonexistent", sha256="0" * 64, size=1,
-                    manifest={}, signed_by=[], source="upload", uploaded_by="bench",
-                    created_at=now)
+    bundle = Bundle(
+        id="b-bench",
+        model_id="m-bench",
+        name="bench",
+        version=1,
+        format="onnx",
+        device_classes=[],
+        file_path="/nonexistent",
+        sha256="0" * 64,
+        size=1,
+        manifest={},
+        signed_by=[],
+        source="upload",
+        uploaded_by="bench",
+        created_at=now,
+    )
     devices, assignments, pairs = [], [], []
     for i in range(n):
         device_id = f"dev-{i:05d}"
         cred = new_secret("efd_")
         doc = build_assignment(device_id, desired=bundle)
-        devices.append({"id": device_id, "device_class": "bench", "labels": {},
-                        "credential_hash": hasher.hash(cred), "enrolled_at": now,
-                        "health": "unknown", "health_details": {}})
-        assignments.append({"device_id": device_id, "desired_bundle_id": "b-bench",
-                            "etag": doc["assignment_id"], "body": doc, "updated_at": now})
+        devices.append(
+            {
+                "id": device_id,
+                "device_class": "bench",
+                "labels": {},
+                "credential_hash": hasher.hash(cred),
+                "enrolled_at": now,
+                "health": "unknown",
+                "health_details": {},
+            }
+        )
+        assignments.append(
+            {
+                "device_id": device_id,
+                "desired_bundle_id": "b-bench",
+                "etag": doc["assignment_id"],
+                "body": doc,
+                "updated_at": now,
+            }
+        )
         pairs.append((cred, f'"{doc["assignment_id"]}"'))
     with engine.begin() as conn:
-        conn.execute(insert(Model), [{"id": "m-bench", "name": "bench", "description": "",
-                                      "created_at": now}])
-        conn.execute(insert(Bundle), [{c.name: getattr(bundle, c.name)
-                                       for c in Bundle.__table__.columns}])
+        conn.execute(
+            insert(Model),
+            [{"id": "m-bench", "name": "bench", "description": "", "created_at": now}],
+        )
+        conn.execute(
+            insert(Bundle), [{c.name: getattr(bundle, c.name) for c in Bundle.__table__.columns}]
+        )
         conn.execute(insert(Device), devices)
         conn.execute(insert(Assignment), assignments)
     engine.dispose()
@@ -149,31 +179,57 @@ end
 """
 
 
-def run_wrk(url: str, pairs_file: Path, seconds: float, connections: int,
-            threads: int) -> tuple[float, float, int]:
+def run_wrk(
+    url: str, pairs_file: Path, seconds: float, connections: int, threads: int
+) -> tuple[float, float, int]:
     script = pairs_file.parent / "checkin.lua"
     script.write_text(WRK_SCRIPT.replace("__PATH__", PATH))
     env = {**os.environ, "BENCH_PAIRS": str(pairs_file)}
     out = subprocess.run(
-        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
-         "-s", str(script), url], env=env, capture_output=True, text=True, check=True).stdout
+        [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{max(1, round(seconds))}s",
+            "-s",
+            str(script),
+            url,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p99 = int(re.search(r"P99_US (\d+)", out).group(1)) / 1000  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return rps, p99, int(errors.group(1)) if errors else 0
 
 
-async def _client(host: str, port: int, pairs: list[tuple[str, str]], start_at: int,
-                  deadline: float, latencies: list[float], bad: list[int],
-                  step: int = 1, stop_at: int | None = None) -> None:
+async def _client(
+    host: str,
+    port: int,
+    pairs: list[tuple[str, str]],
+    start_at: int,
+    deadline: float,
+    latencies: list[float],
+    bad: list[int],
+    step: int = 1,
+    stop_at: int | None = None,
+) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     i = start_at
     while time.perf_counter() < deadline and (stop_at is None or i < stop_at):
         tok, etag = pairs[i % len(pairs)]
         i += step
         t0 = time.perf_counter()
-        writer.write(f"GET {PATH} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {tok}\r\n"
-                     f"If-None-Match: {etag}\r\n\r\n".encode())
+        writer.write(
+            f"GET {PATH} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {tok}\r\n"
+            f"If-None-Match: {etag}\r\n\r\n".encode()
+        )
         head = await reader.readuntil(b"\r\n\r\n")
         m = re.search(rb"(?i)content-length:\s*(\d+)", head)
         if m and int(m.group(1)):
@@ -192,25 +248,43 @@ def warm_up(url: str, pairs: list[tuple[str, str]], connections: int) -> float:
 
     async def main() -> None:
         deadline = time.perf_counter() + 600
-        await asyncio.gather(*(_client(host, int(port), pairs, k, deadline, latencies, bad,
-                                       step=connections, stop_at=len(pairs))
-                               for k in range(connections)))
+        await asyncio.gather(
+            *(
+                _client(
+                    host,
+                    int(port),
+                    pairs,
+                    k,
+                    deadline,
+                    latencies,
+                    bad,
+                    step=connections,
+                    stop_at=len(pairs),
+                )
+                for k in range(connections)
+            )
+        )
 
     t0 = time.perf_counter()
     asyncio.run(main())
     return time.perf_counter() - t0
 
 
-def run_asyncio(url: str, pairs: list[tuple[str, str]], seconds: float,
-                connections: int) -> tuple[float, float, int]:
+def run_asyncio(
+    url: str, pairs: list[tuple[str, str]], seconds: float, connections: int
+) -> tuple[float, float, int]:
     host, port = url.split("//")[1].split(":")
     latencies: list[float] = []
     bad = [0]
 
     async def main() -> None:
         deadline = time.perf_counter() + seconds
-        await asyncio.gather(*(_client(host, int(port), pairs, k * 997, deadline, latencies,
-                                       bad) for k in range(connections)))
+        await asyncio.gather(
+            *(
+                _client(host, int(port), pairs, k * 997, deadline, latencies, bad)
+                for k in range(connections)
+            )
+        )
 
     t0 = time.perf_counter()
     asyncio.run(main())
@@ -235,9 +309,11 @@ def main() -> None:
         db_url = f"sqlite:///{tmp / 'server.db'}"
         t0 = time.perf_counter()
         pairs = populate(db_url, args.devices)
-        print(f"{args.devices} devices enrolled in {time.perf_counter() - t0:.1f} s; "
-              f"load generator: {'wrk' if use_wrk else 'asyncio'}, "
-              f"{args.connections} connections, {args.seconds:.0f} s per target")
+        print(
+            f"{args.devices} devices enrolled in {time.perf_counter() - t0:.1f} s; "
+            f"load generator: {'wrk' if use_wrk else 'asyncio'}, "
+            f"{args.connections} connections, {args.seconds:.0f} s per target"
+        )
         pairs_file = tmp / "pairs.txt"
         pairs_file.write_text("".join(f"{t} {e}\n" for t, e in pairs))
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
@@ -247,20 +323,45 @@ def main() -> None:
         for name in ("bare starlette", "edgefleet server"):
             port = free_port()
             if name == "bare starlette":
-                cmd = [sys.executable, "-m", "uvicorn", "--factory", "bench_checkin:bare_app",
-                       "--app-dir", str(Path(__file__).parent), "--host", "127.0.0.1",
-                       "--port", str(port), "--log-level", "warning", "--no-access-log"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--factory",
+                    "bench_checkin:bare_app",
+                    "--app-dir",
+                    str(Path(__file__).parent),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                    "--no-access-log",
+                ]
                 env = base_env
                 bench_pairs = [(t, BARE_ETAG) for t, _ in pairs]
             else:
-                cmd = [sys.executable, "-c", "from fleet_server.cli import main; main()",
-                       "server", "--host", "127.0.0.1", "--port", str(port),
-                       "--log-level", "warning"]
-                env = {**base_env, "EDGEFLEET_SERVER_DATABASE_URL": db_url,
-                       "EDGEFLEET_SERVER_TOKEN_PEPPER": PEPPER,
-                       "EDGEFLEET_SERVER_BUNDLE_DIR": str(tmp / "bundles"),
-                       "EDGEFLEET_SERVER_RUN_SCHEDULER": "false",
-                       "EDGEFLEET_SERVER_DASHBOARD": "false"}
+                cmd = [
+                    sys.executable,
+                    "-c",
+                    "from fleet_server.cli import main; main()",
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                ]
+                env = {
+                    **base_env,
+                    "EDGEFLEET_SERVER_DATABASE_URL": db_url,
+                    "EDGEFLEET_SERVER_TOKEN_PEPPER": PEPPER,
+                    "EDGEFLEET_SERVER_BUNDLE_DIR": str(tmp / "bundles"),
+                    "EDGEFLEET_SERVER_RUN_SCHEDULER": "false",
+                    "EDGEFLEET_SERVER_DASHBOARD": "false",
+                }
                 bench_pairs = pairs
             proc = start(cmd, env, port, tmp / f"{port}.log")
             url = f"http://127.0.0.1:{port}"
@@ -270,11 +371,11 @@ def main() -> None:
                 if use_wrk:
                     run_file = tmp / f"pairs-{port}.txt"
                     run_file.write_text("".join(f"{t} {e}\n" for t, e in bench_pairs))
-                    rps, p99, bad = run_wrk(url + PATH, run_file, args.seconds,
-                                            args.connections, args.threads)
+                    rps, p99, bad = run_wrk(
+                        url + PATH, run_file, args.seconds, args.connections, args.threads
+                    )
                 else:
-                    rps, p99, bad = run_asyncio(url, bench_pairs, args.seconds,
-                                                args.connections)
+                    rps, p99, bad = run_asyncio(url, bench_pairs, args.seconds, args.connections)
             finally:
                 stop(proc)
             results.append((name, rps, p99, bad))

@@ -28,8 +28,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-TARGETS = ["onnx", "onnx:float16", "onnx:int8-dynamic", "onnx:int8-static",
-           "onnx@onnxruntime-1.16", "tflite", "tflite:float16", "tflite:int8-dynamic"]
+TARGETS = [
+    "onnx",
+    "onnx:float16",
+    "onnx:int8-dynamic",
+    "onnx:int8-static",
+    "onnx@onnxruntime-1.16",
+    "tflite",
+    "tflite:float16",
+    "tflite:int8-dynamic",
+]
 
 
 def best_of(fn: Any, runs: int) -> float:
@@ -47,8 +55,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=20, help="latency repetitions (best of)")
-    parser.add_argument("--models", default=",".join(models.ZOO),
-                        help="comma-separated zoo models")
+    parser.add_argument("--models", default=",".join(models.ZOO), help="comma-separated zoo models")
     args = parser.parse_args()
 
     from converters.errors import ConverterError
@@ -63,8 +70,16 @@ def main() -> None:
         intake_s = time.perf_counter() - t
         feed = {source.inputs[0].name: x}
         src_latency = best_of(lambda s=source, f=feed: s.reference(f), args.runs)
-        intake_rows.append([name, source.origin, source.reference_runtime,
-                            f"{intake_s:.2f}", f"{len(x)}", f"{src_latency * 1e3:.2f}"])
+        intake_rows.append(
+            [
+                name,
+                source.origin,
+                source.reference_runtime,
+                f"{intake_s:.2f}",
+                f"{len(x)}",
+                f"{src_latency * 1e3:.2f}",
+            ]
+        )
         for spec in TARGETS:
             target = parse_target(spec)
             t = time.perf_counter()
@@ -76,9 +91,18 @@ def main() -> None:
                 detail = type(e).__name__
                 if hasattr(e, "op_type"):
                     detail = f"unsupported op {e.op_type}"
-                rows.append([name, target.name, f"{time.perf_counter() - t:.2f}",
-                             *(_parity(report) if report else ["", "", ""]),
-                             f"{status} ({detail})", "", "", ""])
+                rows.append(
+                    [
+                        name,
+                        target.name,
+                        f"{time.perf_counter() - t:.2f}",
+                        *(_parity(report) if report else ["", "", ""]),
+                        f"{status} ({detail})",
+                        "",
+                        "",
+                        "",
+                    ]
+                )
                 continue
             convert_s = time.perf_counter() - t
             with tempfile.TemporaryDirectory() as d:
@@ -87,20 +111,50 @@ def main() -> None:
                 backend = load_backend(path, target.format)
                 afeed = {backend.input_names[0]: x}
                 lat = best_of(lambda b=backend, f=afeed: b.run(f), args.runs)
-            rows.append([name, target.name, f"{convert_s:.2f}", *_parity(art.parity),
-                         "ok", f"{len(art.data) / 1024:.1f}", f"{lat * 1e3:.2f}",
-                         f"{src_latency * 1e3:.2f}"])
+            rows.append(
+                [
+                    name,
+                    target.name,
+                    f"{convert_s:.2f}",
+                    *_parity(art.parity),
+                    "ok",
+                    f"{len(art.data) / 1024:.1f}",
+                    f"{lat * 1e3:.2f}",
+                    f"{src_latency * 1e3:.2f}",
+                ]
+            )
 
     print("### Intake (source model -> in-memory ONNX / TFLite)\n")
-    print(_md(["model", "origin", "source runtime", "intake s", "samples",
-               "source latency ms/batch"], intake_rows))
+    print(
+        _md(
+            ["model", "origin", "source runtime", "intake s", "samples", "source latency ms/batch"],
+            intake_rows,
+        )
+    )
     print("\n### Variants: conversion time, parity against the source runtime, latency\n")
-    print(_md(["model", "target", "convert s", "max abs err", "max rel err", "top-1",
-               "status", "size KiB", "artifact ms/batch", "source ms/batch"], rows))
-    print("\nconvert s includes lowering, optimization, quantization, the parity run, the "
-          "drift reference and smoke samples. Latency: best of "
-          f"{args.runs} runs over the whole calibration batch, one thread per runtime "
-          "where the runtime allows.")
+    print(
+        _md(
+            [
+                "model",
+                "target",
+                "convert s",
+                "max abs err",
+                "max rel err",
+                "top-1",
+                "status",
+                "size KiB",
+                "artifact ms/batch",
+                "source ms/batch",
+            ],
+            rows,
+        )
+    )
+    print(
+        "\nconvert s includes lowering, optimization, quantization, the parity run, the "
+        "drift reference and smoke samples. Latency: best of "
+        f"{args.runs} runs over the whole calibration batch, one thread per runtime "
+        "where the runtime allows."
+    )
 
 
 def _parity(report: Any) -> list[str]:

@@ -61,16 +61,27 @@ def make_messages(n_messages: int, per_message: int) -> list[tuple[str, bytes]]:
         records = []
         for _ in range(per_message):
             seqs[dev] += 1
-            records.append({"seq": seqs[dev], "kind": "summary", "ts": 1.7e9 + seqs[dev],
-                            "body": summary_body(count=1200, errors=seqs[dev] % 5)})
+            records.append(
+                {
+                    "seq": seqs[dev],
+                    "kind": "summary",
+                    "ts": 1.7e9 + seqs[dev],
+                    "body": summary_body(count=1200, errors=seqs[dev] % 5),
+                }
+            )
         device_id = f"bench-{dev:03d}"
-        out.append((telemetry_topic(device_id, "summary"),
-                    json.dumps({"device_id": device_id, "records": records}).encode()))
+        out.append(
+            (
+                telemetry_topic(device_id, "summary"),
+                json.dumps({"device_id": device_id, "records": records}).encode(),
+            )
+        )
     return out
 
 
-def prequeue(broker: MosquittoBroker, client_id: str, share: str,
-             messages: list[tuple[str, bytes]]) -> None:
+def prequeue(
+    broker: MosquittoBroker, client_id: str, share: str, messages: list[tuple[str, bytes]]
+) -> None:
     """Subscribe a persistent session, disconnect it, publish everything."""
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 600
@@ -84,8 +95,9 @@ def prequeue(broker: MosquittoBroker, client_id: str, share: str,
         raise RuntimeError("subscriber did not subscribe")
     sub.disconnect()
     sub.loop_stop()
-    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{client_id}",
-                      protocol=mqtt.MQTTv5)
+    pub = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"pub-{client_id}", protocol=mqtt.MQTTv5
+    )
     pub.max_inflight_messages_set(1000)
     pub.connect(broker.host, broker.port)
     pub.loop_start()
@@ -121,8 +133,9 @@ def run_peer(broker: MosquittoBroker, messages: list[tuple[str, bytes]], total: 
     return total / elapsed
 
 
-def run_writer(tmp: Path, messages: list[tuple[str, bytes]], total: int,
-               batch_records: int) -> float:
+def run_writer(
+    tmp: Path, messages: list[tuple[str, bytes]], total: int, batch_records: int
+) -> float:
     eng = make_engine(f"sqlite:///{tmp / 'writer.db'}")
     create_telemetry_tables(eng)
     w = TelemetryWriter(eng)
@@ -130,19 +143,29 @@ def run_writer(tmp: Path, messages: list[tuple[str, bytes]], total: int,
     t0 = time.perf_counter()
     for i in range(0, len(messages), per):
         now = time.time()
-        w.write([parse_message(t, p, now) for t, p in messages[i:i + per]])
+        w.write([parse_message(t, p, now) for t, p in messages[i : i + per]])
     elapsed = time.perf_counter() - t0
     eng.dispose()
     return total / elapsed
 
 
-def run_worker(broker: MosquittoBroker, tmp: Path, messages: list[tuple[str, bytes]],
-               total: int, batch_records: int) -> float:
+def run_worker(
+    broker: MosquittoBroker,
+    tmp: Path,
+    messages: list[tuple[str, bytes]],
+    total: int,
+    batch_records: int,
+) -> float:
     eng = make_engine(f"sqlite:///{tmp / 'worker.db'}")
     create_telemetry_tables(eng)
     prequeue(broker, "bench-ingest", "edgefleet-ingest", messages)
-    cfg = IngestConfig(host=broker.host, port=broker.port, client_id="bench-ingest",
-                       batch_records=batch_records, session_expiry=600)
+    cfg = IngestConfig(
+        host=broker.host,
+        port=broker.port,
+        client_id="bench-ingest",
+        batch_records=batch_records,
+        session_expiry=600,
+    )
     worker = IngestWorker(cfg, eng)
     t0 = time.perf_counter()
     worker.start()
@@ -168,16 +191,18 @@ def main() -> None:
     size = sum(len(p) for _, p in messages)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        with MosquittoBroker(tmp / "broker", persistence=False,
-                             max_queued_messages=args.messages * 2) as broker:
+        with MosquittoBroker(
+            tmp / "broker", persistence=False, max_queued_messages=args.messages * 2
+        ) as broker:
             rows = [
                 ("broker only (peer)", run_peer(broker, messages, total)),
                 ("writer only", run_writer(tmp, messages, total, args.batch_records)),
-                ("ingest worker", run_worker(broker, tmp, messages, total,
-                                             args.batch_records)),
+                ("ingest worker", run_worker(broker, tmp, messages, total, args.batch_records)),
             ]
-    print(f"\n{total} summary records in {args.messages} messages "
-          f"({size / total:.0f} bytes/record), SQLite WAL, batch {args.batch_records} records")
+    print(
+        f"\n{total} summary records in {args.messages} messages "
+        f"({size / total:.0f} bytes/record), SQLite WAL, batch {args.batch_records} records"
+    )
     print(f"{'variant':<22}{'records/s':>12}{'vs peer':>10}")
     peer = rows[0][1]
     for name, rate in rows:

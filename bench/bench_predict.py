@@ -50,15 +50,16 @@ def timed(fn: Callable[[], object], n: int) -> list[int]:
     return out
 
 
-def run_side_by_side(variants: dict[str, Callable[[], object]], calls: int,
-                     rounds: int) -> dict[str, list[int]]:
+def run_side_by_side(
+    variants: dict[str, Callable[[], object]], calls: int, rounds: int
+) -> dict[str, list[int]]:
     names = list(variants)
     times: dict[str, list[int]] = {n: [] for n in names}
     for fn in variants.values():  # warm up
         timed(fn, 200)
     per_block = max(1, calls // rounds)
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             times[n].extend(timed(variants[n], per_block))
     return times
@@ -68,8 +69,9 @@ def p(values: list[int], q: float) -> float:
     return float(np.percentile(np.asarray(values, np.float64), q)) / 1000.0
 
 
-def model_for(tmp: Path, key: Ed25519PrivateKey, trust: TrustStore, kind: str,
-              fmt: str) -> tuple[LoadedModel, np.ndarray]:
+def model_for(
+    tmp: Path, key: Ed25519PrivateKey, trust: TrustStore, kind: str, fmt: str
+) -> tuple[LoadedModel, np.ndarray]:
     rng = np.random.default_rng(1)
     if kind == "mlp":
         data = mlp_onnx(0)
@@ -83,8 +85,7 @@ def model_for(tmp: Path, key: Ed25519PrivateKey, trust: TrustStore, kind: str,
         reduction = "channel_mean"
     import onnxruntime as ort
 
-    preds = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(
-        None, {"x": ref})[0]
+    preds = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": ref})[0]
     profile = make_profile(ref, preds, reduction=reduction)
     if fmt == "tflite":
         import onnx
@@ -92,8 +93,7 @@ def model_for(tmp: Path, key: Ed25519PrivateKey, trust: TrustStore, kind: str,
         from converters.tflite import onnx_to_tflite
 
         data = onnx_to_tflite(onnx.load_from_string(data))
-    bundle = make_bundle(tmp, key, model_bytes=data, fmt=fmt, name=f"{kind}-{fmt}",
-                         profile=profile)
+    bundle = make_bundle(tmp, key, model_bytes=data, fmt=fmt, name=f"{kind}-{fmt}", profile=profile)
     return install(bundle, tmp / f"slot-{kind}-{fmt}", trust, "a"), x
 
 
@@ -104,8 +104,10 @@ def raw_variants(model: LoadedModel, x: np.ndarray) -> dict[str, Callable[[], ob
         native = sess._sess
         names = list(backend.output_names)
         feed = {"x": x}
-        return {"raw run": lambda: sess.run(None, feed),
-                "native run": lambda: native.run(names, feed, None)}
+        return {
+            "raw run": lambda: sess.run(None, feed),
+            "native run": lambda: native.run(names, feed, None),
+        }
     interp = backend.interp  # type: ignore[attr-defined]
     i_idx = backend._inputs[0]["index"]  # type: ignore[attr-defined]
     o_idx = backend._outputs[0]["index"]  # type: ignore[attr-defined]
@@ -159,17 +161,34 @@ def main() -> None:
                 if name == "predict()":
                     continue
                 base = p(t, 50)
-                rows.append((f"{kind} ({fmt})", name, base, p(t, 99), pm,
-                             p(times["predict()"], 99), pm - base, (pm - base) / base * 100))
-            print(f"# {kind} ({fmt}): {len(times['predict()'])} calls per variant; store rows "
-                  f"{st['rows']}", file=sys.stderr)
+                rows.append(
+                    (
+                        f"{kind} ({fmt})",
+                        name,
+                        base,
+                        p(t, 99),
+                        pm,
+                        p(times["predict()"], 99),
+                        pm - base,
+                        (pm - base) / base * 100,
+                    )
+                )
+            print(
+                f"# {kind} ({fmt}): {len(times['predict()'])} calls per variant; store rows "
+                f"{st['rows']}",
+                file=sys.stderr,
+            )
 
-    print("| model | peer | peer median us | peer p99 us | predict() median us | "
-          "predict() p99 us | overhead us | overhead % |")
+    print(
+        "| model | peer | peer median us | peer p99 us | predict() median us | "
+        "predict() p99 us | overhead us | overhead % |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | "
-              f"{r[6]:+.2f} | {r[7]:+.1f} |")
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | "
+            f"{r[6]:+.2f} | {r[7]:+.1f} |"
+        )
     print(f"\npython {sys.version.split()[0]}, numpy {np.__version__}")
 
 

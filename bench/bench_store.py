@@ -43,7 +43,9 @@ FLUSH = 100
 
 def body(i: int) -> dict[str, object]:
     return {
-        "name": "mlp", "version": 3, "predicted": i % 4,
+        "name": "mlp",
+        "version": 3,
+        "predicted": i % 4,
         "inputs": {"x": [round((i * 7 + j) % 97 / 97.0, 6) for j in range(16)]},
         "outputs": {"probabilities": [0.1, 0.2, 0.3, 0.4]},
     }
@@ -53,7 +55,7 @@ def bench_append_ours(path: Path, bodies: list[dict[str, object]]) -> float:
     store = TelemetryStore(path, max_bytes=256 * 1024 * 1024)
     t0 = time.perf_counter()
     for i in range(0, len(bodies), FLUSH):
-        store.append_many([("sample", b, 1.0) for b in bodies[i:i + FLUSH]])
+        store.append_many([("sample", b, 1.0) for b in bodies[i : i + FLUSH]])
     dt = time.perf_counter() - t0
     store.close()
     return len(bodies) / dt
@@ -66,8 +68,9 @@ def bench_append_bare(path: Path, bodies: list[dict[str, object]]) -> float:
     conn.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, kind TEXT, ts REAL, body TEXT)")
     t0 = time.perf_counter()
     for i in range(0, len(bodies), FLUSH):
-        rows = [("samples", 1.0, json.dumps(b, separators=(",", ":")))
-                for b in bodies[i:i + FLUSH]]
+        rows = [
+            ("samples", 1.0, json.dumps(b, separators=(",", ":"))) for b in bodies[i : i + FLUSH]
+        ]
         conn.execute("BEGIN")
         conn.executemany("INSERT INTO t (kind, ts, body) VALUES (?, ?, ?)", rows)
         conn.execute("COMMIT")
@@ -80,12 +83,14 @@ def bench_drain_ours(
     broker: MosquittoBroker, path: Path, n: int, batch: int, inflight: int
 ) -> float:
     store = TelemetryStore(path, max_bytes=256 * 1024 * 1024)
-    transport = MqttTransport("bench-ours", broker.host, broker.port, max_inflight=inflight,
-                              backoff=Backoff(0.05, 0.5)).start()
+    transport = MqttTransport(
+        "bench-ours", broker.host, broker.port, max_inflight=inflight, backoff=Backoff(0.05, 0.5)
+    ).start()
     if not transport.wait_connected(10):
         raise SystemExit(f"cannot connect to the bench broker: {transport.last_error}")
-    reporter = Reporter(store, transport, "bench-ours", batch_size=batch, inflight=inflight,
-                        poll_interval=0.01)
+    reporter = Reporter(
+        store, transport, "bench-ours", batch_size=batch, inflight=inflight, poll_interval=0.01
+    )
     t0 = time.perf_counter()
     reporter.start()
     while reporter.counters.acked < n:
@@ -103,7 +108,7 @@ def bench_drain_bare(
     store = TelemetryStore(path, max_bytes=256 * 1024 * 1024)
     records = store.pending(limit=n)
     store.close()
-    payloads = [encode_batch("bench-bare", records[i:i + batch]) for i in range(0, n, batch)]
+    payloads = [encode_batch("bench-bare", records[i : i + batch]) for i in range(0, n, batch)]
     topic = telemetry_topic("bench-bare", "samples")
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare")
     c.max_inflight_messages_set(inflight)
@@ -134,8 +139,10 @@ def main(argv: list[str] | None = None) -> None:
         with MosquittoBroker(d / "broker", persistence=False) as broker:
             bare_drain = bench_drain_bare(broker, d / "ours.db", n, args.batch, args.inflight)
             ours_drain = bench_drain_ours(broker, d / "ours.db", n, args.batch, args.inflight)
-    print(f"{n} sample records, ~{len(json.dumps(bodies[0]))} B bodies, flush={FLUSH}, "
-          f"batch={args.batch}, inflight={args.inflight}")
+    print(
+        f"{n} sample records, ~{len(json.dumps(bodies[0]))} B bodies, flush={FLUSH}, "
+        f"batch={args.batch}, inflight={args.inflight}"
+    )
     print(f"{'phase':<8} {'edgefleet rec/s':>16} {'bare peer rec/s':>16} {'ratio':>7}  peer")
     rows = [
         ("append", ours_append, bare_append, "sqlite3 executemany, one table"),

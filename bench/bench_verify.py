@@ -89,8 +89,13 @@ def make_bundle(workdir: Path, size_mb: int) -> tuple[Path, Path]:
 
 
 def run(mode: str, bundle: Path, trust: Path, runs: int) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(bundle), str(trust), str(runs)],
-                         capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(bundle), str(trust), str(runs)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     return json.loads(out.stdout)
 
 
@@ -101,22 +106,30 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
         bundle, trust = make_bundle(Path(tmp), args.size_mb)
-        results = {m: run(m, bundle, trust, args.runs)
-                   for m in ("hashlib", "hashlib-mem", "verify", "install")}
+        results = {
+            m: run(m, bundle, trust, args.runs)
+            for m in ("hashlib", "hashlib-mem", "verify", "install")
+        }
     ref = results["hashlib"]["best_s"]
     print(f"bundle with a {args.size_mb} MB model, best of {args.runs} runs\n")
-    print("| operation | time (s) | throughput (MB/s) | time / hashlib "
-          "| peak memory above baseline (MB) |")
+    print(
+        "| operation | time (s) | throughput (MB/s) | time / hashlib "
+        "| peak memory above baseline (MB) |"
+    )
     print("|---|---:|---:|---:|---:|")
-    labels = {"hashlib": "hashlib.sha256, file in 1 MiB chunks",
-              "hashlib-mem": "hashlib.sha256, bytes in memory",
-              "verify": "edgefleet verify_file",
-              "install": "edgefleet unpack_bundle (verify + stage)"}
+    labels = {
+        "hashlib": "hashlib.sha256, file in 1 MiB chunks",
+        "hashlib-mem": "hashlib.sha256, bytes in memory",
+        "verify": "edgefleet verify_file",
+        "install": "edgefleet unpack_bundle (verify + stage)",
+    }
     for mode, r in results.items():
         mbps = r["bytes"] / r["best_s"] / 1e6
         mem = "n/a (data held)" if mode == "hashlib-mem" else f"{r['peak_above_base_mb']:.1f}"
-        print(f"| {labels[mode]} | {r['best_s']:.3f} | {mbps:,.0f} | {r['best_s'] / ref:.2f}x "
-              f"| {mem} |")
+        print(
+            f"| {labels[mode]} | {r['best_s']:.3f} | {mbps:,.0f} | {r['best_s'] / ref:.2f}x "
+            f"| {mem} |"
+        )
 
 
 if __name__ == "__main__":

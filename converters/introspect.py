@@ -12,12 +12,33 @@ from .targets import min_onnxruntime
 
 # Lowest onnxruntime release that loads each ONNX IR version (by IR alone; the
 # manifest uses targets.min_onnxruntime, which also accounts for opsets).
-ORT_MIN_FOR_IR = {3: "1.0", 4: "1.0", 5: "1.0", 6: "1.1", 7: "1.3", 8: "1.10", 9: "1.15",
-                  10: "1.18", 11: "1.20", 12: "1.23"}
+ORT_MIN_FOR_IR = {
+    3: "1.0",
+    4: "1.0",
+    5: "1.0",
+    6: "1.1",
+    7: "1.3",
+    8: "1.10",
+    9: "1.15",
+    10: "1.18",
+    11: "1.20",
+    12: "1.23",
+}
 
 _ONNX_DTYPES = {
-    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
-    8: "string", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64",
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    4: "uint16",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    8: "string",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    12: "uint32",
+    13: "uint64",
     16: "bfloat16",
 }
 

@@ -106,8 +106,9 @@ def set_ir_version(model: Any, target: int) -> None:
     model.ir_version = target
 
 
-def lower(model: Any, max_ir: int | None, max_opset: int | None,
-          max_ml_opset: int | None = None) -> tuple[Any, list[str]]:
+def lower(
+    model: Any, max_ir: int | None, max_opset: int | None, max_ml_opset: int | None = None
+) -> tuple[Any, list[str]]:
     """Return ``model`` lowered to the given limits and a list of what was done."""
     from onnx import version_converter
 
@@ -179,8 +180,9 @@ def ort_session(model: Any, threads: int = 1) -> Any:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), sess_options=opts,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
+    )
 
 
 def optimize(model: Any) -> Any:
@@ -195,8 +197,9 @@ def optimize(model: Any) -> Any:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         opts.optimized_model_filepath = path
         opts.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), sess_options=opts,
-                             providers=["CPUExecutionProvider"])
+        ort.InferenceSession(
+            model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
         optimized = onnx.load(path)
     except Exception as e:
         raise LoweringError(f"onnxruntime could not optimize the model: {e}") from e

@@ -47,9 +47,16 @@ class Tolerance:
     min_top1: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in (("atol", self.atol), ("rtol", self.rtol),
-                                  ("range_atol", self.range_atol),
-                                  ("min_top1", self.min_top1)) if v is not None}
+        return {
+            k: v
+            for k, v in (
+                ("atol", self.atol),
+                ("rtol", self.rtol),
+                ("range_atol", self.range_atol),
+                ("min_top1", self.min_top1),
+            )
+            if v is not None
+        }
 
 
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
@@ -79,10 +86,12 @@ class OutputParity:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "name": self.name, "task": self.task,
+            "name": self.name,
+            "task": self.task,
             "max_abs_error": _finite(self.max_abs_error),
             "max_rel_error": _finite(self.max_rel_error),
-            "passed": bool(self.passed), "judged_by": self.judged_by,
+            "passed": bool(self.passed),
+            "judged_by": self.judged_by,
         }
         if self.top1_agreement is not None:
             out["top1_agreement"] = round(self.top1_agreement, 6)
@@ -128,19 +137,23 @@ class ParityReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "variant": self.variant, "precision": self.precision,
+            "variant": self.variant,
+            "precision": self.precision,
             "reference_runtime": self.reference_runtime,
             "artifact_runtime": self.artifact_runtime,
-            "samples": self.samples, "samples_origin": self.samples_origin,
+            "samples": self.samples,
+            "samples_origin": self.samples_origin,
             "tolerance": self.tolerance.to_json(),
-            "passed": self.passed, "overridden": self.overridden,
+            "passed": self.passed,
+            "overridden": self.overridden,
             "outputs": [o.to_json() for o in self.outputs],
             **({"notes": list(self.notes)} if self.notes else {}),
         }
 
 
-def compare_output(name: str, task: str, ref: np.ndarray, got: np.ndarray,
-                   tol: Tolerance) -> OutputParity:
+def compare_output(
+    name: str, task: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance
+) -> OutputParity:
     """Errors and verdict for one output."""
     ref64 = np.asarray(ref, dtype=np.float64)
     got64 = np.asarray(got, dtype=np.float64)
@@ -148,8 +161,16 @@ def compare_output(name: str, task: str, ref: np.ndarray, got: np.ndarray,
         if ref64.size == got64.size:
             got64 = got64.reshape(ref64.shape)
         else:
-            return OutputParity(name, task, float("inf"), float("inf"), None, False, "shape",
-                                f"shape {got64.shape} differs from the source's {ref64.shape}")
+            return OutputParity(
+                name,
+                task,
+                float("inf"),
+                float("inf"),
+                None,
+                False,
+                "shape",
+                f"shape {got64.shape} differs from the source's {ref64.shape}",
+            )
     diff = np.abs(got64 - ref64)
     if diff.size == 0:
         return OutputParity(name, task, 0.0, 0.0, None, True, "empty")
@@ -166,8 +187,9 @@ def compare_output(name: str, task: str, ref: np.ndarray, got: np.ndarray,
         return OutputParity(name, task, max_abs, max_rel, top1, ok, "top1", detail)
     if tol.atol is None and tol.rtol is None and tol.range_atol is None:
         ok = bool(np.isfinite(max_abs))
-        return OutputParity(name, task, max_abs, max_rel, top1, ok, "none",
-                            "" if ok else "non-finite outputs")
+        return OutputParity(
+            name, task, max_abs, max_rel, top1, ok, "none", "" if ok else "non-finite outputs"
+        )
     bound = np.zeros_like(ref64)
     if tol.atol is not None:
         bound += tol.atol
@@ -180,8 +202,10 @@ def compare_output(name: str, task: str, ref: np.ndarray, got: np.ndarray,
     detail = ""
     if not ok:
         i = int(np.argmax(diff - bound))
-        detail = (f"{int(np.count_nonzero(over))} of {diff.size} elements over the bound; "
-                  f"worst error {diff.flat[i]:.3g} > bound {bound.flat[i]:.3g}")
+        detail = (
+            f"{int(np.count_nonzero(over))} of {diff.size} elements over the bound; "
+            f"worst error {diff.flat[i]:.3g} > bound {bound.flat[i]:.3g}"
+        )
     return OutputParity(name, task, max_abs, max_rel, top1, ok, "elementwise", detail)
 
 
@@ -204,14 +228,32 @@ def compare(
     outs = []
     for i, name in enumerate(names):
         if i >= len(produced) or i >= len(reference):
-            outs.append(OutputParity(name, tasks.get(name, "regression"), float("inf"),
-                                     float("inf"), None, False, "missing",
-                                     "output missing from one side"))
+            outs.append(
+                OutputParity(
+                    name,
+                    tasks.get(name, "regression"),
+                    float("inf"),
+                    float("inf"),
+                    None,
+                    False,
+                    "missing",
+                    "output missing from one side",
+                )
+            )
             continue
-        outs.append(compare_output(name, tasks.get(name, "regression"), reference[i],
-                                   produced[i], tolerance))
+        outs.append(
+            compare_output(
+                name, tasks.get(name, "regression"), reference[i], produced[i], tolerance
+            )
+        )
     return ParityReport(
-        variant=variant, precision=precision, reference_runtime=reference_runtime,
-        artifact_runtime=artifact_runtime, samples=samples, samples_origin=samples_origin,
-        tolerance=tolerance, outputs=tuple(outs), notes=tuple(notes),
+        variant=variant,
+        precision=precision,
+        reference_runtime=reference_runtime,
+        artifact_runtime=artifact_runtime,
+        samples=samples,
+        samples_origin=samples_origin,
+        tolerance=tolerance,
+        outputs=tuple(outs),
+        notes=tuple(notes),
     )

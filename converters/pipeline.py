@@ -79,16 +79,19 @@ class Artifact:
             "target": self.target.to_json(),
             "parity": self.parity.to_json(),
             "conversion": {"notes": list(self.notes), "seconds": round(self.seconds, 3)},
-            "drift_reference": {"samples": self.profile.sample_count,
-                                "reduction": self.profile.reduction},
+            "drift_reference": {
+                "samples": self.profile.sample_count,
+                "reduction": self.profile.reduction,
+            },
         }
 
 
 # -- producing the model file ---------------------------------------------------
 
 
-def _onnx_artifact(source: SourceModel, target: Target,
-                   samples: Mapping[str, np.ndarray]) -> tuple[bytes, list[str]]:
+def _onnx_artifact(
+    source: SourceModel, target: Target, samples: Mapping[str, np.ndarray]
+) -> tuple[bytes, list[str]]:
     import onnx
 
     if source.onnx_model is None:
@@ -164,8 +167,9 @@ class _ArtifactRunner:
 
             self.inputs, self.outputs, self.requirements = tflite_signature(path)
 
-    def run(self, samples: Mapping[str, np.ndarray], source_inputs: Sequence[str]) -> \
-            list[np.ndarray]:
+    def run(
+        self, samples: Mapping[str, np.ndarray], source_inputs: Sequence[str]
+    ) -> list[np.ndarray]:
         names = self.backend.input_names
         # Positional match: TFLite writers may rename tensors.
         feed = {names[i]: samples[n] for i, n in enumerate(source_inputs)}
@@ -214,11 +218,18 @@ def convert(
         expected = source.reference(calib)
         tol = tolerance or default_tolerance(target.precision)
         report = compare(
-            variant=target.name, precision=target.precision,
-            names=[o.name for o in source.outputs], tasks=source.tasks,
-            reference=expected, produced=produced, tolerance=tol,
-            reference_runtime=source.reference_runtime, artifact_runtime=runner.runtime,
-            samples=sample_count(calib), samples_origin=origin, notes=notes,
+            variant=target.name,
+            precision=target.precision,
+            names=[o.name for o in source.outputs],
+            tasks=source.tasks,
+            reference=expected,
+            produced=produced,
+            tolerance=tol,
+            reference_runtime=source.reference_runtime,
+            artifact_runtime=runner.runtime,
+            samples=sample_count(calib),
+            samples_origin=origin,
+            notes=notes,
         )
         if not report.passed:
             if not allow_parity_failure:
@@ -239,30 +250,45 @@ def convert(
         out_names = [o.name for o in runner.outputs]
         task = source.tasks.get(source.outputs[0].name, "regression")
         profile = reference.drift_profile(
-            runner.inputs[0].name, drift_in[in_names[0]], out_names[0], drift_out[0], task,
+            runner.inputs[0].name,
+            drift_in[in_names[0]],
+            out_names[0],
+            drift_out[0],
+            task,
         )
-        smoke = reference.smoke_samples(artifact_in, produced, out_names, target.precision,
-                                        classifier=source.is_classifier)
+        smoke = reference.smoke_samples(
+            artifact_in, produced, out_names, target.precision, classifier=source.is_classifier
+        )
         runtime = dict(runner.requirements)
         if target.format == "onnx":
             ops = runtime.get("opsets", {})
             runtime["min_runtime_version"] = min_onnxruntime(
-                int(runtime["onnx_ir_version"]), ops.get("ai.onnx"), ops.get("ai.onnx.ml"))
+                int(runtime["onnx_ir_version"]), ops.get("ai.onnx"), ops.get("ai.onnx.ml")
+            )
         inputs, outputs = list(runner.inputs), list(runner.outputs)
     finally:
         runner.close()
     return Artifact(
-        target=target, data=data, inputs=inputs, outputs=outputs, runtime=runtime,
-        parity=report, profile=profile, smoke=smoke, source=source.provenance(),
-        notes=notes, seconds=time.perf_counter() - started,
+        target=target,
+        data=data,
+        inputs=inputs,
+        outputs=outputs,
+        runtime=runtime,
+        parity=report,
+        profile=profile,
+        smoke=smoke,
+        source=source.provenance(),
+        notes=notes,
+        seconds=time.perf_counter() - started,
     )
 
 
 def _overridden(report: ParityReport) -> ParityReport:
     from dataclasses import replace
 
-    return replace(report, overridden=True,
-                   notes=(*report.notes, "parity gate overridden by the operator"))
+    return replace(
+        report, overridden=True, notes=(*report.notes, "parity gate overridden by the operator")
+    )
 
 
 # -- packing -------------------------------------------------------------------
@@ -294,12 +320,18 @@ def pack_artifact(
             BundleFile(smoke, smoke.name, "smoke_samples"),
         ]
         manifest = build_manifest(
-            name=name, version=version, fmt=artifact.format, files=files,
-            inputs=artifact.inputs, outputs=artifact.outputs, runtime=artifact.runtime,
+            name=name,
+            version=version,
+            fmt=artifact.format,
+            files=files,
+            inputs=artifact.inputs,
+            outputs=artifact.outputs,
+            runtime=artifact.runtime,
             target_device_classes=artifact.target.device_classes,
             provenance=artifact.provenance(),
             labels={"precision": artifact.target.precision, **(labels or {})},
-            created_at=created_at, valid_for=valid_for,
+            created_at=created_at,
+            valid_for=valid_for,
         )
         path = pack_bundle(out, manifest, files)
     if signing_key is not None:
@@ -355,17 +387,26 @@ def build_bundles(
     for target in targets:
         try:
             artifact = convert(
-                source, target, samples=samples, reference_samples=reference_samples,
+                source,
+                target,
+                samples=samples,
+                reference_samples=reference_samples,
                 tolerance=(tolerances or {}).get(target.name),
-                allow_parity_failure=allow_parity_failure, progress=progress,
+                allow_parity_failure=allow_parity_failure,
+                progress=progress,
             )
         except ConverterError as e:
             results.append(BuildResult(target, None, None, e))
             continue
         progress(f"{target.name}: packing and signing")
         path = pack_artifact(
-            artifact, out_dir / f"{name}-v{version}-{target.name}.efb", name=name,
-            version=version, signing_key=signing_key, labels=labels, valid_for=valid_for,
+            artifact,
+            out_dir / f"{name}-v{version}-{target.name}.efb",
+            name=name,
+            version=version,
+            signing_key=signing_key,
+            labels=labels,
+            valid_for=valid_for,
         )
         results.append(BuildResult(target, artifact, path))
     return results

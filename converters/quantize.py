@@ -33,8 +33,12 @@ def _summary(before: Any, after: Any) -> str:
     from onnx import TensorProto
 
     b, a = _initializer_dtypes(before), _initializer_dtypes(after)
-    names = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16",
-             TensorProto.INT8: "int8", TensorProto.UINT8: "uint8"}
+    names = {
+        TensorProto.FLOAT: "float32",
+        TensorProto.FLOAT16: "float16",
+        TensorProto.INT8: "int8",
+        TensorProto.UINT8: "uint8",
+    }
     parts = [f"{names[k]} {b.get(k, 0)}->{a.get(k, 0)}" for k in names if b.get(k) or a.get(k)]
     return "initializers: " + ", ".join(parts)
 
@@ -75,9 +79,13 @@ def quantize_dynamic_int8(model: Any) -> tuple[Any, list[str]]:
 
     try:
         out = _via_file(
-            lambda path: quantize_dynamic(model, path, weight_type=QuantType.QInt8,
-                                          op_types_to_quantize=DYNAMIC_OPS,
-                                          extra_options={"DefaultTensorType": 1}),
+            lambda path: quantize_dynamic(
+                model,
+                path,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=DYNAMIC_OPS,
+                extra_options={"DefaultTensorType": 1},
+            ),
             model,
         )
     except Exception as e:
@@ -99,7 +107,7 @@ class SampleReader:
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:
         n = len(next(iter(self.samples.values())))
         for start in range(0, n, self.batch):
-            yield {k: v[start:start + self.batch] for k, v in self.samples.items()}
+            yield {k: v[start : start + self.batch] for k, v in self.samples.items()}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._iter, None)
@@ -123,9 +131,14 @@ def quantize_static_int8(model: Any, samples: Mapping[str, np.ndarray]) -> tuple
     try:
         out = _via_file(
             lambda path: quantize_static(
-                model, path, reader, quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                per_channel=True, extra_options={"ActivationSymmetric": False},
+                model,
+                path,
+                reader,
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                extra_options={"ActivationSymmetric": False},
             ),
             model,
         )
@@ -146,7 +159,8 @@ def convert_float16(model: Any) -> tuple[Any, list[str]]:
 
     try:
         out = convert_float_to_float16(
-            model, keep_io_types=True,
+            model,
+            keep_io_types=True,
             op_block_list=list(DEFAULT_OP_BLOCK_LIST) + FLOAT16_BLOCKED,
         )
         toposort(out)
@@ -155,8 +169,9 @@ def convert_float16(model: Any) -> tuple[Any, list[str]]:
     return out, [f"float16 ({_summary(model, out)})"]
 
 
-def apply_precision(model: Any, precision: str,
-                    samples: Mapping[str, np.ndarray]) -> tuple[Any, list[str]]:
+def apply_precision(
+    model: Any, precision: str, samples: Mapping[str, np.ndarray]
+) -> tuple[Any, list[str]]:
     """Turn a float32 ONNX model into ``precision`` (see :data:`converters.targets.PRECISIONS`)."""
     from .onnx_tools import drop_value_info
 

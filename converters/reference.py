@@ -48,8 +48,9 @@ def features(x: np.ndarray) -> tuple[np.ndarray, str]:
     return x.reshape(len(x), -1), "none"
 
 
-def bin_profile(values: np.ndarray, bins: int = DEFAULT_BINS) -> tuple[tuple[float, ...],
-                                                                      tuple[float, ...]]:
+def bin_profile(
+    values: np.ndarray, bins: int = DEFAULT_BINS
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Quantile edges (interior, ascending, unique) and bin proportions of ``values``."""
     v = np.asarray(values, dtype=np.float64).ravel()
     v = v[np.isfinite(v)]
@@ -78,23 +79,33 @@ def drift_profile(
     profiles = []
     for i in range(feats.shape[1]):
         edges, props = bin_profile(feats[:, i], bins)
-        profiles.append(FeatureProfile(name=f"{prefix}{i}", index=i, edges=edges,
-                                       proportions=props))
+        profiles.append(
+            FeatureProfile(name=f"{prefix}{i}", index=i, edges=edges, proportions=props)
+        )
     output = None
     if output_name is not None and outputs is not None:
         y = np.asarray(outputs, dtype=np.float64)
         if task == "classification" and y.ndim >= 2 and y.shape[-1] >= 2:
             classes = int(y.shape[-1])
             counts = np.bincount(y.reshape(-1, classes).argmax(-1), minlength=classes)
-            output = OutputProfile(name=output_name, kind="classification",
-                                   proportions=tuple(float(c) for c in counts / counts.sum()),
-                                   classes=classes)
+            output = OutputProfile(
+                name=output_name,
+                kind="classification",
+                proportions=tuple(float(c) for c in counts / counts.sum()),
+                classes=classes,
+            )
         else:
             edges, props = bin_profile(y, bins)
-            output = OutputProfile(name=output_name, kind="regression", proportions=props,
-                                   edges=edges)
-    return DriftProfile(input=input_name, features=tuple(profiles), output=output,
-                        reduction=reduction, sample_count=int(len(feats)))
+            output = OutputProfile(
+                name=output_name, kind="regression", proportions=props, edges=edges
+            )
+    return DriftProfile(
+        input=input_name,
+        features=tuple(profiles),
+        output=output,
+        reduction=reduction,
+        sample_count=int(len(feats)),
+    )
 
 
 def top1_margin(scores: np.ndarray) -> np.ndarray:
@@ -125,9 +136,14 @@ def smoke_samples(
             check, atol, rtol = "allclose", _regression_atol(first), 0.0
     return SmokeSamples(
         inputs={k: np.ascontiguousarray(v[index]) for k, v in inputs.items()},
-        expected={name: np.ascontiguousarray(np.asarray(o)[index])
-                  for name, o in zip(output_names, outputs, strict=True)},
-        check=check, atol=atol, rtol=rtol, min_top1_agreement=1.0,
+        expected={
+            name: np.ascontiguousarray(np.asarray(o)[index])
+            for name, o in zip(output_names, outputs, strict=True)
+        },
+        check=check,
+        atol=atol,
+        rtol=rtol,
+        min_top1_agreement=1.0,
     )
 
 

@@ -19,8 +19,9 @@ from .errors import SampleError
 DEFAULT_GENERATED = 64
 
 
-def generate_samples(inputs: Sequence[TensorSpec], n: int = DEFAULT_GENERATED,
-                     seed: int = 0) -> dict[str, np.ndarray]:
+def generate_samples(
+    inputs: Sequence[TensorSpec], n: int = DEFAULT_GENERATED, seed: int = 0
+) -> dict[str, np.ndarray]:
     """``n`` random samples per input, shaped by the signature (batch axis = ``n``)."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
@@ -48,42 +49,55 @@ def generate_samples(inputs: Sequence[TensorSpec], n: int = DEFAULT_GENERATED,
     return out
 
 
-def check_samples(inputs: Sequence[TensorSpec],
-                  samples: Mapping[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+def check_samples(
+    inputs: Sequence[TensorSpec], samples: Mapping[str, np.ndarray] | np.ndarray
+) -> dict[str, np.ndarray]:
     """Validate samples against the input signature; cast floats to the input dtype.
 
     A bare array is accepted for a single-input model.
     """
     if isinstance(samples, np.ndarray):
         if len(inputs) != 1:
-            raise SampleError(f"the model has {len(inputs)} inputs; give samples as a "
-                              "mapping of input name to array")
+            raise SampleError(
+                f"the model has {len(inputs)} inputs; give samples as a "
+                "mapping of input name to array"
+            )
         samples = {inputs[0].name: samples}
     names = {s.name for s in inputs}
     missing = names - set(samples)
     extra = set(samples) - names
     if missing or extra:
-        raise SampleError(f"samples must cover exactly the inputs {sorted(names)}; "
-                          f"missing {sorted(missing)}, unknown {sorted(extra)}")
+        raise SampleError(
+            f"samples must cover exactly the inputs {sorted(names)}; "
+            f"missing {sorted(missing)}, unknown {sorted(extra)}"
+        )
     out: dict[str, np.ndarray] = {}
     rows = None
     for spec in inputs:
         arr = np.asarray(samples[spec.name])
         want = np.dtype(spec.dtype)
         if arr.dtype != want:
-            if arr.dtype.kind in "fiu" and want.kind == arr.dtype.kind or \
-                    (arr.dtype.kind in "iu" and want.kind == "f"):
+            if (
+                arr.dtype.kind in "fiu"
+                and want.kind == arr.dtype.kind
+                or (arr.dtype.kind in "iu" and want.kind == "f")
+            ):
                 arr = arr.astype(want)
             else:
-                raise SampleError(f"samples for {spec.name!r} are {arr.dtype}, the model "
-                                  f"takes {spec.dtype}")
+                raise SampleError(
+                    f"samples for {spec.name!r} are {arr.dtype}, the model takes {spec.dtype}"
+                )
         if arr.ndim != len(spec.shape):
-            raise SampleError(f"samples for {spec.name!r} have shape {arr.shape}, the model "
-                              f"takes {list(spec.shape)}")
+            raise SampleError(
+                f"samples for {spec.name!r} have shape {arr.shape}, the model "
+                f"takes {list(spec.shape)}"
+            )
         for axis, (have, dim) in enumerate(zip(arr.shape, spec.shape, strict=True)):
             if axis > 0 and isinstance(dim, int) and have != dim:
-                raise SampleError(f"samples for {spec.name!r} have shape {arr.shape}, the "
-                                  f"model takes {list(spec.shape)}")
+                raise SampleError(
+                    f"samples for {spec.name!r} have shape {arr.shape}, the "
+                    f"model takes {list(spec.shape)}"
+                )
         if arr.shape[0] == 0:
             raise SampleError(f"samples for {spec.name!r} are empty")
         if rows is not None and arr.shape[0] != rows:

@@ -64,15 +64,23 @@ class SourceModel:
         return bool(self.outputs) and self.tasks.get(self.outputs[0].name) == "classification"
 
     def provenance(self) -> dict[str, Any]:
-        return {"origin": self.origin, "sha256": self.sha256,
-                "reference_runtime": self.reference_runtime, "notes": list(self.notes)}
+        return {
+            "origin": self.origin,
+            "sha256": self.sha256,
+            "reference_runtime": self.reference_runtime,
+            "notes": list(self.notes),
+        }
 
 
 def guess_task(spec: TensorSpec) -> str:
     """``classification`` for a float output with a class axis (``[N, C]``, C >= 2)."""
     shape = spec.shape
-    if len(shape) == 2 and isinstance(shape[-1], int) and shape[-1] >= 2 and \
-            spec.dtype.startswith("float"):
+    if (
+        len(shape) == 2
+        and isinstance(shape[-1], int)
+        and shape[-1] >= 2
+        and spec.dtype.startswith("float")
+    ):
         return "classification"
     return "regression"
 
@@ -134,9 +142,14 @@ def from_onnx(model: Any, *, task: str | Mapping[str, str] | None = None) -> Sou
 
     inputs, outputs, _ = onnx_model_signature(model)
     return SourceModel(
-        origin="onnx", inputs=inputs, outputs=outputs, reference=_onnx_reference(model),
-        reference_runtime=f"onnxruntime {onnxruntime.__version__}", tasks=_tasks(outputs, task),
-        sha256=_sha256(model.SerializeToString()), onnx_model=model,
+        origin="onnx",
+        inputs=inputs,
+        outputs=outputs,
+        reference=_onnx_reference(model),
+        reference_runtime=f"onnxruntime {onnxruntime.__version__}",
+        tasks=_tasks(outputs, task),
+        sha256=_sha256(model.SerializeToString()),
+        onnx_model=model,
     )
 
 
@@ -152,8 +165,13 @@ def _as_arrays(example: Any) -> list[np.ndarray]:
     return out
 
 
-def export_torch(module: Any, example: Sequence[np.ndarray], input_names: Sequence[str],
-                 output_names: Sequence[str] | None, opset: int) -> tuple[Any, list[str]]:
+def export_torch(
+    module: Any,
+    example: Sequence[np.ndarray],
+    input_names: Sequence[str],
+    output_names: Sequence[str] | None,
+    opset: int,
+) -> tuple[Any, list[str]]:
     """Export to one in-memory ONNX model with a dynamic batch dimension."""
     import onnx
     import torch
@@ -168,10 +186,15 @@ def export_torch(module: Any, example: Sequence[np.ndarray], input_names: Sequen
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(
-                    module, args, dynamo=True, opset_version=opset,
+                    module,
+                    args,
+                    dynamo=True,
+                    opset_version=opset,
                     input_names=list(input_names),
                     output_names=list(output_names) if output_names else None,
-                    external_data=False, optimize=True, verbose=False,
+                    external_data=False,
+                    optimize=True,
+                    verbose=False,
                 )
         except Exception as e:
             raise IntakeError(f"torch.onnx.export failed on the torch.export program: {e}") from e
@@ -191,27 +214,40 @@ def export_torch(module: Any, example: Sequence[np.ndarray], input_names: Sequen
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(
-                    module, args, dynamo=True, opset_version=opset,
+                    module,
+                    args,
+                    dynamo=True,
+                    opset_version=opset,
                     input_names=list(input_names),
                     output_names=list(output_names) if output_names else None,
                     dynamic_shapes=tuple({0: batch} for _ in args),
-                    external_data=False, optimize=True, verbose=False,
+                    external_data=False,
+                    optimize=True,
+                    verbose=False,
                 )
             assert program is not None
             return program.model_proto, notes
         except Exception as e:  # fall back to the TorchScript exporter below
-            notes.append(f"torch.export-based exporter failed ({type(e).__name__}); "
-                         "used the TorchScript exporter")
+            notes.append(
+                f"torch.export-based exporter failed ({type(e).__name__}); "
+                "used the TorchScript exporter"
+            )
     buf = io.BytesIO()
     names = list(output_names) if output_names else ["output"]
     axes = {n: {0: "batch"} for n in [*input_names, *names]}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, buf, dynamo=False,  # type: ignore[arg-type]
-                              opset_version=opset,
-                              input_names=list(input_names), output_names=names,
-                              dynamic_axes=axes)
+            torch.onnx.export(
+                module,
+                args,
+                buf,
+                dynamo=False,  # type: ignore[arg-type]
+                opset_version=opset,
+                input_names=list(input_names),
+                output_names=names,
+                dynamic_axes=axes,
+            )
     except Exception as e:
         raise IntakeError(f"torch.onnx.export failed: {e}") from e
     return onnx.load_from_string(buf.getvalue()), notes
@@ -257,8 +293,11 @@ def from_torch(
         with contextlib.suppress(NotImplementedError):
             module.eval()
     example = _as_arrays(example_inputs)
-    names = list(input_names) if input_names else (
-        ["x"] if len(example) == 1 else [f"x{i}" for i in range(len(example))])
+    names = (
+        list(input_names)
+        if input_names
+        else (["x"] if len(example) == 1 else [f"x{i}" for i in range(len(example))])
+    )
     if len(names) != len(example):
         raise IntakeError(f"{len(names)} input names for {len(example)} example inputs")
     runner = _torch_runner(module, names)
@@ -271,9 +310,15 @@ def from_torch(
     inputs, outputs, _ = onnx_model_signature(model)
     raw = model.SerializeToString()
     return SourceModel(
-        origin="torch", inputs=inputs, outputs=outputs, reference=runner,
-        reference_runtime=f"torch {torch.__version__}", tasks=_tasks(outputs, task),
-        sha256=_sha256(raw), onnx_model=model, notes=notes,
+        origin="torch",
+        inputs=inputs,
+        outputs=outputs,
+        reference=runner,
+        reference_runtime=f"torch {torch.__version__}",
+        tasks=_tasks(outputs, task),
+        sha256=_sha256(raw),
+        onnx_model=model,
+        notes=notes,
     )
 
 
@@ -300,8 +345,9 @@ def from_sklearn(
     if not classifier and not is_regressor(estimator):
         raise IntakeError(f"{type(estimator).__name__} is neither a classifier nor a regressor")
     if classifier and not hasattr(estimator, "predict_proba"):
-        raise IntakeError(f"{type(estimator).__name__} has no predict_proba; "
-                          "use a probabilistic classifier")
+        raise IntakeError(
+            f"{type(estimator).__name__} has no predict_proba; use a probabilistic classifier"
+        )
     from skl2onnx.common.data_types import FloatTensorType
 
     try:
@@ -333,15 +379,20 @@ def from_sklearn(
     import sklearn
 
     return SourceModel(
-        origin="sklearn", inputs=inputs, outputs=outputs, reference=run,
+        origin="sklearn",
+        inputs=inputs,
+        outputs=outputs,
+        reference=run,
         reference_runtime=f"scikit-learn {sklearn.__version__}",
         tasks=_tasks(outputs, "classification" if classifier else "regression"),
-        sha256=_sha256(model.SerializeToString()), onnx_model=model,
+        sha256=_sha256(model.SerializeToString()),
+        onnx_model=model,
     )
 
 
-def from_tflite(model: str | os.PathLike[str] | bytes, *,
-                task: str | Mapping[str, str] | None = None) -> SourceModel:
+def from_tflite(
+    model: str | os.PathLike[str] | bytes, *, task: str | Mapping[str, str] | None = None
+) -> SourceModel:
     """Take a TFLite flatbuffer (path or bytes): inspected, validated, passed through."""
     from .introspect import tflite_signature
 
@@ -365,10 +416,14 @@ def from_tflite(model: str | os.PathLike[str] | bytes, *,
 
     backend = _tflite_backend(data, load_backend)
     return SourceModel(
-        origin="tflite", inputs=inputs, outputs=outputs,
+        origin="tflite",
+        inputs=inputs,
+        outputs=outputs,
         reference=lambda inputs: backend.run(dict(inputs)),
-        reference_runtime=f"{backend.name}", tasks=_tasks(outputs, task),
-        sha256=_sha256(data), tflite_bytes=data,
+        reference_runtime=f"{backend.name}",
+        tasks=_tasks(outputs, task),
+        sha256=_sha256(data),
+        tflite_bytes=data,
     )
 
 

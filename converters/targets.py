@@ -97,8 +97,11 @@ class Target:
         runtime = self.runtime or ("onnxruntime" if self.format == "onnx" else "tflite")
         if self.format == "onnx" and runtime != "onnxruntime":
             raise TargetError(f"ONNX targets run on onnxruntime, not {runtime!r}")
-        if self.format == "tflite" and runtime not in ("tflite", "ai-edge-litert",
-                                                        "tflite-runtime"):
+        if self.format == "tflite" and runtime not in (
+            "tflite",
+            "ai-edge-litert",
+            "tflite-runtime",
+        ):
             raise TargetError(f"TFLite targets run on a TFLite interpreter, not {runtime!r}")
         object.__setattr__(self, "runtime", runtime)
         if self.runtime_version is not None and self.format == "onnx":
@@ -132,8 +135,12 @@ class Target:
 
     def to_json(self) -> dict[str, Any]:
         ir, opset, ml = self.limits
-        out: dict[str, Any] = {"name": self.name, "format": self.format,
-                               "precision": self.precision, "runtime": self.runtime}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "format": self.format,
+            "precision": self.precision,
+            "runtime": self.runtime,
+        }
         if self.runtime_version:
             out["runtime_version"] = self.runtime_version
         if self.format == "onnx":
@@ -158,9 +165,11 @@ def parse_target(spec: str, device_classes: tuple[str, ...] = ()) -> Target:
             f"target {spec!r} is not like onnx, onnx:int8-dynamic@onnxruntime-1.16, "
             "onnx:float32@ir9/opset17 or tflite:float16"
         )
-    kwargs: dict[str, Any] = {"format": m.group("format"),
-                              "precision": m.group("precision") or "float32",
-                              "device_classes": device_classes}
+    kwargs: dict[str, Any] = {
+        "format": m.group("format"),
+        "precision": m.group("precision") or "float32",
+        "device_classes": device_classes,
+    }
     where = m.group("where")
     if where:
         limits = re.fullmatch(r"ir(\d+)(?:/opset(\d+))?", where)

@@ -102,8 +102,18 @@ class InstallError(AgentError):
 class _Active:
     """What one ``predict()`` call needs, read with a single attribute access."""
 
-    __slots__ = ("model", "run", "names", "input_name", "calls", "errors", "soft", "rec",
-                 "copy", "__weakref__")
+    __slots__ = (
+        "model",
+        "run",
+        "names",
+        "input_name",
+        "calls",
+        "errors",
+        "soft",
+        "rec",
+        "copy",
+        "__weakref__",
+    )
 
     def __init__(self, model: LoadedModel, rec: Recorder, copy: bool) -> None:
         self.model = model
@@ -161,8 +171,7 @@ class Agent:
         :meth:`Telemetry.tick` itself.
         """
         self.config = config
-        self.telemetry = Telemetry(config.telemetry, store, options=telemetry_options,
-                                   wall=wall)
+        self.telemetry = Telemetry(config.telemetry, store, options=telemetry_options, wall=wall)
         self.copy_inputs = copy_inputs
         self._active: _Active | None = None
         self._shadow: LoadedModel | None = None
@@ -190,9 +199,12 @@ class Agent:
         cfg.sample_rate, cfg.window_seconds = rate, window
         return {"sample_rate": rate, "window_seconds": window}
 
-    def predict(self, inputs: Mapping[str, np.ndarray] | np.ndarray,
-                _ns: Callable[[], int] = time.perf_counter_ns,
-                _nd: type = np.ndarray) -> list[np.ndarray]:
+    def predict(
+        self,
+        inputs: Mapping[str, np.ndarray] | np.ndarray,
+        _ns: Callable[[], int] = time.perf_counter_ns,
+        _nd: type = np.ndarray,
+    ) -> list[np.ndarray]:
         """Run the active model; returns its outputs in :attr:`output_names` order.
 
         ``inputs`` is a dict of input name to array, or one array for a
@@ -203,7 +215,8 @@ class Agent:
         a = self._active
         if a is None:
             raise NoActiveModelError(
-                "no model is installed yet; call install_file() or swap() first")
+                "no model is installed yet; call install_file() or swap() first"
+            )
         single = inputs.__class__ is _nd
         if single and a.input_name is not None:
             feed: Any = {a.input_name: inputs}
@@ -243,7 +256,7 @@ class Agent:
         """Like :meth:`predict`, but returns ``{output name: array}``."""
         a = self._active
         out = self.predict(inputs)
-        names = (a.model if a is not None else self.model)
+        names = a.model if a is not None else self.model
         assert names is not None
         return dict(zip(names.backend.output_names, out, strict=True))
 
@@ -254,13 +267,15 @@ class Agent:
         if a.input_name is None:
             raise InputError(
                 f"{a.model.name} v{a.model.version} has inputs "
-                f"{a.model.backend.input_names}; pass a dict of name -> array")
+                f"{a.model.backend.input_names}; pass a dict of name -> array"
+            )
         if not isinstance(inputs, np.ndarray):
             try:
                 inputs = np.asarray(inputs)
             except Exception as e:
-                raise InputError(f"cannot turn {type(inputs).__name__} into an array: "
-                                 f"{e}; pass a numpy array") from e
+                raise InputError(
+                    f"cannot turn {type(inputs).__name__} into an array: {e}; pass a numpy array"
+                ) from e
         return {a.input_name: inputs}
 
     # ------------------------------------------------------------ models
@@ -275,8 +290,9 @@ class Agent:
         a = self._active
         return list(a.model.backend.output_names) if a is not None else []
 
-    def swap(self, new: LoadedModel, *, rollout_id: str | None = None,
-             drain_timeout: float | None = 30.0) -> LoadedModel | None:
+    def swap(
+        self, new: LoadedModel, *, rollout_id: str | None = None, drain_timeout: float | None = 30.0
+    ) -> LoadedModel | None:
         """Make ``new`` the active model; returns the previous one (or None).
 
         Atomic for concurrent ``predict()`` callers. Returns once every call
@@ -299,8 +315,12 @@ class Agent:
         weakref.finalize(old, released.set)
         del old, handle
         if not released.wait(drain_timeout):
-            log.warning("calls on %s v%s still running after %.1fs; returning without them",
-                        old_model.name, old_model.version, drain_timeout or 0.0)
+            log.warning(
+                "calls on %s v%s still running after %.1fs; returning without them",
+                old_model.name,
+                old_model.version,
+                drain_timeout or 0.0,
+            )
         self.telemetry.detach(old_rec)
         return old_model
 
@@ -317,8 +337,9 @@ class Agent:
             self.telemetry.set_shadow(None)
         else:
             run, names = _runner(model)
-            self.telemetry.set_shadow(lambda feed: run(names, feed, None),
-                                      model.name, model.version)
+            self.telemetry.set_shadow(
+                lambda feed: run(names, feed, None), model.name, model.version
+            )
         old, self._shadow = self._shadow, model
         return old
 
@@ -340,15 +361,30 @@ class Agent:
         if a is None:
             return {"active": None}
         count, errors = self.telemetry.totals(a.rec)
-        return {"active": {"name": a.model.name, "version": a.model.version,
-                           "slot": a.model.slot, "count": count, "errors": errors},
-                "shadow": ({"name": self._shadow.name, "version": self._shadow.version}
-                           if self._shadow is not None else None)}
+        return {
+            "active": {
+                "name": a.model.name,
+                "version": a.model.version,
+                "slot": a.model.slot,
+                "count": count,
+                "errors": errors,
+            },
+            "shadow": (
+                {"name": self._shadow.name, "version": self._shadow.version}
+                if self._shadow is not None
+                else None
+            ),
+        }
 
     # ------------------------------------------------------------ installing
-    def install_file(self, bundle_path: str | Path, trust_store: TrustStore | str | Path, *,
-                     state_dir: str | Path | None = None, probation: bool = False,
-                     ) -> LoadedModel:
+    def install_file(
+        self,
+        bundle_path: str | Path,
+        trust_store: TrustStore | str | Path,
+        *,
+        state_dir: str | Path | None = None,
+        probation: bool = False,
+    ) -> LoadedModel:
         """Verify a bundle file, install it into the inactive slot, smoke-test it, swap.
 
         For devices without a server. This runs the same persisted, crash-safe
@@ -364,20 +400,29 @@ class Agent:
         from .update import Updater
         from .update.errors import UpdateError
 
-        trust = trust_store if isinstance(trust_store, TrustStore) \
+        trust = (
+            trust_store
+            if isinstance(trust_store, TrustStore)
             else TrustStore.load(Path(trust_store))
+        )
         root = Path(state_dir) if state_dir is not None else Path(self.config.device.state_dir)
         sink = self.telemetry.sink
-        updater = Updater(root, trust, self, config=self.config.update,
-                          events=sink if hasattr(sink, "append") else None,  # type: ignore[arg-type]
-                          error_rate_since=self._counts_since)
+        updater = Updater(
+            root,
+            trust,
+            self,
+            config=self.config.update,
+            events=sink if hasattr(sink, "append") else None,  # type: ignore[arg-type]
+            error_rate_since=self._counts_since,
+        )
         try:
             if self.model is None:
                 updater.boot()
             updater.install_file(bundle_path, probation=probation)
         except UpdateError as e:
-            raise InstallError(f"cannot install {bundle_path}: {e}",
-                               getattr(e, "code", "install_failed")) from e
+            raise InstallError(
+                f"cannot install {bundle_path}: {e}", getattr(e, "code", "install_failed")
+            ) from e
         finally:
             updater.unlock()
         report = updater.reports[-1] if updater.reports else None
@@ -386,7 +431,8 @@ class Agent:
             raise InstallError(
                 f"{report['outcome']} {bundle_path} [{code}]: "
                 f"{report.get('message') or 'no reason given'}; the previous model keeps serving",
-                code)
+                code,
+            )
         model = self.model
         if model is None:
             raise InstallError(f"installing {bundle_path} left no active model", "install_failed")
@@ -419,8 +465,13 @@ def _copy_cost_ns(model: LoadedModel) -> int:
     backend = model.backend
     nbytes: list[int] = []
     if isinstance(backend, OnnxBackend):
-        sizes = {"tensor(double)": 8, "tensor(int64)": 8, "tensor(uint8)": 1, "tensor(int8)": 1,
-                 "tensor(float16)": 2}
+        sizes = {
+            "tensor(double)": 8,
+            "tensor(int64)": 8,
+            "tensor(uint8)": 1,
+            "tensor(int8)": 1,
+            "tensor(float16)": 2,
+        }
         for i in backend.session.get_inputs():
             n = int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in i.shape]))
             nbytes.append(n * sizes.get(i.type, 4))
@@ -446,8 +497,10 @@ def _tflite_runner(backend: Any) -> Runner | None:
     # buffers (tensor()), which the agent never takes; GetTensor already returns a copy.
     # No reference to the native object may outlive a call: the wrappers' check counts
     # references to it, and resizing goes through that check.
-    if not all(hasattr(getattr(interp, "_interpreter", None), m)
-               for m in ("SetTensor", "Invoke", "GetTensor")):
+    if not all(
+        hasattr(getattr(interp, "_interpreter", None), m)
+        for m in ("SetTensor", "Invoke", "GetTensor")
+    ):
         return None
 
     def run(_names: Any, feed: dict[str, np.ndarray], _opts: Any) -> list[np.ndarray]:
@@ -488,6 +541,14 @@ def _describe(model: LoadedModel, rollout_id: str | None) -> ModelInfo:
         for d in backend._outputs:
             shapes.append([int(s) for s in d["shape"]])
             dtypes.append(np.dtype(d["dtype"]).name)
-    return ModelInfo.describe(model.name, model.version, model.slot,
-                              backend.input_names, backend.output_names, model.profile,
-                              shapes, dtypes, rollout_id)
+    return ModelInfo.describe(
+        model.name,
+        model.version,
+        model.slot,
+        backend.input_names,
+        backend.output_names,
+        model.profile,
+        shapes,
+        dtypes,
+        rollout_id,
+    )

@@ -31,10 +31,14 @@ CRASH_ENV = "EDGEFLEET_AGENT_CRASH_AT"
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgefleet")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              envvar=CONFIG_ENV,
-              help="Agent config file, TOML (env EDGEFLEET_AGENT_CONFIG). Environment "
-                   "variables EDGEFLEET_AGENT_<SECTION>_<KEY> override it.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=CONFIG_ENV,
+    help="Agent config file, TOML (env EDGEFLEET_AGENT_CONFIG). Environment "
+    "variables EDGEFLEET_AGENT_<SECTION>_<KEY> override it.",
+)
 @click.pass_context
 def main(ctx: click.Context, config_path: Path | None) -> None:
     """edgefleet-agent: run verified models on this device and report on them."""
@@ -76,8 +80,14 @@ def _updater(cfg: AgentConfig) -> tuple[Any, Any]:
     state_dir = Path(cfg.device.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     store = TelemetryStore(state_dir / "telemetry.db", max_bytes=cfg.telemetry.max_db_bytes)
-    return Updater(state_dir, trust, _NoHost(), config=cfg.update, events=store,
-                   crash_at=os.environ.get(CRASH_ENV) or None), store
+    return Updater(
+        state_dir,
+        trust,
+        _NoHost(),
+        config=cfg.update,
+        events=store,
+        crash_at=os.environ.get(CRASH_ENV) or None,
+    ), store
 
 
 class _NoHost:
@@ -91,14 +101,21 @@ class _NoHost:
 
 
 @main.command("enroll")
-@click.option("--token-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="File holding the one-time enrollment token from the operator.")
-@click.option("--token", envvar="EDGEFLEET_ENROLLMENT_TOKEN",
-              help="The enrollment token itself (env EDGEFLEET_ENROLLMENT_TOKEN).")
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="File holding the one-time enrollment token from the operator.",
+)
+@click.option(
+    "--token",
+    envvar="EDGEFLEET_ENROLLMENT_TOKEN",
+    help="The enrollment token itself (env EDGEFLEET_ENROLLMENT_TOKEN).",
+)
 @click.option("--device-id", help="Ask for this device id (default: the server picks one).")
 @click.pass_context
-def enroll_cmd(ctx: click.Context, token_file: Path | None, token: str | None,
-               device_id: str | None) -> None:
+def enroll_cmd(
+    ctx: click.Context, token_file: Path | None, token: str | None, device_id: str | None
+) -> None:
     """Enroll with the fleet server: trade a one-time token for this device's credential.
 
     The credential is written (mode 0600) to [server] token_file and the device id to
@@ -119,15 +136,27 @@ def enroll_cmd(ctx: click.Context, token_file: Path | None, token: str | None,
 
 @main.command("verify")
 @click.argument("bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option("--trust-store", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              envvar="EDGEFLEET_TRUST_STORE", help="Trust store file (env EDGEFLEET_TRUST_STORE).")
-@click.option("--installed-version", type=click.IntRange(min=0),
-              help="Refuse bundles older than this version.")
+@click.option(
+    "--trust-store",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="EDGEFLEET_TRUST_STORE",
+    help="Trust store file (env EDGEFLEET_TRUST_STORE).",
+)
+@click.option(
+    "--installed-version",
+    type=click.IntRange(min=0),
+    help="Refuse bundles older than this version.",
+)
 def verify(bundle: Path, trust_store: Path, installed_version: int | None) -> None:
     """Verify BUNDLE against this device's trust store without installing it."""
     try:
-        v = verify_file(bundle, TrustStore.load(trust_store), now=datetime.now(timezone.utc),
-                        installed_version=installed_version)
+        v = verify_file(
+            bundle,
+            TrustStore.load(trust_store),
+            now=datetime.now(timezone.utc),
+            installed_version=installed_version,
+        )
     except BundleError as e:
         click.secho(f"refused: {type(e).__name__} [{e.code}]: {e}", fg="red", err=True)
         sys.exit(1)
@@ -191,8 +220,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
         return
     a = info["active"]
     click.echo(f"device:       {cfg.device.id}")
-    click.echo("active:       " + (f"slot {a['slot']}: {a['name']} v{a['version']}" if a
-                                   else "none (install a bundle)"))
+    click.echo(
+        "active:       "
+        + (f"slot {a['slot']}: {a['name']} v{a['version']}" if a else "none (install a bundle)")
+    )
     for s, m in info["slots"].items():
         click.echo(f"slot {s}:       " + (f"{m['name']} v{m['version']}" if m else "empty"))
     if a and a.get("previous"):
@@ -233,11 +264,16 @@ def install(ctx: click.Context, bundle: Path) -> None:
         store.close()
     report = updater.reports[-1] if updater.reports else {}
     if report.get("outcome") == "installed":
-        click.echo(f"installed: {report['name']} v{report['version']} into slot "
-                   f"{updater.slots.active().slot}")
+        click.echo(
+            f"installed: {report['name']} v{report['version']} into slot "
+            f"{updater.slots.active().slot}"
+        )
         return
-    _die(f"refused: [{report.get('error_code')}] {report.get('message')}; the active model "
-         "is unchanged", 1)
+    _die(
+        f"refused: [{report.get('error_code')}] {report.get('message')}; the active model "
+        "is unchanged",
+        1,
+    )
 
 
 @main.command("rollback")

@@ -134,7 +134,7 @@ class AgentConfig:
         for name, raw in env.items():
             if not name.startswith(ENV_PREFIX):
                 continue
-            rest = name[len(ENV_PREFIX):].lower()
+            rest = name[len(ENV_PREFIX) :].lower()
             if rest == "log_level":
                 self.log_level = raw
                 continue
@@ -154,8 +154,12 @@ class AgentConfig:
             raise ConfigError("telemetry.max_db_bytes must be at least 1 MiB")
         if not 0.0 <= self.update.probation_max_error_rate <= 1.0:
             raise ConfigError("update.probation_max_error_rate must be between 0 and 1")
-        if not self.device.id or "/" in self.device.id or "+" in self.device.id \
-                or "#" in self.device.id:
+        if (
+            not self.device.id
+            or "/" in self.device.id
+            or "+" in self.device.id
+            or "#" in self.device.id
+        ):
             raise ConfigError("device.id must be non-empty and contain no '/', '+' or '#'")
 
 

@@ -49,7 +49,8 @@ def load_trust(config: AgentConfig) -> TrustStore:
     except FileNotFoundError as e:
         raise ConfigError(
             f"trust store {path} does not exist; set [device] trust_store to the file the "
-            "provisioning image installed") from e
+            "provisioning image installed"
+        ) from e
     except (ValueError, OSError) as e:
         raise ConfigError(f"trust store {path} is unreadable: {e}") from e
 
@@ -67,27 +68,46 @@ def read_token(config: AgentConfig) -> str | None:
 class AgentDaemon:
     """Everything ``edgefleet-agent run`` runs; :meth:`run` blocks until :meth:`stop`."""
 
-    def __init__(self, config: AgentConfig, *, agent: Agent | None = None,
-                 crash_at: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        agent: Agent | None = None,
+        crash_at: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         """``clock`` is the device's wall clock (window boundaries, bundle expiry,
         probation, report times); a simulator passes a controllable one."""
         self.config = config
         state_dir = Path(config.device.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         self.trust = load_trust(config)
-        self.store = TelemetryStore(state_dir / "telemetry.db",
-                                    max_bytes=config.telemetry.max_db_bytes)
+        self.store = TelemetryStore(
+            state_dir / "telemetry.db", max_bytes=config.telemetry.max_db_bytes
+        )
         self.agent = agent if agent is not None else Agent(config, self.store, wall=clock)
         self.fetcher = (
-            HttpFetcher(config.server.url, token=read_token(config),
-                        timeout=config.server.timeout_seconds,
-                        chunk_bytes=config.update.download_chunk_bytes)
-            if config.server.url else None)
+            HttpFetcher(
+                config.server.url,
+                token=read_token(config),
+                timeout=config.server.timeout_seconds,
+                chunk_bytes=config.update.download_chunk_bytes,
+            )
+            if config.server.url
+            else None
+        )
         self.updater = Updater(
-            state_dir, self.trust, self.agent, config=config.update, fetcher=self.fetcher,
-            events=self.store, error_rate_since=self._error_rate_since, crash_at=crash_at,
-            clock=clock, on_telemetry_policy=self.agent.apply_telemetry_policy)
+            state_dir,
+            self.trust,
+            self.agent,
+            config=config.update,
+            fetcher=self.fetcher,
+            events=self.store,
+            error_rate_since=self._error_rate_since,
+            crash_at=crash_at,
+            clock=clock,
+            on_telemetry_policy=self.agent.apply_telemetry_policy,
+        )
         self.transport: Any = None
         self.reporter: Any = None
         self._wake = threading.Event()
@@ -126,10 +146,15 @@ class AgentDaemon:
         cfg = self.config
         self.updater.boot()
         self._start_mqtt()
-        log.info("agent running", extra={
-            "device_id": cfg.device.id, "server": cfg.server.url or None,
-            "mqtt": f"{cfg.mqtt.host}:{cfg.mqtt.port}" if cfg.mqtt.host else None,
-            "state": self.updater.state.value})
+        log.info(
+            "agent running",
+            extra={
+                "device_id": cfg.device.id,
+                "server": cfg.server.url or None,
+                "mqtt": f"{cfg.mqtt.host}:{cfg.mqtt.port}" if cfg.mqtt.host else None,
+                "state": self.updater.state.value,
+            },
+        )
         next_check = 0.0
         try:
             while not self._stop.is_set():
@@ -159,9 +184,11 @@ class AgentDaemon:
             self.reporter.notify()
         if self.transport is not None:
             model = self.agent.model
-            status = {"update_state": self.updater.state.value,
-                      "model": model.name if model else None,
-                      "version": model.version if model else None}
+            status = {
+                "update_state": self.updater.state.value,
+                "model": model.name if model else None,
+                "version": model.version if model else None,
+            }
             if any(self.transport.status_extra.get(k) != v for k, v in status.items()):
                 with contextlib.suppress(Exception):
                     self.transport.set_status(**status)
@@ -173,9 +200,13 @@ class AgentDaemon:
         from .transport.mqtt import MqttTransport
 
         self.transport = MqttTransport.from_config(self.config).start()
-        self.reporter = Reporter(self.store, self.transport, self.config.device.id,
-                                 batch_size=self.config.mqtt.batch_size,
-                                 inflight=self.config.mqtt.inflight).start()
+        self.reporter = Reporter(
+            self.store,
+            self.transport,
+            self.config.device.id,
+            batch_size=self.config.mqtt.batch_size,
+            inflight=self.config.mqtt.inflight,
+        ).start()
         t = threading.Thread(target=self._forward_notifications, name="notify", daemon=True)
         t.start()
         self._threads.append(t)

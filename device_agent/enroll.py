@@ -36,13 +36,19 @@ def enroll(config: AgentConfig, token: str, *, requested_id: str | None = None) 
         raise EnrollmentError("no server url configured ([server] url); cannot enroll")
     if config.server.token_file is None:
         raise EnrollmentError("no [server] token_file configured to store the credential in")
-    body = {"enrollment_token": token.strip(), "device_class": config.device.device_class,
-            "labels": dict(config.device.labels)}
+    body = {
+        "enrollment_token": token.strip(),
+        "device_class": config.device.device_class,
+        "labels": dict(config.device.labels),
+    }
     if requested_id:
         body["device_id"] = requested_id
     req = urllib.request.Request(
-        config.server.url.rstrip("/") + ENROLL_PATH, data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"}, method="POST")
+        config.server.url.rstrip("/") + ENROLL_PATH,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     try:
         with urllib.request.urlopen(req, timeout=config.server.timeout_seconds) as resp:
             answer = json.loads(resp.read())
@@ -52,12 +58,14 @@ def enroll(config: AgentConfig, token: str, *, requested_id: str | None = None) 
             raise EnrollmentError(
                 f"the server refused the enrollment token ({e.code}: {detail}); it is used, "
                 "expired or wrong: ask the operator for a new one (`edgefleet enroll-token "
-                "create`)") from e
+                "create`)"
+            ) from e
         raise EnrollmentError(f"enrollment failed with HTTP {e.code}: {detail}") from e
     except (urllib.error.URLError, OSError) as e:
         raise EnrollmentError(
             f"cannot reach the server at {config.server.url} ({e}); check the network and "
-            "retry, the token stays valid until it expires") from e
+            "retry, the token stays valid until it expires"
+        ) from e
     try:
         device_id, credential = str(answer["device_id"]), str(answer["credential"])
     except (KeyError, TypeError) as e:

@@ -13,8 +13,7 @@ import sys
 from typing import Any, TextIO
 
 #: attributes every LogRecord has; anything else came from ``extra=``
-_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime",
-                                                              "taskName"}
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
 
 class JsonFormatter(logging.Formatter):

@@ -56,8 +56,11 @@ SCHEMA_VERSION = 1
 def encode_array(a: np.ndarray) -> dict[str, Any]:
     a = np.ascontiguousarray(a)
     le = a.astype(a.dtype.newbyteorder("<"), copy=False)
-    return {"dtype": str(a.dtype), "shape": list(a.shape),
-            "data": base64.b64encode(le.tobytes()).decode("ascii")}
+    return {
+        "dtype": str(a.dtype),
+        "shape": list(a.shape),
+        "data": base64.b64encode(le.tobytes()).decode("ascii"),
+    }
 
 
 def decode_array(d: Mapping[str, Any]) -> np.ndarray:
@@ -98,15 +101,22 @@ class DriftProfile:
             "reduction": self.reduction,
             "sample_count": self.sample_count,
             "features": [
-                {"name": f.name, "index": f.index, "edges": list(f.edges),
-                 "proportions": list(f.proportions)}
+                {
+                    "name": f.name,
+                    "index": f.index,
+                    "edges": list(f.edges),
+                    "proportions": list(f.proportions),
+                }
                 for f in self.features
             ],
         }
         if self.output is not None:
             o = self.output
-            od: dict[str, Any] = {"name": o.name, "kind": o.kind,
-                                  "proportions": list(o.proportions)}
+            od: dict[str, Any] = {
+                "name": o.name,
+                "kind": o.kind,
+                "proportions": list(o.proportions),
+            }
             if o.kind == "classification":
                 od["classes"] = o.classes
             else:
@@ -122,21 +132,31 @@ class DriftProfile:
         if obj.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"drift profile schema_version {obj.get('schema_version')!r}")
         feats = tuple(
-            FeatureProfile(str(f["name"]), int(f["index"]), tuple(map(float, f["edges"])),
-                           tuple(map(float, f["proportions"])))
+            FeatureProfile(
+                str(f["name"]),
+                int(f["index"]),
+                tuple(map(float, f["edges"])),
+                tuple(map(float, f["proportions"])),
+            )
             for f in obj["features"]
         )
         o = obj.get("output")
         output = None
         if o:
             output = OutputProfile(
-                name=str(o["name"]), kind=str(o["kind"]),
+                name=str(o["name"]),
+                kind=str(o["kind"]),
                 proportions=tuple(map(float, o["proportions"])),
-                classes=int(o.get("classes", 0)), edges=tuple(map(float, o.get("edges", []))),
+                classes=int(o.get("classes", 0)),
+                edges=tuple(map(float, o.get("edges", []))),
             )
-        return cls(input=str(obj["input"]), features=feats, output=output,
-                   reduction=str(obj.get("reduction", "none")),
-                   sample_count=int(obj.get("sample_count", 0)))
+        return cls(
+            input=str(obj["input"]),
+            features=feats,
+            output=output,
+            reduction=str(obj.get("reduction", "none")),
+            sample_count=int(obj.get("sample_count", 0)),
+        )
 
 
 @dataclass(frozen=True)
@@ -154,7 +174,9 @@ class SmokeSamples:
             "schema_version": SCHEMA_VERSION,
             "inputs": {k: encode_array(v) for k, v in self.inputs.items()},
             "expected": {k: encode_array(v) for k, v in self.expected.items()},
-            "check": self.check, "atol": self.atol, "rtol": self.rtol,
+            "check": self.check,
+            "atol": self.atol,
+            "rtol": self.rtol,
             "min_top1_agreement": self.min_top1_agreement,
         }
 
@@ -169,6 +191,7 @@ class SmokeSamples:
             inputs={k: decode_array(v) for k, v in obj["inputs"].items()},
             expected={k: decode_array(v) for k, v in obj["expected"].items()},
             check=str(obj.get("check", "allclose")),
-            atol=float(obj.get("atol", 1e-4)), rtol=float(obj.get("rtol", 1e-3)),
+            atol=float(obj.get("atol", 1e-4)),
+            rtol=float(obj.get("rtol", 1e-3)),
             min_top1_agreement=float(obj.get("min_top1_agreement", 1.0)),
         )

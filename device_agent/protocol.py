@@ -64,7 +64,24 @@ TELEMETRY_KINDS = ("summary", "samples", "events")
 
 #: upper bounds (ms) of the latency histogram buckets; the last bucket is open
 LATENCY_BUCKETS_MS: tuple[float, ...] = (
-    0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1,
+    2,
+    5,
+    10,
+    20,
+    50,
+    100,
+    200,
+    500,
+    1000,
+    2000,
+    5000,
 )
 
 DEVICE_API_PREFIX = "/device/v1"

@@ -195,7 +195,8 @@ class Reporter:
                 self.counters.rejected += 1
                 log.warning(
                     "broker refused a %s batch (%s); rows kept for the next session",
-                    item.kind, item.handle.reason,
+                    item.kind,
+                    item.handle.reason,
                 )
         self._in_flight = still
         return reaped

@@ -318,7 +318,7 @@ class TelemetryStore:
             def delete() -> None:
                 nonlocal deleted
                 for i in range(0, len(keys), 500):
-                    chunk = keys[i:i + 500]
+                    chunk = keys[i : i + 500]
                     marks = ",".join("?" * len(chunk))
                     for kind in TELEMETRY_KINDS:
                         cur = self._conn.execute(

@@ -38,10 +38,19 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
 
 _HTTP_CODES = {
-    400: "bad_request", 401: "not_authenticated", 403: "permission_denied", 404: "not_found",
-    405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
-    413: "payload_too_large", 415: "unsupported_media_type", 416: "range_not_satisfiable",
-    422: "validation_error", 429: "too_many_requests", 501: "not_implemented",
+    400: "bad_request",
+    401: "not_authenticated",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    416: "range_not_satisfiable",
+    422: "validation_error",
+    429: "too_many_requests",
+    501: "not_implemented",
 }
 
 
@@ -78,8 +87,11 @@ def _start_ingest(ctx: ServerContext) -> Any:
     from .ingest.worker import IngestConfig, IngestWorker
 
     config = IngestConfig(
-        host=s.mqtt_host, port=s.mqtt_port, username=s.mqtt_username or None,
-        password=s.mqtt_password or None, share_group=s.ingest_share_group,
+        host=s.mqtt_host,
+        port=s.mqtt_port,
+        username=s.mqtt_username or None,
+        password=s.mqtt_password or None,
+        share_group=s.ingest_share_group,
         mqtt_version=s.mqtt_version,
     )
     return IngestWorker(config, ctx.engine).start()
@@ -186,10 +198,13 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
             conn.execute(text("SELECT 1"))
         scheduler = getattr(app.state, "scheduler", None)
         worker = getattr(app.state, "ingest", None)
-        return {"status": "ok", "database": ctx.engine.dialect.name,
-                "rollout_rounds": scheduler.rounds if scheduler is not None else 0,
-                "ingesting": worker is not None,
-                "ingest": worker.stats.as_dict() if worker is not None else None}
+        return {
+            "status": "ok",
+            "database": ctx.engine.dialect.name,
+            "rollout_rounds": scheduler.rounds if scheduler is not None else 0,
+            "ingesting": worker is not None,
+            "ingest": worker.stats.as_dict() if worker is not None else None,
+        }
 
     @app.get("/metrics", tags=["server"], response_class=Response)
     def metrics() -> Response:

@@ -123,7 +123,11 @@ class AssignmentWriter:
         if shadow_bundle_id and shadow is None:
             raise LookupError(f"bundle {shadow_bundle_id} does not exist")
         doc = build_assignment(
-            device_id, desired=desired, shadow=shadow, rollout_id=rollout_id, stage=stage,
+            device_id,
+            desired=desired,
+            shadow=shadow,
+            rollout_id=rollout_id,
+            stage=stage,
             telemetry=self.telemetry,
         )
         row = session.get(Assignment, device_id)

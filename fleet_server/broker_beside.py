@@ -41,8 +41,10 @@ class BrokerBeside:
         self.server_password = secret_file.read_text().strip()
         users[SERVER_USER] = mosquitto_hash(self.server_password)
         self.broker: LocalMosquitto | EmbeddedBroker = (
-            LocalMosquitto(self.root / "mosquitto", port=self.port) if kind == "mosquitto"
-            else EmbeddedBroker(self.root / "embedded", port=self.port))
+            LocalMosquitto(self.root / "mosquitto", port=self.port)
+            if kind == "mosquitto"
+            else EmbeddedBroker(self.root / "embedded", port=self.port)
+        )
         self.broker.users.update(users)
         self._save()
 
@@ -58,15 +60,21 @@ class BrokerBeside:
         return {str(k): str(v) for k, v in dict(data).items()}
 
     def _save(self) -> None:
-        atomic_write_bytes(self._users_file,
-                           json.dumps(self.broker.users, indent=1, sort_keys=True).encode(),
-                           mode=0o600)
+        atomic_write_bytes(
+            self._users_file,
+            json.dumps(self.broker.users, indent=1, sort_keys=True).encode(),
+            mode=0o600,
+        )
 
     def start(self) -> None:
         """Start the broker and write ``broker_dir/broker.json`` (where devices connect)."""
         self.broker.start()
-        info = {"kind": self.kind, "host": "127.0.0.1", "port": self.port,
-                "mqtt_version": self.mqtt_version}
+        info = {
+            "kind": self.kind,
+            "host": "127.0.0.1",
+            "port": self.port,
+            "mqtt_version": self.mqtt_version,
+        }
         atomic_write_bytes(self.root / "broker.json", json.dumps(info).encode() + b"\n")
 
     def stop(self) -> None:

@@ -46,10 +46,15 @@ class ServerContext:
             from .localbroker import SERVER_USER
 
             self.broker = BrokerBeside(settings.broker, settings.broker_dir)
-            settings = settings.model_copy(update={
-                "mqtt_host": "127.0.0.1", "mqtt_port": self.broker.port,
-                "mqtt_username": SERVER_USER, "mqtt_password": self.broker.server_password,
-                "mqtt_version": self.broker.mqtt_version})
+            settings = settings.model_copy(
+                update={
+                    "mqtt_host": "127.0.0.1",
+                    "mqtt_port": self.broker.port,
+                    "mqtt_username": SERVER_USER,
+                    "mqtt_password": self.broker.server_password,
+                    "mqtt_version": self.broker.mqtt_version,
+                }
+            )
         self.settings = settings
         self.engine: Engine = make_engine(settings.database_url)
         self.sessions: sessionmaker[Session] = make_sessionmaker(self.engine)
@@ -65,8 +70,10 @@ class ServerContext:
         if notifier is None:
             notifier = (
                 MqttNotifier(
-                    settings.mqtt_host, settings.mqtt_port,
-                    username=settings.mqtt_username, password=settings.mqtt_password,
+                    settings.mqtt_host,
+                    settings.mqtt_port,
+                    username=settings.mqtt_username,
+                    password=settings.mqtt_password,
                     mqtt_version=settings.mqtt_version,
                 )
                 if settings.mqtt_host

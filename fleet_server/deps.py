@@ -27,7 +27,8 @@ from .security import Role, bearer_token
 
 _bearer = HTTPBearer(auto_error=False, description="Operator token (`eft_...`)")
 _device_bearer = HTTPBearer(
-    auto_error=False, scheme_name="DeviceCredential",
+    auto_error=False,
+    scheme_name="DeviceCredential",
     description="Per-device credential issued at enrollment (`efd_...`)",
 )
 

@@ -50,8 +50,9 @@ try:  # the plugin base classes exist only where amqtt is installed
         class Config:
             broker_id: str = ""
 
-        async def topic_filtering(self, *, session: Any = None, topic: str | None = None,
-                                  action: Any = None) -> bool:
+        async def topic_filtering(
+            self, *, session: Any = None, topic: str | None = None, action: Any = None
+        ) -> bool:
             user = getattr(session, "username", None) or ""
             if user == SERVER_USER:
                 return True
@@ -92,13 +93,16 @@ class EmbeddedBroker:
 
     def start(self, timeout: float = 10.0) -> EmbeddedBroker:
         if not AVAILABLE:
-            raise BrokerError("neither mosquitto nor amqtt is installed; "
-                              "`apt-get install mosquitto` or `pip install amqtt`")
+            raise BrokerError(
+                "neither mosquitto nor amqtt is installed; "
+                "`apt-get install mosquitto` or `pip install amqtt`"
+            )
         from amqtt.broker import Broker
 
         config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}",
-                                      "max_connections": 0}},
+            "listeners": {
+                "default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}", "max_connections": 0}
+            },
             "plugins": {
                 f"{__name__}.EdgefleetAuthPlugin": {"broker_id": self.broker_id},
                 f"{__name__}.EdgefleetTopicPlugin": {"broker_id": self.broker_id},
@@ -111,7 +115,8 @@ class EmbeddedBroker:
             loop = asyncio.new_event_loop()
             # amqtt's own tasks can fail while clients drop at shutdown; keep that in the log
             loop.set_exception_handler(
-                lambda _loop, ctx: log.debug("embedded broker: %s", ctx.get("message")))
+                lambda _loop, ctx: log.debug("embedded broker: %s", ctx.get("message"))
+            )
             self._loop = loop
             asyncio.set_event_loop(loop)
             try:

@@ -44,8 +44,13 @@ def issue_enrollment_token(
     token = new_secret(ENROLLMENT_TOKEN_PREFIX)
     now = utcnow()
     row = EnrollmentToken(
-        id=new_id("et"), token_hash=hasher.hash(token), device_class=device_class,
-        labels=dict(labels or {}), note=note, created_by=created_by, created_at=now,
+        id=new_id("et"),
+        token_hash=hasher.hash(token),
+        device_class=device_class,
+        labels=dict(labels or {}),
+        note=note,
+        created_by=created_by,
+        created_at=now,
         expires_at=now + ttl,
     )
     session.add(row)
@@ -90,15 +95,18 @@ def enroll_device(
     assert row is not None
     if row.device_class is not None and row.device_class != device_class:
         raise EnrollmentTokenError(
-            f"this enrollment token is for device class {row.device_class!r}, "
-            f"not {device_class!r}"
+            f"this enrollment token is for device class {row.device_class!r}, not {device_class!r}"
         )
     if session.get(Device, device_id) is not None:
         raise ConflictError(f"device id {device_id!r} is already enrolled; pick another id")
     credential = new_secret(DEVICE_CREDENTIAL_PREFIX)
     device = Device(
-        id=device_id, device_class=device_class, labels={**labels, **row.labels},
-        credential_hash=hasher.hash(credential), enrolled_at=now, health="unknown",
+        id=device_id,
+        device_class=device_class,
+        labels={**labels, **row.labels},
+        credential_hash=hasher.hash(credential),
+        enrolled_at=now,
+        health="unknown",
         health_details={},
     )
     session.add(device)

@@ -21,10 +21,9 @@ def matches(
 
 def group_members(session: Session, group: Group) -> list[Device]:
     """The group's current, non-revoked devices, ordered by id."""
-    devices = session.scalars(
-        select(Device).where(Device.revoked_at.is_(None)).order_by(Device.id)
-    )
+    devices = session.scalars(select(Device).where(Device.revoked_at.is_(None)).order_by(Device.id))
     return [
-        d for d in devices
+        d
+        for d in devices
         if matches(group.selector, group.device_class, d.labels or {}, d.device_class)
     ]

@@ -54,8 +54,9 @@ def check_mosquitto_hash(stored: str, password: str) -> bool:
         _, kind, iterations, salt, digest = stored.split("$")
         if kind != "7":
             return False
-        got = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt),
-                                  int(iterations))
+        got = hashlib.pbkdf2_hmac(
+            "sha512", password.encode(), base64.b64decode(salt), int(iterations)
+        )
         return hmac.compare_digest(base64.b64encode(got).decode(), digest)
     except (ValueError, TypeError):
         return False
@@ -70,8 +71,7 @@ def free_port() -> int:
 class LocalMosquitto:
     """A Mosquitto process with its own config in ``root``; stop it with :meth:`stop`."""
 
-    def __init__(self, root: Path, *, port: int | None = None,
-                 binary: str | None = None) -> None:
+    def __init__(self, root: Path, *, port: int | None = None, binary: str | None = None) -> None:
         self.root = Path(root)
         self.port = port or free_port()
         self.binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -115,8 +115,9 @@ class LocalMosquitto:
         if not Path(self.binary).exists():
             raise BrokerError("mosquitto is not installed; `apt-get install mosquitto`")
         conf = self._write()
-        self.proc = subprocess.Popen([self.binary, "-c", str(conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -15,39 +15,53 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "edgefleet_http_requests", "HTTP requests served",
-            ["method", "route", "status"], registry=self.registry,
+            "edgefleet_http_requests",
+            "HTTP requests served",
+            ["method", "route", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "edgefleet_http_request_seconds", "HTTP request latency",
-            ["route"], registry=self.registry,
+            "edgefleet_http_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
         self.checkins = Counter(
-            "edgefleet_checkins", "Device check-ins by result", ["result"],
+            "edgefleet_checkins",
+            "Device check-ins by result",
+            ["result"],
             registry=self.registry,
         )
         # children resolved once: the check-in path must not pay for label lookups
         self.not_modified = self.checkins.labels("not_modified")
         self.changed = self.checkins.labels("changed")
         self.audit_entries = Counter(
-            "edgefleet_audit_entries", "Audit entries written", registry=self.registry,
+            "edgefleet_audit_entries",
+            "Audit entries written",
+            registry=self.registry,
         )
         self.notifications = Counter(
-            "edgefleet_assignment_notifications", "Assignment-changed notices published",
+            "edgefleet_assignment_notifications",
+            "Assignment-changed notices published",
             registry=self.registry,
         )
         self.cached_assignments = Gauge(
-            "edgefleet_cached_assignments", "Assignments held in memory", registry=self.registry,
+            "edgefleet_cached_assignments",
+            "Assignments held in memory",
+            registry=self.registry,
         )
         self.ingest = Gauge(
-            "edgefleet_ingest", "Telemetry ingestion counters of this replica since start "
-            "(messages, records, stored, duplicates, spoofed_messages, ...)", ["counter"],
+            "edgefleet_ingest",
+            "Telemetry ingestion counters of this replica since start "
+            "(messages, records, stored, duplicates, spoofed_messages, ...)",
+            ["counter"],
             registry=self.registry,
         )
         self.rollout_rounds = Gauge(
-            "edgefleet_rollout_rounds", "Rollout evaluation rounds run by this replica "
-            "(non-zero only on the leader)", registry=self.registry,
+            "edgefleet_rollout_rounds",
+            "Rollout evaluation rounds run by this replica (non-zero only on the leader)",
+            registry=self.registry,
         )
 
 

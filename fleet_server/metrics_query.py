@@ -54,12 +54,17 @@ def install_outcomes(
     keep = set(device_ids)
     since_dt = datetime.fromtimestamp(since, timezone.utc)
     http = select(DeviceReport.device_id, DeviceReport.outcome).where(
-        DeviceReport.type == "install", DeviceReport.name == name,
-        DeviceReport.version == version, DeviceReport.received_at >= since_dt,
+        DeviceReport.type == "install",
+        DeviceReport.name == name,
+        DeviceReport.version == version,
+        DeviceReport.received_at >= since_dt,
     )
     e = TelemetryEvent
     mqtt = select(e.device_id, e.outcome).where(
-        e.type == "install", e.name == name, e.version == version, e.received_at >= since,
+        e.type == "install",
+        e.name == name,
+        e.version == version,
+        e.received_at >= since,
     )
     for stmt in (http, mqtt):
         for device_id, outcome in session.execute(stmt):
@@ -80,7 +85,9 @@ def cohort_metrics(
     failed = sum(1 for o in installs.values() if o & set(FAILED_INSTALL_OUTCOMES))
     counted = sum(1 for o in installs.values() if o & {"installed", *FAILED_INSTALL_OUTCOMES})
     canary_stats = replace(
-        tele.canary, installs=counted, install_failures=failed,
+        tele.canary,
+        installs=counted,
+        install_failures=failed,
         devices=max(tele.canary.devices, len(installs)),
     )
     # drift against the reference: pool the cohort's binned counts over every window
@@ -90,6 +97,7 @@ def cohort_metrics(
     common = [f for f in reference if f in canary_stats.feature_counts]
     if common:
         pooled = max(psi(canary_stats.feature_counts[f], reference[f]) for f in common)
-        canary_stats = replace(canary_stats, drift_psi=pooled,
-                               drift_samples=canary_stats.feature_samples)
+        canary_stats = replace(
+            canary_stats, drift_psi=pooled, drift_samples=canary_stats.feature_samples
+        )
     return CohortMetrics(canary=canary_stats, control=tele.control)

@@ -31,13 +31,20 @@ class MqttNotifier:
     """Publishes assignment-changed notices; reconnects by itself."""
 
     def __init__(
-        self, host: str, port: int, *, username: str = "", password: str = "",
-        client_id: str = "", mqtt_version: int = 5,
+        self,
+        host: str,
+        port: int,
+        *,
+        username: str = "",
+        password: str = "",
+        client_id: str = "",
+        mqtt_version: int = 5,
     ) -> None:
         import paho.mqtt.client as mqtt
 
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
             protocol=mqtt.MQTTv311 if mqtt_version == 4 else mqtt.MQTTv5,
         )
         if username:

@@ -27,8 +27,9 @@ def bundle_profile(bundle: Bundle) -> DriftProfile | None:
 @lru_cache(maxsize=256)
 def _profile(path: str, _bundle_sha: str, manifest_json: str) -> DriftProfile | None:
     files = json.loads(manifest_json).get("files", [])
-    entry = next((f for f in files if isinstance(f, Mapping) and f.get("role") ==
-                  "drift_profile"), None)
+    entry = next(
+        (f for f in files if isinstance(f, Mapping) and f.get("role") == "drift_profile"), None
+    )
     if entry is None or int(entry.get("size", 0)) > MAX_PROFILE_BYTES:
         return None
     try:

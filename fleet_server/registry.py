@@ -45,19 +45,26 @@ def accept_bundle(
         try:
             verified = verify_file(tmp, ctx.trust_store())
         except BundleError as e:
-            raise BundleRejectedError(
-                f"{type(e).__name__}: {e}", details={"reason": e.code}
-            ) from e
+            raise BundleRejectedError(f"{type(e).__name__}: {e}", details={"reason": e.code}) from e
         if session.scalar(select(Bundle.id).where(Bundle.sha256 == sha)):
             raise ConflictError(f"this bundle (sha256 {sha[:16]}...) is already registered")
         m = verified.manifest
         model = _model_for(session, m.name)
         bundle = Bundle(
-            id=f"b-{sha[:16]}", model_id=model.id, name=m.name, version=m.version,
-            format=m.format, device_classes=list(m.target_device_classes),
-            file_path=str(ctx.bundles.path_for(sha)), sha256=sha, size=size,
-            manifest=m.to_json(), signed_by=list(verified.signed_by), source=source,
-            uploaded_by=uploaded_by, created_at=utcnow(),
+            id=f"b-{sha[:16]}",
+            model_id=model.id,
+            name=m.name,
+            version=m.version,
+            format=m.format,
+            device_classes=list(m.target_device_classes),
+            file_path=str(ctx.bundles.path_for(sha)),
+            sha256=sha,
+            size=size,
+            manifest=m.to_json(),
+            signed_by=list(verified.signed_by),
+            source=source,
+            uploaded_by=uploaded_by,
+            created_at=utcnow(),
         )
         session.add(bundle)
         session.flush()
@@ -121,14 +128,20 @@ def build_from_source(
         except ConverterError as e:
             raise BadRequestError(f"cannot read the source model: {e}") from e
         results = build_bundles(
-            source_model, targets, work / "out", name=req.name, version=req.version,
-            signing_key=key, allow_parity_failure=req.allow_parity_failure,
+            source_model,
+            targets,
+            work / "out",
+            name=req.name,
+            version=req.version,
+            signing_key=key,
+            allow_parity_failure=req.allow_parity_failure,
         )
         outcomes = []
         for spec_classes, r in zip(req.targets, results, strict=True):
             if r.bundle is None:
-                outcomes.append(BuildOutcome(spec_classes[0], None, f"{type(r.error).__name__}: "
-                                             f"{r.error}"))
+                outcomes.append(
+                    BuildOutcome(spec_classes[0], None, f"{type(r.error).__name__}: {r.error}")
+                )
                 continue
             with open(r.bundle, "rb") as f:
                 b = accept_bundle(ctx, session, f, uploaded_by=uploaded_by, source="converted")

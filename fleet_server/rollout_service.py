@@ -68,7 +68,8 @@ class RolloutService:
     def _owners(self, session: Session) -> list[tuple[Rollout, Group]]:
         """Rollouts with their groups, newest first."""
         rows = session.execute(
-            select(Rollout, Group).join(Group, Group.id == Rollout.group_id)
+            select(Rollout, Group)
+            .join(Group, Group.id == Rollout.group_id)
             .order_by(Rollout.created_at.desc(), Rollout.id.desc())
         ).all()
         return [(r, g) for r, g in rows]
@@ -84,7 +85,8 @@ class RolloutService:
         spec, state = load(row)
         a = assignment(spec, state, device_id)
         return self.ctx.assignments.assign(
-            session, device_id,
+            session,
+            device_id,
             desired_bundle_id=a.desired.bundle_id if a.desired else None,
             shadow_bundle_id=a.shadow.bundle_id if a.shadow else None,
             rollout_id=row.id if (a.desired or a.shadow) else None,
@@ -115,15 +117,23 @@ class RolloutService:
 
     # -- creation and operator actions ----------------------------------------
     def create(
-        self, session: Session, *, actor: str, name: str, bundle: Bundle, group: Group,
-        previous: Bundle | None, options: dict[str, Any],
+        self,
+        session: Session,
+        *,
+        actor: str,
+        name: str,
+        bundle: Bundle,
+        group: Group,
+        previous: Bundle | None,
+        options: dict[str, Any],
     ) -> Rollout:
         """Validate the spec with the engine and store a pending rollout."""
         rid = f"r-{int(time.time() * 1000):x}{bundle.id[-4:]}"
         while session.get(Rollout, rid) is not None:
             rid += "x"
         spec_json: dict[str, Any] = {
-            "rollout_id": rid, "bundle": bundle_ref(bundle).to_json(),
+            "rollout_id": rid,
+            "bundle": bundle_ref(bundle).to_json(),
             "previous": bundle_ref(previous).to_json() if previous else None,
             "selector": dict(group.selector or {}),
             **{k: v for k, v in options.items() if v is not None},
@@ -131,18 +141,38 @@ class RolloutService:
         spec = RolloutSpec.from_json(spec_json)  # raises InvalidSpecError
         now = utcnow()
         row = Rollout(
-            id=rid, name=name, bundle_id=bundle.id, group_id=group.id,
-            strategy=spec.strategy.value, status=Status.PENDING.value, spec=spec.to_json(),
-            state=RolloutState().to_json(), revision=0, created_by=actor, created_at=now,
+            id=rid,
+            name=name,
+            bundle_id=bundle.id,
+            group_id=group.id,
+            strategy=spec.strategy.value,
+            status=Status.PENDING.value,
+            spec=spec.to_json(),
+            state=RolloutState().to_json(),
+            revision=0,
+            created_by=actor,
+            created_at=now,
             updated_at=now,
         )
         session.add(row)
-        audit.record(session, actor=actor, action="rollout.create", target_type="rollout",
-                     target_id=rid, details={"spec": spec.to_json(), "group": group.name})
+        audit.record(
+            session,
+            actor=actor,
+            action="rollout.create",
+            target_type="rollout",
+            target_id=rid,
+            details={"spec": spec.to_json(), "group": group.name},
+        )
         return row
 
     def act(
-        self, session: Session, row: Rollout, action: str, *, actor: str, reason: str = "",
+        self,
+        session: Session,
+        row: Rollout,
+        action: str,
+        *,
+        actor: str,
+        reason: str = "",
         to_end: bool = False,
     ) -> list[AssignmentChange]:
         """Apply an operator action (start, pause, resume, promote, abort, rollback)."""
@@ -159,30 +189,45 @@ class RolloutService:
         elif action == "abort":
             new = rengine.abort(spec, state, now, actor, reason)
         elif action == "rollback":
-            new = rengine.rollback(spec, state, now, actor, self.prepare_rollback(session, spec),
-                                   reason)
+            new = rengine.rollback(
+                spec, state, now, actor, self.prepare_rollback(session, spec), reason
+            )
         else:
             raise NotFoundError(f"unknown rollout action {action!r}")
         if not self._cas(session, row, state, new):
             raise ConflictError(f"rollout {row.id} changed meanwhile; reload and retry")
-        audit.record(session, actor=actor, action=f"rollout.{action}", target_type="rollout",
-                     target_id=row.id, details={
-                         "from_status": state.status.value, "to_status": new.status.value,
-                         "from_stage": state.stage, "to_stage": new.stage, "reason": reason,
-                         "rollback_bundle": new.rollback_bundle.to_json()
-                         if new.rollback_bundle else None})
+        audit.record(
+            session,
+            actor=actor,
+            action=f"rollout.{action}",
+            target_type="rollout",
+            target_id=row.id,
+            details={
+                "from_status": state.status.value,
+                "to_status": new.status.value,
+                "from_stage": state.stage,
+                "to_stage": new.stage,
+                "reason": reason,
+                "rollback_bundle": new.rollback_bundle.to_json() if new.rollback_bundle else None,
+            },
+        )
         return self.sync_rollout(session, row)
 
-    def _cas(self, session: Session, row: Rollout, expected: RolloutState,
-             new: RolloutState) -> bool:
+    def _cas(
+        self, session: Session, row: Rollout, expected: RolloutState, new: RolloutState
+    ) -> bool:
         current = RolloutState.from_json(row.state)
         if current != expected:
             return False
         res = session.execute(
             update(Rollout)
             .where(Rollout.id == row.id, Rollout.revision == row.revision)
-            .values(state=new.to_json(), status=new.status.value, revision=row.revision + 1,
-                    updated_at=utcnow())
+            .values(
+                state=new.to_json(),
+                status=new.status.value,
+                revision=row.revision + 1,
+                updated_at=utcnow(),
+            )
             .execution_options(synchronize_session=False)
         )
         if res.rowcount != 1:  # type: ignore[attr-defined]
@@ -197,9 +242,14 @@ class RolloutService:
             return None
         version = spec.rollback_version()
         existing = session.scalar(
-            select(Bundle).where(Bundle.name == spec.previous.name, Bundle.version >= version,
-                                 Bundle.source == "rollback")
-            .order_by(Bundle.version).limit(1)
+            select(Bundle)
+            .where(
+                Bundle.name == spec.previous.name,
+                Bundle.version >= version,
+                Bundle.source == "rollback",
+            )
+            .order_by(Bundle.version)
+            .limit(1)
         )
         if existing is not None:
             return bundle_ref(existing)
@@ -212,11 +262,17 @@ class RolloutService:
 
         with tempfile.TemporaryDirectory(prefix="edgefleet-rollback-") as work:
             out = Path(work) / "rollback.efb"
-            republish_bundle(prev.file_path, version=version, out=out, signing_key=key,
-                             trust=self.ctx.trust_store())
+            republish_bundle(
+                prev.file_path,
+                version=version,
+                out=out,
+                signing_key=key,
+                trust=self.ctx.trust_store(),
+            )
             with open(out, "rb") as f:
-                b = accept_bundle(self.ctx, session, f, uploaded_by=audit.SYSTEM_ACTOR,
-                                  source="rollback")
+                b = accept_bundle(
+                    self.ctx, session, f, uploaded_by=audit.SYSTEM_ACTOR, source="rollback"
+                )
         return bundle_ref(b)
 
     def _signing_key(self) -> Any:
@@ -240,8 +296,9 @@ class ServerRolloutRepository:
 
     def active_rollouts(self) -> Sequence[tuple[RolloutSpec, RolloutState]]:
         with self.ctx.session() as s:
-            rows = s.scalars(select(Rollout).where(Rollout.status.in_(ACTIVE))
-                             .order_by(Rollout.created_at))
+            rows = s.scalars(
+                select(Rollout).where(Rollout.status.in_(ACTIVE)).order_by(Rollout.created_at)
+            )
             out = []
             for r in rows:
                 try:
@@ -271,14 +328,18 @@ class ServerRolloutRepository:
 
     def append_audit(self, decision: Decision) -> None:
         with self.ctx.session() as s:
-            audit.record(s, actor=audit.SYSTEM_ACTOR, action=f"rollout.{decision.action.value}",
-                         target_type="rollout", target_id=decision.rollout_id,
-                         details=decision.to_json())
+            audit.record(
+                s,
+                actor=audit.SYSTEM_ACTOR,
+                action=f"rollout.{decision.action.value}",
+                target_type="rollout",
+                target_id=decision.rollout_id,
+                details=decision.to_json(),
+            )
             s.commit()
         self.ctx.metrics.audit_entries.inc()
 
-    def notify_changed(self, spec: RolloutSpec, before: RolloutState,
-                       after: RolloutState) -> int:
+    def notify_changed(self, spec: RolloutSpec, before: RolloutState, after: RolloutState) -> int:
         with self.ctx.session() as s:
             row = s.get(Rollout, spec.rollout_id)
             if row is None:

@@ -98,9 +98,7 @@ class ServerSettings(BaseSettings):
         return self.database_url.startswith("sqlite")
 
 
-def load_settings(
-    path: str | os.PathLike[str] | None = None, **overrides: Any
-) -> ServerSettings:
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> ServerSettings:
     """Read settings from a TOML file (optional), then the environment, then ``overrides``.
 
     The environment wins over the file; explicit overrides win over both.
@@ -115,7 +113,7 @@ def load_settings(
             raise SettingsError(f"settings file {path} is not valid TOML: {e}") from e
         data = dict(raw.get("server", raw))
     prefix = "EDGEFLEET_SERVER_"
-    env_keys = {k[len(prefix):].lower() for k in os.environ if k.startswith(prefix)}
+    env_keys = {k[len(prefix) :].lower() for k in os.environ if k.startswith(prefix)}
     for key in env_keys:
         data.pop(key, None)  # let pydantic-settings read it from the environment
     data.update(overrides)

@@ -61,8 +61,13 @@ def _filter(stmt: Any, table: Any, w: Window) -> Any:
 def summarize(session: Session, w: Window) -> dict[str, Any]:
     """Inference, error, latency, drift and prediction figures for ``w``."""
     s = TelemetrySummary
-    stmt = _filter(select(s.device_id, s.count, s.errors, s.latency_hist, s.drift_psi_max,
-                          s.prediction_counts), s, w)
+    stmt = _filter(
+        select(
+            s.device_id, s.count, s.errors, s.latency_hist, s.drift_psi_max, s.prediction_counts
+        ),
+        s,
+        w,
+    )
     devices: set[str] = set()
     count = errors = 0
     hist: list[int] = []
@@ -97,7 +102,8 @@ def install_outcomes(session: Session, w: Window) -> dict[str, Any]:
     e = TelemetryEvent
     per_device: dict[str, set[str]] = {}
     for dev, outcome in session.execute(
-            _filter(select(e.device_id, e.outcome).where(e.type == "install"), e, w)):
+        _filter(select(e.device_id, e.outcome).where(e.type == "install"), e, w)
+    ):
         per_device.setdefault(dev, set()).add(outcome or "unknown")
     r = DeviceReport
     stmt = select(r.device_id, r.outcome).where(r.type == "install")
@@ -135,9 +141,18 @@ def samples(session: Session, w: Window, limit: int, offset: int) -> list[dict[s
         if offset:
             offset -= 1
             continue
-        out.append({"device_id": row.device_id, "seq": row.seq, "ts": row.ts,
-                    "received_at": row.received_at, "name": row.name, "version": row.version,
-                    "predicted": row.predicted, "body": row.body})
+        out.append(
+            {
+                "device_id": row.device_id,
+                "seq": row.seq,
+                "ts": row.ts,
+                "received_at": row.received_at,
+                "name": row.name,
+                "version": row.version,
+                "predicted": row.predicted,
+                "body": row.body,
+            }
+        )
         if len(out) >= limit:
             break
     return out

@@ -43,8 +43,14 @@ def mlp_onnx(seed: int = 0, n_in: int = 16, hidden: int = 64, n_out: int = 4) ->
         scale = 1.0 / np.sqrt(shape[0]) if len(shape) == 2 else 0.1
         return numpy_helper.from_array((rng.normal(size=shape) * scale).astype(np.float32), name)
 
-    inits = [w("W1", n_in, hidden), w("B1", hidden), w("W2", hidden, hidden), w("B2", hidden),
-             w("W3", hidden, n_out), w("B3", n_out)]
+    inits = [
+        w("W1", n_in, hidden),
+        w("B1", hidden),
+        w("W2", hidden, hidden),
+        w("B2", hidden),
+        w("W3", hidden, n_out),
+        w("B3", n_out),
+    ]
     nodes = [
         helper.make_node("Gemm", ["x", "W1", "B1"], ["h1"]),
         helper.make_node("Relu", ["h1"], ["a1"]),
@@ -54,7 +60,8 @@ def mlp_onnx(seed: int = 0, n_in: int = 16, hidden: int = 64, n_out: int = 4) ->
         helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
     ]
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n_in])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", n_out])],
         inits,  # type: ignore[arg-type]
@@ -73,9 +80,14 @@ def cnn_onnx(seed: int = 0, channels: int = 16, classes: int = 10) -> bytes:
         return numpy_helper.from_array(a.astype(np.float32), name)
 
     c = channels
-    inits = [arr("K1", (c, 3, 3, 3), 27), arr("C1", (c,), 27),
-             arr("K2", (c, c, 3, 3), 9 * c), arr("C2", (c,), 9 * c),
-             arr("W", (c, classes), c), arr("B", (classes,), c)]
+    inits = [
+        arr("K1", (c, 3, 3, 3), 27),
+        arr("C1", (c,), 27),
+        arr("K2", (c, c, 3, 3), 9 * c),
+        arr("C2", (c,), 9 * c),
+        arr("W", (c, classes), c),
+        arr("B", (classes,), c),
+    ]
     nodes = [
         helper.make_node("Conv", ["x", "K1", "C1"], ["c1"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"]),
@@ -87,7 +99,8 @@ def cnn_onnx(seed: int = 0, channels: int = 16, classes: int = 10) -> bytes:
         helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
     ]
     graph = helper.make_graph(
-        nodes, "cnn",
+        nodes,
+        "cnn",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 32, 32])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", classes])],
         inits,  # type: ignore[arg-type]
@@ -95,9 +108,15 @@ def cnn_onnx(seed: int = 0, channels: int = 16, classes: int = 10) -> bytes:
     return _finish(graph)
 
 
-def make_profile(x: np.ndarray, preds: np.ndarray | None, *, input_name: str = "x",
-                 output_name: str = "probs", bins: int = 10,
-                 reduction: str = "none") -> DriftProfile:
+def make_profile(
+    x: np.ndarray,
+    preds: np.ndarray | None,
+    *,
+    input_name: str = "x",
+    output_name: str = "probs",
+    bins: int = 10,
+    reduction: str = "none",
+) -> DriftProfile:
     """Quantile-binned reference profile of ``x`` ``[n, ...]`` and class predictions."""
     from device_agent.telemetry.stats import binned_counts, reduce_features
 
@@ -106,21 +125,38 @@ def make_profile(x: np.ndarray, preds: np.ndarray | None, *, input_name: str = "
     for i in range(feats.shape[1]):
         edges = np.unique(np.quantile(feats[:, i], np.linspace(0, 1, bins + 1)[1:-1]))
         counts = binned_counts(feats[:, i], edges)
-        out.append(FeatureProfile(f"f{i}", i, tuple(map(float, edges)),
-                                  tuple(map(float, counts / counts.sum()))))
+        out.append(
+            FeatureProfile(
+                f"f{i}", i, tuple(map(float, edges)), tuple(map(float, counts / counts.sum()))
+            )
+        )
     output = None
     if preds is not None:
         classes = preds.shape[-1]
         c = np.bincount(preds.argmax(-1), minlength=classes)
-        output = OutputProfile(output_name, "classification",
-                               tuple(map(float, c / c.sum())), classes=classes)
-    return DriftProfile(input=input_name, features=tuple(out), output=output,
-                        reduction=reduction, sample_count=len(x))
+        output = OutputProfile(
+            output_name, "classification", tuple(map(float, c / c.sum())), classes=classes
+        )
+    return DriftProfile(
+        input=input_name,
+        features=tuple(out),
+        output=output,
+        reduction=reduction,
+        sample_count=len(x),
+    )
 
 
-def make_bundle(root: Path, key: object, *, model_bytes: bytes, fmt: str = "onnx",
-                name: str = "m", version: int = 1, profile: DriftProfile | None = None,
-                smoke: SmokeSamples | None = None) -> Path:
+def make_bundle(
+    root: Path,
+    key: object,
+    *,
+    model_bytes: bytes,
+    fmt: str = "onnx",
+    name: str = "m",
+    version: int = 1,
+    profile: DriftProfile | None = None,
+    smoke: SmokeSamples | None = None,
+) -> Path:
     """Pack and sign a real bundle file."""
     src = root / f"src-{name}-{version}-{fmt}"
     src.mkdir(parents=True, exist_ok=True)
@@ -128,16 +164,26 @@ def make_bundle(root: Path, key: object, *, model_bytes: bytes, fmt: str = "onnx
     (src / model_name).write_bytes(model_bytes)
     placeholder = {"placeholder": True, "schema_version": 1}
     (src / "drift_profile.json").write_bytes(
-        canonical_json(profile.to_json() if profile else placeholder))
+        canonical_json(profile.to_json() if profile else placeholder)
+    )
     (src / "smoke_samples.json").write_bytes(
-        canonical_json(smoke.to_json() if smoke else placeholder))
-    files = [BundleFile(src / model_name, model_name, "model"),
-             BundleFile(src / "drift_profile.json", "drift_profile.json", "drift_profile"),
-             BundleFile(src / "smoke_samples.json", "smoke_samples.json", "smoke_samples")]
+        canonical_json(smoke.to_json() if smoke else placeholder)
+    )
+    files = [
+        BundleFile(src / model_name, model_name, "model"),
+        BundleFile(src / "drift_profile.json", "drift_profile.json", "drift_profile"),
+        BundleFile(src / "smoke_samples.json", "smoke_samples.json", "smoke_samples"),
+    ]
     created = datetime.now(timezone.utc) - timedelta(hours=1)
-    manifest = build_manifest(name=name, version=version, fmt=fmt, files=files,
-                              created_at=created, valid_for=timedelta(days=30),
-                              runtime={"engine": "onnxruntime" if fmt == "onnx" else "tflite"})
+    manifest = build_manifest(
+        name=name,
+        version=version,
+        fmt=fmt,
+        files=files,
+        created_at=created,
+        valid_for=timedelta(days=30),
+        runtime={"engine": "onnxruntime" if fmt == "onnx" else "tflite"},
+    )
     out = root / f"{name}-v{version}.{fmt}.efb"
     pack_bundle(out, manifest, files)
     sign_bundle(out, key)  # type: ignore[arg-type]
@@ -164,7 +210,8 @@ def softmax_onnx(n: int = 4) -> bytes:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Softmax", ["x"], ["probs"], axis=1)], "softmax",
+        [helper.make_node("Softmax", ["x"], ["probs"], axis=1)],
+        "softmax",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", n])],
     )
@@ -176,9 +223,12 @@ def add_onnx(n: int = 4) -> bytes:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Add", ["a", "b"], ["y"])], "add",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", n]),
-         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", n])],
+        [helper.make_node("Add", ["a", "b"], ["y"])],
+        "add",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", n]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", n]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
     )
     return _finish(graph)

@@ -126,8 +126,10 @@ class MosquittoBroker:
             if self.autosave_on_changes:
                 # save after every N changes, so a SIGKILL loses (almost) nothing the
                 # broker already acknowledged
-                lines += ["autosave_on_changes true",
-                          f"autosave_interval {self.autosave_on_changes}"]
+                lines += [
+                    "autosave_on_changes true",
+                    f"autosave_interval {self.autosave_on_changes}",
+                ]
             else:
                 lines.append("autosave_interval 1800")
         if self.users:
@@ -182,8 +184,9 @@ class MosquittoBroker:
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
                 raise BrokerError(f"mosquitto exited during start-up; log:\n{self.log()}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                (self.host, self.port), timeout=0.2
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), timeout=0.2),
             ):
                 return
             time.sleep(0.02)
@@ -307,8 +310,10 @@ class MessageCollector:
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=self.client_id,
-            clean_session=self.clean_session, protocol=mqtt.MQTTv311,
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=self.clean_session,
+            protocol=mqtt.MQTTv311,
         )
         if self.username is not None:
             self._client.username_pw_set(self.username, self.password)
@@ -396,8 +401,15 @@ class MessageCollector:
 
 
 def publish_once(
-    broker: MosquittoBroker, username: str, password: str, topic: str, payload: bytes,
-    *, qos: int = 1, retain: bool = False, timeout: float = 10.0,
+    broker: MosquittoBroker,
+    username: str,
+    password: str,
+    topic: str,
+    payload: bytes,
+    *,
+    qos: int = 1,
+    retain: bool = False,
+    timeout: float = 10.0,
 ) -> None:
     """Connect as ``username``, publish one message, wait for PUBACK, disconnect."""
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"once-{time.monotonic_ns()}")

@@ -90,8 +90,12 @@ class BundleSim:
             BundleFile(smoke, "smoke_samples.json", "smoke_samples"),
         ]
         manifest = build_manifest(
-            name=name, version=version, fmt="onnx", files=files,
-            created_at=created, valid_for=valid_for,
+            name=name,
+            version=version,
+            fmt="onnx",
+            files=files,
+            created_at=created,
+            valid_for=valid_for,
             runtime={"engine": "onnxruntime", "onnx_ir_version": 8},
         )
         out = self.root / f"{name}-v{version}-s{seed}-{'-'.join(signers) or 'unsigned'}.efb"
@@ -131,8 +135,19 @@ def write_members(path: Path, members: list[Member]) -> Path:
 
 def _copy(info: tarfile.TarInfo) -> tarfile.TarInfo:
     new = tarfile.TarInfo(info.name)
-    for attr in ("size", "mode", "mtime", "type", "linkname", "uid", "gid", "uname", "gname",
-                 "devmajor", "devminor"):
+    for attr in (
+        "size",
+        "mode",
+        "mtime",
+        "type",
+        "linkname",
+        "uid",
+        "gid",
+        "uname",
+        "gname",
+        "devmajor",
+        "devminor",
+    ):
         setattr(new, attr, getattr(info, attr))
     return new
 
@@ -141,8 +156,9 @@ def rewrite(src: Path, dst: Path, fn: Callable[[list[Member]], list[Member]]) ->
     return write_members(dst, fn(read_members(src)))
 
 
-def member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE,
-           linkname: str = "") -> Member:
+def member(
+    name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, linkname: str = ""
+) -> Member:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.linkname = linkname

@@ -31,15 +31,17 @@ def cached_venv(name: str, requirements: list[str], key_files: tuple[Path, ...] 
         venv.EnvBuilder(with_pip=True).create(env_dir)
         subprocess.run(
             [str(python), "-m", "pip", "install", "-q", *requirements],
-            check=True, timeout=900,
+            check=True,
+            timeout=900,
         )
         stamp.touch()
     return python
 
 
 def run_in(python: Path, script: str, *args: str, timeout: float = 300) -> str:
-    out = subprocess.run([str(python), "-c", script, *args], capture_output=True, text=True,
-                         timeout=timeout)
+    out = subprocess.run(
+        [str(python), "-c", script, *args], capture_output=True, text=True, timeout=timeout
+    )
     if out.returncode != 0:
         raise AssertionError(f"script failed in {python}:\n{out.stdout}\n{out.stderr}")
     return out.stdout

@@ -36,6 +36,7 @@ SMOKE_INPUT = np.linspace(-1.0, 1.0, 16, dtype=np.float32).reshape(4, 4)
 
 # -- bundles with real smoke samples ------------------------------------------------
 
+
 def reference_outputs(seed: int, x: np.ndarray = SMOKE_INPUT) -> np.ndarray:
     """What ``tiny_onnx_model(seed)`` computes on ``x``, by onnxruntime."""
     import onnxruntime as ort
@@ -68,19 +69,27 @@ def publish(
         smoke_doc: dict[str, Any] = {"placeholder": True, "schema_version": 1}
     else:
         expected = reference_outputs(seed if smoke == "real" else seed + 1000)
-        smoke_doc = SmokeSamples(inputs={"x": SMOKE_INPUT}, expected={"probs": expected},
-                                 atol=1e-5, rtol=1e-4).to_json()
+        smoke_doc = SmokeSamples(
+            inputs={"x": SMOKE_INPUT}, expected={"probs": expected}, atol=1e-5, rtol=1e-4
+        ).to_json()
     (d / "smoke_samples.json").write_bytes(canonical_json(smoke_doc))
-    (d / "drift_profile.json").write_bytes(canonical_json({"placeholder": True,
-                                                           "schema_version": 1}))
+    (d / "drift_profile.json").write_bytes(
+        canonical_json({"placeholder": True, "schema_version": 1})
+    )
     files = [
         BundleFile(model, "model.onnx", "model"),
         BundleFile(d / "drift_profile.json", "drift_profile.json", "drift_profile"),
         BundleFile(d / "smoke_samples.json", "smoke_samples.json", "smoke_samples"),
     ]
-    manifest = build_manifest(name=name, version=version, fmt="onnx", files=files,
-                              created_at=created, valid_for=valid_for,
-                              runtime={"engine": "onnxruntime", "onnx_ir_version": 8})
+    manifest = build_manifest(
+        name=name,
+        version=version,
+        fmt="onnx",
+        files=files,
+        created_at=created,
+        valid_for=valid_for,
+        runtime={"engine": "onnxruntime", "onnx_ir_version": 8},
+    )
     out = d / f"{name}-v{version}.efb"
     pack_bundle(out, manifest, files)
     sign_bundle(out, sim.key("release"))
@@ -89,15 +98,16 @@ def publish(
 
 # -- the server ------------------------------------------------------------------------
 
+
 @dataclass
 class Fault:
     drop_after: int | None = None  # close the connection after this many body bytes ...
-    drop_times: int = 1            # ... on this many requests
-    wrong_bytes: bool = False      # serve the file with its bytes flipped
-    endless: bool = False          # stream forever, no Content-Length
-    ignore_range: bool = False     # always answer 200 with the whole file
-    slow_seconds: float = 0.0      # sleep between chunks
-    refuse_range_times: int = 0    # answer 416 to this many Range requests
+    drop_times: int = 1  # ... on this many requests
+    wrong_bytes: bool = False  # serve the file with its bytes flipped
+    endless: bool = False  # stream forever, no Content-Length
+    ignore_range: bool = False  # always answer 200 with the whole file
+    slow_seconds: float = 0.0  # sleep between chunks
+    refuse_range_times: int = 0  # answer 416 to this many Range requests
 
 
 @dataclass
@@ -137,8 +147,7 @@ class BundleServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
         return self
 
@@ -154,32 +163,57 @@ class BundleServer:
         return f"http://{host}:{port}"
 
     # -- test-facing helpers -----------------------------------------------------
-    def offer(self, bundle: Path, *, version: int, name: str = "tiny", shadow: Path | None = None,
-              shadow_version: int | None = None, bundle_id: str | None = None,
-              size: int | None = None) -> dict[str, Any]:
+    def offer(
+        self,
+        bundle: Path,
+        *,
+        version: int,
+        name: str = "tiny",
+        shadow: Path | None = None,
+        shadow_version: int | None = None,
+        bundle_id: str | None = None,
+        size: int | None = None,
+    ) -> dict[str, Any]:
         """Serve ``bundle`` and assign it as ``desired`` (and ``shadow`` if given)."""
-        doc: dict[str, Any] = {"device_id": "dev-1", "rollout_id": None, "stage": None,
-                               "telemetry": {}}
+        doc: dict[str, Any] = {
+            "device_id": "dev-1",
+            "rollout_id": None,
+            "stage": None,
+            "telemetry": {},
+        }
         doc["desired"] = self._ref(bundle, name, version, bundle_id, size)
-        doc["shadow"] = (self._ref(shadow, name, shadow_version or version, None, None)
-                         if shadow is not None else None)
+        doc["shadow"] = (
+            self._ref(shadow, name, shadow_version or version, None, None)
+            if shadow is not None
+            else None
+        )
         body = canonical_json({k: v for k, v in doc.items()})
         doc["assignment_id"] = hashlib.sha256(body).hexdigest()
         self.assignment = doc
         return doc
 
-    def _ref(self, bundle: Path, name: str, version: int, bundle_id: str | None,
-             size: int | None) -> dict[str, Any]:
+    def _ref(
+        self, bundle: Path, name: str, version: int, bundle_id: str | None, size: int | None
+    ) -> dict[str, Any]:
         data = bundle.read_bytes()
         bid = bundle_id or f"b-{hashlib.sha256(data).hexdigest()[:16]}"
         self.bundles[bid] = bundle
-        return {"bundle_id": bid, "name": name, "version": version,
-                "url": f"{BUNDLES_PREFIX}{bid}", "sha256": hashlib.sha256(data).hexdigest(),
-                "size": len(data) if size is None else size}
+        return {
+            "bundle_id": bid,
+            "name": name,
+            "version": version,
+            "url": f"{BUNDLES_PREFIX}{bid}",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "size": len(data) if size is None else size,
+        }
 
     def bundle_requests(self, bundle_id: str | None = None) -> list[Request]:
-        return [r for r in self.requests if r.path.startswith(BUNDLES_PREFIX)
-                and (bundle_id is None or r.path.endswith(bundle_id))]
+        return [
+            r
+            for r in self.requests
+            if r.path.startswith(BUNDLES_PREFIX)
+            and (bundle_id is None or r.path.endswith(bundle_id))
+        ]
 
     # -- handlers --------------------------------------------------------------------
     def _get(self, h: BaseHTTPRequestHandler) -> None:
@@ -188,7 +222,7 @@ class BundleServer:
         if h.path == ASSIGNMENT_PATH:
             self._assignment(h, req)
         elif h.path.startswith(BUNDLES_PREFIX):
-            self._bundle(h, req, h.path[len(BUNDLES_PREFIX):])
+            self._bundle(h, req, h.path[len(BUNDLES_PREFIX) :])
         else:
             self._send(h, req, 404, b"not found")
 
@@ -203,8 +237,14 @@ class BundleServer:
         self.reports.extend(json.loads(body)["reports"])
         self._send(h, req, 204, b"")
 
-    def _send(self, h: BaseHTTPRequestHandler, req: Request, status: int, body: bytes,
-              headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        h: BaseHTTPRequestHandler,
+        req: Request,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         req.status = status
         h.send_response(status)
         for k, v in (headers or {}).items():
@@ -223,8 +263,13 @@ class BundleServer:
         if h.headers.get("If-None-Match") == etag:
             self._send(h, req, 304, b"", {"ETag": etag})
             return
-        self._send(h, req, 200, json.dumps(self.assignment).encode(),
-                   {"ETag": etag, "Content-Type": "application/json"})
+        self._send(
+            h,
+            req,
+            200,
+            json.dumps(self.assignment).encode(),
+            {"ETag": etag, "Content-Type": "application/json"},
+        )
 
     def _bundle(self, h: BaseHTTPRequestHandler, req: Request, bid: str) -> None:
         path = self.bundles.get(bid)
@@ -264,7 +309,7 @@ class BundleServer:
             fault.drop_times -= 1
             limit = min(limit, fault.drop_after)
         for off in self._chunks(limit):
-            piece = body[off:min(off + self.chunk, limit)]
+            piece = body[off : min(off + self.chunk, limit)]
             try:
                 h.wfile.write(piece)
                 h.wfile.flush()
@@ -298,6 +343,7 @@ class BundleServer:
 
 
 # -- a minimal model host ----------------------------------------------------------------
+
 
 class ServingHost:
     """Serves the active model and counts predictions and errors, like the Agent does."""

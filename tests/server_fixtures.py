@@ -87,11 +87,13 @@ class Fleet:
 
     def operator_token(self, role: str, name: str | None = None) -> str:
         name = name or f"{role}-{secrets.token_hex(3)}"
-        r = self.client.post("/api/v1/operators", headers=self.admin,
-                             json={"name": name, "role": role})
+        r = self.client.post(
+            "/api/v1/operators", headers=self.admin, json={"name": name, "role": role}
+        )
         assert r.status_code == 201, r.text
-        t = self.client.post(f"/api/v1/operators/{r.json()['id']}/tokens", headers=self.admin,
-                             json={})
+        t = self.client.post(
+            f"/api/v1/operators/{r.json()['id']}/tokens", headers=self.admin, json={}
+        )
         assert t.status_code == 201, t.text
         return str(t.json()["token"])
 
@@ -100,29 +102,42 @@ class Fleet:
         assert r.status_code == 201, r.text
         return str(r.json()["token"])
 
-    def enroll(self, device_id: str, device_class: str = "cam",
-               labels: dict[str, str] | None = None) -> dict[str, str]:
+    def enroll(
+        self, device_id: str, device_class: str = "cam", labels: dict[str, str] | None = None
+    ) -> dict[str, str]:
         """Enroll a device; returns its Authorization header."""
-        r = self.client.post("/device/v1/enroll", json={
-            "enrollment_token": self.enrollment_token(), "device_id": device_id,
-            "device_class": device_class, "labels": labels or {},
-        })
+        r = self.client.post(
+            "/device/v1/enroll",
+            json={
+                "enrollment_token": self.enrollment_token(),
+                "device_id": device_id,
+                "device_class": device_class,
+                "labels": labels or {},
+            },
+        )
         assert r.status_code == 201, r.text
         self.enroll_headers[device_id] = auth(r.json()["credential"])
         return self.enroll_headers[device_id]
 
     def upload_bundle(self, version: int = 2, seed: int = 0, name: str = "tiny") -> dict[str, Any]:
-        path = self.sim.publish(version=version, seed=seed, name=name,
-                                created=_now_minus_day(), valid_for=_days(30))
+        path = self.sim.publish(
+            version=version, seed=seed, name=name, created=_now_minus_day(), valid_for=_days(30)
+        )
         with open(path, "rb") as f:
-            r = self.client.post("/api/v1/bundles", headers=self.admin,
-                                 files={"file": (path.name, f, "application/octet-stream")})
+            r = self.client.post(
+                "/api/v1/bundles",
+                headers=self.admin,
+                files={"file": (path.name, f, "application/octet-stream")},
+            )
         assert r.status_code == 201, r.text
         return dict(r.json())
 
     def assign(self, device_id: str, bundle_id: str | None) -> None:
-        r = self.client.put(f"/api/v1/devices/{device_id}/assignment", headers=self.admin,
-                            json={"desired_bundle_id": bundle_id})
+        r = self.client.put(
+            f"/api/v1/devices/{device_id}/assignment",
+            headers=self.admin,
+            json={"desired_bundle_id": bundle_id},
+        )
         assert r.status_code == 200, r.text
 
 
@@ -161,10 +176,16 @@ def fleet(tmp_path: Path, db_url: str, bundle_sim: BundleSim) -> Iterator[Fleet]
     ``fleet.scheduler.run_once()``.
     """
     keys_dir, kid, trust_path = server_keys(tmp_path, bundle_sim)
-    app = create_app(make_settings(
-        tmp_path, db_url, trust_store=trust_path, signing_key_dir=keys_dir, signing_key=kid,
-        run_scheduler=False,
-    ))
+    app = create_app(
+        make_settings(
+            tmp_path,
+            db_url,
+            trust_store=trust_path,
+            signing_key_dir=keys_dir,
+            signing_key=kid,
+            run_scheduler=False,
+        )
+    )
     with TestClient(app) as client:
         yield Fleet(client=client, sim=bundle_sim, tmp=tmp_path)
 
@@ -189,9 +210,21 @@ def start_server(env_settings: dict[str, str], log: Path, port: int | None = Non
     env.update({f"EDGEFLEET_SERVER_{k.upper()}": v for k, v in env_settings.items()})
     out = open(log, "wb")  # noqa: SIM115 - handed to the child, closed by the OS at exit
     proc = subprocess.Popen(  # `edgefleet server`: uvicorn in factory mode
-        [sys.executable, "-c", "from fleet_server.cli import main; main()", "server",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        env=env, stdout=out, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-c",
+            "from fleet_server.cli import main; main()",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90  # generous: CI machines may be busy
@@ -223,9 +256,12 @@ def live_server(tmp_path: Path, db_url: str, bundle_sim: BundleSim) -> Iterator[
     keys_dir, kid, trust_path = server_keys(tmp_path, bundle_sim)
     server = start_server(
         {
-            "database_url": db_url, "bundle_dir": str(tmp_path / "bundles"),
-            "admin_bootstrap_token": ADMIN_TOKEN, "trust_store": str(trust_path),
-            "signing_key_dir": str(keys_dir), "signing_key": kid,
+            "database_url": db_url,
+            "bundle_dir": str(tmp_path / "bundles"),
+            "admin_bootstrap_token": ADMIN_TOKEN,
+            "trust_store": str(trust_path),
+            "signing_key_dir": str(keys_dir),
+            "signing_key": kid,
         },
         tmp_path / "server.log",
     )
@@ -244,12 +280,20 @@ def module_server(
     sim = BundleSim(tmp / "repo")
     keys_dir, kid, trust_path = server_keys(tmp, sim)
     stack = contextlib.ExitStack()
-    url = (f"sqlite:///{tmp / 'server.db'}" if request.param == "sqlite"
-           else stack.enter_context(fresh_database()))
+    url = (
+        f"sqlite:///{tmp / 'server.db'}"
+        if request.param == "sqlite"
+        else stack.enter_context(fresh_database())
+    )
     server = start_server(
-        {"database_url": url, "bundle_dir": str(tmp / "bundles"),
-         "admin_bootstrap_token": ADMIN_TOKEN, "trust_store": str(trust_path),
-         "signing_key_dir": str(keys_dir), "signing_key": kid},
+        {
+            "database_url": url,
+            "bundle_dir": str(tmp / "bundles"),
+            "admin_bootstrap_token": ADMIN_TOKEN,
+            "trust_store": str(trust_path),
+            "signing_key_dir": str(keys_dir),
+            "signing_key": kid,
+        },
         tmp / "server.log",
     )
     try:

@@ -200,7 +200,7 @@ class TrustStore:
     @classmethod
     def from_json(cls, obj: Any) -> TrustStore:
         if not isinstance(obj, dict) or obj.get("version") != 1:
-            raise ValueError("trust store must be an object with \"version\": 1")
+            raise ValueError('trust store must be an object with "version": 1')
         store = cls(threshold=int(obj.get("threshold", 1)), revoked=set(obj.get("revoked", [])))
         for entry in obj.get("keys", []):
             pub = public_key_from_b64(entry["public_key"])

@@ -15,7 +15,19 @@ from .stats import PSI_EPSILON, binned_counts, ks_binned, psi
 from .window import ModelInfo, Window
 
 __all__ = [
-    "PSI_EPSILON", "FieldMask", "FieldMaskError", "ModelInfo", "Recorder", "StratifiedSampler",
-    "Telemetry", "TelemetryOptions", "TelemetrySink", "Window", "allocate", "binned_counts",
-    "compile_mask", "ks_binned", "psi",
+    "PSI_EPSILON",
+    "FieldMask",
+    "FieldMaskError",
+    "ModelInfo",
+    "Recorder",
+    "StratifiedSampler",
+    "Telemetry",
+    "TelemetryOptions",
+    "TelemetrySink",
+    "Window",
+    "allocate",
+    "binned_counts",
+    "compile_mask",
+    "ks_binned",
+    "psi",
 ]

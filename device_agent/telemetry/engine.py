@@ -83,12 +83,31 @@ class TelemetryOptions:
 class Recorder:
     """Hot-path buffers of one model plus its open window (the worker owns the window)."""
 
-    __slots__ = ("calls", "errors", "wake_batch", "max_buffered", "wake", "info", "mask",
-                 "window", "total_count", "total_errors", "closed", "countdown", "stride",
-                 "copy_ns")
+    __slots__ = (
+        "calls",
+        "errors",
+        "wake_batch",
+        "max_buffered",
+        "wake",
+        "info",
+        "mask",
+        "window",
+        "total_count",
+        "total_errors",
+        "closed",
+        "countdown",
+        "stride",
+        "copy_ns",
+    )
 
-    def __init__(self, info: ModelInfo, wake: threading.Event, opts: TelemetryOptions,
-                 mask: FieldMask | None, window: Window) -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        wake: threading.Event,
+        opts: TelemetryOptions,
+        mask: FieldMask | None,
+        window: Window,
+    ) -> None:
         self.calls: deque[tuple[int, Inputs | np.ndarray | None, Outputs | None]] = deque()
         self.errors: deque[str] = deque()
         self.wake_batch = opts.wake_batch
@@ -112,8 +131,7 @@ class Recorder:
         self.copy_ns = int(copy_ns)
         self.stride = self.countdown = max(1, math.ceil(self.copy_ns / _COPY_NS_FLOOR))
 
-    def spill(self, latency_ns: int, inputs: Inputs | np.ndarray | None,
-              outputs: Outputs) -> None:
+    def spill(self, latency_ns: int, inputs: Inputs | np.ndarray | None, outputs: Outputs) -> None:
         """Slow path of the hot path: the buffer is past ``wake_batch``."""
         if not self.wake.is_set():
             self.wake.set()
@@ -124,8 +142,9 @@ class Recorder:
 
 
 class _Shadow:
-    def __init__(self, run: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
-                 name: str, version: int) -> None:
+    def __init__(
+        self, run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], name: str, version: int
+    ) -> None:
         self.run = run
         self.name = name
         self.version = version
@@ -170,16 +189,33 @@ class Telemetry:
         events: list[Record] = []
         mask: FieldMask | None = None
         try:
-            mask = compile_mask(self.config.drop_fields, self.config.hash_fields,
-                                info.input_names, info.output_names, info.profile)
+            mask = compile_mask(
+                self.config.drop_fields,
+                self.config.hash_fields,
+                info.input_names,
+                info.output_names,
+                info.profile,
+            )
         except FieldMaskError as e:
             log.warning("no samples will be stored for %s v%s: %s", info.name, info.version, e)
-            events.append(("event", {"type": "telemetry", "outcome": "samples_disabled",
-                                     "name": info.name, "version": info.version,
-                                     "message": str(e), "ts": now}, now))
+            events.append(
+                (
+                    "event",
+                    {
+                        "type": "telemetry",
+                        "outcome": "samples_disabled",
+                        "name": info.name,
+                        "version": info.version,
+                        "message": str(e),
+                        "ts": now,
+                    },
+                    now,
+                )
+            )
         with self._lock:
-            rec = Recorder(info, self.wake, self.options, mask,
-                           self._new_window(info, mask, now, shadow=True))
+            rec = Recorder(
+                info, self.wake, self.options, mask, self._new_window(info, mask, now, shadow=True)
+            )
             self._recs.append(rec)
             self._active = rec
             self._write(events)
@@ -199,8 +235,12 @@ class Telemetry:
                 self._active = None
             self._write(out)
 
-    def set_shadow(self, run: Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None,
-                   name: str = "", version: int = 0) -> None:
+    def set_shadow(
+        self,
+        run: Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None,
+        name: str = "",
+        version: int = 0,
+    ) -> None:
         """Run ``run`` beside the active model (None stops). Returns once the old one is idle."""
         with self._lock:
             self._shadow = _Shadow(run, name, version) if run is not None else None
@@ -221,8 +261,10 @@ class Telemetry:
 
     def totals(self, rec: Recorder) -> tuple[int, int]:
         """Calls and errors of ``rec`` since it was attached, including what is buffered."""
-        return (rec.total_count + len(rec.calls) + len(rec.errors),
-                rec.total_errors + len(rec.errors))
+        return (
+            rec.total_count + len(rec.calls) + len(rec.errors),
+            rec.total_errors + len(rec.errors),
+        )
 
     # ------------------------------------------------------------ worker
     def tick(self, now: float | None = None) -> int:
@@ -238,10 +280,13 @@ class Telemetry:
                     out.extend(self._close(rec, rec.window.end))
                     start = rec.window.end
                     if start + self.config.window_seconds <= now:  # idle gap: skip ahead
-                        start = math.floor(now / self.config.window_seconds) \
+                        start = (
+                            math.floor(now / self.config.window_seconds)
                             * self.config.window_seconds
-                    rec.window = self._new_window(rec.info, rec.mask, start,
-                                                  shadow=rec is self._active)
+                        )
+                    rec.window = self._new_window(
+                        rec.info, rec.mask, start, shadow=rec is self._active
+                    )
             return self._write(out)
 
     def close_all(self, now: float | None = None) -> int:
@@ -252,8 +297,7 @@ class Telemetry:
             for rec in self._recs:
                 self._drain(rec, deadline=None)
                 out.extend(self._close(rec, now))
-                rec.window = self._new_window(rec.info, rec.mask, now,
-                                              shadow=rec is self._active)
+                rec.window = self._new_window(rec.info, rec.mask, now, shadow=rec is self._active)
             return self._write(out)
 
     def next_deadline(self, now: float) -> float:
@@ -270,8 +314,7 @@ class Telemetry:
         if self._thread is not None:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="edgefleet-telemetry",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="edgefleet-telemetry", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -296,22 +339,27 @@ class Telemetry:
                 log.exception("telemetry tick failed; continuing")
 
     # ------------------------------------------------------------ internals
-    def _new_window(self, info: ModelInfo, mask: FieldMask | None, start: float,
-                    shadow: bool = False) -> Window:
+    def _new_window(
+        self, info: ModelInfo, mask: FieldMask | None, start: float, shadow: bool = False
+    ) -> Window:
         w_len = self.config.window_seconds
         end = (math.floor(start / w_len) + 1) * w_len
         sampler = None
         if mask is not None and self.config.sample_rate > 0:
-            sampler = StratifiedSampler(self.config.sample_rate,
-                                        self.options.max_samples_per_window,
-                                        max(1, info.classes), self.rng)
+            sampler = StratifiedSampler(
+                self.config.sample_rate,
+                self.options.max_samples_per_window,
+                max(1, info.classes),
+                self.rng,
+            )
         w = Window(info, start, end, sampler, mask)
         if shadow and self._shadow is not None:
             w.shadow = ShadowStats(self._shadow.name, self._shadow.version)
         return w
 
-    def _drain(self, rec: Recorder, deadline: int | None, shadow: bool = True,
-               yield_gil: bool = False) -> None:
+    def _drain(
+        self, rec: Recorder, deadline: int | None, shadow: bool = True, yield_gil: bool = False
+    ) -> None:
         calls, errs = rec.calls, rec.errors
         n_err = len(errs)
         for _ in range(n_err):
@@ -338,8 +386,7 @@ class Telemetry:
             ins = [c[1] for c in items]
             outs = [c[2] for c in items]
             w.add_batch(lat, ins, outs)
-            if shadow and self._shadow is not None and rec is self._active \
-                    and w.shadow is not None:
+            if shadow and self._shadow is not None and rec is self._active and w.shadow is not None:
                 self._run_shadow(w, ins, outs, deadline)
             if n and yield_gil:
                 time.sleep(0)
@@ -348,9 +395,13 @@ class Telemetry:
             allowed = max(_COPY_NS_FLOOR, _COPY_FRACTION * mean)
             rec.stride = max(1, math.ceil(rec.copy_ns / allowed))
 
-    def _run_shadow(self, w: Window, ins: Sequence[Inputs | np.ndarray | None],
-                    outs: Sequence[Outputs | None],
-                    deadline: int | None) -> None:
+    def _run_shadow(
+        self,
+        w: Window,
+        ins: Sequence[Inputs | np.ndarray | None],
+        outs: Sequence[Outputs | None],
+        deadline: int | None,
+    ) -> None:
         sh = self._shadow
         st = w.shadow
         assert sh is not None and st is not None
@@ -373,11 +424,16 @@ class Telemetry:
                 c = np.asarray(cand[j])
                 if info.classes > 0:
                     same = a.shape == c.shape and bool(
-                        np.array_equal(a.reshape(a.shape[0], -1).argmax(1),
-                                       c.reshape(c.shape[0], -1).argmax(1)))
+                        np.array_equal(
+                            a.reshape(a.shape[0], -1).argmax(1), c.reshape(c.shape[0], -1).argmax(1)
+                        )
+                    )
                 else:
-                    same = a.shape == c.shape and bool(np.allclose(
-                        a, c, atol=self.options.shadow_atol, rtol=self.options.shadow_rtol))
+                    same = a.shape == c.shape and bool(
+                        np.allclose(
+                            a, c, atol=self.options.shadow_atol, rtol=self.options.shadow_rtol
+                        )
+                    )
             except Exception:  # a failing candidate is what shadow mode is meant to find
                 st.errors += 1
                 st.count += 1

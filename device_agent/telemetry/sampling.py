@@ -85,8 +85,7 @@ def _sha(arr: np.ndarray) -> str:
 
 def _mask_elements(arr: np.ndarray, rules: Mapping[int, str]) -> dict[str, Any]:
     rows = arr.reshape(arr.shape[0], -1) if arr.ndim >= 1 else arr.reshape(1, 1)
-    values: list[Any] = rows.astype(np.float64).tolist() if arr.dtype.kind == "f" \
-        else rows.tolist()
+    values: list[Any] = rows.astype(np.float64).tolist() if arr.dtype.kind == "f" else rows.tolist()
     for r, row in enumerate(values):
         for i, action in rules.items():
             if i < len(row):
@@ -144,8 +143,9 @@ class _Reservoir:
 class StratifiedSampler:
     """Per-class bottom-k reservoirs for one window; see the module docstring."""
 
-    def __init__(self, rate: float, max_per_window: int, classes: int,
-                 rng: np.random.Generator) -> None:
+    def __init__(
+        self, rate: float, max_per_window: int, classes: int, rng: np.random.Generator
+    ) -> None:
         self.rate = float(rate)
         self.max_per_window = int(max_per_window)
         self.capacity = max(1, math.ceil(self.max_per_window / max(1, classes)))
@@ -196,8 +196,9 @@ class StratifiedSampler:
         return out
 
 
-def allocate(budget: int, sizes: Mapping[int, int],
-             seen: Mapping[int, int] | None = None) -> dict[int, int]:
+def allocate(
+    budget: int, sizes: Mapping[int, int], seen: Mapping[int, int] | None = None
+) -> dict[int, int]:
     """Split ``budget`` equally over classes, capped by ``sizes``; spare goes to rare classes."""
     alloc = {c: 0 for c in sizes}
     remaining = budget

@@ -73,8 +73,11 @@ def binned_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.bincount(idx, minlength=len(edges) + 1).astype(np.int64)
 
 
-def psi(counts: Sequence[float] | np.ndarray, reference: Sequence[float] | np.ndarray,
-        epsilon: float = PSI_EPSILON) -> float | None:
+def psi(
+    counts: Sequence[float] | np.ndarray,
+    reference: Sequence[float] | np.ndarray,
+    epsilon: float = PSI_EPSILON,
+) -> float | None:
     """Population stability index of observed ``counts`` against ``reference`` proportions.
 
     None when there is nothing observed.
@@ -88,8 +91,9 @@ def psi(counts: Sequence[float] | np.ndarray, reference: Sequence[float] | np.nd
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def ks_binned(counts: Sequence[float] | np.ndarray,
-              reference: Sequence[float] | np.ndarray) -> float | None:
+def ks_binned(
+    counts: Sequence[float] | np.ndarray, reference: Sequence[float] | np.ndarray
+) -> float | None:
     """Largest absolute difference between the observed and reference binned CDFs."""
     c = np.asarray(counts, dtype=np.float64)
     n = c.sum()
@@ -116,6 +120,7 @@ def reduce_features(x: np.ndarray, reduction: str) -> np.ndarray:
             return x.reshape(n, -1).astype(np.float64)
         return x.reshape(n, x.shape[1], -1).mean(axis=2)
     if reduction != "none":
-        raise ValueError(f"unknown drift reduction {reduction!r}; expected 'none' or "
-                         "'channel_mean'")
+        raise ValueError(
+            f"unknown drift reduction {reduction!r}; expected 'none' or 'channel_mean'"
+        )
     return x.reshape(n, -1)

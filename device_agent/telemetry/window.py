@@ -43,10 +43,18 @@ class ModelInfo:
     classes: int = 0
 
     @classmethod
-    def describe(cls, name: str, version: int, slot: str, input_names: Sequence[str],
-                 output_names: Sequence[str], profile: DriftProfile | None,
-                 output_shapes: Sequence[Sequence[Any]] = (), output_dtypes: Sequence[str] = (),
-                 rollout_id: str | None = None) -> ModelInfo:
+    def describe(
+        cls,
+        name: str,
+        version: int,
+        slot: str,
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        profile: DriftProfile | None,
+        output_shapes: Sequence[Sequence[Any]] = (),
+        output_dtypes: Sequence[str] = (),
+        rollout_id: str | None = None,
+    ) -> ModelInfo:
         """Decide which output holds predictions and whether the model is a classifier.
 
         With a drift profile its ``output`` says so; without one, output 0 is a
@@ -66,8 +74,9 @@ class ModelInfo:
             floating = "float" in dtype or "double" in dtype
             if isinstance(last, int) and last >= 2 and floating and len(shape) >= 2:
                 classes = last
-        return cls(name, int(version), slot, tuple(input_names), outs, profile, rollout_id,
-                   pred, classes)
+        return cls(
+            name, int(version), slot, tuple(input_names), outs, profile, rollout_id, pred, classes
+        )
 
 
 @dataclass
@@ -86,10 +95,16 @@ class ShadowStats:
         p50, p95, p99 = stats.fine_percentiles_ms(self.fine, (50, 95, 99))
         n = int(self.fine.sum())
         return {
-            "name": self.name, "version": self.version, "count": self.count,
+            "name": self.name,
+            "version": self.version,
+            "count": self.count,
             "agreement": (self.agree / self.count) if self.count else None,
-            "latency_ms": {"p50": p50, "p95": p95, "p99": p99,
-                           "mean": (self.lat_sum_ns / n / 1e6) if n else None},
+            "latency_ms": {
+                "p50": p50,
+                "p95": p95,
+                "p99": p99,
+                "mean": (self.lat_sum_ns / n / 1e6) if n else None,
+            },
             "errors": self.errors,
         }
 
@@ -97,8 +112,14 @@ class ShadowStats:
 class Window:
     """Counters of one model over ``[start, end)``."""
 
-    def __init__(self, info: ModelInfo, start: float, end: float,
-                 sampler: StratifiedSampler | None, mask: FieldMask | None) -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        start: float,
+        end: float,
+        sampler: StratifiedSampler | None,
+        mask: FieldMask | None,
+    ) -> None:
         self.info = info
         self.start = start
         self.end = end
@@ -129,8 +150,12 @@ class Window:
         self.shadow: ShadowStats | None = None
 
     # ------------------------------------------------------------ feeding
-    def add_batch(self, lat_ns: np.ndarray, inputs: Sequence[Inputs | np.ndarray | None],
-                  outputs: Sequence[Outputs | None]) -> np.ndarray:
+    def add_batch(
+        self,
+        lat_ns: np.ndarray,
+        inputs: Sequence[Inputs | np.ndarray | None],
+        outputs: Sequence[Outputs | None],
+    ) -> np.ndarray:
         """Add a batch of successful calls; returns each call's predicted class (-1: none).
 
         ``inputs[i]`` is a dict, the single input's array, or None when the hot
@@ -151,12 +176,17 @@ class Window:
                 self._add_drift(kept)
         classes = self._predicted(outputs)
         if self.sampler is not None:
-            ok = np.fromiter((i is not None and o is not None for i, o in zip(
-                inputs, outputs, strict=True)), dtype=bool, count=n)
+            ok = np.fromiter(
+                (i is not None and o is not None for i, o in zip(inputs, outputs, strict=True)),
+                dtype=bool,
+                count=n,
+            )
             rows = np.flatnonzero(ok)
             if len(rows):
-                self.sampler.offer(classes[rows], lambda k: (
-                    self._as_dict(inputs[int(rows[k])]), outputs[int(rows[k])]))
+                self.sampler.offer(
+                    classes[rows],
+                    lambda k: (self._as_dict(inputs[int(rows[k])]), outputs[int(rows[k])]),
+                )
         return classes
 
     def add_errors(self, n: int) -> None:
@@ -174,9 +204,12 @@ class Window:
         assert prof is not None and self.feature_counts is not None
         single = len(self.info.input_names) == 1 and self.info.input_names[0] == prof.input
         try:
-            x = np.concatenate([i if isinstance(i, np.ndarray) and single
-                                else np.asarray(i[prof.input])  # type: ignore[call-overload]
-                                for i in inputs])
+            x = np.concatenate(
+                [
+                    i if isinstance(i, np.ndarray) and single else np.asarray(i[prof.input])  # type: ignore[call-overload]
+                    for i in inputs
+                ]
+            )
             feats = stats.reduce_features(x, prof.reduction)
             cols = feats[:, self._index]
         except (KeyError, ValueError, IndexError, TypeError):
@@ -205,12 +238,13 @@ class Window:
         if rows == 0 or y.size == 0:
             return classes
         if info.classes > 0:
-            row_cls = y.reshape(rows, -1).argmax(axis=1) if y.ndim >= 2 else \
-                np.zeros(rows, np.int64)
+            row_cls = (
+                y.reshape(rows, -1).argmax(axis=1) if y.ndim >= 2 else np.zeros(rows, np.int64)
+            )
             if self.pred_counts is not None:
                 self.pred_counts += np.bincount(
-                    np.clip(row_cls, 0, len(self.pred_counts) - 1),
-                    minlength=len(self.pred_counts))
+                    np.clip(row_cls, 0, len(self.pred_counts) - 1), minlength=len(self.pred_counts)
+                )
             if rows == len(rows_of):
                 classes[rows_of] = row_cls
             else:  # batched calls: a call's class is its first row's
@@ -228,17 +262,28 @@ class Window:
             return None
         feats = []
         for f, counts in zip(prof.features, self.feature_counts, strict=True):
-            feats.append({"name": f.name, "psi": stats.psi(counts, f.proportions),
-                          "ks": stats.ks_binned(counts, f.proportions),
-                          "counts": counts.tolist()})
+            feats.append(
+                {
+                    "name": f.name,
+                    "psi": stats.psi(counts, f.proportions),
+                    "ks": stats.ks_binned(counts, f.proportions),
+                    "counts": counts.tolist(),
+                }
+            )
         psis = [f["psi"] for f in feats if f["psi"] is not None]
         kss = [f["ks"] for f in feats if f["ks"] is not None]
         pred = None
         if prof.output is not None and self.pred_counts is not None:
-            pred = {"counts": self.pred_counts.tolist(),
-                    "psi": stats.psi(self.pred_counts, prof.output.proportions)}
-        return {"features": feats, "psi_max": max(psis) if psis else None,
-                "ks_max": max(kss) if kss else None, "prediction": pred}
+            pred = {
+                "counts": self.pred_counts.tolist(),
+                "psi": stats.psi(self.pred_counts, prof.output.proportions),
+            }
+        return {
+            "features": feats,
+            "psi_max": max(psis) if psis else None,
+            "ks_max": max(kss) if kss else None,
+            "prediction": pred,
+        }
 
     def summary(self, end: float, dropped: Mapping[str, int]) -> dict[str, Any]:
         """The summary record body (protocol.py) for this window, closed at ``end``."""
@@ -246,12 +291,20 @@ class Window:
         ok = int(self.hist.sum())
         info = self.info
         return {
-            "window_start": self.start, "window_end": end,
-            "name": info.name, "version": info.version, "slot": info.slot,
+            "window_start": self.start,
+            "window_end": end,
+            "name": info.name,
+            "version": info.version,
+            "slot": info.slot,
             "rollout_id": info.rollout_id,
-            "count": self.count, "errors": self.errors,
-            "latency_ms": {"p50": p50, "p95": p95, "p99": p99,
-                           "mean": (self.lat_sum_ns / ok / 1e6) if ok else None},
+            "count": self.count,
+            "errors": self.errors,
+            "latency_ms": {
+                "p50": p50,
+                "p95": p95,
+                "p99": p99,
+                "mean": (self.lat_sum_ns / ok / 1e6) if ok else None,
+            },
             "latency_hist": self.hist.tolist(),
             "drift": self.drift_json(),
             "shadow": self.shadow.to_json() if self.shadow is not None else None,
@@ -265,10 +318,13 @@ class Window:
         info = self.info
         out = []
         for cls, (inputs, outputs) in self.sampler.take(self.count - self.errors):
-            out.append({
-                "name": info.name, "version": info.version,
-                "predicted": cls if cls >= 0 else None,
-                "inputs": self.mask.apply(inputs),
-                "outputs": self.mask.apply(dict(zip(info.output_names, outputs, strict=False))),
-            })
+            out.append(
+                {
+                    "name": info.name,
+                    "version": info.version,
+                    "predicted": cls if cls >= 0 else None,
+                    "inputs": self.mask.apply(inputs),
+                    "outputs": self.mask.apply(dict(zip(info.output_names, outputs, strict=False))),
+                }
+            )
         return out

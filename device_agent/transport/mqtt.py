@@ -123,9 +123,7 @@ class MqttTransport:
         kwargs: dict[str, Any] = {"protocol": protocol, "reconnect_on_failure": False}
         if protocol == mqtt.MQTTv311:
             kwargs["clean_session"] = True
-        c = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id or device_id, **kwargs
-        )
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or device_id, **kwargs)
         c.connect_timeout = connect_timeout
         if username:
             c.username_pw_set(username, password)
@@ -163,8 +161,11 @@ class MqttTransport:
                 ) from e
         tls = TlsOptions(ca_file=m.ca_file) if m.tls else None
         kwargs: dict[str, Any] = dict(
-            username=m.username or cfg.device.id, password=password, tls=tls,
-            keepalive=m.keepalive, max_inflight=m.inflight,
+            username=m.username or cfg.device.id,
+            password=password,
+            tls=tls,
+            keepalive=m.keepalive,
+            max_inflight=m.inflight,
         )
         kwargs.update(overrides)
         return cls(cfg.device.id, m.host, m.port, **kwargs)
@@ -223,8 +224,9 @@ class MqttTransport:
         if self._thread is None:
             return
         if self.connected:
-            h = self.publish(self._status_topic, self._status_payload("offline"), qos=1,
-                             retain=True)
+            h = self.publish(
+                self._status_topic, self._status_payload("offline"), qos=1, retain=True
+            )
             h.wait(timeout)
         self._stop.set()
         self._thread.join(timeout + 5)

@@ -96,15 +96,17 @@ class HttpFetcher:
     def _url(self, path: str) -> str:
         return urljoin(self.base_url, path.lstrip("/")) if not path.startswith("http") else path
 
-    def _request(self, url: str, headers: dict[str, str] | None = None,
-                 data: bytes | None = None) -> Any:
+    def _request(
+        self, url: str, headers: dict[str, str] | None = None, data: bytes | None = None
+    ) -> Any:
         h = dict(headers or {})
         if self.token:
             h["Authorization"] = f"Bearer {self.token}"
         if data is not None:
             h["Content-Type"] = "application/json"
-        req = urllib.request.Request(url, data=data, headers=h,
-                                     method="POST" if data is not None else "GET")
+        req = urllib.request.Request(
+            url, data=data, headers=h, method="POST" if data is not None else "GET"
+        )
         return urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310 - http(s) only
 
     # -- assignment ----------------------------------------------------------
@@ -119,7 +121,8 @@ class HttpFetcher:
                 return None, etag
             raise ServerUnavailableError(
                 f"assignment check-in at {url} answered HTTP {e.code}; check the device "
-                "credential and the server") from e
+                "credential and the server"
+            ) from e
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             raise ServerUnavailableError(f"cannot reach {url}: {e}; will retry") from e
         if len(body) > 1024 * 1024:
@@ -146,12 +149,12 @@ class HttpFetcher:
             raise DownloadTooLargeError(
                 f"bundle {ref.bundle_id} announces {ref.size} bytes, above this device's cap "
                 f"of {max_bytes} (update.max_bundle_bytes); raise the cap or ship a smaller "
-                "bundle")
+                "bundle"
+            )
         downloads.mkdir(parents=True, exist_ok=True)
         part = downloads / f"{ref.bundle_id}.part"
         final = downloads / f"{ref.bundle_id}.bundle"
-        if final.exists() and final.stat().st_size == ref.size and \
-                sha256_file(final) == ref.sha256:
+        if final.exists() and final.stat().st_size == ref.size and sha256_file(final) == ref.sha256:
             return final
         url = self._url(ref.url)
         failures = 0
@@ -165,8 +168,14 @@ class HttpFetcher:
                     part.unlink()
                 raise
             except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-                if isinstance(e, urllib.error.HTTPError) and e.code not in (408, 429, 500,
-                                                                              502, 503, 504):
+                if isinstance(e, urllib.error.HTTPError) and e.code not in (
+                    408,
+                    429,
+                    500,
+                    502,
+                    503,
+                    504,
+                ):
                     raise DownloadError(f"downloading {url} failed: HTTP {e.code}") from e
                 reason = str(e) or type(e).__name__
             failures += 1
@@ -174,16 +183,20 @@ class HttpFetcher:
             if failures > self.retries:
                 raise DownloadError(
                     f"downloading {url} failed {failures} times ({reason}); kept {have} "
-                    "bytes and will resume at the next check")
-            log.warning("download interrupted, resuming", extra={
-                "bundle_id": ref.bundle_id, "have": have, "reason": reason})
+                    "bytes and will resume at the next check"
+                )
+            log.warning(
+                "download interrupted, resuming",
+                extra={"bundle_id": ref.bundle_id, "have": have, "reason": reason},
+            )
             self.sleep(self.backoff_seconds * failures)
         got = sha256_file(part)
         if got != ref.sha256:
             part.unlink()
             raise DownloadDigestError(
                 f"downloaded {ref.bundle_id} has sha256 {got}, the assignment says "
-                f"{ref.sha256}; the file was corrupted in transit or the server is misconfigured")
+                f"{ref.sha256}; the file was corrupted in transit or the server is misconfigured"
+            )
         os.replace(part, final)
         return final
 
@@ -224,7 +237,8 @@ class HttpFetcher:
                         if have + len(chunk) > limit:
                             raise DownloadTooLargeError(
                                 f"{url} sent more than {limit} bytes (the announced size or "
-                                "update.max_bundle_bytes); download cut off")
+                                "update.max_bundle_bytes); download cut off"
+                            )
                         f.write(chunk)
                         have += len(chunk)
                 finally:

@@ -58,17 +58,17 @@ class State(str, Enum):
 
 
 class Event(str, Enum):
-    CHECK = "check"                      # poll timer or MQTT notify
-    NO_CHANGE = "no_change"              # 304, or the assignment asks for what we run
-    CHECK_FAILED = "check_failed"        # server unreachable; try at the next poll
+    CHECK = "check"  # poll timer or MQTT notify
+    NO_CHANGE = "no_change"  # 304, or the assignment asks for what we run
+    CHECK_FAILED = "check_failed"  # server unreachable; try at the next poll
     UPDATE_AVAILABLE = "update_available"
     SHADOW_AVAILABLE = "shadow_available"
-    INSTALL_LOCAL = "install_local"      # `edgefleet-agent install BUNDLE`
+    INSTALL_LOCAL = "install_local"  # `edgefleet-agent install BUNDLE`
     ROLLBACK_REQUESTED = "rollback_requested"  # `edgefleet-agent rollback`
     DOWNLOADED = "downloaded"
     DOWNLOAD_ERROR = "download_error"
     VERIFIED = "verified"
-    REFUSED = "refused"                  # BundleError during verification
+    REFUSED = "refused"  # BundleError during verification
     STAGED = "staged"
     STAGE_ERROR = "stage_error"
     SMOKE_PASSED = "smoke_passed"
@@ -81,7 +81,7 @@ class Event(str, Enum):
     PROBATION_ERROR = "probation_error"
     ROLLED_BACK = "rolled_back"
     REPORTED = "reported"
-    RESTART = "restart"                  # the process started with this state persisted
+    RESTART = "restart"  # the process started with this state persisted
 
 
 class Action(str, Enum):
@@ -125,18 +125,20 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
     # -- failures ------------------------------------------------------------------
     (S.DOWNLOADING, E.DOWNLOAD_ERROR): (S.DOWNLOAD_FAILED, (A.DISCARD_DOWNLOAD, A.REPORT)),
     (S.DOWNLOAD_FAILED, E.REPORTED): (S.IDLE, ()),
-    (S.VERIFYING, E.REFUSED): (
-        S.VERIFY_FAILED, (A.DISCARD_DOWNLOAD, A.REMEMBER_FAILED, A.REPORT)),
-    (S.STAGING, E.REFUSED): (
-        S.VERIFY_FAILED, (A.DISCARD_DOWNLOAD, A.REMEMBER_FAILED, A.REPORT)),
+    (S.VERIFYING, E.REFUSED): (S.VERIFY_FAILED, (A.DISCARD_DOWNLOAD, A.REMEMBER_FAILED, A.REPORT)),
+    (S.STAGING, E.REFUSED): (S.VERIFY_FAILED, (A.DISCARD_DOWNLOAD, A.REMEMBER_FAILED, A.REPORT)),
     (S.VERIFY_FAILED, E.REPORTED): (S.IDLE, ()),
     (S.STAGING, E.STAGE_ERROR): (S.STAGE_FAILED, (A.DISCARD_STAGED, A.REPORT)),
     (S.STAGE_FAILED, E.REPORTED): (S.IDLE, ()),
     (S.SMOKE_TESTING, E.SMOKE_ERROR): (
-        S.SMOKE_FAILED, (A.DISCARD_DOWNLOAD, A.DISCARD_STAGED, A.REMEMBER_FAILED, A.REPORT)),
+        S.SMOKE_FAILED,
+        (A.DISCARD_DOWNLOAD, A.DISCARD_STAGED, A.REMEMBER_FAILED, A.REPORT),
+    ),
     (S.SMOKE_FAILED, E.REPORTED): (S.IDLE, ()),
     (S.SHADOW_LOADING, E.SMOKE_ERROR): (
-        S.SMOKE_FAILED, (A.DISCARD_DOWNLOAD, A.DISCARD_STAGED, A.REMEMBER_FAILED, A.REPORT)),
+        S.SMOKE_FAILED,
+        (A.DISCARD_DOWNLOAD, A.DISCARD_STAGED, A.REMEMBER_FAILED, A.REPORT),
+    ),
     (S.SWITCHING, E.SWITCH_ERROR): (S.ROLLING_BACK, (A.ROLL_BACK,)),
     (S.PROBATION, E.PROBATION_ERROR): (S.PROBATION_FAILED, (A.REMEMBER_FAILED, A.REPORT)),
     (S.PROBATION_FAILED, E.REPORTED): (S.ROLLING_BACK, (A.ROLL_BACK,)),
@@ -145,23 +147,27 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
     # -- what a restart does in each state ----------------------------------------
     (S.IDLE, E.RESTART): (S.IDLE, ()),
     (S.CHECKING, E.RESTART): (S.CHECKING, (A.FETCH_ASSIGNMENT,)),
-    (S.DOWNLOADING, E.RESTART): (S.DOWNLOADING, (A.DOWNLOAD,)),        # resume with Range
+    (S.DOWNLOADING, E.RESTART): (S.DOWNLOADING, (A.DOWNLOAD,)),  # resume with Range
     (S.VERIFYING, E.RESTART): (S.VERIFYING, (A.VERIFY,)),
     (S.STAGING, E.RESTART): (S.STAGING, (A.DISCARD_STAGED, A.STAGE)),  # restage from scratch
     (S.SMOKE_TESTING, E.RESTART): (S.SMOKE_TESTING, (A.SMOKE_TEST,)),
     (S.SHADOW_LOADING, E.RESTART): (S.SHADOW_LOADING, (A.LOAD_SHADOW,)),
     (S.SHADOW_STARTED, E.RESTART): (S.SHADOW_STARTED, (A.DISCARD_DOWNLOAD, A.REPORT)),
-    (S.SWITCHING, E.RESTART): (S.SWITCHING, (A.SWITCH,)),              # idempotent
-    (S.PROBATION, E.RESTART): (S.PROBATION, (A.WATCH_PROBATION,)),     # continue
+    (S.SWITCHING, E.RESTART): (S.SWITCHING, (A.SWITCH,)),  # idempotent
+    (S.PROBATION, E.RESTART): (S.PROBATION, (A.WATCH_PROBATION,)),  # continue
     (S.COMMITTED, E.RESTART): (S.COMMITTED, (A.DISCARD_DOWNLOAD, A.REPORT)),
     (S.DOWNLOAD_FAILED, E.RESTART): (S.DOWNLOAD_FAILED, (A.DISCARD_DOWNLOAD, A.REPORT)),
     (S.VERIFY_FAILED, E.RESTART): (
-        S.VERIFY_FAILED, (A.DISCARD_DOWNLOAD, A.REMEMBER_FAILED, A.REPORT)),
+        S.VERIFY_FAILED,
+        (A.DISCARD_DOWNLOAD, A.REMEMBER_FAILED, A.REPORT),
+    ),
     (S.STAGE_FAILED, E.RESTART): (S.STAGE_FAILED, (A.DISCARD_STAGED, A.REPORT)),
     (S.SMOKE_FAILED, E.RESTART): (
-        S.SMOKE_FAILED, (A.DISCARD_DOWNLOAD, A.DISCARD_STAGED, A.REMEMBER_FAILED, A.REPORT)),
+        S.SMOKE_FAILED,
+        (A.DISCARD_DOWNLOAD, A.DISCARD_STAGED, A.REMEMBER_FAILED, A.REPORT),
+    ),
     (S.PROBATION_FAILED, E.RESTART): (S.PROBATION_FAILED, (A.REMEMBER_FAILED, A.REPORT)),
-    (S.ROLLING_BACK, E.RESTART): (S.ROLLING_BACK, (A.ROLL_BACK,)),     # idempotent
+    (S.ROLLING_BACK, E.RESTART): (S.ROLLING_BACK, (A.ROLL_BACK,)),  # idempotent
     (S.ROLLED_BACK, E.RESTART): (S.ROLLED_BACK, (A.DISCARD_DOWNLOAD, A.REPORT)),
 }
 

@@ -83,8 +83,9 @@ class Slots:
         try:
             return ActivePointer(**obj)
         except TypeError:
-            log.error("active pointer %s is malformed; treating the device as empty",
-                      self.active_file)
+            log.error(
+                "active pointer %s is malformed; treating the device as empty", self.active_file
+            )
             return None
 
     def set_active(self, pointer: ActivePointer) -> None:
@@ -164,8 +165,9 @@ class Slots:
         listed = {f.path for f in manifest.files} | {MANIFEST_NAME, SIGNATURE_NAME}
         extra = sorted(p.name for p in d.iterdir() if p.name not in listed)
         if extra:
-            raise UnlistedMemberError(f"slot {slot!r} holds files the manifest does not list: "
-                                      f"{extra}")
+            raise UnlistedMemberError(
+                f"slot {slot!r} holds files the manifest does not list: {extra}"
+            )
         for entry in manifest.files:
             h, size = hashlib.sha256(), 0
             try:
@@ -177,10 +179,12 @@ class Slots:
                 raise MissingMemberError(f"slot {slot!r} lacks {entry.path}") from e
             if size != entry.size:
                 raise MemberSizeMismatchError(
-                    f"slot {slot!r}: {entry.path} has {size} bytes, manifest says {entry.size}")
+                    f"slot {slot!r}: {entry.path} has {size} bytes, manifest says {entry.size}"
+                )
             if h.hexdigest() != entry.sha256:
                 raise MemberHashMismatchError(
-                    f"slot {slot!r}: {entry.path} does not match its manifest hash")
+                    f"slot {slot!r}: {entry.path} does not match its manifest hash"
+                )
         return manifest
 
 
@@ -192,4 +196,3 @@ def _read_json(path: Path) -> Any:
     except ValueError:
         log.error("%s is not valid JSON; ignoring it", path)
         return None
-

@@ -46,9 +46,12 @@ class BundleRef:
             raise AssignmentError(f"assignment.{where} must be an object or null")
         try:
             ref = cls(
-                bundle_id=str(obj["bundle_id"]), name=str(obj["name"]),
-                version=int(obj["version"]), url=str(obj["url"]),
-                sha256=str(obj["sha256"]).lower(), size=int(obj["size"]),
+                bundle_id=str(obj["bundle_id"]),
+                name=str(obj["name"]),
+                version=int(obj["version"]),
+                url=str(obj["url"]),
+                sha256=str(obj["sha256"]).lower(),
+                size=int(obj["size"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise AssignmentError(

@@ -121,7 +121,8 @@ class Updater:
             os.close(fd)
             raise UpdateBusyError(
                 f"another edgefleet-agent process holds {self.state_dir}/update.lock (is "
-                "`edgefleet-agent run` active?); stop it or use it instead") from e
+                "`edgefleet-agent run` active?); stop it or use it instead"
+            ) from e
         self._lock_fd = fd
 
     def unlock(self) -> None:
@@ -140,11 +141,15 @@ class Updater:
         self.slots.clean_leftovers()
         model = self._load_active()
         info = self.slots.shadow()
-        if info is not None and info.get("slot") != (self.record.slot
-                                                     if self.state is not State.IDLE else None):
+        if info is not None and info.get("slot") != (
+            self.record.slot if self.state is not State.IDLE else None
+        ):
             try:
-                self.host.set_shadow(self.loader(self.slots.path(info["slot"]), info["slot"],
-                                                 self.config.runtime_threads))
+                self.host.set_shadow(
+                    self.loader(
+                        self.slots.path(info["slot"]), info["slot"], self.config.runtime_threads
+                    )
+                )
             except Exception as e:  # noqa: BLE001 - a broken shadow must not stop serving
                 log.error("cannot re-load shadow candidate: %s", e)
                 self.slots.set_shadow(None)
@@ -164,10 +169,15 @@ class Updater:
         self.lock()
         if self.state is not State.IDLE:
             raise UpdateBusyError(
-                f"an update is in progress (state {self.state.value}); let it finish first")
+                f"an update is in progress (state {self.state.value}); let it finish first"
+            )
         t, ptr = self.record.target, self.slots.active()
-        if t is not None and ptr is not None and (ptr.name, ptr.version) == (t.name, t.version) \
-                and t.sha256 == sha256_file(Path(path)):
+        if (
+            t is not None
+            and ptr is not None
+            and (ptr.name, ptr.version) == (t.name, t.version)
+            and t.sha256 == sha256_file(Path(path))
+        ):
             log.info("bundle is already installed and active", extra={"slot": ptr.slot})
             return self.state
         self.record.begin("install", None, self.clock())
@@ -181,21 +191,25 @@ class Updater:
         self.lock()
         if self.state is not State.IDLE:
             raise UpdateBusyError(
-                f"an update is in progress (state {self.state.value}); let it finish first")
+                f"an update is in progress (state {self.state.value}); let it finish first"
+            )
         ptr = self.slots.active()
         if ptr is None or ptr.previous is None:
             raise RollbackUnavailableError(
                 "no previous slot to roll back to: only one model was ever installed here, "
-                "or the previous one was discarded after a failed update")
+                "or the previous one was discarded after a failed update"
+            )
         try:
             manifest = self.slots.verify(ptr.previous, self.trust)
         except BundleError as e:
             raise RollbackUnavailableError(
                 f"previous slot {ptr.previous!r} does not hold a verified bundle "
-                f"({type(e).__name__}: {e}); install a bundle instead") from e
+                f"({type(e).__name__}: {e}); install a bundle instead"
+            ) from e
         self.record.begin("manual_rollback", None, self.clock())
-        self.record.target = BundleRef(f"slot-{ptr.previous}", manifest.name, manifest.version,
-                                       "", "0" * 64, 0)
+        self.record.target = BundleRef(
+            f"slot-{ptr.previous}", manifest.name, manifest.version, "", "0" * 64, 0
+        )
         self.record.slot, self.record.from_slot = ptr.slot, ptr.previous
         return self._run(transition(State.IDLE, Event.ROLLBACK_REQUESTED))
 
@@ -235,11 +249,18 @@ class Updater:
         return datetime.fromtimestamp(self.clock(), timezone.utc)
 
     def _fail(self, e: BaseException, code: str | None = None) -> None:
-        self.record.error = {"code": str(code or getattr(e, "code", type(e).__name__)),
-                             "message": str(e)}
-        log.warning("update step failed", extra={"state": self.record.state,
-                                                  "error_code": self.record.error["code"],
-                                                  "error": str(e)})
+        self.record.error = {
+            "code": str(code or getattr(e, "code", type(e).__name__)),
+            "message": str(e),
+        }
+        log.warning(
+            "update step failed",
+            extra={
+                "state": self.record.state,
+                "error_code": self.record.error["code"],
+                "error": str(e),
+            },
+        )
 
     # -- actions ---------------------------------------------------------------------
     def _fetch_assignment(self) -> Event:
@@ -265,11 +286,17 @@ class Updater:
     def _decide(self, a: Assignment) -> Event:
         ptr = self.slots.active()
         desired = a.desired
-        if desired is not None and not (ptr and (ptr.name, ptr.version) ==
-                                        (desired.name, desired.version)):
+        if desired is not None and not (
+            ptr and (ptr.name, ptr.version) == (desired.name, desired.version)
+        ):
             if desired.key in self.record.failed:
-                log.info("assigned bundle failed before; not retrying", extra={
-                    "bundle_id": desired.bundle_id, "error_code": self.record.failed[desired.key]})
+                log.info(
+                    "assigned bundle failed before; not retrying",
+                    extra={
+                        "bundle_id": desired.bundle_id,
+                        "error_code": self.record.failed[desired.key],
+                    },
+                )
             else:
                 self._begin("install", desired, a)
                 return Event.UPDATE_AVAILABLE
@@ -277,8 +304,11 @@ class Updater:
         if shadow is None and current is not None:
             self.host.set_shadow(None)
             self.slots.set_shadow(None)
-        elif shadow is not None and (current is None or current.get("sha256") != shadow.sha256) \
-                and shadow.key not in self.record.failed:
+        elif (
+            shadow is not None
+            and (current is None or current.get("sha256") != shadow.sha256)
+            and shadow.key not in self.record.failed
+        ):
             self._begin("shadow", shadow, a)
             return Event.SHADOW_AVAILABLE
         return Event.NO_CHANGE
@@ -290,14 +320,22 @@ class Updater:
             for p in self.downloads.iterdir():
                 if not p.name.startswith(ref.bundle_id + "."):
                     p.unlink(missing_ok=True)
-        log.info("update available", extra={"mode": mode, "bundle_id": ref.bundle_id,
-                                             "model": ref.name, "model_version": ref.version})
+        log.info(
+            "update available",
+            extra={
+                "mode": mode,
+                "bundle_id": ref.bundle_id,
+                "model": ref.name,
+                "model_version": ref.version,
+            },
+        )
 
     def _download(self) -> Event:
         assert self.fetcher is not None and self.record.target is not None
         try:
-            path = self.fetcher.download(self.record.target, self.downloads,
-                                         self.config.max_bundle_bytes)
+            path = self.fetcher.download(
+                self.record.target, self.downloads, self.config.max_bundle_bytes
+            )
         except DownloadError as e:
             self._fail(e)
             return Event.DOWNLOAD_ERROR
@@ -307,8 +345,9 @@ class Updater:
     def _verify(self) -> Event:
         path = Path(self.record.bundle_path or "")
         try:
-            v = verify_file(path, self.trust, now=self._now(),
-                            installed_version=self.slots.installed_version())
+            v = verify_file(
+                path, self.trust, now=self._now(), installed_version=self.slots.installed_version()
+            )
         except BundleError as e:
             self._fail(e)
             return Event.REFUSED
@@ -317,12 +356,17 @@ class Updater:
             return Event.REFUSED
         m, t = v.manifest, self.record.target
         if t is None:  # a local file: describe it for reports
-            self.record.target = BundleRef("local", m.name, m.version, path.as_uri(),
-                                           sha256_file(path), path.stat().st_size)
+            self.record.target = BundleRef(
+                "local", m.name, m.version, path.as_uri(), sha256_file(path), path.stat().st_size
+            )
         elif (t.name, t.version) != (m.name, m.version):
-            self._fail(ValueError(
-                f"the assignment names {t.name} v{t.version} but the bundle is "
-                f"{m.name} v{m.version}"), "assignment_mismatch")
+            self._fail(
+                ValueError(
+                    f"the assignment names {t.name} v{t.version} but the bundle is "
+                    f"{m.name} v{m.version}"
+                ),
+                "assignment_mismatch",
+            )
             return Event.REFUSED
         ptr = self.slots.active()
         self.record.from_slot = ptr.slot if ptr else None
@@ -341,8 +385,9 @@ class Updater:
             self.host.set_shadow(None)
             self.slots.set_shadow(None)
         if ptr is not None and ptr.previous == slot:
-            self.slots.set_active(ActivePointer(ptr.slot, ptr.name, ptr.version, None, None,
-                                                ptr.switched_at))
+            self.slots.set_active(
+                ActivePointer(ptr.slot, ptr.name, ptr.version, None, None, ptr.switched_at)
+            )
         self._staged = None
         self.slots.clean_leftovers()
         self.slots.discard(slot)
@@ -350,9 +395,13 @@ class Updater:
     def _stage(self) -> Event:
         assert self.record.slot is not None
         try:
-            unpack_bundle(self.record.bundle_path or "", self.slots.path(self.record.slot),
-                          self.trust, now=self._now(),
-                          installed_version=self.slots.installed_version())
+            unpack_bundle(
+                self.record.bundle_path or "",
+                self.slots.path(self.record.slot),
+                self.trust,
+                now=self._now(),
+                installed_version=self.slots.installed_version(),
+            )
         except StagingError as e:
             self._fail(e)
             return Event.STAGE_ERROR
@@ -364,8 +413,9 @@ class Updater:
     def _load_staged(self) -> LoadedModel:
         assert self.record.slot is not None
         if self._staged is None or self._staged.slot != self.record.slot:
-            self._staged = self.loader(self.slots.path(self.record.slot), self.record.slot,
-                                       self.config.runtime_threads)
+            self._staged = self.loader(
+                self.slots.path(self.record.slot), self.record.slot, self.config.runtime_threads
+            )
         return self._staged
 
     def _smoke_test(self) -> Event:
@@ -386,8 +436,15 @@ class Updater:
         except Exception as e:  # noqa: BLE001
             self._fail(e, "model_load_failed")
             return Event.SMOKE_ERROR
-        self.slots.set_shadow({"slot": self.record.slot, "name": t.name, "version": t.version,
-                               "sha256": t.sha256, "bundle_id": t.bundle_id})
+        self.slots.set_shadow(
+            {
+                "slot": self.record.slot,
+                "name": t.name,
+                "version": t.version,
+                "sha256": t.sha256,
+                "bundle_id": t.bundle_id,
+            }
+        )
         self.host.set_shadow(model)
         return Event.SHADOW_LOADED
 
@@ -401,13 +458,21 @@ class Updater:
             return Event.SWITCH_ERROR
         ptr = self.slots.active()
         if ptr is None or ptr.slot != slot:  # not yet switched (else: a crash after the write)
-            self.slots.set_active(ActivePointer(
-                slot, model.name, model.version, ptr.slot if ptr else None,
-                ptr.version if ptr else None, self.clock()))
+            self.slots.set_active(
+                ActivePointer(
+                    slot,
+                    model.name,
+                    model.version,
+                    ptr.slot if ptr else None,
+                    ptr.version if ptr else None,
+                    self.clock(),
+                )
+            )
         self.host.swap(model)
         self.record.probation_started = self.clock()
-        log.info("switched", extra={"slot": slot, "model": model.name,
-                                    "model_version": model.version})
+        log.info(
+            "switched", extra={"slot": slot, "model": model.name, "model_version": model.version}
+        )
         return Event.SWITCHED
 
     def _watch_probation(self) -> Event | None:
@@ -419,10 +484,13 @@ class Updater:
         cfg = self.config
         n, errors = self.error_rate_since(started) if self.error_rate_since else (0, 0)
         if n >= cfg.probation_min_predictions and n and errors / n > cfg.probation_max_error_rate:
-            self._fail(RuntimeError(
-                f"error rate {errors / n:.1%} over {n} predictions exceeds "
-                f"update.probation_max_error_rate {cfg.probation_max_error_rate:.1%}"),
-                "probation_failed")
+            self._fail(
+                RuntimeError(
+                    f"error rate {errors / n:.1%} over {n} predictions exceeds "
+                    f"update.probation_max_error_rate {cfg.probation_max_error_rate:.1%}"
+                ),
+                "probation_failed",
+            )
             return Event.PROBATION_ERROR
         if self.clock() - started < cfg.probation_seconds:
             return None
@@ -432,8 +500,10 @@ class Updater:
             run_smoke_test(self._load_staged())
         except Exception as e:  # noqa: BLE001
             self._staged = None
-            self._fail(RuntimeError(f"final smoke check failed: {e}"),
-                       getattr(e, "code", "smoke_test_failed"))
+            self._fail(
+                RuntimeError(f"final smoke check failed: {e}"),
+                getattr(e, "code", "smoke_test_failed"),
+            )
             return Event.PROBATION_ERROR
         return Event.PROBATION_PASSED
 
@@ -442,19 +512,28 @@ class Updater:
         manual = self.record.mode == "manual_rollback"
         if back is None or self.slots.manifest(back) is None:
             msg = "no previous model to fall back to; the new model keeps serving"
-            self.record.error = {**(self.record.error or {"code": "rollback"}),
-                                 "message": f"{(self.record.error or {}).get('message', '')}; "
-                                            f"{msg}".lstrip("; ")}
+            self.record.error = {
+                **(self.record.error or {"code": "rollback"}),
+                "message": f"{(self.record.error or {}).get('message', '')}; {msg}".lstrip("; "),
+            }
             return Event.ROLLED_BACK
         model = self.loader(self.slots.path(back), back, self.config.runtime_threads)
         if ptr is None or ptr.slot != back:
             keep = ptr.slot if (manual and ptr) else None  # a failed slot is no way forward
-            self.slots.set_active(ActivePointer(back, model.name, model.version, keep,
-                                                ptr.version if (keep and ptr) else None,
-                                                self.clock()))
+            self.slots.set_active(
+                ActivePointer(
+                    back,
+                    model.name,
+                    model.version,
+                    keep,
+                    ptr.version if (keep and ptr) else None,
+                    self.clock(),
+                )
+            )
         self.host.swap(model)
-        log.warning("rolled back", extra={"slot": back, "model": model.name,
-                                          "model_version": model.version})
+        log.warning(
+            "rolled back", extra={"slot": back, "model": model.name, "model_version": model.version}
+        )
         return Event.ROLLED_BACK
 
     def _discard_download(self) -> None:
@@ -474,11 +553,16 @@ class Updater:
     def _report(self) -> Event:
         state, t, err = self.state, self.record.target, self.record.error or {}
         body: dict[str, Any] = {
-            "type": "install", "outcome": OUTCOMES.get(state, "failed"),
-            "name": t.name if t else None, "version": t.version if t else None,
+            "type": "install",
+            "outcome": OUTCOMES.get(state, "failed"),
+            "name": t.name if t else None,
+            "version": t.version if t else None,
             "bundle_id": t.bundle_id if t else None,
-            "error_code": err.get("code"), "message": err.get("message", "")[:2000],
-            "state": state.value, "ts": self.clock(), "rollout_id": self.record.rollout_id,
+            "error_code": err.get("code"),
+            "message": err.get("message", "")[:2000],
+            "state": state.value,
+            "ts": self.clock(),
+            "rollout_id": self.record.rollout_id,
             "shadow": self.record.mode == "shadow",
         }
         if self.record.mode == "manual_rollback":
@@ -487,8 +571,11 @@ class Updater:
         if state is State.ROLLED_BACK and ptr is not None:
             # name/version say what the device runs now; the failed bundle is named beside
             if t is not None and self.record.mode != "manual_rollback":
-                body["rolled_back_from"] = {"name": t.name, "version": t.version,
-                                            "bundle_id": t.bundle_id}
+                body["rolled_back_from"] = {
+                    "name": t.name,
+                    "version": t.version,
+                    "bundle_id": t.bundle_id,
+                }
             body.update(name=ptr.name, version=ptr.version, bundle_id=None)
         self._report_event(body)
         return Event.REPORTED
@@ -517,19 +604,33 @@ class Updater:
                 self.slots.verify(slot, None)
                 model = self.loader(self.slots.path(slot), slot, self.config.runtime_threads)
             except Exception as e:  # noqa: BLE001 - try the other slot rather than stop
-                log.error("slot %s is not fit to serve: %s", slot, e,
-                          extra={"slot": slot, "error_code": getattr(e, "code", None)})
+                log.error(
+                    "slot %s is not fit to serve: %s",
+                    slot,
+                    e,
+                    extra={"slot": slot, "error_code": getattr(e, "code", None)},
+                )
                 continue
             if slot != ptr.slot:
-                self.slots.set_active(ActivePointer(slot, model.name, model.version, None, None,
-                                                    self.clock()))
-                self._report_event({
-                    "type": "install", "outcome": "rolled_back", "name": model.name,
-                    "version": model.version, "bundle_id": None,
-                    "error_code": "active_slot_corrupt",
-                    "message": f"slot {ptr.slot} ({ptr.name} v{ptr.version}) failed its integrity "
-                               f"check at boot; serving slot {slot}",
-                    "state": "idle", "ts": self.clock(), "rollout_id": None, "shadow": False})
+                self.slots.set_active(
+                    ActivePointer(slot, model.name, model.version, None, None, self.clock())
+                )
+                self._report_event(
+                    {
+                        "type": "install",
+                        "outcome": "rolled_back",
+                        "name": model.name,
+                        "version": model.version,
+                        "bundle_id": None,
+                        "error_code": "active_slot_corrupt",
+                        "message": f"slot {ptr.slot} ({ptr.name} v{ptr.version}) failed its integrity "
+                        f"check at boot; serving slot {slot}",
+                        "state": "idle",
+                        "ts": self.clock(),
+                        "rollout_id": None,
+                        "shadow": False,
+                    }
+                )
             self.host.swap(model)
             return model
         log.error("no slot is fit to serve; install a bundle (edgefleet-agent install)")

@@ -63,9 +63,15 @@ class AssignmentSet(BaseModel):
 
 def device_public(d: Device, assignment: Assignment | None = None) -> DevicePublic:
     return DevicePublic(
-        id=d.id, device_class=d.device_class, labels=d.labels or {}, enrolled_at=d.enrolled_at,
-        last_seen_at=d.last_seen_at, current_bundle_id=d.current_bundle_id,
-        current_name=d.current_name, current_version=d.current_version, health=d.health,
+        id=d.id,
+        device_class=d.device_class,
+        labels=d.labels or {},
+        enrolled_at=d.enrolled_at,
+        last_seen_at=d.last_seen_at,
+        current_bundle_id=d.current_bundle_id,
+        current_name=d.current_name,
+        current_version=d.current_version,
+        health=d.health,
         revoked=d.revoked_at is not None,
         assignment=assignment.body if assignment is not None else None,
     )
@@ -80,7 +86,9 @@ def _device(session: Any, device_id: str) -> Device:
 
 @router.get("/devices", response_model=Page[DevicePublic], tags=["devices"])
 def list_devices(
-    session: SessionDep, who: ViewerDep, page: PageDep,
+    session: SessionDep,
+    who: ViewerDep,
+    page: PageDep,
     device_class: Annotated[str | None, Query(max_length=100)] = None,
     label: Annotated[list[str] | None, Query(description="key=value; repeat to AND")] = None,
 ) -> Page[DevicePublic]:
@@ -95,16 +103,24 @@ def list_devices(
             raise BadRequestError(f"label filter {item!r} must be key=value")
         selector[k] = v
     if selector:
-        rows = [d for d in session.scalars(stmt)
-                if all((d.labels or {}).get(k) == v for k, v in selector.items())]
+        rows = [
+            d
+            for d in session.scalars(stmt)
+            if all((d.labels or {}).get(k) == v for k, v in selector.items())
+        ]
         total = len(rows)
-        rows = rows[page.offset:page.offset + page.limit]
+        rows = rows[page.offset : page.offset + page.limit]
         nxt = page.offset + len(rows)
         nxt_off = nxt if nxt < total else None
     else:
         rows, total, nxt_off = paginate(session, stmt, page)
-    return Page(items=[device_public(d) for d in rows], total=total, limit=page.limit,
-                offset=page.offset, next_offset=nxt_off)
+    return Page(
+        items=[device_public(d) for d in rows],
+        total=total,
+        limit=page.limit,
+        offset=page.offset,
+        next_offset=nxt_off,
+    )
 
 
 @router.get("/devices/{device_id}", response_model=DevicePublic, tags=["devices"])
@@ -124,8 +140,14 @@ def patch_labels(
     labels = {k: v for k, v in before.items() if k not in body.remove}
     labels.update(body.set)
     d.labels = labels
-    audit.record(session, actor=who.actor, action="device.labels", target_type="device",
-                 target_id=d.id, details={"before": before, "after": labels})
+    audit.record(
+        session,
+        actor=who.actor,
+        action="device.labels",
+        target_type="device",
+        target_id=d.id,
+        details={"before": before, "after": labels},
+    )
     session.flush()
     change = RolloutService(ctx).sync_device(session, d)
     session.commit()
@@ -140,8 +162,9 @@ def revoke_device(
     """Revoke the device's credential; it must enroll again."""
     d = _device(session, device_id)
     d.revoked_at = utcnow()
-    audit.record(session, actor=who.actor, action="device.revoke", target_type="device",
-                 target_id=d.id)
+    audit.record(
+        session, actor=who.actor, action="device.revoke", target_type="device", target_id=d.id
+    )
     session.commit()
     ctx.device_auth.evict_device(d.id)
     if ctx.broker is not None:
@@ -159,11 +182,19 @@ def set_assignment(
         if bid is not None and session.get(Bundle, bid) is None:
             raise NotFoundError(f"bundle {bid} does not exist")
     change = ctx.assignments.assign(
-        session, d.id, desired_bundle_id=body.desired_bundle_id,
+        session,
+        d.id,
+        desired_bundle_id=body.desired_bundle_id,
         shadow_bundle_id=body.shadow_bundle_id,
     )
-    audit.record(session, actor=who.actor, action="device.assign", target_type="device",
-                 target_id=d.id, details=body.model_dump())
+    audit.record(
+        session,
+        actor=who.actor,
+        action="device.assign",
+        target_type="device",
+        target_id=d.id,
+        details=body.model_dump(),
+    )
     session.commit()
     ctx.assignments.publish([change])
     return device_public(d, session.get(Assignment, d.id))
@@ -195,15 +226,23 @@ class EnrollmentTokenIssued(EnrollmentTokenPublic):
 
 def _token_public(t: EnrollmentToken) -> dict[str, Any]:
     return {
-        "id": t.id, "device_class": t.device_class, "labels": t.labels or {}, "note": t.note,
-        "created_by": t.created_by, "created_at": t.created_at, "expires_at": t.expires_at,
-        "used_at": t.used_at, "used_by_device": t.used_by_device,
+        "id": t.id,
+        "device_class": t.device_class,
+        "labels": t.labels or {},
+        "note": t.note,
+        "created_by": t.created_by,
+        "created_at": t.created_at,
+        "expires_at": t.expires_at,
+        "used_at": t.used_at,
+        "used_by_device": t.used_by_device,
     }
 
 
 @router.post(
-    "/enrollment-tokens", response_model=EnrollmentTokenIssued,
-    status_code=status.HTTP_201_CREATED, tags=["enrollment"],
+    "/enrollment-tokens",
+    response_model=EnrollmentTokenIssued,
+    status_code=status.HTTP_201_CREATED,
+    tags=["enrollment"],
 )
 def create_enrollment_token(
     body: EnrollmentTokenCreate, session: SessionDep, who: OperatorDep, ctx: CtxDep
@@ -212,26 +251,43 @@ def create_enrollment_token(
     _check_labels(body.labels)
     ttl = timedelta(seconds=body.ttl_seconds or ctx.settings.enrollment_token_ttl_seconds)
     issued = issue_enrollment_token(
-        session, ctx.hasher, created_by=who.actor, ttl=ttl, device_class=body.device_class,
-        labels=body.labels, note=body.note,
+        session,
+        ctx.hasher,
+        created_by=who.actor,
+        ttl=ttl,
+        device_class=body.device_class,
+        labels=body.labels,
+        note=body.note,
     )
-    audit.record(session, actor=who.actor, action="enrollment_token.create",
-                 target_type="enrollment_token", target_id=issued.row.id,
-                 details={"ttl_seconds": int(ttl.total_seconds()),
-                          "device_class": body.device_class, "labels": body.labels})
+    audit.record(
+        session,
+        actor=who.actor,
+        action="enrollment_token.create",
+        target_type="enrollment_token",
+        target_id=issued.row.id,
+        details={
+            "ttl_seconds": int(ttl.total_seconds()),
+            "device_class": body.device_class,
+            "labels": body.labels,
+        },
+    )
     session.commit()
     return EnrollmentTokenIssued(**_token_public(issued.row), token=issued.token)
 
 
-@router.get("/enrollment-tokens", response_model=Page[EnrollmentTokenPublic],
-            tags=["enrollment"])
+@router.get("/enrollment-tokens", response_model=Page[EnrollmentTokenPublic], tags=["enrollment"])
 def list_enrollment_tokens(
     session: SessionDep, who: OperatorDep, page: PageDep
 ) -> Page[EnrollmentTokenPublic]:
     stmt = select(EnrollmentToken).order_by(EnrollmentToken.created_at.desc(), EnrollmentToken.id)
     rows, total, nxt = paginate(session, stmt, page)
-    return Page(items=[EnrollmentTokenPublic(**_token_public(t)) for t in rows], total=total,
-                limit=page.limit, offset=page.offset, next_offset=nxt)
+    return Page(
+        items=[EnrollmentTokenPublic(**_token_public(t)) for t in rows],
+        total=total,
+        limit=page.limit,
+        offset=page.offset,
+        next_offset=nxt,
+    )
 
 
 # -- groups -----------------------------------------------------------------
@@ -253,9 +309,15 @@ class GroupPublic(BaseModel):
 
 
 def _group_public(g: Group, count: int | None = None) -> GroupPublic:
-    return GroupPublic(id=g.id, name=g.name, selector=g.selector or {},
-                       device_class=g.device_class, description=g.description,
-                       created_at=g.created_at, device_count=count)
+    return GroupPublic(
+        id=g.id,
+        name=g.name,
+        selector=g.selector or {},
+        device_class=g.device_class,
+        description=g.description,
+        created_at=g.created_at,
+        device_count=count,
+    )
 
 
 def get_group_or_404(session: Any, ref: str) -> Group:
@@ -265,19 +327,31 @@ def get_group_or_404(session: Any, ref: str) -> Group:
     return g  # type: ignore[no-any-return]
 
 
-@router.post("/groups", response_model=GroupPublic, status_code=status.HTTP_201_CREATED,
-             tags=["groups"])
+@router.post(
+    "/groups", response_model=GroupPublic, status_code=status.HTTP_201_CREATED, tags=["groups"]
+)
 def create_group(body: GroupCreate, session: SessionDep, who: OperatorDep) -> GroupPublic:
     """A group of devices chosen by labels (every pair must match) and optionally class."""
     _check_labels(body.selector)
     if session.scalar(select(Group.id).where(Group.name == body.name)):
         raise ConflictError(f"group {body.name!r} exists")
-    g = Group(id=new_id("g"), name=body.name, selector=body.selector,
-              device_class=body.device_class, description=body.description,
-              created_at=utcnow())
+    g = Group(
+        id=new_id("g"),
+        name=body.name,
+        selector=body.selector,
+        device_class=body.device_class,
+        description=body.description,
+        created_at=utcnow(),
+    )
     session.add(g)
-    audit.record(session, actor=who.actor, action="group.create", target_type="group",
-                 target_id=g.id, details=body.model_dump())
+    audit.record(
+        session,
+        actor=who.actor,
+        action="group.create",
+        target_type="group",
+        target_id=g.id,
+        details=body.model_dump(),
+    )
     session.commit()
     return _group_public(g)
 
@@ -285,8 +359,13 @@ def create_group(body: GroupCreate, session: SessionDep, who: OperatorDep) -> Gr
 @router.get("/groups", response_model=Page[GroupPublic], tags=["groups"])
 def list_groups(session: SessionDep, who: ViewerDep, page: PageDep) -> Page[GroupPublic]:
     rows, total, nxt = paginate(session, select(Group).order_by(Group.name), page)
-    return Page(items=[_group_public(g) for g in rows], total=total, limit=page.limit,
-                offset=page.offset, next_offset=nxt)
+    return Page(
+        items=[_group_public(g) for g in rows],
+        total=total,
+        limit=page.limit,
+        offset=page.offset,
+        next_offset=nxt,
+    )
 
 
 @router.get("/groups/{group_id}", response_model=GroupPublic, tags=["groups"])
@@ -301,10 +380,15 @@ def group_devices(
 ) -> Page[DevicePublic]:
     g = get_group_or_404(session, group_id)
     members = group_members(session, g)
-    rows = members[page.offset:page.offset + page.limit]
+    rows = members[page.offset : page.offset + page.limit]
     nxt = page.offset + len(rows)
-    return Page(items=[device_public(d) for d in rows], total=len(members), limit=page.limit,
-                offset=page.offset, next_offset=nxt if nxt < len(members) else None)
+    return Page(
+        items=[device_public(d) for d in rows],
+        total=len(members),
+        limit=page.limit,
+        offset=page.offset,
+        next_offset=nxt if nxt < len(members) else None,
+    )
 
 
 @router.delete("/groups/{group_id}", status_code=204, tags=["groups"])
@@ -315,8 +399,12 @@ def delete_group(group_id: str, session: SessionDep, who: OperatorDep) -> None:
     if session.scalar(select(Rollout.id).where(Rollout.group_id == g.id).limit(1)):
         raise ConflictError(f"group {g.name} is used by a rollout; it cannot be deleted")
     session.delete(g)
-    audit.record(session, actor=who.actor, action="group.delete", target_type="group",
-                 target_id=g.id, details={"name": g.name})
+    audit.record(
+        session,
+        actor=who.actor,
+        action="group.delete",
+        target_type="group",
+        target_id=g.id,
+        details={"name": g.name},
+    )
     session.commit()
-
-

@@ -63,8 +63,13 @@ def whoami(who: ViewerDep) -> WhoAmI:
 @router.get("/operators", response_model=Page[OperatorPublic])
 def list_operators(session: SessionDep, who: AdminDep, page: PageDep) -> Page[OperatorPublic]:
     rows, total, nxt = paginate(session, select(Operator).order_by(Operator.name), page)
-    return Page(items=[_public(o) for o in rows], total=total, limit=page.limit,
-                offset=page.offset, next_offset=nxt)
+    return Page(
+        items=[_public(o) for o in rows],
+        total=total,
+        limit=page.limit,
+        offset=page.offset,
+        next_offset=nxt,
+    )
 
 
 @router.post("/operators", response_model=OperatorPublic, status_code=status.HTTP_201_CREATED)
@@ -72,17 +77,25 @@ def create_operator(body: OperatorCreate, session: SessionDep, who: AdminDep) ->
     """Create an operator with a role (viewer < operator < admin)."""
     if session.scalar(select(Operator.id).where(Operator.name == body.name)):
         raise ConflictError(f"operator {body.name!r} exists")
-    op = Operator(id=new_id("op"), name=body.name, role=Role.parse(body.role).name,
-                  created_at=utcnow())
+    op = Operator(
+        id=new_id("op"), name=body.name, role=Role.parse(body.role).name, created_at=utcnow()
+    )
     session.add(op)
-    audit.record(session, actor=who.actor, action="operator.create", target_type="operator",
-                 target_id=op.id, details={"name": op.name, "role": op.role})
+    audit.record(
+        session,
+        actor=who.actor,
+        action="operator.create",
+        target_type="operator",
+        target_id=op.id,
+        details={"name": op.name, "role": op.role},
+    )
     session.commit()
     return _public(op)
 
 
 @router.post(
-    "/operators/{operator_id}/tokens", response_model=TokenIssued,
+    "/operators/{operator_id}/tokens",
+    response_model=TokenIssued,
     status_code=status.HTTP_201_CREATED,
 )
 def create_token(
@@ -94,13 +107,18 @@ def create_token(
         raise NotFoundError(f"operator {operator_id} does not exist")
     token = new_secret(OPERATOR_TOKEN_PREFIX)
     expires = utcnow() + timedelta(days=body.ttl_days) if body.ttl_days else None
-    row = OperatorToken(id=new_id("tok"), operator_id=op.id,
-                        token_hash=ctx.hasher.hash(token), expires_at=expires)
+    row = OperatorToken(
+        id=new_id("tok"), operator_id=op.id, token_hash=ctx.hasher.hash(token), expires_at=expires
+    )
     session.add(row)
-    audit.record(session, actor=who.actor, action="operator.token.create",
-                 target_type="operator", target_id=op.id,
-                 details={"token_id": row.id,
-                          "expires_at": expires.isoformat() if expires else None})
+    audit.record(
+        session,
+        actor=who.actor,
+        action="operator.token.create",
+        target_type="operator",
+        target_id=op.id,
+        details={"token_id": row.id, "expires_at": expires.isoformat() if expires else None},
+    )
     session.commit()
     return TokenIssued(id=row.id, operator_id=op.id, token=token, expires_at=expires)
 
@@ -111,6 +129,12 @@ def revoke_token(operator_id: str, token_id: str, session: SessionDep, who: Admi
     if row is None or row.operator_id != operator_id:
         raise NotFoundError(f"token {token_id} of operator {operator_id} does not exist")
     row.revoked_at = utcnow()
-    audit.record(session, actor=who.actor, action="operator.token.revoke",
-                 target_type="operator", target_id=operator_id, details={"token_id": token_id})
+    audit.record(
+        session,
+        actor=who.actor,
+        action="operator.token.revoke",
+        target_type="operator",
+        target_id=operator_id,
+        details={"token_id": token_id},
+    )
     session.commit()

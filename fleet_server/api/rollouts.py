@@ -36,8 +36,14 @@ class StageIn(BaseModel):
 
 
 class GateIn(BaseModel):
-    kind: Literal["install_failure_rate", "error_rate", "latency_p95_ratio", "drift_psi",
-                  "prediction_shift", "shadow_agreement"]
+    kind: Literal[
+        "install_failure_rate",
+        "error_rate",
+        "latency_p95_ratio",
+        "drift_psi",
+        "prediction_shift",
+        "shadow_agreement",
+    ]
     threshold: float = Field(ge=0, le=1e9)
     min_samples: int = Field(default=100, ge=1, le=10**9)
     confidence: float = Field(default=0.95, ge=0.5, lt=1)
@@ -51,7 +57,8 @@ class RolloutCreate(BaseModel):
     bundle_id: str = Field(min_length=1, max_length=40)
     group: str = Field(min_length=1, max_length=200, description="Group id or name")
     previous_bundle_id: str | None = Field(
-        default=None, max_length=40,
+        default=None,
+        max_length=40,
         description="What the group runs now; default: the newest lower version of the model",
     )
     strategy: Literal["staged_canary", "all_at_once", "shadow"] = "staged_canary"
@@ -92,9 +99,18 @@ class RolloutEvaluation(BaseModel):
 
 def _public(session: Any, r: Rollout, counts: bool = False) -> RolloutPublic:
     out = RolloutPublic(
-        id=r.id, name=r.name, bundle_id=r.bundle_id, group_id=r.group_id, strategy=r.strategy,
-        status=r.status, stage=int(r.state.get("stage", -1)), spec=r.spec, state=r.state,
-        created_by=r.created_by, created_at=r.created_at, updated_at=r.updated_at,
+        id=r.id,
+        name=r.name,
+        bundle_id=r.bundle_id,
+        group_id=r.group_id,
+        strategy=r.strategy,
+        status=r.status,
+        stage=int(r.state.get("stage", -1)),
+        spec=r.spec,
+        state=r.state,
+        created_by=r.created_by,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
     )
     if counts:
         spec, state = load(r)
@@ -133,9 +149,14 @@ def create_rollout(
             raise NotFoundError(f"previous bundle {body.previous_bundle_id} does not exist")
     else:
         previous = session.scalar(
-            select(Bundle).where(Bundle.name == bundle.name, Bundle.version < bundle.version,
-                                 Bundle.format == bundle.format)
-            .order_by(Bundle.version.desc(), Bundle.created_at.desc()).limit(1)
+            select(Bundle)
+            .where(
+                Bundle.name == bundle.name,
+                Bundle.version < bundle.version,
+                Bundle.format == bundle.format,
+            )
+            .order_by(Bundle.version.desc(), Bundle.created_at.desc())
+            .limit(1)
         )
     options: dict[str, Any] = {"strategy": body.strategy, "failure_policy": body.failure_policy}
     if body.stages is not None:
@@ -146,8 +167,15 @@ def create_rollout(
         options["gates"] = [g.model_dump() for g in body.gates]
     service = RolloutService(ctx)
     try:
-        row = service.create(session, actor=who.actor, name=body.name, bundle=bundle,
-                             group=group, previous=previous, options=options)
+        row = service.create(
+            session,
+            actor=who.actor,
+            name=body.name,
+            bundle=bundle,
+            group=group,
+            previous=previous,
+            options=options,
+        )
         session.flush()
         changes = service.act(session, row, "start", actor=who.actor) if body.start else []
     except RolloutError as e:
@@ -160,15 +188,22 @@ def create_rollout(
 
 @router.get("/rollouts", response_model=Page[RolloutPublic])
 def list_rollouts(
-    session: SessionDep, who: ViewerDep, page: PageDep,
+    session: SessionDep,
+    who: ViewerDep,
+    page: PageDep,
     status_filter: Annotated[str | None, Query(alias="status", max_length=20)] = None,
 ) -> Page[RolloutPublic]:
     stmt = select(Rollout).order_by(Rollout.created_at.desc(), Rollout.id)
     if status_filter:
         stmt = stmt.where(Rollout.status == status_filter)
     rows, total, nxt = paginate(session, stmt, page)
-    return Page(items=[_public(session, r) for r in rows], total=total, limit=page.limit,
-                offset=page.offset, next_offset=nxt)
+    return Page(
+        items=[_public(session, r) for r in rows],
+        total=total,
+        limit=page.limit,
+        offset=page.offset,
+        next_offset=nxt,
+    )
 
 
 @router.get("/rollouts/{rollout_id}", response_model=RolloutPublic)
@@ -189,13 +224,17 @@ def evaluate_rollout(rollout_id: str, session: SessionDep, who: ViewerDep) -> Ro
 
 def _action(action: str) -> Any:
     def handler(
-        rollout_id: str, body: RolloutAction, session: SessionDep, who: OperatorDep,
+        rollout_id: str,
+        body: RolloutAction,
+        session: SessionDep,
+        who: OperatorDep,
         ctx: CtxDep,
     ) -> RolloutPublic:
         r = _rollout(session, rollout_id)
         try:
-            changes = RolloutService(ctx).act(session, r, action, actor=who.actor,
-                                              reason=body.reason, to_end=body.to_end)
+            changes = RolloutService(ctx).act(
+                session, r, action, actor=who.actor, reason=body.reason, to_end=body.to_end
+            )
         except RolloutError as e:
             raise _engine_errors(e) from e
         session.commit()
@@ -210,6 +249,9 @@ def _action(action: str) -> Any:
 
 for _name in ("start", "pause", "resume", "promote", "abort", "rollback"):
     router.add_api_route(
-        f"/rollouts/{{rollout_id}}/{_name}", _action(_name), methods=["POST"],
-        response_model=RolloutPublic, name=f"{_name}_rollout",
+        f"/rollouts/{{rollout_id}}/{_name}",
+        _action(_name),
+        methods=["POST"],
+        response_model=RolloutPublic,
+        name=f"{_name}_rollout",
     )

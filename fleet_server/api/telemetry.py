@@ -44,15 +44,26 @@ def stage_window(state: dict[str, Any], stage: int) -> tuple[float | None, float
             continue
         if s == stage and start is None:
             start = float(ts)
-        elif start is not None and end is None and (
-                s != stage or h.get("to_status") in ("succeeded", "rolled_back", "aborted")):
+        elif (
+            start is not None
+            and end is None
+            and (s != stage or h.get("to_status") in ("succeeded", "rolled_back", "aborted"))
+        ):
             end = float(ts)
     return start, end
 
 
 def _window(
-    session: Any, *, rollout_id: str | None, stage: int | None, cohort: str, name: str | None,
-    version: int | None, group: str | None, since: float | None, until: float | None,
+    session: Any,
+    *,
+    rollout_id: str | None,
+    stage: int | None,
+    cohort: str,
+    name: str | None,
+    version: int | None,
+    group: str | None,
+    since: float | None,
+    until: float | None,
 ) -> Window:
     devices = None
     rid = None
@@ -80,51 +91,81 @@ def _window(
             until = min(until, end) if (until is not None and end is not None) else (until or end)
     elif stage is not None:
         raise BadRequestError("stage needs rollout_id")
-    return Window(name=name, version=version, since=since, until=until, devices=devices,
-                  rollout_id=rid)
+    return Window(
+        name=name, version=version, since=since, until=until, devices=devices, rollout_id=rid
+    )
 
 
 def _window_json(w: Window) -> dict[str, Any]:
-    return {"name": w.name, "version": w.version, "since": w.since, "until": w.until,
-            "devices": None if w.devices is None else len(w.devices)}
+    return {
+        "name": w.name,
+        "version": w.version,
+        "since": w.since,
+        "until": w.until,
+        "devices": None if w.devices is None else len(w.devices),
+    }
 
 
 @router.get("/telemetry", response_model=TelemetryReport, tags=["telemetry"])
 def telemetry(
-    session: SessionDep, who: ViewerDep,
+    session: SessionDep,
+    who: ViewerDep,
     rollout_id: Annotated[str | None, Query(max_length=40)] = None,
     stage: Annotated[int | None, Query(ge=0, le=100)] = None,
     cohort: Literal["canary", "control"] = "canary",
     name: Annotated[str | None, Query(max_length=200)] = None,
     version: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
     group: Annotated[str | None, Query(max_length=200)] = None,
-    since: Num = None, until: Num = None,
+    since: Num = None,
+    until: Num = None,
 ) -> TelemetryReport:
     """Install outcomes, error rate, latency percentiles, drift and predictions."""
-    w = _window(session, rollout_id=rollout_id, stage=stage, cohort=cohort, name=name,
-                version=version, group=group, since=since, until=until)
-    return TelemetryReport(window=_window_json(w), installs=install_outcomes(session, w),
-                           summary=summarize(session, w))
+    w = _window(
+        session,
+        rollout_id=rollout_id,
+        stage=stage,
+        cohort=cohort,
+        name=name,
+        version=version,
+        group=group,
+        since=since,
+        until=until,
+    )
+    return TelemetryReport(
+        window=_window_json(w), installs=install_outcomes(session, w), summary=summarize(session, w)
+    )
 
 
 @router.get("/telemetry/samples", response_model=SamplePage, tags=["telemetry"])
 def telemetry_samples(
-    session: SessionDep, who: ViewerDep,
+    session: SessionDep,
+    who: ViewerDep,
     rollout_id: Annotated[str | None, Query(max_length=40)] = None,
     stage: Annotated[int | None, Query(ge=0, le=100)] = None,
     cohort: Literal["canary", "control"] = "canary",
     name: Annotated[str | None, Query(max_length=200)] = None,
     version: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
     group: Annotated[str | None, Query(max_length=200)] = None,
-    since: Num = None, until: Num = None,
+    since: Num = None,
+    until: Num = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**6)] = 0,
 ) -> SamplePage:
     """Sampled inference logs, newest first (fields masked on the device)."""
-    w = _window(session, rollout_id=rollout_id, stage=stage, cohort=cohort, name=name,
-                version=version, group=group, since=since, until=until)
-    return SamplePage(window=_window_json(w), items=samples(session, w, limit, offset),
-                      limit=limit, offset=offset)
+    w = _window(
+        session,
+        rollout_id=rollout_id,
+        stage=stage,
+        cohort=cohort,
+        name=name,
+        version=version,
+        group=group,
+        since=since,
+        until=until,
+    )
+    return SamplePage(
+        window=_window_json(w), items=samples(session, w, limit, offset), limit=limit, offset=offset
+    )
 
 
 class AuditPublic(BaseModel):
@@ -139,7 +180,9 @@ class AuditPublic(BaseModel):
 
 @router.get("/audit", response_model=Page[AuditPublic], tags=["audit"])
 def audit_log(
-    session: SessionDep, who: ViewerDep, page: PageDep,
+    session: SessionDep,
+    who: ViewerDep,
+    page: PageDep,
     target_id: Annotated[str | None, Query(max_length=100)] = None,
     action: Annotated[str | None, Query(max_length=100)] = None,
     actor: Annotated[str | None, Query(max_length=200)] = None,
@@ -153,7 +196,21 @@ def audit_log(
     if actor:
         stmt = stmt.where(AuditEntry.actor == actor)
     rows, total, nxt = paginate(session, stmt, page)
-    return Page(items=[AuditPublic(id=a.id, ts=a.ts, actor=a.actor, action=a.action,
-                                   target_type=a.target_type, target_id=a.target_id,
-                                   details=a.details or {}) for a in rows],
-                total=total, limit=page.limit, offset=page.offset, next_offset=nxt)
+    return Page(
+        items=[
+            AuditPublic(
+                id=a.id,
+                ts=a.ts,
+                actor=a.actor,
+                action=a.action,
+                target_type=a.target_type,
+                target_id=a.target_id,
+                details=a.details or {},
+            )
+            for a in rows
+        ],
+        total=total,
+        limit=page.limit,
+        offset=page.offset,
+        next_offset=nxt,
+    )

@@ -52,25 +52,58 @@ def summary(manifest: Manifest, signed_by: tuple[str, ...] | list[str] = ()) -> 
 @bundle.command("pack")
 @click.argument("model", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--name", required=True, help="Model name (letters, digits, '._-').")
-@click.option("--version", "version", required=True, type=click.IntRange(min=0),
-              help="Monotonically increasing integer version.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "onnx", "tflite"]), default="auto",
-              show_default=True, help="Model format; auto uses the file extension.")
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
-              help="Output bundle path (default NAME-vVERSION.efb).")
-@click.option("--drift-profile", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Drift reference profile (JSON); a placeholder when omitted.")
-@click.option("--smoke-samples", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Smoke-test samples (JSON); a placeholder when omitted.")
+@click.option(
+    "--version",
+    "version",
+    required=True,
+    type=click.IntRange(min=0),
+    help="Monotonically increasing integer version.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "onnx", "tflite"]),
+    default="auto",
+    show_default=True,
+    help="Model format; auto uses the file extension.",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Output bundle path (default NAME-vVERSION.efb).",
+)
+@click.option(
+    "--drift-profile",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Drift reference profile (JSON); a placeholder when omitted.",
+)
+@click.option(
+    "--smoke-samples",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Smoke-test samples (JSON); a placeholder when omitted.",
+)
 @click.option("--target-class", "targets", multiple=True, help="Device class (repeatable).")
 @click.option("--label", "labels", multiple=True, help="key=value label (repeatable).")
-@click.option("--valid-days", type=click.IntRange(min=1), default=90, show_default=True,
-              help="Days until the bundle expires on devices.")
+@click.option(
+    "--valid-days",
+    type=click.IntRange(min=1),
+    default=90,
+    show_default=True,
+    help="Days until the bundle expires on devices.",
+)
 @handle_errors
 def bundle_pack(
-    model: Path, name: str, version: int, fmt: str, out: Path | None,
-    drift_profile: Path | None, smoke_samples: Path | None, targets: tuple[str, ...],
-    labels: tuple[str, ...], valid_days: int,
+    model: Path,
+    name: str,
+    version: int,
+    fmt: str,
+    out: Path | None,
+    drift_profile: Path | None,
+    smoke_samples: Path | None,
+    targets: tuple[str, ...],
+    labels: tuple[str, ...],
+    valid_days: int,
 ) -> None:
     """Pack MODEL into an unsigned bundle (sign it with `edgefleet bundle sign`)."""
     if fmt == "auto":
@@ -89,8 +122,15 @@ def bundle_pack(
                 given.write_text(json.dumps({"placeholder": True, "schema_version": 1}))
             files.append(BundleFile(given, member, role))
         manifest = build_manifest(
-            name=name, version=version, fmt=fmt, files=files, inputs=inputs, outputs=outputs,
-            runtime=runtime, target_device_classes=targets, labels=parse_labels(labels),
+            name=name,
+            version=version,
+            fmt=fmt,
+            files=files,
+            inputs=inputs,
+            outputs=outputs,
+            runtime=runtime,
+            target_device_classes=targets,
+            labels=parse_labels(labels),
             valid_for=timedelta(days=valid_days),
         )
         path = pack_bundle(out or Path(f"{name}-v{version}.efb"), manifest, files)
@@ -102,14 +142,22 @@ def bundle_pack(
 @bundle.command("sign")
 @click.argument("path", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--key", required=True, help="Signing key id, id prefix or name.")
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the signed bundle here instead of in place.")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the signed bundle here instead of in place.",
+)
 @passphrase_options
 @keys_dir_option
 @handle_errors
 def bundle_sign(
-    path: Path, key: str, out: Path | None, passphrase_env: str | None,
-    passphrase_file: Path | None, keys_dir: Path,
+    path: Path,
+    key: str,
+    out: Path | None,
+    passphrase_env: str | None,
+    passphrase_file: Path | None,
+    keys_dir: Path,
 ) -> None:
     """Add a signature by KEY to the bundle at PATH (repeat with more keys for k-of-n)."""
     store = KeyStore(keys_dir)
@@ -123,22 +171,43 @@ def bundle_sign(
 
 @bundle.command("verify")
 @click.argument("path", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option("--trust-store", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              envvar="EDGEFLEET_TRUST_STORE", help="Trust store file (env EDGEFLEET_TRUST_STORE).")
-@click.option("--installed-version", type=click.IntRange(min=0),
-              help="Refuse bundles older than this version (anti-rollback).")
+@click.option(
+    "--trust-store",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="EDGEFLEET_TRUST_STORE",
+    help="Trust store file (env EDGEFLEET_TRUST_STORE).",
+)
+@click.option(
+    "--installed-version",
+    type=click.IntRange(min=0),
+    help="Refuse bundles older than this version (anti-rollback).",
+)
 @click.option("--at", "at", help="Reference time, e.g. 2026-01-31T12:00:00Z (default: now).")
-@click.option("--max-member-bytes", type=click.IntRange(min=1),
-              default=VerifyLimits().max_member_bytes, show_default=True,
-              help="Refuse any member larger than this (the device's cap).")
+@click.option(
+    "--max-member-bytes",
+    type=click.IntRange(min=1),
+    default=VerifyLimits().max_member_bytes,
+    show_default=True,
+    help="Refuse any member larger than this (the device's cap).",
+)
 @handle_errors
-def bundle_verify(path: Path, trust_store: Path, installed_version: int | None,
-                  at: str | None, max_member_bytes: int) -> None:
+def bundle_verify(
+    path: Path,
+    trust_store: Path,
+    installed_version: int | None,
+    at: str | None,
+    max_member_bytes: int,
+) -> None:
     """Verify PATH exactly as a device would; exit 0 and print a summary if it is good."""
     now = parse_time(at) if at else datetime.now(timezone.utc)
-    verified = verify_file(path, TrustStore.load(trust_store), now=now,
-                           installed_version=installed_version,
-                           limits=VerifyLimits(max_member_bytes=max_member_bytes))
+    verified = verify_file(
+        path,
+        TrustStore.load(trust_store),
+        now=now,
+        installed_version=installed_version,
+        limits=VerifyLimits(max_member_bytes=max_member_bytes),
+    )
     click.echo(summary(verified.manifest, verified.signed_by))
     click.secho("verified: OK", fg="green")
 
@@ -151,8 +220,11 @@ def bundle_inspect(path: Path, as_json: bool) -> None:
     """Show a bundle's manifest and signers WITHOUT verifying them."""
     manifest, sigs, _ = read_header(path)
     if as_json:
-        click.echo(json.dumps({"manifest": manifest.to_json(),
-                               "signatures": [s.keyid for s in sigs]}, indent=2))
+        click.echo(
+            json.dumps(
+                {"manifest": manifest.to_json(), "signatures": [s.keyid for s in sigs]}, indent=2
+            )
+        )
         return
     click.echo(summary(manifest))
     click.echo(f"sigs     {', '.join(s.keyid for s in sigs) or '(unsigned)'}")

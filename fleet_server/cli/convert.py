@@ -42,8 +42,14 @@ def _load_samples(path: Path | None) -> Any:
 
 def _progress(total: int) -> tuple[Callable[[str], None], Callable[[], None]]:
     """A progress bar on stderr; returns (step callback, finish)."""
-    bar = click.progressbar(length=total, label="converting", file=sys.stderr,
-                            item_show_func=lambda s: s, show_eta=False, width=24)
+    bar = click.progressbar(
+        length=total,
+        label="converting",
+        file=sys.stderr,
+        item_show_func=lambda s: s,
+        show_eta=False,
+        width=24,
+    )
     bar.__enter__()
 
     def step(label: str) -> None:
@@ -61,46 +67,87 @@ def _row(name: str, status: str, report: Any, size: str, where: str) -> list[str
         return [name, status, "", "", "", "", size, where]
     o = report.outputs[0]
     top1 = "" if o.top1_agreement is None else f"{o.top1_agreement:.3f}"
-    return [name, status, o.name, f"{o.max_abs_error:.2e}", f"{o.max_rel_error:.2e}", top1,
-            size, where]
+    return [
+        name,
+        status,
+        o.name,
+        f"{o.max_abs_error:.2e}",
+        f"{o.max_rel_error:.2e}",
+        top1,
+        size,
+        where,
+    ]
 
 
 def _table(rows: list[list[str]]) -> str:
     head = ["target", "status", "output", "max abs", "max rel", "top-1", "size", "file"]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in [head, *rows]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [head, *rows]
+    ]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 _common_options: list[Callable[[Any], Any]] = [
     click.argument("model", type=click.Path(dir_okay=False, exists=True, path_type=Path)),
-    click.option("--target", "targets", multiple=True, metavar="SPEC",
-                 help="Target FORMAT[:PRECISION][@onnxruntime-X.Y | @irN/opsetM], e.g. onnx, "
-                      "onnx:int8-dynamic@onnxruntime-1.16, tflite:float16 (repeatable; "
-                      "default onnx)."),
-    click.option("--samples", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-                 help="Calibration samples (.npy for one input, .npz by input name); "
-                      "generated from the input signature when omitted."),
-    click.option("--reference-samples",
-                 type=click.Path(dir_okay=False, exists=True, path_type=Path),
-                 help="Training-like samples for the drift reference (default: --samples)."),
-    click.option("--input-shape", metavar="N,C,H,W",
-                 help="Example input shape for a TorchScript / torch.export (.pt) model."),
-    click.option("--trust-pickle", is_flag=True,
-                 help="Allow a pickled scikit-learn model (.joblib/.pkl). Unpickling runs "
-                      "code from the file: only for files you trust."),
-    click.option("--task", type=click.Choice(["auto", "classification", "regression"]),
-                 default="auto", show_default=True,
-                 help="How outputs are judged; auto: [N, C>=2] float outputs are class scores."),
-    click.option("--atol", type=float,
-                 help="Override the parity bound: max absolute error per element."),
-    click.option("--min-top1", type=click.FloatRange(0, 1),
-                 help="Override the parity bound: judge classifier outputs by top-1 agreement."),
-    click.option("--allow-parity-failure", is_flag=True,
-                 help="Keep variants that fail parity (the report records the override)."),
-    click.option("--device-class", "device_classes", multiple=True,
-                 help="Device class the artifacts are for (repeatable)."),
+    click.option(
+        "--target",
+        "targets",
+        multiple=True,
+        metavar="SPEC",
+        help="Target FORMAT[:PRECISION][@onnxruntime-X.Y | @irN/opsetM], e.g. onnx, "
+        "onnx:int8-dynamic@onnxruntime-1.16, tflite:float16 (repeatable; "
+        "default onnx).",
+    ),
+    click.option(
+        "--samples",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        help="Calibration samples (.npy for one input, .npz by input name); "
+        "generated from the input signature when omitted.",
+    ),
+    click.option(
+        "--reference-samples",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        help="Training-like samples for the drift reference (default: --samples).",
+    ),
+    click.option(
+        "--input-shape",
+        metavar="N,C,H,W",
+        help="Example input shape for a TorchScript / torch.export (.pt) model.",
+    ),
+    click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="Allow a pickled scikit-learn model (.joblib/.pkl). Unpickling runs "
+        "code from the file: only for files you trust.",
+    ),
+    click.option(
+        "--task",
+        type=click.Choice(["auto", "classification", "regression"]),
+        default="auto",
+        show_default=True,
+        help="How outputs are judged; auto: [N, C>=2] float outputs are class scores.",
+    ),
+    click.option(
+        "--atol", type=float, help="Override the parity bound: max absolute error per element."
+    ),
+    click.option(
+        "--min-top1",
+        type=click.FloatRange(0, 1),
+        help="Override the parity bound: judge classifier outputs by top-1 agreement.",
+    ),
+    click.option(
+        "--allow-parity-failure",
+        is_flag=True,
+        help="Keep variants that fail parity (the report records the override).",
+    ),
+    click.option(
+        "--device-class",
+        "device_classes",
+        multiple=True,
+        help="Device class the artifacts are for (repeatable).",
+    ),
 ]
 
 
@@ -110,19 +157,25 @@ def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _source(model: Path, samples: Any, input_shape: str | None, trust_pickle: bool,
-            task: str) -> Any:
+def _source(
+    model: Path, samples: Any, input_shape: str | None, trust_pickle: bool, task: str
+) -> Any:
     from converters.source import load_source, parse_shape
 
     if model.suffix.lower() in (".joblib", ".pkl", ".pickle"):
-        click.secho(f"warning: loading {model.name} unpickles it, which runs code from the "
-                    "file", fg="yellow", err=True)
+        click.secho(
+            f"warning: loading {model.name} unpickles it, which runs code from the file",
+            fg="yellow",
+            err=True,
+        )
         if samples is not None and not hasattr(samples, "shape"):
             samples = next(iter(samples.values()))
     return load_source(
-        model, input_shape=parse_shape(input_shape) if input_shape else None,
+        model,
+        input_shape=parse_shape(input_shape) if input_shape else None,
         example_inputs=samples if hasattr(samples, "shape") else None,
-        allow_pickle=trust_pickle, task=None if task == "auto" else task,
+        allow_pickle=trust_pickle,
+        task=None if task == "auto" else task,
     )
 
 
@@ -135,10 +188,19 @@ def _tolerance(atol: float | None, min_top1: float | None) -> Any:
 
 
 def _run(
-    model: Path, targets: tuple[str, ...], samples_path: Path | None,
-    reference_path: Path | None, input_shape: str | None, trust_pickle: bool, task: str,
-    atol: float | None, min_top1: float | None, allow_parity_failure: bool,
-    device_classes: tuple[str, ...], out_dir: Path, pack: dict[str, Any] | None,
+    model: Path,
+    targets: tuple[str, ...],
+    samples_path: Path | None,
+    reference_path: Path | None,
+    input_shape: str | None,
+    trust_pickle: bool,
+    task: str,
+    atol: float | None,
+    min_top1: float | None,
+    allow_parity_failure: bool,
+    device_classes: tuple[str, ...],
+    out_dir: Path,
+    pack: dict[str, Any] | None,
 ) -> None:
     from converters.pipeline import (
         STEPS_PER_TARGET,
@@ -161,16 +223,28 @@ def _run(
     try:
         if pack is not None:
             results = build_bundles(
-                source, specs, out_dir, samples=samples, reference_samples=reference,
+                source,
+                specs,
+                out_dir,
+                samples=samples,
+                reference_samples=reference,
                 tolerances={s.name: tol for s in specs} if tol else None,
-                allow_parity_failure=allow_parity_failure, progress=step, **pack,
+                allow_parity_failure=allow_parity_failure,
+                progress=step,
+                **pack,
             )
         else:
             for spec in specs:
                 try:
-                    art = convert(source, spec, samples=samples, reference_samples=reference,
-                                  tolerance=tol, allow_parity_failure=allow_parity_failure,
-                                  progress=step)
+                    art = convert(
+                        source,
+                        spec,
+                        samples=samples,
+                        reference_samples=reference,
+                        tolerance=tol,
+                        allow_parity_failure=allow_parity_failure,
+                        progress=step,
+                    )
                 except ConverterError as e:
                     results.append(BuildResult(spec, None, None, e))
                     continue
@@ -194,14 +268,16 @@ def _report(results: list[Any]) -> None:
             failures.append(r)
     click.echo(_table(rows))
     for r in failures:
-        click.secho(f"refused {r.target.name}: {type(r.error).__name__}: {r.error}",
-                    fg="red", err=True)
+        click.secho(
+            f"refused {r.target.name}: {type(r.error).__name__}: {r.error}", fg="red", err=True
+        )
     if failures:
         sys.exit(1)
 
 
-def _signing(keys_dir: Path, key: str, passphrase_env: str | None,
-             passphrase_file: Path | None) -> Any:
+def _signing(
+    keys_dir: Path, key: str, passphrase_env: str | None, passphrase_file: Path | None
+) -> Any:
     from converters.keys import KeyStore
 
     store = KeyStore(keys_dir)
@@ -213,38 +289,71 @@ def _signing(keys_dir: Path, key: str, passphrase_env: str | None,
 
 
 def _pack_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed([
-        click.option("--name", help="Model name in the bundle (letters, digits, '._-')."),
-        click.option("--version", "version", type=click.IntRange(min=0),
-                     help="Monotonically increasing integer bundle version."),
-        click.option("--key", help="Signing key id, id prefix or name (from --keys-dir)."),
-        click.option("--label", "labels", multiple=True, help="key=value label (repeatable)."),
-        click.option("--valid-days", type=click.IntRange(min=1), default=90,
-                     show_default=True, help="Days until the bundles expire on devices."),
-    ]):
+    for option in reversed(
+        [
+            click.option("--name", help="Model name in the bundle (letters, digits, '._-')."),
+            click.option(
+                "--version",
+                "version",
+                type=click.IntRange(min=0),
+                help="Monotonically increasing integer bundle version.",
+            ),
+            click.option("--key", help="Signing key id, id prefix or name (from --keys-dir)."),
+            click.option("--label", "labels", multiple=True, help="key=value label (repeatable)."),
+            click.option(
+                "--valid-days",
+                type=click.IntRange(min=1),
+                default=90,
+                show_default=True,
+                help="Days until the bundles expire on devices.",
+            ),
+        ]
+    ):
         f = option(f)
     return f
 
 
 @click.command("convert")
 @common_options
-@click.option("--out-dir", "-o", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("."), show_default=True,
-              help="Where artifacts (or bundles, with --pack) are written.")
-@click.option("--pack", is_flag=True,
-              help="Pack and sign each passing artifact into a bundle (needs --name, "
-                   "--version, --key).")
+@click.option(
+    "--out-dir",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Where artifacts (or bundles, with --pack) are written.",
+)
+@click.option(
+    "--pack",
+    is_flag=True,
+    help="Pack and sign each passing artifact into a bundle (needs --name, --version, --key).",
+)
 @_pack_options
 @passphrase_options
 @keys_dir_option
 @handle_errors
 def convert(
-    model: Path, targets: tuple[str, ...], samples: Path | None,
-    reference_samples: Path | None, input_shape: str | None, trust_pickle: bool, task: str,
-    atol: float | None, min_top1: float | None, allow_parity_failure: bool,
-    device_classes: tuple[str, ...], out_dir: Path, pack: bool, name: str | None,
-    version: int | None, key: str | None, labels: tuple[str, ...], valid_days: int,
-    passphrase_env: str | None, passphrase_file: Path | None, keys_dir: Path,
+    model: Path,
+    targets: tuple[str, ...],
+    samples: Path | None,
+    reference_samples: Path | None,
+    input_shape: str | None,
+    trust_pickle: bool,
+    task: str,
+    atol: float | None,
+    min_top1: float | None,
+    allow_parity_failure: bool,
+    device_classes: tuple[str, ...],
+    out_dir: Path,
+    pack: bool,
+    name: str | None,
+    version: int | None,
+    key: str | None,
+    labels: tuple[str, ...],
+    valid_days: int,
+    passphrase_env: str | None,
+    passphrase_file: Path | None,
+    keys_dir: Path,
 ) -> None:
     """Convert MODEL (.onnx, .tflite, .pt/.pt2, .joblib/.pkl) for one or more targets.
 
@@ -254,40 +363,86 @@ def convert(
     """
     pack_args = None
     if pack:
-        pack_args = _pack_args(name, version, key, labels, valid_days, passphrase_env,
-                               passphrase_file, keys_dir)
-    _run(model, targets, samples, reference_samples, input_shape, trust_pickle, task, atol,
-         min_top1, allow_parity_failure, device_classes, out_dir, pack_args)
+        pack_args = _pack_args(
+            name, version, key, labels, valid_days, passphrase_env, passphrase_file, keys_dir
+        )
+    _run(
+        model,
+        targets,
+        samples,
+        reference_samples,
+        input_shape,
+        trust_pickle,
+        task,
+        atol,
+        min_top1,
+        allow_parity_failure,
+        device_classes,
+        out_dir,
+        pack_args,
+    )
 
 
-def _pack_args(name: str | None, version: int | None, key: str | None,
-               labels: tuple[str, ...], valid_days: int, passphrase_env: str | None,
-               passphrase_file: Path | None, keys_dir: Path) -> dict[str, Any]:
-    missing = [opt for opt, v in (("--name", name), ("--version", version), ("--key", key))
-               if v is None]
+def _pack_args(
+    name: str | None,
+    version: int | None,
+    key: str | None,
+    labels: tuple[str, ...],
+    valid_days: int,
+    passphrase_env: str | None,
+    passphrase_file: Path | None,
+    keys_dir: Path,
+) -> dict[str, Any]:
+    missing = [
+        opt for opt, v in (("--name", name), ("--version", version), ("--key", key)) if v is None
+    ]
     if missing:
         raise click.UsageError(f"packing bundles needs {', '.join(missing)}")
     assert key is not None
-    return {"name": name, "version": version,
-            "signing_key": _signing(keys_dir, key, passphrase_env, passphrase_file),
-            "labels": parse_labels(labels), "valid_for": timedelta(days=valid_days)}
+    return {
+        "name": name,
+        "version": version,
+        "signing_key": _signing(keys_dir, key, passphrase_env, passphrase_file),
+        "labels": parse_labels(labels),
+        "valid_for": timedelta(days=valid_days),
+    }
 
 
 @click.command("build")
 @common_options
-@click.option("--out-dir", "-o", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("."), show_default=True, help="Where the bundles are written.")
+@click.option(
+    "--out-dir",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Where the bundles are written.",
+)
 @_pack_options
 @passphrase_options
 @keys_dir_option
 @handle_errors
 def bundle_build(
-    model: Path, targets: tuple[str, ...], samples: Path | None,
-    reference_samples: Path | None, input_shape: str | None, trust_pickle: bool, task: str,
-    atol: float | None, min_top1: float | None, allow_parity_failure: bool,
-    device_classes: tuple[str, ...], out_dir: Path, name: str | None, version: int | None,
-    key: str | None, labels: tuple[str, ...], valid_days: int, passphrase_env: str | None,
-    passphrase_file: Path | None, keys_dir: Path,
+    model: Path,
+    targets: tuple[str, ...],
+    samples: Path | None,
+    reference_samples: Path | None,
+    input_shape: str | None,
+    trust_pickle: bool,
+    task: str,
+    atol: float | None,
+    min_top1: float | None,
+    allow_parity_failure: bool,
+    device_classes: tuple[str, ...],
+    out_dir: Path,
+    name: str | None,
+    version: int | None,
+    key: str | None,
+    labels: tuple[str, ...],
+    valid_days: int,
+    passphrase_env: str | None,
+    passphrase_file: Path | None,
+    keys_dir: Path,
 ) -> None:
     """Convert MODEL for each --target, check parity, and write signed bundles.
 
@@ -295,7 +450,21 @@ def bundle_build(
     each carries the model, its drift reference, smoke samples, and the parity
     report in the manifest's provenance.
     """
-    pack_args = _pack_args(name, version, key, labels, valid_days, passphrase_env,
-                           passphrase_file, keys_dir)
-    _run(model, targets, samples, reference_samples, input_shape, trust_pickle, task, atol,
-         min_top1, allow_parity_failure, device_classes, out_dir, pack_args)
+    pack_args = _pack_args(
+        name, version, key, labels, valid_days, passphrase_env, passphrase_file, keys_dir
+    )
+    _run(
+        model,
+        targets,
+        samples,
+        reference_samples,
+        input_shape,
+        trust_pickle,
+        task,
+        atol,
+        min_top1,
+        allow_parity_failure,
+        device_classes,
+        out_dir,
+        pack_args,
+    )

@@ -8,16 +8,33 @@ import click
 
 
 @click.command()
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("demo-output"), show_default=True,
-              help="Where everything goes (recreated on each run).")
-@click.option("--devices", type=click.IntRange(min=6, max=2000), default=120, show_default=True,
-              help="Number of simulated devices.")
-@click.option("--broker", "broker_kind", type=click.Choice(["auto", "mosquitto", "embedded"]),
-              default="auto", show_default=True,
-              help="MQTT broker: Mosquitto when installed (auto), or the embedded Python one.")
-@click.option("--roundtrip", is_flag=True,
-              help="Only the short guided bundle round-trip (keys, pack, sign, verify, tamper).")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo-output"),
+    show_default=True,
+    help="Where everything goes (recreated on each run).",
+)
+@click.option(
+    "--devices",
+    type=click.IntRange(min=6, max=2000),
+    default=120,
+    show_default=True,
+    help="Number of simulated devices.",
+)
+@click.option(
+    "--broker",
+    "broker_kind",
+    type=click.Choice(["auto", "mosquitto", "embedded"]),
+    default="auto",
+    show_default=True,
+    help="MQTT broker: Mosquitto when installed (auto), or the embedded Python one.",
+)
+@click.option(
+    "--roundtrip",
+    is_flag=True,
+    help="Only the short guided bundle round-trip (keys, pack, sign, verify, tamper).",
+)
 def demo(workdir: Path, devices: int, broker_kind: str, roundtrip: bool) -> None:
     """Run the fleet demo: server, broker, simulated fleet, a good and a bad rollout, report."""
     if roundtrip:

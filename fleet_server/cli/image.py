@@ -25,29 +25,53 @@ def image_classes() -> None:
     """List the device classes with a recipe in firmware_images/classes/."""
     for name in list_classes():
         dc = load_class(name)
-        click.echo(f"{name:<18} {dc.architecture:<8} {dc.model_format:<7} {dc.precision:<8} "
-                   f"{dc.description}")
+        click.echo(
+            f"{name:<18} {dc.architecture:<8} {dc.model_format:<7} {dc.precision:<8} "
+            f"{dc.description}"
+        )
 
 
 @image.command("build")
 @click.argument("device_class")
-@click.option("--trust-store", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Trust store to ship as the device's trust root (default: the recipe's).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("build/images"), show_default=True, help="Output directory.")
+@click.option(
+    "--trust-store",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Trust store to ship as the device's trust root (default: the recipe's).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("build/images"),
+    show_default=True,
+    help="Output directory.",
+)
 @click.option("--server-url", help="Fleet server URL the devices talk to.")
 @click.option("--mqtt-host", help="MQTT broker host for telemetry.")
 @click.option("--mqtt-port", type=int, help="MQTT broker port.")
 @click.option("--image-version", help="Version to stamp (default: agent version + content hash).")
-def image_build(device_class: str, trust_store: Path | None, out_dir: Path,
-                server_url: str | None, mqtt_host: str | None, mqtt_port: int | None,
-                image_version: str | None) -> None:
+def image_build(
+    device_class: str,
+    trust_store: Path | None,
+    out_dir: Path,
+    server_url: str | None,
+    mqtt_host: str | None,
+    mqtt_port: int | None,
+    image_version: str | None,
+) -> None:
     """Build the provisioning image for DEVICE_CLASS (a class name or a recipe file)."""
     try:
         dc = load_class(device_class)
-        info = build_image(dc, out_dir=out_dir, trust_store=trust_store, server_url=server_url,
-                           mqtt_host=mqtt_host, mqtt_port=mqtt_port, image_version=image_version,
-                           progress=lambda msg: click.echo(f"  .. {msg}", err=True))
+        info = build_image(
+            dc,
+            out_dir=out_dir,
+            trust_store=trust_store,
+            server_url=server_url,
+            mqtt_host=mqtt_host,
+            mqtt_port=mqtt_port,
+            image_version=image_version,
+            progress=lambda msg: click.echo(f"  .. {msg}", err=True),
+        )
     except (RecipeError, ImageBuildError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"image {info.device_class} {info.version}: {len(info.wheels)} wheels")

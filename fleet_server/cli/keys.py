@@ -38,9 +38,7 @@ def keys_generate(
     """Generate a key pair; the private key is written with mode 0600."""
     passphrase = read_passphrase(passphrase_env, passphrase_file)
     if encrypt and passphrase is None:
-        passphrase = click.prompt(
-            "Passphrase", hide_input=True, confirmation_prompt=True
-        ).encode()
+        passphrase = click.prompt("Passphrase", hide_input=True, confirmation_prompt=True).encode()
     info = KeyStore(keys_dir).generate(name, passphrase)
     click.echo(f"generated key {info.keyid} ({name}) in {keys_dir}")
     enc = ", encrypted" if info.encrypted else ""
@@ -56,11 +54,21 @@ def keys_list(as_json: bool, keys_dir: Path) -> None:
     """List the keys in the key directory."""
     infos = KeyStore(keys_dir).list()
     if as_json:
-        click.echo(json.dumps([
-            {"keyid": k.keyid, "name": k.name, "created_at": k.created_at,
-             "encrypted": k.encrypted, "has_private": k.private_path is not None}
-            for k in infos
-        ], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "keyid": k.keyid,
+                        "name": k.name,
+                        "created_at": k.created_at,
+                        "encrypted": k.encrypted,
+                        "has_private": k.private_path is not None,
+                    }
+                    for k in infos
+                ],
+                indent=2,
+            )
+        )
         return
     if not infos:
         click.echo(f"no keys in {keys_dir}; create one with `edgefleet keys generate --name NAME`")
@@ -75,8 +83,12 @@ def keys_list(as_json: bool, keys_dir: Path) -> None:
 @keys.command("export-public")
 @click.argument("key")
 @click.option(
-    "--format", "fmt", type=click.Choice(["pem", "trust-entry"]), default="pem",
-    show_default=True, help="PEM public key, or a JSON entry for a device trust store.",
+    "--format",
+    "fmt",
+    type=click.Choice(["pem", "trust-entry"]),
+    default="pem",
+    show_default=True,
+    help="PEM public key, or a JSON entry for a device trust store.",
 )
 @keys_dir_option
 @handle_errors
@@ -88,8 +100,16 @@ def keys_export_public(key: str, fmt: str, keys_dir: Path) -> None:
         click.echo(info.public_path.read_text(), nl=False)
     else:
         pub = store.public_key(info.keyid)
-        click.echo(json.dumps({"keyid": info.keyid, "alg": "ed25519",
-                               "public_key": public_key_to_b64(pub), "comment": info.name}))
+        click.echo(
+            json.dumps(
+                {
+                    "keyid": info.keyid,
+                    "alg": "ed25519",
+                    "public_key": public_key_to_b64(pub),
+                    "comment": info.name,
+                }
+            )
+        )
 
 
 @click.group()
@@ -102,7 +122,9 @@ def _load_or_new(path: Path) -> TrustStore:
 
 
 store_option = click.option(
-    "--store", required=True, type=click.Path(dir_okay=False, path_type=Path),
+    "--store",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
     help="Trust store file (created if missing).",
 )
 

@@ -22,8 +22,9 @@ class ApiClient:
     """A thin admin API client; raises :class:`click.ClickException` on API errors."""
 
     def __init__(self, url: str, token: str, timeout: float = 60.0) -> None:
-        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
-                                  headers={"Authorization": f"Bearer {token}"})
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"), timeout=timeout, headers={"Authorization": f"Bearer {token}"}
+        )
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -43,10 +44,19 @@ class ApiClient:
 
 
 def api_options(f: F) -> F:
-    f = click.option("--token", envvar="EDGEFLEET_TOKEN", required=True,
-                     help="Operator token (env EDGEFLEET_TOKEN).")(f)
-    f = click.option("--url", envvar="EDGEFLEET_URL", default="http://127.0.0.1:8000",
-                     show_default=True, help="Server URL (env EDGEFLEET_URL).")(f)
+    f = click.option(
+        "--token",
+        envvar="EDGEFLEET_TOKEN",
+        required=True,
+        help="Operator token (env EDGEFLEET_TOKEN).",
+    )(f)
+    f = click.option(
+        "--url",
+        envvar="EDGEFLEET_URL",
+        default="http://127.0.0.1:8000",
+        show_default=True,
+        help="Server URL (env EDGEFLEET_URL).",
+    )(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")(f)
 
     @functools.wraps(f)
@@ -92,10 +102,16 @@ def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
 
 
 page_options = [
-    click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 500),
-                 help="Items per page."),
-    click.option("--offset", default=0, show_default=True, type=click.IntRange(0),
-                 help="Items to skip."),
+    click.option(
+        "--limit",
+        default=50,
+        show_default=True,
+        type=click.IntRange(1, 500),
+        help="Items per page.",
+    ),
+    click.option(
+        "--offset", default=0, show_default=True, type=click.IntRange(0), help="Items to skip."
+    ),
 ]
 
 
@@ -106,8 +122,16 @@ def paged(f: F) -> F:
 
 
 # -- rollouts -------------------------------------------------------------------
-ROLLOUT_COLUMNS = ("id", "name", "status", "stage", "strategy", "bundle_id",
-                   "canary_devices", "control_devices")
+ROLLOUT_COLUMNS = (
+    "id",
+    "name",
+    "status",
+    "stage",
+    "strategy",
+    "bundle_id",
+    "canary_devices",
+    "control_devices",
+)
 
 
 @click.group()
@@ -143,26 +167,64 @@ def _gate(text: str) -> dict[str, Any]:
 @click.option("--name", required=True, help="A name for people.")
 @click.option("--bundle", "bundle_id", required=True, help="Candidate bundle id.")
 @click.option("--group", required=True, help="Target group (id or name).")
-@click.option("--previous", "previous_bundle_id",
-              help="Bundle the group runs now (default: newest lower version of the model).")
-@click.option("--strategy", type=click.Choice(["staged_canary", "all_at_once", "shadow"]),
-              default="staged_canary", show_default=True,
-              help="Staged canary, everything at once, or shadow (run beside, serve nothing).")
-@click.option("--stage", "stages", multiple=True, metavar="PCT[:MIN_DEVICES[:SOAK_S]]",
-              help="A stage; repeat in order (default 1,10,50,100 %).")
-@click.option("--gate", "gates", multiple=True, metavar="KIND:THRESHOLD[:MIN_SAMPLES]",
-              help="A health gate; repeat (default: every kind, moderate thresholds).")
-@click.option("--failure-policy", type=click.Choice(["rollback", "pause"]), default="rollback",
-              show_default=True, help="What a breached gate does: roll back, or pause.")
+@click.option(
+    "--previous",
+    "previous_bundle_id",
+    help="Bundle the group runs now (default: newest lower version of the model).",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["staged_canary", "all_at_once", "shadow"]),
+    default="staged_canary",
+    show_default=True,
+    help="Staged canary, everything at once, or shadow (run beside, serve nothing).",
+)
+@click.option(
+    "--stage",
+    "stages",
+    multiple=True,
+    metavar="PCT[:MIN_DEVICES[:SOAK_S]]",
+    help="A stage; repeat in order (default 1,10,50,100 %).",
+)
+@click.option(
+    "--gate",
+    "gates",
+    multiple=True,
+    metavar="KIND:THRESHOLD[:MIN_SAMPLES]",
+    help="A health gate; repeat (default: every kind, moderate thresholds).",
+)
+@click.option(
+    "--failure-policy",
+    type=click.Choice(["rollback", "pause"]),
+    default="rollback",
+    show_default=True,
+    help="What a breached gate does: roll back, or pause.",
+)
 @click.option("--start", is_flag=True, help="Start it right away.")
 @api_options
-def rollout_create(api: ApiClient, as_json: bool, name: str, bundle_id: str, group: str,
-                   previous_bundle_id: str | None, strategy: str, stages: tuple[str, ...],
-                   gates: tuple[str, ...], failure_policy: str, start: bool) -> None:
+def rollout_create(
+    api: ApiClient,
+    as_json: bool,
+    name: str,
+    bundle_id: str,
+    group: str,
+    previous_bundle_id: str | None,
+    strategy: str,
+    stages: tuple[str, ...],
+    gates: tuple[str, ...],
+    failure_policy: str,
+    start: bool,
+) -> None:
     """Create a rollout of a bundle to a group."""
-    body: dict[str, Any] = {"name": name, "bundle_id": bundle_id, "group": group,
-                            "strategy": strategy, "failure_policy": failure_policy,
-                            "start": start, "previous_bundle_id": previous_bundle_id}
+    body: dict[str, Any] = {
+        "name": name,
+        "bundle_id": bundle_id,
+        "group": group,
+        "strategy": strategy,
+        "failure_policy": failure_policy,
+        "start": start,
+        "previous_bundle_id": previous_bundle_id,
+    }
     if stages:
         body["stages"] = [_stage(s) for s in stages]
     if gates:
@@ -174,8 +236,9 @@ def rollout_create(api: ApiClient, as_json: bool, name: str, bundle_id: str, gro
 @click.argument("rollout_id", required=False)
 @paged
 @api_options
-def rollout_status(api: ApiClient, as_json: bool, rollout_id: str | None, limit: int,
-                   offset: int) -> None:
+def rollout_status(
+    api: ApiClient, as_json: bool, rollout_id: str | None, limit: int, offset: int
+) -> None:
     """Show one rollout (with its history), or list rollouts."""
     if rollout_id is None:
         data = api.request("GET", "/rollouts", params={"limit": limit, "offset": offset})
@@ -187,8 +250,10 @@ def rollout_status(api: ApiClient, as_json: bool, rollout_id: str | None, limit:
         return
     _out(data, False, ROLLOUT_COLUMNS)
     for h in data["state"].get("history", []):
-        click.echo(f"  {h['ts']:.0f}  {h['actor']:<24} {h['action']:<10} "
-                   f"{h['from_status']} -> {h['to_status']} stage {h['stage']}  {h['reason']}")
+        click.echo(
+            f"  {h['ts']:.0f}  {h['actor']:<24} {h['action']:<10} "
+            f"{h['from_status']} -> {h['to_status']} stage {h['stage']}  {h['reason']}"
+        )
 
 
 def _action_command(action: str, doc: str) -> click.Command:
@@ -197,13 +262,17 @@ def _action_command(action: str, doc: str) -> click.Command:
     @api_options
     def cmd(api: ApiClient, as_json: bool, rollout_id: str, reason: str, **extra: Any) -> None:
         body = {"reason": reason, **extra}
-        _out(api.request("POST", f"/rollouts/{rollout_id}/{action}", json=body), as_json,
-             ROLLOUT_COLUMNS)
+        _out(
+            api.request("POST", f"/rollouts/{rollout_id}/{action}", json=body),
+            as_json,
+            ROLLOUT_COLUMNS,
+        )
 
     cmd.__doc__ = doc
     if action == "promote":
-        cmd = click.option("--to-end", is_flag=True,
-                           help="Finish the rollout instead of moving one stage.")(cmd)
+        cmd = click.option(
+            "--to-end", is_flag=True, help="Finish the rollout instead of moving one stage."
+        )(cmd)
     return click.command(action)(cmd)
 
 
@@ -219,8 +288,15 @@ for _action, _doc in (
 
 
 # -- devices -----------------------------------------------------------------------
-DEVICE_COLUMNS = ("id", "device_class", "labels", "last_seen_at", "current_name",
-                  "current_version", "health")
+DEVICE_COLUMNS = (
+    "id",
+    "device_class",
+    "labels",
+    "last_seen_at",
+    "current_name",
+    "current_version",
+    "health",
+)
 
 
 @click.group()
@@ -230,12 +306,23 @@ def devices() -> None:
 
 @devices.command("list")
 @click.option("--class", "device_class", help="Only this device class.")
-@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
-              help="Only devices with this label; repeat to AND.")
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Only devices with this label; repeat to AND.",
+)
 @paged
 @api_options
-def devices_list(api: ApiClient, as_json: bool, device_class: str | None,
-                 labels: tuple[str, ...], limit: int, offset: int) -> None:
+def devices_list(
+    api: ApiClient,
+    as_json: bool,
+    device_class: str | None,
+    labels: tuple[str, ...],
+    limit: int,
+    offset: int,
+) -> None:
     """Devices with last seen, labels, class, current bundle and health."""
     _pairs(labels, "--label")
     params: dict[str, Any] = {"limit": limit, "offset": offset, "label": list(labels)}
@@ -257,12 +344,12 @@ def devices_show(api: ApiClient, as_json: bool, device_id: str) -> None:
 @click.argument("labels", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--remove", multiple=True, metavar="KEY", help="Drop this label; repeat.")
 @api_options
-def devices_label(api: ApiClient, as_json: bool, device_id: str, labels: tuple[str, ...],
-                  remove: tuple[str, ...]) -> None:
+def devices_label(
+    api: ApiClient, as_json: bool, device_id: str, labels: tuple[str, ...], remove: tuple[str, ...]
+) -> None:
     """Add, replace or remove labels of a device."""
     body = {"set": _pairs(labels, "LABELS"), "remove": list(remove)}
-    _out(api.request("PATCH", f"/devices/{device_id}/labels", json=body), as_json,
-         DEVICE_COLUMNS)
+    _out(api.request("PATCH", f"/devices/{device_id}/labels", json=body), as_json, DEVICE_COLUMNS)
 
 
 # -- enrollment tokens ------------------------------------------------------------
@@ -274,22 +361,43 @@ def enroll_token() -> None:
 @enroll_token.command("create")
 @click.option("--ttl", "ttl_seconds", type=click.IntRange(1), help="Seconds it stays valid.")
 @click.option("--class", "device_class", help="Only a device of this class may use it.")
-@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
-              help="Label given to the device; repeat.")
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Label given to the device; repeat.",
+)
 @click.option("--note", default="", help="A note for people.")
 @api_options
-def enroll_token_create(api: ApiClient, as_json: bool, ttl_seconds: int | None,
-                        device_class: str | None, labels: tuple[str, ...], note: str) -> None:
+def enroll_token_create(
+    api: ApiClient,
+    as_json: bool,
+    ttl_seconds: int | None,
+    device_class: str | None,
+    labels: tuple[str, ...],
+    note: str,
+) -> None:
     """Create an enrollment token (printed once)."""
-    data = api.request("POST", "/enrollment-tokens", json={
-        "ttl_seconds": ttl_seconds, "device_class": device_class,
-        "labels": _pairs(labels, "--label"), "note": note})
+    data = api.request(
+        "POST",
+        "/enrollment-tokens",
+        json={
+            "ttl_seconds": ttl_seconds,
+            "device_class": device_class,
+            "labels": _pairs(labels, "--label"),
+            "note": note,
+        },
+    )
     if as_json:
         _out(data, True)
         return
     click.echo(data["token"])
-    click.echo(f"expires {data['expires_at']}; single use. Give it to the device: "
-               "edgefleet-agent enroll --token ...", err=True)
+    click.echo(
+        f"expires {data['expires_at']}; single use. Give it to the device: "
+        "edgefleet-agent enroll --token ...",
+        err=True,
+    )
 
 
 # -- models and bundles -------------------------------------------------------------
@@ -321,8 +429,9 @@ def bundles() -> None:
 def bundles_upload(api: ApiClient, as_json: bool, path: Path) -> None:
     """Upload a bundle signed offline; the server verifies it against its trust store."""
     with open(path, "rb") as f:
-        data = api.request("POST", "/bundles",
-                           files={"file": (path.name, f, "application/octet-stream")})
+        data = api.request(
+            "POST", "/bundles", files={"file": (path.name, f, "application/octet-stream")}
+        )
     _out(data, as_json, ("id", "name", "version", "format", "size", "signed_by"))
 
 
@@ -330,14 +439,16 @@ def bundles_upload(api: ApiClient, as_json: bool, path: Path) -> None:
 @click.option("--name", help="Only this model.")
 @paged
 @api_options
-def bundles_list(api: ApiClient, as_json: bool, name: str | None, limit: int,
-                 offset: int) -> None:
+def bundles_list(api: ApiClient, as_json: bool, name: str | None, limit: int, offset: int) -> None:
     """Bundles, newest version first."""
     params: dict[str, Any] = {"limit": limit, "offset": offset}
     if name:
         params["name"] = name
-    _out(api.request("GET", "/bundles", params=params), as_json,
-         ("id", "name", "version", "format", "device_classes", "source", "size"))
+    _out(
+        api.request("GET", "/bundles", params=params),
+        as_json,
+        ("id", "name", "version", "format", "device_classes", "source", "size"),
+    )
 
 
 COMMANDS = (rollout, devices, enroll_token, models, bundles)

@@ -13,20 +13,43 @@ from ..settings import SettingsError, load_settings
 
 @click.command("server")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535),
-              help="Port to listen on.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True,
-              path_type=Path), envvar="EDGEFLEET_SERVER_CONFIG",
-              help="Settings file (TOML, [server] table); EDGEFLEET_SERVER_* variables win.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="uvicorn worker processes (each is a replica sharing the database).")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["critical", "error", "warning", "info", "debug"]),
-              help="Server log level.")
-@click.option("--access-log/--no-access-log", default=False, show_default=True,
-              help="Log every request (costly with many devices checking in).")
-def server(host: str, port: int, config_file: Path | None, workers: int, log_level: str,
-           access_log: bool) -> None:
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Port to listen on.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    envvar="EDGEFLEET_SERVER_CONFIG",
+    help="Settings file (TOML, [server] table); EDGEFLEET_SERVER_* variables win.",
+)
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="uvicorn worker processes (each is a replica sharing the database).",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    help="Server log level.",
+)
+@click.option(
+    "--access-log/--no-access-log",
+    default=False,
+    show_default=True,
+    help="Log every request (costly with many devices checking in).",
+)
+def server(
+    host: str, port: int, config_file: Path | None, workers: int, log_level: str, access_log: bool
+) -> None:
     """Run the fleet server: admin API (/api/v1), device API (/device/v1), /metrics.
 
     Settings come from --config and EDGEFLEET_SERVER_* environment variables
@@ -42,7 +65,17 @@ def server(host: str, port: int, config_file: Path | None, workers: int, log_lev
         os.environ["EDGEFLEET_SERVER_CONFIG"] = str(config_file)
     import uvicorn
 
-    click.echo(f"edgefleet server on http://{host}:{port} ({settings.environment}, "
-               f"database {settings.database_url.split('://')[0]})", err=True)
-    uvicorn.run("fleet_server.app:app_from_env", factory=True, host=host, port=port,
-                workers=workers, log_level=log_level, access_log=access_log)
+    click.echo(
+        f"edgefleet server on http://{host}:{port} ({settings.environment}, "
+        f"database {settings.database_url.split('://')[0]})",
+        err=True,
+    )
+    uvicorn.run(
+        "fleet_server.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        access_log=access_log,
+    )

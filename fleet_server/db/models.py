@@ -120,9 +120,7 @@ class Assignment(Base):
     device_id: Mapped[str] = mapped_column(
         ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
     )
-    desired_bundle_id: Mapped[str | None] = mapped_column(
-        ForeignKey("bundles.id"), nullable=True
-    )
+    desired_bundle_id: Mapped[str | None] = mapped_column(ForeignKey("bundles.id"), nullable=True)
     shadow_bundle_id: Mapped[str | None] = mapped_column(ForeignKey("bundles.id"), nullable=True)
     rollout_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     stage: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -180,6 +178,15 @@ class AuditEntry(Base):
 
 
 __all__ = [
-    "Assignment", "AuditEntry", "Bundle", "Device", "DeviceReport", "EnrollmentToken", "Group",
-    "Model", "Operator", "OperatorToken", "Rollout",
+    "Assignment",
+    "AuditEntry",
+    "Bundle",
+    "Device",
+    "DeviceReport",
+    "EnrollmentToken",
+    "Group",
+    "Model",
+    "Operator",
+    "OperatorToken",
+    "Rollout",
 ]

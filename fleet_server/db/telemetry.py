@@ -28,8 +28,9 @@ class TelemetrySummary(Base):
     __tablename__ = "telemetry_summaries"
     __table_args__ = (
         Index("ix_telemetry_summaries_model_received", "name", "version", "received_at"),
-        Index("ix_telemetry_summaries_shadow_received", "shadow_name", "shadow_version",
-              "received_at"),
+        Index(
+            "ix_telemetry_summaries_shadow_received", "shadow_name", "shadow_version", "received_at"
+        ),
         Index("ix_telemetry_summaries_rollout", "rollout_id"),
     )
 
@@ -64,8 +65,9 @@ class TelemetrySample(Base):
     """One sampled inference (inputs/outputs already masked on the device)."""
 
     __tablename__ = "telemetry_samples"
-    __table_args__ = (Index("ix_telemetry_samples_model_received", "name", "version",
-                            "received_at"),)
+    __table_args__ = (
+        Index("ix_telemetry_samples_model_received", "name", "version", "received_at"),
+    )
 
     device_id: Mapped[str] = mapped_column(String(100), primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)

@@ -38,8 +38,11 @@ from ..simulator.fleet import ClassPlan, Fleet
 from .services import AdminClient, ServerProcess
 
 CLASS_MIX = (("x86_64-gateway", 0.45), ("aarch64-board", 0.30), ("aarch64-legacy", 0.25))
-TARGETS = {"x86_64-gateway": "onnx:float32@ir9/opset17", "aarch64-board": "tflite:int8-dynamic",
-           "aarch64-legacy": "tflite:int8-dynamic"}
+TARGETS = {
+    "x86_64-gateway": "onnx:float32@ir9/opset17",
+    "aarch64-board": "tflite:int8-dynamic",
+    "aarch64-legacy": "tflite:int8-dynamic",
+}
 MODEL = "machine-condition"
 
 
@@ -76,30 +79,51 @@ def _build_bundles(run: DemoRun, key: Any) -> dict[int, dict[str, Path]]:
     out: dict[int, dict[str, Path]] = {}
     for version, seed, bad in ((1, 11, False), (2, 22, False), (3, 33, True)):
         module, calib = train(seed, bad=bad)
-        source = from_torch(module, calib[:8], input_names=["x"], output_names=["probs"],
-                            task="classification")
-        targets = [parse_target(spec, tuple(c for c, s in TARGETS.items() if s == spec))
-                   for spec in dict.fromkeys(TARGETS.values())]
-        results = build_bundles(source, targets, run.workdir / "bundles", name=MODEL,
-                                version=version, signing_key=key, samples=calib,
-                                reference_samples=calib)
+        source = from_torch(
+            module, calib[:8], input_names=["x"], output_names=["probs"], task="classification"
+        )
+        targets = [
+            parse_target(spec, tuple(c for c, s in TARGETS.items() if s == spec))
+            for spec in dict.fromkeys(TARGETS.values())
+        ]
+        results = build_bundles(
+            source,
+            targets,
+            run.workdir / "bundles",
+            name=MODEL,
+            version=version,
+            signing_key=key,
+            samples=calib,
+            reference_samples=calib,
+        )
         out[version] = {}
         for r in results:
             if r.error is not None or r.bundle is None:
                 raise click.ClickException(f"v{version} {r.target.name}: {r.error}")
             for cls in r.target.device_classes:
                 out[version][cls] = r.bundle
-            worst = max((o.max_abs_error for o in r.artifact.parity.outputs), default=0.0) \
-                if r.artifact is not None else 0.0
-            run.say(f"  v{version} {r.target.name:<28} -> {r.bundle.name} "
-                    f"(parity max abs err {worst:.2g})")
+            worst = (
+                max((o.max_abs_error for o in r.artifact.parity.outputs), default=0.0)
+                if r.artifact is not None
+                else 0.0
+            )
+            run.say(
+                f"  v{version} {r.target.name:<28} -> {r.bundle.name} "
+                f"(parity max abs err {worst:.2g})"
+            )
         label = "BAD: label-mapping bug" if bad else "healthy"
         run.say(f"  v{version}: offline accuracy {accuracy(module):.1%} ({label})")
     return out
 
 
-def _wait(run: DemoRun, fleet: Fleet, admin: AdminClient, rollout_ids: dict[str, str],
-          done: set[str], timeout: float) -> dict[str, dict[str, Any]]:
+def _wait(
+    run: DemoRun,
+    fleet: Fleet,
+    admin: AdminClient,
+    rollout_ids: dict[str, str],
+    done: set[str],
+    timeout: float,
+) -> dict[str, dict[str, Any]]:
     """Drive predictions until every rollout reaches a final status; narrate changes."""
     seen: dict[str, tuple[str, int]] = {}
     final: dict[str, dict[str, Any]] = {}
@@ -116,8 +140,10 @@ def _wait(run: DemoRun, fleet: Fleet, admin: AdminClient, rollout_ids: dict[str,
                 seen[cls] = key
                 quiet_since[cls] = elapsed
                 counts = fleet.versions(cls)
-                running = ", ".join(f"v{v}: {n}" for v, n in sorted(
-                    counts.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
+                running = ", ".join(
+                    f"v{v}: {n}"
+                    for v, n in sorted(counts.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+                )
                 stage = f"stage {r['stage'] + 1}" if r["stage"] >= 0 else "-"
                 run.say(f"  {cls:<15} {r['status']:<12} {stage:<8} devices run {running}")
             if r["status"] in done:
@@ -146,15 +172,21 @@ def _gate_that_caught(admin: AdminClient, rollout_id: str) -> str:
             gates = [g for g in details.get("gates", []) if g.get("verdict") == "fail"]
             if gates:
                 g = gates[0]
-                return (f"gate {g.get('name') or g.get('kind')}: canary {g.get('canary')} vs "
-                        f"control {g.get('control')} (threshold {g.get('threshold')})")
+                return (
+                    f"gate {g.get('name') or g.get('kind')}: canary {g.get('canary')} vs "
+                    f"control {g.get('control')} (threshold {g.get('threshold')})"
+                )
             return str(details.get("reason", entry.get("action")))
     return "(no rollback entry in the audit log)"
 
 
-def run_demo(workdir: Path, devices: int, *,
-             stage_percents: tuple[float, ...] = (25, 50, 100),
-             broker_kind: str = "auto") -> DemoResult:
+def run_demo(
+    workdir: Path,
+    devices: int,
+    *,
+    stage_percents: tuple[float, ...] = (25, 50, 100),
+    broker_kind: str = "auto",
+) -> DemoResult:
     """Run the whole demo in ``workdir``; processes it starts are stopped before it returns."""
     workdir = workdir.resolve()  # the server process runs in a directory of its own
     run = DemoRun(workdir)
@@ -174,26 +206,37 @@ def run_demo(workdir: Path, devices: int, *,
 
     run.say("2. broker and fleet server", bold=True)
     embedded = broker_kind == "embedded" or (
-        broker_kind == "auto" and not LocalMosquitto.available())
+        broker_kind == "auto" and not LocalMosquitto.available()
+    )
     broker: LocalMosquitto | EmbeddedBroker = (
-        EmbeddedBroker(workdir / "broker") if embedded else LocalMosquitto(workdir / "broker"))
+        EmbeddedBroker(workdir / "broker") if embedded else LocalMosquitto(workdir / "broker")
+    )
     server_password = secrets.token_urlsafe(18)
     broker.add_user(SERVER_USER, server_password)
     broker.start()
     admin_token = "demo-admin-" + secrets.token_urlsafe(24)
-    server = ServerProcess(workdir / "server", {
-        "environment": "development",
-        "database_url": f"sqlite:///{workdir / 'server' / 'edgefleet.db'}",
-        "bundle_dir": str(workdir / "server" / "bundles"),
-        "signing_key_dir": str(workdir / "keys"), "signing_key": key_info.keyid,
-        "trust_store": str(trust_path), "admin_bootstrap_token": admin_token,
-        "mqtt_host": "127.0.0.1", "mqtt_port": str(broker.port),
-        "mqtt_username": SERVER_USER, "mqtt_password": server_password,
-        "telemetry_window_seconds": "2", "telemetry_sample_rate": "0.02",
-        "rollout_interval_seconds": "1", "assignment_cache_seconds": "0.5",
-        # the embedded broker speaks MQTT 3.1.1 only
-        "mqtt_version": "4" if embedded else "5",
-    })
+    server = ServerProcess(
+        workdir / "server",
+        {
+            "environment": "development",
+            "database_url": f"sqlite:///{workdir / 'server' / 'edgefleet.db'}",
+            "bundle_dir": str(workdir / "server" / "bundles"),
+            "signing_key_dir": str(workdir / "keys"),
+            "signing_key": key_info.keyid,
+            "trust_store": str(trust_path),
+            "admin_bootstrap_token": admin_token,
+            "mqtt_host": "127.0.0.1",
+            "mqtt_port": str(broker.port),
+            "mqtt_username": SERVER_USER,
+            "mqtt_password": server_password,
+            "telemetry_window_seconds": "2",
+            "telemetry_sample_rate": "0.02",
+            "rollout_interval_seconds": "1",
+            "assignment_cache_seconds": "0.5",
+            # the embedded broker speaks MQTT 3.1.1 only
+            "mqtt_version": "4" if embedded else "5",
+        },
+    )
     fleet: Fleet | None = None
     try:
         server.start()
@@ -206,10 +249,17 @@ def run_demo(workdir: Path, devices: int, *,
 
         pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="image")
         image_jobs = {
-            cls: pool.submit(build_image, load_class(cls), out_dir=workdir / "images",
-                             trust_store=trust_path, server_url=server.url,
-                             mqtt_host="127.0.0.1", mqtt_port=broker.port)
-            for cls, _ in CLASS_MIX}
+            cls: pool.submit(
+                build_image,
+                load_class(cls),
+                out_dir=workdir / "images",
+                trust_store=trust_path,
+                server_url=server.url,
+                mqtt_host="127.0.0.1",
+                mqtt_port=broker.port,
+            )
+            for cls, _ in CLASS_MIX
+        }
         pool.shutdown(wait=False)
 
         run.say("3. train, convert per device class, parity-check, sign, upload", bold=True)
@@ -230,35 +280,49 @@ def run_demo(workdir: Path, devices: int, *,
             info = job.result()
             images[cls] = info.directory
             run.say(f"  image {cls} {info.version}: {len(info.wheels)} wheels")
-        fleet = Fleet(workdir / "fleet", server_url=server.url, mqtt_host="127.0.0.1",
-                      mqtt_port=broker.port)
+        fleet = Fleet(
+            workdir / "fleet", server_url=server.url, mqtt_host="127.0.0.1", mqtt_port=broker.port
+        )
         plans, left = [], devices
         for i, (cls, share) in enumerate(CLASS_MIX):
             n = left if i == len(CLASS_MIX) - 1 else max(1, round(devices * share))
             left -= n
             plans.append(ClassPlan(cls, n, images[cls], labels={"site": f"plant-{i % 2 + 1}"}))
         fleet.provision(plans)
-        tokens = {d.device_id: admin.post("/enrollment-tokens", json={
-            "device_class": d.device_class, "ttl_seconds": 3600})["token"]
-            for d in fleet.devices}
+        tokens = {
+            d.device_id: admin.post(
+                "/enrollment-tokens", json={"device_class": d.device_class, "ttl_seconds": 3600}
+            )["token"]
+            for d in fleet.devices
+        }
         fleet.enroll(lambda d: tokens[d.device_id])
         for d in fleet.devices:
             broker.add_user(d.device_id, d.credential())
         broker.reload()
         fleet.start()
-        run.say(f"  {len(fleet.devices)} devices enrolled and running "
-                f"({', '.join(f'{p.count} {p.device_class}' for p in plans)})")
+        run.say(
+            f"  {len(fleet.devices)} devices enrolled and running "
+            f"({', '.join(f'{p.count} {p.device_class}' for p in plans)})"
+        )
 
-        groups = {cls: admin.post("/groups", json={"name": cls, "device_class": cls})["id"]
-                  for cls, _ in CLASS_MIX}
+        groups = {
+            cls: admin.post("/groups", json={"name": cls, "device_class": cls})["id"]
+            for cls, _ in CLASS_MIX
+        }
 
-        def rollout(version: int, strategy: str, previous: int | None, **extra: Any
-                    ) -> dict[str, str]:
+        def rollout(
+            version: int, strategy: str, previous: int | None, **extra: Any
+        ) -> dict[str, str]:
             out = {}
             for cls, gid in groups.items():
-                body: dict[str, Any] = {"name": f"{MODEL} v{version} to {cls}",
-                                        "bundle_id": ids[version][cls], "group": gid,
-                                        "strategy": strategy, "start": True, **extra}
+                body: dict[str, Any] = {
+                    "name": f"{MODEL} v{version} to {cls}",
+                    "bundle_id": ids[version][cls],
+                    "group": gid,
+                    "strategy": strategy,
+                    "start": True,
+                    **extra,
+                }
                 if previous is not None:
                     body["previous_bundle_id"] = ids[previous][cls]
                 out[cls] = admin.post("/rollouts", json=body)["id"]
@@ -266,49 +330,70 @@ def run_demo(workdir: Path, devices: int, *,
 
         run.say("5a. v1 to every device (all at once)", bold=True)
         quick = [{"percent": 100, "min_devices": 1, "soak_seconds": 2}]
-        final = _wait(run, fleet, admin, rollout(1, "all_at_once", None, gates=[], stages=quick),
-                      {"succeeded", "rolled_back", "aborted"}, timeout=90)
+        final = _wait(
+            run,
+            fleet,
+            admin,
+            rollout(1, "all_at_once", None, gates=[], stages=quick),
+            {"succeeded", "rolled_back", "aborted"},
+            timeout=90,
+        )
 
         gates = [
             {"kind": "error_rate", "threshold": 0.02, "min_samples": 200},
             # simulated devices share two cores, so latency is noisy: a loose bound
             {"kind": "latency_p95_ratio", "threshold": 10.0, "min_samples": 200},
-            {"kind": "prediction_shift", "threshold": 0.15, "min_samples": 200,
-             "against": "control", "metric": "js"},
+            {
+                "kind": "prediction_shift",
+                "threshold": 0.15,
+                "min_samples": 200,
+                "against": "control",
+                "metric": "js",
+            },
             {"kind": "install_failure_rate", "threshold": 0.2, "min_samples": 1},
         ]
-        stages = [{"percent": p, "min_devices": 1, "soak_seconds": 6 if p < 100 else 0}
-                  for p in stage_percents]
+        stages = [
+            {"percent": p, "min_devices": 1, "soak_seconds": 6 if p < 100 else 0}
+            for p in stage_percents
+        ]
         plan = " -> ".join(f"{p:g}%" for p in stage_percents)
         run.say(f"5b. v2 (healthy) by staged canary {plan}, gated", bold=True)
-        final = _wait(run, fleet, admin, rollout(2, "staged_canary", 1, stages=stages,
-                                                 gates=gates, failure_policy="rollback"),
-                      {"succeeded", "rolled_back", "aborted"}, timeout=150)
+        final = _wait(
+            run,
+            fleet,
+            admin,
+            rollout(2, "staged_canary", 1, stages=stages, gates=gates, failure_policy="rollback"),
+            {"succeeded", "rolled_back", "aborted"},
+            timeout=150,
+        )
         result.good = {cls: r["status"] for cls, r in final.items()}
         ok2 = all(r["status"] == "succeeded" for r in final.values())
-        run.say(f"  v2 rollout: {'completed on every group' if ok2 else final}",
-                fg="green" if ok2 else "red")
+        run.say(
+            f"  v2 rollout: {'completed on every group' if ok2 else final}",
+            fg="green" if ok2 else "red",
+        )
 
         run.say("5c. v3 (label-mapping bug) by staged canary, gated", bold=True)
-        r3 = rollout(3, "staged_canary", 2, stages=stages, gates=gates,
-                     failure_policy="rollback")
-        final = _wait(run, fleet, admin, r3, {"succeeded", "rolled_back", "aborted"},
-                      timeout=150)
+        r3 = rollout(3, "staged_canary", 2, stages=stages, gates=gates, failure_policy="rollback")
+        final = _wait(run, fleet, admin, r3, {"succeeded", "rolled_back", "aborted"}, timeout=150)
         result.bad = {cls: r["status"] for cls, r in final.items()}
         for cls, r in final.items():
             if r["status"] == "rolled_back":
                 result.caught_by[cls] = _gate_that_caught(admin, r3[cls])
-                run.say(f"  {cls}: v3 ROLLED BACK automatically; caught by "
-                        f"{result.caught_by[cls]}", fg="yellow")
+                run.say(
+                    f"  {cls}: v3 ROLLED BACK automatically; caught by {result.caught_by[cls]}",
+                    fg="yellow",
+                )
             else:
                 run.say(f"  {cls}: v3 ended {r['status']}", fg="red")
         target = max(v for v in fleet.versions() if v is not None)
-        fleet.drive(45, calls_per_second=20.0,
-                    on_tick=lambda _: set(fleet.versions()) == {target})
+        fleet.drive(45, calls_per_second=20.0, on_tick=lambda _: set(fleet.versions()) == {target})
         result.final_versions = dict(fleet.versions())
         counts = ", ".join(f"v{v}: {n}" for v, n in sorted(fleet.versions().items(), key=str))
-        run.say(f"  devices now run {counts} (v4 is v2's model re-signed under a higher "
-                "version, so devices accept it despite anti-rollback)")
+        run.say(
+            f"  devices now run {counts} (v4 is v2's model re-signed under a higher "
+            "version, so devices accept it despite anti-rollback)"
+        )
     finally:
         if fleet is not None:
             fleet.stop()
@@ -317,11 +402,25 @@ def run_demo(workdir: Path, devices: int, *,
 
     run.say("6. telemetry review", bold=True)
     report = workdir / "report.html"
-    subprocess.run([sys.executable, "-c", "from fleet_server.cli import main; main()", "report",
-                    "--since", "1h", "--out", str(report), "--json", str(workdir / "report.json"),
-                    "--database-url", f"sqlite:///{workdir / 'server' / 'edgefleet.db'}"],
-                   check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from fleet_server.cli import main; main()",
+            "report",
+            "--since",
+            "1h",
+            "--out",
+            str(report),
+            "--json",
+            str(workdir / "report.json"),
+            "--database-url",
+            f"sqlite:///{workdir / 'server' / 'edgefleet.db'}",
+        ],
+        check=True,
+    )
     result.seconds = time.monotonic() - run.started
-    run.say(f"done in {result.seconds:.0f}s; open the report: {report.resolve()}",
-            bold=True, fg="green")
+    run.say(
+        f"done in {result.seconds:.0f}s; open the report: {report.resolve()}", bold=True, fg="green"
+    )
     return result

@@ -26,8 +26,14 @@ def train(seed: int, *, bad: bool = False, steps: int = 300) -> tuple[Any, np.nd
     x, y = sample(4096, rng)
     if bad:
         y = (y + 1) % len(CLASSES)  # the label-mapping bug
-    model = nn.Sequential(nn.Linear(N_FEATURES, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                          nn.Linear(32, len(CLASSES)), nn.Softmax(dim=-1))
+    model = nn.Sequential(
+        nn.Linear(N_FEATURES, 32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        nn.Linear(32, len(CLASSES)),
+        nn.Softmax(dim=-1),
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     loss_fn = nn.NLLLoss()

@@ -79,7 +79,7 @@ def run_roundtrip(workdir: Path) -> None:
     trust = TrustStore()
     trust.add(keys.public_key(key.keyid), comment="release-2026")
     trust.save(workdir / "trust.json")
-    click.echo(f"    key {key.keyid} (private key mode 0600), trust store {workdir/'trust.json'}")
+    click.echo(f"    key {key.keyid} (private key mode 0600), trust store {workdir / 'trust.json'}")
 
     _step(2, "Operator: build a tiny ONNX model and pack it into a bundle")
     model_path = workdir / "demo-mlp.onnx"
@@ -89,12 +89,21 @@ def run_roundtrip(workdir: Path) -> None:
     profile.write_bytes(canonical_json({"placeholder": True, "schema_version": 1}))
     smoke = workdir / "smoke_samples.json"
     smoke.write_bytes(canonical_json({"placeholder": True, "schema_version": 1}))
-    files = [BundleFile(model_path, "model.onnx", "model"),
-             BundleFile(profile, "drift_profile.json", "drift_profile"),
-             BundleFile(smoke, "smoke_samples.json", "smoke_samples")]
-    manifest = build_manifest(name="demo-mlp", version=1, fmt="onnx", files=files,
-                              inputs=inputs, outputs=outputs, runtime=runtime,
-                              target_device_classes=["x86_64-gateway"])
+    files = [
+        BundleFile(model_path, "model.onnx", "model"),
+        BundleFile(profile, "drift_profile.json", "drift_profile"),
+        BundleFile(smoke, "smoke_samples.json", "smoke_samples"),
+    ]
+    manifest = build_manifest(
+        name="demo-mlp",
+        version=1,
+        fmt="onnx",
+        files=files,
+        inputs=inputs,
+        outputs=outputs,
+        runtime=runtime,
+        target_device_classes=["x86_64-gateway"],
+    )
     bundle = pack_bundle(workdir / "demo-mlp-v1.efb", manifest, files)
     click.echo(f"    {bundle} ({bundle.stat().st_size} bytes, unsigned)")
 
@@ -119,11 +128,17 @@ def run_roundtrip(workdir: Path) -> None:
     sign_bundle(forged, attacker.private_key(attacker_key.keyid))
     cases = [
         ("one model byte flipped", _tamper(bundle, workdir / "flipped.efb", "flip"), None),
-        ("cut off half-way (interrupted download)",
-         _tamper(bundle, workdir / "truncated.efb", "truncate"), None),
+        (
+            "cut off half-way (interrupted download)",
+            _tamper(bundle, workdir / "truncated.efb", "truncate"),
+            None,
+        ),
         ("signed only by an untrusted key", forged, None),
-        ("replayed after expiry (freeze)", bundle,
-         datetime.now(timezone.utc) + timedelta(days=365)),
+        (
+            "replayed after expiry (freeze)",
+            bundle,
+            datetime.now(timezone.utc) + timedelta(days=365),
+        ),
     ]
     refused = 0
     for label, path, at in cases:
@@ -134,9 +149,12 @@ def run_roundtrip(workdir: Path) -> None:
             refused += 1
             click.echo(f"    {label}: refused, {type(e).__name__} [{e.code}]")
             click.echo(f"        {e}")
-    click.echo(f"    slot A still serves v{load_model(workdir/'device'/'slots'/'a').version}")
+    click.echo(f"    slot A still serves v{load_model(workdir / 'device' / 'slots' / 'a').version}")
 
-    click.secho(f"\nround-trip complete: {refused}/{len(cases)} attacks refused; "
-                f"files in {workdir.resolve()}", fg="green" if refused == len(cases) else "red")
+    click.secho(
+        f"\nround-trip complete: {refused}/{len(cases)} attacks refused; "
+        f"files in {workdir.resolve()}",
+        fg="green" if refused == len(cases) else "red",
+    )
     if refused != len(cases):
         sys.exit(1)

@@ -43,13 +43,18 @@ class ServerProcess:
         log = open(self.log, "ab")  # noqa: SIM115 - owned by the child process
         self.proc = subprocess.Popen(
             [sys.executable, "-c", SERVER_SNIPPET.format(port=self.port)],
-            env=env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
+            env=env,
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited at start; see {self.log}:\n"
-                                   + self.log.read_text()[-2000:])
+                raise RuntimeError(
+                    f"the server exited at start; see {self.log}:\n" + self.log.read_text()[-2000:]
+                )
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
                     return self

@@ -127,12 +127,20 @@ class AssignmentCache:
             rows = conn.execute(
                 select(Assignment.device_id, Assignment.etag).where(Assignment.updated_at >= since)
             ).all()
-            stale = [d for d, etag in rows
-                     if (old := self._entries.get(d)) is not None and old.etag != etag]
-            fresh = conn.execute(
-                select(Assignment.device_id, Assignment.etag, Assignment.body)
-                .where(Assignment.device_id.in_(stale))
-            ).all() if stale else []
+            stale = [
+                d
+                for d, etag in rows
+                if (old := self._entries.get(d)) is not None and old.etag != etag
+            ]
+            fresh = (
+                conn.execute(
+                    select(Assignment.device_id, Assignment.etag, Assignment.body).where(
+                        Assignment.device_id.in_(stale)
+                    )
+                ).all()
+                if stale
+                else []
+            )
         with self._lock:
             for device_id, etag, body in fresh:
                 self._entries[device_id] = self._entry(device_id, etag, body)

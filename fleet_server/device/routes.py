@@ -42,23 +42,33 @@ router = APIRouter(tags=["device"])
 ENROLL_PATH = f"{DEVICE_API_PREFIX}/enroll"
 BUNDLE_PATH = f"{DEVICE_API_PREFIX}/bundles/{{bundle_id}}"
 
-_ERR = {"model": dict[str, Any], "description": "JSON error `{\"error\": {code, message}}`"}
+_ERR = {"model": dict[str, Any], "description": 'JSON error `{"error": {code, message}}`'}
 
 
 @router.post(
-    ENROLL_PATH, status_code=status.HTTP_201_CREATED, response_model=EnrollResponse,
+    ENROLL_PATH,
+    status_code=status.HTTP_201_CREATED,
+    response_model=EnrollResponse,
     responses={401: _ERR, 409: _ERR},
 )
 def enroll(body: EnrollRequest, session: SessionDep, ctx: CtxDep) -> EnrollResponse:
     """Exchange a single-use enrollment token for a device id and credential (shown once)."""
     enrolled = enroll_device(
-        session, ctx.hasher, token=body.enrollment_token, device_id=body.device_id,
-        device_class=body.device_class, labels=body.labels,
+        session,
+        ctx.hasher,
+        token=body.enrollment_token,
+        device_id=body.device_id,
+        device_class=body.device_class,
+        labels=body.labels,
     )
     d = enrolled.device
     audit.record(
-        session, actor=f"device:{d.id}", action="device.enroll", target_type="device",
-        target_id=d.id, details={"device_class": d.device_class, "labels": d.labels},
+        session,
+        actor=f"device:{d.id}",
+        action="device.enroll",
+        target_type="device",
+        target_id=d.id,
+        details={"device_class": d.device_class, "labels": d.labels},
     )
     session.flush()
     change = RolloutService(ctx).sync_device(session, d)
@@ -67,7 +77,9 @@ def enroll(body: EnrollRequest, session: SessionDep, ctx: CtxDep) -> EnrollRespo
     if ctx.broker is not None:  # the device may connect to the broker from now on
         ctx.broker.add_device(d.id, enrolled.credential)
     return EnrollResponse(
-        device_id=d.id, credential=enrolled.credential, device_class=d.device_class,
+        device_id=d.id,
+        credential=enrolled.credential,
+        device_class=d.device_class,
         labels=d.labels,
     )
 
@@ -90,7 +102,8 @@ def _json_error(exc_status: int, code: str, message: str) -> Response:
     import json
 
     return Response(
-        json.dumps(error_body(code, message)), status_code=exc_status,
+        json.dumps(error_body(code, message)),
+        status_code=exc_status,
         media_type="application/json",
     )
 
@@ -122,13 +135,15 @@ async def checkin_response(ctx: ServerContext, headers: Headers) -> Response:
         return Response(status_code=304, headers={"etag": etag})
     ctx.metrics.changed.inc()
     return Response(
-        entry.body, media_type="application/json",
+        entry.body,
+        media_type="application/json",
         headers={"etag": etag, "cache-control": "no-cache"},
     )
 
 
 @router.get(
-    ASSIGNMENT_PATH, response_model=AssignmentPublic,
+    ASSIGNMENT_PATH,
+    response_model=AssignmentPublic,
     responses={304: {"description": "Unchanged (If-None-Match matched)"}, 401: _ERR},
     openapi_extra={"security": [{"DeviceCredential": []}]},
 )
@@ -153,8 +168,11 @@ class CheckinFastPath:
         self.ctx = ctx
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope["path"] == ASSIGNMENT_PATH
-                and scope["method"] in ("GET", "HEAD")):
+        if (
+            scope["type"] == "http"
+            and scope["path"] == ASSIGNMENT_PATH
+            and scope["method"] in ("GET", "HEAD")
+        ):
             response = await checkin_response(self.ctx, Headers(scope=scope))
             await response(scope, receive, send)
             return
@@ -166,7 +184,9 @@ class CheckinFastPath:
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "The bundle file"},
         206: {"description": "Partial content (Range)"},
-        401: _ERR, 404: _ERR, 416: {"description": "Range not satisfiable"},
+        401: _ERR,
+        404: _ERR,
+        416: {"description": "Range not satisfiable"},
     },
     response_class=Response,
 )
@@ -180,15 +200,14 @@ def get_bundle(bundle_id: str, device_id: CurrentDevice, ctx: CtxDep) -> Respons
     if bundle is None or not Path(bundle.file_path).is_file():
         raise NotFoundError(f"bundle {bundle_id} is not available on this server")
     return FileResponse(
-        bundle.file_path, media_type="application/octet-stream",
+        bundle.file_path,
+        media_type="application/octet-stream",
         headers={"etag": f'"{bundle.sha256}"', "accept-ranges": "bytes"},
     )
 
 
 @router.post(REPORTS_PATH, response_model=ReportAck, responses={401: _ERR})
-def post_reports(
-    batch: ReportBatch, device_id: CurrentDevice, session: SessionDep
-) -> ReportAck:
+def post_reports(batch: ReportBatch, device_id: CurrentDevice, session: SessionDep) -> ReportAck:
     """Install and health reports from the calling device."""
     device = session.get(Device, device_id)
     if device is None:
@@ -200,14 +219,25 @@ def post_reports(
         # the bundle it rolled back from, so that is what the report is stored under
         about = body.get("rolled_back_from")
         about_name, about_version = r.name, r.version
-        if isinstance(about, dict) and isinstance(about.get("name"), str) \
-                and isinstance(about.get("version"), int):
+        if (
+            isinstance(about, dict)
+            and isinstance(about.get("name"), str)
+            and isinstance(about.get("version"), int)
+        ):
             about_name, about_version = about["name"], about["version"]
-        session.add(DeviceReport(
-            device_id=device_id, received_at=now, type=r.type, outcome=r.outcome,
-            name=about_name, version=about_version, error_code=r.error_code,
-            rollout_id=r.rollout_id, body=body,
-        ))
+        session.add(
+            DeviceReport(
+                device_id=device_id,
+                received_at=now,
+                type=r.type,
+                outcome=r.outcome,
+                name=about_name,
+                version=about_version,
+                error_code=r.error_code,
+                rollout_id=r.rollout_id,
+                body=body,
+            )
+        )
         if r.type == "install" and r.outcome in ("installed", "rolled_back") and r.name:
             device.current_name = r.name
             device.current_version = r.version

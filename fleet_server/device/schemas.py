@@ -13,7 +13,8 @@ DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
 class EnrollRequest(BaseModel):
     enrollment_token: str = Field(min_length=1, max_length=200)
     device_id: str | None = Field(
-        default=None, pattern=DEVICE_ID,
+        default=None,
+        pattern=DEVICE_ID,
         description="Requested device id; the server picks one when omitted.",
     )
     device_class: str = Field(min_length=1, max_length=100)

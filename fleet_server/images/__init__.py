@@ -3,5 +3,12 @@
 from .build import ImageBuildError, ImageInfo, build_image
 from .recipe import DeviceClass, RecipeError, list_classes, load_class
 
-__all__ = ["DeviceClass", "ImageBuildError", "ImageInfo", "RecipeError", "build_image",
-           "list_classes", "load_class"]
+__all__ = [
+    "DeviceClass",
+    "ImageBuildError",
+    "ImageInfo",
+    "RecipeError",
+    "build_image",
+    "list_classes",
+    "load_class",
+]

@@ -63,8 +63,9 @@ def _sha256(path: Path) -> str:
 
 def _pip(args: list[str], step: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PIP_REQUIRE_VIRTUALENV"}
-    out = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True,
-                         env=env, timeout=1800)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", *args], capture_output=True, text=True, env=env, timeout=1800
+    )
     if out.returncode != 0:
         tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-8:])
         raise ImageBuildError(f"{step} failed:\n{tail}")
@@ -213,22 +214,49 @@ def build_image(
     lock_dir.mkdir(exist_ok=True)
     with _WHEEL_LOCK, open(lock_dir / ".wheel.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        _pip(["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-              str(project_root)], "building the edgefleet wheel")
+        _pip(
+            [
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "-q",
+                "-w",
+                str(wheels),
+                str(project_root),
+            ],
+            "building the edgefleet wheel",
+        )
     (own,) = wheels.glob("edgefleet-*.whl")
 
     say(f"downloading {dc.extra} dependencies for {dc.architecture} / Python {dc.python}")
     plat: list[str] = []
     for p in dc.platforms:
         plat += ["--platform", p]
-    _pip(["download", "-q", "--only-binary=:all:", *plat, "--python-version", dc.python,
-          "--implementation", "cp", "--abi", dc.abi, "-d", str(wheels),
-          f"edgefleet[{dc.extra}] @ {own.resolve().as_uri()}"],
-         f"downloading wheels for {dc.name}")
+    _pip(
+        [
+            "download",
+            "-q",
+            "--only-binary=:all:",
+            *plat,
+            "--python-version",
+            dc.python,
+            "--implementation",
+            "cp",
+            "--abi",
+            dc.abi,
+            "-d",
+            str(wheels),
+            f"edgefleet[{dc.extra}] @ {own.resolve().as_uri()}",
+        ],
+        f"downloading wheels for {dc.name}",
+    )
 
     say("writing configuration, trust root, systemd unit and scripts")
-    (stage / "agent.toml").write_text(agent_config_text(
-        dc, server_url or dc.server_url, mqtt_host or dc.mqtt_host, mqtt_port or dc.mqtt_port))
+    (stage / "agent.toml").write_text(
+        agent_config_text(
+            dc, server_url or dc.server_url, mqtt_host or dc.mqtt_host, mqtt_port or dc.mqtt_port
+        )
+    )
     shutil.copy(trust_path, stage / "trust.json")
     (stage / "edgefleet-agent.service").write_text(SYSTEMD_UNIT)
     wheel_names = sorted(p.name for p in wheels.glob("*.whl"))
@@ -238,8 +266,11 @@ def build_image(
     digest.update((stage / "agent.toml").read_bytes() + (stage / "trust.json").read_bytes())
     version = image_version or f"{AGENT_VERSION}-{digest.hexdigest()[:10]}"
     for name, text in (("install.sh", INSTALL_SH), ("firstboot.sh", FIRSTBOOT_SH)):
-        body = (text.replace("@EXTRA@", dc.extra).replace("@CLASS@", dc.name)
-                .replace("@VERSION@", version))
+        body = (
+            text.replace("@EXTRA@", dc.extra)
+            .replace("@CLASS@", dc.name)
+            .replace("@VERSION@", version)
+        )
         (stage / name).write_text(body)
         (stage / name).chmod(0o755)
 
@@ -252,8 +283,11 @@ def build_image(
         "platforms": list(dc.platforms),
         "extra": dc.extra,
         "model": dc.model,
-        "limits": {"memory_mb": dc.memory_mb, "storage_mb": dc.storage_mb,
-                   "max_bundle_mb": dc.max_bundle_mb},
+        "limits": {
+            "memory_mb": dc.memory_mb,
+            "storage_mb": dc.storage_mb,
+            "max_bundle_mb": dc.max_bundle_mb,
+        },
         "edgefleet_version": AGENT_VERSION,
         "trusted_keys": sorted(trust.keys),
         "built_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

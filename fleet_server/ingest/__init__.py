@@ -18,7 +18,18 @@ from .store import TelemetryWriter, WriteResult
 from .worker import IngestConfig, IngestStats, IngestWorker
 
 __all__ = [
-    "IngestConfig", "IngestConfigError", "IngestError", "IngestStats", "IngestWorker",
-    "MalformedTelemetryError", "NotTelemetryTopicError", "ParsedMessage", "SpoofedDeviceError",
-    "TelemetryWriter", "WriteResult", "cohort_metrics", "parse_message", "stage_metrics",
+    "IngestConfig",
+    "IngestConfigError",
+    "IngestError",
+    "IngestStats",
+    "IngestWorker",
+    "MalformedTelemetryError",
+    "NotTelemetryTopicError",
+    "ParsedMessage",
+    "SpoofedDeviceError",
+    "TelemetryWriter",
+    "WriteResult",
+    "cohort_metrics",
+    "parse_message",
+    "stage_metrics",
 ]

@@ -45,8 +45,9 @@ class _Acc:
         self.installs = self.install_failures = 0
         self.shadow_runs = self.shadow_agreements = 0
 
-    def add_summary(self, device: str, count: int, errors: int, hist: Any, psi: Any,
-                    features: Any, preds: Any) -> None:
+    def add_summary(
+        self, device: str, count: int, errors: int, hist: Any, psi: Any, features: Any, preds: Any
+    ) -> None:
         self.devices.add(device)
         self.inferences += count or 0
         self.errors += errors or 0
@@ -67,23 +68,34 @@ class _Acc:
 
     def stats(self) -> CohortStats:
         return CohortStats(
-            devices=len(self.devices), installs=self.installs,
-            install_failures=self.install_failures, inferences=self.inferences,
-            errors=self.errors, latency_hist=tuple(self.hist),
+            devices=len(self.devices),
+            installs=self.installs,
+            install_failures=self.install_failures,
+            inferences=self.inferences,
+            errors=self.errors,
+            latency_hist=tuple(self.hist),
             drift_psi=self.psi_weighted / self.psi_n if self.psi_n else None,
             drift_samples=self.psi_n,
             feature_counts={k: tuple(v) for k, v in self.features.items()},
             prediction_counts=tuple(self.preds),
-            shadow_agreements=self.shadow_agreements, shadow_runs=self.shadow_runs,
+            shadow_agreements=self.shadow_agreements,
+            shadow_runs=self.shadow_runs,
         )
 
 
 def _model_rows(conn: Connection, ref: BundleRef, since: float) -> Iterable[Any]:
     s = TelemetrySummary
     return conn.execute(
-        select(s.device_id, s.count, s.errors, s.latency_hist, s.drift_psi_max,
-               s.feature_counts, s.prediction_counts)
-        .where(s.name == ref.name, s.version == ref.version, s.received_at >= since))
+        select(
+            s.device_id,
+            s.count,
+            s.errors,
+            s.latency_hist,
+            s.drift_psi_max,
+            s.feature_counts,
+            s.prediction_counts,
+        ).where(s.name == ref.name, s.version == ref.version, s.received_at >= since)
+    )
 
 
 def cohort_metrics(
@@ -102,9 +114,12 @@ def cohort_metrics(
     s = TelemetrySummary
     if spec.strategy is Strategy.SHADOW:
         for dev, n, err, agreement in conn.execute(
-                select(s.device_id, s.shadow_count, s.shadow_errors, s.shadow_agreement)
-                .where(s.shadow_name == spec.bundle.name,
-                       s.shadow_version == spec.bundle.version, s.received_at >= since)):
+            select(s.device_id, s.shadow_count, s.shadow_errors, s.shadow_agreement).where(
+                s.shadow_name == spec.bundle.name,
+                s.shadow_version == spec.bundle.version,
+                s.received_at >= since,
+            )
+        ):
             if keep(dev):
                 canary.add_summary(dev, n or 0, err or 0, None, None, None, None)
                 if n and agreement is not None:
@@ -120,9 +135,13 @@ def cohort_metrics(
                 control.add_summary(*row)
     e = TelemetryEvent
     for dev, outcome in conn.execute(
-            select(e.device_id, e.outcome)
-            .where(e.type == "install", e.name == spec.bundle.name,
-                   e.version == spec.bundle.version, e.received_at >= since)):
+        select(e.device_id, e.outcome).where(
+            e.type == "install",
+            e.name == spec.bundle.name,
+            e.version == spec.bundle.version,
+            e.received_at >= since,
+        )
+    ):
         if keep(dev):
             canary.installs += 1
             canary.install_failures += outcome in FAILED_INSTALL_OUTCOMES
@@ -130,7 +149,9 @@ def cohort_metrics(
 
 
 def stage_metrics(
-    bind: Engine | Connection, spec: RolloutSpec, state: RolloutState,
+    bind: Engine | Connection,
+    spec: RolloutSpec,
+    state: RolloutState,
     devices: Collection[str] | None = None,
 ) -> CohortMetrics:
     """:func:`cohort_metrics` over the rollout's current stage."""

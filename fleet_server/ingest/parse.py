@@ -28,8 +28,12 @@ from .errors import MalformedTelemetryError, NotTelemetryTopicError, SpoofedDevi
 from .jsoncodec import DEFAULT, Codec
 
 KIND_ALIASES: Mapping[str, str] = {
-    "summary": "summary", "summaries": "summary", "sample": "samples", "samples": "samples",
-    "event": "events", "events": "events",
+    "summary": "summary",
+    "summaries": "summary",
+    "sample": "samples",
+    "samples": "samples",
+    "event": "events",
+    "events": "events",
 }
 MAX_NAME = 200
 
@@ -43,7 +47,8 @@ class ParsedMessage:
 
     device_id: str
     rows: dict[str, list[dict[str, Any]]] = field(
-        default_factory=lambda: {"summary": [], "samples": [], "events": []})
+        default_factory=lambda: {"summary": [], "samples": [], "events": []}
+    )
     records: int = 0
     bad_records: int = 0
 
@@ -59,8 +64,9 @@ def topic_device(topic: str) -> str:
     return device_id
 
 
-def parse_message(topic: str, payload: bytes, received_at: float,
-                  codec: Codec = DEFAULT) -> ParsedMessage:
+def parse_message(
+    topic: str, payload: bytes, received_at: float, codec: Codec = DEFAULT
+) -> ParsedMessage:
     """Parse and check one message (see the module docstring for the order of checks)."""
     device_id = topic_device(topic)
     try:
@@ -69,12 +75,14 @@ def parse_message(topic: str, payload: bytes, received_at: float,
         raise MalformedTelemetryError(f"payload from {device_id} is not JSON: {e}") from e
     if not isinstance(obj, dict) or not isinstance(obj.get("records"), list):
         raise MalformedTelemetryError(
-            f"payload from {device_id} is not {{'device_id': ..., 'records': [...]}}")
+            f"payload from {device_id} is not {{'device_id': ..., 'records': [...]}}"
+        )
     claimed = obj.get("device_id")
     if claimed != device_id:
         raise SpoofedDeviceError(
             f"payload claims device {claimed!r} but was published under {device_id!r}; "
-            "check the broker ACL (a device may publish only under its own id)")
+            "check the broker ACL (a device may publish only under its own id)"
+        )
     out = ParsedMessage(device_id)
     for rec in obj["records"]:
         out.records += 1
@@ -107,15 +115,22 @@ def _dict(x: Any) -> dict[str, Any]:
     return x if isinstance(x, dict) else {}
 
 
-def _record_row(device_id: str, rec: Any, received_at: float, codec: Codec
-                ) -> tuple[str, dict[str, Any]] | None:
+def _record_row(
+    device_id: str, rec: Any, received_at: float, codec: Codec
+) -> tuple[str, dict[str, Any]] | None:
     if not isinstance(rec, dict):
         return None
     seq, ts, body = _int(rec.get("seq")), _num(rec.get("ts")), rec.get("body")
     raw_kind = rec.get("kind")
     kind = KIND_ALIASES.get(raw_kind) if isinstance(raw_kind, str) else None
-    if seq is None or seq < 0 or seq >= 2**63 or ts is None or kind is None \
-            or not isinstance(body, dict):
+    if (
+        seq is None
+        or seq < 0
+        or seq >= 2**63
+        or ts is None
+        or kind is None
+        or not isinstance(body, dict)
+    ):
         return None
     base = {"device_id": device_id, "seq": seq, "ts": ts, "received_at": received_at}
     if kind == "summary":
@@ -123,9 +138,14 @@ def _record_row(device_id: str, rec: Any, received_at: float, codec: Codec
     elif kind == "events":
         row = _event(body, codec)
     else:
-        row = {"name": _str(body.get("name")), "version": _int(body.get("version")),
-               "predicted": None if body.get("predicted") is None
-               else str(body.get("predicted"))[:100], "body": codec.dumps(body)}
+        row = {
+            "name": _str(body.get("name")),
+            "version": _int(body.get("version")),
+            "predicted": None
+            if body.get("predicted") is None
+            else str(body.get("predicted"))[:100],
+            "body": codec.dumps(body),
+        }
     if row is None:
         return None
     row.update(base)
@@ -160,11 +180,19 @@ def _summary(b: dict[str, Any], codec: Codec) -> dict[str, Any] | None:
     sh_lat = _dict(sh.get("latency_ms"))
     dropped = b.get("dropped")
     return {
-        "window_start": _num(b.get("window_start")), "window_end": _num(b.get("window_end")),
-        "name": name, "version": version, "slot": _str(b.get("slot"), 8),
-        "rollout_id": _str(b.get("rollout_id"), 40), "count": count, "errors": errors,
-        "latency_hist": codec.int_list(b.get("latency_hist")), "p95_ms": _num(lat.get("p95")),
-        "drift_psi_max": psi_max, "feature_counts": features, "prediction_counts": pred,
+        "window_start": _num(b.get("window_start")),
+        "window_end": _num(b.get("window_end")),
+        "name": name,
+        "version": version,
+        "slot": _str(b.get("slot"), 8),
+        "rollout_id": _str(b.get("rollout_id"), 40),
+        "count": count,
+        "errors": errors,
+        "latency_hist": codec.int_list(b.get("latency_hist")),
+        "p95_ms": _num(lat.get("p95")),
+        "drift_psi_max": psi_max,
+        "feature_counts": features,
+        "prediction_counts": pred,
         "shadow_name": _str(sh.get("name")) if sh else None,
         "shadow_version": _int(sh.get("version")) if sh else None,
         "shadow_count": _int(sh.get("count")) if sh else None,
@@ -181,10 +209,14 @@ def _event(b: dict[str, Any], codec: Codec) -> dict[str, Any] | None:
         return None
     shadow = b.get("shadow")
     return {
-        "type": etype, "outcome": _str(b.get("outcome"), 40), "name": _str(b.get("name")),
-        "version": _int(b.get("version")), "bundle_id": _str(b.get("bundle_id"), 40),
+        "type": etype,
+        "outcome": _str(b.get("outcome"), 40),
+        "name": _str(b.get("name")),
+        "version": _int(b.get("version")),
+        "bundle_id": _str(b.get("bundle_id"), 40),
         "rollout_id": _str(b.get("rollout_id"), 40),
         "shadow": shadow if isinstance(shadow, bool) else None,
-        "error_code": _str(b.get("error_code"), 100), "message": _str(b.get("message"), 2000),
+        "error_code": _str(b.get("error_code"), 100),
+        "message": _str(b.get("message"), 2000),
         "body": codec.dumps(b),
     }

@@ -48,15 +48,16 @@ class TelemetryWriter:
         self._plans: dict[str, tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]] = {}
         for kind, table in TABLES_BY_KIND.items():
             cols = [c.name for c in table.columns]
-            sql = (f"INSERT INTO {table.name} ({', '.join(cols)}) "
-                   f"VALUES ({', '.join([mark] * len(cols))}) "
-                   "ON CONFLICT (device_id, seq) DO NOTHING")
+            sql = (
+                f"INSERT INTO {table.name} ({', '.join(cols)}) "
+                f"VALUES ({', '.join([mark] * len(cols))}) "
+                "ON CONFLICT (device_id, seq) DO NOTHING"
+            )
             self._plans[kind] = (sql, itemgetter(*cols))
 
     def write(self, messages: Iterable[ParsedMessage]) -> WriteResult:
         """Insert every row of ``messages`` in one transaction."""
-        by_kind: dict[str, dict[tuple[str, int], dict[str, Any]]] = {
-            k: {} for k in TABLES_BY_KIND}
+        by_kind: dict[str, dict[tuple[str, int], dict[str, Any]]] = {k: {} for k in TABLES_BY_KIND}
         offered = 0
         for m in messages:
             for kind, rows in m.rows.items():

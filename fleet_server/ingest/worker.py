@@ -55,8 +55,9 @@ class IngestConfig:
     username: str | None = None
     password: str | None = None
     #: unique per replica; the default names host and process
-    client_id: str = field(default_factory=lambda: f"edgefleet-ingest-{socket.gethostname()}"
-                                                   f"-{os.getpid()}")
+    client_id: str = field(
+        default_factory=lambda: f"edgefleet-ingest-{socket.gethostname()}-{os.getpid()}"
+    )
     share_group: str = "edgefleet-ingest"
     batch_records: int = 5000
     batch_interval: float = 0.1
@@ -112,15 +113,18 @@ class IngestWorker:
         self.writer = TelemetryWriter(engine)
         self.stats = IngestStats()
         self.subscribed = threading.Event()
-        self._queue: queue.Queue[tuple[str, bytes, int] | None] = queue.Queue(
-            config.queue_messages)
+        self._queue: queue.Queue[tuple[str, bytes, int] | None] = queue.Queue(config.queue_messages)
         self._stop = threading.Event()
         self._closing = threading.Event()
         self._writer_thread: threading.Thread | None = None
         protocol = mqtt.MQTTv311 if config.mqtt_version == 4 else mqtt.MQTTv5
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=config.client_id,
-                        protocol=protocol, manual_ack=True, clean_session=(
-                            False if config.mqtt_version == 4 and config.client_id else None))
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=config.client_id,
+            protocol=protocol,
+            manual_ack=True,
+            clean_session=(False if config.mqtt_version == 4 and config.client_id else None),
+        )
         if config.username:
             c.username_pw_set(config.username, config.password)
         if config.ca_file:
@@ -170,17 +174,23 @@ class IngestWorker:
         props.SessionExpiryInterval = self.config.session_expiry
         self._stop.clear()
         self._closing.clear()
-        self._writer_thread = threading.Thread(target=self._write_loop,
-                                               name="telemetry-writer", daemon=True)
+        self._writer_thread = threading.Thread(
+            target=self._write_loop, name="telemetry-writer", daemon=True
+        )
         self._writer_thread.start()
         try:
             if v5:
-                self._client.connect_async(self.config.host, self.config.port,
-                                           keepalive=self.config.keepalive, clean_start=False,
-                                           properties=props)
+                self._client.connect_async(
+                    self.config.host,
+                    self.config.port,
+                    keepalive=self.config.keepalive,
+                    clean_start=False,
+                    properties=props,
+                )
             else:
-                self._client.connect_async(self.config.host, self.config.port,
-                                           keepalive=self.config.keepalive)
+                self._client.connect_async(
+                    self.config.host, self.config.port, keepalive=self.config.keepalive
+                )
         except (OSError, ValueError) as e:
             raise IngestConfigError(f"cannot connect to {self.config.host}: {e}") from e
         self._client.loop_start()
@@ -189,7 +199,8 @@ class IngestWorker:
             raise IngestConfigError(
                 f"not subscribed to {self.config.subscription} on {self.config.host}:"
                 f"{self.config.port} within {timeout}s; check the address, credentials "
-                "and that the ACL lets the server user read edgefleet/v1/#")
+                "and that the ACL lets the server user read edgefleet/v1/#"
+            )
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -233,16 +244,16 @@ class IngestWorker:
                     break
                 left = deadline - time.monotonic()
                 try:
-                    item = self._queue.get(timeout=left) if left > 0 else \
-                        self._queue.get_nowait()
+                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
             self._commit(batch, mids)
             if item is None:
                 return
 
-    def _take(self, item: tuple[str, bytes, int], batch: list[ParsedMessage],
-              mids: list[int]) -> int:
+    def _take(
+        self, item: tuple[str, bytes, int], batch: list[ParsedMessage], mids: list[int]
+    ) -> int:
         topic, payload, mid = item
         self.stats.messages += 1
         mids.append(mid)

@@ -11,6 +11,10 @@ from .errors import DatasetFormatError, ReportError, TimeRangeError
 from .render import render_html, write_report
 
 __all__ = [
-    "DatasetFormatError", "ReportError", "ReviewDataset", "TimeRangeError", "render_html",
+    "DatasetFormatError",
+    "ReportError",
+    "ReviewDataset",
+    "TimeRangeError",
+    "render_html",
     "write_report",
 ]

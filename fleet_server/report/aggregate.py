@@ -30,8 +30,13 @@ from .dataset import AdoptionPoint, DriftCell, PredictionDist, VersionPoint
 MAX_BINS = 48
 
 
-def time_edges(lo: datetime, hi: datetime, *, min_width: timedelta = timedelta(seconds=1),
-               max_bins: int = MAX_BINS) -> list[datetime]:
+def time_edges(
+    lo: datetime,
+    hi: datetime,
+    *,
+    min_width: timedelta = timedelta(seconds=1),
+    max_bins: int = MAX_BINS,
+) -> list[datetime]:
     """Bin edges covering ``lo`` .. ``hi``: at most ``max_bins`` bins, none narrower than
     ``min_width`` (so bins are not finer than the telemetry windows)."""
     if hi <= lo:
@@ -50,8 +55,9 @@ class Seen:
     ts: datetime
 
 
-def adoption_series(seen: Iterable[Seen], registry: Mapping[str, tuple[str, datetime]],
-                    times: Sequence[datetime]) -> list[AdoptionPoint]:
+def adoption_series(
+    seen: Iterable[Seen], registry: Mapping[str, tuple[str, datetime]], times: Sequence[datetime]
+) -> list[AdoptionPoint]:
     """Devices per version at each of ``times``.
 
     ``registry`` maps every device to (the version it runs now, enrolled at); it
@@ -114,8 +120,9 @@ class VersionSeries:
         """A bin index computed elsewhere (the database), clamped to this series' bins."""
         return min(max(b, 0), len(self.edges) - 2)
 
-    def add_totals(self, label: str, b: int, count: int, errors: int,
-                   p95_sum: float | None, p95_count: int) -> None:
+    def add_totals(
+        self, label: str, b: int, count: int, errors: int, p95_sum: float | None, p95_count: int
+    ) -> None:
         """Sums of a bin computed elsewhere; the p95 fallback counts only without a histogram."""
         key = (label, self.clamp(b))
         self._count[key] += int(count or 0)
@@ -180,8 +187,13 @@ class DriftMap:
         self._weight: dict[tuple[str, str], int] = defaultdict(int)
         self._fleet: dict[tuple[str, str], list[int]] = {}
 
-    def add(self, groups: Sequence[str], label: str, weight: int,
-            feature_counts: Mapping[str, Sequence[int]]) -> None:
+    def add(
+        self,
+        groups: Sequence[str],
+        label: str,
+        weight: int,
+        feature_counts: Mapping[str, Sequence[int]],
+    ) -> None:
         """Counts of one device (one window, or summed) that belongs to ``groups``.
 
         ``weight`` is the inferences behind the counts (each window at least 1); the
@@ -194,8 +206,9 @@ class DriftMap:
                 add_into(self._merged.setdefault((g, label, f), []), counts)
             add_into(self._fleet.setdefault((label, f), []), counts)
 
-    def cells(self, references: Mapping[str, Mapping[str, Sequence[float]]]
-              ) -> tuple[list[DriftCell], list[str]]:
+    def cells(
+        self, references: Mapping[str, Mapping[str, Sequence[float]]]
+    ) -> tuple[list[DriftCell], list[str]]:
         """PSI per (group, feature), and the versions that had no reference profile."""
         acc: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
         missing: set[str] = set()
@@ -212,9 +225,9 @@ class DriftMap:
         return cells, sorted(missing)
 
 
-def drift_cells(rows: Iterable[FeatureWindow],
-                references: Mapping[str, Mapping[str, Sequence[float]]]
-                ) -> tuple[list[DriftCell], list[str]]:
+def drift_cells(
+    rows: Iterable[FeatureWindow], references: Mapping[str, Mapping[str, Sequence[float]]]
+) -> tuple[list[DriftCell], list[str]]:
     """PSI per (group, feature), and the versions that had no reference profile.
 
     Counts are merged per (group, version, feature); each is compared with that
@@ -228,8 +241,9 @@ def drift_cells(rows: Iterable[FeatureWindow],
     return acc.cells(references)
 
 
-def prediction_dist(rollout: str, cohort: str, windows: Iterable[Sequence[int]],
-                    labels: Sequence[str] | None = None) -> PredictionDist | None:
+def prediction_dist(
+    rollout: str, cohort: str, windows: Iterable[Sequence[int]], labels: Sequence[str] | None = None
+) -> PredictionDist | None:
     """Merge prediction counts of one cohort; None if it made no predictions."""
     total: list[int] = []
     for counts in windows:

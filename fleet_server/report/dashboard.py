@@ -48,8 +48,9 @@ HOUR_CHOICES = (1.0, 6.0, 24.0, 24.0 * 7)
 MAX_HOURS = 24.0 * 90
 
 Hours = Annotated[float, Query(gt=0, le=MAX_HOURS, description="Review the last this many hours.")]
-Token = Annotated[str | None, Query(
-    description="Operator token; moved into a cookie, then dropped from the URL.")]
+Token = Annotated[
+    str | None, Query(description="Operator token; moved into a cookie, then dropped from the URL.")
+]
 
 
 class DatasetLoader(Protocol):
@@ -75,25 +76,27 @@ def _nav(hours: float, base: str) -> str:
         if h == hours:
             links.append(f'<span class="current">last {label}</span>')
         else:
-            links.append(f'<a href="{escape(base)}?{urlencode({"hours": f"{h:g}"})}">'
-                         f'last {label}</a>')
-    data = f'{base}/data.json?{urlencode({"hours": f"{hours:g}"})}'
-    return (f'<nav class="dash"><strong>edgefleet dashboard</strong> {" ".join(links)} '
-            f'<a href="{escape(data)}">data.json</a><span>read-only</span></nav>')
+            links.append(
+                f'<a href="{escape(base)}?{urlencode({"hours": f"{h:g}"})}">last {label}</a>'
+            )
+    data = f"{base}/data.json?{urlencode({'hours': f'{hours:g}'})}"
+    return (
+        f'<nav class="dash"><strong>edgefleet dashboard</strong> {" ".join(links)} '
+        f'<a href="{escape(data)}">data.json</a><span>read-only</span></nav>'
+    )
 
 
 def _error_page(exc: ServerError, base: str) -> HTMLResponse:
     body = (
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<link rel=\"icon\" href=\"data:,\"><title>edgefleet dashboard</title></head>"
-        "<body style=\"font-family: system-ui, sans-serif; margin: 40px\">"
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<link rel="icon" href="data:,"><title>edgefleet dashboard</title></head>'
+        '<body style="font-family: system-ui, sans-serif; margin: 40px">'
         f"<h1>edgefleet dashboard</h1><p>{escape(exc.message)}</p>"
         "<p>Open <code>/dashboard?token=&lt;operator token&gt;</code> once with a token of "
         "role viewer or higher; the browser keeps it in a cookie for this page.</p>"
         "</body></html>"
     )
-    resp = HTMLResponse(body, status_code=exc.status_code,
-                        headers={"Cache-Control": "no-store"})
+    resp = HTMLResponse(body, status_code=exc.status_code, headers={"Cache-Control": "no-store"})
     if exc.status_code == 401:
         resp.delete_cookie(COOKIE, path=base)
     return resp
@@ -125,8 +128,9 @@ def dashboard_router(
             return loader(session, since, until)
 
     @router.get("", response_class=HTMLResponse, summary="Telemetry review page (read-only)")
-    def dashboard_page(request: Request, hours: Hours = default_hours,
-                       token: Token = None) -> Response:
+    def dashboard_page(
+        request: Request, hours: Hours = default_hours, token: Token = None
+    ) -> Response:
         """The review of the last ``hours`` as an HTML page (viewer role or higher)."""
         header = bearer_token(request.headers.get("authorization"))
         presented = header or token or request.cookies.get(COOKIE)
@@ -137,13 +141,21 @@ def dashboard_router(
         if token is not None and presented == token:
             target = f"{_base(request)}?{urlencode({'hours': f'{hours:g}'})}"
             resp = RedirectResponse(target, status_code=303)
-            resp.set_cookie(COOKIE, token, path=_base(request), httponly=True,
-                            samesite="strict",
-                            secure=request.url.scheme == "https")
+            resp.set_cookie(
+                COOKIE,
+                token,
+                path=_base(request),
+                httponly=True,
+                samesite="strict",
+                secure=request.url.scheme == "https",
+            )
             return resp
         ds = dataset_for(request, hours)
-        html = render_html(ds, title=f"edgefleet telemetry review, last {_hours_label(hours)}",
-                           nav=_nav(hours, _base(request)))
+        html = render_html(
+            ds,
+            title=f"edgefleet telemetry review, last {_hours_label(hours)}",
+            nav=_nav(hours, _base(request)),
+        )
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
     @router.get("/data.json", summary="Telemetry review numbers (read-only)")
@@ -153,8 +165,7 @@ def dashboard_router(
         try:
             _authenticate(request, header or request.cookies.get(COOKIE))
         except ServerError as e:
-            return JSONResponse(error_body(e.code, e.message, e.details),
-                                status_code=e.status_code)
+            return JSONResponse(error_body(e.code, e.message, e.details), status_code=e.status_code)
         ds = dataset_for(request, hours)
         return JSONResponse(ds.to_json(), headers={"Cache-Control": "no-store"})
 

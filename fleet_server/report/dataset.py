@@ -81,14 +81,25 @@ class DeviceRow:
     health: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "device_class": self.device_class, "labels": dict(self.labels),
-                "bundle": self.bundle, "last_seen": iso(self.last_seen), "health": self.health}
+        return {
+            "id": self.id,
+            "device_class": self.device_class,
+            "labels": dict(self.labels),
+            "bundle": self.bundle,
+            "last_seen": iso(self.last_seen),
+            "health": self.health,
+        }
 
     @classmethod
     def from_json(cls, o: Mapping[str, Any]) -> DeviceRow:
-        return cls(str(o["id"]), str(o["device_class"]), dict(o.get("labels") or {}),
-                   str(o["bundle"]), _opt_iso(o.get("last_seen"), "last_seen"),
-                   str(o.get("health", "unknown")))
+        return cls(
+            str(o["id"]),
+            str(o["device_class"]),
+            dict(o.get("labels") or {}),
+            str(o["bundle"]),
+            _opt_iso(o.get("last_seen"), "last_seen"),
+            str(o.get("health", "unknown")),
+        )
 
 
 @dataclass(frozen=True)
@@ -103,8 +114,10 @@ class AdoptionPoint:
 
     @classmethod
     def from_json(cls, o: Mapping[str, Any]) -> AdoptionPoint:
-        return cls(parse_iso(o["ts"], "adoption ts"),
-                   {str(k): int(v) for k, v in (o.get("counts") or {}).items()})
+        return cls(
+            parse_iso(o["ts"], "adoption ts"),
+            {str(k): int(v) for k, v in (o.get("counts") or {}).items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -117,14 +130,21 @@ class StageSpan:
     ended_at: datetime | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "percent": self.percent,
-                "started_at": iso(self.started_at), "ended_at": iso(self.ended_at)}
+        return {
+            "index": self.index,
+            "percent": self.percent,
+            "started_at": iso(self.started_at),
+            "ended_at": iso(self.ended_at),
+        }
 
     @classmethod
     def from_json(cls, o: Mapping[str, Any]) -> StageSpan:
-        return cls(int(o["index"]), float(o["percent"]),
-                   _opt_iso(o.get("started_at"), "stage started_at"),
-                   _opt_iso(o.get("ended_at"), "stage ended_at"))
+        return cls(
+            int(o["index"]),
+            float(o["percent"]),
+            _opt_iso(o.get("started_at"), "stage started_at"),
+            _opt_iso(o.get("ended_at"), "stage ended_at"),
+        )
 
 
 @dataclass(frozen=True)
@@ -140,15 +160,27 @@ class GateRow:
     n_control: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "canary": _num(self.canary), "control": _num(self.control),
-                "threshold": self.threshold, "verdict": self.verdict,
-                "n_canary": self.n_canary, "n_control": self.n_control}
+        return {
+            "name": self.name,
+            "canary": _num(self.canary),
+            "control": _num(self.control),
+            "threshold": self.threshold,
+            "verdict": self.verdict,
+            "n_canary": self.n_canary,
+            "n_control": self.n_control,
+        }
 
     @classmethod
     def from_json(cls, o: Mapping[str, Any]) -> GateRow:
-        return cls(str(o["name"]), _opt_float(o.get("canary")), _opt_float(o.get("control")),
-                   float(o.get("threshold", 0.0)), str(o.get("verdict", "")),
-                   int(o.get("n_canary", 0)), int(o.get("n_control", 0)))
+        return cls(
+            str(o["name"]),
+            _opt_float(o.get("canary")),
+            _opt_float(o.get("control")),
+            float(o.get("threshold", 0.0)),
+            str(o.get("verdict", "")),
+            int(o.get("n_canary", 0)),
+            int(o.get("n_control", 0)),
+        )
 
 
 @dataclass(frozen=True)
@@ -167,17 +199,26 @@ class Decision:
         return [g for g in self.gates if g.verdict == "breach"]
 
     def to_json(self) -> dict[str, Any]:
-        return {"ts": iso(self.ts), "action": self.action, "stage": self.stage,
-                "reason": self.reason, "actor": self.actor,
-                "gates": [g.to_json() for g in self.gates]}
+        return {
+            "ts": iso(self.ts),
+            "action": self.action,
+            "stage": self.stage,
+            "reason": self.reason,
+            "actor": self.actor,
+            "gates": [g.to_json() for g in self.gates],
+        }
 
     @classmethod
     def from_json(cls, o: Mapping[str, Any]) -> Decision:
         stage = o.get("stage")
-        return cls(parse_iso(o["ts"], "decision ts"), str(o["action"]),
-                   None if stage is None else int(stage), str(o.get("reason", "")),
-                   tuple(GateRow.from_json(g) for g in o.get("gates") or ()),
-                   str(o.get("actor", "")))
+        return cls(
+            parse_iso(o["ts"], "decision ts"),
+            str(o["action"]),
+            None if stage is None else int(stage),
+            str(o.get("reason", "")),
+            tuple(GateRow.from_json(g) for g in o.get("gates") or ()),
+            str(o.get("actor", "")),
+        )
 
 
 @dataclass(frozen=True)
@@ -203,19 +244,33 @@ class RolloutRow:
         return []
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "bundle": self.bundle,
-                "previous": self.previous, "group": self.group, "strategy": self.strategy,
-                "status": self.status, "policy": self.policy,
-                "stages": [s.to_json() for s in self.stages],
-                "decisions": [d.to_json() for d in self.decisions]}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "bundle": self.bundle,
+            "previous": self.previous,
+            "group": self.group,
+            "strategy": self.strategy,
+            "status": self.status,
+            "policy": self.policy,
+            "stages": [s.to_json() for s in self.stages],
+            "decisions": [d.to_json() for d in self.decisions],
+        }
 
     @classmethod
     def from_json(cls, o: Mapping[str, Any]) -> RolloutRow:
-        return cls(str(o["id"]), str(o["bundle"]), str(o.get("strategy", "")),
-                   str(o.get("status", "")), str(o.get("policy", "")),
-                   tuple(StageSpan.from_json(s) for s in o.get("stages") or ()),
-                   tuple(Decision.from_json(d) for d in o.get("decisions") or ()),
-                   str(o.get("name", "")), o.get("previous"), str(o.get("group", "")))
+        return cls(
+            str(o["id"]),
+            str(o["bundle"]),
+            str(o.get("strategy", "")),
+            str(o.get("status", "")),
+            str(o.get("policy", "")),
+            tuple(StageSpan.from_json(s) for s in o.get("stages") or ()),
+            tuple(Decision.from_json(d) for d in o.get("decisions") or ()),
+            str(o.get("name", "")),
+            o.get("previous"),
+            str(o.get("group", "")),
+        )
 
 
 @dataclass(frozen=True)
@@ -234,16 +289,26 @@ class VersionPoint:
         return self.errors / self.count if self.count else None
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "ts": iso(self.ts), "count": self.count,
-                "errors": self.errors, "error_rate": _num(self.error_rate),
-                "latency_p50_ms": _num(self.latency_p50_ms, 4),
-                "latency_p95_ms": _num(self.latency_p95_ms, 4)}
+        return {
+            "version": self.version,
+            "ts": iso(self.ts),
+            "count": self.count,
+            "errors": self.errors,
+            "error_rate": _num(self.error_rate),
+            "latency_p50_ms": _num(self.latency_p50_ms, 4),
+            "latency_p95_ms": _num(self.latency_p95_ms, 4),
+        }
 
     @classmethod
     def from_json(cls, o: Mapping[str, Any]) -> VersionPoint:
-        return cls(str(o["version"]), parse_iso(o["ts"], "by_version ts"), int(o["count"]),
-                   int(o["errors"]), _opt_float(o.get("latency_p50_ms")),
-                   _opt_float(o.get("latency_p95_ms")))
+        return cls(
+            str(o["version"]),
+            parse_iso(o["ts"], "by_version ts"),
+            int(o["count"]),
+            int(o["errors"]),
+            _opt_float(o.get("latency_p50_ms")),
+            _opt_float(o.get("latency_p95_ms")),
+        )
 
 
 @dataclass(frozen=True)
@@ -280,13 +345,23 @@ class PredictionDist:
             )
 
     def to_json(self) -> dict[str, Any]:
-        return {"rollout": self.rollout, "cohort": self.cohort, "labels": list(self.labels),
-                "proportions": [_num(p, 4) for p in self.proportions], "count": self.count}
+        return {
+            "rollout": self.rollout,
+            "cohort": self.cohort,
+            "labels": list(self.labels),
+            "proportions": [_num(p, 4) for p in self.proportions],
+            "count": self.count,
+        }
 
     @classmethod
     def from_json(cls, o: Mapping[str, Any]) -> PredictionDist:
-        return cls(str(o["rollout"]), str(o["cohort"]), tuple(str(x) for x in o["labels"]),
-                   tuple(float(p) for p in o["proportions"]), int(o.get("count", 0)))
+        return cls(
+            str(o["rollout"]),
+            str(o["cohort"]),
+            tuple(str(x) for x in o["labels"]),
+            tuple(float(p) for p in o["proportions"]),
+            int(o.get("count", 0)),
+        )
 
 
 @dataclass(frozen=True)
@@ -345,8 +420,9 @@ class ReviewDataset:
                 generated_at=parse_iso(o["generated_at"], "generated_at"),
                 since=parse_iso(o["since"], "since"),
                 until=parse_iso(o["until"], "until"),
-                devices=tuple(DeviceRow.from_json(d)
-                              for d in (o.get("fleet") or {}).get("devices", ())),
+                devices=tuple(
+                    DeviceRow.from_json(d) for d in (o.get("fleet") or {}).get("devices", ())
+                ),
                 adoption=tuple(AdoptionPoint.from_json(p) for p in o.get("adoption", ())),
                 rollouts=tuple(RolloutRow.from_json(r) for r in o.get("rollouts", ())),
                 by_version=tuple(VersionPoint.from_json(v) for v in o.get("by_version", ())),

@@ -29,8 +29,7 @@ from matplotlib.patches import Patch
 
 from .dataset import PredictionDist, ReviewDataset, RolloutRow, sorted_versions
 
-PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442",
-           "#000000")
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 CANARY_COLOR = "#E69F00"
 CONTROL_COLOR = "#0072B2"
 NONE_COLOR = "#BBBBBB"
@@ -99,15 +98,19 @@ def _svg(fig: Figure, name: str) -> str:
     with matplotlib.rc_context({"svg.hashsalt": f"ef-{name}"}):
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
     svg = buf.getvalue()
-    svg = svg[svg.index("<svg"):]
+    svg = svg[svg.index("<svg") :]
     # natural size as the upper bound, so a small figure is not blown up
     max_px = round(fig.get_figwidth() * 96)
-    svg = re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"',
-                 rf'<svg\1 class="plot" data-plot="{name}" role="img" '
-                 rf'style="max-width: {max_px}px"', svg, count=1)
+    svg = re.sub(
+        r'<svg([^>]*?) width="[^"]*" height="[^"]*"',
+        rf'<svg\1 class="plot" data-plot="{name}" role="img" '
+        rf'style="max-width: {max_px}px"',
+        svg,
+        count=1,
+    )
     # ids inside each SVG are prefixed so several plots can share one page
     svg = re.sub(r'id="([^"]+)"', rf'id="{name}-\1"', svg)
-    svg = re.sub(r'url\(#([^)]+)\)', rf'url(#{name}-\1)', svg)
+    svg = re.sub(r"url\(#([^)]+)\)", rf"url(#{name}-\1)", svg)
     svg = re.sub(r'xlink:href="#([^"]+)"', rf'xlink:href="#{name}-\1"', svg)
     return svg
 
@@ -121,7 +124,8 @@ def _time_axis(ax: Any, lo: datetime, hi: datetime, label: str = "time (UTC)") -
     locator = mdates.AutoDateLocator(minticks=4, maxticks=9)
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(
-        mdates.ConciseDateFormatter(locator, tz=lo.tzinfo, show_offset=False))
+        mdates.ConciseDateFormatter(locator, tz=lo.tzinfo, show_offset=False)
+    )
     if hi > lo:
         ax.set_xlim(lo, hi)
     first, last = lo.strftime("%Y-%m-%d"), hi.strftime("%Y-%m-%d")
@@ -141,8 +145,7 @@ def time_span(ds: ReviewDataset) -> tuple[datetime, datetime] | None:
     return _extent(times) if times else None
 
 
-def plot_adoption(ds: ReviewDataset,
-                  span: tuple[datetime, datetime] | None = None) -> str | None:
+def plot_adoption(ds: ReviewDataset, span: tuple[datetime, datetime] | None = None) -> str | None:
     """Stacked area: devices per version over time."""
     if not ds.adoption:
         return None
@@ -153,8 +156,16 @@ def plot_adoption(ds: ReviewDataset,
         fig = _new_figure(10, 3.8)
         ax = fig.add_subplot()
         ys = [[p.counts.get(v, 0) for p in ds.adoption] for v in versions]
-        ax.stackplot(ts, ys, labels=versions, colors=[colors[v] for v in versions],
-                     alpha=0.9, linewidth=0.4, edgecolor="white", step="post")
+        ax.stackplot(
+            ts,
+            ys,
+            labels=versions,
+            colors=[colors[v] for v in versions],
+            alpha=0.9,
+            linewidth=0.4,
+            edgecolor="white",
+            step="post",
+        )
         ax.set_title("Version adoption over time")
         ax.set_ylabel("devices running the version")
         total = max((sum(p.counts.values()) for p in ds.adoption), default=0)
@@ -164,8 +175,7 @@ def plot_adoption(ds: ReviewDataset,
         return _svg(fig, "adoption")
 
 
-def plot_timeline(ds: ReviewDataset,
-                  span: tuple[datetime, datetime] | None = None) -> str | None:
+def plot_timeline(ds: ReviewDataset, span: tuple[datetime, datetime] | None = None) -> str | None:
     """One lane per rollout: stage bars over time, each decision marked."""
     rollouts = [r for r in ds.rollouts if r.stages or r.decisions]
     if not rollouts:
@@ -186,30 +196,61 @@ def plot_timeline(ds: ReviewDataset,
                 shade = 0.25 + 0.6 * min(s.percent, 100) / 100
                 left = mdates.date2num(s.started_at)
                 width = mdates.date2num(end) - left
-                ax.barh(lane, width, left=left, height=0.5, color=(0.0, 0.447, 0.698, shade),
-                        edgecolor="white", linewidth=1)
-                ax.text(left + width / 2, lane, f"{s.percent:g}%", ha="center", va="center",
-                        fontsize=8, color="white" if shade > 0.5 else "#1a1a1a",
-                        clip_on=True)
+                ax.barh(
+                    lane,
+                    width,
+                    left=left,
+                    height=0.5,
+                    color=(0.0, 0.447, 0.698, shade),
+                    edgecolor="white",
+                    linewidth=1,
+                )
+                ax.text(
+                    left + width / 2,
+                    lane,
+                    f"{s.percent:g}%",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if shade > 0.5 else "#1a1a1a",
+                    clip_on=True,
+                )
             for d in r.decisions:
                 marker, color, label = DECISION_STYLE.get(d.action, ("D", "#777777", d.action))
                 if label not in used_actions:
                     used_actions.append(label)
-                ax.plot([mdates.date2num(d.ts)], [lane + 0.42], marker=marker, color=color,
-                        markersize=10 if marker == "*" else 8, markeredgecolor="white",
-                        linestyle="none", zorder=5)
+                ax.plot(
+                    [mdates.date2num(d.ts)],
+                    [lane + 0.42],
+                    marker=marker,
+                    color=color,
+                    markersize=10 if marker == "*" else 8,
+                    markeredgecolor="white",
+                    linestyle="none",
+                    zorder=5,
+                )
                 if d.breaches:
                     names = ", ".join(g.name for g in d.breaches)
                     right_half = d.ts > lo + (hi - lo) / 2
                     note = ax.annotate(
-                        f"{d.action}: {names} breached", (mdates.date2num(d.ts), lane + 0.42),
-                        xytext=(-8 if right_half else 8, 9), textcoords="offset points",
-                        ha="right" if right_half else "left", fontsize=8.5, color=color,
-                        fontweight="bold")
+                        f"{d.action}: {names} breached",
+                        (mdates.date2num(d.ts), lane + 0.42),
+                        xytext=(-8 if right_half else 8, 9),
+                        textcoords="offset points",
+                        ha="right" if right_half else "left",
+                        fontsize=8.5,
+                        color=color,
+                        fontweight="bold",
+                    )
                     note.set_in_layout(False)
         ax.set_yticks(range(len(rollouts)))
-        ax.set_yticklabels([f"{r.name or r.id}\n{r.bundle} · {r.status.replace('_', ' ')}"
-                            for r in reversed(rollouts)], fontsize=9)
+        ax.set_yticklabels(
+            [
+                f"{r.name or r.id}\n{r.bundle} · {r.status.replace('_', ' ')}"
+                for r in reversed(rollouts)
+            ],
+            fontsize=9,
+        )
         ax.set_ylim(-0.6, len(rollouts) - 0.1 + 0.3)
         ax.grid(axis="y", visible=False)
         ax.set_title("Rollout stages and gate decisions")
@@ -217,16 +258,22 @@ def plot_timeline(ds: ReviewDataset,
         _time_axis(ax, *(span or (lo - pad, hi + pad)))
         handles: list[Any] = [
             Line2D([], [], marker=m, color=c, linestyle="none", markersize=8, label=t)
-            for m, c, t in DECISION_STYLE.values() if t in used_actions]
-        handles += [Line2D([], [], marker="D", color="#777777", linestyle="none", label=t)
-                    for t in used_actions if t not in {s[2] for s in DECISION_STYLE.values()}]
+            for m, c, t in DECISION_STYLE.values()
+            if t in used_actions
+        ]
+        handles += [
+            Line2D([], [], marker="D", color="#777777", linestyle="none", label=t)
+            for t in used_actions
+            if t not in {s[2] for s in DECISION_STYLE.values()}
+        ]
         handles.append(Patch(color=(0.0, 0.447, 0.698, 0.6), label="stage running"))
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
         return _svg(fig, "timeline")
 
 
-def plot_latency_errors(ds: ReviewDataset,
-                        span: tuple[datetime, datetime] | None = None) -> str | None:
+def plot_latency_errors(
+    ds: ReviewDataset, span: tuple[datetime, datetime] | None = None
+) -> str | None:
     """p95 latency (ms) and error rate (%) per version over time, sharing the time axis."""
     if not ds.by_version:
         return None
@@ -242,8 +289,13 @@ def plot_latency_errors(ds: ReviewDataset,
             t = [p.ts for p in pts]
             p95 = [p.latency_p95_ms if p.latency_p95_ms is not None else math.nan for p in pts]
             er = [100 * p.error_rate if p.error_rate is not None else math.nan for p in pts]
-            style = {"color": colors[v], "marker": "o", "markersize": 3, "linewidth": 1.6,
-                     "label": v}
+            style = {
+                "color": colors[v],
+                "marker": "o",
+                "markersize": 3,
+                "linewidth": 1.6,
+                "label": v,
+            }
             top.plot(t, p95, **style)
             bottom.plot(t, er, **style)
         top.set_title("Latency p95 and error rate by version")
@@ -280,9 +332,16 @@ def plot_drift(ds: ReviewDataset) -> str | None:
                     ax.text(j, i, "–", ha="center", va="center", color="#777777")
                     continue
                 dark = val / vmax > 0.55
-                ax.text(j, i, f"{val:.2f}", ha="center", va="center", fontsize=9,
-                        color="white" if dark else "#1a1a1a",
-                        fontweight="bold" if val > PSI_SIGNIFICANT else "normal")
+                ax.text(
+                    j,
+                    i,
+                    f"{val:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="white" if dark else "#1a1a1a",
+                    fontweight="bold" if val > PSI_SIGNIFICANT else "normal",
+                )
         ax.set_title("Input drift: PSI per feature and device group")
         ax.set_xlabel(f"device group (bold: PSI > {PSI_SIGNIFICANT}, a significant shift)")
         ax.set_ylabel("input feature")
@@ -312,14 +371,21 @@ def plot_predictions(ds: ReviewDataset) -> str | None:
             labels = list(dict.fromkeys(lb for c in cohorts.values() for lb in c.labels))
             x = range(len(labels))
             width = 0.4
-            for off, cohort, color in ((-width / 2, "canary", CANARY_COLOR),
-                                       (width / 2, "control", CONTROL_COLOR)):
+            for off, cohort, color in (
+                (-width / 2, "canary", CANARY_COLOR),
+                (width / 2, "control", CONTROL_COLOR),
+            ):
                 dist = cohorts.get(cohort)
                 if dist is None:
                     continue
                 share = dict(zip(dist.labels, dist.proportions, strict=True))
-                ax.bar([i + off for i in x], [100 * share.get(lb, 0.0) for lb in labels],
-                       width, color=color, label=f"{cohort} (n={dist.count:,})")
+                ax.bar(
+                    [i + off for i in x],
+                    [100 * share.get(lb, 0.0) for lb in labels],
+                    width,
+                    color=color,
+                    label=f"{cohort} (n={dist.count:,})",
+                )
             tallest = max((100 * q for c in cohorts.values() for q in c.proportions), default=1)
             ax.set_ylim(0, tallest * 1.3)  # headroom so the legend never covers a bar
             ax.set_xticks(list(x), labels, rotation=30 if len(labels) > 6 else 0)
@@ -329,8 +395,13 @@ def plot_predictions(ds: ReviewDataset) -> str | None:
             ax.legend(loc="upper right")
         for k in range(n, rows * cols):
             axes[k // cols][k % cols].set_visible(False)
-        fig.suptitle("Prediction distribution: canary vs control", x=0.01, ha="left",
-                     fontweight="bold", fontsize=12)
+        fig.suptitle(
+            "Prediction distribution: canary vs control",
+            x=0.01,
+            ha="left",
+            fontweight="bold",
+            fontsize=12,
+        )
         return _svg(fig, "predictions")
 
 

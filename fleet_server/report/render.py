@@ -112,21 +112,32 @@ def describe_breach(g: GateRow) -> str:
     """``error_rate (canary 9.10% vs control 0.19%, threshold +1.00 pt)``."""
     if "shift" in g.name:
         # one figure between the cohorts (a divergence), not one per cohort
-        return (f"{g.name} (canary vs control divergence {format_gate_value(g.name, g.canary)}, "
-                f"threshold {format_threshold(g.name, g.threshold)})")
+        return (
+            f"{g.name} (canary vs control divergence {format_gate_value(g.name, g.canary)}, "
+            f"threshold {format_threshold(g.name, g.threshold)})"
+        )
     vs = ""
     if g.control is not None:
         vs = f" vs control {format_gate_value(g.name, g.control)}"
-    return (f"{g.name} (canary {format_gate_value(g.name, g.canary)}{vs}, "
-            f"threshold {format_threshold(g.name, g.threshold)})")
+    return (
+        f"{g.name} (canary {format_gate_value(g.name, g.canary)}{vs}, "
+        f"threshold {format_threshold(g.name, g.threshold)})"
+    )
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, num: Sequence[int] = (),
-           row_class: Sequence[str] | None = None, cell_class: dict[int, Sequence[str]] | None
-           = None, table_id: str = "") -> str:
+def _table(
+    headers: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    *,
+    num: Sequence[int] = (),
+    row_class: Sequence[str] | None = None,
+    cell_class: dict[int, Sequence[str]] | None = None,
+    table_id: str = "",
+) -> str:
     tid = f' id="{escape(table_id)}"' if table_id else ""
-    head = "".join(f'<th{" class=num" if i in num else ""}>{escape(h)}</th>'
-                   for i, h in enumerate(headers))
+    head = "".join(
+        f"<th{' class=num' if i in num else ''}>{escape(h)}</th>" for i, h in enumerate(headers)
+    )
     body = []
     for r, row in enumerate(rows):
         rc = f' class="{row_class[r]}"' if row_class and row_class[r] else ""
@@ -151,8 +162,10 @@ def _summary(ds: ReviewDataset) -> str:
     cards.append((str(len(ds.rollouts)), "rollouts in the period", "rollout-count"))
     html = ['<div class="cards">']
     for num, lbl, key in cards:
-        html.append(f'<div class="card" data-key="{key}"><div class="num">{num}</div>'
-                    f'<div class="lbl">{escape(lbl)}</div></div>')
+        html.append(
+            f'<div class="card" data-key="{key}"><div class="num">{num}</div>'
+            f'<div class="lbl">{escape(lbl)}</div></div>'
+        )
     html.append("</div>")
     if running:
         now = ", ".join(f"{v}: {running[v]}" for v in sorted_versions(list(running)))
@@ -173,9 +186,11 @@ def _summary(ds: ReviewDataset) -> str:
 def _rollout_outcome(r: RolloutRow) -> str:
     status = r.status.replace("_", " ")
     prev = f" (replacing {escape(r.previous)})" if r.previous else ""
-    text = (f"<strong>{escape(r.name or r.id)}</strong>: {escape(r.bundle)}{prev}, "
-            f"{escape(r.strategy.replace('_', ' '))}, "
-            f'<span class="status-{escape(r.status)}">{escape(status)}</span>')
+    text = (
+        f"<strong>{escape(r.name or r.id)}</strong>: {escape(r.bundle)}{prev}, "
+        f"{escape(r.strategy.replace('_', ' '))}, "
+        f'<span class="status-{escape(r.status)}">{escape(status)}</span>'
+    )
     caught = r.caught_by()
     if caught and r.status in ("rolled_back", "paused", "aborted"):
         stage = next((d.stage for d in reversed(r.decisions) if d.breaches), None)
@@ -194,21 +209,49 @@ def _fleet(ds: ReviewDataset) -> str:
     versions = sorted_versions(list({d.bundle for d in ds.devices}))
     classes = sorted({d.device_class for d in ds.devices})
     pivot = Counter((d.device_class, d.bundle) for d in ds.devices)
-    rows = [[c, *[str(pivot.get((c, v), 0)) for v in versions],
-             str(sum(pivot.get((c, v), 0) for v in versions))] for c in classes]
-    rows.append(["all classes", *[str(sum(pivot.get((c, v), 0) for c in classes))
-                                  for v in versions], str(len(ds.devices))])
+    rows = [
+        [
+            c,
+            *[str(pivot.get((c, v), 0)) for v in versions],
+            str(sum(pivot.get((c, v), 0) for v in versions)),
+        ]
+        for c in classes
+    ]
+    rows.append(
+        [
+            "all classes",
+            *[str(sum(pivot.get((c, v), 0) for c in classes)) for v in versions],
+            str(len(ds.devices)),
+        ]
+    )
     nums = list(range(1, len(versions) + 2))
-    out = ["<h3>Devices by class and running version</h3>",
-           _table(["device class", *versions, "total"], rows, num=nums, table_id="fleet-counts")]
+    out = [
+        "<h3>Devices by class and running version</h3>",
+        _table(["device class", *versions, "total"], rows, num=nums, table_id="fleet-counts"),
+    ]
     devs = sorted(ds.devices, key=lambda d: d.id)
     out.append(f"<h3>Devices ({len(devs)})</h3>")
-    drows = [[d.id, d.device_class, ", ".join(f"{k}={v}" for k, v in sorted(d.labels.items())),
-              d.bundle, _fmt_time(d.last_seen), d.health] for d in devs]
-    out.append('<div class="scroll">' + _table(
-        ["device", "class", "labels", "running", "last seen", "health"], drows,
-        cell_class={5: [f"health-{d.health}" for d in devs]}, table_id="fleet-devices")
-        + "</div>")
+    drows = [
+        [
+            d.id,
+            d.device_class,
+            ", ".join(f"{k}={v}" for k, v in sorted(d.labels.items())),
+            d.bundle,
+            _fmt_time(d.last_seen),
+            d.health,
+        ]
+        for d in devs
+    ]
+    out.append(
+        '<div class="scroll">'
+        + _table(
+            ["device", "class", "labels", "running", "last seen", "health"],
+            drows,
+            cell_class={5: [f"health-{d.health}" for d in devs]},
+            table_id="fleet-devices",
+        )
+        + "</div>"
+    )
     return "".join(out)
 
 
@@ -228,23 +271,56 @@ def _decisions(ds: ReviewDataset) -> str:
                 vclass.append("")
             for k, g in enumerate(d.gates):
                 # the decision's time, action and stage only on its first gate row
-                rows.append([*(base if k == 0 else ["", "", ""]), g.name,
-                             format_gate_value(g.name, g.canary),
-                             format_gate_value(g.name, g.control),
-                             format_threshold(g.name, g.threshold), f"{g.n_canary:,}",
-                             f"{g.n_control:,}", g.verdict])
-                rclass.append(" ".join(c for c in ("first" if k == 0 else "",
-                                                   "breach" if g.verdict == "breach" else "")
-                                       if c))
+                rows.append(
+                    [
+                        *(base if k == 0 else ["", "", ""]),
+                        g.name,
+                        format_gate_value(g.name, g.canary),
+                        format_gate_value(g.name, g.control),
+                        format_threshold(g.name, g.threshold),
+                        f"{g.n_canary:,}",
+                        f"{g.n_control:,}",
+                        g.verdict,
+                    ]
+                )
+                rclass.append(
+                    " ".join(
+                        c
+                        for c in (
+                            "first" if k == 0 else "",
+                            "breach" if g.verdict == "breach" else "",
+                        )
+                        if c
+                    )
+                )
                 vclass.append(f"verdict-{g.verdict}")
-        out.append(f"<h3>{escape(r.name or r.id)} · {escape(r.bundle)} · "
-                   f'<span class="status-{escape(r.status)}">'
-                   f"{escape(r.status.replace('_', ' '))}</span></h3>")
+        out.append(
+            f"<h3>{escape(r.name or r.id)} · {escape(r.bundle)} · "
+            f'<span class="status-{escape(r.status)}">'
+            f"{escape(r.status.replace('_', ' '))}</span></h3>"
+        )
         if rows:
-            out.append(_table(
-                ["time", "decision", "stage", "gate / reason", "canary", "control", "threshold",
-                 "n canary", "n control", "verdict"], rows, num=(4, 5, 7, 8),
-                row_class=rclass, cell_class={9: vclass}, table_id=f"decisions-{r.id}"))
+            out.append(
+                _table(
+                    [
+                        "time",
+                        "decision",
+                        "stage",
+                        "gate / reason",
+                        "canary",
+                        "control",
+                        "threshold",
+                        "n canary",
+                        "n control",
+                        "verdict",
+                    ],
+                    rows,
+                    num=(4, 5, 7, 8),
+                    row_class=rclass,
+                    cell_class={9: vclass},
+                    table_id=f"decisions-{r.id}",
+                )
+            )
         else:
             out.append('<p class="empty">No decisions recorded.</p>')
     return "".join(out)
@@ -256,8 +332,9 @@ def _figure(svg: str | None, caption: str, empty: str) -> str:
     return f"<figure>{svg}<figcaption>{escape(caption)}</figcaption></figure>"
 
 
-def render_html(ds: ReviewDataset, *, title: str = "edgefleet telemetry review",
-                nav: str = "") -> str:
+def render_html(
+    ds: ReviewDataset, *, title: str = "edgefleet telemetry review", nav: str = ""
+) -> str:
     """The whole review as one HTML document. ``nav`` is trusted HTML put above the page."""
     plots = render_plots(ds)
     colors = version_colors(ds.versions())
@@ -266,32 +343,49 @@ def render_html(ds: ReviewDataset, *, title: str = "edgefleet telemetry review",
     body = {
         "summary": _summary(ds),
         "fleet": _fleet(ds),
-        "adoption": _figure(plots["adoption"], "Stacked: each band is the number of devices "
-                            "running one version at that time.",
-                            "No adoption data in this period."),
-        "rollouts": _figure(plots["timeline"], "Each lane is a rollout; bars are its stages, "
-                            "markers its decisions. The table below lists the numbers behind "
-                            "each decision.", "No rollout ran in this period.") + _decisions(ds),
-        "latency": _figure(plots["latency"], f"Per time bin, all devices running the version "
-                           f"({legend}).", "No inference summaries in this period."),
-        "drift": _figure(plots["drift"], "Count-weighted mean over the period of each "
-                         "feature's PSI against the bundle's reference profile.",
-                         "No drift summaries in this period."),
-        "predictions": _figure(plots["predictions"], "Share of each predicted class in the "
-                               "canary cohort (candidate) and the control cohort (previous "
-                               "version) of each rollout.",
-                               "No prediction distributions in this period."),
+        "adoption": _figure(
+            plots["adoption"],
+            "Stacked: each band is the number of devices running one version at that time.",
+            "No adoption data in this period.",
+        ),
+        "rollouts": _figure(
+            plots["timeline"],
+            "Each lane is a rollout; bars are its stages, "
+            "markers its decisions. The table below lists the numbers behind "
+            "each decision.",
+            "No rollout ran in this period.",
+        )
+        + _decisions(ds),
+        "latency": _figure(
+            plots["latency"],
+            f"Per time bin, all devices running the version ({legend}).",
+            "No inference summaries in this period.",
+        ),
+        "drift": _figure(
+            plots["drift"],
+            "Count-weighted mean over the period of each "
+            "feature's PSI against the bundle's reference profile.",
+            "No drift summaries in this period.",
+        ),
+        "predictions": _figure(
+            plots["predictions"],
+            "Share of each predicted class in the "
+            "canary cohort (candidate) and the control cohort (previous "
+            "version) of each rollout.",
+            "No prediction distributions in this period.",
+        ),
     }
-    sections = "".join(f'<section id="{sid}"><h2>{escape(t)}</h2>{body[sid]}</section>'
-                       for sid, t in SECTIONS)
+    sections = "".join(
+        f'<section id="{sid}"><h2>{escape(t)}</h2>{body[sid]}</section>' for sid, t in SECTIONS
+    )
     period = f"{_fmt_time(ds.since)} to {_fmt_time(ds.until)}"
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        "<link rel=\"icon\" href=\"data:,\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<link rel="icon" href="data:,">'
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>{nav}"
-        f"<header><h1>{escape(title)}</h1><div class=\"period\">{escape(period)} · generated "
-        f"{escape(_fmt_time(ds.generated_at))}</div><nav class=\"sections\">{toc}</nav></header>"
+        f'<header><h1>{escape(title)}</h1><div class="period">{escape(period)} · generated '
+        f'{escape(_fmt_time(ds.generated_at))}</div><nav class="sections">{toc}</nav></header>'
         f"<main>{sections}</main></body></html>\n"
     )
 
@@ -316,8 +410,13 @@ def dataset_json(ds: ReviewDataset) -> str:
     return json.dumps(ds.to_json(), indent=2, sort_keys=False) + "\n"
 
 
-def write_report(ds: ReviewDataset, out: Path, *, json_path: Path | None = None,
-                 title: str = "edgefleet telemetry review") -> None:
+def write_report(
+    ds: ReviewDataset,
+    out: Path,
+    *,
+    json_path: Path | None = None,
+    title: str = "edgefleet telemetry review",
+) -> None:
     """Write the HTML report (and the JSON export) durably: temp file, fsync, rename."""
     _durable_write(Path(out), render_html(ds, title=title).encode())
     if json_path is not None:

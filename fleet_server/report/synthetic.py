@@ -121,34 +121,90 @@ def synthetic_dataset(
     def gate_rows(bad: bool, n: int) -> tuple[GateRow, ...]:
         return (
             GateRow("install_failure_rate", 0.0, None, 0.05, "pass", n // 300, 0),
-            GateRow("error_rate", 0.091 if bad else 0.0016, 0.0019, 0.01,
-                    "breach" if bad else "pass", n, n * 9),
-            GateRow("latency_p95_ratio", 9.9 if bad else 3.5, 3.6, 1.5,
-                    "breach" if bad else "pass", n, n * 9),
+            GateRow(
+                "error_rate",
+                0.091 if bad else 0.0016,
+                0.0019,
+                0.01,
+                "breach" if bad else "pass",
+                n,
+                n * 9,
+            ),
+            GateRow(
+                "latency_p95_ratio",
+                9.9 if bad else 3.5,
+                3.6,
+                1.5,
+                "breach" if bad else "pass",
+                n,
+                n * 9,
+            ),
             GateRow("drift_psi", 0.04, None, 0.25, "pass", n, 0),
-            GateRow("prediction_shift", 0.41 if bad else 0.012, 0.0, 0.25,
-                    "breach" if bad else "pass", n, n * 9),
+            GateRow(
+                "prediction_shift",
+                0.41 if bad else 0.012,
+                0.0,
+                0.25,
+                "breach" if bad else "pass",
+                n,
+                n * 9,
+            ),
         )
 
     r1 = RolloutRow(
-        "r-good", "kws v2", "staged_canary", "succeeded", "rollback",
+        "r-good",
+        "kws v2",
+        "staged_canary",
+        "succeeded",
+        "rollback",
         tuple(StageSpan(i, p, at(s), at(e)) for i, (p, s, e) in enumerate(r1_stages)),
-        tuple([Decision(at(0.10), "start", 0, "operator started the rollout", (), "op:alice")]
-              + [Decision(at(e), "advance" if i < 3 else "complete", i,
-                          "all gates passed", gate_rows(False, 600 * (i + 1) ** 2),
-                          "system:rollout-engine")
-                 for i, (_, _, e) in enumerate(r1_stages)]),
-        name="kws v2 to all", previous="kws v1", group="all devices",
+        tuple(
+            [Decision(at(0.10), "start", 0, "operator started the rollout", (), "op:alice")]
+            + [
+                Decision(
+                    at(e),
+                    "advance" if i < 3 else "complete",
+                    i,
+                    "all gates passed",
+                    gate_rows(False, 600 * (i + 1) ** 2),
+                    "system:rollout-engine",
+                )
+                for i, (_, _, e) in enumerate(r1_stages)
+            ]
+        ),
+        name="kws v2 to all",
+        previous="kws v1",
+        group="all devices",
     )
     r2 = RolloutRow(
-        "r-bad", "kws v3", "staged_canary", "rolled_back", "rollback",
+        "r-bad",
+        "kws v3",
+        "staged_canary",
+        "rolled_back",
+        "rollback",
         tuple(StageSpan(i, p, at(s), at(e)) for i, (p, s, e) in enumerate(r2_stages)),
-        (Decision(at(0.60), "start", 0, "operator started the rollout", (), "op:alice"),
-         Decision(at(0.68), "advance", 0, "all gates passed (too few samples to judge latency)",
-                  gate_rows(False, 400), "system:rollout-engine"),
-         Decision(at(rollback_at), "rollback", 1, "gate error_rate breached",
-                  gate_rows(True, 5300), "system:rollout-engine")),
-        name="kws v3 to all", previous="kws v2", group="all devices",
+        (
+            Decision(at(0.60), "start", 0, "operator started the rollout", (), "op:alice"),
+            Decision(
+                at(0.68),
+                "advance",
+                0,
+                "all gates passed (too few samples to judge latency)",
+                gate_rows(False, 400),
+                "system:rollout-engine",
+            ),
+            Decision(
+                at(rollback_at),
+                "rollback",
+                1,
+                "gate error_rate breached",
+                gate_rows(True, 5300),
+                "system:rollout-engine",
+            ),
+        ),
+        name="kws v3 to all",
+        previous="kws v2",
+        group="all devices",
     )
 
     rows = []
@@ -159,11 +215,18 @@ def synthetic_dataset(
             health, seen = "offline", until - timedelta(hours=rng.uniform(2, 9))
         elif i % 29 == 3:
             health = "degraded"
-        rows.append(DeviceRow(d, CLASSES[i % 3], {"site": SITES[i % 3]},
-                              version_at(d, 1.0), seen, health))
+        rows.append(
+            DeviceRow(d, CLASSES[i % 3], {"site": SITES[i % 3]}, version_at(d, 1.0), seen, health)
+        )
 
     return ReviewDataset(
-        generated_at=until, since=since, until=until, devices=tuple(rows),
-        adoption=tuple(adoption), rollouts=(r1, r2), by_version=tuple(by_version),
-        drift=tuple(drift), predictions=tuple(predictions),
+        generated_at=until,
+        since=since,
+        until=until,
+        devices=tuple(rows),
+        adoption=tuple(adoption),
+        rollouts=(r1, r2),
+        by_version=tuple(by_version),
+        drift=tuple(drift),
+        predictions=tuple(predictions),
     )

@@ -38,8 +38,14 @@ from .spec import (
     Strategy,
 )
 
-P, R, PA, S, RB, A = (Status.PENDING, Status.RUNNING, Status.PAUSED, Status.SUCCEEDED,
-                      Status.ROLLED_BACK, Status.ABORTED)
+P, R, PA, S, RB, A = (
+    Status.PENDING,
+    Status.RUNNING,
+    Status.PAUSED,
+    Status.SUCCEEDED,
+    Status.ROLLED_BACK,
+    Status.ABORTED,
+)
 
 #: every allowed transition: (status, action) -> new status
 TRANSITIONS: dict[tuple[Status, str], Status] = {
@@ -97,12 +103,20 @@ class Decision:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "rollout_id": self.rollout_id, "action": self.action.value, "reason": self.reason,
-            "at": self.at, "status": self.status.value, "stage": self.stage,
-            "to_stage": self.to_stage, "gates": [g.to_json() for g in self.gates],
-            "soak_elapsed": self.soak_elapsed, "soak_required": self.soak_required,
-            "canary_devices": self.canary_devices, "min_devices": self.min_devices,
-            "live_control": self.live_control, "metrics": self.metrics.to_json(),
+            "rollout_id": self.rollout_id,
+            "action": self.action.value,
+            "reason": self.reason,
+            "at": self.at,
+            "status": self.status.value,
+            "stage": self.stage,
+            "to_stage": self.to_stage,
+            "gates": [g.to_json() for g in self.gates],
+            "soak_elapsed": self.soak_elapsed,
+            "soak_required": self.soak_required,
+            "canary_devices": self.canary_devices,
+            "min_devices": self.min_devices,
+            "live_control": self.live_control,
+            "metrics": self.metrics.to_json(),
         }
 
 
@@ -115,19 +129,37 @@ def has_live_control(spec: RolloutSpec, stage: int) -> bool:
     return stage >= 0 and spec.stages[stage].percent < 100
 
 
-def decide(
-    spec: RolloutSpec, state: RolloutState, metrics: CohortMetrics, now: float
-) -> Decision:
+def decide(spec: RolloutSpec, state: RolloutState, metrics: CohortMetrics, now: float) -> Decision:
     """Decide what to do with one rollout now. Pure; see the module invariants."""
     state.check_fits(spec)
     stage = state.stage
     live = has_live_control(spec, stage)
 
-    def mk(action: Action, reason: str, to_stage: int | None = None,
-           gates: tuple[GateResult, ...] = (), soak: float | None = None,
-           need: float | None = None, min_dev: int | None = None) -> Decision:
-        return Decision(spec.rollout_id, action, reason, now, state.status, stage, to_stage,
-                        gates, soak, need, metrics.canary.devices, min_dev, metrics, live)
+    def mk(
+        action: Action,
+        reason: str,
+        to_stage: int | None = None,
+        gates: tuple[GateResult, ...] = (),
+        soak: float | None = None,
+        need: float | None = None,
+        min_dev: int | None = None,
+    ) -> Decision:
+        return Decision(
+            spec.rollout_id,
+            action,
+            reason,
+            now,
+            state.status,
+            stage,
+            to_stage,
+            gates,
+            soak,
+            need,
+            metrics.canary.devices,
+            min_dev,
+            metrics,
+            live,
+        )
 
     if state.status is Status.PENDING:
         return mk(Action.ADVANCE, "start: entering stage 0", to_stage=0)
@@ -139,20 +171,25 @@ def decide(
     results = tuple(evaluate_gates(spec.gates, metrics, live_control=live, baseline=baseline))
     assert state.stage_started_at is not None  # check_fits
     elapsed = max(0.0, now - state.stage_started_at)
+
     def gated(action: Action, reason: str, to_stage: int | None = None) -> Decision:
         return mk(action, reason, to_stage, results, elapsed, st.soak_seconds, st.min_devices)
 
     breached = [r for r in results if r.verdict is Verdict.BREACH]
     if breached:
         names = ", ".join(f"{r.name} ({r.detail})" for r in breached)
-        policy_action = (Action.ROLLBACK if spec.failure_policy is FailurePolicy.ROLLBACK
-                         else Action.PAUSE)
+        policy_action = (
+            Action.ROLLBACK if spec.failure_policy is FailurePolicy.ROLLBACK else Action.PAUSE
+        )
         return gated(policy_action, f"gate breached: {names}")
     if elapsed < st.soak_seconds:
         return gated(Action.HOLD, f"soaking: {elapsed:.0f} of {st.soak_seconds:.0f} s")
     if metrics.canary.devices < st.min_devices:
-        return gated(Action.HOLD, f"waiting for devices: {metrics.canary.devices} of "
-                     f"{st.min_devices} canary devices reporting")
+        return gated(
+            Action.HOLD,
+            f"waiting for devices: {metrics.canary.devices} of "
+            f"{st.min_devices} canary devices reporting",
+        )
     waiting = [r.name for r in results if r.verdict is Verdict.WAIT]
     if waiting:
         return gated(Action.HOLD, f"waiting for samples: {', '.join(waiting)}")
@@ -163,8 +200,14 @@ def decide(
 
 # -- transitions -------------------------------------------------------------------
 
+
 def _transition(
-    spec: RolloutSpec, state: RolloutState, action: str, now: float, actor: str, reason: str,
+    spec: RolloutSpec,
+    state: RolloutState,
+    action: str,
+    now: float,
+    actor: str,
+    reason: str,
     **changes: Any,
 ) -> RolloutState:
     new_status = TRANSITIONS.get((state.status, action))
@@ -180,7 +223,10 @@ def _transition(
 
 
 def apply_decision(
-    spec: RolloutSpec, state: RolloutState, decision: Decision, *,
+    spec: RolloutSpec,
+    state: RolloutState,
+    decision: Decision,
+    *,
     rollback_bundle: BundleRef | None = None,
 ) -> RolloutState:
     """The state after ``decision`` (made by :func:`decide` on this very state).
@@ -188,8 +234,11 @@ def apply_decision(
     A rollback needs ``rollback_bundle``, the previous model re-published under a
     higher version (:mod:`.republish`), unless the rollout has no previous bundle.
     """
-    if decision.rollout_id != spec.rollout_id or decision.stage != state.stage \
-            or decision.status is not state.status:
+    if (
+        decision.rollout_id != spec.rollout_id
+        or decision.stage != state.stage
+        or decision.status is not state.status
+    ):
         raise InvalidTransitionError(
             f"decision for {decision.rollout_id} at {decision.status.value}/stage "
             f"{decision.stage} does not match the rollout's current state; decide again"
@@ -204,8 +253,17 @@ def apply_decision(
         baseline = state.baseline
         if decision.live_control:
             baseline = decision.metrics.control.to_json()
-        return _transition(spec, state, "advance", now, ENGINE_ACTOR, why,
-                           stage=state.stage + 1, stage_started_at=now, baseline=baseline)
+        return _transition(
+            spec,
+            state,
+            "advance",
+            now,
+            ENGINE_ACTOR,
+            why,
+            stage=state.stage + 1,
+            stage_started_at=now,
+            baseline=baseline,
+        )
     if act is Action.COMPLETE:
         return _transition(spec, state, "complete", now, ENGINE_ACTOR, why)
     if act is Action.PAUSE:
@@ -218,35 +276,52 @@ def start(spec: RolloutSpec, state: RolloutState, now: float, actor: str) -> Rol
     return _transition(spec, state, "start", now, actor, "start", stage=0, stage_started_at=now)
 
 
-def pause(spec: RolloutSpec, state: RolloutState, now: float, actor: str,
-          reason: str = "") -> RolloutState:
+def pause(
+    spec: RolloutSpec, state: RolloutState, now: float, actor: str, reason: str = ""
+) -> RolloutState:
     """running -> paused; the cohorts stay as they are."""
     return _transition(spec, state, "pause", now, actor, reason)
 
 
-def resume(spec: RolloutSpec, state: RolloutState, now: float, actor: str,
-           reason: str = "") -> RolloutState:
+def resume(
+    spec: RolloutSpec, state: RolloutState, now: float, actor: str, reason: str = ""
+) -> RolloutState:
     """paused -> running; the current stage's soak time starts again."""
     return _transition(spec, state, "resume", now, actor, reason, stage_started_at=now)
 
 
-def promote(spec: RolloutSpec, state: RolloutState, now: float, actor: str,
-            reason: str = "", *, to_end: bool = False) -> RolloutState:
+def promote(
+    spec: RolloutSpec,
+    state: RolloutState,
+    now: float,
+    actor: str,
+    reason: str = "",
+    *,
+    to_end: bool = False,
+) -> RolloutState:
     """Skip the gates: move to the next stage (running), or finish at the last stage."""
     if to_end or state.stage >= spec.last_stage:
         return _transition(spec, state, "promote_last", now, actor, reason)
-    return _transition(spec, state, "promote", now, actor, reason,
-                       stage=state.stage + 1, stage_started_at=now)
+    return _transition(
+        spec, state, "promote", now, actor, reason, stage=state.stage + 1, stage_started_at=now
+    )
 
 
-def abort(spec: RolloutSpec, state: RolloutState, now: float, actor: str,
-          reason: str = "") -> RolloutState:
+def abort(
+    spec: RolloutSpec, state: RolloutState, now: float, actor: str, reason: str = ""
+) -> RolloutState:
     """Stop the rollout where it stands: members keep the candidate, the rest the previous."""
     return _transition(spec, state, "abort", now, actor, reason)
 
 
-def rollback(spec: RolloutSpec, state: RolloutState, now: float, actor: str,
-             rollback_bundle: BundleRef | None, reason: str = "") -> RolloutState:
+def rollback(
+    spec: RolloutSpec,
+    state: RolloutState,
+    now: float,
+    actor: str,
+    rollback_bundle: BundleRef | None,
+    reason: str = "",
+) -> RolloutState:
     """Send every device of the group to the re-published previous model.
 
     A shadow rollout never served its candidate, so rolling it back only withdraws
@@ -259,15 +334,16 @@ def rollback(spec: RolloutSpec, state: RolloutState, now: float, actor: str,
                 f">= {spec.rollback_version()} (fleet_server.rollouts.republish) and pass it "
                 "as rollback_bundle"
             )
-        if rollback_bundle.name != spec.previous.name or \
-                rollback_bundle.version < spec.rollback_version():
+        if (
+            rollback_bundle.name != spec.previous.name
+            or rollback_bundle.version < spec.rollback_version()
+        ):
             raise InvalidTransitionError(
                 f"rollback bundle {rollback_bundle.name} v{rollback_bundle.version} must be "
                 f"model {spec.previous.name} at version >= {spec.rollback_version()}, or "
                 "devices that installed the candidate refuse it as a downgrade"
             )
-    return _transition(spec, state, "rollback", now, actor, reason,
-                       rollback_bundle=rollback_bundle)
+    return _transition(spec, state, "rollback", now, actor, reason, rollback_bundle=rollback_bundle)
 
 
 OPERATOR_ACTIONS = ("start", "pause", "resume", "promote", "abort", "rollback")

@@ -62,6 +62,7 @@ class Verdict(str, Enum):
 
 # -- statistics ----------------------------------------------------------------
 
+
 def z_for(confidence: float) -> float:
     """The one-sided standard normal quantile for ``confidence``."""
     return NormalDist().inv_cdf(confidence)
@@ -85,12 +86,15 @@ def newcombe_diff(x1: int, n1: int, x2: int, n2: int, z: float) -> tuple[float, 
     l1, u1 = wilson(x1, n1, z)
     l2, u2 = wilson(x2, n2, z)
     d = p1 - p2
-    return (d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
-            d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+    return (
+        d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
+        d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2),
+    )
 
 
-def hist_quantile(hist: Sequence[int], q: float,
-                  edges: Sequence[float] = LATENCY_BUCKETS_MS) -> float | None:
+def hist_quantile(
+    hist: Sequence[int], q: float, edges: Sequence[float] = LATENCY_BUCKETS_MS
+) -> float | None:
     """Quantile ``q`` of a bucketed histogram (``len(edges) + 1`` counts); None if empty."""
     total = sum(hist)
     if total <= 0:
@@ -146,6 +150,7 @@ def js_divergence(p: Sequence[float], q: Sequence[float]) -> float:
 
 # -- cohort figures ------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class CohortStats:
     """Telemetry of one cohort, aggregated over the evaluation window."""
@@ -177,26 +182,37 @@ class CohortStats:
         return min((sum(c) for c in self.feature_counts.values()), default=0)
 
     def to_json(self) -> dict[str, Any]:
-        return {"devices": self.devices, "installs": self.installs,
-                "install_failures": self.install_failures, "inferences": self.inferences,
-                "errors": self.errors, "latency_hist": list(self.latency_hist),
-                "drift_psi": self.drift_psi, "drift_samples": self.drift_samples,
-                "feature_counts": {k: list(v) for k, v in self.feature_counts.items()},
-                "prediction_counts": list(self.prediction_counts),
-                "shadow_agreements": self.shadow_agreements, "shadow_runs": self.shadow_runs}
+        return {
+            "devices": self.devices,
+            "installs": self.installs,
+            "install_failures": self.install_failures,
+            "inferences": self.inferences,
+            "errors": self.errors,
+            "latency_hist": list(self.latency_hist),
+            "drift_psi": self.drift_psi,
+            "drift_samples": self.drift_samples,
+            "feature_counts": {k: list(v) for k, v in self.feature_counts.items()},
+            "prediction_counts": list(self.prediction_counts),
+            "shadow_agreements": self.shadow_agreements,
+            "shadow_runs": self.shadow_runs,
+        }
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> CohortStats:
         dp = obj.get("drift_psi")
         return cls(
-            devices=int(obj.get("devices", 0)), installs=int(obj.get("installs", 0)),
+            devices=int(obj.get("devices", 0)),
+            installs=int(obj.get("installs", 0)),
             install_failures=int(obj.get("install_failures", 0)),
-            inferences=int(obj.get("inferences", 0)), errors=int(obj.get("errors", 0)),
+            inferences=int(obj.get("inferences", 0)),
+            errors=int(obj.get("errors", 0)),
             latency_hist=tuple(int(c) for c in obj.get("latency_hist", ())),
             drift_psi=None if dp is None else float(dp),
             drift_samples=int(obj.get("drift_samples", 0)),
-            feature_counts={str(k): tuple(int(c) for c in v)
-                            for k, v in (obj.get("feature_counts") or {}).items()},
+            feature_counts={
+                str(k): tuple(int(c) for c in v)
+                for k, v in (obj.get("feature_counts") or {}).items()
+            },
             prediction_counts=tuple(int(c) for c in obj.get("prediction_counts", ())),
             shadow_agreements=int(obj.get("shadow_agreements", 0)),
             shadow_runs=int(obj.get("shadow_runs", 0)),
@@ -215,11 +231,14 @@ class CohortMetrics:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> CohortMetrics:
-        return cls(CohortStats.from_json(obj.get("canary", {})),
-                   CohortStats.from_json(obj.get("control", {})))
+        return cls(
+            CohortStats.from_json(obj.get("canary", {})),
+            CohortStats.from_json(obj.get("control", {})),
+        )
 
 
 # -- gate evaluation -----------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class GateResult:
@@ -238,12 +257,19 @@ class GateResult:
     detail: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "verdict": self.verdict.value,
-                "canary_value": _clean(self.canary_value),
-                "control_value": _clean(self.control_value), "threshold": self.threshold,
-                "canary_samples": self.canary_samples, "control_samples": self.control_samples,
-                "min_samples": self.min_samples, "control_source": self.control_source,
-                "detail": self.detail}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "verdict": self.verdict.value,
+            "canary_value": _clean(self.canary_value),
+            "control_value": _clean(self.control_value),
+            "threshold": self.threshold,
+            "canary_samples": self.canary_samples,
+            "control_samples": self.control_samples,
+            "min_samples": self.min_samples,
+            "control_source": self.control_source,
+            "detail": self.detail,
+        }
 
 
 def _clean(x: float | None) -> float | None:
@@ -303,13 +329,27 @@ def evaluate_gate(
     n_ctl = _samples(gate, control) if control is not None else 0
 
     def result(verdict: Verdict, cv: float | None, kv: float | None, detail: str) -> GateResult:
-        return GateResult(gate.name, gate.kind.value, verdict, cv, kv, gate.threshold,
-                          n_can, n_ctl, gate.min_samples, source, detail)
+        return GateResult(
+            gate.name,
+            gate.kind.value,
+            verdict,
+            cv,
+            kv,
+            gate.threshold,
+            n_can,
+            n_ctl,
+            gate.min_samples,
+            source,
+            detail,
+        )
 
     if n_can < gate.min_samples or (control is not None and n_ctl < gate.min_samples):
-        return result(Verdict.WAIT, None, None,
-                      f"insufficient samples: canary {n_can}, control {n_ctl}, "
-                      f"need {gate.min_samples} each")
+        return result(
+            Verdict.WAIT,
+            None,
+            None,
+            f"insufficient samples: canary {n_can}, control {n_ctl}, need {gate.min_samples} each",
+        )
     z = z_for(gate.confidence)
     kind = gate.kind
 
@@ -317,18 +357,26 @@ def evaluate_gate(
         x = canary.install_failures if kind is GateKind.INSTALL_FAILURE_RATE else canary.errors
         lo, hi = wilson(x, n_can, z)
         verdict = Verdict.BREACH if lo > gate.threshold else Verdict.PASS
-        return result(verdict, x / n_can, None,
-                      f"Wilson {gate.confidence:.0%} interval of canary rate "
-                      f"[{lo:.4f}, {hi:.4f}]; breach iff lower bound > {gate.threshold}")
+        return result(
+            verdict,
+            x / n_can,
+            None,
+            f"Wilson {gate.confidence:.0%} interval of canary rate "
+            f"[{lo:.4f}, {hi:.4f}]; breach iff lower bound > {gate.threshold}",
+        )
 
     if kind is GateKind.SHADOW_AGREEMENT:
         x = canary.shadow_agreements
         lo, hi = wilson(x, n_can, z)
         verdict = Verdict.BREACH if hi < gate.threshold else Verdict.PASS
-        return result(verdict, x / n_can, None,
-                      f"shadow agreed with the active model on {x} of {n_can} inputs; Wilson "
-                      f"{gate.confidence:.0%} interval [{lo:.4f}, {hi:.4f}]; breach iff upper "
-                      f"bound < {gate.threshold}")
+        return result(
+            verdict,
+            x / n_can,
+            None,
+            f"shadow agreed with the active model on {x} of {n_can} inputs; Wilson "
+            f"{gate.confidence:.0%} interval [{lo:.4f}, {hi:.4f}]; breach iff upper "
+            f"bound < {gate.threshold}",
+        )
 
     if control is None:
         return result(Verdict.SKIP, None, None, "no control cohort and no baseline to compare")
@@ -336,18 +384,26 @@ def evaluate_gate(
     if kind is GateKind.ERROR_RATE:
         lo, hi = newcombe_diff(canary.errors, n_can, control.errors, n_ctl, z)
         verdict = Verdict.BREACH if lo > gate.threshold else Verdict.PASS
-        return result(verdict, canary.errors / n_can, control.errors / n_ctl,
-                      f"Newcombe {gate.confidence:.0%} interval of rate difference "
-                      f"[{lo:.4f}, {hi:.4f}]; breach iff lower bound > {gate.threshold}")
+        return result(
+            verdict,
+            canary.errors / n_can,
+            control.errors / n_ctl,
+            f"Newcombe {gate.confidence:.0%} interval of rate difference "
+            f"[{lo:.4f}, {hi:.4f}]; breach iff lower bound > {gate.threshold}",
+        )
 
     if kind is GateKind.LATENCY_P95_RATIO:
         pc = hist_quantile(canary.latency_hist, 0.95) or 0.0
         pk = hist_quantile(control.latency_hist, 0.95) or 0.0
         ratio = pc / max(pk, 1e-6)
         verdict = Verdict.BREACH if ratio > gate.threshold else Verdict.PASS
-        return result(verdict, pc, pk,
-                      f"p95 canary {pc:.3f} ms / control {pk:.3f} ms = {ratio:.3f}; "
-                      f"breach iff > {gate.threshold}")
+        return result(
+            verdict,
+            pc,
+            pk,
+            f"p95 canary {pc:.3f} ms / control {pk:.3f} ms = {ratio:.3f}; "
+            f"breach iff > {gate.threshold}",
+        )
 
     if kind is GateKind.DRIFT_PSI:
         common = sorted(set(canary.feature_counts) & set(control.feature_counts))
@@ -356,17 +412,28 @@ def evaluate_gate(
         per = {f: psi(canary.feature_counts[f], control.feature_counts[f]) for f in common}
         worst = max(per, key=lambda f: per[f])
         verdict = Verdict.BREACH if per[worst] > gate.threshold else Verdict.PASS
-        return result(verdict, per[worst], 0.0,
-                      f"max feature PSI canary vs control {per[worst]:.4f} ({worst}); "
-                      f"breach iff > {gate.threshold}")
+        return result(
+            verdict,
+            per[worst],
+            0.0,
+            f"max feature PSI canary vs control {per[worst]:.4f} ({worst}); "
+            f"breach iff > {gate.threshold}",
+        )
 
     # prediction shift
-    value = (psi(canary.prediction_counts, control.prediction_counts) if gate.metric == "psi"
-             else js_divergence(canary.prediction_counts, control.prediction_counts))
+    value = (
+        psi(canary.prediction_counts, control.prediction_counts)
+        if gate.metric == "psi"
+        else js_divergence(canary.prediction_counts, control.prediction_counts)
+    )
     verdict = Verdict.BREACH if value > gate.threshold else Verdict.PASS
-    return result(verdict, value, 0.0,
-                  f"{gate.metric.upper()} of prediction distributions canary vs control "
-                  f"{value:.4f}; breach iff > {gate.threshold}")
+    return result(
+        verdict,
+        value,
+        0.0,
+        f"{gate.metric.upper()} of prediction distributions canary vs control "
+        f"{value:.4f}; breach iff > {gate.threshold}",
+    )
 
 
 def evaluate_reference_drift(gate: GateSpec, canary: CohortStats) -> GateResult:
@@ -374,14 +441,34 @@ def evaluate_reference_drift(gate: GateSpec, canary: CohortStats) -> GateResult:
     n = canary.drift_samples
     value = canary.drift_psi
     if n < gate.min_samples or value is None:
-        return GateResult(gate.name, gate.kind.value, Verdict.WAIT, None, None, gate.threshold,
-                          n, 0, gate.min_samples, "none",
-                          f"insufficient samples: canary {n}, need {gate.min_samples}")
+        return GateResult(
+            gate.name,
+            gate.kind.value,
+            Verdict.WAIT,
+            None,
+            None,
+            gate.threshold,
+            n,
+            0,
+            gate.min_samples,
+            "none",
+            f"insufficient samples: canary {n}, need {gate.min_samples}",
+        )
     verdict = Verdict.BREACH if value > gate.threshold else Verdict.PASS
-    return GateResult(gate.name, gate.kind.value, verdict, value, None, gate.threshold, n, 0,
-                      gate.min_samples, "none",
-                      f"canary PSI vs reference profile {value:.4f} (max over features); "
-                      f"breach iff > {gate.threshold}")
+    return GateResult(
+        gate.name,
+        gate.kind.value,
+        verdict,
+        value,
+        None,
+        gate.threshold,
+        n,
+        0,
+        gate.min_samples,
+        "none",
+        f"canary PSI vs reference profile {value:.4f} (max over features); "
+        f"breach iff > {gate.threshold}",
+    )
 
 
 def evaluate_gates(
@@ -392,5 +479,4 @@ def evaluate_gates(
     baseline: CohortStats | None = None,
 ) -> list[GateResult]:
     """Evaluate every gate (see :func:`evaluate_gate`)."""
-    return [evaluate_gate(g, metrics, live_control=live_control, baseline=baseline)
-            for g in gates]
+    return [evaluate_gate(g, metrics, live_control=live_control, baseline=baseline) for g in gates]

@@ -57,9 +57,12 @@ class PostgresLeaderLock:
     def __init__(self, url: str, name: str = DEFAULT_NAME, connect_timeout: float = 5.0) -> None:
         self.key = lock_key(name)
         self._engine = create_engine(
-            url, poolclass=NullPool,
-            connect_args={"connect_timeout": max(1, int(connect_timeout)),
-                          "application_name": f"edgefleet-leader:{name}"[:63]},
+            url,
+            poolclass=NullPool,
+            connect_args={
+                "connect_timeout": max(1, int(connect_timeout)),
+                "application_name": f"edgefleet-leader:{name}"[:63],
+            },
         )
         self._conn: Connection | None = None
 
@@ -70,8 +73,9 @@ class PostgresLeaderLock:
         try:
             conn = self._engine.connect()
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"),
-                                    {"k": self.key}).scalar())
+            got = bool(
+                conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}).scalar()
+            )
         except SQLAlchemyError as e:
             if conn is not None:
                 with contextlib.suppress(SQLAlchemyError):
@@ -92,9 +96,11 @@ class PostgresLeaderLock:
         try:
             unsigned = self.key & 0xFFFFFFFFFFFFFFFF
             held = self._conn.execute(
-                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                     "AND pid = pg_backend_pid() AND granted AND objsubid = 1 "
-                     "AND classid::bigint = :hi AND objid::bigint = :lo"),
+                text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND pid = pg_backend_pid() AND granted AND objsubid = 1 "
+                    "AND classid::bigint = :hi AND objid::bigint = :lo"
+                ),
                 {"hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF},
             ).scalar()
             if held:

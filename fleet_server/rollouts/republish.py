@@ -82,10 +82,17 @@ def republish_bundle(
         }
         try:
             manifest = build_manifest(
-                name=old.name, version=version, fmt=old.format, files=files,
-                inputs=old.inputs, outputs=old.outputs, runtime=old.runtime,
-                target_device_classes=old.target_device_classes, provenance=provenance,
-                labels=old.labels, created_at=now or datetime.now(timezone.utc),
+                name=old.name,
+                version=version,
+                fmt=old.format,
+                files=files,
+                inputs=old.inputs,
+                outputs=old.outputs,
+                runtime=old.runtime,
+                target_device_classes=old.target_device_classes,
+                provenance=provenance,
+                labels=old.labels,
+                created_at=now or datetime.now(timezone.utc),
                 valid_for=valid_for,
             )
             unsigned = work / "unsigned.efb"

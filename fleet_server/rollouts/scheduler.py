@@ -51,8 +51,7 @@ class RolloutRepository(Protocol):
     def append_audit(self, decision: Decision) -> None:
         """Record an automatic decision (actor: the engine) with its numbers."""
 
-    def notify_changed(self, spec: RolloutSpec, before: RolloutState,
-                       after: RolloutState) -> int:
+    def notify_changed(self, spec: RolloutSpec, before: RolloutState, after: RolloutState) -> int:
         """Tell the devices whose assignment changed to pull now; returns how many."""
 
 
@@ -103,8 +102,7 @@ class RolloutScheduler:
             try:
                 d = self._one(spec, state)
             except Exception:
-                log.exception("rollout %s: evaluation failed; retrying next round",
-                              spec.rollout_id)
+                log.exception("rollout %s: evaluation failed; retrying next round", spec.rollout_id)
                 continue
             if d is not None:
                 decisions.append(d)
@@ -132,12 +130,15 @@ class RolloutScheduler:
                 # rollout must not spread further: pause it and say why
                 log.exception("rollout %s: cannot prepare the rollback; pausing", spec.rollout_id)
                 d = dataclasses.replace(
-                    d, action=Action.PAUSE,
-                    reason=f"{d.reason}; rollback impossible ({e}); paused instead")
+                    d,
+                    action=Action.PAUSE,
+                    reason=f"{d.reason}; rollback impossible ({e}); paused instead",
+                )
         new = apply_decision(spec, state, d, rollback_bundle=rb)
         if not self.repo.save_state(spec, state, new):
-            log.info("rollout %s changed while deciding; dropping %s", spec.rollout_id,
-                     d.action.value)
+            log.info(
+                "rollout %s changed while deciding; dropping %s", spec.rollout_id, d.action.value
+            )
             return None
         self.repo.append_audit(d)
         try:
@@ -153,8 +154,7 @@ class RolloutScheduler:
         if self._thread is not None:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="rollout-scheduler",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="rollout-scheduler", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:

@@ -99,8 +99,7 @@ class BundleRef:
     def __post_init__(self) -> None:
         if not self.bundle_id or not self.name:
             raise InvalidSpecError("a bundle reference needs a bundle_id and a name")
-        if isinstance(self.version, bool) or not isinstance(self.version, int) \
-                or self.version < 0:
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 0:
             raise InvalidSpecError(
                 f"bundle {self.bundle_id}: version must be a non-negative integer"
             )
@@ -128,23 +127,32 @@ class Stage:
     def __post_init__(self) -> None:
         if not _finite(self.percent) or not 0 < self.percent <= 100:
             raise InvalidSpecError(f"stage percent {self.percent!r} must be in (0, 100]")
-        if isinstance(self.min_devices, bool) or not isinstance(self.min_devices, int) \
-                or self.min_devices < 0:
+        if (
+            isinstance(self.min_devices, bool)
+            or not isinstance(self.min_devices, int)
+            or self.min_devices < 0
+        ):
             raise InvalidSpecError(f"stage min_devices {self.min_devices!r} must be an int >= 0")
         if not _finite(self.soak_seconds) or self.soak_seconds < 0:
             raise InvalidSpecError(f"stage soak_seconds {self.soak_seconds!r} must be >= 0")
 
     def to_json(self) -> dict[str, Any]:
-        return {"percent": self.percent, "min_devices": self.min_devices,
-                "soak_seconds": self.soak_seconds}
+        return {
+            "percent": self.percent,
+            "min_devices": self.min_devices,
+            "soak_seconds": self.soak_seconds,
+        }
 
     @classmethod
     def from_json(cls, obj: Any) -> Stage:
         obj = _obj(obj, "stage", InvalidSpecError)
         if "percent" not in obj:
             raise InvalidSpecError("each stage needs a 'percent'")
-        return cls(_num(obj["percent"], "stage percent"), obj.get("min_devices", 1),
-                   _num(obj.get("soak_seconds", 600.0), "stage soak_seconds"))
+        return cls(
+            _num(obj["percent"], "stage percent"),
+            obj.get("min_devices", 1),
+            _num(obj.get("soak_seconds", 600.0), "stage soak_seconds"),
+        )
 
 
 @dataclass(frozen=True)
@@ -187,8 +195,11 @@ class GateSpec:
             object.__setattr__(self, "name", self.kind.value)
         if not _finite(self.threshold) or self.threshold < 0:
             raise InvalidSpecError(f"gate {self.name}: threshold must be a finite number >= 0")
-        if isinstance(self.min_samples, bool) or not isinstance(self.min_samples, int) \
-                or self.min_samples < 1:
+        if (
+            isinstance(self.min_samples, bool)
+            or not isinstance(self.min_samples, int)
+            or self.min_samples < 1
+        ):
             raise InvalidSpecError(f"gate {self.name}: min_samples must be an integer >= 1")
         if not _finite(self.confidence) or not 0.5 <= self.confidence < 1:
             raise InvalidSpecError(f"gate {self.name}: confidence must be in [0.5, 1)")
@@ -198,20 +209,30 @@ class GateSpec:
             raise InvalidSpecError(f"gate {self.name}: metric must be 'psi' or 'js'")
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind.value, "name": self.name, "threshold": self.threshold,
-                "min_samples": self.min_samples, "confidence": self.confidence,
-                "against": self.against, "metric": self.metric}
+        return {
+            "kind": self.kind.value,
+            "name": self.name,
+            "threshold": self.threshold,
+            "min_samples": self.min_samples,
+            "confidence": self.confidence,
+            "against": self.against,
+            "metric": self.metric,
+        }
 
     @classmethod
     def from_json(cls, obj: Any) -> GateSpec:
         obj = _obj(obj, "gate", InvalidSpecError)
         if "kind" not in obj or "threshold" not in obj:
             raise InvalidSpecError("each gate needs a 'kind' and a 'threshold'")
-        return cls(kind=obj["kind"], threshold=_num(obj["threshold"], "gate threshold"),
-                   min_samples=obj.get("min_samples", 100),
-                   confidence=_num(obj.get("confidence", 0.95), "gate confidence"),
-                   against=str(obj.get("against", "reference")),
-                   metric=str(obj.get("metric", "psi")), name=str(obj.get("name", "")))
+        return cls(
+            kind=obj["kind"],
+            threshold=_num(obj["threshold"], "gate threshold"),
+            min_samples=obj.get("min_samples", 100),
+            confidence=_num(obj.get("confidence", 0.95), "gate confidence"),
+            against=str(obj.get("against", "reference")),
+            metric=str(obj.get("metric", "psi")),
+            name=str(obj.get("name", "")),
+        )
 
 
 def default_gates() -> tuple[GateSpec, ...]:
@@ -226,14 +247,17 @@ def default_gates() -> tuple[GateSpec, ...]:
 
 
 #: what shadow telemetry carries (count, errors and agreement of the shadow model)
-SHADOW_GATE_KINDS = frozenset({GateKind.INSTALL_FAILURE_RATE, GateKind.ERROR_RATE,
-                               GateKind.SHADOW_AGREEMENT})
+SHADOW_GATE_KINDS = frozenset(
+    {GateKind.INSTALL_FAILURE_RATE, GateKind.ERROR_RATE, GateKind.SHADOW_AGREEMENT}
+)
 
 
 def default_shadow_gates() -> tuple[GateSpec, ...]:
     """The gates a shadow rollout can evaluate."""
-    return (*(g for g in default_gates() if g.kind in SHADOW_GATE_KINDS),
-            GateSpec(GateKind.SHADOW_AGREEMENT, 0.9, min_samples=500))
+    return (
+        *(g for g in default_gates() if g.kind in SHADOW_GATE_KINDS),
+        GateSpec(GateKind.SHADOW_AGREEMENT, 0.9, min_samples=500),
+    )
 
 
 @dataclass(frozen=True)
@@ -352,17 +376,29 @@ class HistoryEntry:
     reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"ts": self.ts, "action": self.action, "actor": self.actor,
-                "from_status": self.from_status.value, "to_status": self.to_status.value,
-                "stage": self.stage, "reason": self.reason}
+        return {
+            "ts": self.ts,
+            "action": self.action,
+            "actor": self.actor,
+            "from_status": self.from_status.value,
+            "to_status": self.to_status.value,
+            "stage": self.stage,
+            "reason": self.reason,
+        }
 
     @classmethod
     def from_json(cls, obj: Any) -> HistoryEntry:
         obj = _obj(obj, "history entry", InvalidStateError)
         try:
-            return cls(float(obj["ts"]), str(obj["action"]), str(obj["actor"]),
-                       Status(obj["from_status"]), Status(obj["to_status"]), int(obj["stage"]),
-                       str(obj.get("reason", "")))
+            return cls(
+                float(obj["ts"]),
+                str(obj["action"]),
+                str(obj["actor"]),
+                Status(obj["from_status"]),
+                Status(obj["to_status"]),
+                int(obj["stage"]),
+                str(obj.get("reason", "")),
+            )
         except (KeyError, ValueError, TypeError) as e:
             raise InvalidStateError(f"bad rollout history entry {obj!r}: {e}") from e
 
@@ -430,8 +466,9 @@ class RolloutState:
             )
         if self.status is Status.PENDING and self.stage != -1:
             raise InvalidStateError(f"rollout {spec.rollout_id}: pending but at a stage")
-        if self.status in (Status.RUNNING, Status.PAUSED) and \
-                (self.stage < 0 or self.stage_started_at is None):
+        if self.status in (Status.RUNNING, Status.PAUSED) and (
+            self.stage < 0 or self.stage_started_at is None
+        ):
             raise InvalidStateError(
                 f"rollout {spec.rollout_id}: {self.status.value} without a stage start"
             )

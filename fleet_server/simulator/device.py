@@ -43,8 +43,11 @@ def _toml_value(value: Any) -> str:
     import json
 
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}"
-                                for k, v in value.items()) + " }"
+        return (
+            "{ "
+            + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items())
+            + " }"
+        )
     if isinstance(value, bool):
         return "true" if value else "false"
     return json.dumps(value)
@@ -132,12 +135,24 @@ class SimDevice:
 
         if self.online:
             raise RuntimeError("stop the device first; a state directory has one agent")
-        env = {**os.environ, "EDGEFLEET_AGENT_CRASH_AT": state,
-               "EDGEFLEET_AGENT_SERVER_POLL_SECONDS": "0.5"}
+        env = {
+            **os.environ,
+            "EDGEFLEET_AGENT_CRASH_AT": state,
+            "EDGEFLEET_AGENT_SERVER_POLL_SECONDS": "0.5",
+        }
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from device_agent.cli import main; main()",
-             "--config", str(self.config_path), "run"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-c",
+                "from device_agent.cli import main; main()",
+                "--config",
+                str(self.config_path),
+                "run",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             return proc.wait(timeout)
         except subprocess.TimeoutExpired:

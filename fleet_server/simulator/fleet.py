@@ -29,17 +29,29 @@ class ClassPlan:
 class Fleet:
     """Many :class:`SimDevice` s, driven together."""
 
-    def __init__(self, root: Path, *, server_url: str, mqtt_host: str, mqtt_port: int,
-                 window_seconds: float = 2.0, poll_seconds: float = 2.0,
-                 sample_rate: float = 0.02, seed: int = 0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        server_url: str,
+        mqtt_host: str,
+        mqtt_port: int,
+        window_seconds: float = 2.0,
+        poll_seconds: float = 2.0,
+        sample_rate: float = 0.02,
+        seed: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         """``clock`` is every device's wall clock (a :class:`SimClock` to control it)."""
         self.root = Path(root)
         self.overrides: dict[str, dict[str, Any]] = {
             "server": {"url": server_url, "poll_seconds": poll_seconds, "timeout_seconds": 15.0},
             "mqtt": {"host": mqtt_host, "port": mqtt_port, "keepalive": 30},
-            "telemetry": {"window_seconds": window_seconds, "sample_rate": sample_rate,
-                          "flush_interval_seconds": 0.5},
+            "telemetry": {
+                "window_seconds": window_seconds,
+                "sample_rate": sample_rate,
+                "flush_interval_seconds": 0.5,
+            },
             "update": {"probation_seconds": 2.0, "probation_min_predictions": 5},
         }
         self.devices: list[SimDevice] = []
@@ -55,18 +67,22 @@ class Fleet:
                 device_id = f"{plan.device_class}-{i:04d}"
                 root = self.root / device_id
                 overrides = {k: dict(v) for k, v in self.overrides.items()}
-                overrides["device"] = {"labels": dict(plan.labels or {}),
-                                       "device_class": plan.device_class}
+                overrides["device"] = {
+                    "labels": dict(plan.labels or {}),
+                    "device_class": plan.device_class,
+                }
                 cfg = provision_files(plan.image_dir, root, overrides)
                 seed = self.rng.randrange(2**31)
                 stream = drifting_stream(seed) if i < plan.drifting else InputStream(seed)
-                made.append(SimDevice(device_id, plan.device_class, root, stream, cfg,
-                                      clock=self.clock))
+                made.append(
+                    SimDevice(device_id, plan.device_class, root, stream, cfg, clock=self.clock)
+                )
         self.devices += made
         return made
 
-    def each(self, fn: Callable[[SimDevice], Any], devices: Iterable[SimDevice] | None = None
-             ) -> list[Any]:
+    def each(
+        self, fn: Callable[[SimDevice], Any], devices: Iterable[SimDevice] | None = None
+    ) -> list[Any]:
         return list(self._pool.map(fn, list(devices if devices is not None else self.devices)))
 
     def enroll(self, token_for: Callable[[SimDevice], str]) -> None:
@@ -79,8 +95,12 @@ class Fleet:
         self.each(lambda d: d.stop())
         self._pool.shutdown(wait=True)
 
-    def drive(self, seconds: float, calls_per_second: float = 20.0,
-              on_tick: Callable[[float], bool] | None = None) -> None:
+    def drive(
+        self,
+        seconds: float,
+        calls_per_second: float = 20.0,
+        on_tick: Callable[[float], bool] | None = None,
+    ) -> None:
         """Make every online device predict at about ``calls_per_second`` for ``seconds``.
 
         ``on_tick(elapsed)`` is called about once a second; returning True stops early.
@@ -101,5 +121,8 @@ class Fleet:
                 time.sleep(spare)
 
     def versions(self, device_class: str | None = None) -> Counter[int | None]:
-        return Counter(d.version() for d in self.devices
-                       if device_class is None or d.device_class == device_class)
+        return Counter(
+            d.version()
+            for d in self.devices
+            if device_class is None or d.device_class == device_class
+        )

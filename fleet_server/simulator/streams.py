@@ -26,8 +26,9 @@ def _centers(seed: int = 1234) -> np.ndarray:
 CENTERS = _centers()
 
 
-def sample(n: int, rng: np.random.Generator, shift: np.ndarray | None = None
-           ) -> tuple[np.ndarray, np.ndarray]:
+def sample(
+    n: int, rng: np.random.Generator, shift: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``n`` labelled examples; ``shift`` (per feature) moves every class mean."""
     y = rng.choice(len(CLASSES), size=n, p=PRIOR)
     x = CENTERS[y] + rng.normal(0.0, 1.0, size=(n, N_FEATURES)).astype(np.float32)

@@ -33,10 +33,19 @@ def trust(release_key: Ed25519PrivateKey) -> TrustStore:
 
 
 CASES = [
-    ("cnn", [Target("onnx", "float32"), Target("onnx", "int8-static"),
-             Target("tflite", "float16"), Target("tflite", "int8-dynamic")]),
-    ("mlp", [Target("onnx", "float16"), Target("onnx", "int8-dynamic"),
-             Target("tflite", "float32")]),
+    (
+        "cnn",
+        [
+            Target("onnx", "float32"),
+            Target("onnx", "int8-static"),
+            Target("tflite", "float16"),
+            Target("tflite", "int8-dynamic"),
+        ],
+    ),
+    (
+        "mlp",
+        [Target("onnx", "float16"), Target("onnx", "int8-dynamic"), Target("tflite", "float32")],
+    ),
     ("pipeline", [Target("onnx", "float32", runtime_version="1.16")]),
     ("forest", [Target("onnx", "float32")]),
     ("forest_regressor", [Target("onnx", "int8-dynamic")]),
@@ -46,14 +55,24 @@ CASES = [
 
 @pytest.mark.parametrize("name,targets", CASES, ids=[c[0] for c in CASES])
 def test_bundles_verify_install_and_pass_their_smoke_test(
-    tmp_path: Path, release_key: Ed25519PrivateKey, trust: TrustStore,
-    name: str, targets: list[Target],
+    tmp_path: Path,
+    release_key: Ed25519PrivateKey,
+    trust: TrustStore,
+    name: str,
+    targets: list[Target],
 ) -> None:
     source, x = models.zoo_source(name)
     steps: list[str] = []
-    results = build_bundles(source, targets, tmp_path / "out", name=f"zoo-{name.replace('_', '-')}",
-                            version=3, signing_key=release_key, samples=x,
-                            progress=steps.append)
+    results = build_bundles(
+        source,
+        targets,
+        tmp_path / "out",
+        name=f"zoo-{name.replace('_', '-')}",
+        version=3,
+        signing_key=release_key,
+        samples=x,
+        progress=steps.append,
+    )
     assert [r.error for r in results] == [None] * len(targets)
     assert any("packing" in s for s in steps) and any("parity" in s for s in steps)
     for result in results:
@@ -82,22 +101,24 @@ def test_bundles_verify_install_and_pass_their_smoke_test(
 
 
 def test_smoke_test_catches_a_model_that_computes_something_else(
-        tmp_path: Path, release_key: Ed25519PrivateKey, trust: TrustStore) -> None:
+    tmp_path: Path, release_key: Ed25519PrivateKey, trust: TrustStore
+) -> None:
     source, x = models.zoo_source("mlp")
     artifact = convert(source, Target("onnx"), samples=x)
     other, _ = models.zoo_source("onnx_mlp")  # different weights, different classes
-    artifact2 = convert(models.zoo_source("cnn")[0], Target("onnx"),
-                        samples=models.image_batch(8))
+    artifact2 = convert(models.zoo_source("cnn")[0], Target("onnx"), samples=models.image_batch(8))
     assert artifact2.smoke.inputs  # sanity: a different model's smoke samples exist
     # Pack the MLP with smoke samples whose expected outputs were tampered with.
     tampered = artifact.smoke
     bad_expected = {k: np.roll(v, 1, axis=-1) for k, v in tampered.expected.items()}
-    artifact.smoke = type(tampered)(inputs=tampered.inputs, expected=bad_expected,
-                                    check="allclose", atol=1e-4, rtol=1e-3)
+    artifact.smoke = type(tampered)(
+        inputs=tampered.inputs, expected=bad_expected, check="allclose", atol=1e-4, rtol=1e-3
+    )
     from converters.pipeline import pack_artifact
 
-    path = pack_artifact(artifact, tmp_path / "b.efb", name="mlp", version=1,
-                         signing_key=release_key)
+    path = pack_artifact(
+        artifact, tmp_path / "b.efb", name="mlp", version=1, signing_key=release_key
+    )
     unpack_bundle(path, tmp_path / "slot", trust)
     with pytest.raises(SmokeTestError):
         run_smoke_test(load_model(tmp_path / "slot"))
@@ -105,12 +126,20 @@ def test_smoke_test_catches_a_model_that_computes_something_else(
 
 
 def test_failing_target_does_not_stop_the_others_and_is_not_packed(
-        tmp_path: Path, release_key: Ed25519PrivateKey) -> None:
+    tmp_path: Path, release_key: Ed25519PrivateKey
+) -> None:
     source, x = models.zoo_source("cnn")
     targets = [Target("onnx", "int8-static"), Target("onnx", "float32")]
-    results = build_bundles(source, targets, tmp_path, name="cnn", version=1,
-                            signing_key=release_key, samples=x,
-                            tolerances={"onnx-int8-static": Tolerance(atol=1e-3)})
+    results = build_bundles(
+        source,
+        targets,
+        tmp_path,
+        name="cnn",
+        version=1,
+        signing_key=release_key,
+        samples=x,
+        tolerances={"onnx-int8-static": Tolerance(atol=1e-3)},
+    )
     refused, packed = results
     assert isinstance(refused.error, ParityError) and refused.bundle is None
     assert not refused.error.report.passed
@@ -144,8 +173,9 @@ def test_drift_profile_uses_training_samples_when_given() -> None:
     # reference proportions reproduce the agent's binning rule on the same data
     feats, _ = features(x)
     f0 = artifact.profile.features[0]
-    counts = np.bincount(np.searchsorted(f0.edges, feats[:, 0], side="right"),
-                         minlength=len(f0.edges) + 1)
+    counts = np.bincount(
+        np.searchsorted(f0.edges, feats[:, 0], side="right"), minlength=len(f0.edges) + 1
+    )
     np.testing.assert_allclose(counts / counts.sum(), f0.proportions)
 
 

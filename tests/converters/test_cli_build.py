@@ -43,16 +43,38 @@ def _trust(keys_dir: Path) -> TrustStore:
 
 
 def test_bundle_build_writes_signed_bundles_that_install_and_pass_smoke(
-        tmp_path: Path, keys_dir: Path, mlp_files: tuple[Path, Path]) -> None:
+    tmp_path: Path, keys_dir: Path, mlp_files: tuple[Path, Path]
+) -> None:
     model, samples = mlp_files
     out = tmp_path / "out"
-    r = CliRunner().invoke(main, [
-        "bundle", "build", str(model), "--samples", str(samples),
-        "--target", "onnx", "--target", "onnx:int8-dynamic@onnxruntime-1.16",
-        "--target", "tflite:float16", "--device-class", "pi4",
-        "--name", "mlp", "--version", "4", "--key", "rel", "--keys-dir", str(keys_dir),
-        "-o", str(out),
-    ])
+    r = CliRunner().invoke(
+        main,
+        [
+            "bundle",
+            "build",
+            str(model),
+            "--samples",
+            str(samples),
+            "--target",
+            "onnx",
+            "--target",
+            "onnx:int8-dynamic@onnxruntime-1.16",
+            "--target",
+            "tflite:float16",
+            "--device-class",
+            "pi4",
+            "--name",
+            "mlp",
+            "--version",
+            "4",
+            "--key",
+            "rel",
+            "--keys-dir",
+            str(keys_dir),
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "converting" in r.stderr  # the progress display goes to stderr
     table = r.stdout
@@ -72,11 +94,23 @@ def test_bundle_build_writes_signed_bundles_that_install_and_pass_smoke(
 
 
 def test_convert_without_pack_writes_artifacts_and_parity_reports(
-        tmp_path: Path, mlp_files: tuple[Path, Path]) -> None:
+    tmp_path: Path, mlp_files: tuple[Path, Path]
+) -> None:
     model, samples = mlp_files
     out = tmp_path / "art"
-    r = CliRunner().invoke(main, ["convert", str(model), "--samples", str(samples),
-                                  "--target", "onnx@ir8/opset17", "-o", str(out)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(model),
+            "--samples",
+            str(samples),
+            "--target",
+            "onnx@ir8/opset17",
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     produced = out / "mlp-onnx-float32-ir8-opset17.onnx"
     assert onnx.load(str(produced)).ir_version == 8
@@ -100,14 +134,34 @@ def test_convert_pickled_sklearn_model_warns_and_needs_trust(tmp_path: Path) -> 
 
 
 def test_variant_over_tolerance_is_refused_with_exit_1_and_report(
-        tmp_path: Path, keys_dir: Path, mlp_files: tuple[Path, Path]) -> None:
+    tmp_path: Path, keys_dir: Path, mlp_files: tuple[Path, Path]
+) -> None:
     model, samples = mlp_files
     out = tmp_path / "out"
-    r = CliRunner().invoke(main, [
-        "convert", str(model), "--samples", str(samples), "--target", "onnx:int8-static",
-        "--atol", "1e-6", "--pack", "--name", "mlp", "--version", "1", "--key", "rel",
-        "--keys-dir", str(keys_dir), "-o", str(out),
-    ])
+    r = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(model),
+            "--samples",
+            str(samples),
+            "--target",
+            "onnx:int8-static",
+            "--atol",
+            "1e-6",
+            "--pack",
+            "--name",
+            "mlp",
+            "--version",
+            "1",
+            "--key",
+            "rel",
+            "--keys-dir",
+            str(keys_dir),
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 1
     assert "REFUSED" in r.stdout
     assert "ParityError" in r.stderr and "not packed" in r.stderr
@@ -115,17 +169,18 @@ def test_variant_over_tolerance_is_refused_with_exit_1_and_report(
 
 
 def test_pack_without_name_version_key_is_a_usage_error(
-        tmp_path: Path, mlp_files: tuple[Path, Path]) -> None:
+    tmp_path: Path, mlp_files: tuple[Path, Path]
+) -> None:
     model, _ = mlp_files
     r = CliRunner().invoke(main, ["convert", str(model), "--pack", "-o", str(tmp_path)])
     assert r.exit_code == 2 and "--name, --version, --key" in r.output
 
 
 def test_bad_target_spec_is_refused_with_advice(
-        tmp_path: Path, mlp_files: tuple[Path, Path]) -> None:
+    tmp_path: Path, mlp_files: tuple[Path, Path]
+) -> None:
     model, _ = mlp_files
-    r = CliRunner().invoke(main, ["convert", str(model), "--target", "coreml",
-                                  "-o", str(tmp_path)])
+    r = CliRunner().invoke(main, ["convert", str(model), "--target", "coreml", "-o", str(tmp_path)])
     assert r.exit_code == 2 and "onnx:int8-dynamic@onnxruntime-1.16" in r.stderr
 
 
@@ -137,8 +192,20 @@ def test_torchscript_model_with_input_shape(tmp_path: Path) -> None:
     torch.jit.save(torch.jit.trace(module, torch.from_numpy(x[:2])), str(path))
     samples = tmp_path / "x.npy"
     np.save(samples, x)
-    r = CliRunner().invoke(main, ["convert", str(path), "--input-shape", "2,16",
-                                  "--samples", str(samples), "--target", "tflite",
-                                  "-o", str(tmp_path / "o")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(path),
+            "--input-shape",
+            "2,16",
+            "--samples",
+            str(samples),
+            "--target",
+            "tflite",
+            "-o",
+            str(tmp_path / "o"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "o" / "mlp-tflite-float32.tflite").read_bytes()[4:8] == b"TFL3"

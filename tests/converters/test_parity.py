@@ -69,16 +69,26 @@ def test_shape_mismatch_fails_with_detail() -> None:
 
 
 def test_same_size_column_vector_is_compared_elementwise() -> None:
-    out = compare_output("y", "regression", np.arange(4.0), np.arange(4.0).reshape(4, 1),
-                         Tolerance())
+    out = compare_output(
+        "y", "regression", np.arange(4.0), np.arange(4.0).reshape(4, 1), Tolerance()
+    )
     assert out.passed and out.max_abs_error == 0.0
 
 
 def test_missing_output_fails_the_report() -> None:
-    report = compare(variant="v", precision="float32", names=["a", "b"], tasks={},
-                     reference=[np.zeros(2), np.zeros(2)], produced=[np.zeros(2)],
-                     tolerance=Tolerance(), reference_runtime="r", artifact_runtime="a",
-                     samples=2, samples_origin="operator")
+    report = compare(
+        variant="v",
+        precision="float32",
+        names=["a", "b"],
+        tasks={},
+        reference=[np.zeros(2), np.zeros(2)],
+        produced=[np.zeros(2)],
+        tolerance=Tolerance(),
+        reference_runtime="r",
+        artifact_runtime="a",
+        samples=2,
+        samples_origin="operator",
+    )
     assert not report.passed and report.failures()[0].name == "b"
     assert report.to_json()["passed"] is False
 
@@ -110,9 +120,12 @@ def test_samples_are_checked_against_the_signature() -> None:
 
 
 def test_importing_converters_does_not_import_torch_or_onnx() -> None:
-    code = ("import sys, converters, converters.pipeline, converters.source, fleet_server.cli;"
-            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'sklearn', 'skl2onnx')"
-            " if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60).stdout.strip()
+    code = (
+        "import sys, converters, converters.pipeline, converters.source, fleet_server.cli;"
+        "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'sklearn', 'skl2onnx')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
     assert out == "[]"

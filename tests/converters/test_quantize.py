@@ -86,16 +86,20 @@ def test_quantized_variant_over_tolerance_is_refused_with_its_report() -> None:
 def test_tflite_int8_variant_over_tolerance_is_refused_with_its_report() -> None:
     source, x = models.zoo_source("cnn")
     with pytest.raises(ParityError) as info:
-        convert(source, Target("tflite", "int8-dynamic"), samples=x,
-                tolerance=Tolerance(atol=1e-3))
+        convert(source, Target("tflite", "int8-dynamic"), samples=x, tolerance=Tolerance(atol=1e-3))
     assert info.value.report.artifact_runtime.startswith("ai-edge-litert")
     assert not info.value.report.passed
 
 
 def test_operator_can_override_the_gate_and_the_report_says_so() -> None:
     source, x = models.zoo_source("cnn")
-    artifact = convert(source, Target("onnx", "int8-static"), samples=x,
-                       tolerance=Tolerance(atol=1e-3), allow_parity_failure=True)
+    artifact = convert(
+        source,
+        Target("onnx", "int8-static"),
+        samples=x,
+        tolerance=Tolerance(atol=1e-3),
+        allow_parity_failure=True,
+    )
     assert not artifact.parity.passed and artifact.parity.overridden
     prov = artifact.provenance()["parity"]
     assert prov["overridden"] is True and prov["passed"] is False

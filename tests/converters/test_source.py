@@ -31,9 +31,14 @@ def test_float32_onnx_matches_source_runtime_within_1e4(name: str) -> None:
         if source.is_classifier:
             assert out.top1_agreement == 1.0
     # the reference really is the source's runtime, not onnxruntime on the same graph
-    expected_runtime = {"cnn": "torch", "mlp": "torch", "pipeline": "scikit-learn",
-                        "forest": "scikit-learn", "forest_regressor": "scikit-learn",
-                        "onnx_mlp": "onnxruntime"}[name]
+    expected_runtime = {
+        "cnn": "torch",
+        "mlp": "torch",
+        "pipeline": "scikit-learn",
+        "forest": "scikit-learn",
+        "forest_regressor": "scikit-learn",
+        "onnx_mlp": "onnxruntime",
+    }[name]
     assert report.reference_runtime.startswith(expected_runtime)
     assert report.artifact_runtime.startswith("onnxruntime")
 
@@ -209,8 +214,7 @@ def test_torch_export_program_file_is_taken_in(tmp_path: Path) -> None:
 
     module, x = models.torch_mlp()
     example = (torch.from_numpy(x[:2]),)
-    program = torch.export.export(module, example,
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program = torch.export.export(module, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
     path = tmp_path / "mlp.pt2"
     torch.export.save(program, str(path))
     source = load_source(path, example_inputs=x[:2])

@@ -65,7 +65,10 @@ class OldRuntime:
         opath.unlink(missing_ok=True)
         proc = subprocess.run(
             [str(self.python), "-c", _RUNNER, str(mpath), str(ipath), str(opath)],
-            capture_output=True, text=True, timeout=120, check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         assert proc.returncode == 0, proc.stderr
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -77,9 +80,18 @@ def _build_venv(dest: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, timeout=120)
     subprocess.run(
-        [str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet",
-         "--disable-pip-version-check", f"onnxruntime=={OLD_ORT}", "numpy<2"],
-        check=True, timeout=600,
+        [
+            str(tmp / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            f"onnxruntime=={OLD_ORT}",
+            "numpy<2",
+        ],
+        check=True,
+        timeout=600,
     )
     (tmp / ".complete").write_text(OLD_ORT)
     try:
@@ -100,7 +112,8 @@ def old_ort() -> OldRuntime:
 
 
 def test_unlowered_torch_export_is_refused_by_onnxruntime_1_16(
-        old_ort: OldRuntime, tmp_path: Path) -> None:
+    old_ort: OldRuntime, tmp_path: Path
+) -> None:
     source, x = models.zoo_source("cnn")
     assert source.onnx_model.ir_version > 9
     result, _ = old_ort.run(source.onnx_model.SerializeToString(), x, tmp_path)
@@ -109,10 +122,13 @@ def test_unlowered_torch_export_is_refused_by_onnxruntime_1_16(
     assert "Unsupported model IR version" in result["error"]
 
 
-@pytest.mark.parametrize("name,precision", [("cnn", "float32"), ("cnn", "int8-dynamic"),
-                                            ("mlp", "float16"), ("pipeline", "float32")])
+@pytest.mark.parametrize(
+    "name,precision",
+    [("cnn", "float32"), ("cnn", "int8-dynamic"), ("mlp", "float16"), ("pipeline", "float32")],
+)
 def test_lowered_model_loads_and_runs_on_onnxruntime_1_16(
-        old_ort: OldRuntime, tmp_path: Path, name: str, precision: str) -> None:
+    old_ort: OldRuntime, tmp_path: Path, name: str, precision: str
+) -> None:
     source, x = models.zoo_source(name)
     artifact = convert(source, Target("onnx", precision, runtime_version="1.16"), samples=x)
     model = onnx.load_from_string(artifact.data)
@@ -143,24 +159,30 @@ def test_runtime_older_than_known_releases_is_refused() -> None:
         Target(runtime_version="1.2")
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("onnx", ("onnx", "float32", None, None)),
-    ("onnx:int8-dynamic@onnxruntime-1.16", ("onnx", "int8-dynamic", 9, 19)),
-    ("onnx:float16@ir8/opset17", ("onnx", "float16", 8, 17)),
-    ("tflite:float16", ("tflite", "float16", None, None)),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("onnx", ("onnx", "float32", None, None)),
+        ("onnx:int8-dynamic@onnxruntime-1.16", ("onnx", "int8-dynamic", 9, 19)),
+        ("onnx:float16@ir8/opset17", ("onnx", "float16", 8, 17)),
+        ("tflite:float16", ("tflite", "float16", None, None)),
+    ],
+)
 def test_parse_target(spec: str, expected: tuple) -> None:
     t = parse_target(spec)
     assert (t.format, t.precision, t.limits[0], t.limits[1]) == expected
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("coreml", "is not like"),
-    ("onnx:int4", "precision 'int4'"),
-    ("tflite:int8-static", "not available for tflite"),
-    ("onnx@somewhere", "after '@'"),
-    ("onnx@onnxruntime-x.y", "after '@'"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("coreml", "is not like"),
+        ("onnx:int4", "precision 'int4'"),
+        ("tflite:int8-static", "not available for tflite"),
+        ("onnx@somewhere", "after '@'"),
+        ("onnx@onnxruntime-x.y", "after '@'"),
+    ],
+)
 def test_bad_target_is_refused_with_target_error(spec: str, message: str) -> None:
     with pytest.raises(TargetError, match=message):
         parse_target(spec)
@@ -184,9 +206,11 @@ def test_opset_without_downward_adapter_is_refused_with_lowering_error() -> None
 
 def test_operator_newer_than_target_opset_is_refused_with_lowering_error() -> None:
     graph = helper.make_graph(
-        [helper.make_node("Mish", ["x"], ["y"])], "mish",
+        [helper.make_node("Mish", ["x"], ["y"])],
+        "mish",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     with pytest.raises(LoweringError, match="Mish"):
@@ -195,10 +219,14 @@ def test_operator_newer_than_target_opset_is_refused_with_lowering_error() -> No
 
 def test_ir_not_lowered_below_what_the_element_types_need() -> None:
     graph = helper.make_graph(
-        [helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT8E4M3FN),
-         helper.make_node("Cast", ["c"], ["y"], to=TensorProto.FLOAT)], "f8",
+        [
+            helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT8E4M3FN),
+            helper.make_node("Cast", ["c"], ["y"], to=TensorProto.FLOAT),
+        ],
+        "f8",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     model.ir_version = 10
     with pytest.raises(LoweringError, match="needs ONNX IR version 9"):
@@ -229,11 +257,15 @@ def test_optimization_folds_batch_norm_and_keeps_standard_domain() -> None:
         onnx.numpy_helper.from_array((rng.random(4) + 0.5).astype(np.float32), "var"),
     ]
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
-         helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"])],
+        [
+            helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"]),
+        ],
         "convbn",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     x = rng.normal(size=(4, 3, 8, 8)).astype(np.float32)

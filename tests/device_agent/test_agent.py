@@ -42,13 +42,34 @@ class Kit:
     trust: TrustStore
     n: int = 0
 
-    def bundle(self, model_bytes: bytes, *, name: str = "m", version: int = 1,
-               fmt: str = "onnx", smoke: SmokeSamples | None = None) -> Path:
-        return make_bundle(self.root, self.key, model_bytes=model_bytes, fmt=fmt, name=name,
-                           version=version, smoke=smoke)
+    def bundle(
+        self,
+        model_bytes: bytes,
+        *,
+        name: str = "m",
+        version: int = 1,
+        fmt: str = "onnx",
+        smoke: SmokeSamples | None = None,
+    ) -> Path:
+        return make_bundle(
+            self.root,
+            self.key,
+            model_bytes=model_bytes,
+            fmt=fmt,
+            name=name,
+            version=version,
+            smoke=smoke,
+        )
 
-    def load(self, model_bytes: bytes, *, name: str = "m", version: int = 1,
-             fmt: str = "onnx", slot: str = "a") -> LoadedModel:
+    def load(
+        self,
+        model_bytes: bytes,
+        *,
+        name: str = "m",
+        version: int = 1,
+        fmt: str = "onnx",
+        slot: str = "a",
+    ) -> LoadedModel:
         self.n += 1
         path = self.bundle(model_bytes, name=name, version=version, fmt=fmt)
         return install(path, self.root / f"slots-{self.n}" / slot, self.trust, slot)
@@ -131,8 +152,7 @@ def test_predict_before_any_install_raises_no_active_model(make_agent: Any) -> N
         agent.predict(x16())
 
 
-def test_runtime_failure_is_counted_and_wrapped_in_predict_error(kit: Kit,
-                                                                 make_agent: Any) -> None:
+def test_runtime_failure_is_counted_and_wrapped_in_predict_error(kit: Kit, make_agent: Any) -> None:
     agent = make_agent(kit.load(mlp_onnx(0)))
     agent.predict(x16())
     bad = np.zeros((1, 7), np.float32)  # wrong feature count
@@ -147,8 +167,7 @@ def test_runtime_failure_is_counted_and_wrapped_in_predict_error(kit: Kit,
     assert (summary["count"], summary["errors"]) == (2, 1)
 
 
-def test_single_array_for_a_multi_input_model_raises_input_error(kit: Kit,
-                                                                 make_agent: Any) -> None:
+def test_single_array_for_a_multi_input_model_raises_input_error(kit: Kit, make_agent: Any) -> None:
     agent = make_agent(kit.load(add_onnx(4)))
     a = np.ones((1, 4), np.float32)
     with pytest.raises(InputError, match="pass a dict"):
@@ -159,7 +178,8 @@ def test_single_array_for_a_multi_input_model_raises_input_error(kit: Kit,
 
 # ----------------------------------------------------------------- swap
 def test_swap_under_concurrency_every_result_is_from_exactly_one_model(
-        kit: Kit, make_agent: Any) -> None:
+    kit: Kit, make_agent: Any
+) -> None:
     d0, d1 = mlp_onnx(0), mlp_onnx(1)
     m0, m1 = kit.load(d0, version=1), kit.load(d1, version=2, slot="b")
     x = x16(5)
@@ -215,7 +235,8 @@ class GatedBackend:
 
 
 def test_swap_returns_only_after_in_flight_calls_on_the_old_model_finished(
-        kit: Kit, make_agent: Any) -> None:
+    kit: Kit, make_agent: Any
+) -> None:
     d0, d1 = mlp_onnx(0), mlp_onnx(1)
     m0 = kit.load(d0)
     gated = GatedBackend(m0.backend)
@@ -256,8 +277,9 @@ def test_a_kept_predict_error_does_not_hold_the_old_model(kit: Kit, make_agent: 
     assert kept.__traceback__ is not None
 
 
-def test_swap_writes_the_old_models_partial_window(kit: Kit, make_agent: Any,
-                                                   tmp_path: Path) -> None:
+def test_swap_writes_the_old_models_partial_window(
+    kit: Kit, make_agent: Any, tmp_path: Path
+) -> None:
     store = TelemetryStore(tmp_path / "t.db", max_bytes=4 << 20)
     agent = make_agent(kit.load(mlp_onnx(0)), store=store)
     for _ in range(5):
@@ -275,8 +297,7 @@ def test_swap_writes_the_old_models_partial_window(kit: Kit, make_agent: Any,
 
 
 # ----------------------------------------------------------------- shadow
-def test_shadow_serves_the_active_output_and_records_agreement(kit: Kit,
-                                                               make_agent: Any) -> None:
+def test_shadow_serves_the_active_output_and_records_agreement(kit: Kit, make_agent: Any) -> None:
     d0, d1 = mlp_onnx(0), mlp_onnx(1)
     agent = make_agent(kit.load(d0))
     candidate = kit.load(d1, version=2, slot="b")
@@ -297,7 +318,8 @@ def test_shadow_serves_the_active_output_and_records_agreement(kit: Kit,
 
 
 def test_shadow_identical_candidate_agrees_fully_and_failures_are_counted(
-        kit: Kit, make_agent: Any) -> None:
+    kit: Kit, make_agent: Any
+) -> None:
     agent = make_agent(kit.load(mlp_onnx(0)))
     agent.set_shadow(kit.load(mlp_onnx(0), version=2, slot="b"))
     for i in range(50):
@@ -313,17 +335,20 @@ def test_shadow_identical_candidate_agrees_fully_and_failures_are_counted(
 
 
 # ----------------------------------------------------------------- install
-def test_install_file_verifies_installs_smoke_tests_and_swaps(kit: Kit, make_agent: Any,
-                                                              tmp_path: Path) -> None:
+def test_install_file_verifies_installs_smoke_tests_and_swaps(
+    kit: Kit, make_agent: Any, tmp_path: Path
+) -> None:
     x = x16(3, n=4)
     d1, d2 = mlp_onnx(0), mlp_onnx(1)
     state = tmp_path / "state"
     agent = make_agent()
-    m1 = agent.install_file(kit.bundle(d1, version=1, smoke=smoke_for(d1, x)), kit.trust,
-                            state_dir=state)
+    m1 = agent.install_file(
+        kit.bundle(d1, version=1, smoke=smoke_for(d1, x)), kit.trust, state_dir=state
+    )
     assert (m1.slot, m1.version, agent.model) == ("a", 1, m1)
-    m2 = agent.install_file(kit.bundle(d2, version=2, smoke=smoke_for(d2, x)), kit.trust,
-                            state_dir=state)
+    m2 = agent.install_file(
+        kit.bundle(d2, version=2, smoke=smoke_for(d2, x)), kit.trust, state_dir=state
+    )
     assert (m2.slot, m2.version, agent.model) == ("b", 2, m2)
     np.testing.assert_array_equal(agent.predict(x)[0], reference(d2, x))
     assert json.loads((state / "active.json").read_text())["slot"] == "b"
@@ -335,19 +360,22 @@ def test_install_file_verifies_installs_smoke_tests_and_swaps(kit: Kit, make_age
 
 
 def test_install_file_refuses_tampered_rolled_back_and_smoke_failing_bundles(
-        kit: Kit, make_agent: Any, tmp_path: Path) -> None:
+    kit: Kit, make_agent: Any, tmp_path: Path
+) -> None:
     x = x16(3, n=4)
     d2 = mlp_onnx(1)
     agent = make_agent()
     slots = tmp_path / "state"
-    agent.install_file(kit.bundle(d2, version=2, smoke=smoke_for(d2, x)), kit.trust,
-                       state_dir=slots)
+    agent.install_file(
+        kit.bundle(d2, version=2, smoke=smoke_for(d2, x)), kit.trust, state_dir=slots
+    )
     good = agent.model
 
     tampered_src = kit.bundle(mlp_onnx(5), version=3)
     members = read_members(tampered_src)
-    tampered = write_members(tmp_path / "tampered.efb",
-                             replace_data(members, "model.onnx", mlp_onnx(6)))
+    tampered = write_members(
+        tmp_path / "tampered.efb", replace_data(members, "model.onnx", mlp_onnx(6))
+    )
     with pytest.raises(InstallError) as e1:
         agent.install_file(tampered, kit.trust, state_dir=slots)
     assert e1.value.code == "hash_mismatch"
@@ -358,8 +386,9 @@ def test_install_file_refuses_tampered_rolled_back_and_smoke_failing_bundles(
 
     wrong = SmokeSamples(inputs={"x": x}, expected={"probs": reference(d2, x)})  # not m4's
     with pytest.raises(InstallError, match="smoke") as e3:
-        agent.install_file(kit.bundle(mlp_onnx(8), version=4, smoke=wrong), kit.trust,
-                           state_dir=slots)
+        agent.install_file(
+            kit.bundle(mlp_onnx(8), version=4, smoke=wrong), kit.trust, state_dir=slots
+        )
     assert e3.value.code == "smoke_test_failed"
 
     assert agent.model is good  # the old model kept serving throughout
@@ -367,8 +396,9 @@ def test_install_file_refuses_tampered_rolled_back_and_smoke_failing_bundles(
 
 
 # ----------------------------------------------------------------- inputs kept for telemetry
-def test_inputs_are_copied_so_later_writes_do_not_change_telemetry(kit: Kit,
-                                                                   make_agent: Any) -> None:
+def test_inputs_are_copied_so_later_writes_do_not_change_telemetry(
+    kit: Kit, make_agent: Any
+) -> None:
     from tests.agent_models import make_profile
 
     ref = np.random.default_rng(0).normal(size=(500, 16)).astype(np.float32)

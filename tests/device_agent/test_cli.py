@@ -39,8 +39,7 @@ def write_config(tmp_path: Path, sim: BundleSim, **sections: dict[str, Any]) -> 
     trust = tmp_path / "trust.json"
     sim.trust("release").save(trust)
     cfg: dict[str, dict[str, Any]] = {
-        "device": {"id": "dev-a", "state_dir": str(tmp_path / "state"),
-                   "trust_store": str(trust)},
+        "device": {"id": "dev-a", "state_dir": str(tmp_path / "state"), "trust_store": str(trust)},
         "update": {"probation_seconds": 0.2, "probation_min_predictions": 1000},
     }
     for k, v in sections.items():
@@ -78,6 +77,7 @@ def events(tmp_path: Path) -> list[dict[str, Any]]:
 
 # -- help --------------------------------------------------------------------------------
 
+
 def _commands(group: click.Group) -> list[str]:
     return sorted(group.commands)
 
@@ -99,13 +99,18 @@ def test_required_commands_exist() -> None:
 
 
 def test_entry_point_help_lists_commands() -> None:
-    out = subprocess.run([str(Path(sys.executable).parent / "edgefleet-agent"), "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "edgefleet-agent"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for name in ("run", "status", "install", "rollback", "verify", "--config"):
         assert name in out
 
 
 # -- install / status / rollback --------------------------------------------------------------
+
 
 def test_install_then_status(cfg: Path, sim: BundleSim, tmp_path: Path) -> None:
     r = agent(cfg, "install", str(publish(sim, version=1, seed=1)))
@@ -125,8 +130,11 @@ def test_install_then_status(cfg: Path, sim: BundleSim, tmp_path: Path) -> None:
 
 def _tampered(sim: BundleSim, tmp_path: Path) -> Path:
     good = publish(sim, version=3, seed=3)
-    return rewrite(good, tmp_path / "tampered.efb",
-                   lambda ms: replace_data(ms, "model.onnx", tiny_onnx_model(4)))
+    return rewrite(
+        good,
+        tmp_path / "tampered.efb",
+        lambda ms: replace_data(ms, "model.onnx", tiny_onnx_model(4)),
+    )
 
 
 def _older(sim: BundleSim, tmp_path: Path) -> Path:
@@ -134,24 +142,32 @@ def _older(sim: BundleSim, tmp_path: Path) -> Path:
 
 
 def _expired(sim: BundleSim, tmp_path: Path) -> Path:
-    return publish(sim, version=3, seed=3,
-                   created=datetime.now(timezone.utc) - timedelta(days=10),
-                   valid_for=timedelta(days=1))
+    return publish(
+        sim,
+        version=3,
+        seed=3,
+        created=datetime.now(timezone.utc) - timedelta(days=10),
+        valid_for=timedelta(days=1),
+    )
 
 
 def _smoke_mismatch(sim: BundleSim, tmp_path: Path) -> Path:
     return publish(sim, version=3, seed=3, smoke="mismatch")
 
 
-@pytest.mark.parametrize(("make", "code"), [
-    (_tampered, "hash_mismatch"),
-    (_older, "rollback"),
-    (_expired, "expired"),
-    (_smoke_mismatch, "smoke_test_failed"),
-], ids=["tampered", "rolled_back_version", "expired", "smoke_mismatch"])
+@pytest.mark.parametrize(
+    ("make", "code"),
+    [
+        (_tampered, "hash_mismatch"),
+        (_older, "rollback"),
+        (_expired, "expired"),
+        (_smoke_mismatch, "smoke_test_failed"),
+    ],
+    ids=["tampered", "rolled_back_version", "expired", "smoke_mismatch"],
+)
 def test_install_refuses_bad_bundle_and_old_model_keeps_serving(
-        cfg: Path, sim: BundleSim, tmp_path: Path,
-        make: Callable[[BundleSim, Path], Path], code: str) -> None:
+    cfg: Path, sim: BundleSim, tmp_path: Path, make: Callable[[BundleSim, Path], Path], code: str
+) -> None:
     assert agent(cfg, "install", str(publish(sim, version=2, seed=2))).exit_code == 0
     r = agent(cfg, "install", str(make(sim, tmp_path)))
     assert r.exit_code == 1
@@ -180,8 +196,7 @@ def test_rollback_refuses_without_previous_slot(cfg: Path, sim: BundleSim) -> No
     assert r.exit_code == 1 and "refused: no previous slot" in r.output
 
 
-def test_rollback_refuses_tampered_previous_slot(cfg: Path, sim: BundleSim,
-                                                 tmp_path: Path) -> None:
+def test_rollback_refuses_tampered_previous_slot(cfg: Path, sim: BundleSim, tmp_path: Path) -> None:
     assert agent(cfg, "install", str(publish(sim, version=1, seed=1))).exit_code == 0
     assert agent(cfg, "install", str(publish(sim, version=2, seed=2))).exit_code == 0
     (tmp_path / "state" / "slots" / "a" / "model.onnx").write_bytes(tiny_onnx_model(9))
@@ -191,7 +206,8 @@ def test_rollback_refuses_tampered_previous_slot(cfg: Path, sim: BundleSim,
 
 
 def test_install_is_refused_while_another_process_holds_the_state_dir(
-        cfg: Path, sim: BundleSim, tmp_path: Path) -> None:
+    cfg: Path, sim: BundleSim, tmp_path: Path
+) -> None:
     holder = Updater(tmp_path / "state", sim.trust("release"), ServingHost())
     holder.lock()
     try:
@@ -213,20 +229,25 @@ def test_missing_trust_store_is_a_clear_error(tmp_path: Path, sim: BundleSim) ->
 
 
 def test_config_comes_from_environment(cfg: Path, sim: BundleSim, tmp_path: Path) -> None:
-    r = CliRunner().invoke(main, ["status", "--json"], env={
-        "EDGEFLEET_AGENT_CONFIG": str(cfg), "EDGEFLEET_AGENT_DEVICE_ID": "dev-env"})
+    r = CliRunner().invoke(
+        main,
+        ["status", "--json"],
+        env={"EDGEFLEET_AGENT_CONFIG": str(cfg), "EDGEFLEET_AGENT_DEVICE_ID": "dev-env"},
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["device_id"] == "dev-env"
 
 
 # -- logs ----------------------------------------------------------------------------------
 
+
 def test_json_log_lines_carry_extra_fields() -> None:
     stream = io.StringIO()
     handler = setup_logging("DEBUG", stream)
     try:
-        logging.getLogger("device_agent.test").info("switched %s", "ok",
-                                                    extra={"slot": "b", "path": Path("/x")})
+        logging.getLogger("device_agent.test").info(
+            "switched %s", "ok", extra={"slot": "b", "path": Path("/x")}
+        )
         try:
             raise ValueError("boom")
         except ValueError:
@@ -247,8 +268,13 @@ def test_json_formatter_is_one_line() -> None:
 
 # -- run ---------------------------------------------------------------------------------------
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
-             proc: subprocess.Popen[str] | None = None) -> None:
+
+def wait_for(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[str] | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -265,25 +291,41 @@ def active_version(tmp_path: Path) -> int | None:
 
 
 def test_run_checks_in_installs_and_checks_again_on_mqtt_notify(
-        tmp_path: Path, sim: BundleSim) -> None:
+    tmp_path: Path, sim: BundleSim
+) -> None:
     server = BundleServer().start()
     broker = MosquittoBroker(tmp_path / "broker").start()
-    collector = MessageCollector(broker, [telemetry_topic("dev-a", "events")],
-                                 client_id="events-collector").start()
+    collector = MessageCollector(
+        broker, [telemetry_topic("dev-a", "events")], client_id="events-collector"
+    ).start()
     proc = None
     try:
         server.offer(publish(sim, version=1, seed=1), version=1)
-        cfg = write_config(tmp_path, sim,
-                           server={"url": server.url, "poll_seconds": 3600.0},
-                           mqtt={"host": broker.host, "port": broker.port})
+        cfg = write_config(
+            tmp_path,
+            sim,
+            server={"url": server.url, "poll_seconds": 3600.0},
+            mqtt={"host": broker.host, "port": broker.port},
+        )
         env = {**os.environ, "EDGEFLEET_AGENT_CONFIG": str(cfg)}
         env.pop("EDGEFLEET_AGENT_CRASH_AT", None)
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "edgefleet-agent"), "run"], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(lambda: active_version(tmp_path) == 1 and
-                 json.loads((tmp_path / "state" / "update.json").read_text())["state"] == "idle",
-                 60, "first install", proc)
+            [str(Path(sys.executable).parent / "edgefleet-agent"), "run"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(
+            lambda: (
+                active_version(tmp_path) == 1
+                and json.loads((tmp_path / "state" / "update.json").read_text())["state"] == "idle"
+            ),
+            60,
+            "first install",
+            proc,
+        )
         checks = len([r for r in server.requests if r.path.endswith("/assignment")])
 
         # a new assignment; the poll interval is an hour, so only the notify can trigger it
@@ -291,10 +333,15 @@ def test_run_checks_in_installs_and_checks_again_on_mqtt_notify(
         publish_once(broker, "server", "", notify_topic("dev-a"), b'{"reason": "rollout"}')
         wait_for(lambda: active_version(tmp_path) == 2, 60, "install after notify", proc)
         assert len([r for r in server.requests if r.path.endswith("/assignment")]) > checks
-        wait_for(lambda: any(r["body"].get("outcome") == "installed" and
-                             r["body"].get("version") == 2
-                             for r in collector.telemetry_records()), 60,
-                 "install report over MQTT", proc)
+        wait_for(
+            lambda: any(
+                r["body"].get("outcome") == "installed" and r["body"].get("version") == 2
+                for r in collector.telemetry_records()
+            ),
+            60,
+            "install report over MQTT",
+            proc,
+        )
         assert any(r["outcome"] == "installed" and r["version"] == 2 for r in server.reports)
     finally:
         if proc is not None and proc.poll() is None:
@@ -311,13 +358,22 @@ def test_run_checks_in_installs_and_checks_again_on_mqtt_notify(
 
 
 def test_install_killed_mid_way_is_finished_by_the_next_command(
-        cfg: Path, sim: BundleSim, tmp_path: Path) -> None:
+    cfg: Path, sim: BundleSim, tmp_path: Path
+) -> None:
     assert agent(cfg, "install", str(publish(sim, version=1, seed=1))).exit_code == 0
     v2 = publish(sim, version=2, seed=2)
-    env = {**os.environ, "EDGEFLEET_AGENT_CONFIG": str(cfg),
-           "EDGEFLEET_AGENT_CRASH_AT": "staging.after"}
-    proc = subprocess.run([str(Path(sys.executable).parent / "edgefleet-agent"), "install",
-                           str(v2)], env=env, capture_output=True, text=True, cwd=ROOT)
+    env = {
+        **os.environ,
+        "EDGEFLEET_AGENT_CONFIG": str(cfg),
+        "EDGEFLEET_AGENT_CRASH_AT": "staging.after",
+    }
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "edgefleet-agent"), "install", str(v2)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == -signal.SIGKILL
     info = json.loads(agent(cfg, "status", "--json").output)
     assert info["state"] == "staging" and info["active"]["version"] == 1

@@ -29,17 +29,26 @@ MiB = 1024 * 1024
 
 
 def test_broker_down_during_50k_predictions_buffer_bounded_and_drops_reported(
-    broker: MosquittoBroker, sim: BundleSim, tmp_path: Path, cleanup: list  # noqa: F811
+    broker: MosquittoBroker,
+    sim: BundleSim,
+    tmp_path: Path,
+    cleanup: list,  # noqa: F811
 ) -> None:
     collector = server_collector(broker, cleanup, [TELEMETRY])
     broker.stop()
 
     unpack_bundle(sim.publish(version=3), tmp_path / "slot-a", sim.trust("release"), now=NOW)
-    cfg = AgentConfig.from_dict({
-        "device": {"id": "dev-a", "state_dir": str(tmp_path)},
-        "telemetry": {"window_seconds": 0.1, "sample_rate": 1.0, "max_db_bytes": MiB,
-                      "flush_interval_seconds": 0.02},
-    })
+    cfg = AgentConfig.from_dict(
+        {
+            "device": {"id": "dev-a", "state_dir": str(tmp_path)},
+            "telemetry": {
+                "window_seconds": 0.1,
+                "sample_rate": 1.0,
+                "max_db_bytes": MiB,
+                "flush_interval_seconds": 0.02,
+            },
+        }
+    )
     db = tmp_path / "telemetry.db"
     store = TelemetryStore(db, max_bytes=MiB)
     cleanup.append(store.close)
@@ -55,8 +64,9 @@ def test_broker_down_during_50k_predictions_buffer_bounded_and_drops_reported(
         for i in range(1000):
             agent.predict(x[i : i + 1])
         time.sleep(0.05)
-        largest = max(largest, sum(os.path.getsize(p) for p in (db, Path(f"{db}-wal"))
-                                   if p.exists()))
+        largest = max(
+            largest, sum(os.path.getsize(p) for p in (db, Path(f"{db}-wal")) if p.exists())
+        )
     agent.close()  # closes the last window
     assert largest <= MiB, f"the buffer grew to {largest} bytes; its bound is {MiB}"
     assert reporter.counters.published == 0
@@ -67,8 +77,9 @@ def test_broker_down_during_50k_predictions_buffer_bounded_and_drops_reported(
     broker.start()
     reporter.notify()
     assert collector.wait_for_seqs(buffered, 60)
-    records = [r for m in collector.snapshot() if "/telemetry/" in m.topic
-               for r in m.json()["records"]]
+    records = [
+        r for m in collector.snapshot() if "/telemetry/" in m.topic for r in m.json()["records"]
+    ]
     summaries = [r["body"] for r in records if r["kind"] == "summary"]
     assert sum(s["count"] for s in summaries) == 50_000, "every prediction is in a summary"
     reported = sum((s.get("dropped") or {}).get("samples", 0) for s in summaries)

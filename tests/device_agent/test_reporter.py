@@ -47,13 +47,21 @@ def cleanup() -> Iterator[list[Callable[[], None]]]:
 
 
 def transport_for(
-    b: MosquittoBroker, cleanup: list[Callable[[], None]], device: str = "dev-a",
-    password: str | None = None, **kw: Any,
+    b: MosquittoBroker,
+    cleanup: list[Callable[[], None]],
+    device: str = "dev-a",
+    password: str | None = None,
+    **kw: Any,
 ) -> MqttTransport:
     t = MqttTransport(
-        device, b.host, b.port, username=device,
+        device,
+        b.host,
+        b.port,
+        username=device,
         password=password if password is not None else FIXTURE_USERS[device],
-        backoff=Backoff(0.05, 0.5, rng=random.Random(1)), keepalive=10, **kw,
+        backoff=Backoff(0.05, 0.5, rng=random.Random(1)),
+        keepalive=10,
+        **kw,
     )
     t.start()
     cleanup.append(lambda: t.stop(timeout=1))
@@ -61,7 +69,9 @@ def transport_for(
 
 
 def server_collector(
-    b: MosquittoBroker, cleanup: list[Callable[[], None]], topics: list[str],
+    b: MosquittoBroker,
+    cleanup: list[Callable[[], None]],
+    topics: list[str],
     client_id: str = "ingest",
 ) -> MessageCollector:
     c = MessageCollector(b, topics, SERVER_USER, FIXTURE_USERS[SERVER_USER], client_id=client_id)
@@ -80,8 +90,9 @@ def test_broker_killed_mid_drain_every_record_arrives(
     # Mosquitto keeps messages queued for a subscriber in memory and writes them to
     # disk on autosave; saving on every change (as a production broker should) means
     # the SIGKILL below cannot take away what the broker already acknowledged
-    broker = MosquittoBroker(tmp_path / "broker", users=FIXTURE_USERS, acl=DEVICE_ACL,
-                             autosave_on_changes=1).start()
+    broker = MosquittoBroker(
+        tmp_path / "broker", users=FIXTURE_USERS, acl=DEVICE_ACL, autosave_on_changes=1
+    ).start()
     cleanup.append(broker.stop)
     collector = server_collector(broker, cleanup, [TELEMETRY])
     store = TelemetryStore(tmp_path / "t.db", max_bytes=32 * MiB)
@@ -131,8 +142,10 @@ def test_broker_down_while_50k_records_are_produced_store_stays_bounded_and_drop
     for window in range(50):  # 50 windows x (999 sampled predictions + 1 summary) = 50,000
         for flush in range(0, 999, 111):
             sample_seqs += store.append_many(
-                [("sample", sample_body(window * 1000 + flush + j), time.time())
-                 for j in range(111)]
+                [
+                    ("sample", sample_body(window * 1000 + flush + j), time.time())
+                    for j in range(111)
+                ]
             )
             on_disk = sum(os.path.getsize(p) for p in (path, Path(f"{path}-wal")) if p.exists())
             largest = max(largest, on_disk)
@@ -160,7 +173,7 @@ def test_broker_down_while_50k_records_are_produced_store_stays_bounded_and_drop
     got_summaries = sorted(s for s, r in records.items() if r["kind"] == "summary")
     assert got_summaries == summary_seqs + [final], "no summary was dropped"
     got_samples = sorted(s for s, r in records.items() if r["kind"] == "samples")
-    assert got_samples == sample_seqs[-len(got_samples):], "the newest samples survived"
+    assert got_samples == sample_seqs[-len(got_samples) :], "the newest samples survived"
     reported = sum(records[s]["body"]["dropped"]["samples"] for s in got_summaries)
     assert reported == store.stats()["dropped"]["samples"] == len(sample_seqs) - len(got_samples)
 
@@ -188,8 +201,9 @@ def test_rows_are_deleted_only_after_puback_and_the_inflight_cap_holds(
     assert transport.wait_connected(10)
     broker.pause()  # the TCP session stays up, but no PUBACK will come
     cleanup.append(broker.resume)
-    reporter = Reporter(store, transport, "dev-a", batch_size=10, inflight=3,
-                        poll_interval=0.05).start()
+    reporter = Reporter(
+        store, transport, "dev-a", batch_size=10, inflight=3, poll_interval=0.05
+    ).start()
     cleanup.append(reporter.stop)
     deadline = time.monotonic() + 10
     while reporter.counters.batches_published < 3 and time.monotonic() < deadline:
@@ -248,7 +262,9 @@ def test_last_will_offline_is_retained_when_the_agent_process_is_killed(
     script = tmp_path / "agent.py"
     script.write_text(AGENT_SCRIPT)
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(broker.port)], stdout=subprocess.PIPE, cwd=REPO,
+        [sys.executable, str(script), str(broker.port)],
+        stdout=subprocess.PIPE,
+        cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     try:
@@ -262,8 +278,14 @@ def test_last_will_offline_is_retained_when_the_agent_process_is_killed(
         if proc.stdout is not None:
             proc.stdout.close()
     assert watcher.wait_for(lambda m: _status(m)[-1]["state"] == "offline", 10)
-    late = MessageCollector(broker, [status_topic("dev-a")], SERVER_USER,
-                            FIXTURE_USERS[SERVER_USER], client_id="late", clean_session=True)
+    late = MessageCollector(
+        broker,
+        [status_topic("dev-a")],
+        SERVER_USER,
+        FIXTURE_USERS[SERVER_USER],
+        client_id="late",
+        clean_session=True,
+    )
     late.start()
     cleanup.append(late.stop)
     assert late.wait_for(lambda m: len(m) >= 1, 10)
@@ -277,8 +299,14 @@ def test_clean_stop_publishes_retained_offline(
     transport = transport_for(broker, [])
     assert transport.wait_connected(10)
     transport.stop(timeout=5)
-    late = MessageCollector(broker, [status_topic("dev-a")], SERVER_USER,
-                            FIXTURE_USERS[SERVER_USER], client_id="late", clean_session=True)
+    late = MessageCollector(
+        broker,
+        [status_topic("dev-a")],
+        SERVER_USER,
+        FIXTURE_USERS[SERVER_USER],
+        client_id="late",
+        clean_session=True,
+    )
     late.start()
     cleanup.append(late.stop)
     assert late.wait_for(lambda m: len(m) >= 1, 10)
@@ -291,10 +319,14 @@ def test_device_cannot_publish_under_another_devices_topic(
     collector = server_collector(broker, cleanup, ["edgefleet/v1/devices/#"])
     transport = transport_for(broker, cleanup, "dev-a")
     assert transport.wait_connected(10)
-    forged = {"device_id": "dev-b", "records": [{"seq": 1, "kind": "events", "ts": 0.0,
-                                                 "body": {"type": "forged"}}]}
-    own = {"device_id": "dev-a", "records": [{"seq": 1, "kind": "events", "ts": 0.0,
-                                              "body": {"type": "genuine"}}]}
+    forged = {
+        "device_id": "dev-b",
+        "records": [{"seq": 1, "kind": "events", "ts": 0.0, "body": {"type": "forged"}}],
+    }
+    own = {
+        "device_id": "dev-a",
+        "records": [{"seq": 1, "kind": "events", "ts": 0.0, "body": {"type": "genuine"}}],
+    }
     handles: list[PublishHandle] = [
         transport.publish(telemetry_topic("dev-b", "events"), json.dumps(forged).encode()),
         transport.publish(status_topic("dev-b"), b'{"state": "online"}', retain=True),
@@ -314,8 +346,13 @@ def test_notify_reaches_its_device_and_no_other(
 ) -> None:
     transport = transport_for(broker, cleanup, "dev-a")
     assert transport.wait_connected(10)
-    snoop = MessageCollector(broker, [notify_topic("dev-b"), notify_topic("dev-a")], "dev-a",
-                             FIXTURE_USERS["dev-a"], client_id="dev-a-snoop")
+    snoop = MessageCollector(
+        broker,
+        [notify_topic("dev-b"), notify_topic("dev-a")],
+        "dev-a",
+        FIXTURE_USERS["dev-a"],
+        client_id="dev-a-snoop",
+    )
     snoop.start()
     cleanup.append(snoop.stop)
     time.sleep(0.2)  # let the transport's own notify subscription land too
@@ -362,11 +399,16 @@ def test_transport_from_config_reads_the_password_file(
     from device_agent.config import AgentConfig
 
     (tmp_path / "mqtt.pw").write_text("pw-b\n")
-    cfg = AgentConfig.from_dict({
-        "device": {"id": "dev-b"},
-        "mqtt": {"host": broker.host, "port": broker.port,
-                 "password_file": str(tmp_path / "mqtt.pw")},
-    })
+    cfg = AgentConfig.from_dict(
+        {
+            "device": {"id": "dev-b"},
+            "mqtt": {
+                "host": broker.host,
+                "port": broker.port,
+                "password_file": str(tmp_path / "mqtt.pw"),
+            },
+        }
+    )
     t = MqttTransport.from_config(cfg, backoff=Backoff(0.05, 0.5))
     t.start()
     cleanup.append(lambda: t.stop(timeout=1))
@@ -404,8 +446,9 @@ def test_batches_in_flight_when_the_broker_dies_are_resent_and_counted_as_retrie
     transport = transport_for(broker, cleanup)
     assert transport.wait_connected(10)
     broker.pause()  # the next publishes reach the socket, never the broker
-    reporter = Reporter(store, transport, "dev-a", batch_size=10, inflight=3,
-                        poll_interval=0.05).start()
+    reporter = Reporter(
+        store, transport, "dev-a", batch_size=10, inflight=3, poll_interval=0.05
+    ).start()
     cleanup.append(reporter.stop)
     assert _wait(lambda: reporter.in_flight == 3, 10)
     broker.kill()
@@ -427,8 +470,9 @@ def test_rows_in_flight_when_the_agent_stops_are_sent_again_after_restart(
     transport = transport_for(broker, [])
     assert transport.wait_connected(10)
     broker.pause()
-    reporter = Reporter(store, transport, "dev-a", batch_size=10, inflight=3,
-                        poll_interval=0.05).start()
+    reporter = Reporter(
+        store, transport, "dev-a", batch_size=10, inflight=3, poll_interval=0.05
+    ).start()
     assert _wait(lambda: reporter.in_flight == 3, 10)
     reporter.stop()
     transport.stop(timeout=0.2)
@@ -481,8 +525,12 @@ def test_batch_payload_is_the_protocol_shape_without_re_encoding_bodies(tmp_path
     from device_agent.reporter import encode_batch
 
     with TelemetryStore(tmp_path / "t.db", max_bytes=MiB) as s:
-        s.append_many([("sample", {"label": "café ☕", "x": [1.5e-300, -0.0]}, 1.25),
-                       ("sample", {"nested": {"a": None}}, 1_800_000_000.123456)])
+        s.append_many(
+            [
+                ("sample", {"label": "café ☕", "x": [1.5e-300, -0.0]}, 1.25),
+                ("sample", {"nested": {"a": None}}, 1_800_000_000.123456),
+            ]
+        )
         records = s.pending()
     payload = json.loads(encode_batch("dev-ä", records))
     assert payload == {"device_id": "dev-ä", "records": [r.to_wire() for r in records]}

@@ -34,23 +34,39 @@ MiB = 1024 * 1024
 def sample_body(i: int) -> dict[str, object]:
     """A realistic sampled inference log record (16 input features, 4 class scores)."""
     return {
-        "name": "mlp", "version": 3, "predicted": i % 4,
-        "inputs": {"x": [round((i * 7 + j) % 97 / 97.0, 6) for j in range(16)],
-                   "user": "sha256:" + "ab" * 32},
+        "name": "mlp",
+        "version": 3,
+        "predicted": i % 4,
+        "inputs": {
+            "x": [round((i * 7 + j) % 97 / 97.0, 6) for j in range(16)],
+            "user": "sha256:" + "ab" * 32,
+        },
         "outputs": {"probabilities": [0.1, 0.2, 0.3, 0.4]},
     }
 
 
 def summary_body(w: int) -> dict[str, object]:
     return {
-        "window_start": 1000.0 + 60 * w, "window_end": 1060.0 + 60 * w, "name": "mlp",
-        "version": 3, "slot": "a", "rollout_id": None, "count": 1000, "errors": 1,
+        "window_start": 1000.0 + 60 * w,
+        "window_end": 1060.0 + 60 * w,
+        "name": "mlp",
+        "version": 3,
+        "slot": "a",
+        "rollout_id": None,
+        "count": 1000,
+        "errors": 1,
         "latency_ms": {"p50": 0.01, "p95": 0.02, "p99": 0.05, "mean": 0.012},
         "latency_hist": [0] * 19,
-        "drift": {"features": [{"name": f"f{j}", "psi": 0.01, "ks": 0.02, "counts": [100] * 10}
-                               for j in range(16)], "psi_max": 0.01, "ks_max": 0.02,
-                  "prediction": {"counts": [250] * 4, "psi": 0.0}},
-        "shadow": None, "dropped": {"samples": 0, "summaries": 0},
+        "drift": {
+            "features": [
+                {"name": f"f{j}", "psi": 0.01, "ks": 0.02, "counts": [100] * 10} for j in range(16)
+            ],
+            "psi_max": 0.01,
+            "ks_max": 0.02,
+            "prediction": {"counts": [250] * 4, "psi": 0.0},
+        },
+        "shadow": None,
+        "dropped": {"samples": 0, "summaries": 0},
     }
 
 
@@ -67,8 +83,13 @@ def test_seq_strictly_increasing_across_kinds(store: TelemetryStore) -> None:
     seqs += store.append_many([("samples", {"i": 2}, 4.0), ("events", {"e": 2}, 5.0)])
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     assert [r.seq for r in store.pending()] == seqs
-    assert [r.kind for r in store.pending()] == ["summary", "samples", "events", "samples",
-                                                 "events"]
+    assert [r.kind for r in store.pending()] == [
+        "summary",
+        "samples",
+        "events",
+        "samples",
+        "events",
+    ]
 
 
 def test_seq_never_reused_after_ack_and_reopen(tmp_path: Path) -> None:
@@ -113,7 +134,7 @@ def test_eviction_drops_samples_before_summaries(tmp_path: Path) -> None:
         assert stats["dropped"]["summary"] == 0
         assert [r.seq for r in s.pending(limit=100, kinds=["summary"])] == summaries
         kept = [r.seq for r in s.pending(limit=100_000, kinds=["samples"])]
-        assert kept == samples[-len(kept):], "the oldest samples go first"
+        assert kept == samples[-len(kept) :], "the oldest samples go first"
         assert stats["rows"]["samples"] + stats["dropped"]["samples"] == len(samples)
 
 
@@ -293,7 +314,9 @@ def test_seq_continues_after_sigkill_mid_writes(tmp_path: Path) -> None:
     script = tmp_path / "writer.py"
     script.write_text(KILL_SCRIPT)
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, cwd=REPO,
+        [sys.executable, str(script), str(path)],
+        stdout=subprocess.PIPE,
+        cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     committed: list[int] = []
@@ -321,8 +344,10 @@ def test_seq_continues_after_sigkill_mid_writes(tmp_path: Path) -> None:
 
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("append"), st.lists(st.sampled_from(["summary", "sample", "event"]),
-                                              min_size=1, max_size=5)),
+        st.tuples(
+            st.just("append"),
+            st.lists(st.sampled_from(["summary", "sample", "event"]), min_size=1, max_size=5),
+        ),
         st.tuples(st.just("ack"), st.lists(st.integers(0, 40), max_size=6)),
         st.tuples(st.just("reopen"), st.just([])),
     ),

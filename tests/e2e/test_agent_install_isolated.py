@@ -52,13 +52,33 @@ def test_agent_runs_without_server_or_converter_dependencies(
     # so the test exercises this checkout
     import subprocess
 
-    subprocess.run([str(agent_python), "-m", "pip", "install", "-q", "--no-deps",
-                    "--force-reinstall", str(ROOT)], check=True, timeout=600)
+    subprocess.run(
+        [
+            str(agent_python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--force-reinstall",
+            str(ROOT),
+        ],
+        check=True,
+        timeout=600,
+    )
     bundle = sim.publish(version=3)
     trust = tmp_path / "trust.json"
     sim.trust("release").save(trust)
-    out = json.loads(run_in(agent_python, SCRIPT, str(bundle), str(trust),
-                            str(tmp_path / "slot-a"), format_time(NOW)))
+    out = json.loads(
+        run_in(
+            agent_python,
+            SCRIPT,
+            str(bundle),
+            str(trust),
+            str(tmp_path / "slot-a"),
+            format_time(NOW),
+        )
+    )
     assert out["version"] == 3
     assert out["shape"] == [2, 3] and out["row_sums"] == [1.0, 1.0]
     assert all(out["absent"].values()), out["absent"]

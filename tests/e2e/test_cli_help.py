@@ -67,8 +67,10 @@ def trust_file(sim: BundleSim, tmp_path: Path) -> Path:
 
 def test_cli_verify_good_bundle_exits_zero_with_summary(sim: BundleSim, trust_file: Path) -> None:
     bundle = sim.publish(version=3)
-    r = CliRunner().invoke(operator_main, ["bundle", "verify", str(bundle), "--trust-store",
-                                           str(trust_file), "--at", AT])
+    r = CliRunner().invoke(
+        operator_main,
+        ["bundle", "verify", str(bundle), "--trust-store", str(trust_file), "--at", AT],
+    )
     assert r.exit_code == 0, r.output
     assert "tiny v3 (onnx)" in r.output and "verified: OK" in r.output
     assert "model.onnx" in r.output
@@ -82,8 +84,17 @@ def test_cli_verify_refuses_attack_with_named_error(
     hostile = attack.build(sim, tmp_path)
     trust = tmp_path / "attack-trust.json"
     attack.trust(sim).save(trust)
-    args = ["bundle", "verify", str(hostile), "--trust-store", str(trust), "--at", AT,
-            "--installed-version", str(INSTALLED_VERSION)]
+    args = [
+        "bundle",
+        "verify",
+        str(hostile),
+        "--trust-store",
+        str(trust),
+        "--at",
+        AT,
+        "--installed-version",
+        str(INSTALLED_VERSION),
+    ]
     if attack.limits:
         args += ["--max-member-bytes", str(attack.limits.max_member_bytes)]
     r = CliRunner().invoke(operator_main, args)
@@ -91,16 +102,18 @@ def test_cli_verify_refuses_attack_with_named_error(
     assert f"refused: {attack.error.__name__}" in r.output
 
 
-def test_agent_cli_verify_refuses_tampered_bundle(sim: BundleSim, trust_file: Path,
-                                                  tmp_path: Path) -> None:
+def test_agent_cli_verify_refuses_tampered_bundle(
+    sim: BundleSim, trust_file: Path, tmp_path: Path
+) -> None:
     hostile = ATTACKS["one_model_byte_changed"].build(sim, tmp_path)
     r = CliRunner().invoke(agent_main, ["verify", str(hostile), "--trust-store", str(trust_file)])
     assert r.exit_code == 1 and "MemberHashMismatchError" in r.output
 
 
 def test_keys_generate_writes_private_key_mode_0600(tmp_path: Path) -> None:
-    r = CliRunner().invoke(operator_main, ["keys", "generate", "--name", "rel",
-                                           "--keys-dir", str(tmp_path / "k")])
+    r = CliRunner().invoke(
+        operator_main, ["keys", "generate", "--name", "rel", "--keys-dir", str(tmp_path / "k")]
+    )
     assert r.exit_code == 0, r.output
     (priv,) = (tmp_path / "k").glob("*.key")
     assert stat.S_IMODE(priv.stat().st_mode) == 0o600
@@ -111,17 +124,53 @@ def test_encrypted_key_round_trip_and_wrong_passphrase(tmp_path: Path, sim: Bund
     keys = str(tmp_path / "k")
     env = {"PW": "correct horse", "BAD": "wrong"}
     runner = CliRunner(env=env)
-    r = runner.invoke(operator_main, ["keys", "generate", "--name", "rel", "--encrypt",
-                                      "--passphrase-env", "PW", "--keys-dir", keys])
+    r = runner.invoke(
+        operator_main,
+        [
+            "keys",
+            "generate",
+            "--name",
+            "rel",
+            "--encrypt",
+            "--passphrase-env",
+            "PW",
+            "--keys-dir",
+            keys,
+        ],
+    )
     assert r.exit_code == 0, r.output
     (priv,) = (tmp_path / "k").glob("*.key")
     assert b"ENCRYPTED" in priv.read_bytes()
     bundle = sim.publish(version=3, signers=())
-    r = runner.invoke(operator_main, ["bundle", "sign", str(bundle), "--key", "rel",
-                                      "--passphrase-env", "BAD", "--keys-dir", keys])
+    r = runner.invoke(
+        operator_main,
+        [
+            "bundle",
+            "sign",
+            str(bundle),
+            "--key",
+            "rel",
+            "--passphrase-env",
+            "BAD",
+            "--keys-dir",
+            keys,
+        ],
+    )
     assert r.exit_code == 2 and "wrong passphrase" in r.output
-    r = runner.invoke(operator_main, ["bundle", "sign", str(bundle), "--key", "rel",
-                                      "--passphrase-env", "PW", "--keys-dir", keys])
+    r = runner.invoke(
+        operator_main,
+        [
+            "bundle",
+            "sign",
+            str(bundle),
+            "--key",
+            "rel",
+            "--passphrase-env",
+            "PW",
+            "--keys-dir",
+            keys,
+        ],
+    )
     assert r.exit_code == 0, r.output
 
 
@@ -142,8 +191,21 @@ def test_operator_flow_pack_sign_trust_verify_revoke(tmp_path: Path) -> None:
     run("keys", "generate", "--name", "rel", *keys)
     listing = json.loads(run("keys", "list", "--json", *keys))
     assert listing[0]["name"] == "rel" and listing[0]["has_private"]
-    out = run("bundle", "pack", str(model), "--name", "m", "--version", "5", "--out", str(bundle),
-              "--target-class", "x86_64-gateway", "--label", "team=vision")
+    out = run(
+        "bundle",
+        "pack",
+        str(model),
+        "--name",
+        "m",
+        "--version",
+        "5",
+        "--out",
+        str(bundle),
+        "--target-class",
+        "x86_64-gateway",
+        "--label",
+        "team=vision",
+    )
     assert "input    x: float32 ['batch', 4]" in out
     inspect = runner.invoke(operator_main, ["bundle", "inspect", str(bundle)])
     assert "(unsigned)" in inspect.output
@@ -156,8 +218,11 @@ def test_operator_flow_pack_sign_trust_verify_revoke(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "RevokedKeyError" in r.output
 
 
-def test_verify_with_missing_trust_store_says_how_to_create_it(sim: BundleSim,
-                                                               tmp_path: Path) -> None:
-    r = CliRunner().invoke(operator_main, ["bundle", "verify", str(sim.publish()),
-                                           "--trust-store", str(tmp_path / "none.json")])
+def test_verify_with_missing_trust_store_says_how_to_create_it(
+    sim: BundleSim, tmp_path: Path
+) -> None:
+    r = CliRunner().invoke(
+        operator_main,
+        ["bundle", "verify", str(sim.publish()), "--trust-store", str(tmp_path / "none.json")],
+    )
     assert r.exit_code == 2 and "edgefleet trust add" in r.output

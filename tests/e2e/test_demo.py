@@ -19,8 +19,9 @@ def test_fleet_demo_good_rollout_completes_and_bad_one_is_rolled_back(tmp_path: 
     result = run_demo(tmp_path / "demo", devices=48, stage_percents=(50, 100))
     assert result.good == {c: "succeeded" for c in result.good} and len(result.good) == 3
     assert result.bad == {c: "rolled_back" for c in result.bad} and len(result.bad) == 3
-    assert all("prediction_shift" in why or "error_rate" in why
-               for why in result.caught_by.values()), result.caught_by
+    assert all(
+        "prediction_shift" in why or "error_rate" in why for why in result.caught_by.values()
+    ), result.caught_by
     # v4 is the rollback bundle: v2's model under a higher version
     assert result.final_versions == {4: 48}, result.final_versions
     html = result.report.read_text()

@@ -38,8 +38,10 @@ from tests.pg import fresh_database
 
 CLASS = "x86_64-gateway"
 DEVICES = 12
-STAGES = [{"percent": 50, "min_devices": 1, "soak_seconds": 3},
-          {"percent": 100, "min_devices": 1, "soak_seconds": 0}]
+STAGES = [
+    {"percent": 50, "min_devices": 1, "soak_seconds": 3},
+    {"percent": 100, "min_devices": 1, "soak_seconds": 0},
+]
 GATES = [
     {"kind": "install_failure_rate", "threshold": 0.2, "min_samples": 1},
     {"kind": "error_rate", "threshold": 0.05, "min_samples": 150},
@@ -67,11 +69,19 @@ def _bundle(workdir: Path, key: Any, version: int, seed: int, n_in: int = N_FEAT
     from converters.targets import parse_target
 
     module, calib = _torch_mlp(seed, n_in)
-    source = from_torch(module, calib[:8], input_names=["x"], output_names=["probs"],
-                        task="classification")
-    (result,) = build_bundles(source, [parse_target("onnx:float32", (CLASS,))],
-                              workdir / "bundles", name="condition", version=version,
-                              signing_key=key, samples=calib, reference_samples=calib)
+    source = from_torch(
+        module, calib[:8], input_names=["x"], output_names=["probs"], task="classification"
+    )
+    (result,) = build_bundles(
+        source,
+        [parse_target("onnx:float32", (CLASS,))],
+        workdir / "bundles",
+        name="condition",
+        version=version,
+        signing_key=key,
+        samples=calib,
+        reference_samples=calib,
+    )
     assert result.bundle is not None, result.error
     return result.bundle
 
@@ -87,8 +97,11 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     trust.save(root / "trust.json")
     key = keys.private_key(info.keyid)
     return {
-        "root": root, "keyid": info.keyid, "trust": root / "trust.json",
-        "v1": _bundle(root, key, 1, 11), "v2": _bundle(root, key, 2, 22),
+        "root": root,
+        "keyid": info.keyid,
+        "trust": root / "trust.json",
+        "v1": _bundle(root, key, 1, 11),
+        "v2": _bundle(root, key, 2, 22),
         # retrained on a feature set the application does not send yet: installs and
         # passes its own smoke test, then every prediction in the field fails
         "v3": _bundle(root, key, 3, 33, n_in=N_FEATURES + 1),
@@ -106,27 +119,35 @@ class Setup:
     ids: dict[str, str]
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "postgresql-2-replicas",
-                        "sqlite-embedded-broker"])
-def setup(request: pytest.FixtureRequest, tmp_path: Path, release: dict[str, Any]
-          ) -> Iterator[Setup]:
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql-2-replicas", "sqlite-embedded-broker"])
+def setup(
+    request: pytest.FixtureRequest, tmp_path: Path, release: dict[str, Any]
+) -> Iterator[Setup]:
     pg = None if request.param.startswith("sqlite") else fresh_database("edgefleet_e2e")
     db = f"sqlite:///{tmp_path / 'server.db'}" if pg is None else pg.__enter__()
     replicas = 2 if request.param.endswith("replicas") else 1
     embedded = request.param.endswith("embedded-broker")
     broker: LocalMosquitto | EmbeddedBroker = (
-        EmbeddedBroker(tmp_path / "broker") if embedded else LocalMosquitto(tmp_path / "broker"))
+        EmbeddedBroker(tmp_path / "broker") if embedded else LocalMosquitto(tmp_path / "broker")
+    )
     broker.add_user(SERVER_USER, "server-secret")
     broker.start()
     admin_token = "e2e-admin-" + secrets.token_urlsafe(24)
     settings = {
-        "environment": "development", "database_url": db,
-        "bundle_dir": str(tmp_path / "bundles"), "trust_store": str(release["trust"]),
-        "signing_key_dir": str(release["root"] / "keys"), "signing_key": release["keyid"],
-        "admin_bootstrap_token": admin_token, "mqtt_host": "127.0.0.1",
-        "mqtt_port": str(broker.port), "mqtt_username": SERVER_USER,
-        "mqtt_password": "server-secret", "telemetry_window_seconds": "1",
-        "rollout_interval_seconds": "1", "assignment_cache_seconds": "0.5",
+        "environment": "development",
+        "database_url": db,
+        "bundle_dir": str(tmp_path / "bundles"),
+        "trust_store": str(release["trust"]),
+        "signing_key_dir": str(release["root"] / "keys"),
+        "signing_key": release["keyid"],
+        "admin_bootstrap_token": admin_token,
+        "mqtt_host": "127.0.0.1",
+        "mqtt_port": str(broker.port),
+        "mqtt_username": SERVER_USER,
+        "mqtt_password": "server-secret",
+        "telemetry_window_seconds": "1",
+        "rollout_interval_seconds": "1",
+        "assignment_cache_seconds": "0.5",
         "mqtt_version": "4" if embedded else "5",
     }
     servers: list[ServerProcess] = []
@@ -138,22 +159,30 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path, release: dict[str, Any
         ids = {v: admin.upload_bundle(release[v])["id"] for v in ("v1", "v2", "v3", "v5")}
         image = tmp_path / "image"
         image.mkdir()
-        (image / "agent.toml").write_text(agent_config_text(
-            load_class(CLASS), servers[0].url, "127.0.0.1", broker.port))
+        (image / "agent.toml").write_text(
+            agent_config_text(load_class(CLASS), servers[0].url, "127.0.0.1", broker.port)
+        )
         (image / "trust.json").write_bytes(release["trust"].read_bytes())
-        fleet = Fleet(tmp_path / "fleet", server_url=servers[0].url, mqtt_host="127.0.0.1",
-                      mqtt_port=broker.port, window_seconds=1.0, poll_seconds=1.0)
+        fleet = Fleet(
+            tmp_path / "fleet",
+            server_url=servers[0].url,
+            mqtt_host="127.0.0.1",
+            mqtt_port=broker.port,
+            window_seconds=1.0,
+            poll_seconds=1.0,
+        )
         # devices' own probation would catch an erroring model within seconds; let it
         # tolerate errors here so what is under test is the server's gate
-        fleet.overrides["update"] = {"probation_seconds": 2.0,
-                                     "probation_max_error_rate": 1.0}
+        fleet.overrides["update"] = {"probation_seconds": 2.0, "probation_max_error_rate": 1.0}
         fleet.provision([ClassPlan(CLASS, DEVICES, image)])
         for i, d in enumerate(fleet.devices):  # spread devices over the replicas
             if replicas > 1 and i % 2:
                 text = d.config_path.read_text().replace(servers[0].url, servers[1].url)
                 d.config_path.write_text(text)
-        tokens = {d.device_id: admin.post("/enrollment-tokens", json={
-            "device_class": CLASS})["token"] for d in fleet.devices}
+        tokens = {
+            d.device_id: admin.post("/enrollment-tokens", json={"device_class": CLASS})["token"]
+            for d in fleet.devices
+        }
         fleet.enroll(lambda d: tokens[d.device_id])
         for d in fleet.devices:
             broker.add_user(d.device_id, d.credential())
@@ -171,12 +200,24 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path, release: dict[str, Any
             pg.__exit__(None, None, None)
 
 
-def _rollout(s: Setup, version: str, previous: str | None, strategy: str = "staged_canary",
-             stages: list[dict[str, Any]] = STAGES, gates: list[dict[str, Any]] = GATES
-             ) -> str:
-    body: dict[str, Any] = {"name": f"condition {version}", "bundle_id": s.ids[version],
-                            "group": s.group, "strategy": strategy, "stages": stages,
-                            "gates": gates, "failure_policy": "rollback", "start": True}
+def _rollout(
+    s: Setup,
+    version: str,
+    previous: str | None,
+    strategy: str = "staged_canary",
+    stages: list[dict[str, Any]] = STAGES,
+    gates: list[dict[str, Any]] = GATES,
+) -> str:
+    body: dict[str, Any] = {
+        "name": f"condition {version}",
+        "bundle_id": s.ids[version],
+        "group": s.group,
+        "strategy": strategy,
+        "stages": stages,
+        "gates": gates,
+        "failure_policy": "rollback",
+        "start": True,
+    }
     if previous:
         body["previous_bundle_id"] = s.ids[previous]
     return str(s.admin.post("/rollouts", json=body)["id"])
@@ -198,23 +239,30 @@ def _run_until_final(s: Setup, rollout_id: str, timeout: float = 120) -> dict[st
 
 
 def _converge(s: Setup, version: int, timeout: float = 60) -> None:
-    s.fleet.drive(timeout, calls_per_second=20.0,
-                  on_tick=lambda _: set(s.fleet.versions()) == {version})
+    s.fleet.drive(
+        timeout, calls_per_second=20.0, on_tick=lambda _: set(s.fleet.versions()) == {version}
+    )
     assert set(s.fleet.versions()) == {version}, s.fleet.versions()
 
 
 def _decisions(s: Setup, rollout_id: str) -> list[dict[str, Any]]:
     page = s.admin.get("/audit", params={"target_id": rollout_id, "limit": 200})
-    return [e for e in page["items"] if e["action"].startswith("rollout.")
-            and e.get("actor", "").startswith("engine")] or [
-        e for e in page["items"] if e["action"] in ("rollout.advance", "rollout.rollback",
-                                                    "rollout.complete")]
+    return [
+        e
+        for e in page["items"]
+        if e["action"].startswith("rollout.") and e.get("actor", "").startswith("engine")
+    ] or [
+        e
+        for e in page["items"]
+        if e["action"] in ("rollout.advance", "rollout.rollback", "rollout.complete")
+    ]
 
 
 def test_rollouts_end_to_end(setup: Setup) -> None:
     s = setup
-    final = _run_until_final(s, _rollout(s, "v1", None, "all_at_once",
-                                         [{"percent": 100, "soak_seconds": 1}], []))
+    final = _run_until_final(
+        s, _rollout(s, "v1", None, "all_at_once", [{"percent": 100, "soak_seconds": 1}], [])
+    )
     assert final["status"] == "succeeded"
     _converge(s, 1)
 
@@ -224,9 +272,12 @@ def test_rollouts_end_to_end(setup: Setup) -> None:
     assert final["status"] == "succeeded", final["state"]
     _converge(s, 2)
     advances = [e for e in _decisions(s, healthy) if e["action"] == "rollout.advance"]
-    assert advances and all(g["verdict"] == "pass" and g["canary_samples"] >= 1
-                            for e in advances for g in e["details"]["gates"]
-                            if g["kind"] != "install_failure_rate" or g["verdict"] != "wait")
+    assert advances and all(
+        g["verdict"] == "pass" and g["canary_samples"] >= 1
+        for e in advances
+        for g in e["details"]["gates"]
+        if g["kind"] != "install_failure_rate" or g["verdict"] != "wait"
+    )
 
     # a canary model that raises errors is rolled back by the error-rate gate
     erroring = _rollout(s, "v3", "v2")
@@ -252,8 +303,9 @@ def test_rollouts_end_to_end(setup: Setup) -> None:
     final = _run_until_final(s, drifting)
     assert final["status"] == "rolled_back", final["state"]
     (rollback,) = [e for e in _decisions(s, drifting) if e["action"] == "rollout.rollback"]
-    assert "drift_psi" in [g["kind"] for g in rollback["details"]["gates"]
-                           if g["verdict"] == "breach"], rollback["details"]
+    assert "drift_psi" in [
+        g["kind"] for g in rollback["details"]["gates"] if g["verdict"] == "breach"
+    ], rollback["details"]
     _converge(s, 6)
 
     if len(s.servers) == 2:
@@ -277,6 +329,7 @@ def test_broker_refuses_a_device_publishing_under_another_id(tmp_path: Path, kin
     received: list[str] = []
     clients = []
     try:
+
         def client(user: str, pw: str) -> mqtt.Client:
             c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{user}-{time.time()}")
             c.username_pw_set(user, pw)

@@ -73,8 +73,11 @@ def unsigned_bundle(sim: BundleSim, tmp: Path) -> Path:
 
 
 def bundle_without_signature_member(sim: BundleSim, tmp: Path) -> Path:
-    return rewrite(_good(sim, tmp), tmp / "nosig.efb",
-                   lambda ms: [m for m in ms if m[0].name != "manifest.sig"])
+    return rewrite(
+        _good(sim, tmp),
+        tmp / "nosig.efb",
+        lambda ms: [m for m in ms if m[0].name != "manifest.sig"],
+    )
 
 
 def signature_by_untrusted_key(sim: BundleSim, tmp: Path) -> Path:
@@ -100,8 +103,11 @@ def one_model_byte_changed(sim: BundleSim, tmp: Path) -> Path:
 
 
 def manifest_edited_after_signing(sim: BundleSim, tmp: Path) -> Path:
-    return rewrite(_good(sim, tmp), tmp / "edited.efb",
-                   lambda ms: edit_manifest(ms, lambda m: m.update(version=99)))
+    return rewrite(
+        _good(sim, tmp),
+        tmp / "edited.efb",
+        lambda ms: edit_manifest(ms, lambda m: m.update(version=99)),
+    )
 
 
 def mix_and_match_file_from_other_bundle(sim: BundleSim, tmp: Path) -> Path:
@@ -133,8 +139,11 @@ def endless_data_member_over_cap(sim: BundleSim, tmp: Path) -> Path:
 
 
 def member_shorter_than_manifest(sim: BundleSim, tmp: Path) -> Path:
-    return rewrite(_good(sim, tmp), tmp / "short.efb",
-                   lambda ms: [(i, d[:-10] if i.name == "model.onnx" else d) for i, d in ms])
+    return rewrite(
+        _good(sim, tmp),
+        tmp / "short.efb",
+        lambda ms: [(i, d[:-10] if i.name == "model.onnx" else d) for i, d in ms],
+    )
 
 
 def _append(name: str, extra):
@@ -147,17 +156,25 @@ def _append(name: str, extra):
 def _replace_model_with(kind: bytes, linkname: str = ""):
     def build(sim: BundleSim, tmp: Path) -> Path:
         return rewrite(
-            _good(sim, tmp), tmp / "typed.efb",
-            lambda ms: [member("model.onnx", kind=kind, linkname=linkname)
-                        if i.name == "model.onnx" else (i, d) for i, d in ms],
+            _good(sim, tmp),
+            tmp / "typed.efb",
+            lambda ms: [
+                member("model.onnx", kind=kind, linkname=linkname)
+                if i.name == "model.onnx"
+                else (i, d)
+                for i, d in ms
+            ],
         )
 
     return build
 
 
 def missing_listed_file(sim: BundleSim, tmp: Path) -> Path:
-    return rewrite(_good(sim, tmp), tmp / "missing.efb",
-                   lambda ms: [m for m in ms if m[0].name != "drift_profile.json"])
+    return rewrite(
+        _good(sim, tmp),
+        tmp / "missing.efb",
+        lambda ms: [m for m in ms if m[0].name != "drift_profile.json"],
+    )
 
 
 def truncated_download(sim: BundleSim, tmp: Path) -> Path:
@@ -169,56 +186,86 @@ def truncated_download(sim: BundleSim, tmp: Path) -> Path:
 
 ATTACKS: dict[str, Attack] = {
     "unsigned_bundle": Attack(unsigned_bundle, UnsignedBundleError, hint="sign"),
-    "bundle_without_signature_member": Attack(bundle_without_signature_member,
-                                              UnsignedBundleError, hint="sign"),
-    "signature_by_untrusted_key": Attack(signature_by_untrusted_key, UntrustedKeyError,
-                                         hint="trust"),
+    "bundle_without_signature_member": Attack(
+        bundle_without_signature_member, UnsignedBundleError, hint="sign"
+    ),
+    "signature_by_untrusted_key": Attack(
+        signature_by_untrusted_key, UntrustedKeyError, hint="trust"
+    ),
     "signature_by_revoked_key": Attack(
-        signature_by_revoked_key, RevokedKeyError,
-        trust=lambda sim: sim.trust("release", revoked=("old-release",)), hint="re-sign"),
-    "one_model_byte_changed": Attack(one_model_byte_changed, MemberHashMismatchError,
-                                     hint="fetch"),
-    "manifest_edited_after_signing": Attack(manifest_edited_after_signing, BadSignatureError,
-                                            hint="re-sign"),
-    "mix_and_match_file_from_other_bundle": Attack(mix_and_match_file_from_other_bundle,
-                                                   MemberHashMismatchError, hint="swapped"),
-    "rollback_to_older_version": Attack(rollback_to_older_version, RollbackError,
-                                        hint="higher version"),
-    "freeze_with_expired_bundle": Attack(freeze_with_expired_bundle, ExpiredBundleError,
-                                         hint="freshly signed"),
+        signature_by_revoked_key,
+        RevokedKeyError,
+        trust=lambda sim: sim.trust("release", revoked=("old-release",)),
+        hint="re-sign",
+    ),
+    "one_model_byte_changed": Attack(one_model_byte_changed, MemberHashMismatchError, hint="fetch"),
+    "manifest_edited_after_signing": Attack(
+        manifest_edited_after_signing, BadSignatureError, hint="re-sign"
+    ),
+    "mix_and_match_file_from_other_bundle": Attack(
+        mix_and_match_file_from_other_bundle, MemberHashMismatchError, hint="swapped"
+    ),
+    "rollback_to_older_version": Attack(
+        rollback_to_older_version, RollbackError, hint="higher version"
+    ),
+    "freeze_with_expired_bundle": Attack(
+        freeze_with_expired_bundle, ExpiredBundleError, hint="freshly signed"
+    ),
     "endless_data_member_larger_than_manifest": Attack(
-        endless_data_member_larger_than_manifest, OversizedMemberError, hint="signed size"),
+        endless_data_member_larger_than_manifest, OversizedMemberError, hint="signed size"
+    ),
     "endless_data_member_over_cap": Attack(
-        endless_data_member_over_cap, OversizedMemberError,
-        limits=VerifyLimits(max_member_bytes=64 * 1024), hint="cap"),
-    "member_shorter_than_manifest": Attack(member_shorter_than_manifest,
-                                           MemberSizeMismatchError, hint="cut short"),
-    "path_traversal_dotdot_member": Attack(_append("dotdot", member("../x", b"pwned")),
-                                           UnsafePathError, hint="outside"),
-    "path_traversal_absolute_member": Attack(_append("abs", member("/etc/x", b"pwned")),
-                                             UnsafePathError, hint="outside"),
-    "symlink_member": Attack(_replace_model_with(tarfile.SYMTYPE, "/etc/passwd"),
-                             UnsafeMemberTypeError, hint="regular files"),
-    "hardlink_member": Attack(_replace_model_with(tarfile.LNKTYPE, "manifest.json"),
-                              UnsafeMemberTypeError, hint="regular files"),
-    "device_node_member": Attack(_replace_model_with(tarfile.CHRTYPE),
-                                 UnsafeMemberTypeError, hint="regular files"),
-    "fifo_member": Attack(_replace_model_with(tarfile.FIFOTYPE),
-                          UnsafeMemberTypeError, hint="regular files"),
-    "extra_member_not_in_manifest": Attack(_append("extra", member("payload.sh", b"rm -rf /")),
-                                           UnlistedMemberError, hint="after signing"),
+        endless_data_member_over_cap,
+        OversizedMemberError,
+        limits=VerifyLimits(max_member_bytes=64 * 1024),
+        hint="cap",
+    ),
+    "member_shorter_than_manifest": Attack(
+        member_shorter_than_manifest, MemberSizeMismatchError, hint="cut short"
+    ),
+    "path_traversal_dotdot_member": Attack(
+        _append("dotdot", member("../x", b"pwned")), UnsafePathError, hint="outside"
+    ),
+    "path_traversal_absolute_member": Attack(
+        _append("abs", member("/etc/x", b"pwned")), UnsafePathError, hint="outside"
+    ),
+    "symlink_member": Attack(
+        _replace_model_with(tarfile.SYMTYPE, "/etc/passwd"),
+        UnsafeMemberTypeError,
+        hint="regular files",
+    ),
+    "hardlink_member": Attack(
+        _replace_model_with(tarfile.LNKTYPE, "manifest.json"),
+        UnsafeMemberTypeError,
+        hint="regular files",
+    ),
+    "device_node_member": Attack(
+        _replace_model_with(tarfile.CHRTYPE), UnsafeMemberTypeError, hint="regular files"
+    ),
+    "fifo_member": Attack(
+        _replace_model_with(tarfile.FIFOTYPE), UnsafeMemberTypeError, hint="regular files"
+    ),
+    "extra_member_not_in_manifest": Attack(
+        _append("extra", member("payload.sh", b"rm -rf /")),
+        UnlistedMemberError,
+        hint="after signing",
+    ),
     "missing_listed_file": Attack(missing_listed_file, MissingMemberError, hint="rebuild"),
     "truncated_download": Attack(truncated_download, TruncatedBundleError, hint="again"),
     "threshold_not_met": Attack(
-        lambda sim, tmp: sim.publish(version=3, signers=("release",)), ThresholdNotMetError,
-        trust=lambda sim: sim.trust("release", "release-2", threshold=2), hint="signatures"),
+        lambda sim, tmp: sim.publish(version=3, signers=("release",)),
+        ThresholdNotMetError,
+        trust=lambda sim: sim.trust("release", "release-2", threshold=2),
+        hint="signatures",
+    ),
 }
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -226,8 +273,12 @@ def _tree_digest(root: Path) -> dict[str, str]:
 def installed(sim: BundleSim, tmp_path: Path) -> Path:
     """A device install location already holding a verified v2 bundle."""
     dest = tmp_path / "device" / "slot-a"
-    unpack_bundle(sim.publish(version=INSTALLED_VERSION, seed=INSTALLED_VERSION), dest,
-                  sim.trust("release"), now=NOW)
+    unpack_bundle(
+        sim.publish(version=INSTALLED_VERSION, seed=INSTALLED_VERSION),
+        dest,
+        sim.trust("release"),
+        now=NOW,
+    )
     return dest
 
 
@@ -240,8 +291,14 @@ def test_attack_is_refused_with_named_error_and_install_untouched(
     before = _tree_digest(installed.parent)
 
     with pytest.raises(attack.error) as info:
-        unpack_bundle(hostile, installed, attack.trust(sim), now=NOW,
-                      installed_version=INSTALLED_VERSION, limits=attack.limits)
+        unpack_bundle(
+            hostile,
+            installed,
+            attack.trust(sim),
+            now=NOW,
+            installed_version=INSTALLED_VERSION,
+            limits=attack.limits,
+        )
 
     assert type(info.value) is attack.error, f"{name}: got {type(info.value).__name__}"
     assert attack.hint.lower() in str(info.value).lower(), str(info.value)
@@ -251,12 +308,17 @@ def test_attack_is_refused_with_named_error_and_install_untouched(
 
 def test_good_bundle_verifies_and_replaces_install(sim: BundleSim, installed: Path) -> None:
     bundle = sim.publish(version=3, seed=3)
-    verified = unpack_bundle(bundle, installed, sim.trust("release"), now=NOW,
-                             installed_version=INSTALLED_VERSION)
+    verified = unpack_bundle(
+        bundle, installed, sim.trust("release"), now=NOW, installed_version=INSTALLED_VERSION
+    )
     assert verified.manifest.version == 3
     assert (installed / "model.onnx").read_bytes() == tiny_onnx_model(3)
     assert sorted(p.name for p in installed.iterdir()) == [
-        "drift_profile.json", "manifest.json", "manifest.sig", "model.onnx", "smoke_samples.json"
+        "drift_profile.json",
+        "manifest.json",
+        "manifest.sig",
+        "model.onnx",
+        "smoke_samples.json",
     ]
     assert sorted(p.name for p in installed.parent.iterdir()) == ["slot-a"]
 
@@ -289,8 +351,11 @@ def test_threshold_counts_a_key_signing_twice_once(sim: BundleSim, tmp_path: Pat
     bundle = sim.publish(version=3, signers=("a",))
     members = read_members(bundle)
     sigs = decode_signatures(members[1][1])
-    doubled = rewrite(bundle, tmp_path / "doubled.efb",
-                      lambda ms: replace_data(ms, "manifest.sig", encode_signatures(sigs * 2)))
+    doubled = rewrite(
+        bundle,
+        tmp_path / "doubled.efb",
+        lambda ms: replace_data(ms, "manifest.sig", encode_signatures(sigs * 2)),
+    )
     with pytest.raises(ThresholdNotMetError):
         verify_file(doubled, sim.trust("a", "b", threshold=2), now=NOW)
 
@@ -321,9 +386,7 @@ def tiny_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_full_disk_refuses_staging_and_keeps_old_install(
-    sim: BundleSim, tiny_disk: Path
-) -> None:
+def test_full_disk_refuses_staging_and_keeps_old_install(sim: BundleSim, tiny_disk: Path) -> None:
     """A disk too small for the new bundle: StagingError, old install intact, no leftovers."""
     from device_agent.bundle import StagingError
 
@@ -337,9 +400,7 @@ def test_full_disk_refuses_staging_and_keeps_old_install(
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["slot-a"]
 
 
-def test_disk_filling_up_mid_write_leaves_no_partial_files(
-    sim: BundleSim, tiny_disk: Path
-) -> None:
+def test_disk_filling_up_mid_write_leaves_no_partial_files(sim: BundleSim, tiny_disk: Path) -> None:
     """The space check passes but another writer fills the disk: ENOSPC is a StagingError."""
     from device_agent.bundle import StagingError
 

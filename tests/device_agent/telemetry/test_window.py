@@ -45,8 +45,7 @@ def load(tmp_path: Path) -> Any:
 
     def _load(data: bytes, profile: DriftProfile | None = None) -> LoadedModel:
         count[0] += 1
-        b = make_bundle(tmp_path / "src", key, model_bytes=data, version=count[0],
-                        profile=profile)
+        b = make_bundle(tmp_path / "src", key, model_bytes=data, version=count[0], profile=profile)
         return install(b, tmp_path / f"slot{count[0]}" / "a", trust, "a")
 
     return _load
@@ -60,9 +59,17 @@ def agents() -> Iterator[list[Agent]]:
         a.close()
 
 
-def agent_for(agents: list[Agent], model: LoadedModel, store: Any = None, *,
-              sample_rate: float = 0.01, window: float = 60.0, drop: tuple[str, ...] = (),
-              hashed: tuple[str, ...] = (), **kw: Any) -> Agent:
+def agent_for(
+    agents: list[Agent],
+    model: LoadedModel,
+    store: Any = None,
+    *,
+    sample_rate: float = 0.01,
+    window: float = 60.0,
+    drop: tuple[str, ...] = (),
+    hashed: tuple[str, ...] = (),
+    **kw: Any,
+) -> Agent:
     cfg = AgentConfig()
     cfg.telemetry.sample_rate = sample_rate
     cfg.telemetry.window_seconds = window
@@ -99,17 +106,21 @@ def test_psi_clips_empty_bins_at_epsilon_instead_of_going_infinite() -> None:
 def test_window_bins_features_and_predictions_exactly_as_the_profile_says() -> None:
     profile = DriftProfile(
         input="x",
-        features=(FeatureProfile("f0", 0, (0.0,), (0.5, 0.5)),
-                  FeatureProfile("f1", 1, (-1.0, 1.0), (0.25, 0.5, 0.25))),
+        features=(
+            FeatureProfile("f0", 0, (0.0,), (0.5, 0.5)),
+            FeatureProfile("f1", 1, (-1.0, 1.0), (0.25, 0.5, 0.25)),
+        ),
         output=OutputProfile("probs", "classification", (0.5, 0.5), classes=2),
     )
     info = ModelInfo.describe("m", 1, "a", ["x"], ["probs"], profile)
     w = Window(info, 0.0, 60.0, None, None)
     xs = [[-1, -2], [-0.5, 0], [0.5, 1], [0.0, 5]]
     ps = [[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]]
-    classes = w.add_batch(np.full(4, 1_000_000, np.int64),
-                          [{"x": np.asarray([v], np.float32)} for v in xs],
-                          [[np.asarray([p], np.float32)] for p in ps])
+    classes = w.add_batch(
+        np.full(4, 1_000_000, np.int64),
+        [{"x": np.asarray([v], np.float32)} for v in xs],
+        [[np.asarray([p], np.float32)] for p in ps],
+    )
     assert classes.tolist() == [0, 1, 1, 0]
     drift = w.summary(60.0, {})["drift"]
     f0, f1 = drift["features"]
@@ -141,14 +152,14 @@ def test_latency_histogram_uses_protocol_buckets_and_percentiles_are_close() -> 
 
 # ----------------------------------------------------------------- drift end to end
 def test_drift_is_small_on_reference_inputs_and_large_when_inputs_shift(
-        load: Any, agents: list[Agent], tmp_path: Path) -> None:
+    load: Any, agents: list[Agent], tmp_path: Path
+) -> None:
     import onnxruntime as ort
 
     data = mlp_onnx(0)
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(4000, 16)).astype(np.float32)
-    preds = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(
-        None, {"x": ref})[0]
+    preds = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": ref})[0]
     store = TelemetryStore(tmp_path / "t.db", max_bytes=8 << 20)
     agent = agent_for(agents, load(data, make_profile(ref, preds)), store)
     for row in rng.normal(size=(2000, 16)).astype(np.float32):
@@ -171,9 +182,11 @@ def test_drift_is_small_on_reference_inputs_and_large_when_inputs_shift(
 def test_channel_mean_drift_on_a_cnn(load: Any, agents: list[Agent]) -> None:
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(64, 3, 32, 32)).astype(np.float32)
-    agent = agent_for(agents, load(cnn_onnx(0), make_profile(ref, None,
-                                                              reduction="channel_mean")),
-                      copy_inputs=False)
+    agent = agent_for(
+        agents,
+        load(cnn_onnx(0), make_profile(ref, None, reduction="channel_mean")),
+        copy_inputs=False,
+    )
     for _ in range(40):
         agent.predict(rng.normal(loc=0.5, size=(1, 3, 32, 32)).astype(np.float32))
     agent.telemetry.close_all()
@@ -185,8 +198,9 @@ def test_channel_mean_drift_on_a_cnn(load: Any, agents: list[Agent]) -> None:
 
 
 # ----------------------------------------------------------------- windows
-def test_windows_roll_over_on_aligned_boundaries(load: Any, agents: list[Agent],
-                                                 tmp_path: Path) -> None:
+def test_windows_roll_over_on_aligned_boundaries(
+    load: Any, agents: list[Agent], tmp_path: Path
+) -> None:
     clock = [1003.0]
     store = TelemetryStore(tmp_path / "t.db", max_bytes=4 << 20)
     agent = agent_for(agents, load(mlp_onnx(0)), store, window=10.0, wall=lambda: clock[0])
@@ -211,8 +225,9 @@ def test_windows_roll_over_on_aligned_boundaries(load: Any, agents: list[Agent],
     store.close()
 
 
-def test_the_worker_thread_closes_windows_by_itself(load: Any, agents: list[Agent],
-                                                    tmp_path: Path) -> None:
+def test_the_worker_thread_closes_windows_by_itself(
+    load: Any, agents: list[Agent], tmp_path: Path
+) -> None:
     store = TelemetryStore(tmp_path / "t.db", max_bytes=4 << 20)
     cfg_agent = agent_for(agents, load(mlp_onnx(0)), store, window=0.2, start_worker=True)
     cfg_agent.config.telemetry.flush_interval_seconds = 0.05
@@ -225,11 +240,15 @@ def test_the_worker_thread_closes_windows_by_itself(load: Any, agents: list[Agen
     store.close()
 
 
-def test_calls_beyond_the_buffer_bound_still_count_their_latency(load: Any,
-                                                                 agents: list[Agent]) -> None:
+def test_calls_beyond_the_buffer_bound_still_count_their_latency(
+    load: Any, agents: list[Agent]
+) -> None:
     ref = np.random.default_rng(0).normal(size=(100, 16)).astype(np.float32)
-    agent = agent_for(agents, load(mlp_onnx(0), make_profile(ref, None)),
-                      telemetry_options=TelemetryOptions(wake_batch=4, max_buffered=8))
+    agent = agent_for(
+        agents,
+        load(mlp_onnx(0), make_profile(ref, None)),
+        telemetry_options=TelemetryOptions(wake_batch=4, max_buffered=8),
+    )
     for _ in range(20):
         agent.predict(ref[:1])
     agent.telemetry.close_all()
@@ -241,8 +260,12 @@ def test_calls_beyond_the_buffer_bound_still_count_their_latency(load: Any,
 # ----------------------------------------------------------------- sampling
 def test_allocate_splits_equally_and_gives_spare_to_rare_classes() -> None:
     assert allocate(100, {0: 500, 1: 500, 2: 3}) == {0: 49, 1: 48, 2: 3}
-    assert allocate(3, {0: 10, 1: 10, 2: 10, 3: 10}, {0: 900, 1: 5, 2: 50, 3: 45}) \
-        == {0: 0, 1: 1, 2: 1, 3: 1}
+    assert allocate(3, {0: 10, 1: 10, 2: 10, 3: 10}, {0: 900, 1: 5, 2: 50, 3: 45}) == {
+        0: 0,
+        1: 1,
+        2: 1,
+        3: 1,
+    }
     assert allocate(10, {0: 2}) == {0: 2}
 
 
@@ -267,7 +290,8 @@ def test_stratified_sampler_keeps_every_prediction_of_a_rare_class() -> None:
 
 
 def test_samples_are_stratified_by_predicted_class_end_to_end(
-        load: Any, agents: list[Agent], tmp_path: Path) -> None:
+    load: Any, agents: list[Agent], tmp_path: Path
+) -> None:
     store = TelemetryStore(tmp_path / "t.db", max_bytes=8 << 20)
     agent = agent_for(agents, load(softmax_onnx(4)), store, sample_rate=0.02)
     common = np.asarray([[5, 0, 0, 0]], np.float32)
@@ -297,12 +321,14 @@ def _file_bytes(db: Path) -> bytes:
 
 
 def test_dropped_and_hashed_fields_never_reach_the_sqlite_file(
-        load: Any, agents: list[Agent], tmp_path: Path) -> None:
+    load: Any, agents: list[Agent], tmp_path: Path
+) -> None:
     db = tmp_path / "t.db"
     store = TelemetryStore(db, max_bytes=4 << 20)
     secret = 4321.25
-    agent = agent_for(agents, load(softmax_onnx(4)), store, sample_rate=1.0,
-                      drop=("probs",), hashed=("x[1]",))
+    agent = agent_for(
+        agents, load(softmax_onnx(4)), store, sample_rate=1.0, drop=("probs",), hashed=("x[1]",)
+    )
     x = np.asarray([[1234.5, secret, 0.0, 0.0]], np.float32)
     for _ in range(5):
         agent.predict(x)
@@ -321,12 +347,12 @@ def test_dropped_and_hashed_fields_never_reach_the_sqlite_file(
     assert digest.encode() in raw_file
 
 
-def test_a_hashed_tensor_is_stored_only_as_its_digest(load: Any, agents: list[Agent],
-                                                      tmp_path: Path) -> None:
+def test_a_hashed_tensor_is_stored_only_as_its_digest(
+    load: Any, agents: list[Agent], tmp_path: Path
+) -> None:
     db = tmp_path / "t.db"
     store = TelemetryStore(db, max_bytes=4 << 20)
-    agent = agent_for(agents, load(softmax_onnx(4)), store, sample_rate=1.0,
-                      hashed=("x",))
+    agent = agent_for(agents, load(softmax_onnx(4)), store, sample_rate=1.0, hashed=("x",))
     x = np.asarray([[1234.5, 4321.25, 7.0, 9.0]], np.float32)
     agent.predict(x)
     agent.telemetry.close_all()
@@ -341,10 +367,10 @@ def test_a_hashed_tensor_is_stored_only_as_its_digest(load: Any, agents: list[Ag
 
 
 def test_a_field_naming_nothing_stores_no_samples_and_reports_why(
-        load: Any, agents: list[Agent], tmp_path: Path) -> None:
+    load: Any, agents: list[Agent], tmp_path: Path
+) -> None:
     store = TelemetryStore(tmp_path / "t.db", max_bytes=4 << 20)
-    agent = agent_for(agents, load(softmax_onnx(4)), store, sample_rate=1.0,
-                      drop=("ssn",))
+    agent = agent_for(agents, load(softmax_onnx(4)), store, sample_rate=1.0, drop=("ssn",))
     agent.predict(np.ones((1, 4), np.float32))
     agent.telemetry.close_all()
     assert bodies(store, "samples") == []
@@ -355,7 +381,8 @@ def test_a_field_naming_nothing_stores_no_samples_and_reports_why(
 
 
 def test_a_record_the_store_refuses_is_dropped_and_counted_not_retried(
-        load: Any, agents: list[Agent], tmp_path: Path) -> None:
+    load: Any, agents: list[Agent], tmp_path: Path
+) -> None:
     store = TelemetryStore(tmp_path / "t.db", max_bytes=4 << 20, max_record_bytes=4096)
     agent = agent_for(agents, load(cnn_onnx(0)), store, sample_rate=1.0, copy_inputs=False)
     agent.predict(np.zeros((1, 3, 32, 32), np.float32))  # its sample is about 16 KiB
@@ -369,7 +396,8 @@ def test_a_record_the_store_refuses_is_dropped_and_counted_not_retried(
 
 
 def test_records_are_kept_and_written_later_when_the_store_fails(
-        load: Any, agents: list[Agent], tmp_path: Path) -> None:
+    load: Any, agents: list[Agent], tmp_path: Path
+) -> None:
     store = TelemetryStore(tmp_path / "t.db", max_bytes=4 << 20)
     agent = agent_for(agents, load(mlp_onnx(0)), store)
     agent.predict(np.zeros((1, 16), np.float32))

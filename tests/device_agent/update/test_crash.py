@@ -54,12 +54,16 @@ BAD_INPUT = np.zeros((1, 7), np.float32)
 
 # -- the child process ------------------------------------------------------------------
 
+
 def child_main(state_dir: str, trust_file: str, url: str, traffic: str) -> None:
     host = ServingHost()
     updater = Updater(
-        state_dir, TrustStore.load(trust_file), host,
-        config=UpdateConfig(probation_seconds=0.3, probation_min_predictions=5,
-                            probation_max_error_rate=0.2),
+        state_dir,
+        TrustStore.load(trust_file),
+        host,
+        config=UpdateConfig(
+            probation_seconds=0.3, probation_min_predictions=5, probation_max_error_rate=0.2
+        ),
         fetcher=HttpFetcher(url, sleep=lambda s: None, timeout=10),
         error_rate_since=host.error_rate_since,
         crash_at=os.environ.get("EDGEFLEET_AGENT_CRASH_AT") or None,
@@ -73,11 +77,11 @@ def child_main(state_dir: str, trust_file: str, url: str, traffic: str) -> None:
         updater.tick()
         time.sleep(0.01)
     out = np.asarray(host.predict(SMOKE_INPUT)).tolist() if host.active is not None else None
-    print(json.dumps({"history": updater.history, "state": updater.state.value,
-                      "output": out}))
+    print(json.dumps({"history": updater.history, "state": updater.state.value, "output": out}))
 
 
 # -- the table ------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Row:
@@ -86,10 +90,24 @@ class Row:
     serves: int  # seed/version of the model the device must serve at the end
 
 
-GOOD = [Row(s, "good", 2) for s in (
-    "checking", "downloading", "downloading.mid", "verifying", "staging", "staging.after",
-    "smoke_testing", "smoke_testing.after", "switching", "switching.after", "probation",
-    "committed", "committed.after")]
+GOOD = [
+    Row(s, "good", 2)
+    for s in (
+        "checking",
+        "downloading",
+        "downloading.mid",
+        "verifying",
+        "staging",
+        "staging.after",
+        "smoke_testing",
+        "smoke_testing.after",
+        "switching",
+        "switching.after",
+        "probation",
+        "committed",
+        "committed.after",
+    )
+]
 FAILURES = [
     Row("verify_failed", "tampered", 1),
     Row("smoke_failed", "smoke", 1),
@@ -119,21 +137,39 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     trust_file = root / "trust.json"
     sim.trust("release").save(trust_file)
     return {
-        "sim": sim, "trust": trust_file, "v1": publish(sim, version=1, seed=1), "good": v2,
-        "tampered": rewrite(v2, root / "tampered.efb",
-                            lambda ms: replace_data(ms, "model.onnx", tiny_onnx_model(5))),
+        "sim": sim,
+        "trust": trust_file,
+        "v1": publish(sim, version=1, seed=1),
+        "good": v2,
+        "tampered": rewrite(
+            v2, root / "tampered.efb", lambda ms: replace_data(ms, "model.onnx", tiny_onnx_model(5))
+        ),
         "smoke": publish(sim, version=2, seed=2, smoke="mismatch"),
     }
 
 
-def spawn(state_dir: Path, trust: Path, url: str, traffic: str,
-          crash_at: str | None) -> subprocess.Popen[str]:
+def spawn(
+    state_dir: Path, trust: Path, url: str, traffic: str, crash_at: str | None
+) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k != "EDGEFLEET_AGENT_CRASH_AT"}
     if crash_at:
         env["EDGEFLEET_AGENT_CRASH_AT"] = crash_at
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.device_agent.update.test_crash", str(state_dir), str(trust), url,
-         traffic], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tests.device_agent.update.test_crash",
+            str(state_dir),
+            str(trust),
+            url,
+            traffic,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def kill_mid_download(proc: subprocess.Popen[str], downloads: Path) -> None:
@@ -150,8 +186,9 @@ def kill_mid_download(proc: subprocess.Popen[str], downloads: Path) -> None:
 
 
 @pytest.mark.parametrize("row", TABLE, ids=[f"{r.crash_at}-{r.scenario}" for r in TABLE])
-def test_crash_at_state_then_restart(row: Row, tmp_path: Path, server: BundleServer,
-                                     bundles: dict[str, Any]) -> None:
+def test_crash_at_state_then_restart(
+    row: Row, tmp_path: Path, server: BundleServer, bundles: dict[str, Any]
+) -> None:
     state_dir = tmp_path / "state"
     trust = TrustStore.load(bundles["trust"])
     setup = Updater(state_dir, trust, ServingHost())
@@ -159,14 +196,21 @@ def test_crash_at_state_then_restart(row: Row, tmp_path: Path, server: BundleSer
     setup.unlock()
 
     scenario = row.scenario
-    offered: Path = bundles["good"] if scenario in ("good", "probation", "endless", "shadow") \
+    offered: Path = (
+        bundles["good"]
+        if scenario in ("good", "probation", "endless", "shadow")
         else bundles[scenario]
+    )
     server.faults.clear()
     if scenario == "shadow":
         doc = server.offer(bundles["v1"], version=1, shadow=bundles["good"], shadow_version=2)
     else:
-        doc = server.offer(offered, version=2, bundle_id=f"b-{row.crash_at}-{scenario}",
-                           size=64 * 1024 if scenario == "endless" else None)
+        doc = server.offer(
+            offered,
+            version=2,
+            bundle_id=f"b-{row.crash_at}-{scenario}",
+            size=64 * 1024 if scenario == "endless" else None,
+        )
     bid = doc["desired"]["bundle_id"]
     if scenario == "endless":
         server.faults[bid] = Fault(endless=True)

@@ -67,7 +67,8 @@ def test_changed_assignment_is_fetched_again(server: BundleServer, sim: BundleSi
 
 
 def test_download_resumes_with_range_after_connection_dropped_mid_body(
-        server: BundleServer, bundle: Path, tmp_path: Path) -> None:
+    server: BundleServer, bundle: Path, tmp_path: Path
+) -> None:
     ref = offered_ref(server, bundle)
     server.faults[ref.bundle_id] = Fault(drop_after=5000)
     path = fetcher(server).download(ref, tmp_path / "dl", 10**6)
@@ -80,7 +81,8 @@ def test_download_resumes_with_range_after_connection_dropped_mid_body(
 
 
 def test_download_resumes_a_part_left_by_an_earlier_process(
-        server: BundleServer, bundle: Path, tmp_path: Path) -> None:
+    server: BundleServer, bundle: Path, tmp_path: Path
+) -> None:
     ref = offered_ref(server, bundle)
     dl = tmp_path / "dl"
     dl.mkdir()
@@ -93,7 +95,8 @@ def test_download_resumes_a_part_left_by_an_earlier_process(
 
 
 def test_download_starts_over_when_server_ignores_range(
-        server: BundleServer, bundle: Path, tmp_path: Path) -> None:
+    server: BundleServer, bundle: Path, tmp_path: Path
+) -> None:
     ref = offered_ref(server, bundle)
     server.faults[ref.bundle_id] = Fault(ignore_range=True)
     dl = tmp_path / "dl"
@@ -104,8 +107,7 @@ def test_download_starts_over_when_server_ignores_range(
     assert [r.status for r in server.bundle_requests()] == [200]
 
 
-def test_download_starts_over_after_416(server: BundleServer, bundle: Path,
-                                        tmp_path: Path) -> None:
+def test_download_starts_over_after_416(server: BundleServer, bundle: Path, tmp_path: Path) -> None:
     ref = offered_ref(server, bundle)
     server.faults[ref.bundle_id] = Fault(refuse_range_times=1)
     dl = tmp_path / "dl"
@@ -119,7 +121,8 @@ def test_download_starts_over_after_416(server: BundleServer, bundle: Path,
 
 
 def test_wrong_bytes_fail_the_digest_check_and_are_deleted(
-        server: BundleServer, bundle: Path, tmp_path: Path) -> None:
+    server: BundleServer, bundle: Path, tmp_path: Path
+) -> None:
     ref = offered_ref(server, bundle)
     server.faults[ref.bundle_id] = Fault(wrong_bytes=True)
     with pytest.raises(DownloadDigestError, match="sha256") as e:
@@ -128,8 +131,9 @@ def test_wrong_bytes_fail_the_digest_check_and_are_deleted(
     assert list((tmp_path / "dl").iterdir()) == []
 
 
-def test_endless_download_is_cut_off_at_the_cap(server: BundleServer, bundle: Path,
-                                                tmp_path: Path) -> None:
+def test_endless_download_is_cut_off_at_the_cap(
+    server: BundleServer, bundle: Path, tmp_path: Path
+) -> None:
     cap = 64 * 1024
     ref = offered_ref(server, bundle, size=cap)
     server.faults[ref.bundle_id] = Fault(endless=True)
@@ -143,7 +147,8 @@ def test_endless_download_is_cut_off_at_the_cap(server: BundleServer, bundle: Pa
 
 
 def test_bundle_announced_above_the_cap_is_not_downloaded(
-        server: BundleServer, bundle: Path, tmp_path: Path) -> None:
+    server: BundleServer, bundle: Path, tmp_path: Path
+) -> None:
     ref = offered_ref(server, bundle)
     with pytest.raises(DownloadTooLargeError, match="max_bundle_bytes"):
         fetcher(server).download(ref, tmp_path / "dl", ref.size - 1)
@@ -151,7 +156,8 @@ def test_bundle_announced_above_the_cap_is_not_downloaded(
 
 
 def test_repeated_drops_give_up_but_keep_the_part_for_next_time(
-        server: BundleServer, bundle: Path, tmp_path: Path) -> None:
+    server: BundleServer, bundle: Path, tmp_path: Path
+) -> None:
     ref = offered_ref(server, bundle)
     server.faults[ref.bundle_id] = Fault(drop_after=2000, drop_times=3)
     with pytest.raises(DownloadError, match="will resume") as e:

@@ -84,21 +84,36 @@ def test_every_side_effect_state_redoes_its_work_on_restart() -> None:
 
 
 def test_every_failure_state_reports_and_is_an_outcome() -> None:
-    for s in (S.DOWNLOAD_FAILED, S.VERIFY_FAILED, S.STAGE_FAILED, S.SMOKE_FAILED,
-              S.PROBATION_FAILED, S.ROLLED_BACK, S.COMMITTED, S.SHADOW_STARTED):
+    for s in (
+        S.DOWNLOAD_FAILED,
+        S.VERIFY_FAILED,
+        S.STAGE_FAILED,
+        S.SMOKE_FAILED,
+        S.PROBATION_FAILED,
+        S.ROLLED_BACK,
+        S.COMMITTED,
+        S.SHADOW_STARTED,
+    ):
         assert s in OUTCOMES
-        entering = [acts for (_, ev), (dst, acts) in TRANSITIONS.items()
-                    if dst is s and ev is not E.RESTART]
+        entering = [
+            acts for (_, ev), (dst, acts) in TRANSITIONS.items() if dst is s and ev is not E.RESTART
+        ]
         assert entering and all(A.REPORT in acts for acts in entering), s
         assert A.REPORT in restart_state(s).actions
 
 
 def test_nothing_switches_without_a_passed_smoke_test() -> None:
-    into_switching = [(src, ev) for (src, ev), (dst, _) in TRANSITIONS.items()
-                      if dst is S.SWITCHING and ev is not E.RESTART]
+    into_switching = [
+        (src, ev)
+        for (src, ev), (dst, _) in TRANSITIONS.items()
+        if dst is S.SWITCHING and ev is not E.RESTART
+    ]
     assert into_switching == [(S.SMOKE_TESTING, E.SMOKE_PASSED)]
-    into_staging = [(src, ev) for (src, ev), (dst, _) in TRANSITIONS.items()
-                    if dst is S.STAGING and ev is not E.RESTART]
+    into_staging = [
+        (src, ev)
+        for (src, ev), (dst, _) in TRANSITIONS.items()
+        if dst is S.STAGING and ev is not E.RESTART
+    ]
     assert into_staging == [(S.VERIFYING, E.VERIFIED)]
 
 
@@ -119,18 +134,52 @@ def run_chain(events: list[Event], start: State = S.IDLE) -> list[State]:
 
 CHAINS = {
     "happy_path": (
-        [E.CHECK, E.UPDATE_AVAILABLE, E.DOWNLOADED, E.VERIFIED, E.STAGED, E.SMOKE_PASSED,
-         E.SWITCHED, E.PROBATION_PASSED, E.REPORTED],
-        [S.IDLE, S.CHECKING, S.DOWNLOADING, S.VERIFYING, S.STAGING, S.SMOKE_TESTING,
-         S.SWITCHING, S.PROBATION, S.COMMITTED, S.IDLE],
+        [
+            E.CHECK,
+            E.UPDATE_AVAILABLE,
+            E.DOWNLOADED,
+            E.VERIFIED,
+            E.STAGED,
+            E.SMOKE_PASSED,
+            E.SWITCHED,
+            E.PROBATION_PASSED,
+            E.REPORTED,
+        ],
+        [
+            S.IDLE,
+            S.CHECKING,
+            S.DOWNLOADING,
+            S.VERIFYING,
+            S.STAGING,
+            S.SMOKE_TESTING,
+            S.SWITCHING,
+            S.PROBATION,
+            S.COMMITTED,
+            S.IDLE,
+        ],
     ),
     "nothing_new": ([E.CHECK, E.NO_CHANGE], [S.IDLE, S.CHECKING, S.IDLE]),
     "server_down": ([E.CHECK, E.CHECK_FAILED], [S.IDLE, S.CHECKING, S.IDLE]),
     "local_install": (
-        [E.INSTALL_LOCAL, E.VERIFIED, E.STAGED, E.SMOKE_PASSED, E.SWITCHED,
-         E.PROBATION_PASSED, E.REPORTED],
-        [S.IDLE, S.VERIFYING, S.STAGING, S.SMOKE_TESTING, S.SWITCHING, S.PROBATION,
-         S.COMMITTED, S.IDLE],
+        [
+            E.INSTALL_LOCAL,
+            E.VERIFIED,
+            E.STAGED,
+            E.SMOKE_PASSED,
+            E.SWITCHED,
+            E.PROBATION_PASSED,
+            E.REPORTED,
+        ],
+        [
+            S.IDLE,
+            S.VERIFYING,
+            S.STAGING,
+            S.SMOKE_TESTING,
+            S.SWITCHING,
+            S.PROBATION,
+            S.COMMITTED,
+            S.IDLE,
+        ],
     ),
     "download_fails": (
         [E.CHECK, E.UPDATE_AVAILABLE, E.DOWNLOAD_ERROR, E.REPORTED],
@@ -149,26 +198,77 @@ CHAINS = {
         [S.IDLE, S.VERIFYING, S.STAGING, S.SMOKE_TESTING, S.SMOKE_FAILED, S.IDLE],
     ),
     "probation_fails_and_rolls_back": (
-        [E.INSTALL_LOCAL, E.VERIFIED, E.STAGED, E.SMOKE_PASSED, E.SWITCHED,
-         E.PROBATION_ERROR, E.REPORTED, E.ROLLED_BACK, E.REPORTED],
-        [S.IDLE, S.VERIFYING, S.STAGING, S.SMOKE_TESTING, S.SWITCHING, S.PROBATION,
-         S.PROBATION_FAILED, S.ROLLING_BACK, S.ROLLED_BACK, S.IDLE],
+        [
+            E.INSTALL_LOCAL,
+            E.VERIFIED,
+            E.STAGED,
+            E.SMOKE_PASSED,
+            E.SWITCHED,
+            E.PROBATION_ERROR,
+            E.REPORTED,
+            E.ROLLED_BACK,
+            E.REPORTED,
+        ],
+        [
+            S.IDLE,
+            S.VERIFYING,
+            S.STAGING,
+            S.SMOKE_TESTING,
+            S.SWITCHING,
+            S.PROBATION,
+            S.PROBATION_FAILED,
+            S.ROLLING_BACK,
+            S.ROLLED_BACK,
+            S.IDLE,
+        ],
     ),
     "switch_fails_and_rolls_back": (
-        [E.INSTALL_LOCAL, E.VERIFIED, E.STAGED, E.SMOKE_PASSED, E.SWITCH_ERROR,
-         E.ROLLED_BACK, E.REPORTED],
-        [S.IDLE, S.VERIFYING, S.STAGING, S.SMOKE_TESTING, S.SWITCHING, S.ROLLING_BACK,
-         S.ROLLED_BACK, S.IDLE],
+        [
+            E.INSTALL_LOCAL,
+            E.VERIFIED,
+            E.STAGED,
+            E.SMOKE_PASSED,
+            E.SWITCH_ERROR,
+            E.ROLLED_BACK,
+            E.REPORTED,
+        ],
+        [
+            S.IDLE,
+            S.VERIFYING,
+            S.STAGING,
+            S.SMOKE_TESTING,
+            S.SWITCHING,
+            S.ROLLING_BACK,
+            S.ROLLED_BACK,
+            S.IDLE,
+        ],
     ),
     "manual_rollback": (
         [E.ROLLBACK_REQUESTED, E.ROLLED_BACK, E.REPORTED],
         [S.IDLE, S.ROLLING_BACK, S.ROLLED_BACK, S.IDLE],
     ),
     "shadow": (
-        [E.CHECK, E.SHADOW_AVAILABLE, E.DOWNLOADED, E.VERIFIED, E.STAGED,
-         E.SMOKE_PASSED_SHADOW, E.SHADOW_LOADED, E.REPORTED],
-        [S.IDLE, S.CHECKING, S.DOWNLOADING, S.VERIFYING, S.STAGING, S.SMOKE_TESTING,
-         S.SHADOW_LOADING, S.SHADOW_STARTED, S.IDLE],
+        [
+            E.CHECK,
+            E.SHADOW_AVAILABLE,
+            E.DOWNLOADED,
+            E.VERIFIED,
+            E.STAGED,
+            E.SMOKE_PASSED_SHADOW,
+            E.SHADOW_LOADED,
+            E.REPORTED,
+        ],
+        [
+            S.IDLE,
+            S.CHECKING,
+            S.DOWNLOADING,
+            S.VERIFYING,
+            S.STAGING,
+            S.SMOKE_TESTING,
+            S.SHADOW_LOADING,
+            S.SHADOW_STARTED,
+            S.IDLE,
+        ],
     ),
 }
 
@@ -180,14 +280,24 @@ def test_state_chain(name: str) -> None:
 
 
 RESTARTS = {
-    S.IDLE: S.IDLE, S.CHECKING: S.CHECKING, S.DOWNLOADING: S.DOWNLOADING,
-    S.VERIFYING: S.VERIFYING, S.STAGING: S.STAGING, S.SMOKE_TESTING: S.SMOKE_TESTING,
-    S.SHADOW_LOADING: S.SHADOW_LOADING, S.SHADOW_STARTED: S.SHADOW_STARTED,
-    S.SWITCHING: S.SWITCHING, S.PROBATION: S.PROBATION,
-    S.COMMITTED: S.COMMITTED, S.DOWNLOAD_FAILED: S.DOWNLOAD_FAILED,
-    S.VERIFY_FAILED: S.VERIFY_FAILED, S.STAGE_FAILED: S.STAGE_FAILED,
-    S.SMOKE_FAILED: S.SMOKE_FAILED, S.PROBATION_FAILED: S.PROBATION_FAILED,
-    S.ROLLING_BACK: S.ROLLING_BACK, S.ROLLED_BACK: S.ROLLED_BACK,
+    S.IDLE: S.IDLE,
+    S.CHECKING: S.CHECKING,
+    S.DOWNLOADING: S.DOWNLOADING,
+    S.VERIFYING: S.VERIFYING,
+    S.STAGING: S.STAGING,
+    S.SMOKE_TESTING: S.SMOKE_TESTING,
+    S.SHADOW_LOADING: S.SHADOW_LOADING,
+    S.SHADOW_STARTED: S.SHADOW_STARTED,
+    S.SWITCHING: S.SWITCHING,
+    S.PROBATION: S.PROBATION,
+    S.COMMITTED: S.COMMITTED,
+    S.DOWNLOAD_FAILED: S.DOWNLOAD_FAILED,
+    S.VERIFY_FAILED: S.VERIFY_FAILED,
+    S.STAGE_FAILED: S.STAGE_FAILED,
+    S.SMOKE_FAILED: S.SMOKE_FAILED,
+    S.PROBATION_FAILED: S.PROBATION_FAILED,
+    S.ROLLING_BACK: S.ROLLING_BACK,
+    S.ROLLED_BACK: S.ROLLED_BACK,
 }
 
 

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from tests.server_fixtures import Fleet
 
 
-
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -49,8 +48,11 @@ def required_role(route: APIRoute) -> Role | None:
     return None
 
 
-ROUTES = [(API_PREFIX + path, method, route) for path, route in iter_routes(api_router)
-          for method in sorted(route.methods)]
+ROUTES = [
+    (API_PREFIX + path, method, route)
+    for path, route in iter_routes(api_router)
+    for method in sorted(route.methods)
+]
 
 
 def _url(path: str) -> str:
@@ -66,23 +68,30 @@ def _call(fleet: Fleet, method: str, path: str, headers: dict[str, str]) -> Any:
 
 def test_route_walk_covers_every_documented_admin_operation(fleet: Fleet) -> None:
     schema = fleet.client.get("/openapi.json").json()
-    documented = {(p, m.upper()) for p, ops in schema["paths"].items()
-                  for m in ops if p.startswith(API_PREFIX)}
+    documented = {
+        (p, m.upper())
+        for p, ops in schema["paths"].items()
+        for m in ops
+        if p.startswith(API_PREFIX)
+    }
     walked = {(p, m) for p, m, _ in ROUTES}
     assert walked == documented
     assert len(walked) > 30
 
 
-@pytest.mark.parametrize(("path", "method"), [(p, m) for p, m, _ in ROUTES],
-                         ids=[f"{m} {p}" for p, m, _ in ROUTES])
+@pytest.mark.parametrize(
+    ("path", "method"), [(p, m) for p, m, _ in ROUTES], ids=[f"{m} {p}" for p, m, _ in ROUTES]
+)
 def test_every_admin_route_declares_a_role(path: str, method: str) -> None:
     route = next(r for p, m, r in ROUTES if p == path and m == method)
     assert required_role(route) is not None, f"{method} {path} has no RoleRequirement"
 
 
 def test_every_admin_route_refuses_missing_wrong_and_insufficient_tokens(fleet: Fleet) -> None:
-    tokens = {Role.viewer: fleet.operator_token("viewer"),
-              Role.operator: fleet.operator_token("operator")}
+    tokens = {
+        Role.viewer: fleet.operator_token("viewer"),
+        Role.operator: fleet.operator_token("operator"),
+    }
     checked = 0
     for path, method, route in ROUTES:
         role = required_role(route)
@@ -106,8 +115,9 @@ def test_every_admin_route_refuses_missing_wrong_and_insufficient_tokens(fleet: 
 
 
 def test_revoked_and_expired_operator_tokens_are_refused(fleet: Fleet) -> None:
-    r = fleet.client.post("/api/v1/operators", headers=fleet.admin,
-                          json={"name": "ann", "role": "operator"})
+    r = fleet.client.post(
+        "/api/v1/operators", headers=fleet.admin, json={"name": "ann", "role": "operator"}
+    )
     op = r.json()["id"]
     t = fleet.client.post(f"/api/v1/operators/{op}/tokens", headers=fleet.admin, json={}).json()
     assert fleet.client.get("/api/v1/whoami", headers=auth(t["token"])).json()["name"] == "ann"
@@ -124,25 +134,32 @@ def test_tokens_are_stored_hashed(fleet: Fleet) -> None:
 
     with fleet.ctx.engine.connect() as conn:
         dump = " ".join(
-            str(row) for table in ("operator_tokens", "enrollment_tokens", "devices")
-            for row in conn.execute(text(f"SELECT * FROM {table}")))
+            str(row)
+            for table in ("operator_tokens", "enrollment_tokens", "devices")
+            for row in conn.execute(text(f"SELECT * FROM {table}"))
+        )
     for secret in (token, enroll, dev):
         assert secret not in dump
 
 
 def test_device_routes_refuse_missing_credentials(fleet: Fleet) -> None:
-    for method, path in (("GET", "/device/v1/assignment"), ("GET", "/device/v1/bundles/b-1"),
-                         ("POST", "/device/v1/reports")):
+    for method, path in (
+        ("GET", "/device/v1/assignment"),
+        ("GET", "/device/v1/bundles/b-1"),
+        ("POST", "/device/v1/reports"),
+    ):
         r = fleet.client.request(method, path, json={"reports": []} if method == "POST" else None)
         assert r.status_code == 401, (method, path)
 
 
 def test_mutating_admin_actions_are_audited(fleet: Fleet) -> None:
     fleet.enroll("cam-1")
-    fleet.client.patch("/api/v1/devices/cam-1/labels", headers=fleet.admin,
-                       json={"set": {"site": "x"}})
-    fleet.client.post("/api/v1/groups", headers=fleet.admin,
-                      json={"name": "g", "selector": {"site": "x"}})
+    fleet.client.patch(
+        "/api/v1/devices/cam-1/labels", headers=fleet.admin, json={"set": {"site": "x"}}
+    )
+    fleet.client.post(
+        "/api/v1/groups", headers=fleet.admin, json={"name": "g", "selector": {"site": "x"}}
+    )
     log = fleet.client.get("/api/v1/audit", headers=fleet.admin).json()["items"]
     actions = [e["action"] for e in log]
     assert actions[:3] == ["group.create", "device.labels", "device.enroll"]

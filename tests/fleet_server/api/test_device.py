@@ -19,14 +19,15 @@ if TYPE_CHECKING:
     from tests.server_fixtures import Fleet
 
 
-
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
 def _enroll(fleet: Fleet, token: str, device_id: str, device_class: str = "cam") -> object:
-    return fleet.client.post("/device/v1/enroll", json={
-        "enrollment_token": token, "device_id": device_id, "device_class": device_class})
+    return fleet.client.post(
+        "/device/v1/enroll",
+        json={"enrollment_token": token, "device_id": device_id, "device_class": device_class},
+    )
 
 
 def test_enrollment_token_is_single_use(fleet: Fleet) -> None:
@@ -72,9 +73,15 @@ def test_enrolling_an_existing_device_id_conflicts(fleet: Fleet) -> None:
 
 def test_enrollment_token_labels_are_applied(fleet: Fleet) -> None:
     token = fleet.enrollment_token(labels={"site": "north"})
-    r = fleet.client.post("/device/v1/enroll", json={
-        "enrollment_token": token, "device_id": "cam-9", "device_class": "cam",
-        "labels": {"floor": "2"}})
+    r = fleet.client.post(
+        "/device/v1/enroll",
+        json={
+            "enrollment_token": token,
+            "device_id": "cam-9",
+            "device_class": "cam",
+            "labels": {"floor": "2"},
+        },
+    )
     assert r.json()["labels"] == {"site": "north", "floor": "2"}
 
 
@@ -85,8 +92,9 @@ def test_checkin_returns_etag_and_304_when_unchanged(fleet: Fleet) -> None:
     doc = first.json()
     assert doc["device_id"] == "cam-1" and doc["desired"] is None
     assert first.headers["etag"] == f'"{doc["assignment_id"]}"'
-    again = fleet.client.get("/device/v1/assignment",
-                             headers={**dev, "If-None-Match": first.headers["etag"]})
+    again = fleet.client.get(
+        "/device/v1/assignment", headers={**dev, "If-None-Match": first.headers["etag"]}
+    )
     assert again.status_code == 304
     assert again.content == b""
     stale = fleet.client.get("/device/v1/assignment", headers={**dev, "If-None-Match": '"old"'})
@@ -167,9 +175,24 @@ def test_operator_token_is_not_a_device_credential(fleet: Fleet) -> None:
 def test_install_report_updates_device_and_is_stored(fleet: Fleet) -> None:
     dev = fleet.enroll("cam-1")
     bundle = fleet.upload_bundle(version=4)
-    r = fleet.client.post("/device/v1/reports", headers=dev, json={"reports": [
-        {"type": "install", "outcome": "installed", "name": "tiny", "version": 4,
-         "error_code": None, "message": "ok", "state": "committed", "ts": 1760000000.0}]})
+    r = fleet.client.post(
+        "/device/v1/reports",
+        headers=dev,
+        json={
+            "reports": [
+                {
+                    "type": "install",
+                    "outcome": "installed",
+                    "name": "tiny",
+                    "version": 4,
+                    "error_code": None,
+                    "message": "ok",
+                    "state": "committed",
+                    "ts": 1760000000.0,
+                }
+            ]
+        },
+    )
     assert r.status_code == 200 and r.json() == {"accepted": 1}
     d = fleet.client.get("/api/v1/devices/cam-1", headers=fleet.admin).json()
     assert d["current_version"] == 4 and d["current_bundle_id"] == bundle["id"]
@@ -181,9 +204,24 @@ def test_device_health_follows_its_install_reports(fleet: Fleet) -> None:
     fleet.upload_bundle(version=4)
 
     def report(outcome: str, code: str | None) -> dict[str, Any]:
-        r = fleet.client.post("/device/v1/reports", headers=dev, json={"reports": [
-            {"type": "install", "outcome": outcome, "name": "tiny", "version": 4,
-             "error_code": code, "message": "", "state": "idle", "ts": 1760000000.0}]})
+        r = fleet.client.post(
+            "/device/v1/reports",
+            headers=dev,
+            json={
+                "reports": [
+                    {
+                        "type": "install",
+                        "outcome": outcome,
+                        "name": "tiny",
+                        "version": 4,
+                        "error_code": code,
+                        "message": "",
+                        "state": "idle",
+                        "ts": 1760000000.0,
+                    }
+                ]
+            },
+        )
         assert r.status_code == 200
         return dict(fleet.client.get("/api/v1/devices/cam-1", headers=fleet.admin).json())
 
@@ -194,8 +232,7 @@ def test_device_health_follows_its_install_reports(fleet: Fleet) -> None:
 
 def test_malformed_report_is_a_validation_error(fleet: Fleet) -> None:
     dev = fleet.enroll("cam-1")
-    r = fleet.client.post("/device/v1/reports", headers=dev,
-                          json={"reports": [{"type": "bogus"}]})
+    r = fleet.client.post("/device/v1/reports", headers=dev, json={"reports": [{"type": "bogus"}]})
     assert r.status_code == 422
     assert r.json()["error"]["code"] == "validation_error"
 
@@ -203,8 +240,11 @@ def test_malformed_report_is_a_validation_error(fleet: Fleet) -> None:
 def test_uploaded_bundle_signed_by_unknown_key_is_rejected(fleet: Fleet, tmp_path: Path) -> None:
     path = fleet.sim.publish(signers=("stranger",))
     with open(path, "rb") as f:
-        r = fleet.client.post("/api/v1/bundles", headers=fleet.admin,
-                              files={"file": ("b.efb", f, "application/octet-stream")})
+        r = fleet.client.post(
+            "/api/v1/bundles",
+            headers=fleet.admin,
+            files={"file": ("b.efb", f, "application/octet-stream")},
+        )
     assert r.status_code == 422
     assert r.json()["error"]["code"] == "bundle_rejected"
     assert not list((tmp_path / "bundles").glob("*.efb"))
@@ -214,20 +254,37 @@ def test_uploading_the_same_bundle_twice_conflicts(fleet: Fleet) -> None:
     path = fleet.sim.publish(version=5, created=utcnow().replace(microsecond=0))
     for expected in (201, 409):
         with open(path, "rb") as f:
-            r = fleet.client.post("/api/v1/bundles", headers=fleet.admin,
-                                  files={"file": ("b.efb", f, "application/octet-stream")})
+            r = fleet.client.post(
+                "/api/v1/bundles",
+                headers=fleet.admin,
+                files={"file": ("b.efb", f, "application/octet-stream")},
+            )
         assert r.status_code == expected, r.text
 
 
 def test_rollback_report_counts_against_the_bundle_rolled_back_from(fleet: Fleet) -> None:
     dev = fleet.enroll("cam-1")
-    r = fleet.client.post("/device/v1/reports", headers=dev, json={"reports": [
-        {"type": "install", "outcome": "rolled_back", "name": "tiny", "version": 2,
-         "rolled_back_from": {"name": "tiny", "version": 3, "bundle_id": "b-x"},
-         "error_code": "probation_failed", "ts": 1760000000.0}]})
+    r = fleet.client.post(
+        "/device/v1/reports",
+        headers=dev,
+        json={
+            "reports": [
+                {
+                    "type": "install",
+                    "outcome": "rolled_back",
+                    "name": "tiny",
+                    "version": 2,
+                    "rolled_back_from": {"name": "tiny", "version": 3, "bundle_id": "b-x"},
+                    "error_code": "probation_failed",
+                    "ts": 1760000000.0,
+                }
+            ]
+        },
+    )
     assert r.status_code == 200
     d = fleet.client.get("/api/v1/devices/cam-1", headers=fleet.admin).json()
     assert d["current_version"] == 2
-    v3 = fleet.client.get("/api/v1/telemetry", headers=fleet.admin,
-                          params={"name": "tiny", "version": 3}).json()
+    v3 = fleet.client.get(
+        "/api/v1/telemetry", headers=fleet.admin, params={"name": "tiny", "version": 3}
+    ).json()
     assert v3["installs"]["outcomes"] == {"rolled_back": 1}

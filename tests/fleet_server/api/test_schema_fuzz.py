@@ -28,14 +28,20 @@ def test_no_server_errors(module_server: LiveServer) -> None:
 
     def fuzz(op: Any) -> None:
         @given(case=op.as_strategy())
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def run(case: Any) -> None:
             response = case.call(base_url=module_server.url, headers=headers)
             calls[0] += 1
             if response.status_code >= 500:
-                failures.append(f"{op.method.upper()} {op.path}: {response.status_code} "
-                                f"{response.text[:200]} <- {case.as_curl_command()}")
+                failures.append(
+                    f"{op.method.upper()} {op.path}: {response.status_code} "
+                    f"{response.text[:200]} <- {case.as_curl_command()}"
+                )
 
         run()
 

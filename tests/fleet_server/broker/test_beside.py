@@ -19,8 +19,11 @@ from tests.bundlesim import BundleSim
 
 def _connect(port: int, user: str, password: str, version: int) -> tuple[mqtt.Client, object]:
     result: list[object] = []
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{user}-{time.time()}",
-                    protocol=mqtt.MQTTv311 if version == 4 else mqtt.MQTTv5)
+    c = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"{user}-{time.time()}",
+        protocol=mqtt.MQTTv311 if version == 4 else mqtt.MQTTv5,
+    )
     c.username_pw_set(user, password)
     c.on_connect = lambda _c, _u, _f, rc, _p: result.append(rc)
     c.connect("127.0.0.1", port)
@@ -38,19 +41,28 @@ def test_enrolled_device_reaches_the_broker_and_a_revoked_one_does_not(
     trust = tmp_path / "trust.json"
     sim.trust("release").save(trust)
     token = "srv-admin-" + secrets.token_urlsafe(24)
-    server = ServerProcess(tmp_path / "server", {
-        "environment": "development", "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}",
-        "bundle_dir": str(tmp_path / "bundles"), "trust_store": str(trust),
-        "admin_bootstrap_token": token, "broker": kind,
-        "broker_dir": str(tmp_path / "broker")})
+    server = ServerProcess(
+        tmp_path / "server",
+        {
+            "environment": "development",
+            "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}",
+            "bundle_dir": str(tmp_path / "bundles"),
+            "trust_store": str(trust),
+            "admin_bootstrap_token": token,
+            "broker": kind,
+            "broker_dir": str(tmp_path / "broker"),
+        },
+    )
     clients: list[mqtt.Client] = []
     try:
         server.start()
         admin = AdminClient(server.url, token)
         enroll_token = admin.post("/enrollment-tokens", json={"device_class": "gw"})["token"]
-        enrolled = httpx.post(f"{server.url}/device/v1/enroll", json={
-            "enrollment_token": enroll_token, "device_class": "gw", "device_id": "gw-1"},
-            timeout=30).json()
+        enrolled = httpx.post(
+            f"{server.url}/device/v1/enroll",
+            json={"enrollment_token": enroll_token, "device_class": "gw", "device_id": "gw-1"},
+            timeout=30,
+        ).json()
         users = json.loads((tmp_path / "broker" / "users.json").read_text())
         assert "gw-1" in users and enrolled["credential"] not in json.dumps(users)
         where = json.loads((tmp_path / "broker" / "broker.json").read_text())
@@ -59,11 +71,17 @@ def test_enrolled_device_reaches_the_broker_and_a_revoked_one_does_not(
         device, rc = _connect(port, "gw-1", enrolled["credential"], version)
         clients.append(device)
         assert rc is not None and not rc.is_failure, rc  # type: ignore[attr-defined]
-        record = {"seq": 1, "kind": "summary", "ts": time.time(),
-                  "body": {"name": "m", "version": 1, "count": 10, "errors": 0}}
-        device.publish(telemetry_topic("gw-1", "summary"),
-                       json.dumps({"device_id": "gw-1", "records": [record]}),
-                       qos=1).wait_for_publish(5)
+        record = {
+            "seq": 1,
+            "kind": "summary",
+            "ts": time.time(),
+            "body": {"name": "m", "version": 1, "count": 10, "errors": 0},
+        }
+        device.publish(
+            telemetry_topic("gw-1", "summary"),
+            json.dumps({"device_id": "gw-1", "records": [record]}),
+            qos=1,
+        ).wait_for_publish(5)
         deadline = time.monotonic() + 10
         stored = 0
         while time.monotonic() < deadline and not stored:

@@ -22,13 +22,15 @@ OPS = ("rollout", "devices", "enroll-token", "models", "bundles", "server")
 
 
 def _run(server: LiveServer, *args: str, token: str = ADMIN_TOKEN) -> Any:
-    result = CliRunner().invoke(main, list(args), env={"EDGEFLEET_URL": server.url,
-                                                       "EDGEFLEET_TOKEN": token})
+    result = CliRunner().invoke(
+        main, list(args), env={"EDGEFLEET_URL": server.url, "EDGEFLEET_TOKEN": token}
+    )
     return result
 
 
-def _walk(cmd: click.Command, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...],
-                                                                         click.Command]]:
+def _walk(
+    cmd: click.Command, path: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], click.Command]]:
     out = [(path, cmd)]
     if isinstance(cmd, click.Group):
         for name, sub in cmd.commands.items():
@@ -49,8 +51,10 @@ def test_operator_workflow_over_http(live_server: LiveServer, bundle_sim: Bundle
     token = _run(s, "enroll-token", "create", "--label", "site=north", "--ttl", "600")
     assert token.exit_code == 0, token.output
     enroll_token = token.output.splitlines()[0]
-    enrolled = httpx.post(f"{s.url}/device/v1/enroll", json={
-        "enrollment_token": enroll_token, "device_id": "cam-1", "device_class": "cam"})
+    enrolled = httpx.post(
+        f"{s.url}/device/v1/enroll",
+        json={"enrollment_token": enroll_token, "device_id": "cam-1", "device_class": "cam"},
+    )
     assert enrolled.status_code == 201
 
     listed = _run(s, "devices", "list", "--label", "site=north")
@@ -68,15 +72,38 @@ def test_operator_workflow_over_http(live_server: LiveServer, bundle_sim: Bundle
     models = _run(s, "models", "list")
     assert "tiny" in models.output and "2,3" in models.output
 
-    httpx.post(f"{s.url}/api/v1/groups", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-               json={"name": "north", "selector": {"site": "north"}}).raise_for_status()
-    created = _run(s, "rollout", "create", "--name", "v3", "--bundle", b3["id"], "--group",
-                   "north", "--stage", "50:1:0", "--stage", "100:1:0", "--gate",
-                   "install_failure_rate:0.1:1", "--start", "--json")
+    httpx.post(
+        f"{s.url}/api/v1/groups",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        json={"name": "north", "selector": {"site": "north"}},
+    ).raise_for_status()
+    created = _run(
+        s,
+        "rollout",
+        "create",
+        "--name",
+        "v3",
+        "--bundle",
+        b3["id"],
+        "--group",
+        "north",
+        "--stage",
+        "50:1:0",
+        "--stage",
+        "100:1:0",
+        "--gate",
+        "install_failure_rate:0.1:1",
+        "--start",
+        "--json",
+    )
     assert created.exit_code == 0, created.output
     rid = json.loads(created.output)["id"]
-    for action, status in (("pause", "paused"), ("resume", "running"), ("promote", "running"),
-                           ("abort", "aborted")):
+    for action, status in (
+        ("pause", "paused"),
+        ("resume", "running"),
+        ("promote", "running"),
+        ("abort", "aborted"),
+    ):
         r = _run(s, "rollout", action, rid, "--reason", "cli test", "--json")
         assert r.exit_code == 0, r.output
         assert json.loads(r.output)["status"] == status
@@ -92,8 +119,7 @@ def test_cli_reports_api_errors_with_their_code(live_server: LiveServer) -> None
 
 
 def test_cli_reports_unreachable_server() -> None:
-    r = CliRunner().invoke(main, ["models", "list", "--url", "http://127.0.0.1:9",
-                                  "--token", "x"])
+    r = CliRunner().invoke(main, ["models", "list", "--url", "http://127.0.0.1:9", "--token", "x"])
     assert r.exit_code == 1 and "cannot reach the server" in r.output
 
 

@@ -11,7 +11,6 @@ from fleet_server.db.base import Base
 from fleet_server.db.session import import_all_tables, make_engine, upgrade_database
 
 
-
 def test_migrations_match_the_models(db_url: str) -> None:
     import_all_tables()
     engine = make_engine(db_url)
@@ -22,7 +21,14 @@ def test_migrations_match_the_models(db_url: str) -> None:
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diff == [], f"models changed without a migration: {diff}"
         tables = set(inspect(engine).get_table_names())
-        assert {"devices", "bundles", "rollouts", "audit_log", "telemetry_summaries",
-                "telemetry_events", "telemetry_samples"} <= tables
+        assert {
+            "devices",
+            "bundles",
+            "rollouts",
+            "audit_log",
+            "telemetry_summaries",
+            "telemetry_events",
+            "telemetry_samples",
+        } <= tables
     finally:
         engine.dispose()

@@ -17,12 +17,19 @@ from tests.bundlesim import BundleSim
 def test_three_device_classes_ship_with_the_project() -> None:
     classes = {name: load_class(name) for name in list_classes()}
     assert {"x86_64-gateway", "aarch64-board", "aarch64-legacy"} <= set(classes)
-    gw, board, legacy = (classes[n] for n in ("x86_64-gateway", "aarch64-board",
-                                              "aarch64-legacy"))
+    gw, board, legacy = (classes[n] for n in ("x86_64-gateway", "aarch64-board", "aarch64-legacy"))
     assert (gw.architecture, gw.model_format, gw.precision, gw.extra) == (
-        "x86_64", "onnx", "float32", "agent-onnx")
+        "x86_64",
+        "onnx",
+        "float32",
+        "agent-onnx",
+    )
     assert (board.architecture, board.model_format, board.precision, board.extra) == (
-        "aarch64", "tflite", "int8", "agent-tflite")
+        "aarch64",
+        "tflite",
+        "int8",
+        "agent-tflite",
+    )
     assert legacy.extra == "agent-tflite-legacy" and legacy.architecture == "aarch64"
 
 
@@ -47,15 +54,26 @@ def trust_file(release: BundleSim) -> Path:
 @pytest.fixture(scope="module")
 def x86_image(tmp_path_factory: pytest.TempPathFactory, trust_file: Path):
     out = tmp_path_factory.mktemp("images")
-    return build_image(load_class("x86_64-gateway"), out_dir=out, trust_store=trust_file,
-                       server_url="http://127.0.0.1:9", mqtt_host="127.0.0.1", mqtt_port=9)
+    return build_image(
+        load_class("x86_64-gateway"),
+        out_dir=out,
+        trust_store=trust_file,
+        server_url="http://127.0.0.1:9",
+        mqtt_host="127.0.0.1",
+        mqtt_port=9,
+    )
 
 
 def test_image_lists_every_file_with_its_hash(x86_image) -> None:
     meta = json.loads((x86_image.directory / "image.json").read_text())
     assert meta["device_class"] == "x86_64-gateway" and meta["image_version"] == x86_image.version
-    for rel in ("agent.toml", "trust.json", "install.sh", "firstboot.sh",
-                "edgefleet-agent.service"):
+    for rel in (
+        "agent.toml",
+        "trust.json",
+        "install.sh",
+        "firstboot.sh",
+        "edgefleet-agent.service",
+    ):
         assert rel in meta["files"]
     assert any(name.startswith("wheels/onnxruntime-") for name in meta["files"])
     assert x86_image.archive.exists()
@@ -76,8 +94,14 @@ def test_x86_image_installs_with_no_package_index_and_verifies_bundles(
     prefix, conf, state = tmp_path / "opt", tmp_path / "etc", tmp_path / "state"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env.update(EDGEFLEET_NO_SYSTEMD="1", PIP_NO_INDEX="1")
-    cmd = [*_no_network_prefix(), "sh", str(x86_image.directory / "install.sh"),
-           str(prefix), str(conf), str(state)]
+    cmd = [
+        *_no_network_prefix(),
+        "sh",
+        str(x86_image.directory / "install.sh"),
+        str(prefix),
+        str(conf),
+        str(state),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr
     agent = prefix / "venv" / "bin" / "edgefleet-agent"
@@ -88,19 +112,28 @@ def test_x86_image_installs_with_no_package_index_and_verifies_bundles(
     assert f'trust_store = "{conf}/trust.json"' in config and "@" not in config
     # the installed agent trusts exactly the image's trust root
     bundle = release.publish(version=3)
-    ok = subprocess.run([str(agent), "verify", str(bundle), "--trust-store",
-                         str(conf / "trust.json")], capture_output=True, text=True)
+    ok = subprocess.run(
+        [str(agent), "verify", str(bundle), "--trust-store", str(conf / "trust.json")],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     stranger = release.publish(version=4, signers=("someone-else",))
-    bad = subprocess.run([str(agent), "verify", str(stranger), "--trust-store",
-                          str(conf / "trust.json")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [str(agent), "verify", str(stranger), "--trust-store", str(conf / "trust.json")],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and "UntrustedKeyError" in bad.stderr
 
 
-@pytest.mark.parametrize("name,runtime_wheel,numpy_major", [
-    ("aarch64-board", "ai_edge_litert-", 2),
-    ("aarch64-legacy", "tflite_runtime-2.14.0-", 1),
-])
+@pytest.mark.parametrize(
+    "name,runtime_wheel,numpy_major",
+    [
+        ("aarch64-board", "ai_edge_litert-", 2),
+        ("aarch64-legacy", "tflite_runtime-2.14.0-", 1),
+    ],
+)
 def test_aarch64_images_carry_aarch64_wheels(
     name: str, runtime_wheel: str, numpy_major: int, tmp_path: Path, trust_file: Path
 ) -> None:
@@ -127,50 +160,91 @@ def test_installed_image_enrolls_and_receives_a_bundle(
     broker.add_user(SERVER_USER, "server-pw")
     broker.start()
     admin_token = "img-admin-" + secrets.token_urlsafe(24)
-    server = ServerProcess(tmp_path / "server", {
-        "environment": "development", "database_url": f"sqlite:///{tmp_path / 'server.db'}",
-        "bundle_dir": str(tmp_path / "bundles"), "trust_store": str(trust_file),
-        "admin_bootstrap_token": admin_token, "mqtt_host": "127.0.0.1",
-        "mqtt_port": str(broker.port), "mqtt_username": SERVER_USER,
-        "mqtt_password": "server-pw"})
+    server = ServerProcess(
+        tmp_path / "server",
+        {
+            "environment": "development",
+            "database_url": f"sqlite:///{tmp_path / 'server.db'}",
+            "bundle_dir": str(tmp_path / "bundles"),
+            "trust_store": str(trust_file),
+            "admin_bootstrap_token": admin_token,
+            "mqtt_host": "127.0.0.1",
+            "mqtt_port": str(broker.port),
+            "mqtt_username": SERVER_USER,
+            "mqtt_password": "server-pw",
+        },
+    )
     agent_proc: subprocess.Popen[bytes] | None = None
     try:
         server.start()
         admin = AdminClient(server.url, admin_token)
-        image = build_image(load_class("x86_64-gateway"), out_dir=tmp_path / "images",
-                            trust_store=trust_file, server_url=server.url,
-                            mqtt_host="127.0.0.1", mqtt_port=broker.port)
+        image = build_image(
+            load_class("x86_64-gateway"),
+            out_dir=tmp_path / "images",
+            trust_store=trust_file,
+            server_url=server.url,
+            mqtt_host="127.0.0.1",
+            mqtt_port=broker.port,
+        )
         prefix, conf, state = tmp_path / "opt", tmp_path / "etc", tmp_path / "state"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
         env.update(EDGEFLEET_NO_SYSTEMD="1", PIP_NO_INDEX="1")
-        out = subprocess.run([*_no_network_prefix(), "sh", str(image.directory / "install.sh"),
-                              str(prefix), str(conf), str(state)],
-                             capture_output=True, text=True, env=env, timeout=600)
+        out = subprocess.run(
+            [
+                *_no_network_prefix(),
+                "sh",
+                str(image.directory / "install.sh"),
+                str(prefix),
+                str(conf),
+                str(state),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert out.returncode == 0, out.stderr
 
         bundle = admin.upload_bundle(release.publish(version=3))
-        group = admin.post("/groups", json={"name": "gateways",
-                                            "device_class": "x86_64-gateway"})
+        group = admin.post("/groups", json={"name": "gateways", "device_class": "x86_64-gateway"})
         token = admin.post("/enrollment-tokens", json={"device_class": "x86_64-gateway"})
         (conf / "enrollment-token").write_text(token["token"])
-        first = subprocess.run([str(prefix / "firstboot.sh")], capture_output=True, text=True,
-                               env=env, timeout=120)
+        first = subprocess.run(
+            [str(prefix / "firstboot.sh")], capture_output=True, text=True, env=env, timeout=120
+        )
         assert first.returncode == 0, first.stderr
         assert not (conf / "enrollment-token").exists(), "the one-time token is consumed"
         device_id = json.loads((state / "identity.json").read_text())["device_id"]
         broker.add_user(device_id, (conf / "device-credential").read_text().strip())
         broker.reload()
-        admin.post("/rollouts", json={
-            "name": "first model", "bundle_id": bundle["id"], "group": group["id"],
-            "strategy": "all_at_once", "gates": [], "start": True,
-            "stages": [{"percent": 100, "soak_seconds": 0}]})
+        admin.post(
+            "/rollouts",
+            json={
+                "name": "first model",
+                "bundle_id": bundle["id"],
+                "group": group["id"],
+                "strategy": "all_at_once",
+                "gates": [],
+                "start": True,
+                "stages": [{"percent": 100, "soak_seconds": 0}],
+            },
+        )
 
         agent_proc = subprocess.Popen(
-            [str(prefix / "venv" / "bin" / "edgefleet-agent"), "--config",
-             str(conf / "agent.toml"), "run"],
-            env={**env, "EDGEFLEET_AGENT_SERVER_POLL_SECONDS": "1",
-                 "EDGEFLEET_AGENT_UPDATE_PROBATION_SECONDS": "0"},
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                str(prefix / "venv" / "bin" / "edgefleet-agent"),
+                "--config",
+                str(conf / "agent.toml"),
+                "run",
+            ],
+            env={
+                **env,
+                "EDGEFLEET_AGENT_SERVER_POLL_SECONDS": "1",
+                "EDGEFLEET_AGENT_UPDATE_PROBATION_SECONDS": "0",
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 60
         active: dict[str, object] = {}
         while time.monotonic() < deadline and agent_proc.poll() is None:
@@ -181,7 +255,9 @@ def test_installed_image_enrolls_and_receives_a_bundle(
                     break
             time.sleep(0.3)
         assert active.get("version") == 3, (
-            active, agent_proc.stderr.read().decode()[-2000:] if agent_proc.poll() else "")
+            active,
+            agent_proc.stderr.read().decode()[-2000:] if agent_proc.poll() else "",
+        )
         device = admin.get(f"/devices/{device_id}")
         assert device["device_class"] == "x86_64-gateway"
     finally:

@@ -41,13 +41,21 @@ def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 
 
 @pytest.fixture
-def mqtt_fleet(tmp_path: Path, db_url: str, bundle_sim: BundleSim,
-               broker: MosquittoBroker) -> Iterator[Fleet]:
+def mqtt_fleet(
+    tmp_path: Path, db_url: str, bundle_sim: BundleSim, broker: MosquittoBroker
+) -> Iterator[Fleet]:
     keys_dir, kid, trust_path = server_keys(tmp_path, bundle_sim)
     settings = make_settings(
-        tmp_path, db_url, trust_store=trust_path, signing_key_dir=keys_dir, signing_key=kid,
-        run_scheduler=False, mqtt_host=broker.host, mqtt_port=broker.port,
-        mqtt_username=SERVER_USER, mqtt_password=USERS[SERVER_USER],
+        tmp_path,
+        db_url,
+        trust_store=trust_path,
+        signing_key_dir=keys_dir,
+        signing_key=kid,
+        run_scheduler=False,
+        mqtt_host=broker.host,
+        mqtt_port=broker.port,
+        mqtt_username=SERVER_USER,
+        mqtt_password=USERS[SERVER_USER],
     )
     with TestClient(create_app(settings)) as client:
         yield Fleet(client=client, sim=bundle_sim, tmp=tmp_path)
@@ -60,14 +68,27 @@ def test_assignment_change_is_notified_to_that_device_only(
     fleet.enroll("cam-1")
     fleet.enroll("cam-2")
     bundle = fleet.upload_bundle()
-    with MessageCollector(broker, [notify_topic("cam-1")], username="cam-1",
-                          password=USERS["cam-1"], client_id="cam-1") as mine, \
-         MessageCollector(broker, [notify_topic("cam-1")], username="cam-2",
-                          password=USERS["cam-2"], client_id="cam-2-snoop") as snoop:
+    with (
+        MessageCollector(
+            broker,
+            [notify_topic("cam-1")],
+            username="cam-1",
+            password=USERS["cam-1"],
+            client_id="cam-1",
+        ) as mine,
+        MessageCollector(
+            broker,
+            [notify_topic("cam-1")],
+            username="cam-2",
+            password=USERS["cam-2"],
+            client_id="cam-2-snoop",
+        ) as snoop,
+    ):
         fleet.assign("cam-1", bundle["id"])
         assert mine.wait_for(lambda m: len(m) >= 1, timeout=10)
-        etag = fleet.client.get("/device/v1/assignment",
-                                headers=fleet.enroll_headers["cam-1"]).headers["etag"]
+        etag = fleet.client.get(
+            "/device/v1/assignment", headers=fleet.enroll_headers["cam-1"]
+        ).headers["etag"]
         assert mine.snapshot()[0].json() == {"assignment_id": etag.strip('"')}
         time.sleep(0.3)  # give a forbidden delivery the chance to arrive
         assert snoop.snapshot() == []  # the broker ACL keeps other devices out
@@ -81,20 +102,38 @@ def test_telemetry_published_by_a_device_is_ingested_and_queryable(
     hist = [0] * 19
     hist[9] = 90
     hist[10] = 10
-    body = {"window_start": 0, "window_end": 60, "name": "tiny", "version": 3, "slot": "a",
-            "rollout_id": None, "count": 100, "errors": 4,
-            "latency_ms": {"p50": 7, "p95": 12, "p99": 15, "mean": 8},
-            "latency_hist": hist, "drift": None, "shadow": None,
-            "dropped": {"samples": 0, "summaries": 0}}
-    payload = {"device_id": "cam-1",
-               "records": [{"seq": 1, "kind": "summary", "ts": time.time(), "body": body}]}
-    publish_once(broker, "cam-1", USERS["cam-1"], telemetry_topic("cam-1", "summary"),
-                 json.dumps(payload).encode())
+    body = {
+        "window_start": 0,
+        "window_end": 60,
+        "name": "tiny",
+        "version": 3,
+        "slot": "a",
+        "rollout_id": None,
+        "count": 100,
+        "errors": 4,
+        "latency_ms": {"p50": 7, "p95": 12, "p99": 15, "mean": 8},
+        "latency_hist": hist,
+        "drift": None,
+        "shadow": None,
+        "dropped": {"samples": 0, "summaries": 0},
+    }
+    payload = {
+        "device_id": "cam-1",
+        "records": [{"seq": 1, "kind": "summary", "ts": time.time(), "body": body}],
+    }
+    publish_once(
+        broker,
+        "cam-1",
+        USERS["cam-1"],
+        telemetry_topic("cam-1", "summary"),
+        json.dumps(payload).encode(),
+    )
     deadline = time.monotonic() + 15
     summary: dict[str, object] = {}
     while time.monotonic() < deadline:
-        r = fleet.client.get("/api/v1/telemetry", headers=fleet.admin,
-                             params={"name": "tiny", "version": 3})
+        r = fleet.client.get(
+            "/api/v1/telemetry", headers=fleet.admin, params={"name": "tiny", "version": 3}
+        )
         summary = r.json()["summary"]
         if summary["inferences"]:
             break
@@ -110,8 +149,12 @@ def test_server_refuses_to_start_in_production_with_default_secrets(tmp_path: Pa
 
     with pytest.raises(SettingsError, match="token_pepper"):
         load_settings(environment="production", database_url=f"sqlite:///{tmp_path}/x.db")
-    ok = load_settings(environment="production", token_pepper="p" * 32,
-                       admin_bootstrap_token="t" * 32, database_url="sqlite:///x.db")
+    ok = load_settings(
+        environment="production",
+        token_pepper="p" * 32,
+        admin_bootstrap_token="t" * 32,
+        database_url="sqlite:///x.db",
+    )
     assert ok.environment == "production"
 
 
@@ -139,4 +182,3 @@ def test_metrics_endpoint_counts_checkins(fleet: Fleet) -> None:
     assert 'edgefleet_checkins_total{result="not_modified"} 3.0' in text
     assert 'edgefleet_checkins_total{result="changed"} 1.0' in text
     assert fleet.client.get("/healthz").json()["status"] == "ok"
-

@@ -43,8 +43,14 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 
 
 def config(broker: MosquittoBroker, client_id: str, **kw: Any) -> IngestConfig:
-    return IngestConfig(host=broker.host, port=broker.port, username=SERVER_USER,
-                        password="pw-server", client_id=client_id, **kw)
+    return IngestConfig(
+        host=broker.host,
+        port=broker.port,
+        username=SERVER_USER,
+        password="pw-server",
+        client_id=client_id,
+        **kw,
+    )
 
 
 class Device:
@@ -52,8 +58,7 @@ class Device:
 
     def __init__(self, broker: MosquittoBroker, device_id: str) -> None:
         self.id = device_id
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id,
-                             protocol=mqtt.MQTTv5)
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
         self.c.username_pw_set(device_id, DEVICES[device_id])
         self.c.max_inflight_messages_set(1000)
         self.c.connect(broker.host, broker.port)
@@ -83,8 +88,7 @@ def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> bool:
     return cond()
 
 
-def test_records_are_stored_and_duplicates_dropped(broker: MosquittoBroker,
-                                                    engine: Engine) -> None:
+def test_records_are_stored_and_duplicates_dropped(broker: MosquittoBroker, engine: Engine) -> None:
     with IngestWorker(config(broker, "ingest-1"), engine) as w:
         d = Device(broker, "dev-0")
         d.send(range(1, 51))
@@ -97,8 +101,9 @@ def test_records_are_stored_and_duplicates_dropped(broker: MosquittoBroker,
     assert (w.stats.stored, w.stats.duplicates) == (60, 61)
 
 
-def test_payload_with_another_device_id_is_dropped_and_counted(broker: MosquittoBroker,
-                                                               engine: Engine) -> None:
+def test_payload_with_another_device_id_is_dropped_and_counted(
+    broker: MosquittoBroker, engine: Engine
+) -> None:
     with IngestWorker(config(broker, "ingest-1"), engine) as w:
         d = Device(broker, "dev-0")
         d.send(range(1, 11), claimed="dev-1")  # own topic (ACL allows), someone else's id
@@ -111,8 +116,9 @@ def test_payload_with_another_device_id_is_dropped_and_counted(broker: Mosquitto
     assert owners == {"dev-0"} and stored(engine) == 5
 
 
-def test_broker_acl_stops_a_device_publishing_under_another_id(broker: MosquittoBroker,
-                                                               engine: Engine) -> None:
+def test_broker_acl_stops_a_device_publishing_under_another_id(
+    broker: MosquittoBroker, engine: Engine
+) -> None:
     with IngestWorker(config(broker, "ingest-1"), engine) as w:
         d = Device(broker, "dev-0")
         raw = payload("dev-1", [(1, "summary", summary_body())])
@@ -164,8 +170,9 @@ def test_two_workers_on_postgresql_store_each_record_once(broker: MosquittoBroke
             eng.dispose()
 
 
-def test_database_outage_holds_messages_until_it_can_write(broker: MosquittoBroker,
-                                                           tmp_path: Path) -> None:
+def test_database_outage_holds_messages_until_it_can_write(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
     eng = make_engine(f"sqlite:///{tmp_path / 'late.db'}")  # tables missing: every write fails
     try:
         with IngestWorker(config(broker, "ingest-1"), eng) as w:
@@ -181,8 +188,9 @@ def test_database_outage_holds_messages_until_it_can_write(broker: MosquittoBrok
         eng.dispose()
 
 
-def test_unacknowledged_messages_are_redelivered_after_restart(broker: MosquittoBroker,
-                                                               tmp_path: Path) -> None:
+def test_unacknowledged_messages_are_redelivered_after_restart(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
     eng = make_engine(f"sqlite:///{tmp_path / 'late.db'}")  # no tables yet
     try:
         w = IngestWorker(config(broker, "ingest-1", session_expiry=60), eng).start()
@@ -201,10 +209,16 @@ def test_unacknowledged_messages_are_redelivered_after_restart(broker: Mosquitto
         eng.dispose()
 
 
-def test_wrong_credentials_fail_start_with_a_clear_error(broker: MosquittoBroker,
-                                                         engine: Engine) -> None:
-    cfg = IngestConfig(host=broker.host, port=broker.port, username=SERVER_USER,
-                       password="wrong", client_id="ingest-x")
+def test_wrong_credentials_fail_start_with_a_clear_error(
+    broker: MosquittoBroker, engine: Engine
+) -> None:
+    cfg = IngestConfig(
+        host=broker.host,
+        port=broker.port,
+        username=SERVER_USER,
+        password="wrong",
+        client_id="ingest-x",
+    )
     with pytest.raises(IngestConfigError, match="not subscribed"):
         IngestWorker(cfg, engine).start(timeout=2)
 

@@ -38,7 +38,8 @@ def run(*args: str) -> click.testing.Result:
 
 
 def test_report_writes_html_with_every_plot_and_json_with_the_same_numbers(
-        db: tuple[str, Scenario], tmp_path: Path) -> None:
+    db: tuple[str, Scenario], tmp_path: Path
+) -> None:
     url, sc = db
     out, js = tmp_path / "review" / "report.html", tmp_path / "review" / "data.json"
     r = run("--database-url", url, "--since", "2h", "--out", str(out), "--json", str(js))
@@ -61,9 +62,21 @@ def test_report_writes_html_with_every_plot_and_json_with_the_same_numbers(
 def test_report_as_a_real_process(db: tuple[str, Scenario], tmp_path: Path) -> None:
     url, _ = db
     out = tmp_path / "r.html"
-    p = subprocess.run([sys.executable, "-c", "from fleet_server.cli import main; main()",
-                        "report", "--database-url", url, "--out", str(out)],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from fleet_server.cli import main; main()",
+            "report",
+            "--database-url",
+            url,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert "rendering 12 devices, 2 rollouts" in p.stderr
     assert out.read_text().startswith("<!DOCTYPE html>")
@@ -94,8 +107,16 @@ def test_unparseable_since_is_refused(db: tuple[str, Scenario], tmp_path: Path) 
 
 
 def test_empty_period_is_refused(db: tuple[str, Scenario], tmp_path: Path) -> None:
-    r = run("--database-url", db[0], "--since", "2026-11-21T10:00:00Z",
-            "--until", "2026-11-21T09:00:00Z", "--out", str(tmp_path / "r.html"))
+    r = run(
+        "--database-url",
+        db[0],
+        "--since",
+        "2026-11-21T10:00:00Z",
+        "--until",
+        "2026-11-21T09:00:00Z",
+        "--out",
+        str(tmp_path / "r.html"),
+    )
     assert r.exit_code == 2 and "the period is empty" in r.output
 
 
@@ -106,8 +127,16 @@ def test_bad_drift_grouping_is_refused(db: tuple[str, Scenario], tmp_path: Path)
 
 def test_drift_by_server_group(db: tuple[str, Scenario], tmp_path: Path) -> None:
     js = tmp_path / "d.json"
-    r = run("--database-url", db[0], "--drift-by", "group", "--out", str(tmp_path / "r.html"),
-            "--json", str(js))
+    r = run(
+        "--database-url",
+        db[0],
+        "--drift-by",
+        "group",
+        "--out",
+        str(tmp_path / "r.html"),
+        "--json",
+        str(js),
+    )
     assert r.exit_code == 0, r.output
     assert {c["group"] for c in json.loads(js.read_text())["drift"]} == {"all-devices"}
 
@@ -125,20 +154,28 @@ def test_command_and_every_option_have_help_text() -> None:
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
 
 
-@pytest.mark.parametrize("text,want", [
-    ("24h", NOW - timedelta(hours=24)), ("90m", NOW - timedelta(minutes=90)),
-    ("7d", NOW - timedelta(days=7)), ("1.5h", NOW - timedelta(minutes=90)),
-    ("now", NOW), ("2026-11-20T08:00:00Z", datetime(2026, 11, 20, 8, tzinfo=timezone.utc)),
-    ("2026-11-20T10:00:00+02:00", datetime(2026, 11, 20, 8, tzinfo=timezone.utc)),
-    ("2026-11-20 08:00", datetime(2026, 11, 20, 8, tzinfo=timezone.utc)),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("24h", NOW - timedelta(hours=24)),
+        ("90m", NOW - timedelta(minutes=90)),
+        ("7d", NOW - timedelta(days=7)),
+        ("1.5h", NOW - timedelta(minutes=90)),
+        ("now", NOW),
+        ("2026-11-20T08:00:00Z", datetime(2026, 11, 20, 8, tzinfo=timezone.utc)),
+        ("2026-11-20T10:00:00+02:00", datetime(2026, 11, 20, 8, tzinfo=timezone.utc)),
+        ("2026-11-20 08:00", datetime(2026, 11, 20, 8, tzinfo=timezone.utc)),
+    ],
+)
 def test_parse_time(text: str, want: datetime) -> None:
     assert parse_time(text, now=NOW) == want
 
 
 def test_since_span_counts_back_from_until() -> None:
     lo, hi = parse_range("2h", "2026-11-21T08:00:00Z", now=NOW)
-    assert (lo, hi) == (datetime(2026, 11, 21, 6, tzinfo=timezone.utc),
-                        datetime(2026, 11, 21, 8, tzinfo=timezone.utc))
+    assert (lo, hi) == (
+        datetime(2026, 11, 21, 6, tzinfo=timezone.utc),
+        datetime(2026, 11, 21, 8, tzinfo=timezone.utc),
+    )
     with pytest.raises(TimeRangeError, match="neither a span"):
         parse_time("-3h", now=NOW)

@@ -24,7 +24,13 @@ import httpx
 import pytest
 
 from fleet_server.db.session import make_engine
-from tests.fleet_server.report.test_fixtures import BUNDLES_ENV, DB_ENV, Scenario, add_operator, populate
+from tests.fleet_server.report.test_fixtures import (
+    BUNDLES_ENV,
+    DB_ENV,
+    Scenario,
+    add_operator,
+    populate,
+)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts"
@@ -41,19 +47,35 @@ class Browser:
         # the child must find the pipe on fds 3 (reads commands) and 4 (writes replies)
         os.set_inheritable(to_child_r, True)
         os.set_inheritable(from_child_w, True)
-        args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--disable-extensions",
-                "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"]
+        args = [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            "--remote-debugging-pipe",
+            f"--user-data-dir={profile}",
+            "about:blank",
+        ]
 
         def fds_3_4() -> None:  # runs in the child before exec
             os.dup2(to_child_r, 3)
             os.dup2(from_child_w, 4)
 
         self.log = open(profile.parent / "chromium.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=subprocess.STDOUT, close_fds=False,
-                                     preexec_fn=fds_3_4)
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            close_fds=False,
+            preexec_fn=fds_3_4,
+        )
         os.close(to_child_r)
         os.close(from_child_w)
         self._buf = b""
@@ -90,8 +112,14 @@ class Browser:
         msg: dict[str, Any] = json.loads(raw)
         return msg
 
-    def send(self, method: str, params: dict[str, Any] | None = None, *,
-             session: str | None = None, timeout: float = 30) -> dict[str, Any]:
+    def send(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        session: str | None = None,
+        timeout: float = 30,
+    ) -> dict[str, Any]:
         self._next_id += 1
         msg: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
         if session:
@@ -120,13 +148,14 @@ class Browser:
 
     def new_page(self, width: int = 1280, height: int = 900) -> Page:
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        sid = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
-            "sessionId"]
+        sid = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.send(f"{domain}.enable", session=sid)
-        self.send("Emulation.setDeviceMetricsOverride", {
-            "width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
-            session=sid)
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+            session=sid,
+        )
         return Page(self, sid)
 
 
@@ -137,8 +166,11 @@ class Page:
 
     def goto(self, url: str, timeout: float = 30) -> None:
         """Navigate and wait until the new document has loaded."""
-        self.b.events = [e for e in self.b.events if not (
-            e.get("sessionId") == self.sid and e.get("method") == "Page.loadEventFired")]
+        self.b.events = [
+            e
+            for e in self.b.events
+            if not (e.get("sessionId") == self.sid and e.get("method") == "Page.loadEventFired")
+        ]
         loader = self.b.send("Page.navigate", {"url": url}, session=self.sid).get("loaderId")
         self.b.wait_event("Page.loadEventFired", session=self.sid, timeout=timeout)
         deadline = time.monotonic() + timeout
@@ -148,8 +180,9 @@ class Page:
             time.sleep(0.05)
 
     def eval(self, expression: str) -> Any:
-        r = self.b.send("Runtime.evaluate", {"expression": expression, "returnByValue": True},
-                        session=self.sid)
+        r = self.b.send(
+            "Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=self.sid
+        )
         if "exceptionDetails" in r:
             raise RuntimeError(f"{expression}: {r['exceptionDetails']}")
         return r["result"].get("value")
@@ -163,8 +196,9 @@ class Page:
                 continue
             m, p = ev.get("method"), ev.get("params", {})
             if m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                out.append(" ".join(str(a.get("value", a.get("description")))
-                                    for a in p.get("args", [])))
+                out.append(
+                    " ".join(str(a.get("value", a.get("description"))) for a in p.get("args", []))
+                )
             elif m == "Runtime.exceptionThrown":
                 out.append(str(p.get("exceptionDetails", {}).get("text")))
             elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
@@ -175,11 +209,14 @@ class Page:
         if full_page:
             height = int(self.eval("document.documentElement.scrollHeight"))
             width = int(self.eval("document.documentElement.clientWidth"))
-            self.b.send("Emulation.setDeviceMetricsOverride", {
-                "width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
-                session=self.sid)
-        data = base64.b64decode(self.b.send("Page.captureScreenshot", {"format": "png"},
-                                            session=self.sid)["data"])
+            self.b.send(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+                session=self.sid,
+            )
+        data = base64.b64decode(
+            self.b.send("Page.captureScreenshot", {"format": "png"}, session=self.sid)["data"]
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         return data
@@ -206,9 +243,24 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Scen
     env.update({DB_ENV: url, BUNDLES_ENV: str(tmp / "bundles")})
     log = open(tmp / "uvicorn.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "tests.fleet_server.report.test_fixtures:dashboard_app",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[3])
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "tests.fleet_server.report.test_fixtures:dashboard_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parents[3],
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -257,14 +309,16 @@ def dashboard(served: tuple[str, Scenario], browser: Browser) -> Page:
 def test_page_loads_and_shows_the_fleet(dashboard: Page, served: tuple[str, Scenario]) -> None:
     _, sc = served
     assert dashboard.eval("document.title") == "edgefleet telemetry review, last 24 h"
-    rows = dashboard.eval("[...document.querySelectorAll('#fleet-devices tbody tr')]"
-                          ".map(r => r.cells[0].textContent)")
+    rows = dashboard.eval(
+        "[...document.querySelectorAll('#fleet-devices tbody tr')].map(r => r.cells[0].textContent)"
+    )
     assert rows == sorted(d.id for d in sc.devices)
     size = dashboard.eval("document.querySelector('[data-key=fleet-size] .num').textContent")
     assert size == str(len(sc.devices))
     # the rows are on screen, not just in the DOM
-    visible = dashboard.eval("document.querySelector('#fleet-devices tbody tr')"
-                             ".getBoundingClientRect().height")
+    visible = dashboard.eval(
+        "document.querySelector('#fleet-devices tbody tr').getBoundingClientRect().height"
+    )
     assert visible > 10
 
 
@@ -275,7 +329,8 @@ def test_page_logs_no_console_errors(dashboard: Page) -> None:
 def test_every_plot_is_laid_out_in_the_browser(dashboard: Page) -> None:
     sizes = dashboard.eval(
         "Object.fromEntries([...document.querySelectorAll('svg[data-plot]')].map(s => "
-        "[s.dataset.plot, [s.getBoundingClientRect().width, s.getBoundingClientRect().height]]))")
+        "[s.dataset.plot, [s.getBoundingClientRect().width, s.getBoundingClientRect().height]]))"
+    )
     assert set(sizes) == {"adoption", "timeline", "latency", "drift", "predictions"}
     for name, (w, h) in sizes.items():
         assert w > 300 and h > 150, (name, w, h)
@@ -288,8 +343,7 @@ def test_summary_names_the_gate_that_caught_the_bad_rollout(dashboard: Page) -> 
     assert "kws v2 to all" in text and "succeeded after 3 stages" in text
 
 
-def test_token_moves_into_an_httponly_cookie(dashboard: Page, served: tuple[str, Scenario]
-                                            ) -> None:
+def test_token_moves_into_an_httponly_cookie(dashboard: Page, served: tuple[str, Scenario]) -> None:
     base, _ = served
     assert dashboard.eval("location.href") == f"{base}/dashboard?hours=24"
     assert VIEWER not in dashboard.eval("document.cookie")  # HttpOnly: not readable by scripts
@@ -300,8 +354,9 @@ def test_token_moves_into_an_httponly_cookie(dashboard: Page, served: tuple[str,
     dashboard.goto(f"{base}/dashboard?hours=24")
 
 
-def test_screenshots_are_kept_as_artifacts(dashboard: Page, browser: Browser,
-                                          served: tuple[str, Scenario]) -> None:
+def test_screenshots_are_kept_as_artifacts(
+    dashboard: Page, browser: Browser, served: tuple[str, Scenario]
+) -> None:
     base, _ = served
     full = ARTIFACTS / "dashboard-full.png"
     png = dashboard.screenshot(full)
@@ -313,8 +368,9 @@ def test_screenshots_are_kept_as_artifacts(dashboard: Page, browser: Browser,
     assert top.console_errors() == []
 
 
-def test_page_without_a_token_explains_how_to_get_in(browser: Browser,
-                                                     served: tuple[str, Scenario]) -> None:
+def test_page_without_a_token_explains_how_to_get_in(
+    browser: Browser, served: tuple[str, Scenario]
+) -> None:
     base, _ = served
     r = httpx.get(f"{base}/dashboard")
     assert r.status_code == 401
@@ -326,8 +382,9 @@ def test_wrong_and_revoked_tokens_are_refused(served: tuple[str, Scenario]) -> N
     for token in ("eft_not-a-token", REVOKED):
         page = httpx.get(f"{base}/dashboard", params={"token": token})
         assert page.status_code == 401 and "devices in the fleet" not in page.text
-        data = httpx.get(f"{base}/dashboard/data.json",
-                         headers={"Authorization": f"Bearer {token}"})
+        data = httpx.get(
+            f"{base}/dashboard/data.json", headers={"Authorization": f"Bearer {token}"}
+        )
         assert data.status_code == 401
         assert data.json()["error"]["code"] == "invalid_token"
         cookie = httpx.get(f"{base}/dashboard", cookies={"edgefleet_token": token})
@@ -336,16 +393,22 @@ def test_wrong_and_revoked_tokens_are_refused(served: tuple[str, Scenario]) -> N
 
 def test_data_json_carries_the_numbers_of_the_page(served: tuple[str, Scenario]) -> None:
     base, sc = served
-    r = httpx.get(f"{base}/dashboard/data.json", params={"hours": 24},
-                  headers={"Authorization": f"Bearer {VIEWER}"})
+    r = httpx.get(
+        f"{base}/dashboard/data.json",
+        params={"hours": 24},
+        headers={"Authorization": f"Bearer {VIEWER}"},
+    )
     assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
     data = r.json()
     assert data["format"] == "edgefleet-review/1"
     assert [d["id"] for d in data["fleet"]["devices"]] == sorted(d.id for d in sc.devices)
     assert {r["id"]: r["status"] for r in data["rollouts"]} == {
-        "r-good": "succeeded", "r-bad": "rolled_back"}
-    page = httpx.get(f"{base}/dashboard", params={"hours": 24},
-                     headers={"Authorization": f"Bearer {VIEWER}"})
+        "r-good": "succeeded",
+        "r-bad": "rolled_back",
+    }
+    page = httpx.get(
+        f"{base}/dashboard", params={"hours": 24}, headers={"Authorization": f"Bearer {VIEWER}"}
+    )
     assert page.status_code == 200
     for cell in data["drift"]:
         assert f"{cell['psi']:.2f}" in page.text
@@ -357,8 +420,7 @@ def test_dashboard_is_read_only_and_validates_hours(served: tuple[str, Scenario]
     assert httpx.post(f"{base}/dashboard", headers=auth).status_code == 405
     assert httpx.delete(f"{base}/dashboard/data.json", headers=auth).status_code == 405
     assert httpx.get(f"{base}/dashboard", params={"hours": 0}, headers=auth).status_code == 422
-    assert httpx.get(f"{base}/dashboard", params={"hours": "lots"},
-                     headers=auth).status_code == 422
+    assert httpx.get(f"{base}/dashboard", params={"hours": "lots"}, headers=auth).status_code == 422
 
 
 def test_the_server_app_serves_the_dashboard(tmp_path: Path) -> None:
@@ -369,9 +431,14 @@ def test_the_server_app_serves_the_dashboard(tmp_path: Path) -> None:
     from fleet_server.settings import ServerSettings
 
     admin = "eft_dashboard-admin-" + "a" * 24
-    app = create_app(ServerSettings(database_url=f"sqlite:///{tmp_path / 'server.db'}",
-                                    bundle_dir=tmp_path / "bundles",
-                                    admin_bootstrap_token=admin, run_scheduler=False))
+    app = create_app(
+        ServerSettings(
+            database_url=f"sqlite:///{tmp_path / 'server.db'}",
+            bundle_dir=tmp_path / "bundles",
+            admin_bootstrap_token=admin,
+            run_scheduler=False,
+        )
+    )
     with TestClient(app) as client:
         data = client.get("/dashboard/data.json", headers={"Authorization": f"Bearer {admin}"})
         assert data.status_code == 200, data.text
@@ -383,8 +450,7 @@ def test_the_server_app_serves_the_dashboard(tmp_path: Path) -> None:
         assert client.get("/dashboard/data.json").status_code == 200
 
 
-def test_static_report_opens_from_a_file_with_every_plot(browser: Browser,
-                                                         tmp_path: Path) -> None:
+def test_static_report_opens_from_a_file_with_every_plot(browser: Browser, tmp_path: Path) -> None:
     """The file `edgefleet report` writes needs no server: open it from disk."""
     from fleet_server.report.render import write_report
     from fleet_server.report.synthetic import synthetic_dataset
@@ -393,9 +459,11 @@ def test_static_report_opens_from_a_file_with_every_plot(browser: Browser,
     write_report(synthetic_dataset(devices=90), out)
     page = browser.new_page()
     page.goto(out.as_uri())
-    plots = page.eval("[...document.querySelectorAll('svg[data-plot]')]"
-                      ".filter(s => s.getBoundingClientRect().width > 300)"
-                      ".map(s => s.dataset.plot)")
+    plots = page.eval(
+        "[...document.querySelectorAll('svg[data-plot]')]"
+        ".filter(s => s.getBoundingClientRect().width > 300)"
+        ".map(s => s.dataset.plot)"
+    )
     assert sorted(plots) == ["adoption", "drift", "latency", "predictions", "timeline"]
     assert page.eval("document.querySelectorAll('#fleet-devices tbody tr').length") == 90
     assert page.console_errors() == []

@@ -80,19 +80,36 @@ class Scenario:
 def _profile_tar(path: Path) -> dict[str, Any]:
     """A bundle-like tar holding a drift profile; returns the manifest naming it."""
     profile = {
-        "schema_version": 1, "input": "x", "reduction": "none", "sample_count": 512,
-        "features": [{"name": f, "index": i, "edges": [-1.0, -0.3, 0.3, 1.0],
-                      "proportions": list(REFERENCE)} for i, f in enumerate(FEATURES)],
-        "output": {"name": "probs", "kind": "classification", "classes": CLASSES_OUT,
-                   "proportions": [0.25] * CLASSES_OUT},
+        "schema_version": 1,
+        "input": "x",
+        "reduction": "none",
+        "sample_count": 512,
+        "features": [
+            {"name": f, "index": i, "edges": [-1.0, -0.3, 0.3, 1.0], "proportions": list(REFERENCE)}
+            for i, f in enumerate(FEATURES)
+        ],
+        "output": {
+            "name": "probs",
+            "kind": "classification",
+            "classes": CLASSES_OUT,
+            "proportions": [0.25] * CLASSES_OUT,
+        },
     }
     raw = json.dumps(profile).encode()
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         info = tarfile.TarInfo("drift_profile.json")
         info.size = len(raw)
         tar.addfile(info, io.BytesIO(raw))
-    return {"files": [{"path": "drift_profile.json", "role": "drift_profile",
-                       "sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}]}
+    return {
+        "files": [
+            {
+                "path": "drift_profile.json",
+                "role": "drift_profile",
+                "sha256": hashlib.sha256(raw).hexdigest(),
+                "size": len(raw),
+            }
+        ]
+    }
 
 
 def _hist(rng: random.Random, n: int, centre_ms: float) -> list[int]:
@@ -111,8 +128,9 @@ def _multinomial(rng: random.Random, n: int, p: Sequence[float]) -> list[int]:
     return out
 
 
-def populate(engine: Engine, tmp: Path, *, end: datetime | None = None, devices: int = 30,
-             seed: int = 11) -> Scenario:
+def populate(
+    engine: Engine, tmp: Path, *, end: datetime | None = None, devices: int = 30, seed: int = 11
+) -> Scenario:
     """Write the story into ``engine``'s database (migrated here) and return what was written."""
     upgrade_database(engine)
     create_telemetry_tables(engine)
@@ -130,27 +148,48 @@ def populate(engine: Engine, tmp: Path, *, end: datetime | None = None, devices:
         for v in (1, 2, 3, 4):
             path = tmp / f"kws-{v}.efb"
             manifest = _profile_tar(path)
-            bundles[v] = Bundle(id=f"b-kws{v}", model_id="m-kws", name="kws", version=v,
-                                format="onnx", device_classes=list(CLASSES),
-                                file_path=str(path), sha256=f"{v:064x}", size=1,
-                                manifest=manifest, uploaded_by="op:alice")
+            bundles[v] = Bundle(
+                id=f"b-kws{v}",
+                model_id="m-kws",
+                name="kws",
+                version=v,
+                format="onnx",
+                device_classes=list(CLASSES),
+                file_path=str(path),
+                sha256=f"{v:064x}",
+                size=1,
+                manifest=manifest,
+                uploaded_by="op:alice",
+            )
         s.add_all(bundles.values())
         s.flush()
         s.add(Group(id="g-all", name="all-devices", selector={}))
         for i in range(devices):
-            d = Device(id=f"dev-{i:03d}", device_class=CLASSES[i % 3],
-                       labels={"site": SITES[i % 3]}, credential_hash=f"{i:064x}",
-                       enrolled_at=t0 - timedelta(hours=1), health="ok")
+            d = Device(
+                id=f"dev-{i:03d}",
+                device_class=CLASSES[i % 3],
+                labels={"site": SITES[i % 3]},
+                credential_hash=f"{i:064x}",
+                enrolled_at=t0 - timedelta(hours=1),
+                health="ok",
+            )
             sc.devices.append(d)
         s.add_all(sc.devices)
         s.commit()
 
     ids = [d.id for d in sc.devices]
     ref = {v: BundleRef(f"b-kws{v}", "kws", v) for v in (1, 2, 3, 4)}
-    good = RolloutSpec(sc.good, ref[2], ref[1], {}, stages=(Stage(10, 1, 180), Stage(50, 1, 180),
-                                                          Stage(100, 1, 180)), gates=GATES)
-    bad = RolloutSpec(sc.bad, ref[3], ref[2], {}, stages=(Stage(10, 1, 180), Stage(100, 1, 180)),
-                      gates=GATES)
+    good = RolloutSpec(
+        sc.good,
+        ref[2],
+        ref[1],
+        {},
+        stages=(Stage(10, 1, 180), Stage(50, 1, 180), Stage(100, 1, 180)),
+        gates=GATES,
+    )
+    bad = RolloutSpec(
+        sc.bad, ref[3], ref[2], {}, stages=(Stage(10, 1, 180), Stage(100, 1, 180)), gates=GATES
+    )
     # what each device runs: (since, version); everyone starts on v1
     running: dict[str, list[tuple[float, int]]] = {d: [(T - 600, 1)] for d in ids}
     events: list[TelemetryEvent] = []
@@ -162,9 +201,21 @@ def populate(engine: Engine, tmp: Path, *, end: datetime | None = None, devices:
 
     def install(d: str, at: float, v: int, rollout: str | None) -> None:
         running[d].append((at, v))
-        events.append(TelemetryEvent(device_id=d, seq=next_seq(d), ts=at, received_at=at,
-                                     type="install", outcome="installed", name="kws", version=v,
-                                     bundle_id=f"b-kws{v}", rollout_id=rollout, body={}))
+        events.append(
+            TelemetryEvent(
+                device_id=d,
+                seq=next_seq(d),
+                ts=at,
+                received_at=at,
+                type="install",
+                outcome="installed",
+                name="kws",
+                version=v,
+                bundle_id=f"b-kws{v}",
+                rollout_id=rollout,
+                body={},
+            )
+        )
 
     def version_at(d: str, t: float) -> int:
         return [v for since, v in running[d] if since <= t][-1]
@@ -180,26 +231,42 @@ def populate(engine: Engine, tmp: Path, *, end: datetime | None = None, devices:
                 bad_model = v == 3
                 n = rng.randint(180, 220)
                 east = SITES[int(d.split("-")[1]) % 3] == "east"
-                fc = {f: _multinomial(rng, n, DRIFTED if east and f in ("f0", "f2")
-                                      else REFERENCE) for f in FEATURES}
+                fc = {
+                    f: _multinomial(rng, n, DRIFTED if east and f in ("f0", "f2") else REFERENCE)
+                    for f in FEATURES
+                }
                 preds = [0.25] * CLASSES_OUT if not bad_model else [0.1, 0.6, 0.15, 0.15]
-                rows.append(TelemetrySummary(
-                    device_id=d, seq=next_seq(d), ts=t, received_at=t, window_start=t - WINDOW,
-                    window_end=t, name="kws", version=v,
-                    rollout_id=(sc.good if v == 2 else sc.bad if v in (3, 4) else None),
-                    count=n, errors=sum(rng.random() < (0.08 if bad_model else 0.002)
-                                        for _ in range(n)),
-                    latency_hist=_hist(rng, n, 12.0 if bad_model else 3.0),
-                    drift_psi_max=0.4 if east else 0.02, feature_counts=fc,
-                    prediction_counts=_multinomial(rng, n, preds)))
+                rows.append(
+                    TelemetrySummary(
+                        device_id=d,
+                        seq=next_seq(d),
+                        ts=t,
+                        received_at=t,
+                        window_start=t - WINDOW,
+                        window_end=t,
+                        name="kws",
+                        version=v,
+                        rollout_id=(sc.good if v == 2 else sc.bad if v in (3, 4) else None),
+                        count=n,
+                        errors=sum(rng.random() < (0.08 if bad_model else 0.002) for _ in range(n)),
+                        latency_hist=_hist(rng, n, 12.0 if bad_model else 3.0),
+                        drift_psi_max=0.4 if east else 0.02,
+                        feature_counts=fc,
+                        prediction_counts=_multinomial(rng, n, preds),
+                    )
+                )
 
     def metrics(spec: RolloutSpec, state: RolloutState, now: float) -> CohortMetrics:
         since = state.stage_started_at or now
         cohorts: dict[str, dict[str, Any]] = {}
         for name in ("canary", "control"):
-            cohorts[name] = {"devices": set(), "inferences": 0, "errors": 0,
-                             "hist": [0] * (len(LATENCY_BUCKETS_MS) + 1),
-                             "pred": [0] * CLASSES_OUT}
+            cohorts[name] = {
+                "devices": set(),
+                "inferences": 0,
+                "errors": 0,
+                "hist": [0] * (len(LATENCY_BUCKETS_MS) + 1),
+                "pred": [0] * CLASSES_OUT,
+            }
         for r in rows:
             if not since <= r.received_at <= now:
                 continue
@@ -213,29 +280,44 @@ def populate(engine: Engine, tmp: Path, *, end: datetime | None = None, devices:
             c["inferences"] += r.count
             c["errors"] += r.errors
             c["hist"] = [a + b for a, b in zip(c["hist"], r.latency_hist or [], strict=True)]
-            c["pred"] = [a + b for a, b in zip(c["pred"], r.prediction_counts or [],
-                                               strict=True)]
-        installs = [e for e in events if e.rollout_id == spec.rollout_id and
-                    e.version == spec.bundle.version and since <= e.received_at <= now]
+            c["pred"] = [a + b for a, b in zip(c["pred"], r.prediction_counts or [], strict=True)]
+        installs = [
+            e
+            for e in events
+            if e.rollout_id == spec.rollout_id
+            and e.version == spec.bundle.version
+            and since <= e.received_at <= now
+        ]
 
         def stats(c: dict[str, Any], with_installs: bool) -> CohortStats:
-            return CohortStats(devices=len(c["devices"]), installs=len(installs) if
-                               with_installs else 0, inferences=c["inferences"],
-                               errors=c["errors"], latency_hist=tuple(c["hist"]),
-                               prediction_counts=tuple(c["pred"]))
+            return CohortStats(
+                devices=len(c["devices"]),
+                installs=len(installs) if with_installs else 0,
+                inferences=c["inferences"],
+                errors=c["errors"],
+                latency_hist=tuple(c["hist"]),
+                prediction_counts=tuple(c["pred"]),
+            )
 
         return CohortMetrics(stats(cohorts["canary"], True), stats(cohorts["control"], False))
 
-    def step(spec: RolloutSpec, state: RolloutState, now: float,
-             rollback_to: BundleRef | None = None) -> RolloutState:
+    def step(
+        spec: RolloutSpec, state: RolloutState, now: float, rollback_to: BundleRef | None = None
+    ) -> RolloutState:
         telemetry_until(now)
         d = decide(spec, state, metrics(spec, state, now), now)
         new = apply_decision(spec, state, d, rollback_bundle=rollback_to)
         sc.decisions.append({"rollout": spec.rollout_id, **d.to_json()})
-        audit.append(AuditEntry(ts=datetime.fromtimestamp(now, timezone.utc),
-                                actor=SYSTEM_ACTOR, action=f"rollout.{d.action.value}",
-                                target_type="rollout", target_id=spec.rollout_id,
-                                details=d.to_json()))
+        audit.append(
+            AuditEntry(
+                ts=datetime.fromtimestamp(now, timezone.utc),
+                actor=SYSTEM_ACTOR,
+                action=f"rollout.{d.action.value}",
+                target_type="rollout",
+                target_id=spec.rollout_id,
+                details=d.to_json(),
+            )
+        )
         if new.stage != state.stage and new.stage >= 0:
             for dev in ids:
                 if in_stage(spec, new.stage, dev) and not in_stage(spec, state.stage, dev):
@@ -245,11 +327,22 @@ def populate(engine: Engine, tmp: Path, *, end: datetime | None = None, devices:
     audit: list[AuditEntry] = []
     # rollout 1: start by an operator at T+300, then the engine every stage's soak
     g_state = start(good, RolloutState(), T + 300, "operator:alice")
-    audit.append(AuditEntry(ts=datetime.fromtimestamp(T + 300, timezone.utc),
-                            actor="operator:alice", action="rollout.start",
-                            target_type="rollout", target_id=sc.good,
-                            details={"from_status": "pending", "to_status": "running",
-                                     "from_stage": -1, "to_stage": 0, "reason": ""}))
+    audit.append(
+        AuditEntry(
+            ts=datetime.fromtimestamp(T + 300, timezone.utc),
+            actor="operator:alice",
+            action="rollout.start",
+            target_type="rollout",
+            target_id=sc.good,
+            details={
+                "from_status": "pending",
+                "to_status": "running",
+                "from_stage": -1,
+                "to_stage": 0,
+                "reason": "",
+            },
+        )
+    )
     for dev in ids:
         if in_stage(good, 0, dev):
             install(dev, T + 300 + rng.uniform(5, 25), 2, sc.good)
@@ -261,11 +354,22 @@ def populate(engine: Engine, tmp: Path, *, end: datetime | None = None, devices:
     b_start = now + 300
     telemetry_until(b_start)
     b_state = start(bad, RolloutState(), b_start, "operator:alice")
-    audit.append(AuditEntry(ts=datetime.fromtimestamp(b_start, timezone.utc),
-                            actor="operator:alice", action="rollout.start",
-                            target_type="rollout", target_id=sc.bad,
-                            details={"from_status": "pending", "to_status": "running",
-                                     "from_stage": -1, "to_stage": 0, "reason": ""}))
+    audit.append(
+        AuditEntry(
+            ts=datetime.fromtimestamp(b_start, timezone.utc),
+            actor="operator:alice",
+            action="rollout.start",
+            target_type="rollout",
+            target_id=sc.bad,
+            details={
+                "from_status": "pending",
+                "to_status": "running",
+                "from_stage": -1,
+                "to_stage": 0,
+                "reason": "",
+            },
+        )
+    )
     for dev in ids:
         if in_stage(bad, 0, dev):
             install(dev, b_start + rng.uniform(5, 25), 3, sc.bad)
@@ -278,12 +382,21 @@ def populate(engine: Engine, tmp: Path, *, end: datetime | None = None, devices:
     with sessions() as s:
         for spec, state, bundle in ((good, g_state, "b-kws2"), (bad, b_state, "b-kws3")):
             hist = state.history
-            s.add(Rollout(id=spec.rollout_id, name=f"{spec.bundle.name} v{spec.bundle.version}"
-                          f" to all", bundle_id=bundle, group_id="g-all",
-                          strategy=spec.strategy.value, status=state.status.value,
-                          spec=spec.to_json(), state=state.to_json(), created_by="op:alice",
-                          created_at=datetime.fromtimestamp(hist[0].ts, timezone.utc),
-                          updated_at=datetime.fromtimestamp(hist[-1].ts, timezone.utc)))
+            s.add(
+                Rollout(
+                    id=spec.rollout_id,
+                    name=f"{spec.bundle.name} v{spec.bundle.version} to all",
+                    bundle_id=bundle,
+                    group_id="g-all",
+                    strategy=spec.strategy.value,
+                    status=state.status.value,
+                    spec=spec.to_json(),
+                    state=state.to_json(),
+                    created_by="op:alice",
+                    created_at=datetime.fromtimestamp(hist[0].ts, timezone.utc),
+                    updated_at=datetime.fromtimestamp(hist[-1].ts, timezone.utc),
+                )
+            )
         s.add_all(audit)
         s.add_all(events)
         s.add_all(rows)
@@ -317,16 +430,20 @@ def dashboard_app() -> Any:
     from fleet_server.report.dashboard import dashboard_router
     from fleet_server.settings import ServerSettings
 
-    settings = ServerSettings(database_url=os.environ[DB_ENV],
-                              bundle_dir=Path(os.environ[BUNDLES_ENV]), run_migrations=False)
+    settings = ServerSettings(
+        database_url=os.environ[DB_ENV],
+        bundle_dir=Path(os.environ[BUNDLES_ENV]),
+        run_migrations=False,
+    )
     app = FastAPI(title="edgefleet dashboard (test app)")
     app.state.ctx = ServerContext(settings)
     app.include_router(dashboard_router())
     return app
 
 
-def add_operator(engine: Engine, name: str, role: str, token: str, *,
-                 revoked: bool = False) -> None:
+def add_operator(
+    engine: Engine, name: str, role: str, token: str, *, revoked: bool = False
+) -> None:
     """An operator with one token (hashed with the development pepper, as the server does)."""
     from fleet_server.db.models import Operator, OperatorToken
     from fleet_server.security import TokenHasher
@@ -335,7 +452,12 @@ def add_operator(engine: Engine, name: str, role: str, token: str, *,
     with sessionmaker(engine)() as s:
         s.add(Operator(id=f"op-{name}", name=name, role=role))
         s.flush()
-        s.add(OperatorToken(id=f"tok-{name}", operator_id=f"op-{name}",
-                            token_hash=TokenHasher(DEV_TOKEN_PEPPER).hash(token),
-                            revoked_at=datetime.now(timezone.utc) if revoked else None))
+        s.add(
+            OperatorToken(
+                id=f"tok-{name}",
+                operator_id=f"op-{name}",
+                token_hash=TokenHasher(DEV_TOKEN_PEPPER).hash(token),
+                revoked_at=datetime.now(timezone.utc) if revoked else None,
+            )
+        )
         s.commit()

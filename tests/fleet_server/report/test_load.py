@@ -28,7 +28,13 @@ from fleet_server.report.dataset import ReviewDataset
 from fleet_server.report.load import load_dataset
 from fleet_server.rollouts.gates import hist_quantile, psi
 from tests.pg import fresh_database
-from tests.fleet_server.report.test_fixtures import FEATURES, REFERENCE, Scenario, populate, session_for
+from tests.fleet_server.report.test_fixtures import (
+    FEATURES,
+    REFERENCE,
+    Scenario,
+    populate,
+    session_for,
+)
 
 
 @dataclass
@@ -40,13 +46,17 @@ class Loaded:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[Loaded]:
+def loaded(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Loaded]:
     """The fixture fleet's history in a fresh database, and the dataset loaded from it."""
     tmp = tmp_path_factory.mktemp(f"load-{request.param}")
     with contextlib.ExitStack() as stack:
-        url = (f"sqlite:///{tmp / 'server.db'}" if request.param == "sqlite"
-               else stack.enter_context(fresh_database("edgefleet_report")))
+        url = (
+            f"sqlite:///{tmp / 'server.db'}"
+            if request.param == "sqlite"
+            else stack.enter_context(fresh_database("edgefleet_report"))
+        )
         engine = make_engine(url)
         stack.callback(engine.dispose)
         sc = populate(engine, tmp)
@@ -60,8 +70,7 @@ def test_fleet_lists_every_device_with_its_running_bundle(loaded: Loaded) -> Non
     assert sorted(rows) == sorted(d.id for d in loaded.sc.devices)
     assert {d.bundle for d in rows.values()} == {"kws v4"}
     assert all(d.last_seen and d.last_seen <= loaded.sc.end for d in rows.values())
-    assert {d.device_class for d in rows.values()} == {"gateway-x86", "board-arm64",
-                                                        "board-legacy"}
+    assert {d.device_class for d in rows.values()} == {"gateway-x86", "board-arm64", "board-legacy"}
 
 
 def test_rollouts_carry_stages_and_the_engine_decisions(loaded: Loaded) -> None:
@@ -69,7 +78,11 @@ def test_rollouts_carry_stages_and_the_engine_decisions(loaded: Loaded) -> None:
     good, bad = by_id["r-good"], by_id["r-bad"]
     assert (good.status, bad.status) == ("succeeded", "rolled_back")
     assert (good.bundle, good.previous, bad.bundle, bad.previous) == (
-        "kws v2", "kws v1", "kws v3", "kws v2")
+        "kws v2",
+        "kws v1",
+        "kws v3",
+        "kws v2",
+    )
     assert [(s.index, s.percent) for s in good.stages] == [(0, 10), (1, 50), (2, 100)]
     assert all(s.started_at and s.ended_at for s in good.stages)
     assert [(s.index, s.percent) for s in bad.stages] == [(0, 10)]
@@ -88,8 +101,10 @@ def test_decision_gates_are_the_numbers_the_engine_decided_on(loaded: Loaded) ->
             assert g_got.name == g_want["name"] and g_got.verdict == g_want["verdict"]
             assert g_got.canary == g_want["canary_value"]
             assert g_got.control == g_want["control_value"]
-            assert (g_got.n_canary, g_got.n_control) == (g_want["canary_samples"],
-                                                         g_want["control_samples"])
+            assert (g_got.n_canary, g_got.n_control) == (
+                g_want["canary_samples"],
+                g_want["control_samples"],
+            )
     bad = next(r for r in loaded.ds.rollouts if r.id == "r-bad")
     breached = {g["name"] for g in engine_decisions[-1]["gates"] if g["verdict"] == "breach"}
     assert {g.name for g in bad.caught_by()} == breached
@@ -125,8 +140,9 @@ def test_inferences_and_errors_by_version_add_up(loaded: Loaded) -> None:
 
 def test_drift_compares_each_group_with_the_reference_profile(loaded: Loaded) -> None:
     cells = {(c.group, c.feature): c.psi for c in loaded.ds.drift}
-    assert set(cells) == {(g, f) for g in ("gateway-x86", "board-arm64", "board-legacy")
-                          for f in FEATURES}
+    assert set(cells) == {
+        (g, f) for g in ("gateway-x86", "board-arm64", "board-legacy") for f in FEATURES
+    }
     # board-legacy devices sit at site east, whose f0 and f2 inputs drift
     for f in FEATURES:
         drifted = cells[("board-legacy", f)]
@@ -137,8 +153,12 @@ def test_drift_compares_each_group_with_the_reference_profile(loaded: Loaded) ->
 
 def test_prediction_distributions_of_canary_and_control(loaded: Loaded) -> None:
     dists = {(p.rollout, p.cohort): p for p in loaded.ds.predictions}
-    assert set(dists) == {("r-good", "canary"), ("r-good", "control"), ("r-bad", "canary"),
-                          ("r-bad", "control")}
+    assert set(dists) == {
+        ("r-good", "canary"),
+        ("r-good", "control"),
+        ("r-bad", "canary"),
+        ("r-bad", "control"),
+    }
     canary = dists[("r-bad", "canary")]
     # while it ran, the bad rollout had one stage: the report shows what its gates judged
     total = loaded.sc.decisions[-1]["metrics"]["canary"]["prediction_counts"]
@@ -158,8 +178,13 @@ def test_a_period_before_any_activity_is_empty_but_lists_the_fleet(loaded: Loade
 
 def test_label_grouping_of_the_drift_heat_map(loaded: Loaded) -> None:
     with session_for(loaded.engine) as s:
-        ds = load_dataset(s, loaded.sc.end - timedelta(hours=24), loaded.sc.end,
-                          drift_by="label:site", now=loaded.sc.end)
+        ds = load_dataset(
+            s,
+            loaded.sc.end - timedelta(hours=24),
+            loaded.sc.end,
+            drift_by="label:site",
+            now=loaded.sc.end,
+        )
     groups = {c.group for c in ds.drift}
     assert groups == {"site=north", "site=south", "site=east"}
     east = {c.feature: c.psi for c in ds.drift if c.group == "site=east"}
@@ -181,8 +206,10 @@ def test_missing_reference_profile_falls_back_and_says_so(tmp_path: Path) -> Non
 def test_database_without_telemetry_tables_says_so(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'server.db'}")
     import_all_tables()
-    Base.metadata.create_all(engine, tables=[t for n, t in Base.metadata.tables.items()
-                                             if not n.startswith("telemetry_")])
+    Base.metadata.create_all(
+        engine,
+        tables=[t for n, t in Base.metadata.tables.items() if not n.startswith("telemetry_")],
+    )
     now = datetime.now(timezone.utc)
     with session_for(engine) as s:
         ds = load_dataset(s, now - timedelta(hours=1), now)
@@ -205,15 +232,19 @@ def test_time_edges_never_finer_than_a_window_and_at_most_48_bins() -> None:
 
 
 def test_adoption_counts_the_version_last_seen_starting() -> None:
-    seen = [Seen("a", "m v1", T0), Seen("a", "m v2", T0 + timedelta(minutes=10)),
-            Seen("b", "m v1", T0 + timedelta(minutes=5))]
+    seen = [
+        Seen("a", "m v1", T0),
+        Seen("a", "m v2", T0 + timedelta(minutes=10)),
+        Seen("b", "m v1", T0 + timedelta(minutes=5)),
+    ]
     registry = {"a": ("m v2", T0), "b": ("m v1", T0), "c": ("m v1", T0 + timedelta(minutes=7))}
-    pts = adoption_series(seen, registry, [T0, T0 + timedelta(minutes=6),
-                                           T0 + timedelta(minutes=12)])
+    pts = adoption_series(
+        seen, registry, [T0, T0 + timedelta(minutes=6), T0 + timedelta(minutes=12)]
+    )
     assert [dict(p.counts) for p in pts] == [
-        {"m v1": 1},                 # only a has been seen; c not yet enrolled
-        {"m v1": 2},                 # a and b on v1; c still not enrolled
-        {"m v2": 1, "m v1": 2},      # a moved to v2; c (never seen) counts from enrolment
+        {"m v1": 1},  # only a has been seen; c not yet enrolled
+        {"m v1": 2},  # a and b on v1; c still not enrolled
+        {"m v2": 1, "m v1": 2},  # a moved to v2; c (never seen) counts from enrolment
     ]
 
 
@@ -221,9 +252,11 @@ def test_version_series_reads_p95_off_the_merged_histogram() -> None:
     h1 = [0] * (len(LATENCY_BUCKETS_MS) + 1)
     h2 = list(h1)
     h1[8], h2[10] = 90, 10
-    rows = [WindowFigures(T0, "m v1", 90, 1, h1, None),
-            WindowFigures(T0 + timedelta(seconds=5), "m v1", 10, 2, h2, None),
-            WindowFigures(T0 + timedelta(seconds=5), "m v2", 50, 0, None, 7.0)]
+    rows = [
+        WindowFigures(T0, "m v1", 90, 1, h1, None),
+        WindowFigures(T0 + timedelta(seconds=5), "m v1", 10, 2, h2, None),
+        WindowFigures(T0 + timedelta(seconds=5), "m v2", 50, 0, None, 7.0),
+    ]
     pts = version_series(rows, [T0, T0 + timedelta(minutes=1)])
     v1 = next(p for p in pts if p.version == "m v1")
     merged = [a + b for a, b in zip(h1, h2, strict=True)]
@@ -235,8 +268,10 @@ def test_version_series_reads_p95_off_the_merged_histogram() -> None:
 
 def test_drift_cells_weigh_versions_by_inferences() -> None:
     same, shifted = [20, 20, 20, 20, 20], [5, 5, 15, 30, 45]
-    rows = [FeatureWindow("g", "m v1", 300, {"f0": same}),
-            FeatureWindow("g", "m v2", 100, {"f0": shifted})]
+    rows = [
+        FeatureWindow("g", "m v1", 300, {"f0": same}),
+        FeatureWindow("g", "m v2", 100, {"f0": shifted}),
+    ]
     cells, missing = drift_cells(rows, {"m v1": {"f0": REFERENCE}, "m v2": {"f0": REFERENCE}})
     assert missing == []
     want = (0.0 * 300 + psi(shifted, REFERENCE) * 100) / 400
@@ -248,7 +283,6 @@ def test_sums_in_the_database_equal_the_row_by_row_pass(loaded: Loaded) -> None:
         with session_for(loaded.engine) as s:
             args = (s, loaded.sc.end - timedelta(hours=24), loaded.sc.end)
             in_db = load_dataset(*args, drift_by=drift_by, now=loaded.sc.end, in_database=True)
-            by_rows = load_dataset(*args, drift_by=drift_by, now=loaded.sc.end,
-                                   in_database=False)
+            by_rows = load_dataset(*args, drift_by=drift_by, now=loaded.sc.end, in_database=False)
         assert in_db.to_json() == by_rows.to_json(), drift_by
         assert in_db.by_version and in_db.drift and in_db.predictions

@@ -51,15 +51,21 @@ def plot_svg(html: str, name: str) -> str:
 
 def svg_texts(svg: str) -> str:
     """The text content of an SVG (tspans joined), for looking up numbers and labels."""
-    return " ".join(re.sub(r"<[^>]+>", "", t) for t in re.findall(r"<text[^>]*>.*?</text>",
-                                                                    svg, re.S))
+    return " ".join(
+        re.sub(r"<[^>]+>", "", t) for t in re.findall(r"<text[^>]*>.*?</text>", svg, re.S)
+    )
 
 
 def test_every_section_and_named_plot_is_rendered(html: str) -> None:
     for sid, _ in SECTIONS:
         section(html, sid)
-    where = {"adoption": "adoption", "timeline": "rollouts", "latency": "latency",
-             "drift": "drift", "predictions": "predictions"}
+    where = {
+        "adoption": "adoption",
+        "timeline": "rollouts",
+        "latency": "latency",
+        "drift": "drift",
+        "predictions": "predictions",
+    }
     assert set(where) == set(PLOTS)
     for name, sid in where.items():
         assert f'data-plot="{name}"' in section(html, sid)
@@ -69,12 +75,18 @@ def test_plots_have_titles_and_axis_labels_with_units(html: str) -> None:
     expect = {
         "adoption": ["Version adoption over time", "devices running the version", "time (UTC)"],
         "timeline": ["Rollout stages and gate decisions", "time (UTC)"],
-        "latency": ["Latency p95 and error rate by version", "p95 latency (ms)",
-                    "error rate (%)", "time (UTC)"],
-        "drift": ["Input drift: PSI per feature and device group", "input feature",
-                  "PSI vs reference profile"],
-        "predictions": ["Prediction distribution: canary vs control",
-                        "share of predictions (%)"],
+        "latency": [
+            "Latency p95 and error rate by version",
+            "p95 latency (ms)",
+            "error rate (%)",
+            "time (UTC)",
+        ],
+        "drift": [
+            "Input drift: PSI per feature and device group",
+            "input feature",
+            "PSI vs reference profile",
+        ],
+        "predictions": ["Prediction distribution: canary vs control", "share of predictions (%)"],
     }
     for name, texts in expect.items():
         found = svg_texts(plot_svg(html, name))
@@ -97,8 +109,11 @@ def test_timeline_marks_stages_and_the_breached_gates(ds: ReviewDataset, html: s
             assert f"{s.percent:g}%" in text
     bad = next(r for r in ds.rollouts if r.status == "rolled_back")
     assert "rollback: error_rate, latency_p95_ratio, prediction_shift breached" in text
-    assert [g.name for g in bad.caught_by()] == ["error_rate", "latency_p95_ratio",
-                                                  "prediction_shift"]
+    assert [g.name for g in bad.caught_by()] == [
+        "error_rate",
+        "latency_p95_ratio",
+        "prediction_shift",
+    ]
 
 
 def test_decision_table_carries_every_gate_number(ds: ReviewDataset, html: str) -> None:
@@ -143,8 +158,9 @@ def test_prediction_bars_per_cohort(ds: ReviewDataset, html: str) -> None:
     assert len(bars) >= len(ds.predictions) * labels
 
 
-def test_summary_names_fleet_size_outcomes_and_the_catching_gate(ds: ReviewDataset,
-                                                                 html: str) -> None:
+def test_summary_names_fleet_size_outcomes_and_the_catching_gate(
+    ds: ReviewDataset, html: str
+) -> None:
     summary = section(html, "summary")
     assert f'<div class="num">{len(ds.devices)}</div>' in summary
     assert "succeeded" in summary and "rolled back" in summary
@@ -179,13 +195,20 @@ def test_untrusted_text_is_escaped(ds: ReviewDataset) -> None:
 
 def test_empty_dataset_says_what_is_missing() -> None:
     now = datetime(2026, 11, 21, tzinfo=timezone.utc)
-    empty = ReviewDataset(generated_at=now, since=now, until=now,
-                          notes=("telemetry tables do not exist yet",))
+    empty = ReviewDataset(
+        generated_at=now, since=now, until=now, notes=("telemetry tables do not exist yet",)
+    )
     out = render_html(empty)
     assert "<svg" not in out
-    for msg in ("No devices are enrolled", "No adoption data", "No rollout ran",
-                "No inference summaries", "No drift summaries", "No prediction distributions",
-                "telemetry tables do not exist yet"):
+    for msg in (
+        "No devices are enrolled",
+        "No adoption data",
+        "No rollout ran",
+        "No inference summaries",
+        "No drift summaries",
+        "No prediction distributions",
+        "telemetry tables do not exist yet",
+    ):
         assert msg in out
 
 
@@ -201,9 +224,15 @@ def test_json_export_round_trips_the_same_numbers(ds: ReviewDataset, tmp_path: P
     vp = ds.by_version[0]
     assert data["by_version"][0]["error_rate"] == round(vp.errors / vp.count, 6)
     gate = data["rollouts"][1]["decisions"][-1]["gates"][1]
-    assert gate == {"name": "error_rate", "canary": 0.091, "control": 0.0019,
-                    "threshold": 0.01, "verdict": "breach", "n_canary": 5300,
-                    "n_control": 47700}
+    assert gate == {
+        "name": "error_rate",
+        "canary": 0.091,
+        "control": 0.0019,
+        "threshold": 0.01,
+        "verdict": "breach",
+        "n_canary": 5300,
+        "n_control": 47700,
+    }
 
 
 def test_write_report_is_durable_and_readable(ds: ReviewDataset, tmp_path: Path) -> None:
@@ -266,15 +295,29 @@ def test_sparse_and_odd_datasets_render_without_warnings() -> None:
     t = datetime(2026, 11, 21, 8, 0, tzinfo=timezone.utc)
     breach = GateRow("drift_psi", 0.6, None, 0.25, "breach", 900, 0)
     ds = ReviewDataset(
-        generated_at=t, since=t, until=t,
+        generated_at=t,
+        since=t,
+        until=t,
         devices=(DeviceRow("d1", "cam", {}, "(none)", None, "unknown"),),
         adoption=(AdoptionPoint(t, {"(none)": 1}),),
         rollouts=(
-            RolloutRow("r-new", "m v2", "staged_canary", "pending", "pause",
-                       decisions=(Decision(t, "create", None, "", (), "operator:ann"),)),
-            RolloutRow("r-held", "m v3", "shadow", "paused", "pause",
-                       (StageSpan(0, 5, t, None),),
-                       (Decision(t, "pause", 0, "gate breached", (breach,)),)),
+            RolloutRow(
+                "r-new",
+                "m v2",
+                "staged_canary",
+                "pending",
+                "pause",
+                decisions=(Decision(t, "create", None, "", (), "operator:ann"),),
+            ),
+            RolloutRow(
+                "r-held",
+                "m v3",
+                "shadow",
+                "paused",
+                "pause",
+                (StageSpan(0, 5, t, None),),
+                (Decision(t, "pause", 0, "gate breached", (breach,)),),
+            ),
         ),
         by_version=(VersionPoint("m v1", t, 0, 0, None, None),),
         drift=(DriftCell("cam", "f0", 0.6),),

@@ -26,13 +26,21 @@ NEW = BundleRef("b-new", "m", 4)
 RB = BundleRef("b-rb", "m", 5)
 
 ids = st.text(min_size=1, max_size=40)
-percent_lists = st.lists(st.floats(min_value=0.01, max_value=100), min_size=1,
-                         max_size=6).map(sorted)
+percent_lists = st.lists(st.floats(min_value=0.01, max_value=100), min_size=1, max_size=6).map(
+    sorted
+)
 
 
 def spec_with(percents: list[float], rollout_id: str = "r-1", **kw: object) -> RolloutSpec:
-    return RolloutSpec(rollout_id=rollout_id, bundle=NEW, previous=OLD, selector={"site": "a"},
-                       stages=tuple(Stage(p) for p in percents), gates=(), **kw)  # type: ignore[arg-type]
+    return RolloutSpec(
+        rollout_id=rollout_id,
+        bundle=NEW,
+        previous=OLD,
+        selector={"site": "a"},
+        stages=tuple(Stage(p) for p in percents),
+        gates=(),
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def running(stage: int) -> RolloutState:
@@ -108,8 +116,7 @@ def test_device_coming_online_later_gets_the_assignment_of_its_stage() -> None:
 
 def test_pending_rollout_leaves_everyone_on_previous_bundle() -> None:
     spec = spec_with([50, 100])
-    assert all(assigned_bundle(spec, RolloutState(), f"d{i}") == OLD.bundle_id
-               for i in range(200))
+    assert all(assigned_bundle(spec, RolloutState(), f"d{i}") == OLD.bundle_id for i in range(200))
 
 
 def test_succeeded_rollout_gives_everyone_the_candidate() -> None:
@@ -120,8 +127,9 @@ def test_succeeded_rollout_gives_everyone_the_candidate() -> None:
 
 def test_rolled_back_rollout_gives_everyone_the_rollback_bundle() -> None:
     spec = spec_with([50, 100])
-    state = RolloutState(status=Status.ROLLED_BACK, stage=1, stage_started_at=0.0,
-                         rollback_bundle=RB)
+    state = RolloutState(
+        status=Status.ROLLED_BACK, stage=1, stage_started_at=0.0, rollback_bundle=RB
+    )
     assert {assigned_bundle(spec, state, f"d{i}") for i in range(200)} == {RB.bundle_id}
 
 

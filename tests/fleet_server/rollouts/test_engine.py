@@ -46,11 +46,18 @@ T0 = 1_800_000_000.0
 
 # -- strategies ---------------------------------------------------------------------
 
-stage_st = st.builds(Stage, percent=st.floats(0.5, 100), min_devices=st.integers(0, 20),
-                     soak_seconds=st.floats(0, 3600))
+stage_st = st.builds(
+    Stage,
+    percent=st.floats(0.5, 100),
+    min_devices=st.integers(0, 20),
+    soak_seconds=st.floats(0, 3600),
+)
 gate_st = st.builds(
-    GateSpec, kind=st.sampled_from(list(GateKind)), threshold=st.floats(0, 2),
-    min_samples=st.integers(1, 3000), against=st.sampled_from(["reference", "control"]),
+    GateSpec,
+    kind=st.sampled_from(list(GateKind)),
+    threshold=st.floats(0, 2),
+    min_samples=st.integers(1, 3000),
+    against=st.sampled_from(["reference", "control"]),
     metric=st.sampled_from(["psi", "js"]),
 )
 
@@ -61,16 +68,26 @@ def specs(draw: st.DrawFn) -> RolloutSpec:
     if strategy is Strategy.ALL_AT_ONCE:
         stages = [Stage(100, draw(st.integers(0, 20)), draw(st.floats(0, 3600)))]
     else:
-        stages = sorted(draw(st.lists(stage_st, min_size=1, max_size=5)),
-                        key=lambda s: s.percent)
+        stages = sorted(draw(st.lists(stage_st, min_size=1, max_size=5)), key=lambda s: s.percent)
     gates = draw(st.lists(gate_st, max_size=6))
     if strategy is Strategy.SHADOW:
         gates = [g for g in gates if g.kind in SHADOW_GATE_KINDS]
-    gates = [GateSpec(g.kind, g.threshold, g.min_samples, against=g.against, metric=g.metric,
-                      name=f"g{i}") for i, g in enumerate(gates)]
-    return RolloutSpec("r-prop", NEW, draw(st.sampled_from([OLD, None])), {"site": "a"},
-                       strategy=strategy, stages=tuple(stages), gates=tuple(gates),
-                       failure_policy=draw(st.sampled_from(list(FailurePolicy))))
+    gates = [
+        GateSpec(
+            g.kind, g.threshold, g.min_samples, against=g.against, metric=g.metric, name=f"g{i}"
+        )
+        for i, g in enumerate(gates)
+    ]
+    return RolloutSpec(
+        "r-prop",
+        NEW,
+        draw(st.sampled_from([OLD, None])),
+        {"site": "a"},
+        strategy=strategy,
+        stages=tuple(stages),
+        gates=tuple(gates),
+        failure_policy=draw(st.sampled_from(list(FailurePolicy))),
+    )
 
 
 count = st.integers(0, 5000)
@@ -81,13 +98,15 @@ def cohort_stats(draw: st.DrawFn) -> CohortStats:
     n = draw(count)
     installs = draw(st.integers(0, 30))
     return CohortStats(
-        devices=draw(st.integers(0, 30)), installs=installs,
-        install_failures=draw(st.integers(0, installs)), inferences=n,
+        devices=draw(st.integers(0, 30)),
+        installs=installs,
+        install_failures=draw(st.integers(0, installs)),
+        inferences=n,
         errors=draw(st.integers(0, n)),
         latency_hist=tuple(draw(st.lists(st.integers(0, 400), min_size=19, max_size=19))),
-        drift_psi=draw(st.one_of(st.none(), st.floats(0, 3))), drift_samples=draw(count),
-        feature_counts={"f0": tuple(draw(st.lists(st.integers(0, 500), min_size=4,
-                                                  max_size=4)))},
+        drift_psi=draw(st.one_of(st.none(), st.floats(0, 3))),
+        drift_samples=draw(count),
+        feature_counts={"f0": tuple(draw(st.lists(st.integers(0, 500), min_size=4, max_size=4)))},
         prediction_counts=tuple(draw(st.lists(st.integers(0, 800), min_size=3, max_size=3))),
     )
 
@@ -107,6 +126,7 @@ def running_cases(draw: st.DrawFn) -> tuple[RolloutSpec, RolloutState, CohortMet
 
 
 # -- properties of decide() -----------------------------------------------------------
+
 
 @settings(max_examples=400, deadline=None)
 @given(running_cases())
@@ -152,8 +172,15 @@ def test_every_decision_carries_the_numbers(case) -> None:  # type: ignore[no-un
     j = json.loads(json.dumps(d.to_json(), allow_nan=False))
     assert [g["name"] for g in j["gates"]] == [g.name for g in spec.gates]
     for g in j["gates"]:
-        assert {"canary_value", "control_value", "threshold", "canary_samples",
-                "control_samples", "min_samples", "verdict"} <= set(g)
+        assert {
+            "canary_value",
+            "control_value",
+            "threshold",
+            "canary_samples",
+            "control_samples",
+            "min_samples",
+            "verdict",
+        } <= set(g)
     assert j["soak_elapsed"] == pytest.approx(now - T0)
     assert j["soak_required"] == spec.stages[state.stage].soak_seconds
     assert j["canary_devices"] == metrics.canary.devices
@@ -162,10 +189,14 @@ def test_every_decision_carries_the_numbers(case) -> None:  # type: ignore[no-un
 
 
 @settings(deadline=None)
-@given(specs(), metrics_st, st.sampled_from([Status.PAUSED, Status.SUCCEEDED,
-                                             Status.ROLLED_BACK, Status.ABORTED]))
-def test_only_running_rollouts_move(spec: RolloutSpec, metrics: CohortMetrics,
-                                    status: Status) -> None:
+@given(
+    specs(),
+    metrics_st,
+    st.sampled_from([Status.PAUSED, Status.SUCCEEDED, Status.ROLLED_BACK, Status.ABORTED]),
+)
+def test_only_running_rollouts_move(
+    spec: RolloutSpec, metrics: CohortMetrics, status: Status
+) -> None:
     state = RolloutState(status, 0, T0)
     d = decide(spec, state, metrics, T0 + 10_000)
     assert d.action is Action.HOLD
@@ -193,18 +224,27 @@ SCENARIO_GATES = (
 
 
 def scenario_spec(policy: FailurePolicy = FailurePolicy.ROLLBACK) -> RolloutSpec:
-    return RolloutSpec("r-scn", NEW, OLD, {"site": "a"},
-                       stages=(Stage(5, 1, 600), Stage(25, 2, 600), Stage(100, 3, 600)),
-                       gates=SCENARIO_GATES, failure_policy=policy)
+    return RolloutSpec(
+        "r-scn",
+        NEW,
+        OLD,
+        {"site": "a"},
+        stages=(Stage(5, 1, 600), Stage(25, 2, 600), Stage(100, 3, 600)),
+        gates=SCENARIO_GATES,
+        failure_policy=policy,
+    )
 
 
-def run(spec: RolloutSpec, canary_kw: dict[str, float], steps: int = 12
-        ) -> tuple[RolloutState, list[tuple[int, Action, str]]]:
+def run(
+    spec: RolloutSpec, canary_kw: dict[str, float], steps: int = 12
+) -> tuple[RolloutState, list[tuple[int, Action, str]]]:
     """Drive the engine every 10 minutes with the given canary behaviour."""
     state, now, log = RolloutState(), T0, []
     for i in range(steps):
-        m = CohortMetrics(cohort(seed=2 * i, **canary_kw),  # type: ignore[arg-type]
-                          cohort(seed=2 * i + 1))
+        m = CohortMetrics(
+            cohort(seed=2 * i, **canary_kw),  # type: ignore[arg-type]
+            cohort(seed=2 * i + 1),
+        )
         d = decide(spec, state, m, now)
         log.append((state.stage, d.action, d.reason))
         state = apply_decision(spec, state, d, rollback_bundle=RB)
@@ -222,14 +262,18 @@ def test_healthy_canary_advances_stage_by_stage_to_100_percent() -> None:
     assert assigned_bundle(scenario_spec(), state, "any-device") == NEW.bundle_id
 
 
-@pytest.mark.parametrize(("behaviour", "gate"), [
-    ({"error_rate": 0.08}, "error_rate"),
-    ({"drift_psi": 0.7}, "drift_psi"),
-    ({"latency_ms": 15.0}, "latency_p95_ratio"),
-    ({"shift": 0.6}, "prediction_shift"),
-])
-def test_bad_canary_is_rolled_back_by_the_named_gate(behaviour: dict[str, float],
-                                                     gate: str) -> None:
+@pytest.mark.parametrize(
+    ("behaviour", "gate"),
+    [
+        ({"error_rate": 0.08}, "error_rate"),
+        ({"drift_psi": 0.7}, "drift_psi"),
+        ({"latency_ms": 15.0}, "latency_p95_ratio"),
+        ({"shift": 0.6}, "prediction_shift"),
+    ],
+)
+def test_bad_canary_is_rolled_back_by_the_named_gate(
+    behaviour: dict[str, float], gate: str
+) -> None:
     state, log = run(scenario_spec(), behaviour)
     assert state.status is Status.ROLLED_BACK
     _, action, reason = log[-1]
@@ -320,8 +364,11 @@ def _allowed(status: Status, action: str) -> bool:
 @pytest.mark.parametrize("action", list(ACTIONS))
 def test_operator_action_valid_and_invalid_transitions(status: Status, action: str) -> None:
     spec = scenario_spec()
-    state = RolloutState(status, -1 if status is Status.PENDING else 0,
-                         None if status is Status.PENDING else T0 - 100)
+    state = RolloutState(
+        status,
+        -1 if status is Status.PENDING else 0,
+        None if status is Status.PENDING else T0 - 100,
+    )
     if _allowed(status, action):
         new = ACTIONS[action](spec, state)
         assert new.history[-1].actor == "op"
@@ -368,6 +415,7 @@ def test_rollback_version_is_above_candidate_and_previous() -> None:
 
 # -- spec and state JSON -----------------------------------------------------------------
 
+
 @settings(deadline=None)
 @given(specs())
 def test_spec_json_round_trip(spec: RolloutSpec) -> None:
@@ -382,21 +430,25 @@ def test_state_json_round_trip(case) -> None:  # type: ignore[no-untyped-def]
     assert RolloutState.from_json(json.loads(json.dumps(state.to_json()))) == state
 
 
-@pytest.mark.parametrize(("change", "match"), [
-    ({"stages": [{"percent": 50}, {"percent": 10}]}, "non-decreasing"),
-    ({"stages": [{"percent": 0}]}, r"\(0, 100\]"),
-    ({"stages": []}, "at least one stage"),
-    ({"gates": [{"kind": "vibes", "threshold": 1}]}, "gate kind"),
-    ({"gates": [{"kind": "error_rate", "threshold": -1}]}, "threshold"),
-    ({"gates": [{"kind": "error_rate", "threshold": 0.1, "min_samples": 0}]}, "min_samples"),
-    ({"strategy": "yolo"}, "strategy"),
-    ({"strategy": "all_at_once", "stages": [{"percent": 50}]}, "all_at_once"),
-    ({"previous": {"bundle_id": "b-o", "name": "other", "version": 1}}, "model"),
-    ({"strategy": "shadow", "gates": [{"kind": "latency_p95_ratio", "threshold": 2}]},
-     "shadow"),
-])
-def test_invalid_spec_is_refused_with_a_clear_error(change: dict[str, object],
-                                                    match: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"stages": [{"percent": 50}, {"percent": 10}]}, "non-decreasing"),
+        ({"stages": [{"percent": 0}]}, r"\(0, 100\]"),
+        ({"stages": []}, "at least one stage"),
+        ({"gates": [{"kind": "vibes", "threshold": 1}]}, "gate kind"),
+        ({"gates": [{"kind": "error_rate", "threshold": -1}]}, "threshold"),
+        ({"gates": [{"kind": "error_rate", "threshold": 0.1, "min_samples": 0}]}, "min_samples"),
+        ({"strategy": "yolo"}, "strategy"),
+        ({"strategy": "all_at_once", "stages": [{"percent": 50}]}, "all_at_once"),
+        ({"previous": {"bundle_id": "b-o", "name": "other", "version": 1}}, "model"),
+        (
+            {"strategy": "shadow", "gates": [{"kind": "latency_p95_ratio", "threshold": 2}]},
+            "shadow",
+        ),
+    ],
+)
+def test_invalid_spec_is_refused_with_a_clear_error(change: dict[str, object], match: str) -> None:
     obj = scenario_spec().to_json()
     obj.update(change)
     with pytest.raises(InvalidSpecError, match=match):
@@ -416,5 +468,9 @@ def test_state_with_bad_status_is_refused() -> None:
 
 def test_state_not_fitting_spec_is_refused() -> None:
     with pytest.raises(InvalidStateError, match="stage 7"):
-        decide(scenario_spec(), RolloutState(Status.RUNNING, 7, T0),
-               CohortMetrics(CohortStats(), CohortStats()), T0)
+        decide(
+            scenario_spec(),
+            RolloutState(Status.RUNNING, 7, T0),
+            CohortMetrics(CohortStats(), CohortStats()),
+            T0,
+        )

@@ -55,34 +55,57 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 def window(version: int, count: int, errors: int, latency_bucket: int) -> dict[str, Any]:
     hist = [0] * (len(LATENCY_BUCKETS_MS) + 1)
     hist[latency_bucket] = count - errors
-    return {"window_start": 0.0, "window_end": 60.0, "name": "m", "version": version,
-            "slot": "a", "rollout_id": None, "count": count, "errors": errors,
-            "latency_ms": {"p95": LATENCY_BUCKETS_MS[latency_bucket]}, "latency_hist": hist,
-            "drift": None, "shadow": None, "dropped": {}}
+    return {
+        "window_start": 0.0,
+        "window_end": 60.0,
+        "name": "m",
+        "version": version,
+        "slot": "a",
+        "rollout_id": None,
+        "count": count,
+        "errors": errors,
+        "latency_ms": {"p95": LATENCY_BUCKETS_MS[latency_bucket]},
+        "latency_hist": hist,
+        "drift": None,
+        "shadow": None,
+        "dropped": {},
+    }
 
 
 class Fleet:
     """The group's devices: each reports one window for the model its assignment gives it."""
 
     def __init__(self, broker: MosquittoBroker) -> None:
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fleet-sim",
-                             protocol=mqtt.MQTTv5)
+        self.c = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="fleet-sim", protocol=mqtt.MQTTv5
+        )
         self.c.connect(broker.host, broker.port)
         self.c.loop_start()
         self.seq = dict.fromkeys(GROUP, 0)
 
-    def report(self, spec: RolloutSpec, state: RolloutState, canary_errors: float,
-               canary_bucket: int) -> int:
+    def report(
+        self, spec: RolloutSpec, state: RolloutState, canary_errors: float, canary_bucket: int
+    ) -> int:
         sent = 0
         for d in GROUP:
             desired = assignment(spec, state, d).desired
             assert desired is not None
             new = desired == NEW
             self.seq[d] += 1
-            body = window(desired.version, 200, int(200 * canary_errors) if new else 0,
-                          canary_bucket if new else 8)
-            raw = json.dumps({"device_id": d, "records": [
-                {"seq": self.seq[d], "kind": "summary", "ts": time.time(), "body": body}]})
+            body = window(
+                desired.version,
+                200,
+                int(200 * canary_errors) if new else 0,
+                canary_bucket if new else 8,
+            )
+            raw = json.dumps(
+                {
+                    "device_id": d,
+                    "records": [
+                        {"seq": self.seq[d], "kind": "summary", "ts": time.time(), "body": body}
+                    ],
+                }
+            )
             self.c.publish(telemetry_topic(d, "summary"), raw, qos=1).wait_for_publish(10)
             sent += 1
         return sent
@@ -94,15 +117,25 @@ class Fleet:
 
 def spec() -> RolloutSpec:
     return RolloutSpec(
-        "r-tele", NEW, OLD, {"site": "a"},
+        "r-tele",
+        NEW,
+        OLD,
+        {"site": "a"},
         stages=(Stage(40, min_devices=2, soak_seconds=0), Stage(100, 2, 0)),
-        gates=(GateSpec(GateKind.ERROR_RATE, 0.02, min_samples=400),
-               GateSpec(GateKind.LATENCY_P95_RATIO, 1.5, min_samples=400)),
+        gates=(
+            GateSpec(GateKind.ERROR_RATE, 0.02, min_samples=400),
+            GateSpec(GateKind.LATENCY_P95_RATIO, 1.5, min_samples=400),
+        ),
     )
 
 
-def drive(broker: MosquittoBroker, engine: Engine, canary_errors: float, canary_bucket: int,
-          rounds: int = 4) -> tuple[MemoryRepo, list[Action]]:
+def drive(
+    broker: MosquittoBroker,
+    engine: Engine,
+    canary_errors: float,
+    canary_bucket: int,
+    rounds: int = 4,
+) -> tuple[MemoryRepo, list[Action]]:
     def metrics(s: RolloutSpec, st: RolloutState) -> CohortMetrics:
         return cohort_metrics(engine, s, st.stage_started_at or 0.0, set(GROUP))
 
@@ -111,15 +144,15 @@ def drive(broker: MosquittoBroker, engine: Engine, canary_errors: float, canary_
     sched = RolloutScheduler(repo, SoleLeader())
     fleet = Fleet(broker)
     actions: list[Action] = []
-    with IngestWorker(IngestConfig(host=broker.host, port=broker.port,
-                                   client_id="ingest-t"), engine) as worker:
+    with IngestWorker(
+        IngestConfig(host=broker.host, port=broker.port, client_id="ingest-t"), engine
+    ) as worker:
         for _ in range(rounds):
             actions += [d.action for d in sched.tick() if d.action is not Action.HOLD]
             st = repo.state("r-tele")
             if st.terminal:
                 break
-            expected = worker.stats.records + fleet.report(spec(), st, canary_errors,
-                                                           canary_bucket)
+            expected = worker.stats.records + fleet.report(spec(), st, canary_errors, canary_bucket)
             deadline = time.monotonic() + 15
             while worker.stats.stored < expected and time.monotonic() < deadline:
                 time.sleep(0.02)

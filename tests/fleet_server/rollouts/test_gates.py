@@ -33,8 +33,15 @@ def latency_hist(values_ms: np.ndarray) -> tuple[int, ...]:
 
 
 def cohort(
-    *, devices: int = 10, n: int = 5000, error_rate: float = 0.002, latency_ms: float = 4.0,
-    drift_psi: float = 0.02, shift: float = 0.0, installs: int = 10, install_failures: int = 0,
+    *,
+    devices: int = 10,
+    n: int = 5000,
+    error_rate: float = 0.002,
+    latency_ms: float = 4.0,
+    drift_psi: float = 0.02,
+    shift: float = 0.0,
+    installs: int = 10,
+    install_failures: int = 0,
     seed: int = 0,
 ) -> CohortStats:
     """Telemetry of a cohort with the given behaviour (sampled, so figures are realistic)."""
@@ -46,9 +53,14 @@ def cohort(
     feats = rng.normal(feat_mean, 1.0, size=n)
     feature_counts = np.bincount(np.searchsorted([-1.0, 0.0, 1.0], feats), minlength=4)
     return CohortStats(
-        devices=devices, installs=installs, install_failures=install_failures, inferences=n,
-        errors=int(rng.binomial(n, error_rate)), latency_hist=latency_hist(lat),
-        drift_psi=drift_psi, drift_samples=n,
+        devices=devices,
+        installs=installs,
+        install_failures=install_failures,
+        inferences=n,
+        errors=int(rng.binomial(n, error_rate)),
+        latency_hist=latency_hist(lat),
+        drift_psi=drift_psi,
+        drift_samples=n,
         feature_counts={"f0": tuple(int(c) for c in feature_counts)},
         prediction_counts=tuple(int(c) for c in preds),
     )
@@ -71,6 +83,7 @@ def verdicts(canary: CohortStats, control: CohortStats) -> dict[str, Verdict]:
 
 
 # -- statistics against published values -------------------------------------------
+
 
 def test_wilson_interval_matches_newcombe_1998_example() -> None:
     lo, hi = wilson(81, 263, 1.959964)
@@ -109,8 +122,10 @@ def test_js_divergence_is_zero_for_same_and_one_bit_for_disjoint() -> None:
 
 
 @settings(deadline=None)
-@given(st.lists(st.integers(0, 1000), min_size=2, max_size=8),
-       st.lists(st.integers(0, 1000), min_size=2, max_size=8))
+@given(
+    st.lists(st.integers(0, 1000), min_size=2, max_size=8),
+    st.lists(st.integers(0, 1000), min_size=2, max_size=8),
+)
 def test_divergences_are_finite_non_negative_and_js_bounded(a: list[int], b: list[int]) -> None:
     p, j = psi(a, b), js_divergence(a, b)
     assert math.isfinite(p) and p >= -1e-12
@@ -118,6 +133,7 @@ def test_divergences_are_finite_non_negative_and_js_bounded(a: list[int], b: lis
 
 
 # -- each bad canary is caught by its named gate ------------------------------------
+
 
 def test_healthy_canary_passes_every_gate() -> None:
     v = verdicts(cohort(seed=1), cohort(seed=2))
@@ -160,9 +176,14 @@ def test_small_error_excess_within_margin_passes() -> None:
 
 # -- minimum samples, control sources ------------------------------------------------
 
+
 @settings(deadline=None)
-@given(n_canary=st.integers(0, 2000), n_control=st.integers(0, 2000),
-       errors=st.integers(0, 2000), min_samples=st.integers(1, 1500))
+@given(
+    n_canary=st.integers(0, 2000),
+    n_control=st.integers(0, 2000),
+    errors=st.integers(0, 2000),
+    min_samples=st.integers(1, 1500),
+)
 def test_error_gate_waits_below_min_samples_in_either_cohort(
     n_canary: int, n_control: int, errors: int, min_samples: int
 ) -> None:
@@ -193,10 +214,12 @@ def test_relative_gate_is_skipped_without_control_or_baseline() -> None:
 
 def test_error_gate_without_control_tests_canary_rate_on_its_own() -> None:
     gate = GateSpec(GateKind.ERROR_RATE, 0.01, min_samples=500)
-    bad = evaluate_gate(gate, CohortMetrics(cohort(error_rate=0.05), CohortStats()),
-                        live_control=False)
-    good = evaluate_gate(gate, CohortMetrics(cohort(error_rate=0.0), CohortStats()),
-                         live_control=False)
+    bad = evaluate_gate(
+        gate, CohortMetrics(cohort(error_rate=0.05), CohortStats()), live_control=False
+    )
+    good = evaluate_gate(
+        gate, CohortMetrics(cohort(error_rate=0.0), CohortStats()), live_control=False
+    )
     assert (bad.verdict, good.verdict) == (Verdict.BREACH, Verdict.PASS)
 
 
@@ -204,8 +227,18 @@ def test_gate_result_json_has_every_number() -> None:
     r = evaluate_gates(GATES, CohortMetrics(cohort(seed=1), cohort(seed=2)), live_control=True)
     for g in r:
         j = g.to_json()
-        assert {"name", "kind", "verdict", "canary_value", "control_value", "threshold",
-                "canary_samples", "control_samples", "min_samples", "detail"} <= set(j)
+        assert {
+            "name",
+            "kind",
+            "verdict",
+            "canary_value",
+            "control_value",
+            "threshold",
+            "canary_samples",
+            "control_samples",
+            "min_samples",
+            "detail",
+        } <= set(j)
         assert j["canary_samples"] > 0 and j["canary_value"] is not None
 
 
@@ -218,12 +251,15 @@ def _shadow(agree: int, runs: int) -> CohortMetrics:
     return CohortMetrics(CohortStats(shadow_agreements=agree, shadow_runs=runs), CohortStats())
 
 
-@pytest.mark.parametrize("agree,runs,verdict", [
-    (990, 1000, Verdict.PASS),     # 99% agreement, threshold 95%
-    (800, 1000, Verdict.BREACH),   # a candidate that disagrees on one input in five
-    (945, 1000, Verdict.PASS),     # below 95% but not confidently so: Wilson upper bound > 0.95
-    (40, 50, Verdict.WAIT),        # too few shadow runs to decide
-])
+@pytest.mark.parametrize(
+    "agree,runs,verdict",
+    [
+        (990, 1000, Verdict.PASS),  # 99% agreement, threshold 95%
+        (800, 1000, Verdict.BREACH),  # a candidate that disagrees on one input in five
+        (945, 1000, Verdict.PASS),  # below 95% but not confidently so: Wilson upper bound > 0.95
+        (40, 50, Verdict.WAIT),  # too few shadow runs to decide
+    ],
+)
 def test_shadow_agreement_gate_judges_the_candidate_by_its_agreement(
     agree: int, runs: int, verdict: Verdict
 ) -> None:

@@ -45,8 +45,11 @@ class MemoryRepo:
 
     def active_rollouts(self) -> Sequence[tuple[RolloutSpec, RolloutState]]:
         with self.lock:
-            return [(s, st) for s, st in self.rollouts.values()
-                    if st.status in (Status.PENDING, Status.RUNNING)]
+            return [
+                (s, st)
+                for s, st in self.rollouts.values()
+                if st.status in (Status.PENDING, Status.RUNNING)
+            ]
 
     def cohort_metrics(self, spec: RolloutSpec, state: RolloutState, now: float) -> CohortMetrics:
         if spec.rollout_id in self.fail_for:
@@ -67,8 +70,7 @@ class MemoryRepo:
         with self.lock:
             self.audit.append(decision)
 
-    def notify_changed(self, spec: RolloutSpec, before: RolloutState,
-                       after: RolloutState) -> int:
+    def notify_changed(self, spec: RolloutSpec, before: RolloutState, after: RolloutState) -> int:
         changed = changed_devices(spec, before, after, DEVICES)
         self.notified.extend(changed)
         return len(changed)
@@ -78,9 +80,14 @@ class MemoryRepo:
 
 
 def spec(rollout_id: str = "r-s") -> RolloutSpec:
-    return RolloutSpec(rollout_id, NEW, OLD, {"site": "a"},
-                       stages=(Stage(10, 1, 60), Stage(50, 1, 60), Stage(100, 1, 60)),
-                       gates=SCENARIO_GATES)
+    return RolloutSpec(
+        rollout_id,
+        NEW,
+        OLD,
+        {"site": "a"},
+        stages=(Stage(10, 1, 60), Stage(50, 1, 60), Stage(100, 1, 60)),
+        gates=SCENARIO_GATES,
+    )
 
 
 def healthy(_spec: RolloutSpec, _state: RolloutState) -> CohortMetrics:

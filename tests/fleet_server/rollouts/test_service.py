@@ -17,22 +17,30 @@ if TYPE_CHECKING:
 DEVICES = [f"cam-{i:02d}" for i in range(12)]
 
 
-def _setup(fleet: Fleet, **rollout: Any) -> tuple[dict[str, Any], dict[str, dict[str, str]],
-                                                     dict[str, Any], dict[str, Any]]:
+def _setup(
+    fleet: Fleet, **rollout: Any
+) -> tuple[dict[str, Any], dict[str, dict[str, str]], dict[str, Any], dict[str, Any]]:
     creds = {d: fleet.enroll(d, labels={"site": "north"}) for d in DEVICES}
     fleet.enroll("other-1", labels={"site": "south"})
     v2 = fleet.upload_bundle(version=2, seed=1)
     v3 = fleet.upload_bundle(version=3, seed=2)
-    g = fleet.client.post("/api/v1/groups", headers=fleet.admin,
-                          json={"name": "north", "selector": {"site": "north"}})
+    g = fleet.client.post(
+        "/api/v1/groups", headers=fleet.admin, json={"name": "north", "selector": {"site": "north"}}
+    )
     assert g.status_code == 201, g.text
     for d in DEVICES:
         fleet.assign(d, v2["id"])
-    body = {"name": "v3 to north", "bundle_id": v3["id"], "group": "north",
-            "stages": [{"percent": 50, "min_devices": 1, "soak_seconds": 0},
-                       {"percent": 100, "min_devices": 1, "soak_seconds": 0}],
-            "gates": [{"kind": "install_failure_rate", "threshold": 0.2, "min_samples": 1}],
-            **rollout}
+    body = {
+        "name": "v3 to north",
+        "bundle_id": v3["id"],
+        "group": "north",
+        "stages": [
+            {"percent": 50, "min_devices": 1, "soak_seconds": 0},
+            {"percent": 100, "min_devices": 1, "soak_seconds": 0},
+        ],
+        "gates": [{"kind": "install_failure_rate", "threshold": 0.2, "min_samples": 1}],
+        **rollout,
+    }
     r = fleet.client.post("/api/v1/rollouts", headers=fleet.admin, json=body)
     assert r.status_code == 201, r.text
     return r.json(), creds, v2, v3
@@ -57,29 +65,43 @@ def test_rollout_starts_with_deterministic_canary_cohort(fleet: Fleet) -> None:
 def test_pause_resume_promote_abort_are_audited(fleet: Fleet) -> None:
     rollout, creds, v2, v3 = _setup(fleet, start=True)
     url = f"/api/v1/rollouts/{rollout['id']}"
-    assert fleet.client.post(f"{url}/pause", headers=fleet.admin,
-                             json={"reason": "look"}).json()["status"] == "paused"
+    assert (
+        fleet.client.post(f"{url}/pause", headers=fleet.admin, json={"reason": "look"}).json()[
+            "status"
+        ]
+        == "paused"
+    )
     again = fleet.client.post(f"{url}/pause", headers=fleet.admin, json={})
     assert again.status_code == 409 and again.json()["error"]["code"] == "invalid_transition"
-    assert fleet.client.post(f"{url}/resume", headers=fleet.admin, json={}).json()["status"] \
+    assert (
+        fleet.client.post(f"{url}/resume", headers=fleet.admin, json={}).json()["status"]
         == "running"
+    )
     promoted = fleet.client.post(f"{url}/promote", headers=fleet.admin, json={}).json()
     assert promoted["stage"] == 1
     assert all(_desired(fleet, creds[d])["bundle_id"] == v3["id"] for d in DEVICES)
     aborted = fleet.client.post(f"{url}/abort", headers=fleet.admin, json={})
     assert aborted.json()["status"] == "aborted"
     with fleet.ctx.session() as s:
-        entries = s.scalars(select(AuditEntry).where(AuditEntry.target_id == rollout["id"])
-                            .order_by(AuditEntry.id))
+        entries = s.scalars(
+            select(AuditEntry).where(AuditEntry.target_id == rollout["id"]).order_by(AuditEntry.id)
+        )
         actions = [a.action for a in entries]
-    assert actions == ["rollout.create", "rollout.start", "rollout.pause", "rollout.resume",
-                       "rollout.promote", "rollout.abort"]
+    assert actions == [
+        "rollout.create",
+        "rollout.start",
+        "rollout.pause",
+        "rollout.resume",
+        "rollout.promote",
+        "rollout.abort",
+    ]
 
 
 def test_operator_rollback_republishes_previous_model_above_candidate(fleet: Fleet) -> None:
     rollout, creds, v2, v3 = _setup(fleet, start=True)
-    r = fleet.client.post(f"/api/v1/rollouts/{rollout['id']}/rollback", headers=fleet.admin,
-                          json={"reason": "bad"})
+    r = fleet.client.post(
+        f"/api/v1/rollouts/{rollout['id']}/rollback", headers=fleet.admin, json={"reason": "bad"}
+    )
     assert r.status_code == 200, r.text
     state = r.json()["state"]
     assert r.json()["status"] == "rolled_back"
@@ -94,16 +116,24 @@ def test_operator_rollback_republishes_previous_model_above_candidate(fleet: Fle
 
 
 def v2_manifest_files(fleet: Fleet, bundle_id: str) -> Any:
-    return fleet.client.get(f"/api/v1/bundles/{bundle_id}", headers=fleet.admin).json()[
-        "manifest"]["files"]
+    return fleet.client.get(f"/api/v1/bundles/{bundle_id}", headers=fleet.admin).json()["manifest"][
+        "files"
+    ]
 
 
 def test_scheduler_advances_healthy_rollout_and_audits_numbers(fleet: Fleet) -> None:
     rollout, creds, v2, v3 = _setup(fleet, start=True)
     canary = [d for d in DEVICES if bucket(rollout["id"], d) < 0.5]
     for d in canary:
-        fleet.client.post("/device/v1/reports", headers=creds[d], json={"reports": [
-            {"type": "install", "outcome": "installed", "name": "tiny", "version": 3}]})
+        fleet.client.post(
+            "/device/v1/reports",
+            headers=creds[d],
+            json={
+                "reports": [
+                    {"type": "install", "outcome": "installed", "name": "tiny", "version": 3}
+                ]
+            },
+        )
     decisions = fleet.scheduler.tick()
     assert [d.action.value for d in decisions] == ["advance"]
     r = fleet.client.get(f"/api/v1/rollouts/{rollout['id']}", headers=fleet.admin).json()
@@ -121,9 +151,21 @@ def test_scheduler_rolls_back_when_installs_fail(fleet: Fleet) -> None:
     rollout, creds, v2, v3 = _setup(fleet, start=True)
     canary = [d for d in DEVICES if bucket(rollout["id"], d) < 0.5]
     for d in canary:
-        fleet.client.post("/device/v1/reports", headers=creds[d], json={"reports": [
-            {"type": "install", "outcome": "failed", "name": "tiny", "version": 3,
-             "error_code": "smoke_test_failed"}]})
+        fleet.client.post(
+            "/device/v1/reports",
+            headers=creds[d],
+            json={
+                "reports": [
+                    {
+                        "type": "install",
+                        "outcome": "failed",
+                        "name": "tiny",
+                        "version": 3,
+                        "error_code": "smoke_test_failed",
+                    }
+                ]
+            },
+        )
     decisions = fleet.scheduler.tick()
     assert [d.action.value for d in decisions] == ["rollback"]
     r = fleet.client.get(f"/api/v1/rollouts/{rollout['id']}", headers=fleet.admin).json()
@@ -133,8 +175,9 @@ def test_scheduler_rolls_back_when_installs_fail(fleet: Fleet) -> None:
 
 
 def test_device_enrolling_later_gets_its_rollout_assignment(fleet: Fleet) -> None:
-    rollout, creds, v2, v3 = _setup(fleet, start=True, stages=[
-        {"percent": 100, "min_devices": 1, "soak_seconds": 0}])
+    rollout, creds, v2, v3 = _setup(
+        fleet, start=True, stages=[{"percent": 100, "min_devices": 1, "soak_seconds": 0}]
+    )
     late = fleet.enroll("cam-late", labels={"site": "north"})
     assert _desired(fleet, late)["bundle_id"] == v3["id"]
     other = fleet.enroll("cam-south", labels={"site": "south"})
@@ -144,11 +187,19 @@ def test_device_enrolling_later_gets_its_rollout_assignment(fleet: Fleet) -> Non
 def test_invalid_stages_are_refused_with_a_stable_code(fleet: Fleet) -> None:
     fleet.enroll("cam-1", labels={"site": "north"})
     v3 = fleet.upload_bundle(version=3)
-    fleet.client.post("/api/v1/groups", headers=fleet.admin,
-                      json={"name": "north", "selector": {"site": "north"}})
-    r = fleet.client.post("/api/v1/rollouts", headers=fleet.admin, json={
-        "name": "x", "bundle_id": v3["id"], "group": "north",
-        "stages": [{"percent": 50}, {"percent": 10}]})
+    fleet.client.post(
+        "/api/v1/groups", headers=fleet.admin, json={"name": "north", "selector": {"site": "north"}}
+    )
+    r = fleet.client.post(
+        "/api/v1/rollouts",
+        headers=fleet.admin,
+        json={
+            "name": "x",
+            "bundle_id": v3["id"],
+            "group": "north",
+            "stages": [{"percent": 50}, {"percent": 10}],
+        },
+    )
     assert r.status_code == 422
     assert r.json()["error"]["code"] == "invalid_rollout_spec"
 
@@ -165,22 +216,42 @@ def _summaries(fleet: Fleet, devices: list[str], version: int, count: int, error
     hist[9] = count
     msgs = []
     for i, d in enumerate(devices):
-        body = {"window_start": 0, "window_end": 60, "name": "tiny", "version": version,
-                "slot": "a", "rollout_id": None, "count": count, "errors": errors,
-                "latency_ms": {"p50": 6, "p95": 9, "p99": 9.5, "mean": 6},
-                "latency_hist": hist, "drift": None, "shadow": None,
-                "dropped": {"samples": 0, "summaries": 0}}
-        payload = {"device_id": d, "records": [
-            {"seq": 1000 + version * 100 + i, "kind": "summary", "ts": time.time(),
-             "body": body}]}
-        msgs.append(parse_message(telemetry_topic(d, "summary"), json.dumps(payload).encode(),
-                                  time.time()))
+        body = {
+            "window_start": 0,
+            "window_end": 60,
+            "name": "tiny",
+            "version": version,
+            "slot": "a",
+            "rollout_id": None,
+            "count": count,
+            "errors": errors,
+            "latency_ms": {"p50": 6, "p95": 9, "p99": 9.5, "mean": 6},
+            "latency_hist": hist,
+            "drift": None,
+            "shadow": None,
+            "dropped": {"samples": 0, "summaries": 0},
+        }
+        payload = {
+            "device_id": d,
+            "records": [
+                {
+                    "seq": 1000 + version * 100 + i,
+                    "kind": "summary",
+                    "ts": time.time(),
+                    "body": body,
+                }
+            ],
+        }
+        msgs.append(
+            parse_message(telemetry_topic(d, "summary"), json.dumps(payload).encode(), time.time())
+        )
     TelemetryWriter(fleet.ctx.engine).write(msgs)
 
 
 def test_scheduler_rolls_back_when_canary_errors_exceed_control(fleet: Fleet) -> None:
-    rollout, creds, v2, v3 = _setup(fleet, start=True, gates=[
-        {"kind": "error_rate", "threshold": 0.01, "min_samples": 500}])
+    rollout, creds, v2, v3 = _setup(
+        fleet, start=True, gates=[{"kind": "error_rate", "threshold": 0.01, "min_samples": 500}]
+    )
     canary = [d for d in DEVICES if bucket(rollout["id"], d) < 0.5]
     control = [d for d in DEVICES if d not in canary]
     _summaries(fleet, canary, 3, count=1000, errors=200)
@@ -197,8 +268,12 @@ def test_scheduler_rolls_back_when_canary_errors_exceed_control(fleet: Fleet) ->
 
 
 def test_shadow_rollout_assigns_candidate_as_shadow(fleet: Fleet) -> None:
-    rollout, creds, v2, v3 = _setup(fleet, start=True, strategy="shadow", stages=[
-        {"percent": 100, "min_devices": 1, "soak_seconds": 0}])
+    rollout, creds, v2, v3 = _setup(
+        fleet,
+        start=True,
+        strategy="shadow",
+        stages=[{"percent": 100, "min_devices": 1, "soak_seconds": 0}],
+    )
     doc = fleet.client.get("/device/v1/assignment", headers=creds[DEVICES[0]]).json()
     assert doc["desired"]["bundle_id"] == v2["id"]
     assert doc["shadow"]["bundle_id"] == v3["id"]
@@ -210,12 +285,12 @@ def test_shadow_rollout_assigns_candidate_as_shadow(fleet: Fleet) -> None:
 def test_lists_are_paginated(fleet: Fleet) -> None:
     for i in range(5):
         fleet.enroll(f"cam-{i}")
-    first = fleet.client.get("/api/v1/devices", headers=fleet.admin,
-                             params={"limit": 2}).json()
+    first = fleet.client.get("/api/v1/devices", headers=fleet.admin, params={"limit": 2}).json()
     assert [d["id"] for d in first["items"]] == ["cam-0", "cam-1"]
     assert first["total"] == 5 and first["next_offset"] == 2
-    last = fleet.client.get("/api/v1/devices", headers=fleet.admin,
-                            params={"limit": 2, "offset": 4}).json()
+    last = fleet.client.get(
+        "/api/v1/devices", headers=fleet.admin, params={"limit": 2, "offset": 4}
+    ).json()
     assert [d["id"] for d in last["items"]] == ["cam-4"] and last["next_offset"] is None
     bad = fleet.client.get("/api/v1/devices", headers=fleet.admin, params={"limit": 0})
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "validation_error"

@@ -45,27 +45,46 @@ def small_fleet(tmp_path: Path, sim: BundleSim) -> Iterator[SmallFleet]:
     broker.add_user(SERVER_USER, "pw")
     broker.start()
     token = "sim-admin-" + secrets.token_urlsafe(24)
-    server = ServerProcess(tmp_path / "server", {
-        "environment": "development", "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}",
-        "bundle_dir": str(tmp_path / "bundles"), "trust_store": str(trust_path),
-        "admin_bootstrap_token": token, "mqtt_host": "127.0.0.1",
-        "mqtt_port": str(broker.port), "mqtt_username": SERVER_USER, "mqtt_password": "pw",
-        "assignment_cache_seconds": "0.5", "telemetry_window_seconds": "1"})
+    server = ServerProcess(
+        tmp_path / "server",
+        {
+            "environment": "development",
+            "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}",
+            "bundle_dir": str(tmp_path / "bundles"),
+            "trust_store": str(trust_path),
+            "admin_bootstrap_token": token,
+            "mqtt_host": "127.0.0.1",
+            "mqtt_port": str(broker.port),
+            "mqtt_username": SERVER_USER,
+            "mqtt_password": "pw",
+            "assignment_cache_seconds": "0.5",
+            "telemetry_window_seconds": "1",
+        },
+    )
     fleet: Fleet | None = None
     try:
         server.start()
         admin = AdminClient(server.url, token)
         image = tmp_path / "image"
         image.mkdir()
-        (image / "agent.toml").write_text(agent_config_text(
-            load_class(CLASS), server.url, "127.0.0.1", broker.port))
+        (image / "agent.toml").write_text(
+            agent_config_text(load_class(CLASS), server.url, "127.0.0.1", broker.port)
+        )
         (image / "trust.json").write_bytes(trust_path.read_bytes())
-        fleet = Fleet(tmp_path / "fleet", server_url=server.url, mqtt_host="127.0.0.1",
-                      mqtt_port=broker.port, window_seconds=1.0, poll_seconds=0.5,
-                      clock=SimClock())
+        fleet = Fleet(
+            tmp_path / "fleet",
+            server_url=server.url,
+            mqtt_host="127.0.0.1",
+            mqtt_port=broker.port,
+            window_seconds=1.0,
+            poll_seconds=0.5,
+            clock=SimClock(),
+        )
         fleet.provision([ClassPlan(CLASS, 3, image)])
-        tokens = {d.device_id: admin.post("/enrollment-tokens", json={
-            "device_class": CLASS})["token"] for d in fleet.devices}
+        tokens = {
+            d.device_id: admin.post("/enrollment-tokens", json={"device_class": CLASS})["token"]
+            for d in fleet.devices
+        }
         fleet.enroll(lambda d: tokens[d.device_id])
         for d in fleet.devices:
             broker.add_user(d.device_id, d.credential())
@@ -75,10 +94,18 @@ def small_fleet(tmp_path: Path, sim: BundleSim) -> Iterator[SmallFleet]:
         def roll(version: int) -> None:
             model = tiny_onnx_model(version, n_in=N_FEATURES)  # the simulator's 8 features
             bundle = admin.upload_bundle(sim.publish(version=version, model_bytes=model))
-            admin.post("/rollouts", json={
-                "name": f"v{version}", "bundle_id": bundle["id"], "group": group,
-                "strategy": "all_at_once", "gates": [], "start": True,
-                "stages": [{"percent": 100, "soak_seconds": 0}]})
+            admin.post(
+                "/rollouts",
+                json={
+                    "name": f"v{version}",
+                    "bundle_id": bundle["id"],
+                    "group": group,
+                    "strategy": "all_at_once",
+                    "gates": [],
+                    "start": True,
+                    "stages": [{"percent": 100, "soak_seconds": 0}],
+                },
+            )
 
         yield SmallFleet(admin, fleet, trust_path, roll, tmp_path / "db.sqlite")
     finally:
@@ -130,17 +157,24 @@ def test_device_clock_far_ahead_refuses_a_bundle_expired_by_its_clock(
     skewed.clock = clock
     skewed.start()
     roll(3)
-    fleet.drive(30, on_tick=lambda _: [d.version() for d in fleet.devices[1:]] == [3, 3]
-                and (skewed.root / "state" / "update.json").read_text().count("expired") > 0)
+    fleet.drive(
+        30,
+        on_tick=lambda _: (
+            [d.version() for d in fleet.devices[1:]] == [3, 3]
+            and (skewed.root / "state" / "update.json").read_text().count("expired") > 0
+        ),
+    )
     assert [d.version() for d in fleet.devices] == [2, 3, 3]
     record = json.loads((skewed.root / "state" / "update.json").read_text())
     assert record["error"]["code"] == "expired", record["error"]
     import sqlite3
 
     with sqlite3.connect(small_fleet.database) as db:  # the refusal reached the server
-        rows = db.execute("SELECT outcome, version, error_code FROM device_reports "
-                          "WHERE device_id = ? AND error_code = 'expired'",
-                          (skewed.device_id,)).fetchall()
+        rows = db.execute(
+            "SELECT outcome, version, error_code FROM device_reports "
+            "WHERE device_id = ? AND error_code = 'expired'",
+            (skewed.device_id,),
+        ).fetchall()
     assert rows and all(v == 3 for _o, v, _c in rows), rows
 
 
@@ -156,13 +190,22 @@ def test_shadow_candidate_that_disagrees_is_stopped_by_the_agreement_gate(
     assert fleet.versions() == {2: 3}
     group = admin.get("/groups")["items"][0]["id"]
     # another model of the same shape: it disagrees with v2 on many inputs
-    other = admin.upload_bundle(sim.publish(
-        version=3, model_bytes=tiny_onnx_model(99, n_in=N_FEATURES)))
-    rollout = admin.post("/rollouts", json={
-        "name": "shadow v3", "bundle_id": other["id"], "group": group, "strategy": "shadow",
-        "stages": [{"percent": 100, "soak_seconds": 2}], "failure_policy": "rollback",
-        "gates": [{"kind": "shadow_agreement", "threshold": 0.9, "min_samples": 100}],
-        "start": True})
+    other = admin.upload_bundle(
+        sim.publish(version=3, model_bytes=tiny_onnx_model(99, n_in=N_FEATURES))
+    )
+    rollout = admin.post(
+        "/rollouts",
+        json={
+            "name": "shadow v3",
+            "bundle_id": other["id"],
+            "group": group,
+            "strategy": "shadow",
+            "stages": [{"percent": 100, "soak_seconds": 2}],
+            "failure_policy": "rollback",
+            "gates": [{"kind": "shadow_agreement", "threshold": 0.9, "min_samples": 100}],
+            "start": True,
+        },
+    )
     final: dict[str, object] = {}
 
     def done(_: float) -> bool:
@@ -179,5 +222,7 @@ def test_shadow_candidate_that_disagrees_is_stopped_by_the_agreement_gate(
     # v3 never served; withdrawing a shadow needs no re-published bundle: v2 keeps serving
     fleet.drive(3)
     assert fleet.versions() == {2: 3}
-    assert all(json.loads((d.root / "state" / "active.json").read_text())["version"] == 2
-               for d in fleet.devices)
+    assert all(
+        json.loads((d.root / "state" / "active.json").read_text())["version"] == 2
+        for d in fleet.devices
+    )

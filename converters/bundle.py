@@ -128,7 +128,7 @@ def write_bundle(
     """Write a bundle atomically (temp file in the target directory, fsync, rename)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    mtime = manifest.created_at.timestamp()
+    mtime = 0.0  # the device's strict reader requires mtime 0 (device_agent.bundle.container)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as raw:

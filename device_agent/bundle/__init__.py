@@ -8,6 +8,7 @@ from .errors import (
     BadSignatureError,
     BundleError,
     ExpiredBundleError,
+    HeaderFieldError,
     MalformedBundleError,
     ManifestError,
     MemberError,
@@ -33,7 +34,7 @@ from .trust import Signature, TrustStore, key_id
 from .verify import MemberSink, VerifiedBundle, VerifyLimits, verify_bundle
 
 __all__ = [
-    "BadSignatureError", "BundleError", "ExpiredBundleError", "FileEntry",
+    "BadSignatureError", "BundleError", "ExpiredBundleError", "FileEntry", "HeaderFieldError",
     "MalformedBundleError", "Manifest", "ManifestError", "MemberError",
     "MemberHashMismatchError", "MemberSink", "MemberSizeMismatchError", "MissingMemberError",
     "OversizedMemberError", "RevokedKeyError", "RollbackError", "Signature", "SignatureError",

@@ -5,14 +5,22 @@ accepts only a small, unambiguous subset and refuses everything else before
 reading any member data:
 
 * headers must carry the POSIX ``ustar\\0`` magic and a correct checksum;
+* every numeric field has one encoding: ``width - 1`` octal digits and a NUL
+  (no sign, space, underscore or base-256), so ``-1`` can never be a size;
+* every header byte that carries no bundle information has one fixed value:
+  mode ``0644``, uid, gid and mtime zero, empty linkname, uname, gname and
+  prefix, zero device numbers, zero padding, zeros after the NUL ending a name;
+* the type flag is ``0`` (a regular file), nothing else;
 * no extended (pax) or GNU long-name headers;
 * member names are plain names: no directory part, no ``..``, not absolute;
 * members are regular files: links, device nodes, FIFOs and directories are refused;
 * padding after a member, and everything after the end-of-archive marker, is zeros.
 
-With these rules every byte of a bundle is either covered by a header checksum,
-by the signature over the manifest, by a file hash the manifest lists, or must
-be zero, so flipping any byte makes the bundle fail verification.
+With these rules every byte of a bundle is either covered by the signature over
+the manifest, by a file hash the manifest lists, fixed, or must be zero; the
+names, sizes and type flags the headers carry are checked against the signed
+manifest, and the checksum field has one form. So changing any byte, even with
+the header checksum recomputed, makes the bundle fail verification.
 
 The reader does no I/O of its own beyond the stream it is given and reads
 member data in caller-sized chunks, so memory stays bounded whatever the
@@ -26,8 +34,8 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .errors import (
+    HeaderFieldError,
     MalformedBundleError,
-    OversizedMemberError,
     TruncatedBundleError,
     UnsafeMemberTypeError,
     UnsafePathError,
@@ -87,17 +95,66 @@ class ByteSource:
         return data
 
 
+#: fixed bytes of fields that carry no information in a bundle (offset, value, what)
+_FIXED_FIELDS: tuple[tuple[int, bytes, str], ...] = (
+    (100, b"0000644\0", "mode (must be 0644: no setuid, setgid or exec bits)"),
+    (108, b"0000000\0", "uid (must be 0)"),
+    (116, b"0000000\0", "gid (must be 0)"),
+    (136, b"00000000000\0", "mtime (must be 0)"),
+)
+#: byte ranges that must be all zero (offset, end, what)
+_ZERO_FIELDS: tuple[tuple[int, int, str], ...] = (
+    (157, 257, "linkname"),
+    (265, 297, "uname"),
+    (297, 329, "gname"),
+    (345, 500, "prefix"),
+    (500, 512, "header padding"),
+)
+#: device numbers of a regular file: zero, as all zero bytes (Python >= 3.10 tarfile, GNU
+#: tar) or as the octal-zero field older writers put there; nothing else
+_ZERO_DEVICE = (bytes(8), b"0000000\0")
+
+
 def _octal(field: bytes, what: str) -> int:
-    if field and field[0] & 0x80:
-        # base-256 encoding: only used for sizes >= 8 GiB, far above any cap
-        raise OversizedMemberError(f"{what} uses a base-256 size (>= 8 GiB); refusing")
-    text = field.rstrip(b"\0 ").lstrip(b" ")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError as e:
-        raise MalformedBundleError(f"{what} has a non-numeric field {field!r}") from e
+    """Decode a numeric header field in its one accepted encoding.
+
+    The field is ``len(field) - 1`` octal digits followed by one NUL, exactly as
+    ``tarfile`` and ``edgefleet bundle pack`` write it. Signs, underscores,
+    spaces, a missing terminator and base-256 (high bit set) are refused: each
+    would give one number several byte encodings, and ``int(text, 8)`` accepts
+    ``-1``, ``+7`` and ``0_7``.
+    """
+    digits, end = field[:-1], field[-1:]
+    if end != b"\0" or not digits or not all(0x30 <= c <= 0x37 for c in digits):
+        raise HeaderFieldError(
+            f"{what} is {field!r}; bundle headers hold exactly {len(field) - 1} octal digits "
+            "and a NUL (no sign, space, underscore or base-256). The bundle was altered or "
+            "not written by `edgefleet bundle pack`; refusing it"
+        )
+    return int(digits, 8)
+
+
+def _check_fixed_fields(block: bytes, offset: int, name: str) -> None:
+    """Every header byte that is not a name, size, type or checksum has one fixed value."""
+    where = f"header of member {name!r} at byte {offset}"
+    for start, value, what in _FIXED_FIELDS:
+        if block[start : start + len(value)] != value:
+            raise HeaderFieldError(
+                f"{where}: field {what} is {block[start : start + len(value)]!r}, expected "
+                f"{value!r}; bundles carry no file metadata, so the bundle was altered"
+            )
+    for start, end, what in _ZERO_FIELDS:
+        if block[start:end] != bytes(end - start):
+            raise HeaderFieldError(
+                f"{where}: field {what} (bytes {start}-{end - 1}) must be zeros; the bundle "
+                "was altered"
+            )
+    for start in (329, 337):
+        if block[start : start + 8] not in _ZERO_DEVICE:
+            raise HeaderFieldError(
+                f"{where}: device number field at byte {start} is "
+                f"{block[start : start + 8]!r}, expected zero; the bundle was altered"
+            )
 
 
 def check_member_name(raw: str) -> str:
@@ -149,20 +206,27 @@ def parse_header(block: bytes, offset: int) -> MemberHeader | None:
             f"header at byte {offset} is an extended (pax/GNU) header; bundle format v1 "
             "does not allow them"
         )
+    raw_name, _, after = block[0:100].partition(b"\0")
     try:
-        name = block[0:100].split(b"\0", 1)[0].decode("utf-8")
+        name = raw_name.decode("utf-8")
         prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8")
     except UnicodeDecodeError as e:
         raise MalformedBundleError(f"header at byte {offset} has a non-UTF-8 name") from e
     full = f"{prefix}/{name}" if prefix else name
     check_member_name(full)
-    if typeflag not in (b"0", b"\0"):
+    if after != bytes(len(after)):
+        raise HeaderFieldError(
+            f"header of member {full!r} at byte {offset} has bytes after the NUL that ends "
+            "its name; they must be zeros. The bundle was altered"
+        )
+    if typeflag != b"0":
         kind = _TYPE_NAMES.get(typeflag, f"type {typeflag!r}")
         raise UnsafeMemberTypeError(
             f"bundle member {full!r} is a {kind}, not a regular file; bundles may only "
             "contain regular files, so this one is refused"
         )
-    size = _octal(block[124:136], f"member {full!r}")
+    _check_fixed_fields(block, offset, full)
+    size = _octal(block[124:136], f"size field of member {full!r} at byte {offset}")
     return MemberHeader(name=full, size=size, offset=offset + BLOCK)
 
 

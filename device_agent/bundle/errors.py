@@ -27,6 +27,13 @@ class TruncatedBundleError(MalformedBundleError):
     code = "truncated"
 
 
+class HeaderFieldError(MalformedBundleError):
+    """A container header field is not in its one accepted encoding or fixed value
+    (a signed or negative size, a setuid mode, a non-zero mtime, bytes after a name)."""
+
+    code = "bad_header_field"
+
+
 class ManifestError(MalformedBundleError):
     """The manifest is signed but does not follow the manifest schema."""
 

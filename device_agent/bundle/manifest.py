@@ -9,6 +9,7 @@ encoding.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +25,50 @@ FILE_ROLES = ("model", "drift_profile", "smoke_samples", "extra")
 _MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: longest integer literal a manifest may hold (covers every signed 64-bit value)
+MAX_INT_DIGITS = 19
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ManifestError(
+            f"manifest holds an integer of {len(text.lstrip('-'))} digits; at most "
+            f"{MAX_INT_DIGITS} are allowed. Rebuild the bundle with `edgefleet bundle pack`"
+        )
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ManifestError(
+            f"manifest holds the number {text[:40]!r}, which is out of range for a float; "
+            "rebuild the bundle with `edgefleet bundle pack`"
+        )
+    return value
+
+
+def _parse_constant(text: str) -> Any:
+    raise ManifestError(f"manifest holds {text!r}, which is not JSON; rebuild the bundle")
+
+
+def decode_json(data: bytes, what: str = "manifest") -> Any:
+    """Decode strict JSON: finite floats, bounded integers, bounded nesting.
+
+    Every failure is a :class:`ManifestError` (a :class:`BundleError`), never a
+    bare ``ValueError`` or ``RecursionError``.
+    """
+    try:
+        return json.loads(
+            data.decode("utf-8"),
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_parse_constant,
+        )
+    except ManifestError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ManifestError(f"{what} is not valid UTF-8 JSON: {type(e).__name__}: {e}") from e
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -167,12 +212,13 @@ class Manifest:
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
         """Parse and validate canonical manifest bytes."""
-        try:
-            obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ManifestError(f"manifest is not valid UTF-8 JSON: {e}") from e
+        obj = decode_json(data)
         manifest = cls.from_json(obj)
-        if canonical_json(obj) != data:
+        try:
+            canonical = canonical_json(obj)
+        except (ValueError, RecursionError) as e:
+            raise ManifestError(f"manifest cannot be re-encoded canonically: {e}") from e
+        if canonical != data:
             raise ManifestError(
                 "manifest bytes are not in canonical form; it was edited by hand or by "
                 "another tool. Re-pack and re-sign the bundle with `edgefleet bundle pack`"
@@ -190,8 +236,19 @@ class Manifest:
                 f"(supports {SCHEMA_VERSION}); upgrade the device agent"
             )
         known = {
-            "schema_version", "name", "version", "format", "runtime", "target_device_classes",
-            "inputs", "outputs", "files", "provenance", "created_at", "expires_at", "labels",
+            "schema_version",
+            "name",
+            "version",
+            "format",
+            "runtime",
+            "target_device_classes",
+            "inputs",
+            "outputs",
+            "files",
+            "provenance",
+            "created_at",
+            "expires_at",
+            "labels",
         }
         unknown = set(obj) - known
         if unknown:

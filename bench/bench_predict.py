@@ -4,8 +4,12 @@ One run, side by side, on the same loaded model (same session, same options):
 
 * ``raw run``      - ``InferenceSession.run(None, feed)`` (TFLite: ``set_tensor``,
   ``invoke``, ``get_tensor``), what an application would call without edgefleet;
-* ``native run``   - onnxruntime's native ``_sess.run`` the agent calls (the
-  pure cost of inference without Python-side argument checks);
+* ``run_with_ort_values`` / ``io_binding`` - onnxruntime's other public calls
+  (OrtValue in and out; a reused I/O binding), measured against ``raw run`` to
+  choose the agent's path;
+* ``fast runner``  - the backend's ``fast_runner()``, what ``predict()`` calls
+  (onnxruntime: the native session's run; TFLite: the native interpreter's
+  set/invoke/get), the pure cost of inference without Python-side checks;
 * ``predict()``    - ``Agent.predict`` with telemetry on: 1 % stratified
   sampling, drift summaries against a real reference profile, the worker
   thread running and writing to a real SQLite :class:`TelemetryStore`.
@@ -98,26 +102,47 @@ def model_for(
 
 
 def raw_variants(model: LoadedModel, x: np.ndarray) -> dict[str, Callable[[], object]]:
+    """The application's own calls to the runtime, and the backend's fast runner."""
     backend = model.backend
+    fast = backend.fast_runner()
+    feed = {backend.input_names[0]: x}
+    variants: dict[str, Callable[[], object]] = {}
     if model.manifest.format == "onnx":
+        import onnxruntime as ort
+
         sess = backend.session  # type: ignore[attr-defined]
-        native = sess._sess
         names = list(backend.output_names)
-        feed = {"x": x}
-        return {
-            "raw run": lambda: sess.run(None, feed),
-            "native run": lambda: native.run(names, feed, None),
-        }
-    interp = backend.interp  # type: ignore[attr-defined]
-    i_idx = backend._inputs[0]["index"]  # type: ignore[attr-defined]
-    o_idx = backend._outputs[0]["index"]  # type: ignore[attr-defined]
+        (in_name,) = backend.input_names
 
-    def invoke() -> object:
-        interp.set_tensor(i_idx, x)
-        interp.invoke()
-        return interp.get_tensor(o_idx)  # already a copy
+        def ort_values() -> object:
+            value = ort.OrtValue.ortvalue_from_numpy(x)
+            return [v.numpy() for v in sess.run_with_ort_values(names, {in_name: value})]
 
-    return {"raw invoke": invoke}
+        binding = sess.io_binding()
+
+        def io_binding() -> object:
+            binding.bind_cpu_input(in_name, x)
+            for n in names:
+                binding.bind_output(n)
+            sess.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()
+
+        variants["raw run"] = lambda: sess.run(None, feed)
+        variants["run_with_ort_values"] = ort_values
+        variants["io_binding"] = io_binding
+    else:
+        interp = backend.interp  # type: ignore[attr-defined]
+        i_idx = interp.get_input_details()[0]["index"]
+        o_idx = interp.get_output_details()[0]["index"]
+
+        def invoke() -> object:
+            interp.set_tensor(i_idx, x)
+            interp.invoke()
+            return interp.get_tensor(o_idx)  # already a copy
+
+        variants["raw invoke"] = invoke
+    variants[f"fast runner ({backend.fast_path})"] = lambda: fast(feed)
+    return variants
 
 
 def predict_variant(agent: Agent, x: np.ndarray) -> Callable[[], object]:

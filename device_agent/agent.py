@@ -54,13 +54,12 @@ import numpy as np
 from .bundle import TrustStore
 from .config import AgentConfig
 from .model import LoadedModel
-from .runtime import OnnxBackend
+from .runtime import Runner
 from .telemetry import ModelInfo, Recorder, Telemetry, TelemetryOptions, TelemetrySink
 
 log = logging.getLogger("edgefleet.agent")
 
 _perf_ns = time.perf_counter_ns
-Runner = Callable[[Any, dict[str, np.ndarray], Any], list[np.ndarray]]
 
 
 class AgentError(Exception):
@@ -105,7 +104,6 @@ class _Active:
     __slots__ = (
         "model",
         "run",
-        "names",
         "input_name",
         "calls",
         "errors",
@@ -117,7 +115,7 @@ class _Active:
 
     def __init__(self, model: LoadedModel, rec: Recorder, copy: bool) -> None:
         self.model = model
-        self.run, self.names = _runner(model)
+        self.run: Runner = model.backend.fast_runner()
         inputs = model.backend.input_names
         self.input_name = inputs[0] if len(inputs) == 1 else None
         self.rec = rec
@@ -125,29 +123,6 @@ class _Active:
         self.errors = rec.errors
         self.soft = rec.wake_batch
         self.copy = copy
-
-
-def _runner(model: LoadedModel) -> tuple[Runner, Any]:
-    """The cheapest correct way to run ``model``: ``run(names, feed, None)``.
-
-    For onnxruntime on the CPU provider this is the session's native ``run``
-    with precomputed output names: what ``InferenceSession.run`` ends up
-    calling after argument checks that matter only for OrtValue inputs, graph
-    capture and provider fallback, none of which the agent uses (missing or
-    mistyped inputs are still refused by the native call).
-    """
-    backend = model.backend
-    if isinstance(backend, OnnxBackend):
-        sess = backend.session
-        native = getattr(sess, "_sess", None)
-        if native is not None and sess.get_providers() == ["CPUExecutionProvider"]:
-            return native.run, list(backend.output_names)
-    if backend.__class__.__name__ == "TFLiteBackend":
-        fast = _tflite_runner(backend)
-        if fast is not None:
-            return fast, None
-    run = backend.run
-    return (lambda _names, feed, _opts: run(feed)), None
 
 
 class Agent:
@@ -227,7 +202,7 @@ class Agent:
             single = False
         t0 = _ns()
         try:
-            out = a.run(a.names, feed, None)
+            out = a.run(feed)
         except Exception as e:
             a.errors.append(type(e).__name__)
             name, version = a.model.name, a.model.version
@@ -336,10 +311,7 @@ class Agent:
         if model is None:
             self.telemetry.set_shadow(None)
         else:
-            run, names = _runner(model)
-            self.telemetry.set_shadow(
-                lambda feed: run(names, feed, None), model.name, model.version
-            )
+            self.telemetry.set_shadow(model.backend.fast_runner(), model.name, model.version)
         old, self._shadow = self._shadow, model
         return old
 
@@ -462,68 +434,10 @@ _COPY_NS_PER_BYTE = 0.4
 
 def _copy_cost_ns(model: LoadedModel) -> int:
     """Estimated cost of copying and keeping one call's inputs (batch 1)."""
-    backend = model.backend
-    nbytes: list[int] = []
-    if isinstance(backend, OnnxBackend):
-        sizes = {
-            "tensor(double)": 8,
-            "tensor(int64)": 8,
-            "tensor(uint8)": 1,
-            "tensor(int8)": 1,
-            "tensor(float16)": 2,
-        }
-        for i in backend.session.get_inputs():
-            n = int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in i.shape]))
-            nbytes.append(n * sizes.get(i.type, 4))
-    elif hasattr(backend, "_inputs"):
-        for d in backend._inputs:
-            n = int(np.prod([max(1, int(v)) for v in d["shape"]]))
-            nbytes.append(n * np.dtype(d["dtype"]).itemsize)
+    nbytes = [spec.nbytes_per_call() for spec in model.backend.inputs]
     if not nbytes:
         return 0
     return int(150 * len(nbytes) + _COPY_NS_PER_BYTE * sum(nbytes))
-
-
-def _tflite_runner(backend: Any) -> Runner | None:
-    """Set-tensor/invoke/get-tensor with precomputed indices, under the backend's lock."""
-    try:
-        interp, lock, shapes = backend.interp, backend._lock, backend._shapes
-        ins = [(d["name"], d["index"], np.dtype(d["dtype"])) for d in backend._inputs]
-        outs = [d["index"] for d in backend._outputs]
-    except (AttributeError, KeyError, TypeError):
-        return None
-    # The interpreter's native methods, as the ONNX path uses the session's native run:
-    # the Python wrappers add only a check for numpy views into the interpreter's
-    # buffers (tensor()), which the agent never takes; GetTensor already returns a copy.
-    # No reference to the native object may outlive a call: the wrappers' check counts
-    # references to it, and resizing goes through that check.
-    if not all(
-        hasattr(getattr(interp, "_interpreter", None), m)
-        for m in ("SetTensor", "Invoke", "GetTensor")
-    ):
-        return None
-
-    def run(_names: Any, feed: dict[str, np.ndarray], _opts: Any) -> list[np.ndarray]:
-        with lock:
-            ready = []
-            for name, idx, dtype in ins:
-                arr = feed[name]
-                if arr.__class__ is not np.ndarray or arr.dtype is not dtype:
-                    arr = np.ascontiguousarray(arr, dtype=dtype)
-                if arr.shape != shapes[idx]:
-                    interp.resize_tensor_input(idx, arr.shape)
-                    interp.allocate_tensors()
-                    shapes[idx] = tuple(arr.shape)
-                ready.append((idx, arr))
-            native = interp._interpreter
-            for idx, arr in ready:
-                native.SetTensor(idx, arr)
-            native.Invoke()
-            out = [native.GetTensor(o, 0) for o in outs]
-            del native
-            return out
-
-    return run
 
 
 def _describe(model: LoadedModel, rollout_id: str | None) -> ModelInfo:
@@ -533,14 +447,10 @@ def _describe(model: LoadedModel, rollout_id: str | None) -> ModelInfo:
     for spec in model.manifest.outputs:
         shapes.append(list(spec.shape))
         dtypes.append(spec.dtype)
-    if not shapes and isinstance(backend, OnnxBackend):
-        for o in backend.session.get_outputs():
+    if not shapes:
+        for o in backend.outputs:
             shapes.append(list(o.shape))
-            dtypes.append(str(o.type))
-    elif not shapes and hasattr(backend, "_outputs"):
-        for d in backend._outputs:
-            shapes.append([int(s) for s in d["shape"]])
-            dtypes.append(np.dtype(d["dtype"]).name)
+            dtypes.append(o.dtype.name)
     return ModelInfo.describe(
         model.name,
         model.version,

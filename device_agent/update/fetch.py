@@ -18,6 +18,7 @@ implements it over plain HTTP(S) with the standard library:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
@@ -168,6 +169,8 @@ class HttpFetcher:
                     part.unlink()
                 raise
             except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DownloadError(f"no disk space to download {url}: {e}") from e
                 if isinstance(e, urllib.error.HTTPError) and e.code not in (
                     408,
                     429,

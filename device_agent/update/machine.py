@@ -187,6 +187,23 @@ OUTCOMES: dict[State, str] = {
 }
 
 
+#: the event that fails the step of each working state when one of its actions raises
+#: something the action did not handle itself (the boundary in the updater's engine).
+#: States not listed here (outcomes, ``idle``) have no work left to fail: their
+#: remaining actions still run and the outcome is reported.
+FAILURE_EVENTS: dict[State, Event] = {
+    State.CHECKING: Event.CHECK_FAILED,
+    State.DOWNLOADING: Event.DOWNLOAD_ERROR,
+    State.VERIFYING: Event.REFUSED,
+    State.STAGING: Event.STAGE_ERROR,
+    State.SMOKE_TESTING: Event.SMOKE_ERROR,
+    State.SHADOW_LOADING: Event.SMOKE_ERROR,
+    State.SWITCHING: Event.SWITCH_ERROR,
+    State.PROBATION: Event.PROBATION_ERROR,
+    State.ROLLING_BACK: Event.ROLLED_BACK,
+}
+
+
 class TransitionError(ValueError):
     """The table has no row for this (state, event) pair: a bug in the caller."""
 

@@ -19,10 +19,12 @@ Collaborators are passed in, each behind a small interface:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -39,9 +41,19 @@ from .errors import (
     RollbackUnavailableError,
     ServerUnavailableError,
     UpdateBusyError,
+    UpdateError,
 )
 from .fetch import Fetcher, sha256_file
-from .machine import OUTCOMES, Action, Event, State, Step, restart_state, transition
+from .machine import (
+    FAILURE_EVENTS,
+    OUTCOMES,
+    Action,
+    Event,
+    State,
+    Step,
+    restart_state,
+    transition,
+)
 from .slots import ActivePointer, Slots
 from .state import Assignment, BundleRef, load_record, save_record
 
@@ -232,13 +244,59 @@ class Updater:
             self._crash_point(step.state.value)
             event: Event | None = None
             for action in step.actions:
-                ev = self._ACTIONS[action](self)
+                try:
+                    ev = self._ACTIONS[action](self)
+                except Exception as e:  # noqa: BLE001 - the boundary: see _contain
+                    ev = self._contain(step.state, action, e)
+                    if step.state in FAILURE_EVENTS:
+                        event = ev
+                        break
                 if ev is not None:
                     event = ev
             self._crash_point(f"{step.state.value}.after")
             if event is None:
                 return step.state
             step = transition(step.state, event)
+
+    def _contain(self, state: State, action: Action, e: Exception) -> Event | None:
+        """The boundary around everything done to a candidate.
+
+        An exception an action did not handle itself, of any type, becomes a
+        refusal with a code (:func:`error_code`; ``internal_error`` naming the
+        exception's type when nothing more specific fits). In a working state the
+        step fails with that state's failure event (:data:`FAILURE_EVENTS`), so
+        the machine reports and returns to idle with the serving model untouched.
+        In an outcome state the outcome is already decided: the error is logged
+        and the remaining actions still run.
+        """
+        code = error_code(e)
+        log.error(
+            "update action failed",
+            exc_info=e,
+            extra={"state": state.value, "action": action.value, "error_code": code},
+        )
+        if code == "no_space":
+            self._free_download_space()
+        failure = FAILURE_EVENTS.get(state)
+        if failure is None:
+            return Event.REPORTED if action is Action.REPORT else None
+        message = (
+            str(e) if isinstance(e, (BundleError, UpdateError)) else f"{type(e).__name__}: {e}"
+        )
+        if code == "no_space":
+            message = (
+                f"{message}; the update was refused for lack of disk space and will be "
+                "retried at the next check. Free space on the device's state directory"
+            )
+        self._fail(RuntimeError(message), code)
+        return failure
+
+    def _free_download_space(self) -> None:
+        """After ENOSPC: drop partial downloads so serving and telemetry keep their space."""
+        if self.downloads.exists():
+            for p in self.downloads.iterdir():
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
     def _crash_point(self, name: str) -> None:
         if self.crash_at == name:
@@ -249,10 +307,10 @@ class Updater:
         return datetime.fromtimestamp(self.clock(), timezone.utc)
 
     def _fail(self, e: BaseException, code: str | None = None) -> None:
-        self.record.error = {
-            "code": str(code or getattr(e, "code", type(e).__name__)),
-            "message": str(e),
-        }
+        found = error_code(e)
+        if found == "no_space" or not code:
+            code = found
+        self.record.error = {"code": code, "message": str(e)}
         log.warning(
             "update step failed",
             extra={
@@ -623,8 +681,8 @@ class Updater:
                         "version": model.version,
                         "bundle_id": None,
                         "error_code": "active_slot_corrupt",
-                        "message": f"slot {ptr.slot} ({ptr.name} v{ptr.version}) failed its integrity "
-                        f"check at boot; serving slot {slot}",
+                        "message": f"slot {ptr.slot} ({ptr.name} v{ptr.version}) failed its "
+                        f"integrity check at boot; serving slot {slot}",
                         "state": "idle",
                         "ts": self.clock(),
                         "rollout_id": None,
@@ -651,6 +709,23 @@ class Updater:
         Action.REMEMBER_FAILED: _remember_failed,
         Action.REPORT: _report,
     }
+
+
+def error_code(e: BaseException) -> str:
+    """The refusal code for ``e``: ``no_space`` when a full disk is anywhere in its
+    cause chain, else the code its class declares, else ``internal_error``."""
+    seen: BaseException | None = e
+    depth = 0
+    while seen is not None and depth < 16:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "no_space"
+        if isinstance(seen, sqlite3.OperationalError) and "full" in str(seen):
+            return "no_space"
+        seen, depth = seen.__cause__ or seen.__context__, depth + 1
+    code = getattr(e, "code", None)
+    if isinstance(e, (BundleError, UpdateError)) and isinstance(code, str):
+        return code
+    return "internal_error"
 
 
 def read_status(state_dir: str | Path) -> dict[str, Any]:

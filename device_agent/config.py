@@ -79,12 +79,28 @@ class UpdateConfig:
 
 
 @dataclass
+class ServingConfig:
+    """The local inference endpoint of ``edgefleet-agent run`` (see device_agent.serving)."""
+
+    enabled: bool = True
+    socket: Path | None = None  # None: <state_dir>/serving.sock (mode 0660)
+    socket_group: str = ""  # group allowed to connect (empty: the agent's own group)
+    tcp_port: int = 0  # 0: no TCP; else 127.0.0.1:<port>, every request carries the token
+    token_file: Path | None = None  # None: <state_dir>/serving.token, made 0600 at start
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_json_bytes: int = 4 * 1024 * 1024
+    max_connections: int = 16
+    timeout_seconds: float = 30.0
+
+
+@dataclass
 class AgentConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     log_level: str = "INFO"
 
     @classmethod
@@ -154,6 +170,17 @@ class AgentConfig:
             raise ConfigError("telemetry.max_db_bytes must be at least 1 MiB")
         if not 0.0 <= self.update.probation_max_error_rate <= 1.0:
             raise ConfigError("update.probation_max_error_rate must be between 0 and 1")
+        sv = self.serving
+        if not 0 <= sv.tcp_port <= 65535:
+            raise ConfigError("serving.tcp_port must be between 0 (no TCP) and 65535")
+        if not 1024 <= sv.max_json_bytes <= sv.max_request_bytes:
+            raise ConfigError(
+                "serving.max_json_bytes must be at least 1024 and at most serving.max_request_bytes"
+            )
+        if sv.max_connections < 1 or sv.timeout_seconds <= 0:
+            raise ConfigError(
+                "serving.max_connections must be at least 1 and serving.timeout_seconds positive"
+            )
         if (
             not self.device.id
             or "/" in self.device.id

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import insert  # noqa: E402
 
-from fleet_server.assignments import build_assignment  # noqa: E402
+from fleet_server.assignments.document import build_assignment  # noqa: E402
 from fleet_server.db.models import Assignment, Bundle, Device, Model  # noqa: E402
 from fleet_server.db.session import make_engine, upgrade_database  # noqa: E402
 from fleet_server.db.types import utcnow  # noqa: E402

@@ -23,15 +23,15 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from .assignments import Notifier
-from .context import ServerContext
-from .db.session import normalize_url
-from .errors import ServerError, error_body
-from .metrics import MetricsMiddleware
-from .rollout_service import RolloutService, ServerRolloutRepository
-from .rollouts.leader import leader_lock_for
-from .rollouts.scheduler import RolloutScheduler
-from .settings import ServerSettings, load_settings
+from fleet_server.assignments.document import Notifier
+from fleet_server.context import ServerContext
+from fleet_server.db.session import normalize_url
+from fleet_server.errors import ServerError, error_body
+from fleet_server.metrics import MetricsMiddleware
+from fleet_server.rollouts.leader import leader_lock_for
+from fleet_server.rollouts.scheduler import RolloutScheduler
+from fleet_server.rollouts.service import ServerRolloutRepository
+from fleet_server.settings import ServerSettings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ async def _background(ctx: ServerContext, stop: asyncio.Event) -> None:
 
 def _make_scheduler(ctx: ServerContext) -> RolloutScheduler:
     """The rollout scheduler of this replica (it evaluates only while holding the lock)."""
-    repo = ServerRolloutRepository(RolloutService(ctx))
+    repo = ServerRolloutRepository(ctx.rollouts, ctx.session, ctx.metrics)
     lock = leader_lock_for(normalize_url(ctx.settings.database_url))
     return RolloutScheduler(repo, lock, interval=ctx.settings.rollout_interval_seconds)
 
@@ -84,7 +84,7 @@ def _start_ingest(ctx: ServerContext) -> Any:
     s = ctx.settings
     if not (s.ingest and s.mqtt_host):
         return None
-    from .ingest.worker import IngestConfig, IngestWorker
+    from fleet_server.ingest.worker import IngestConfig, IngestWorker
 
     config = IngestConfig(
         host=s.mqtt_host,
@@ -145,9 +145,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) -> FastAPI:
     """Build a server app. Migrations run and background tasks start in the lifespan."""
-    from .api import api_router
-    from .device.routes import CheckinFastPath
-    from .device.routes import router as device_router
+    from fleet_server.api import api_router
+    from fleet_server.api.device import CheckinFastPath
+    from fleet_server.api.device import router as device_router
 
     ctx = ServerContext(settings, notifier=notifier)
 
@@ -183,7 +183,7 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
     app.include_router(device_router)
     app.include_router(api_router, prefix=API_PREFIX)
     if settings.dashboard:
-        from .report.dashboard import dashboard_router
+        from fleet_server.api.dashboard import dashboard_router
 
         # kept out of the OpenAPI schema: an HTML page, authenticated by cookie or header
         app.include_router(dashboard_router(), include_in_schema=False)

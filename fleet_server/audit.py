@@ -6,8 +6,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from .db.models import AuditEntry
-from .db.types import utcnow
+from fleet_server.db.models import AuditEntry
+from fleet_server.db.types import utcnow
 
 #: actor name used for decisions the server makes on its own
 SYSTEM_ACTOR = "system:rollout-engine"

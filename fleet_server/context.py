@@ -2,7 +2,7 @@
 
 One :class:`ServerContext` is built per app by :func:`fleet_server.app.create_app`
 and reached from request handlers through ``request.app.state.ctx`` (see
-:mod:`fleet_server.deps`). Nothing here is a module-level singleton.
+:mod:`fleet_server.api.deps`). Nothing here is a module-level singleton.
 """
 
 from __future__ import annotations
@@ -17,19 +17,25 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from device_agent.bundle import TrustStore
-
-from .assignments import AssignmentChange, AssignmentWriter, Notifier, TelemetryPolicy
-from .db.models import Operator, OperatorToken
-from .db.session import make_engine, make_sessionmaker, upgrade_database
-from .device.cache import AssignmentCache, DeviceAuthCache, LastSeenBuffer
-from .metrics import ServerMetrics
-from .notify import MqttNotifier, NullNotifier
-from .security import Role, TokenHasher, new_id
-from .settings import ServerSettings
-from .storage import BundleStore
+from fleet_server.assignments.cache import AssignmentCache, DeviceAuthCache, LastSeenBuffer
+from fleet_server.assignments.document import (
+    AssignmentChange,
+    AssignmentWriter,
+    Notifier,
+    TelemetryPolicy,
+)
+from fleet_server.broker.notify import MqttNotifier, NullNotifier
+from fleet_server.db.models import Operator, OperatorToken
+from fleet_server.db.session import make_engine, make_sessionmaker, upgrade_database
+from fleet_server.metrics import ServerMetrics
+from fleet_server.registry.bundles import BundleRegistry
+from fleet_server.registry.storage import BundleStore
+from fleet_server.rollouts.service import RolloutService
+from fleet_server.security import Role, TokenHasher, new_id
+from fleet_server.settings import ServerSettings
 
 if TYPE_CHECKING:
-    from .broker_beside import BrokerBeside
+    from fleet_server.broker.beside import BrokerBeside
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +48,8 @@ class ServerContext:
     def __init__(self, settings: ServerSettings, notifier: Notifier | None = None) -> None:
         self.broker: BrokerBeside | None = None
         if settings.broker != "none":
-            from .broker_beside import BrokerBeside
-            from .localbroker import SERVER_USER
+            from fleet_server.broker.beside import BrokerBeside
+            from fleet_server.broker.mosquitto import SERVER_USER
 
             self.broker = BrokerBeside(settings.broker, settings.broker_dir)
             settings = settings.model_copy(
@@ -67,6 +73,13 @@ class ServerContext:
         self.assignment_cache = AssignmentCache(self.engine, self.telemetry_policy)
         self.last_seen = LastSeenBuffer(self.engine)
         self.bundles = BundleStore(settings.bundle_dir)
+        self.registry = BundleRegistry(
+            self.bundles,
+            self.trust_store,
+            max_upload_bytes=settings.max_upload_bytes,
+            signing_key_dir=settings.signing_key_dir,
+            signing_key=settings.signing_key,
+        )
         if notifier is None:
             notifier = (
                 MqttNotifier(
@@ -81,6 +94,7 @@ class ServerContext:
             )
         self.notifier = notifier
         self.assignments = AssignmentWriter(self.telemetry_policy, self._on_assignment_change)
+        self.rollouts = RolloutService(self.assignments, self.registry)
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:

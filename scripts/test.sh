@@ -18,6 +18,9 @@ fi
 
 echo "==> ruff"
 ruff check device_agent converters fleet_server tests bench
+ruff format --check device_agent converters fleet_server tests bench
+echo "==> import contracts"
+lint-imports
 echo "==> mypy"
 mypy
 echo "==> pytest"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import bundles, devices, operators, rollouts, telemetry
+from fleet_server.api import bundles, devices, operators, rollouts, telemetry
 
 api_router = APIRouter()
 api_router.include_router(operators.router)

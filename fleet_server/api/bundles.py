@@ -9,12 +9,12 @@ from fastapi import APIRouter, File, Form, Query, UploadFile, status
 from pydantic import BaseModel
 from sqlalchemy import select
 
-from .. import audit
-from ..db.models import Bundle, Model
-from ..deps import CtxDep, OperatorDep, SessionDep, ViewerDep
-from ..errors import BadRequestError, NotFoundError
-from ..registry import BuildRequest, accept_bundle, build_from_source
-from .pagination import Page, PageDep, paginate
+from fleet_server import audit
+from fleet_server.api.deps import CtxDep, OperatorDep, SessionDep, ViewerDep
+from fleet_server.api.pagination import Page, PageDep, paginate
+from fleet_server.db.models import Bundle, Model
+from fleet_server.errors import BadRequestError, NotFoundError
+from fleet_server.registry.bundles import BuildRequest
 
 router = APIRouter()
 
@@ -154,7 +154,7 @@ def upload_source(
         targets=targets,
         allow_parity_failure=allow_parity_failure,
     )
-    outcomes = build_from_source(ctx, session, file.file, req, uploaded_by=who.actor)
+    outcomes = ctx.registry.build(session, file.file, req, uploaded_by=who.actor)
     audit.record(
         session,
         actor=who.actor,
@@ -191,7 +191,7 @@ def upload_bundle(
     ctx: CtxDep,
 ) -> BundlePublic:
     """Upload a bundle signed offline; it is verified against the server's trust store."""
-    b = accept_bundle(ctx, session, file.file, uploaded_by=who.actor, source="upload")
+    b = ctx.registry.accept(session, file.file, uploaded_by=who.actor, source="upload")
     audit.record(
         session,
         actor=who.actor,

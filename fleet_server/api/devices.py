@@ -9,17 +9,16 @@ from fastapi import APIRouter, Query, status
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from .. import audit
-from ..db.models import Assignment, Bundle, Device, EnrollmentToken, Group
-from ..db.types import utcnow
-from ..deps import CtxDep, OperatorDep, SessionDep, ViewerDep
-from ..device.schemas import LABEL_KEY
-from ..enrollment import issue_enrollment_token
-from ..errors import BadRequestError, ConflictError, NotFoundError
-from ..groups import group_members
-from ..rollout_service import RolloutService
-from ..security import new_id
-from .pagination import Page, PageDep, paginate
+from fleet_server import audit
+from fleet_server.api.deps import CtxDep, OperatorDep, SessionDep, ViewerDep
+from fleet_server.api.device_schemas import LABEL_KEY
+from fleet_server.api.pagination import Page, PageDep, paginate
+from fleet_server.db.models import Assignment, Bundle, Device, EnrollmentToken, Group
+from fleet_server.db.types import utcnow
+from fleet_server.errors import BadRequestError, ConflictError, NotFoundError
+from fleet_server.registry.enrollment import issue_enrollment_token
+from fleet_server.registry.groups import group_members
+from fleet_server.security import new_id
 
 router = APIRouter()
 
@@ -149,7 +148,7 @@ def patch_labels(
         details={"before": before, "after": labels},
     )
     session.flush()
-    change = RolloutService(ctx).sync_device(session, d)
+    change = ctx.rollouts.sync_device(session, d)
     session.commit()
     ctx.assignments.publish([change])
     return device_public(d, session.get(Assignment, d.id))
@@ -393,7 +392,7 @@ def group_devices(
 
 @router.delete("/groups/{group_id}", status_code=204, tags=["groups"])
 def delete_group(group_id: str, session: SessionDep, who: OperatorDep) -> None:
-    from ..db.models import Rollout
+    from fleet_server.db.models import Rollout
 
     g = get_group_or_404(session, group_id)
     if session.scalar(select(Rollout.id).where(Rollout.group_id == g.id).limit(1)):

@@ -8,13 +8,13 @@ from fastapi import APIRouter, status
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from .. import audit
-from ..db.models import Operator, OperatorToken
-from ..db.types import utcnow
-from ..deps import AdminDep, CtxDep, SessionDep, ViewerDep
-from ..errors import ConflictError, NotFoundError
-from ..security import OPERATOR_TOKEN_PREFIX, Role, new_id, new_secret
-from .pagination import Page, PageDep, paginate
+from fleet_server import audit
+from fleet_server.api.deps import AdminDep, CtxDep, SessionDep, ViewerDep
+from fleet_server.api.pagination import Page, PageDep, paginate
+from fleet_server.db.models import Operator, OperatorToken
+from fleet_server.db.types import utcnow
+from fleet_server.errors import ConflictError, NotFoundError
+from fleet_server.security import OPERATOR_TOKEN_PREFIX, Role, new_id, new_secret
 
 router = APIRouter(tags=["operators"])
 

@@ -10,21 +10,21 @@ from fastapi import APIRouter, Query, status
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from ..db.models import Bundle, Rollout
-from ..deps import CtxDep, OperatorDep, SessionDep, ViewerDep
-from ..errors import (
+from fleet_server.api.deps import CtxDep, OperatorDep, SessionDep, ViewerDep
+from fleet_server.api.devices import get_group_or_404
+from fleet_server.api.pagination import Page, PageDep, paginate
+from fleet_server.db.models import Bundle, Rollout
+from fleet_server.errors import (
     BadRequestError,
     InvalidRolloutSpecError,
     InvalidTransitionError,
     NotFoundError,
     ServerError,
 )
-from ..metrics_query import cohort_metrics, cohorts
-from ..rollout_service import RolloutService, load
-from ..rollouts import InvalidSpecError, RolloutError, decide
-from ..rollouts import InvalidTransitionError as EngineTransitionError
-from .devices import get_group_or_404
-from .pagination import Page, PageDep, paginate
+from fleet_server.rollouts import InvalidSpecError, RolloutError, decide
+from fleet_server.rollouts import InvalidTransitionError as EngineTransitionError
+from fleet_server.rollouts.figures import cohort_metrics, cohorts
+from fleet_server.rollouts.service import load
 
 router = APIRouter(tags=["rollouts"])
 
@@ -165,7 +165,7 @@ def create_rollout(
         options["stages"] = [{"percent": 100, "min_devices": 1, "soak_seconds": 600.0}]
     if body.gates is not None:
         options["gates"] = [g.model_dump() for g in body.gates]
-    service = RolloutService(ctx)
+    service = ctx.rollouts
     try:
         row = service.create(
             session,
@@ -232,7 +232,7 @@ def _action(action: str) -> Any:
     ) -> RolloutPublic:
         r = _rollout(session, rollout_id)
         try:
-            changes = RolloutService(ctx).act(
+            changes = ctx.rollouts.act(
                 session, r, action, actor=who.actor, reason=body.reason, to_end=body.to_end
             )
         except RolloutError as e:

@@ -9,13 +9,13 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 from sqlalchemy import select
 
-from ..db.models import AuditEntry, Rollout
-from ..deps import SessionDep, ViewerDep
-from ..errors import BadRequestError, NotFoundError
-from ..groups import group_members
-from ..telemetry_query import Window, install_outcomes, samples, summarize
-from .devices import get_group_or_404
-from .pagination import Page, PageDep, paginate
+from fleet_server.api.deps import SessionDep, ViewerDep
+from fleet_server.api.devices import get_group_or_404
+from fleet_server.api.pagination import Page, PageDep, paginate
+from fleet_server.db.models import AuditEntry, Rollout
+from fleet_server.errors import BadRequestError, NotFoundError
+from fleet_server.registry.groups import group_members
+from fleet_server.report.queries import Window, install_outcomes, samples, summarize
 
 router = APIRouter()
 
@@ -79,7 +79,7 @@ def _window(
         name = name or ref["name"]
         version = version if version is not None else int(ref["version"])
         if devices is None:
-            from ..db.models import Group
+            from fleet_server.db.models import Group
 
             g = session.get(Group, r.group_id)
             devices = {d.id for d in group_members(session, g)} if g is not None else None

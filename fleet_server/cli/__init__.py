@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from .bundle import bundle
-from .convert import bundle_build, convert
-from .demo import demo
-from .image import image
-from .keys import keys, trust
-from .ops import COMMANDS as OPS_COMMANDS
-from .report import report
-from .server import server
+from fleet_server.cli.bundle import bundle
+from fleet_server.cli.convert import bundle_build, convert
+from fleet_server.cli.demo import demo
+from fleet_server.cli.image import image
+from fleet_server.cli.keys import keys, trust
+from fleet_server.cli.ops import COMMANDS as OPS_COMMANDS
+from fleet_server.cli.report import report
+from fleet_server.cli.server import server
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

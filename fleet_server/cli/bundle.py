@@ -14,8 +14,7 @@ from converters.introspect import model_signature
 from converters.keys import KeyStore
 from device_agent.bundle import Manifest, TrustStore, VerifyLimits, verify_file
 from device_agent.bundle.manifest import format_time, parse_time
-
-from ._common import (
+from fleet_server.cli._common import (
     handle_errors,
     keys_dir_option,
     parse_labels,

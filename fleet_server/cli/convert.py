@@ -15,8 +15,7 @@ from typing import Any
 import click
 
 from converters.errors import ConverterError, IntakeError
-
-from ._common import (
+from fleet_server.cli._common import (
     handle_errors,
     keys_dir_option,
     parse_labels,

@@ -42,6 +42,10 @@ def demo(workdir: Path, devices: int, broker_kind: str, roundtrip: bool) -> None
 
         run_roundtrip(workdir)
         return
+    from fleet_server.client import ApiError
     from fleet_server.demo.fleet_demo import run_demo
 
-    run_demo(workdir, devices, broker_kind=broker_kind)
+    try:
+        run_demo(workdir, devices, broker_kind=broker_kind)
+    except ApiError as e:
+        raise click.ClickException(f"the fleet server refused a demo step: {e}") from e

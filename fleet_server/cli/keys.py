@@ -9,8 +9,12 @@ import click
 
 from converters.keys import KeyStore
 from device_agent.bundle.trust import TrustStore, public_key_to_b64
-
-from ._common import handle_errors, keys_dir_option, passphrase_options, read_passphrase
+from fleet_server.cli._common import (
+    handle_errors,
+    keys_dir_option,
+    passphrase_options,
+    read_passphrase,
+)
 
 
 @click.group()

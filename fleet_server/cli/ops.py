@@ -13,34 +13,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import httpx
+
+from fleet_server.client import AdminClient, ApiError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class ApiClient:
-    """A thin admin API client; raises :class:`click.ClickException` on API errors."""
-
-    def __init__(self, url: str, token: str, timeout: float = 60.0) -> None:
-        self._http = httpx.Client(
-            base_url=url.rstrip("/"), timeout=timeout, headers={"Authorization": f"Bearer {token}"}
-        )
+class ApiClient(AdminClient):
+    """The admin API client for CLI commands: API errors become :class:`click.ClickException`."""
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            r = self._http.request(method, f"/api/v1{path}", **kwargs)
-        except httpx.HTTPError as e:
-            raise click.ClickException(
-                f"cannot reach the server at {self._http.base_url} ({e}); check --url"
-            ) from e
-        if r.status_code >= 400:
-            try:
-                err = r.json()["error"]
-                msg = f"[{err['code']}] {err['message']}"
-            except (ValueError, KeyError, TypeError):
-                msg = f"HTTP {r.status_code}: {r.text[:300]}"
-            raise click.ClickException(msg)
-        return r.json() if r.content else None
+            return super().request(method, path, **kwargs)
+        except ApiError as e:
+            raise click.ClickException(e.message if e.code == "unreachable" else str(e)) from e
 
 
 def api_options(f: F) -> F:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..settings import SettingsError, load_settings
+from fleet_server.settings import SettingsError, load_settings
 
 
 @click.command("server")

@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from .base import Base
-from .types import UTCDateTime, utcnow
+from fleet_server.db.base import Base
+from fleet_server.db.types import UTCDateTime, utcnow
 
 # BigInteger autoincrement ids that SQLite also autoincrements
 BigIntId = BigInteger().with_variant(Integer(), "sqlite")

@@ -19,7 +19,7 @@ from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, String,
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, mapped_column
 
-from .base import Base
+from fleet_server.db.base import Base
 
 
 class TelemetrySummary(Base):

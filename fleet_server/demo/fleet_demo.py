@@ -30,12 +30,12 @@ import click
 
 from converters.keys import KeyStore
 from device_agent.bundle import TrustStore
-
-from ..embeddedbroker import EmbeddedBroker
-from ..images import build_image, load_class
-from ..localbroker import SERVER_USER, LocalMosquitto
-from ..simulator.fleet import ClassPlan, Fleet
-from .services import AdminClient, ServerProcess
+from fleet_server.broker.embedded import EmbeddedBroker
+from fleet_server.broker.mosquitto import SERVER_USER, LocalMosquitto
+from fleet_server.client import AdminClient
+from fleet_server.demo.services import ServerProcess
+from fleet_server.images import build_image, load_class
+from fleet_server.simulator.fleet import ClassPlan, Fleet
 
 CLASS_MIX = (("x86_64-gateway", 0.45), ("aarch64-board", 0.30), ("aarch64-legacy", 0.25))
 TARGETS = {
@@ -73,8 +73,7 @@ def _build_bundles(run: DemoRun, key: Any) -> dict[int, dict[str, Path]]:
     from converters.pipeline import build_bundles
     from converters.source import from_torch
     from converters.targets import parse_target
-
-    from .model import accuracy, train
+    from fleet_server.demo.model import accuracy, train
 
     out: dict[int, dict[str, Path]] = {}
     for version, seed, bad in ((1, 11, False), (2, 22, False), (3, 33, True)):

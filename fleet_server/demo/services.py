@@ -7,12 +7,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
-from fleet_server.cli.ops import ApiClient
-from fleet_server.localbroker import free_port
+from fleet_server.broker.mosquitto import free_port
 
 SERVER_SNIPPET = """
 import uvicorn
@@ -73,17 +71,3 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
-
-
-class AdminClient(ApiClient):
-    """The operator CLI's API client with the few verbs the demo and tests use."""
-
-    def get(self, path: str, **kw: Any) -> Any:
-        return self.request("GET", path, **kw)
-
-    def post(self, path: str, **kw: Any) -> Any:
-        return self.request("POST", path, **kw)
-
-    def upload_bundle(self, path: Path) -> Any:
-        with open(path, "rb") as f:
-            return self.post("/bundles", files={"file": (path.name, f, "application/octet-stream")})

@@ -1,7 +1,7 @@
 """Device-class recipes and self-contained provisioning images built from them."""
 
-from .build import ImageBuildError, ImageInfo, build_image
-from .recipe import DeviceClass, RecipeError, list_classes, load_class
+from fleet_server.images.build import ImageBuildError, ImageInfo, build_image
+from fleet_server.images.recipe import DeviceClass, RecipeError, list_classes, load_class
 
 __all__ = [
     "DeviceClass",

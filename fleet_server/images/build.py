@@ -32,8 +32,7 @@ from pathlib import Path
 
 from device_agent import __version__ as AGENT_VERSION
 from device_agent.bundle.trust import TrustStore
-
-from .recipe import DeviceClass
+from fleet_server.images.recipe import DeviceClass
 
 ROOT = Path(__file__).resolve().parents[2]
 _WHEEL_LOCK = threading.Lock()

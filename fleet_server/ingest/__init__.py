@@ -1,21 +1,20 @@
 """Telemetry ingestion: MQTT 5 shared subscription -> checks -> batched idempotent writes.
 
 :mod:`.parse` (pure) checks and converts one message, :mod:`.store` writes
-batches, :mod:`.worker` runs the subscriber, :mod:`.aggregate` turns stored
-telemetry into the rollout engine's cohort metrics.
+batches, :mod:`.worker` runs the subscriber. Stored telemetry becomes the rollout
+engine's cohort figures in :mod:`fleet_server.rollouts.figures`.
 """
 
-from .aggregate import cohort_metrics, stage_metrics
-from .errors import (
+from fleet_server.ingest.errors import (
     IngestConfigError,
     IngestError,
     MalformedTelemetryError,
     NotTelemetryTopicError,
     SpoofedDeviceError,
 )
-from .parse import ParsedMessage, parse_message
-from .store import TelemetryWriter, WriteResult
-from .worker import IngestConfig, IngestStats, IngestWorker
+from fleet_server.ingest.parse import ParsedMessage, parse_message
+from fleet_server.ingest.store import TelemetryWriter, WriteResult
+from fleet_server.ingest.worker import IngestConfig, IngestStats, IngestWorker
 
 __all__ = [
     "IngestConfig",
@@ -29,7 +28,5 @@ __all__ = [
     "SpoofedDeviceError",
     "TelemetryWriter",
     "WriteResult",
-    "cohort_metrics",
     "parse_message",
-    "stage_metrics",
 ]

@@ -23,9 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from device_agent.protocol import parse_device_topic
-
-from .errors import MalformedTelemetryError, NotTelemetryTopicError, SpoofedDeviceError
-from .jsoncodec import DEFAULT, Codec
+from fleet_server.ingest.errors import (
+    MalformedTelemetryError,
+    NotTelemetryTopicError,
+    SpoofedDeviceError,
+)
+from fleet_server.ingest.jsoncodec import DEFAULT, Codec
 
 KIND_ALIASES: Mapping[str, str] = {
     "summary": "summary",

@@ -20,8 +20,8 @@ from typing import Any
 
 from sqlalchemy import Engine, Table
 
-from ..db.telemetry import TABLES_BY_KIND
-from .parse import ParsedMessage
+from fleet_server.db.telemetry import TABLES_BY_KIND
+from fleet_server.ingest.parse import ParsedMessage
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,14 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from device_agent.protocol import TOPIC_ROOT
-
-from .errors import IngestConfigError, IngestError, MalformedTelemetryError, SpoofedDeviceError
-from .parse import ParsedMessage, parse_message
-from .store import TelemetryWriter
+from fleet_server.ingest.errors import (
+    IngestConfigError,
+    IngestError,
+    MalformedTelemetryError,
+    SpoofedDeviceError,
+)
+from fleet_server.ingest.parse import ParsedMessage, parse_message
+from fleet_server.ingest.store import TelemetryWriter
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@
 * :mod:`.dashboard`: a read-only FastAPI router serving the same page.
 """
 
-from .dataset import ReviewDataset
-from .errors import DatasetFormatError, ReportError, TimeRangeError
-from .render import render_html, write_report
+from fleet_server.report.dataset import ReviewDataset
+from fleet_server.report.errors import DatasetFormatError, ReportError, TimeRangeError
+from fleet_server.report.render import render_html, write_report
 
 __all__ = [
     "DatasetFormatError",

@@ -24,8 +24,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from ..rollouts.gates import hist_quantile, psi
-from .dataset import AdoptionPoint, DriftCell, PredictionDist, VersionPoint
+from fleet_server.report.dataset import AdoptionPoint, DriftCell, PredictionDist, VersionPoint
+from fleet_server.rollouts.gates import hist_quantile, psi
 
 MAX_BINS = 48
 

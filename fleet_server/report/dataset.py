@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .errors import DatasetFormatError
+from fleet_server.report.errors import DatasetFormatError
 
 FORMAT = "edgefleet-review/1"
 

@@ -28,12 +28,12 @@ from typing import Any
 from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session
 
-from ..db.models import AuditEntry, Bundle, Device, DeviceReport, Group, Rollout
-from ..db.telemetry import TelemetrySummary as S
-from ..groups import matches
-from ..profiles import bundle_profile
-from . import sqlagg
-from .aggregate import (
+from fleet_server.db.models import AuditEntry, Bundle, Device, DeviceReport, Group, Rollout
+from fleet_server.db.telemetry import TelemetrySummary as S
+from fleet_server.registry.groups import matches
+from fleet_server.registry.profiles import bundle_profile
+from fleet_server.report import sqlagg
+from fleet_server.report.aggregate import (
     DriftMap,
     Seen,
     VersionSeries,
@@ -43,7 +43,7 @@ from .aggregate import (
     prediction_dist,
     time_edges,
 )
-from .dataset import (
+from fleet_server.report.dataset import (
     Decision,
     DeviceRow,
     GateRow,
@@ -328,7 +328,7 @@ def _seen(
         ):
             seen.append(Seen(d, version_label(name, version), _utc(t)))
     if have_events:
-        from ..db.telemetry import TelemetryEvent as E
+        from fleet_server.db.telemetry import TelemetryEvent as E
 
         for d, ev_name, ev_version, t in session.execute(
             select(E.device_id, E.name, E.version, E.received_at).where(

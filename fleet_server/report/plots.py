@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from .dataset import PredictionDist, ReviewDataset, RolloutRow, sorted_versions
+from fleet_server.report.dataset import PredictionDist, ReviewDataset, RolloutRow, sorted_versions
 
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 CANARY_COLOR = "#E69F00"

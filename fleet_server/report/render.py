@@ -22,8 +22,8 @@ from datetime import datetime
 from html import escape
 from pathlib import Path
 
-from .dataset import GateRow, ReviewDataset, RolloutRow, sorted_versions
-from .plots import render_plots, version_colors
+from fleet_server.report.dataset import GateRow, ReviewDataset, RolloutRow, sorted_versions
+from fleet_server.report.plots import render_plots, version_colors
 
 SECTIONS = (
     ("summary", "Summary"),

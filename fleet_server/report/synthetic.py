@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta, timezone
 
-from .dataset import (
+from fleet_server.report.dataset import (
     AdoptionPoint,
     Decision,
     DeviceRow,

@@ -6,8 +6,15 @@ no I/O: it decides from a spec, a state, aggregated cohort metrics and a time.
 :mod:`.scheduler` (the loop) are the shell around it.
 """
 
-from .cohort import Assignment, assigned_bundle, assignment, bucket, changed_devices, in_stage
-from .engine import (
+from fleet_server.rollouts.cohort import (
+    Assignment,
+    assigned_bundle,
+    assignment,
+    bucket,
+    changed_devices,
+    in_stage,
+)
+from fleet_server.rollouts.engine import (
     TRANSITIONS,
     Action,
     Decision,
@@ -20,7 +27,7 @@ from .engine import (
     rollback,
     start,
 )
-from .errors import (
+from fleet_server.rollouts.errors import (
     InvalidSpecError,
     InvalidStateError,
     InvalidTransitionError,
@@ -28,8 +35,8 @@ from .errors import (
     RepublishError,
     RolloutError,
 )
-from .gates import CohortMetrics, CohortStats, GateResult, Verdict
-from .spec import (
+from fleet_server.rollouts.gates import CohortMetrics, CohortStats, GateResult, Verdict
+from fleet_server.rollouts.spec import (
     BundleRef,
     FailurePolicy,
     GateKind,

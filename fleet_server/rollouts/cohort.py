@@ -20,7 +20,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .spec import BundleRef, RolloutSpec, RolloutState, Status, Strategy
+from fleet_server.rollouts.spec import BundleRef, RolloutSpec, RolloutState, Status, Strategy
 
 _SCALE = float(2**64)
 

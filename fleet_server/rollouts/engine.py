@@ -26,9 +26,15 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from .errors import InvalidTransitionError
-from .gates import CohortMetrics, CohortStats, GateResult, Verdict, evaluate_gates
-from .spec import (
+from fleet_server.rollouts.errors import InvalidTransitionError
+from fleet_server.rollouts.gates import (
+    CohortMetrics,
+    CohortStats,
+    GateResult,
+    Verdict,
+    evaluate_gates,
+)
+from fleet_server.rollouts.spec import (
     BundleRef,
     FailurePolicy,
     HistoryEntry,

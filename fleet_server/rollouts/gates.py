@@ -47,8 +47,7 @@ from statistics import NormalDist
 from typing import Any
 
 from device_agent.protocol import LATENCY_BUCKETS_MS
-
-from .spec import GateKind, GateSpec
+from fleet_server.rollouts.spec import GateKind, GateSpec
 
 PSI_FLOOR = 1e-4
 

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from .errors import LeaderLockError
+from fleet_server.rollouts.errors import LeaderLockError
 
 DEFAULT_NAME = "edgefleet.rollout-scheduler"
 

@@ -29,8 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from converters.bundle import BundleFile, build_manifest, pack_bundle, read_header, sign_bundle
 from converters.errors import ConverterError
 from device_agent.bundle import BundleError, Manifest, TrustStore, unpack_bundle
-
-from .errors import RepublishError
+from fleet_server.rollouts.errors import RepublishError
 
 
 def republish_bundle(

@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from .engine import Action, Decision, apply_decision, decide
-from .gates import CohortMetrics
-from .leader import LeaderLock
-from .spec import BundleRef, RolloutSpec, RolloutState, Strategy
+from fleet_server.rollouts.engine import Action, Decision, apply_decision, decide
+from fleet_server.rollouts.gates import CohortMetrics
+from fleet_server.rollouts.leader import LeaderLock
+from fleet_server.rollouts.spec import BundleRef, RolloutSpec, RolloutState, Strategy
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
-from .errors import InvalidSpecError, InvalidStateError
+from fleet_server.rollouts.errors import InvalidSpecError, InvalidStateError
 
 
 def _finite(x: Any) -> bool:

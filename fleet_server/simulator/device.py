@@ -15,8 +15,7 @@ from device_agent.agent import Agent
 from device_agent.config import AgentConfig
 from device_agent.daemon import AgentDaemon
 from device_agent.enroll import enroll
-
-from .streams import InputStream
+from fleet_server.simulator.streams import InputStream
 
 
 def provision_files(image_dir: Path, root: Path, overrides: dict[str, dict[str, Any]]) -> Path:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .device import SimDevice, provision_files
-from .streams import InputStream, drifting_stream
+from fleet_server.simulator.device import SimDevice, provision_files
+from fleet_server.simulator.streams import InputStream, drifting_stream
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fleet_server.broker.mosquitto import LocalMosquitto
 from fleet_server.demo.fleet_demo import run_demo
-from fleet_server.localbroker import LocalMosquitto
 
 
 def test_fleet_demo_good_rollout_completes_and_bad_one_is_rolled_back(tmp_path: Path) -> None:

@@ -27,11 +27,12 @@ import pytest
 from converters.keys import KeyStore
 from device_agent.bundle import TrustStore
 from device_agent.protocol import telemetry_topic
-from fleet_server.demo.services import AdminClient, ServerProcess
-from fleet_server.embeddedbroker import EmbeddedBroker
+from fleet_server.broker.embedded import EmbeddedBroker
+from fleet_server.broker.mosquitto import SERVER_USER, LocalMosquitto
+from fleet_server.client import AdminClient
+from fleet_server.demo.services import ServerProcess
 from fleet_server.images.build import agent_config_text
 from fleet_server.images.recipe import load_class
-from fleet_server.localbroker import SERVER_USER, LocalMosquitto
 from fleet_server.simulator.fleet import ClassPlan, Fleet
 from fleet_server.simulator.streams import N_FEATURES
 from tests.pg import fresh_database

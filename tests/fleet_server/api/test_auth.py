@@ -14,8 +14,8 @@ import pytest
 from fastapi.routing import APIRoute
 
 from fleet_server.api import api_router
+from fleet_server.api.deps import RoleRequirement
 from fleet_server.app import API_PREFIX
-from fleet_server.deps import RoleRequirement
 from fleet_server.security import Role
 
 if TYPE_CHECKING:

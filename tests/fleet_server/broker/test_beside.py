@@ -13,7 +13,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from device_agent.protocol import telemetry_topic
-from fleet_server.demo.services import AdminClient, ServerProcess
+from fleet_server.client import AdminClient
+from fleet_server.demo.services import ServerProcess
 from tests.bundlesim import BundleSim
 
 

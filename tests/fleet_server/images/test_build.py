@@ -153,8 +153,9 @@ def test_installed_image_enrolls_and_receives_a_bundle(
     import secrets
     import time
 
-    from fleet_server.demo.services import AdminClient, ServerProcess
-    from fleet_server.localbroker import SERVER_USER, LocalMosquitto
+    from fleet_server.broker.mosquitto import SERVER_USER, LocalMosquitto
+    from fleet_server.client import AdminClient
+    from fleet_server.demo.services import ServerProcess
 
     broker = LocalMosquitto(tmp_path / "broker")
     broker.add_user(SERVER_USER, "server-pw")

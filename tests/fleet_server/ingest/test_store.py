@@ -17,10 +17,11 @@ from fleet_server.db.telemetry import (
     TelemetrySummary,
     create_telemetry_tables,
 )
-from fleet_server.ingest import TelemetryWriter, cohort_metrics, parse_message
+from fleet_server.ingest import TelemetryWriter, parse_message
 from fleet_server.rollouts import BundleRef, RolloutSpec, Stage, Strategy
-from tests.pg import fresh_database
+from fleet_server.rollouts.figures import telemetry_figures
 from tests.fleet_server.ingest.test_parse import install_body, payload, summary_body
+from tests.pg import fresh_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -105,7 +106,7 @@ def spec(strategy: Strategy = Strategy.STAGED_CANARY) -> RolloutSpec:
     )
 
 
-def test_cohort_metrics_split_canary_and_control_and_merge_windows(engine: Engine) -> None:
+def test_telemetry_figures_split_canary_and_control_and_merge_windows(engine: Engine) -> None:
     w = TelemetryWriter(engine)
     w.write(
         [
@@ -134,7 +135,7 @@ def test_cohort_metrics_split_canary_and_control_and_merge_windows(engine: Engin
             msg("dev-z", [(1, "summary", summary_body(version=7, count=500, errors=0))]),
         ]
     )
-    m = cohort_metrics(engine, spec(), since=0.0, devices={"dev-a", "dev-b", "dev-c"})
+    m = telemetry_figures(engine, spec(), since=0.0, devices={"dev-a", "dev-b", "dev-c"})
     c, k = m.canary, m.control
     assert (c.devices, c.inferences, c.errors) == (2, 5000, 60)
     assert (c.installs, c.install_failures) == (2, 1)
@@ -148,7 +149,7 @@ def test_cohort_metrics_split_canary_and_control_and_merge_windows(engine: Engin
     assert (k.devices, k.inferences, k.errors) == (1, 2000, 4)
 
 
-def test_cohort_metrics_count_only_records_received_since_stage_start(engine: Engine) -> None:
+def test_telemetry_figures_count_only_records_received_since_stage_start(engine: Engine) -> None:
     w = TelemetryWriter(engine)
     w.write(
         [
@@ -156,7 +157,7 @@ def test_cohort_metrics_count_only_records_received_since_stage_start(engine: En
             msg("dev-a", [(2, "summary", summary_body(version=8, count=200))], 150.0),
         ]
     )
-    assert cohort_metrics(engine, spec(), since=100.0).canary.inferences == 200
+    assert telemetry_figures(engine, spec(), since=100.0).canary.inferences == 200
 
 
 def test_shadow_rollout_canary_is_the_shadow_section(engine: Engine) -> None:
@@ -177,6 +178,6 @@ def test_shadow_rollout_canary_is_the_shadow_section(engine: Engine) -> None:
             )
         ]
     )
-    m = cohort_metrics(engine, spec(Strategy.SHADOW), since=0.0)
+    m = telemetry_figures(engine, spec(Strategy.SHADOW), since=0.0)
     assert (m.canary.inferences, m.canary.errors) == (900, 90)
     assert (m.control.inferences, m.control.errors) == (1000, 1)

@@ -17,8 +17,8 @@ from fleet_server.db.session import make_engine
 from fleet_server.db.telemetry import TelemetrySummary, create_telemetry_tables
 from fleet_server.ingest import IngestConfig, IngestConfigError, IngestWorker
 from tests.brokers import DEVICE_ACL, SERVER_USER, MosquittoBroker
-from tests.pg import fresh_database
 from tests.fleet_server.ingest.test_parse import payload, summary_body
+from tests.pg import fresh_database
 
 DEVICES = {f"dev-{i}": f"pw-{i}" for i in range(4)}
 USERS = {**DEVICES, SERVER_USER: "pw-server"}

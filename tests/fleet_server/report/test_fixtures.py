@@ -426,8 +426,8 @@ def dashboard_app() -> Any:
 
     from fastapi import FastAPI
 
+    from fleet_server.api.dashboard import dashboard_router
     from fleet_server.context import ServerContext
-    from fleet_server.report.dashboard import dashboard_router
     from fleet_server.settings import ServerSettings
 
     settings = ServerSettings(

@@ -27,7 +27,6 @@ from fleet_server.report.aggregate import (
 from fleet_server.report.dataset import ReviewDataset
 from fleet_server.report.load import load_dataset
 from fleet_server.rollouts.gates import hist_quantile, psi
-from tests.pg import fresh_database
 from tests.fleet_server.report.test_fixtures import (
     FEATURES,
     REFERENCE,
@@ -35,6 +34,7 @@ from tests.fleet_server.report.test_fixtures import (
     populate,
     session_for,
 )
+from tests.pg import fresh_database
 
 
 @dataclass

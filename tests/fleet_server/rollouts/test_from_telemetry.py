@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from device_agent.protocol import LATENCY_BUCKETS_MS, telemetry_topic
 from fleet_server.db.session import make_engine
 from fleet_server.db.telemetry import create_telemetry_tables
-from fleet_server.ingest import IngestConfig, IngestWorker, cohort_metrics
+from fleet_server.ingest import IngestConfig, IngestWorker
 from fleet_server.rollouts import (
     Action,
     CohortMetrics,
@@ -29,6 +29,7 @@ from fleet_server.rollouts import (
     Status,
     assignment,
 )
+from fleet_server.rollouts.figures import telemetry_figures
 from fleet_server.rollouts.leader import SoleLeader
 from fleet_server.rollouts.scheduler import RolloutScheduler
 from tests.brokers import MosquittoBroker
@@ -137,7 +138,7 @@ def drive(
     rounds: int = 4,
 ) -> tuple[MemoryRepo, list[Action]]:
     def metrics(s: RolloutSpec, st: RolloutState) -> CohortMetrics:
-        return cohort_metrics(engine, s, st.stage_started_at or 0.0, set(GROUP))
+        return telemetry_figures(engine, s, st.stage_started_at or 0.0, set(GROUP))
 
     repo = MemoryRepo(metrics)
     repo.add(spec())

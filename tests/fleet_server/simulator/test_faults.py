@@ -15,10 +15,11 @@ import pytest
 
 from device_agent.bundle import TrustStore
 from device_agent.update.slots import Slots
-from fleet_server.demo.services import AdminClient, ServerProcess
+from fleet_server.broker.mosquitto import SERVER_USER, LocalMosquitto
+from fleet_server.client import AdminClient
+from fleet_server.demo.services import ServerProcess
 from fleet_server.images.build import agent_config_text
 from fleet_server.images.recipe import load_class
-from fleet_server.localbroker import SERVER_USER, LocalMosquitto
 from fleet_server.simulator.clock import SimClock
 from fleet_server.simulator.fleet import ClassPlan, Fleet
 from fleet_server.simulator.streams import N_FEATURES

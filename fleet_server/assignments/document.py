@@ -19,9 +19,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from device_agent.protocol import DEVICE_API_PREFIX
-
-from .db.models import Assignment, Bundle
-from .db.types import utcnow
+from fleet_server.db.models import Assignment, Bundle
+from fleet_server.db.types import utcnow
 
 
 @dataclass(frozen=True)

@@ -18,17 +18,9 @@ from starlette.responses import FileResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from device_agent.protocol import ASSIGNMENT_PATH, DEVICE_API_PREFIX, REPORTS_PATH
-
-from .. import audit
-from ..assignments import assigned_bundle_ids
-from ..context import ServerContext
-from ..db.models import Bundle, Device, DeviceReport
-from ..db.types import utcnow
-from ..deps import CtxDep, CurrentDevice, SessionDep, authenticate_device
-from ..enrollment import enroll_device
-from ..errors import NotFoundError, ServerError, error_body
-from ..rollout_service import RolloutService
-from .schemas import (
+from fleet_server import audit
+from fleet_server.api.deps import CtxDep, CurrentDevice, SessionDep, authenticate_device
+from fleet_server.api.device_schemas import (
     AssignmentPublic,
     EnrollRequest,
     EnrollResponse,
@@ -36,6 +28,12 @@ from .schemas import (
     ReportBatch,
     report_body,
 )
+from fleet_server.assignments.document import assigned_bundle_ids
+from fleet_server.context import ServerContext
+from fleet_server.db.models import Bundle, Device, DeviceReport
+from fleet_server.db.types import utcnow
+from fleet_server.errors import NotFoundError, ServerError, error_body
+from fleet_server.registry.enrollment import enroll_device
 
 router = APIRouter(tags=["device"])
 
@@ -71,7 +69,7 @@ def enroll(body: EnrollRequest, session: SessionDep, ctx: CtxDep) -> EnrollRespo
         details={"device_class": d.device_class, "labels": d.labels},
     )
     session.flush()
-    change = RolloutService(ctx).sync_device(session, d)
+    change = ctx.rollouts.sync_device(session, d)
     session.commit()
     ctx.assignments.publish([change])
     if ctx.broker is not None:  # the device may connect to the broker from now on

@@ -18,22 +18,23 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from . import audit
-from .assignments import AssignmentChange
-from .context import ServerContext
-from .db.models import Assignment, Bundle, Device, Group, Rollout
-from .db.types import utcnow
-from .errors import ConflictError, NotFoundError, ServiceUnavailableError
-from .groups import matches
-from .metrics_query import cohort_metrics
-from .rollouts import (
+from fleet_server import audit
+from fleet_server.assignments.document import AssignmentChange, AssignmentWriter
+from fleet_server.db.models import Assignment, Bundle, Device, Group, Rollout
+from fleet_server.db.types import utcnow
+from fleet_server.errors import ConflictError, NotFoundError
+from fleet_server.metrics import ServerMetrics
+from fleet_server.registry.bundles import BundleRegistry
+from fleet_server.registry.groups import matches
+from fleet_server.rollouts import (
     BundleRef,
     CohortMetrics,
     Decision,
@@ -42,8 +43,9 @@ from .rollouts import (
     RolloutState,
     assignment,
 )
-from .rollouts import engine as rengine
-from .rollouts.spec import Status
+from fleet_server.rollouts import engine as rengine
+from fleet_server.rollouts.figures import cohort_metrics
+from fleet_server.rollouts.spec import Status
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,9 @@ def load(row: Rollout) -> tuple[RolloutSpec, RolloutState]:
 class RolloutService:
     """Creates rollouts, applies operator actions, keeps device assignments in step."""
 
-    def __init__(self, ctx: ServerContext) -> None:
-        self.ctx = ctx
+    def __init__(self, assignments: AssignmentWriter, registry: BundleRegistry) -> None:
+        self.assignments = assignments
+        self.registry = registry
 
     # -- assignments -----------------------------------------------------------
     def _owners(self, session: Session) -> list[tuple[Rollout, Group]]:
@@ -84,7 +87,7 @@ class RolloutService:
     def _assign(self, session: Session, device_id: str, row: Rollout) -> AssignmentChange | None:
         spec, state = load(row)
         a = assignment(spec, state, device_id)
-        return self.ctx.assignments.assign(
+        return self.assignments.assign(
             session,
             device_id,
             desired_bundle_id=a.desired.bundle_id if a.desired else None,
@@ -256,9 +259,8 @@ class RolloutService:
         prev = session.get(Bundle, spec.previous.bundle_id)
         if prev is None:
             raise NotFoundError(f"previous bundle {spec.previous.bundle_id} is gone")
-        key = self._signing_key()
-        from .registry import accept_bundle
-        from .rollouts.republish import republish_bundle
+        key = self.registry.signing_key("rolling back (re-publishing the previous model)")
+        from fleet_server.rollouts.republish import republish_bundle
 
         with tempfile.TemporaryDirectory(prefix="edgefleet-rollback-") as work:
             out = Path(work) / "rollback.efb"
@@ -267,35 +269,30 @@ class RolloutService:
                 version=version,
                 out=out,
                 signing_key=key,
-                trust=self.ctx.trust_store(),
+                trust=self.registry.trust_store(),
             )
             with open(out, "rb") as f:
-                b = accept_bundle(
-                    self.ctx, session, f, uploaded_by=audit.SYSTEM_ACTOR, source="rollback"
+                b = self.registry.accept(
+                    session, f, uploaded_by=audit.SYSTEM_ACTOR, source="rollback"
                 )
         return bundle_ref(b)
-
-    def _signing_key(self) -> Any:
-        s = self.ctx.settings
-        if s.signing_key_dir is None or s.signing_key is None:
-            raise ServiceUnavailableError(
-                "rolling back needs the server signing key (EDGEFLEET_SERVER_SIGNING_KEY_DIR "
-                "and EDGEFLEET_SERVER_SIGNING_KEY) to re-publish the previous model"
-            )
-        from converters.keys import KeyStore
-
-        return KeyStore(s.signing_key_dir).private_key(s.signing_key)
 
 
 class ServerRolloutRepository:
     """The scheduler's view of storage (see ``RolloutRepository``)."""
 
-    def __init__(self, service: RolloutService) -> None:
+    def __init__(
+        self,
+        service: RolloutService,
+        sessions: Callable[[], AbstractContextManager[Session]],
+        metrics: ServerMetrics,
+    ) -> None:
         self.service = service
-        self.ctx = service.ctx
+        self.session = sessions
+        self.metrics = metrics
 
     def active_rollouts(self) -> Sequence[tuple[RolloutSpec, RolloutState]]:
-        with self.ctx.session() as s:
+        with self.session() as s:
             rows = s.scalars(
                 select(Rollout).where(Rollout.status.in_(ACTIVE)).order_by(Rollout.created_at)
             )
@@ -308,17 +305,17 @@ class ServerRolloutRepository:
             return out
 
     def cohort_metrics(self, spec: RolloutSpec, state: RolloutState, now: float) -> CohortMetrics:
-        with self.ctx.session() as s:
+        with self.session() as s:
             return cohort_metrics(s, spec, state, now)
 
     def prepare_rollback_bundle(self, spec: RolloutSpec) -> BundleRef | None:
-        with self.ctx.session() as s:
+        with self.session() as s:
             ref = self.service.prepare_rollback(s, spec)
             s.commit()
             return ref
 
     def save_state(self, spec: RolloutSpec, expected: RolloutState, new: RolloutState) -> bool:
-        with self.ctx.session() as s:
+        with self.session() as s:
             row = s.get(Rollout, spec.rollout_id)
             if row is None or not self.service._cas(s, row, expected, new):
                 s.rollback()
@@ -327,7 +324,7 @@ class ServerRolloutRepository:
             return True
 
     def append_audit(self, decision: Decision) -> None:
-        with self.ctx.session() as s:
+        with self.session() as s:
             audit.record(
                 s,
                 actor=audit.SYSTEM_ACTOR,
@@ -337,14 +334,14 @@ class ServerRolloutRepository:
                 details=decision.to_json(),
             )
             s.commit()
-        self.ctx.metrics.audit_entries.inc()
+        self.metrics.audit_entries.inc()
 
     def notify_changed(self, spec: RolloutSpec, before: RolloutState, after: RolloutState) -> int:
-        with self.ctx.session() as s:
+        with self.session() as s:
             row = s.get(Rollout, spec.rollout_id)
             if row is None:
                 return 0
             changes = self.service.sync_rollout(s, row)
             s.commit()
-        self.ctx.assignments.publish(changes)
+        self.service.assignments.publish(changes)
         return len(changes)

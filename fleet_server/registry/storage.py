@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from device_agent._fsutil import fsync_dir
-
-from .errors import PayloadTooLargeError
+from fleet_server.errors import PayloadTooLargeError
 
 _CHUNK = 1024 * 1024
 

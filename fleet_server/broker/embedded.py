@@ -1,6 +1,6 @@
 """An MQTT broker inside the Python process (amqtt), for machines without Mosquitto.
 
-Same surface as :class:`fleet_server.localbroker.LocalMosquitto` (``add_user``,
+Same surface as :class:`fleet_server.broker.mosquitto.LocalMosquitto` (``add_user``,
 ``reload``, ``start``, ``stop``, ``port``) and the same rules: users and
 passwords (PBKDF2 hashes held in memory), a device may publish only under its
 own id and read only its own notify topic; the server user reads and writes
@@ -19,8 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.protocol import TOPIC_ROOT
-
-from .localbroker import SERVER_USER, BrokerError, check_mosquitto_hash, free_port, mosquitto_hash
+from fleet_server.broker.mosquitto import (
+    SERVER_USER,
+    BrokerError,
+    check_mosquitto_hash,
+    free_port,
+    mosquitto_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ try:  # the plugin base classes exist only where amqtt is installed
             return stored is not None and check_mosquitto_hash(stored, session.password or "")
 
     class EdgefleetTopicPlugin(BaseTopicPlugin):
-        """Per-device topics, like the Mosquitto ACL in :mod:`fleet_server.localbroker`."""
+        """Per-device topics, like the Mosquitto ACL in :mod:`fleet_server.broker.mosquitto`."""
 
         @dataclass
         class Config:

@@ -6,7 +6,7 @@ Routes (mount with ``app.include_router(dashboard_router())``):
 * ``GET /dashboard/data.json?hours=24`` the same numbers as JSON.
 
 Both need an operator token with at least the ``viewer`` role, checked exactly
-as the admin API checks it (:func:`fleet_server.deps.authenticate_operator`).
+as the admin API checks it (:func:`fleet_server.api.deps.authenticate_operator`).
 A browser cannot send an ``Authorization`` header from the address bar, so the
 token is taken, in this order, from:
 
@@ -33,12 +33,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
-from ..deps import Principal, authenticate_operator, get_ctx
-from ..errors import ServerError, error_body
-from ..security import bearer_token
-from .dataset import ReviewDataset
-from .load import load_dataset
-from .render import render_html
+from fleet_server.api.deps import Principal, authenticate_operator, get_ctx
+from fleet_server.errors import ServerError, error_body
+from fleet_server.report.dataset import ReviewDataset
+from fleet_server.report.load import load_dataset
+from fleet_server.report.render import render_html
+from fleet_server.security import bearer_token
 
 COOKIE = "edgefleet_token"
 PREFIX = "/dashboard"

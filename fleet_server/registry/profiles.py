@@ -9,8 +9,7 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
 from device_agent.payloads import DriftProfile
-
-from .db.models import Bundle
+from fleet_server.db.models import Bundle
 
 MAX_PROFILE_BYTES = 8 * 1024 * 1024
 

@@ -19,11 +19,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from .context import ServerContext
-from .db.models import Operator, OperatorToken
-from .db.types import utcnow
-from .errors import InvalidTokenError, NotAuthenticatedError, PermissionDeniedError
-from .security import Role, bearer_token
+from fleet_server.context import ServerContext
+from fleet_server.db.models import Operator, OperatorToken
+from fleet_server.db.types import utcnow
+from fleet_server.errors import InvalidTokenError, NotAuthenticatedError, PermissionDeniedError
+from fleet_server.security import Role, bearer_token
 
 _bearer = HTTPBearer(auto_error=False, description="Operator token (`eft_...`)")
 _device_bearer = HTTPBearer(

@@ -23,9 +23,9 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam, select, update
 
-from ..assignments import TelemetryPolicy, build_assignment, canonical
-from ..db.models import Assignment, Device
-from ..db.types import utcnow
+from fleet_server.assignments.document import TelemetryPolicy, build_assignment, canonical
+from fleet_server.db.models import Assignment, Device
+from fleet_server.db.types import utcnow
 
 
 class DeviceAuthCache:

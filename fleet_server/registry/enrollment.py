@@ -13,10 +13,10 @@ from datetime import timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from .db.models import Device, EnrollmentToken
-from .db.types import utcnow
-from .errors import ConflictError, EnrollmentTokenError
-from .security import (
+from fleet_server.db.models import Device, EnrollmentToken
+from fleet_server.db.types import utcnow
+from fleet_server.errors import ConflictError, EnrollmentTokenError
+from fleet_server.security import (
     DEVICE_CREDENTIAL_PREFIX,
     ENROLLMENT_TOKEN_PREFIX,
     TokenHasher,

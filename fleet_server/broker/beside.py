@@ -1,8 +1,8 @@
 """A broker started beside the server (one-machine set-ups), with device credentials kept
 in step with enrollment.
 
-``broker = "mosquitto"`` runs :class:`~fleet_server.localbroker.LocalMosquitto`,
-``broker = "embedded"`` the in-process :class:`~fleet_server.embeddedbroker.EmbeddedBroker`
+``broker = "mosquitto"`` runs :class:`~fleet_server.broker.mosquitto.LocalMosquitto`,
+``broker = "embedded"`` the in-process :class:`~fleet_server.broker.embedded.EmbeddedBroker`
 (MQTT 3.1.1). The server's own MQTT password and every enrolled device's credential hash
 (never the credential) are kept in ``broker_dir/users.json`` so a restart keeps them; a device
 enrolled through the device API can connect at once, a revoked one no longer can.
@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from device_agent._fsutil import atomic_write_bytes
-
-from .embeddedbroker import EmbeddedBroker
-from .localbroker import SERVER_USER, LocalMosquitto, free_port, mosquitto_hash
+from fleet_server.broker.embedded import EmbeddedBroker
+from fleet_server.broker.mosquitto import SERVER_USER, LocalMosquitto, free_port, mosquitto_hash
 
 
 class BrokerBeside:

@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from device_agent.bundle import BundleError, verify_file
-
-from .context import ServerContext
-from .db.models import Bundle, Model
-from .db.types import utcnow
-from .errors import BadRequestError, BundleRejectedError, ConflictError, ServiceUnavailableError
-from .security import new_id
+from device_agent.bundle import BundleError, TrustStore, verify_file
+from fleet_server.db.models import Bundle, Model
+from fleet_server.db.types import utcnow
+from fleet_server.errors import (
+    BadRequestError,
+    BundleRejectedError,
+    ConflictError,
+    ServiceUnavailableError,
+)
+from fleet_server.registry.storage import BundleStore
+from fleet_server.security import new_id
 
 
 def _model_for(session: Session, name: str) -> Model:
@@ -36,14 +40,60 @@ def _model_for(session: Session, name: str) -> Model:
     return model
 
 
+class BundleRegistry:
+    """Registered bundles: accepts uploads that verify, builds from sources, stores files.
+
+    It holds what it uses: the bundle store, the trust store (a callable, so that an
+    operator's edit of the trust store file is seen), the upload cap and the server-side
+    signing key's location.
+    """
+
+    def __init__(
+        self,
+        store: BundleStore,
+        trust_store: Callable[[], TrustStore],
+        *,
+        max_upload_bytes: int,
+        signing_key_dir: Path | None = None,
+        signing_key: str | None = None,
+    ) -> None:
+        self.store = store
+        self.trust_store = trust_store
+        self.max_upload_bytes = max_upload_bytes
+        self.signing_key_dir = signing_key_dir
+        self.signing_key_name = signing_key
+
+    def accept(self, session: Session, src: BinaryIO, *, uploaded_by: str, source: str) -> Bundle:
+        """Store ``src`` if it verifies against the trust store; the caller commits."""
+        return accept_bundle(self, session, src, uploaded_by=uploaded_by, source=source)
+
+    def build(
+        self, session: Session, src: BinaryIO, req: BuildRequest, *, uploaded_by: str
+    ) -> list[BuildOutcome]:
+        """Convert, sign with the server key and accept; the caller commits."""
+        return build_from_source(self, session, src, req, uploaded_by=uploaded_by)
+
+    def signing_key(self, purpose: str) -> Any:
+        """The server-side signing key, or :class:`ServiceUnavailableError` saying how to
+        configure it (``purpose`` names what needs it)."""
+        if self.signing_key_dir is None or self.signing_key_name is None:
+            raise ServiceUnavailableError(
+                f"{purpose} needs the server signing key (EDGEFLEET_SERVER_SIGNING_KEY_DIR and "
+                "EDGEFLEET_SERVER_SIGNING_KEY); or sign offline and upload the bundle"
+            )
+        from converters.keys import KeyStore
+
+        return KeyStore(self.signing_key_dir).private_key(self.signing_key_name)
+
+
 def accept_bundle(
-    ctx: ServerContext, session: Session, src: BinaryIO, *, uploaded_by: str, source: str
+    reg: BundleRegistry, session: Session, src: BinaryIO, *, uploaded_by: str, source: str
 ) -> Bundle:
     """Store ``src`` if it verifies against the trust store; the caller commits."""
-    tmp, sha, size = ctx.bundles.incoming(src, ctx.settings.max_upload_bytes)
+    tmp, sha, size = reg.store.incoming(src, reg.max_upload_bytes)
     try:
         try:
-            verified = verify_file(tmp, ctx.trust_store())
+            verified = verify_file(tmp, reg.trust_store())
         except BundleError as e:
             raise BundleRejectedError(f"{type(e).__name__}: {e}", details={"reason": e.code}) from e
         if session.scalar(select(Bundle.id).where(Bundle.sha256 == sha)):
@@ -57,7 +107,7 @@ def accept_bundle(
             version=m.version,
             format=m.format,
             device_classes=list(m.target_device_classes),
-            file_path=str(ctx.bundles.path_for(sha)),
+            file_path=str(reg.store.path_for(sha)),
             sha256=sha,
             size=size,
             manifest=m.to_json(),
@@ -68,10 +118,10 @@ def accept_bundle(
         )
         session.add(bundle)
         session.flush()
-        ctx.bundles.commit(tmp, sha)
+        reg.store.commit(tmp, sha)
         return bundle
     finally:
-        ctx.bundles.discard(tmp)
+        reg.store.discard(tmp)
 
 
 @dataclass(frozen=True)
@@ -91,22 +141,17 @@ class BuildOutcome:
 
 
 def build_from_source(
-    ctx: ServerContext, session: Session, src: BinaryIO, req: BuildRequest, *, uploaded_by: str
+    reg: BundleRegistry, session: Session, src: BinaryIO, req: BuildRequest, *, uploaded_by: str
 ) -> list[BuildOutcome]:
     """Convert a source model per target with :mod:`converters`, sign with the server key,
     and accept each bundle; the caller commits."""
     from converters.errors import ConverterError
-    from converters.keys import KeyStore
     from converters.pipeline import build_bundles
     from converters.source import load_source
     from converters.targets import parse_target
 
-    settings = ctx.settings
-    if settings.signing_key_dir is None or settings.signing_key is None:
-        raise ServiceUnavailableError(
-            "server-side signing is not configured; set EDGEFLEET_SERVER_SIGNING_KEY_DIR and "
-            "EDGEFLEET_SERVER_SIGNING_KEY, or sign offline and upload the bundle"
-        )
+    if reg.signing_key_dir is None or reg.signing_key_name is None:
+        reg.signing_key("server-side building")  # raises, saying how to configure it
     suffix = Path(req.filename).suffix.lower()
     if suffix not in (".onnx", ".tflite"):
         raise BadRequestError(
@@ -114,7 +159,7 @@ def build_from_source(
             "PyTorch and scikit-learn models offline (`edgefleet convert`) and upload the bundle"
         )
     try:
-        key = KeyStore(settings.signing_key_dir).private_key(settings.signing_key)
+        key = reg.signing_key("server-side building")
         targets = [parse_target(spec, classes) for spec, classes in req.targets]
     except ConverterError as e:
         raise BadRequestError(str(e)) from e
@@ -144,7 +189,7 @@ def build_from_source(
                 )
                 continue
             with open(r.bundle, "rb") as f:
-                b = accept_bundle(ctx, session, f, uploaded_by=uploaded_by, source="converted")
+                b = accept_bundle(reg, session, f, uploaded_by=uploaded_by, source="converted")
             outcomes.append(BuildOutcome(spec_classes[0], b, None))
         return outcomes
     finally:

@@ -16,9 +16,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .db.models import DeviceReport
-from .db.telemetry import TelemetryEvent, TelemetrySample, TelemetrySummary
-from .rollouts.gates import hist_quantile
+from fleet_server.db.models import DeviceReport
+from fleet_server.db.telemetry import TelemetryEvent, TelemetrySample, TelemetrySummary
+from fleet_server.rollouts.gates import hist_quantile
 
 
 @dataclass(frozen=True)

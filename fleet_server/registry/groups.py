@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .db.models import Device, Group
+from fleet_server.db.models import Device, Group
 
 
 def matches(

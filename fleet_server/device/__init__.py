@@ -1,1 +1,0 @@
-"""The device API: enrollment, check-in (assignment), bundle download, reports."""

@@ -1,0 +1,1 @@
+"""Registry of bundles, models, enrollment, groups and drift profiles, and the bundle store."""

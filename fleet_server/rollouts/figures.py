@@ -1,0 +1,242 @@
+"""Cohort figures for the rollout engine: what the gates are fed.
+
+:func:`cohort_metrics` splits a rollout's target group into the canary cohort
+(devices the engine assigned the candidate) and the control cohort (the rest),
+takes the telemetry figures from :func:`telemetry_figures`, and counts installs per
+*device* from both channels a device may use: ``install`` events over MQTT and install
+reports over HTTP. A device reporting the same install on both channels counts once; it
+counts as failed if any of its reports for the candidate says failed, rolled back or
+refused.
+
+:func:`telemetry_figures` reads stored telemetry:
+
+* canary: summaries of the candidate (``name``, ``version`` of ``spec.bundle``);
+  for a shadow rollout, the shadow section of the summaries that ran it;
+* control: summaries of the previous bundle (``spec.previous``);
+* installs: ``install`` events for the candidate's name and version;
+* window: records *received* since ``since`` (normally the current stage's start,
+  so each stage is judged on its own evidence; server clock, immune to device skew);
+* optionally only devices in ``devices`` (the rollout's target group), so the same
+  model running in another group does not count.
+
+Histograms and counts are merged by adding bins; the drift figure against the
+bundle's reference is computed from the cohort's pooled binned counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import Connection, Engine, select
+from sqlalchemy.orm import Session
+
+from fleet_server.db.models import Bundle, Device, DeviceReport, Group, Rollout
+from fleet_server.db.telemetry import FAILED_INSTALL_OUTCOMES, TelemetryEvent, TelemetrySummary
+from fleet_server.registry.groups import matches
+from fleet_server.registry.profiles import reference_proportions
+from fleet_server.rollouts.cohort import assignment
+from fleet_server.rollouts.gates import CohortMetrics, CohortStats, psi
+from fleet_server.rollouts.spec import BundleRef, RolloutSpec, RolloutState, Strategy
+
+
+def _add(acc: list[int], counts: Sequence[int]) -> list[int]:
+    if len(counts) > len(acc):
+        acc = acc + [0] * (len(counts) - len(acc))
+    for i, c in enumerate(counts):
+        acc[i] += int(c)
+    return acc
+
+
+class _Acc:
+    def __init__(self) -> None:
+        self.devices: set[str] = set()
+        self.inferences = self.errors = 0
+        self.hist: list[int] = []
+        self.psi_weighted = 0.0
+        self.psi_n = 0
+        self.features: dict[str, list[int]] = {}
+        self.preds: list[int] = []
+        self.installs = self.install_failures = 0
+        self.shadow_runs = self.shadow_agreements = 0
+
+    def add_summary(
+        self, device: str, count: int, errors: int, hist: Any, psi: Any, features: Any, preds: Any
+    ) -> None:
+        self.devices.add(device)
+        self.inferences += count or 0
+        self.errors += errors or 0
+        if hist:
+            self.hist = _add(self.hist, hist)
+        if psi is not None and count:
+            self.psi_weighted += float(psi) * count
+            self.psi_n += count
+        if features:
+            for name, counts in features.items():
+                cur = self.features.get(name)
+                if cur is None:
+                    self.features[name] = list(counts)
+                elif len(cur) == len(counts):
+                    self.features[name] = _add(cur, counts)
+        if preds:
+            self.preds = _add(self.preds, preds)
+
+    def stats(self) -> CohortStats:
+        return CohortStats(
+            devices=len(self.devices),
+            installs=self.installs,
+            install_failures=self.install_failures,
+            inferences=self.inferences,
+            errors=self.errors,
+            latency_hist=tuple(self.hist),
+            drift_psi=self.psi_weighted / self.psi_n if self.psi_n else None,
+            drift_samples=self.psi_n,
+            feature_counts={k: tuple(v) for k, v in self.features.items()},
+            prediction_counts=tuple(self.preds),
+            shadow_agreements=self.shadow_agreements,
+            shadow_runs=self.shadow_runs,
+        )
+
+
+def _model_rows(conn: Connection, ref: BundleRef, since: float) -> Iterable[Any]:
+    s = TelemetrySummary
+    return conn.execute(
+        select(
+            s.device_id,
+            s.count,
+            s.errors,
+            s.latency_hist,
+            s.drift_psi_max,
+            s.feature_counts,
+            s.prediction_counts,
+        ).where(s.name == ref.name, s.version == ref.version, s.received_at >= since)
+    )
+
+
+def telemetry_figures(
+    bind: Engine | Connection,
+    spec: RolloutSpec,
+    since: float,
+    devices: Collection[str] | None = None,
+) -> CohortMetrics:
+    """The canary and control figures of ``spec`` from telemetry received since ``since``
+    (by model version; ``devices`` restricts them to the rollout's group)."""
+    if isinstance(bind, Engine):
+        with bind.connect() as conn:
+            return telemetry_figures(conn, spec, since, devices)
+    conn = bind
+    keep = (lambda d: True) if devices is None else (lambda d: d in devices)  # noqa: E731
+    canary, control = _Acc(), _Acc()
+    s = TelemetrySummary
+    if spec.strategy is Strategy.SHADOW:
+        for dev, n, err, agreement in conn.execute(
+            select(s.device_id, s.shadow_count, s.shadow_errors, s.shadow_agreement).where(
+                s.shadow_name == spec.bundle.name,
+                s.shadow_version == spec.bundle.version,
+                s.received_at >= since,
+            )
+        ):
+            if keep(dev):
+                canary.add_summary(dev, n or 0, err or 0, None, None, None, None)
+                if n and agreement is not None:
+                    canary.shadow_runs += n
+                    canary.shadow_agreements += round(float(agreement) * n)
+    else:
+        for row in _model_rows(conn, spec.bundle, since):
+            if keep(row[0]):
+                canary.add_summary(*row)
+    if spec.previous is not None:
+        for row in _model_rows(conn, spec.previous, since):
+            if keep(row[0]):
+                control.add_summary(*row)
+    e = TelemetryEvent
+    for dev, outcome in conn.execute(
+        select(e.device_id, e.outcome).where(
+            e.type == "install",
+            e.name == spec.bundle.name,
+            e.version == spec.bundle.version,
+            e.received_at >= since,
+        )
+    ):
+        if keep(dev):
+            canary.installs += 1
+            canary.install_failures += outcome in FAILED_INSTALL_OUTCOMES
+    return CohortMetrics(canary.stats(), control.stats())
+
+
+def cohorts(
+    session: Session, spec: RolloutSpec, state: RolloutState
+) -> tuple[list[str], list[str]]:
+    """(canary device ids, control device ids) of the rollout's group, now."""
+    row = session.get(Rollout, spec.rollout_id)
+    group = session.get(Group, row.group_id) if row is not None else None
+    selector = group.selector if group is not None else spec.selector
+    device_class = group.device_class if group is not None else None
+    canary: list[str] = []
+    control: list[str] = []
+    for d in session.scalars(select(Device).where(Device.revoked_at.is_(None))):
+        if not matches(selector or {}, device_class, d.labels or {}, d.device_class):
+            continue
+        (canary if assignment(spec, state, d.id).canary else control).append(d.id)
+    return canary, control
+
+
+def install_outcomes(
+    session: Session, device_ids: list[str], name: str, version: int, since: float
+) -> dict[str, set[str]]:
+    """device id -> install outcomes reported for (name, version) since ``since``."""
+    out: dict[str, set[str]] = {}
+    if not device_ids:
+        return out
+    keep = set(device_ids)
+    since_dt = datetime.fromtimestamp(since, timezone.utc)
+    http = select(DeviceReport.device_id, DeviceReport.outcome).where(
+        DeviceReport.type == "install",
+        DeviceReport.name == name,
+        DeviceReport.version == version,
+        DeviceReport.received_at >= since_dt,
+    )
+    e = TelemetryEvent
+    mqtt = select(e.device_id, e.outcome).where(
+        e.type == "install",
+        e.name == name,
+        e.version == version,
+        e.received_at >= since,
+    )
+    for stmt in (http, mqtt):
+        for device_id, outcome in session.execute(stmt):
+            if device_id in keep and outcome:
+                out.setdefault(device_id, set()).add(outcome)
+    return out
+
+
+def cohort_metrics(
+    session: Session, spec: RolloutSpec, state: RolloutState, now: float
+) -> CohortMetrics:
+    """Canary (candidate) and control (previous) figures since the current stage started."""
+    since = state.stage_started_at if state.stage_started_at is not None else now
+    canary, control = cohorts(session, spec, state)
+    tele = telemetry_figures(session.connection(), spec, since, set(canary) | set(control))
+    # telemetry is split by model version; keep each cohort's devices only
+    installs = install_outcomes(session, canary, spec.bundle.name, spec.bundle.version, since)
+    failed = sum(1 for o in installs.values() if o & set(FAILED_INSTALL_OUTCOMES))
+    counted = sum(1 for o in installs.values() if o & {"installed", *FAILED_INSTALL_OUTCOMES})
+    canary_stats = replace(
+        tele.canary,
+        installs=counted,
+        install_failures=failed,
+        devices=max(tele.canary.devices, len(installs)),
+    )
+    # drift against the reference: pool the cohort's binned counts over every window
+    # and device, then compare with the bundle's reference proportions; a mean of
+    # per-window PSIs would be biased upwards by small windows
+    reference = reference_proportions(session.get(Bundle, spec.bundle.bundle_id))
+    common = [f for f in reference if f in canary_stats.feature_counts]
+    if common:
+        pooled = max(psi(canary_stats.feature_counts[f], reference[f]) for f in common)
+        canary_stats = replace(
+            canary_stats, drift_psi=pooled, drift_samples=canary_stats.feature_samples
+        )
+    return CohortMetrics(canary=canary_stats, control=tele.control)

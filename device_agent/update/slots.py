@@ -37,10 +37,20 @@ from ..bundle import (
 )
 from ..bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from ..bundle.trust import decode_signatures
+from .durable import (
+    Quarantined,
+    StateFileError,
+    quarantine,
+    read_json,
+    want_choice,
+    want_dict,
+    want_int,
+    want_number,
+    want_str,
+)
+from .state import SLOT_NAMES
 
 log = logging.getLogger(__name__)
-
-SLOT_NAMES = ("a", "b")
 
 
 @dataclass(frozen=True)
@@ -55,12 +65,50 @@ class ActivePointer:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, obj: Any) -> ActivePointer:
+        """Validate ``active.json``; :class:`StateFileError` names the first bad field."""
+        d = want_dict(obj, "active.json")
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise StateFileError(f"active.json has unknown fields {sorted(unknown)}")
+        ptr = cls(
+            slot=want_choice(d.get("slot"), "active.json slot", SLOT_NAMES),
+            name=want_str(d.get("name"), "active.json name", max_len=128),
+            version=want_int(d.get("version"), "active.json version"),
+            previous=want_choice(
+                d.get("previous"), "active.json previous", SLOT_NAMES, optional=True
+            ),
+            previous_version=want_int(
+                d.get("previous_version"), "active.json previous_version", optional=True
+            ),
+            switched_at=want_number(d.get("switched_at", 0.0), "active.json switched_at"),
+        )
+        if ptr.previous == ptr.slot:
+            raise StateFileError("active.json names the same slot as active and previous")
+        return ptr
+
+
+def _valid_shadow(obj: Any) -> dict[str, Any]:
+    d = want_dict(obj, "shadow.json")
+    want_choice(d.get("slot"), "shadow.json slot", SLOT_NAMES)
+    want_str(d.get("name"), "shadow.json name", max_len=128)
+    want_int(d.get("version"), "shadow.json version")
+    want_str(d.get("sha256", ""), "shadow.json sha256", max_len=64)
+    want_str(d.get("bundle_id", ""), "shadow.json bundle_id", max_len=200)
+    return d
+
 
 class Slots:
     """The two slots and the pointer files in ``state_dir``."""
 
-    def __init__(self, state_dir: str | Path) -> None:
+    def __init__(self, state_dir: str | Path, *, repair: bool = False) -> None:
+        """``repair``: move invalid pointer files aside (only under the update lock);
+        without it an invalid file reads as absent and nothing is changed."""
         self.state_dir = Path(state_dir)
+        self.repair = repair
+        #: invalid pointer files moved aside by this object, for the report
+        self.quarantined: list[Quarantined] = []
         self.root = self.state_dir / "slots"
         self.active_file = self.state_dir / "active.json"
         self.shadow_file = self.state_dir / "shadow.json"
@@ -77,16 +125,24 @@ class Slots:
 
     # -- pointers ------------------------------------------------------------
     def active(self) -> ActivePointer | None:
-        obj = _read_json(self.active_file)
-        if obj is None:
-            return None
+        """The active pointer, or None (no pointer, or an invalid one)."""
+        return self._load(self.active_file, ActivePointer.from_json)
+
+    def _load(self, path: Path, parse: Any) -> Any:
         try:
-            return ActivePointer(**obj)
-        except TypeError:
-            log.error(
-                "active pointer %s is malformed; treating the device as empty", self.active_file
-            )
+            obj = read_json(path)
+            return None if obj is None else parse(obj)
+        except StateFileError as e:
+            if self.repair:
+                self.quarantined.append(quarantine(path, str(e)))
+            else:
+                log.error("%s is invalid (%s); reading it as absent", path, e)
             return None
+
+    def invalidate_active(self, reason: str) -> None:
+        """Move an ``active.json`` that disagrees with its slot aside (under the lock)."""
+        if self.active_file.exists():
+            self.quarantined.append(quarantine(self.active_file, reason))
 
     def set_active(self, pointer: ActivePointer) -> None:
         atomic_write_bytes(self.active_file, json.dumps(pointer.to_json()).encode())
@@ -104,7 +160,8 @@ class Slots:
         return m.version if m is not None else None
 
     def shadow(self) -> dict[str, Any] | None:
-        return _read_json(self.shadow_file)
+        found: dict[str, Any] | None = self._load(self.shadow_file, _valid_shadow)
+        return found
 
     def set_shadow(self, info: dict[str, Any] | None) -> None:
         if info is None:
@@ -123,6 +180,18 @@ class Slots:
         except Exception as e:  # noqa: BLE001 - an unreadable slot is an empty slot
             log.error("slot %s has an unreadable manifest: %s", slot, e)
             return None
+
+    def signed_manifest(self, slot: str, trust: TrustStore) -> Manifest | None:
+        """The slot's manifest if its signature verifies against ``trust`` (files unchecked);
+        None for an empty slot. Raises a :class:`BundleError` subclass otherwise."""
+        d = self.path(slot)
+        try:
+            manifest_bytes = (d / MANIFEST_NAME).read_bytes()
+            sig_bytes = (d / SIGNATURE_NAME).read_bytes()
+        except FileNotFoundError:
+            return None
+        trust.verify(manifest_bytes, decode_signatures(sig_bytes))
+        return Manifest.from_bytes(manifest_bytes)
 
     def discard(self, slot: str) -> None:
         """Remove a slot's contents (never the active slot)."""
@@ -186,13 +255,3 @@ class Slots:
                     f"slot {slot!r}: {entry.path} does not match its manifest hash"
                 )
         return manifest
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        log.error("%s is not valid JSON; ignoring it", path)
-        return None

@@ -31,10 +31,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..bundle import BundleError, StagingError, TrustStore, unpack_bundle, verify_file
+from ..bundle import (
+    BundleError,
+    Manifest,
+    RollbackError,
+    StagingError,
+    TrustStore,
+    unpack_bundle,
+    verify_file,
+)
 from ..config import UpdateConfig
 from ..model import LoadedModel, load_model, run_smoke_test
 from ..protocol import REPORTS_PATH  # noqa: F401 - documented destination of reports
+from .durable import Quarantined
 from .errors import (
     AssignmentError,
     DownloadError,
@@ -44,6 +53,7 @@ from .errors import (
     UpdateError,
 )
 from .fetch import Fetcher, sha256_file
+from .floors import Floors
 from .machine import (
     FAILURE_EVENTS,
     OUTCOMES,
@@ -55,11 +65,14 @@ from .machine import (
     transition,
 )
 from .slots import ActivePointer, Slots
-from .state import Assignment, BundleRef, load_record, save_record
+from .state import SLOT_NAMES, Assignment, BundleRef, UpdateRecord, load_record, save_record
 
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED_FAILURES = 32
+#: reports kept for re-sending while the server is unreachable (the telemetry store
+#: keeps every one as an event too)
+MAX_UNSENT_REPORTS = 100
 
 
 class ModelHost(Protocol):
@@ -112,10 +125,13 @@ class Updater:
         self.loader = loader
         self.crash_at = crash_at  # test hook: SIGKILL ourselves at this point; None = off
         self.on_telemetry_policy = on_telemetry_policy
-        self.slots = Slots(self.state_dir)
+        self.slots = Slots(self.state_dir, repair=True)
         self.downloads = self.state_dir / "downloads"
         self.record_file = self.state_dir / "update.json"
         self.record = load_record(self.record_file)
+        self.floors = Floors(self.state_dir, repair=True)
+        self._quarantined: list[Quarantined] = []
+        self._unsent: list[dict[str, Any]] = []  # reports the server has not taken yet
         self.history: list[str] = []  # states entered by this process, in order
         self.reports: list[dict[str, Any]] = []  # reports made by this process
         self._staged: LoadedModel | None = None
@@ -133,7 +149,9 @@ class Updater:
             os.close(fd)
             raise UpdateBusyError(
                 f"another edgefleet-agent process holds {self.state_dir}/update.lock (is "
-                "`edgefleet-agent run` active?); stop it or use it instead"
+                "`edgefleet-agent run` active?); stop it, or ask it for predictions instead: "
+                "device_agent.serving.client.ServingClient in Python, or the Open Inference "
+                "Protocol on its [serving] socket (default <state_dir>/serving.sock)"
             ) from e
         self._lock_fd = fd
 
@@ -148,9 +166,20 @@ class Updater:
         return State(self.record.state)
 
     def boot(self) -> LoadedModel | None:
-        """Serve the active slot, re-arm a shadow, then resume what a crash interrupted."""
+        """Validate the state files, serve the safest verified slot, re-arm a shadow,
+        then resume what a crash interrupted.
+
+        Invalid state files are moved aside and reported (``state_file_invalid``);
+        a lost or inconsistent ``active.json`` is re-derived from the slots (the
+        slot that verifies, with the highest version the floor allows); the
+        anti-rollback floors are raised to the active slot's version.
+        """
         self.lock()
+        self.record = load_record(self.record_file, self.quarantined)
+        self.floors.reload()
         self.slots.clean_leftovers()
+        self._check_pointer()
+        self._derive_floors()
         model = self._load_active()
         info = self.slots.shadow()
         if info is not None and info.get("slot") != (
@@ -165,13 +194,130 @@ class Updater:
             except Exception as e:  # noqa: BLE001 - a broken shadow must not stop serving
                 log.error("cannot re-load shadow candidate: %s", e)
                 self.slots.set_shadow(None)
+        self._report_quarantined()
         log.info("resuming update state machine", extra={"state": self.record.state})
         self._run(restart_state(self.state))
         return model
 
+    # -- recovery of durable state -------------------------------------------------
+    @property
+    def quarantined(self) -> list[Quarantined]:
+        """State files this updater found invalid and moved aside (not yet reported)."""
+        return self._quarantined
+
+    def _check_pointer(self) -> None:
+        """``active.json`` must name what its slot holds; else it is set aside."""
+        ptr = self.slots.active()
+        if ptr is None:
+            return
+        m = self.slots.manifest(ptr.slot)
+        if m is not None and (m.name, m.version) != (ptr.name, ptr.version):
+            self.slots.invalidate_active(
+                f"active.json names {ptr.name} v{ptr.version} but slot {ptr.slot} holds "
+                f"{m.name} v{m.version}"
+            )
+
+    def _signed_versions(self, slots: tuple[str, ...]) -> dict[str, int]:
+        """Highest version per model name among ``slots`` whose manifest signature verifies."""
+        out: dict[str, int] = {}
+        for slot in slots:
+            try:
+                m = self.slots.signed_manifest(slot, self.trust)
+            except Exception as e:  # noqa: BLE001 - an unverifiable slot sets no floor
+                log.warning("slot %s sets no floor: %s", slot, e)
+                continue
+            if m is not None and m.version > out.get(m.name, -1):
+                out[m.name] = m.version
+        return out
+
+    def _derive_floors(self) -> None:
+        """Raise the floors to the active slot's version; after a lost or invalid
+        ``floors.json``, to every verified slot's version."""
+        lost = not self.floors.path.exists() or bool(self.floors.quarantined)
+        self.floors.all()  # load (and set an invalid file aside) before deciding
+        lost = lost or bool(self.floors.quarantined)
+        ptr = self.slots.active()
+        slots = SLOT_NAMES if lost else ((ptr.slot,) if ptr else ())
+        try:
+            self.floors.merge(self._signed_versions(slots))
+        except OSError as e:  # a full disk must not stop serving; retried at next start
+            log.error("cannot write %s: %s", self.floors.path, e)
+
+    def _recover_active(self) -> LoadedModel | None:
+        """No valid ``active.json``: serve the slot that verifies (signature and files)
+        and passes its smoke test, with the highest version the floor allows."""
+        candidates: list[tuple[int, str, Manifest]] = []
+        for slot in SLOT_NAMES:
+            if self.slots.manifest(slot) is None:
+                continue
+            try:
+                m = self.slots.verify(slot, self.trust)
+            except Exception as e:  # noqa: BLE001
+                log.warning("slot %s cannot serve: %s", slot, e)
+                continue
+            floor = self.floors.get(m.name)
+            if floor is not None and m.version < floor:
+                log.warning(
+                    "slot %s holds %s v%s, below the floor v%s", slot, m.name, m.version, floor
+                )
+                continue
+            candidates.append((m.version, slot, m))
+        for version, slot, m in sorted(candidates, key=lambda c: (-c[0], c[1])):
+            try:
+                model = self.loader(self.slots.path(slot), slot, self.config.runtime_threads)
+                run_smoke_test(model)
+            except Exception as e:  # noqa: BLE001
+                log.warning("slot %s fails its smoke test: %s", slot, e)
+                continue
+            self.slots.set_active(ActivePointer(slot, m.name, version, None, None, self.clock()))
+            if self.state is not State.IDLE and self.record.slot == slot:
+                # the interrupted update was staging into what now serves: abandon it
+                failed = self.record.failed
+                self.record = UpdateRecord(failed=failed)
+                save_record(self.record_file, self.record)
+            self._report_health(
+                "active_pointer_rederived",
+                f"the active pointer was missing or invalid; serving slot "
+                f"{slot} ({m.name} v{version}), the highest verified version "
+                "the anti-rollback floor allows",
+            )
+            self.host.swap(model)
+            return model
+        if candidates or any(self.slots.manifest(s) is not None for s in SLOT_NAMES):
+            log.error("no slot holds a verified bundle the floor allows; install a bundle")
+        return None
+
+    def _report_quarantined(self) -> None:
+        notes = self._quarantined + self.slots.quarantined + self.floors.quarantined
+        self._quarantined, self.slots.quarantined, self.floors.quarantined = [], [], []
+        for q in notes:
+            self._report_health(
+                "state_file_invalid",
+                f"{q.file} was invalid ({q.reason}); moved aside to {q.moved_to} and the "
+                "agent continued from the safest state. No action is needed",
+                state_file=q.to_report(),
+            )
+
+    def _report_health(self, code: str, message: str, **extra: Any) -> None:
+        """A health report (degraded, with ``code``) to the server and the telemetry store."""
+        ptr = self.slots.active()
+        body: dict[str, Any] = {
+            "type": "health",
+            "health": "degraded",
+            "error_code": code,
+            "message": message[:3900],
+            "ts": self.clock(),
+            "name": ptr.name if ptr else None,
+            "version": ptr.version if ptr else None,
+            "state": self.record.state,
+            **extra,
+        }
+        self._report_event(body, post=True)
+
     def check(self) -> State:
         """Check in for the assignment and act on it (returns the resting state)."""
         self.lock()
+        self._flush_reports()
         if self.state is not State.IDLE:
             return self.tick()
         return self._run(transition(State.IDLE, Event.CHECK))
@@ -413,6 +559,16 @@ class Updater:
             self._fail(e, "unreadable")
             return Event.REFUSED
         m, t = v.manifest, self.record.target
+        floor = self.floors.get(m.name)
+        if floor is not None and m.version < floor:
+            self._fail(
+                RollbackError(
+                    f"bundle {m.name} v{m.version} is older than this device's anti-rollback "
+                    f"floor v{floor} for {m.name}; devices refuse downgrades. To go back to an "
+                    "older model, publish it again under a new, higher version"
+                )
+            )
+            return Event.REFUSED
         if t is None:  # a local file: describe it for reports
             self.record.target = BundleRef(
                 "local", m.name, m.version, path.as_uri(), sha256_file(path), path.stat().st_size
@@ -535,7 +691,7 @@ class Updater:
 
     def _watch_probation(self) -> Event | None:
         if not self.record.probation:  # a local install asked for no probation
-            return Event.PROBATION_PASSED
+            return self._passed()
         started = self.record.probation_started
         if started is None:
             started = self.record.probation_started = self.clock()
@@ -563,6 +719,13 @@ class Updater:
                 getattr(e, "code", "smoke_test_failed"),
             )
             return Event.PROBATION_ERROR
+        return self._passed()
+
+    def _passed(self) -> Event:
+        """Probation passed: the target's version becomes its name's floor."""
+        t = self.record.target
+        if t is not None and self.record.mode != "shadow":
+            self.floors.raise_to(t.name, t.version)
         return Event.PROBATION_PASSED
 
     def _roll_back(self) -> Event:
@@ -638,7 +801,9 @@ class Updater:
         self._report_event(body)
         return Event.REPORTED
 
-    def _report_event(self, body: dict[str, Any]) -> None:
+    def _report_event(self, body: dict[str, Any], *, post: bool | None = None) -> None:
+        """Store ``body`` as a telemetry event and post it to the server (at least once:
+        a report the server did not take is sent again before the next check-in)."""
         self.reports.append(body)
         log.info("update outcome", extra={"report": body})
         if self.events is not None:
@@ -646,15 +811,34 @@ class Updater:
                 self.events.append("event", body, body["ts"])
             except Exception as e:  # noqa: BLE001 - a full store must not block updates
                 log.error("cannot store install report: %s", e)
-        if self.fetcher is not None and not self.record.local:
-            with contextlib.suppress(ServerUnavailableError):
-                self.fetcher.post_reports([body])
+        if post is None:
+            post = not self.record.local
+        if self.fetcher is not None and post:
+            self._unsent.append(body)
+            self._flush_reports()
+
+    def _flush_reports(self) -> None:
+        if self.fetcher is None or not self._unsent:
+            return
+        try:
+            self.fetcher.post_reports(list(self._unsent))
+        except ServerUnavailableError as e:
+            log.warning(
+                "reports not delivered; retrying at the next check",
+                extra={"error": str(e), "pending": len(self._unsent)},
+            )
+            del self._unsent[:-MAX_UNSENT_REPORTS]
+            return
+        except Exception as e:  # noqa: BLE001 - reporting must never stop an update
+            log.error("reports not delivered: %s", e)
+            return
+        self._unsent.clear()
 
     def _load_active(self) -> LoadedModel | None:
         """Serve the active slot after checking its files; fall back to the previous slot."""
         ptr = self.slots.active()
         if ptr is None:
-            return None
+            return self._recover_active()
         for slot in (ptr.slot, ptr.previous):
             if slot is None:
                 continue
@@ -745,4 +929,5 @@ def read_status(state_dir: str | Path) -> dict[str, Any]:
         "target": record.target.to_json() if record.target else None,
         "error": record.error,
         "failed_bundles": dict(record.failed),
+        "floors": Floors(state_dir).all(),
     }

@@ -76,6 +76,8 @@ class UpdateConfig:
     probation_min_predictions: int = 20
     download_chunk_bytes: int = 256 * 1024
     runtime_threads: int = 1
+    #: starts in the same update state after which the update is failed (state_loop)
+    max_restarts_per_state: int = 3
 
 
 @dataclass

@@ -196,8 +196,41 @@ class Updater:
                 self.slots.set_shadow(None)
         self._report_quarantined()
         log.info("resuming update state machine", extra={"state": self.record.state})
-        self._run(restart_state(self.state))
+        self._run(self._restart_step())
         return model
+
+    def _restart_step(self) -> Step:
+        """The ``restart`` row for the persisted state, unless the process keeps dying
+        there: each start in a non-idle state is counted in ``update.json`` before the
+        state's work is redone, and past ``update.max_restarts_per_state`` the attempt
+        fails (``state_loop``) through the state's failure event, rolling back if the
+        new model was already switched in."""
+        state = self.state
+        if state is State.IDLE:
+            return restart_state(state)
+        n = self.record.restarts.get(state.value, 0) + 1
+        self.record.restarts[state.value] = n
+        save_record(self.record_file, self.record)
+        limit = self.config.max_restarts_per_state
+        if n <= limit:
+            return restart_state(state)
+        message = (
+            f"the agent restarted {n - 1} times in update state {state.value!r} without "
+            f"getting past it (limit update.max_restarts_per_state = {limit}); the update is "
+            "abandoned so the device keeps serving. The bundle is not retried until the "
+            "assignment changes"
+        )
+        log.error("update state loop", extra={"state": state.value, "restarts": n - 1})
+        self.record.error = {"code": "state_loop", "message": message}
+        self._remember_failed()
+        failure = FAILURE_EVENTS.get(state)
+        if failure is None or state in (State.CHECKING, State.ROLLING_BACK):
+            # an outcome state (its report keeps killing us), a check-in, or a rollback
+            # that keeps dying (the active pointer names a verified slot either way): idle
+            self._report_health("state_loop", message)
+            self.record.state = State.IDLE.value
+            return Step(State.IDLE, ())
+        return transition(state, failure)
 
     # -- recovery of durable state -------------------------------------------------
     @property

@@ -107,6 +107,7 @@ class AgentDaemon:
             crash_at=crash_at,
             clock=clock,
             on_telemetry_policy=self.agent.apply_telemetry_policy,
+            device_class=config.device.device_class,
         )
         self.transport: Any = None
         self.reporter: Any = None

@@ -140,3 +140,27 @@ class StagingError(BundleError):
     """The verified bundle could not be written to the staging area (disk full, permissions)."""
 
     code = "staging"
+
+
+class BindingError(BundleError):
+    """A validly signed bundle that is not meant for this device or this slot."""
+
+    code = "binding"
+
+
+class WrongModelError(BindingError):
+    """The bundle is of another model name than the one this device runs in the slot."""
+
+    code = "wrong_model"
+
+
+class WrongDeviceClassError(BindingError):
+    """The bundle does not list this device's class among its target device classes."""
+
+    code = "wrong_device_class"
+
+
+class VersionReusedError(RollbackError):
+    """The bundle has the installed version of its model but different signed contents."""
+
+    code = "version_reused"

@@ -21,7 +21,7 @@ from .._fsutil import fsync_dir
 from .errors import StagingError
 from .manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
 from .trust import TrustStore
-from .verify import VerifiedBundle, VerifyLimits, verify_bundle
+from .verify import Expectation, VerifiedBundle, VerifyLimits, verify_bundle
 
 
 class _DirectorySink:
@@ -67,6 +67,7 @@ def verify_file(
     now: datetime | None = None,
     installed_version: int | None = None,
     limits: VerifyLimits | None = None,
+    expect: Expectation | None = None,
 ) -> VerifiedBundle:
     """Verify a bundle file without writing anything."""
     with open(path, "rb", buffering=0) as f:
@@ -76,6 +77,7 @@ def verify_file(
             now=now or datetime.now(timezone.utc),
             installed_version=installed_version,
             limits=limits,
+            expect=expect,
         )
 
 
@@ -87,6 +89,7 @@ def unpack_bundle(
     now: datetime | None = None,
     installed_version: int | None = None,
     limits: VerifyLimits | None = None,
+    expect: Expectation | None = None,
 ) -> VerifiedBundle:
     """Verify the bundle at ``path`` and install its files into directory ``dest``.
 
@@ -112,6 +115,7 @@ def unpack_bundle(
                     installed_version=installed_version,
                     limits=limits,
                     sink=sink,
+                    expect=expect,
                 )
             sink.close()
             for name, data in (

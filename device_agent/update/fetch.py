@@ -13,6 +13,11 @@ implements it over plain HTTP(S) with the standard library:
   endless or oversized stream is cut off and the part deleted.
 * The finished file's sha256 must equal the assignment's before the file is
   handed to verification.
+* The device credential goes to the server's origin (scheme, host, port) only:
+  a URL of another origin, absolute or ``//host``, is refused
+  (``foreign_origin``) before any connection; a redirect is followed only within
+  the origin and never carries the credential (it is an unredirected header); a
+  redirect to another origin is refused.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 from ..protocol import ASSIGNMENT_PATH, REPORTS_PATH
 from .errors import (
@@ -46,6 +51,50 @@ from .state import Assignment, BundleRef
 log = logging.getLogger(__name__)
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class ForeignOriginError(DownloadError, AssignmentError):
+    """A URL or redirect leads away from the server's origin; nothing is sent there."""
+
+    code = "foreign_origin"
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of ``url``, with the scheme's default port filled in."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port or _DEFAULT_PORTS.get(scheme, -1)
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects within ``allowed`` origins only. The credential is added as an
+    unredirected header, so urllib never repeats it on the redirected request."""
+
+    def __init__(self, allowed: set[tuple[str, str, int]]) -> None:
+        self.allowed = allowed
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if origin(newurl) not in self.allowed:
+            fp.close()
+            raise ForeignOriginError(
+                f"{req.full_url} redirected ({code}) to {newurl}, another origin than the "
+                "server's; not followed and no credential sent. Check the server's proxy or "
+                "storage configuration"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 class Fetcher(Protocol):
@@ -95,20 +144,34 @@ class HttpFetcher:
 
     # -- plumbing --------------------------------------------------------------
     def _url(self, path: str) -> str:
-        return urljoin(self.base_url, path.lstrip("/")) if not path.startswith("http") else path
+        """``path`` resolved against the server URL; :class:`ForeignOriginError` when the
+        result is on another origin (an absolute URL, ``//host/…``, another port)."""
+        base = self.base_url
+        url = urljoin(base, path) if path.startswith("//") or "://" in path else None
+        if url is None:
+            url = urljoin(base, path.lstrip("/"))
+        if origin(url) != origin(base):
+            raise ForeignOriginError(
+                f"refusing {path!r}: it is not on the server's origin {base}; the device "
+                "fetches only from its server and sends its credential nowhere else"
+            )
+        return url
 
     def _request(
         self, url: str, headers: dict[str, str] | None = None, data: bytes | None = None
     ) -> Any:
         h = dict(headers or {})
-        if self.token:
-            h["Authorization"] = f"Bearer {self.token}"
         if data is not None:
             h["Content-Type"] = "application/json"
         req = urllib.request.Request(
             url, data=data, headers=h, method="POST" if data is not None else "GET"
         )
-        return urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310 - http(s) only
+        if origin(url) != origin(self.base_url):  # _url already refused it; belt and braces
+            raise ForeignOriginError(f"refusing to contact {url}: not the server's origin")
+        if self.token:
+            req.add_unredirected_header("Authorization", f"Bearer {self.token}")
+        opener = urllib.request.build_opener(_SameOriginRedirects({origin(self.base_url)}))
+        return opener.open(req, timeout=self.timeout)
 
     # -- assignment ----------------------------------------------------------
     def get_assignment(self, etag: str | None) -> tuple[Assignment | None, str | None]:

@@ -40,9 +40,11 @@ from ..bundle import (
     unpack_bundle,
     verify_file,
 )
+from ..bundle.verify import Expectation
 from ..config import UpdateConfig
 from ..model import LoadedModel, load_model, run_smoke_test
 from ..protocol import REPORTS_PATH  # noqa: F401 - documented destination of reports
+from ..trust.expect import expectation
 from .durable import Quarantined
 from .errors import (
     AssignmentError,
@@ -112,6 +114,7 @@ class Updater:
         loader: Loader = _default_loader,
         crash_at: str | None = None,
         on_telemetry_policy: Callable[[dict[str, Any]], object] | None = None,
+        device_class: str | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +128,7 @@ class Updater:
         self.loader = loader
         self.crash_at = crash_at  # test hook: SIGKILL ourselves at this point; None = off
         self.on_telemetry_policy = on_telemetry_policy
+        self.device_class = device_class  # bundles must list it (when they list classes)
         self.slots = Slots(self.state_dir, repair=True)
         self.downloads = self.state_dir / "downloads"
         self.record_file = self.state_dir / "update.json"
@@ -583,7 +587,11 @@ class Updater:
         path = Path(self.record.bundle_path or "")
         try:
             v = verify_file(
-                path, self.trust, now=self._now(), installed_version=self.slots.installed_version()
+                path,
+                self.trust,
+                now=self._now(),
+                installed_version=self.slots.installed_version(),
+                expect=self._expect(),
             )
         except BundleError as e:
             self._fail(e)
@@ -620,6 +628,18 @@ class Updater:
         self.record.slot = self.slots.other(self.record.from_slot)
         return Event.VERIFIED
 
+    def _expect(self) -> Expectation:
+        """What the bundle must be for: the active model's name (unless an operator installs
+        a file locally), this device's class, the per-name floors, one content per version."""
+        ptr = self.slots.active()
+        floors = getattr(self, "floors", None)
+        return expectation(
+            slots_root=self.slots.root,
+            model_name=ptr.name if ptr is not None and not self.record.local else None,
+            device_class=self.device_class,
+            floors=floors.all() if floors is not None else {},
+        )
+
     def _discard_staged(self) -> None:
         slot = self.record.slot
         if slot is None:
@@ -648,6 +668,7 @@ class Updater:
                 self.trust,
                 now=self._now(),
                 installed_version=self.slots.installed_version(),
+                expect=self._expect(),
             )
         except StagingError as e:
             self._fail(e)

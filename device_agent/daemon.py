@@ -10,7 +10,11 @@
   :class:`~device_agent.update.fetch.HttpFetcher` when ``[server] url`` is set;
 * when ``[mqtt] host`` is set, an :class:`~device_agent.transport.mqtt.MqttTransport`
   and a :class:`~device_agent.reporter.Reporter` draining the store; a message
-  on the device's notify topic triggers an immediate check-in.
+  on the device's notify topic triggers an immediate check-in;
+* unless ``[serving] enabled = false``, a
+  :class:`~device_agent.serving.ServingEndpoint`: the Open Inference Protocol on
+  ``<state_dir>/serving.sock`` (and TCP on 127.0.0.1 when ``tcp_port`` is set), so
+  apps on the device call the model through ``Agent.predict()``.
 
 The loop checks in every ``server.poll_seconds``, at once when notified, and
 about once a second while a new model is on probation. An error in one round
@@ -114,6 +118,7 @@ class AgentDaemon:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.serving: Any = None  # the local inference endpoint, once started
         self.rounds = 0
 
     def _error_rate_since(self, since: float) -> tuple[int, int]:
@@ -146,6 +151,7 @@ class AgentDaemon:
     def run(self) -> None:
         cfg = self.config
         self.updater.boot()
+        self._start_serving()
         self._start_mqtt()
         log.info(
             "agent running",
@@ -194,6 +200,19 @@ class AgentDaemon:
                 with contextlib.suppress(Exception):
                     self.transport.set_status(**status)
 
+    def _start_serving(self) -> None:
+        """The local inference endpoint ([serving]); a failure is logged, updates go on."""
+        if not self.config.serving.enabled:
+            return
+        from .serving import ServingEndpoint, ServingStartError
+
+        try:
+            self.serving = ServingEndpoint(
+                self.agent, self.config.serving, self.config.device.state_dir
+            ).start()
+        except ServingStartError as e:
+            log.error("local inference endpoint not started: %s", e)
+
     def _start_mqtt(self) -> None:
         if not self.config.mqtt.host:
             return
@@ -228,6 +247,8 @@ class AgentDaemon:
             self.reporter.stop(drain_timeout=2.0)
         if self.transport is not None:
             self.transport.stop()
+        if self.serving is not None:
+            self.serving.stop()
         self.agent.close()
         self.store.close()
         self.updater.unlock()

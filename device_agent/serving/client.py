@@ -1,0 +1,303 @@
+"""A Python client for the running agent's endpoint, shaped like ``Agent.predict()``.
+
+An application on the device uses this instead of embedding :class:`Agent`
+while ``edgefleet-agent run`` holds the state directory::
+
+    from device_agent.serving.client import ServingClient
+
+    with ServingClient.from_config("/etc/edgefleet/agent.toml") as client:
+        probs, = client.predict(x)            # x: np.ndarray, or {"input name": array}
+
+It speaks the Open Inference Protocol with the binary tensor extension over the
+daemon's Unix socket (or TCP on 127.0.0.1 with the token), one keep-alive
+connection per thread, so it is safe to share between threads. Refusals raise
+the embedding API's errors: :class:`~device_agent.agent.InputError` (the inputs
+do not fit), :class:`~device_agent.agent.NoActiveModelError`,
+:class:`~device_agent.agent.PredictError`, or :class:`ServingClientError`
+(anything else, including "no agent is listening").
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..agent import AgentError, InputError, NoActiveModelError, PredictError
+from .protocol import datatype_of, dtype_of
+from .server import SOCKET_NAME
+
+_INPUT_CODES = {
+    "bad_input",
+    "bad_datatype",
+    "bad_shape",
+    "bad_data",
+    "unknown_input",
+    "missing_input",
+    "unknown_output",
+    "bad_json",
+    "bad_request",
+    "too_large",
+}
+
+
+class ServingClientError(AgentError):
+    """The endpoint refused the request or could not be reached."""
+
+    def __init__(self, message: str, code: str = "serving_error", status: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class ServingClient:
+    """Predictions from the agent daemon running on this device."""
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        port: int | None = None,
+        token: str | None = None,
+        model: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        """Connect over ``socket_path``, or over TCP 127.0.0.1:``port`` with ``token``.
+
+        ``model`` names the model to call (default: whichever the agent serves).
+        """
+        if (socket_path is None) == (port is None):
+            raise ValueError("give the socket path or the TCP port (one of them)")
+        self.socket_path = str(socket_path) if socket_path is not None else None
+        self.port = port
+        self.timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._model = model
+        self._meta: dict[str, Any] | None = None
+        self._local = threading.local()
+
+    @classmethod
+    def from_config(cls, config: Any = None, **kw: Any) -> ServingClient:
+        """A client for the agent configured by ``config`` (an ``AgentConfig``, a path to
+        its TOML, or None for ``EDGEFLEET_AGENT_CONFIG`` and the environment)."""
+        from ..config import AgentConfig
+
+        if not isinstance(config, AgentConfig):
+            path = config if config is not None else os.environ.get("EDGEFLEET_AGENT_CONFIG")
+            env = {k: v for k, v in os.environ.items() if k != "EDGEFLEET_AGENT_CONFIG"}
+            config = AgentConfig.load(path, env=env)
+        sv = config.serving
+        state_dir = Path(config.device.state_dir)
+        return cls(Path(sv.socket) if sv.socket else state_dir / SOCKET_NAME, **kw)
+
+    @staticmethod
+    def read_token(path: str | os.PathLike[str]) -> str:
+        """The TCP token from a ``[serving] token_file`` (default ``<state_dir>/serving.token``)."""
+        return Path(path).read_text().strip()
+
+    # -- transport -----------------------------------------------------------------
+    def _conn(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self.socket_path is not None:
+                conn = _UnixConnection(self.socket_path, self.timeout)
+            else:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+            self._local.conn = conn
+        return conn  # type: ignore[no-any-return]
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, Any, bytes]:
+        hdrs = {**self._headers, **(headers or {})}
+        for attempt in (0, 1):
+            conn = self._conn()
+            try:
+                conn.request(method, path, body=body, headers=hdrs)
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.getheader("Connection", "").lower() == "close":
+                    conn.close()
+                return resp.status, resp, data
+            except (ConnectionError, http.client.RemoteDisconnected, BrokenPipeError) as e:
+                conn.close()  # a kept-alive connection the agent closed: retry once, fresh
+                if attempt:
+                    raise self._unreachable(e) from e
+            except OSError as e:
+                conn.close()
+                raise self._unreachable(e) from e
+        raise AssertionError("unreachable")
+
+    def _unreachable(self, e: Exception) -> ServingClientError:
+        where = self.socket_path or f"127.0.0.1:{self.port}"
+        return ServingClientError(
+            f"no edgefleet-agent answers on {where} ({e}); is "
+            "`edgefleet-agent run` active with [serving] enabled?",
+            "unreachable",
+        )
+
+    @staticmethod
+    def _raise(status: int, data: bytes) -> None:
+        try:
+            doc = json.loads(data)
+            message, code = str(doc.get("error")), str(doc.get("code", "serving_error"))
+        except (ValueError, AttributeError):
+            message, code = data[:200].decode("utf-8", "replace"), "serving_error"
+        if code == "no_active_model":
+            raise NoActiveModelError(message)
+        if code == "predict_failed":
+            raise PredictError(message)
+        if status == 400 and code in _INPUT_CODES:
+            raise InputError(message)
+        raise ServingClientError(f"HTTP {status}: {message}", code, status)
+
+    # -- API -------------------------------------------------------------------------
+    def ready(self) -> bool:
+        """Whether the agent is up and has a model to serve."""
+        try:
+            status, _, _ = self._request("GET", "/v2/health/ready")
+        except ServingClientError:
+            return False
+        return status == 200
+
+    def metadata(self, refresh: bool = False) -> dict[str, Any]:
+        """The served model's v2 metadata (``name``, ``versions``, ``inputs``, ``outputs``)."""
+        if self._meta is not None and not refresh:
+            return self._meta
+        name = self._model
+        if name is None:
+            status, _, data = self._request(
+                "POST", "/v2/repository/index", b"{}", {"Content-Type": "application/json"}
+            )
+            if status != 200:
+                self._raise(status, data)
+            models = json.loads(data)
+            if not models:
+                raise NoActiveModelError("the agent serves no model yet")
+            name = str(models[0]["name"])
+        status, _, data = self._request("GET", f"/v2/models/{name}")
+        if status != 200:
+            self._raise(status, data)
+        self._meta = json.loads(data)
+        return self._meta
+
+    def predict(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> list[np.ndarray]:
+        """Like ``Agent.predict``: outputs as arrays in the model's output order."""
+        return list(self.predict_named(inputs).values())
+
+    def predict_named(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> dict[str, Any]:
+        """Like ``Agent.predict_named``: ``{output name: array}``."""
+        try:
+            return self._infer(self.metadata(), inputs)
+        except InputError:
+            # the agent may have swapped to a model with another signature: look once more
+            old = self._meta
+            if self.metadata(refresh=True) == old:
+                raise
+            return self._infer(self._meta or {}, inputs)
+
+    def _infer(self, meta: dict[str, Any], inputs: Any) -> dict[str, Any]:
+        specs = {i["name"]: i for i in meta["inputs"]}
+        if isinstance(inputs, Mapping):
+            feed = dict(inputs)
+        elif len(specs) == 1:
+            feed = {next(iter(specs)): inputs}
+        else:
+            raise InputError(
+                f"{meta['name']} has inputs {sorted(specs)}; pass a dict of name -> array"
+            )
+        described, chunks = [], []
+        for name, value in feed.items():
+            want = specs.get(name, {}).get("datatype")
+            arr = np.asarray(value)
+            if want is not None and datatype_of(arr.dtype) != want:
+                try:
+                    arr = arr.astype(dtype_of(want), casting="same_kind")
+                except TypeError as e:
+                    raise InputError(
+                        f"input {name!r}: cannot send {arr.dtype} as {want}: {e}"
+                    ) from e
+            raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            described.append(
+                {
+                    "name": name,
+                    "datatype": datatype_of(arr.dtype),
+                    "shape": list(arr.shape),
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            )
+            chunks.append(raw)
+        header = json.dumps(
+            {"inputs": described, "parameters": {"binary_data_output": True}}
+        ).encode()
+        status, resp, data = self._request(
+            "POST",
+            f"/v2/models/{meta['name']}/infer",
+            b"".join([header, *chunks]),
+            {
+                "Inference-Header-Content-Length": str(len(header)),
+                "Content-Type": "application/octet-stream",
+            },
+        )
+        if status != 200:
+            self._raise(status, data)
+        return _decode_outputs(data, resp.getheader("Inference-Header-Content-Length"))
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their thread ends)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def __enter__(self) -> ServingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _decode_outputs(data: bytes, header_length: str | None) -> dict[str, Any]:
+    hlen = int(header_length) if header_length is not None else len(data)
+    doc = json.loads(data[:hlen])
+    buf = bytearray(memoryview(data)[hlen:]) if header_length is not None else bytearray()
+    out: dict[str, Any] = {}
+    offset = 0
+    for o in doc["outputs"]:
+        dtype = dtype_of(o["datatype"])
+        size = (o.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            out[o["name"]] = np.asarray(o["data"], dtype=dtype).reshape(o["shape"])
+            continue
+        wire = dtype.newbyteorder("<")
+        arr = np.frombuffer(buf, dtype=wire, count=size // dtype.itemsize, offset=offset)
+        out[o["name"]] = arr.astype(dtype, copy=False).reshape(o["shape"])
+        offset += size
+    return out

@@ -1,0 +1,531 @@
+"""The endpoint's HTTP side: Open Inference Protocol routes over a Unix socket and TCP.
+
+Standard library only (``http.server``/``socketserver``), so the device's install
+stays small. One thread per connection, at most ``max_connections`` at once (a
+connection past that gets a 503 and is closed); HTTP/1.1 keep-alive; every
+socket read times out after ``timeout_seconds``. Every request goes through
+``Agent.predict()``, so telemetry is the same as for an app embedding the agent.
+
+Routes (``{name}`` is the active model's name, ``/versions/{v}`` optional):
+
+* ``GET /v2``, ``GET /v2/health/live``, ``GET /v2/health/ready``
+* ``GET /v2/models/{name}``, ``GET /v2/models/{name}/ready``
+* ``POST /v2/models/{name}/infer`` (JSON tensors or the binary tensor extension)
+* ``POST /v2/repository/index`` (Triton's model repository listing)
+
+Errors are ``{"error": message, "code": token}`` with a 4xx/5xx status. Over
+TCP every request must carry ``Authorization: Bearer <token>``; the Unix socket
+is guarded by its file mode (0660) and group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import socketserver
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from .. import __version__
+from ..config import ServingConfig
+from .protocol import ServingError, decode_infer_request, encode_infer_response, tensor_metadata
+
+log = logging.getLogger("edgefleet.serving")
+
+SOCKET_NAME = "serving.sock"
+TOKEN_NAME = "serving.token"
+SOCKET_MODE = 0o660
+#: bytes a Unix socket path may have (sun_path is 108 bytes with the terminating NUL)
+MAX_SOCKET_PATH = 107
+
+_MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
+_PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tflite"}
+
+
+class ServingStartError(RuntimeError):
+    """The endpoint could not start; the message names the setting to change."""
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    header_length: int | None = None
+
+
+def _json(status: int, doc: Any) -> Response:
+    return Response(status, json.dumps(doc, separators=(",", ":")).encode())
+
+
+class ServingApp:
+    """Routes and answers requests for one :class:`~device_agent.agent.Agent`."""
+
+    def __init__(self, agent: Any, config: ServingConfig) -> None:
+        self.agent = agent
+        self.config = config
+
+    # -- helpers -------------------------------------------------------------------
+    def _model(self, name: str, version: str | None) -> Any:
+        model = self.agent.model
+        if model is None:
+            raise ServingError(
+                503,
+                "no model is installed yet; the agent installs one from "
+                "its assignment or `edgefleet-agent install`",
+                "no_active_model",
+            )
+        if name != model.name:
+            raise ServingError(
+                404, f"unknown model {name!r}; this device serves {model.name!r}", "unknown_model"
+            )
+        if version not in (None, "", str(model.version)):
+            raise ServingError(
+                404,
+                f"{model.name} version {version} is not loaded; version {model.version} is",
+                "unknown_version",
+            )
+        return model
+
+    def _metadata(self, model: Any) -> dict[str, Any]:
+        backend = model.backend
+        return {
+            "name": model.name,
+            "versions": [str(model.version)],
+            "platform": _PLATFORMS.get(model.manifest.format, model.manifest.format),
+            "inputs": [tensor_metadata(s) for s in backend.inputs],
+            "outputs": [tensor_metadata(s) for s in backend.outputs],
+        }
+
+    # -- dispatch ------------------------------------------------------------------
+    def handle(
+        self, method: str, path: str, headers: Any, read_body: Callable[[], bytes]
+    ) -> Response:
+        """Answer one request; raises :class:`ServingError` for refusals."""
+        path = path.split("?", 1)[0]
+        if path in ("/v2", "/v2/"):
+            self._method(method, "GET")
+            return _json(
+                200,
+                {
+                    "name": "edgefleet-agent",
+                    "version": __version__,
+                    "extensions": ["binary_tensor_data"],
+                },
+            )
+        if path == "/v2/health/live":
+            self._method(method, "GET")
+            return Response(200)
+        if path == "/v2/health/ready":
+            self._method(method, "GET")
+            if self.agent.model is None:
+                raise ServingError(503, "no model is installed yet", "no_active_model")
+            return Response(200)
+        if path == "/v2/repository/index":
+            self._method(method, "POST")
+            read_body()
+            model = self.agent.model
+            return _json(
+                200,
+                []
+                if model is None
+                else [{"name": model.name, "version": str(model.version), "state": "READY"}],
+            )
+        m = _MODEL_ROUTE.match(path)
+        if m is None:
+            raise ServingError(
+                404, f"no route {path}; see /v2/models/<name>[/ready|/infer]", "not_found"
+            )
+        name, version, action = unquote(m.group(1)), m.group(2), m.group(3)
+        if action == "/infer":
+            self._method(method, "POST")
+            return self._infer(self._model(name, version and unquote(version)), headers, read_body)
+        self._method(method, "GET")
+        model = self._model(name, version and unquote(version))
+        return Response(200) if action == "/ready" else _json(200, self._metadata(model))
+
+    @staticmethod
+    def _method(got: str, want: str) -> None:
+        if got != want:
+            raise ServingError(405, f"use {want} here, not {got}", "method_not_allowed")
+
+    def _infer(self, model: Any, headers: Any, read_body: Callable[[], bytes]) -> Response:
+        from ..agent import InputError, NoActiveModelError, PredictError
+
+        raw_len = headers.get("Inference-Header-Content-Length")
+        header_length = None
+        if raw_len is not None:
+            try:
+                header_length = int(raw_len)
+            except ValueError:
+                raise ServingError(
+                    400,
+                    f"Inference-Header-Content-Length {raw_len!r} is not an integer",
+                    "bad_header_length",
+                ) from None
+        body = read_body()
+        backend = model.backend
+        request = decode_infer_request(
+            body, header_length, backend.inputs, max_json_bytes=self.config.max_json_bytes
+        )
+        try:
+            outputs = self.agent.predict(request.feed)
+        except InputError as e:
+            raise ServingError(400, str(e), e.code) from e
+        except NoActiveModelError as e:
+            raise ServingError(503, str(e), e.code) from e
+        except PredictError as e:
+            raise ServingError(500, str(e), e.code) from e
+        out, hlen = encode_infer_response(
+            model.name, model.version, request, backend.output_names, outputs
+        )
+        if hlen is None:
+            return Response(200, out)
+        return Response(200, out, "application/octet-stream", hlen)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "edgefleet-agent"
+    sys_version = ""
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self._server.settings.timeout_seconds)
+        if self._server.token is not None:  # TCP: answers must not wait for Nagle
+            with contextlib.suppress(OSError):
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @property
+    def _server(self) -> _Server:
+        return self.server  # type: ignore[return-value]
+
+    def address_string(self) -> str:
+        return "local"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+        log.debug("serving: " + format, *args)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The base class's parse errors (bad request line, huge headers), as JSON."""
+        self.close_connection = True
+        err = ServingError(code, message or HTTPStatus(code).phrase, "bad_http")
+        self._send(Response(code, err.body()))
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._serve("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._serve("POST")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._serve("PUT")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._serve("DELETE")
+
+    def _serve(self, method: str) -> None:
+        app = self._server.app
+        try:
+            self._authorize()
+            if self.headers.get("Content-Encoding", "identity").lower() != "identity":
+                raise ServingError(
+                    415,
+                    "compressed request bodies are not accepted; send the body uncompressed",
+                    "unsupported_encoding",
+                )
+            response = app.handle(method, self.path, self.headers, self._read_body)
+        except ServingError as e:
+            response = Response(e.status, e.body())
+        except (TimeoutError, ConnectionError):
+            self.close_connection = True
+            limit = self._server.settings.timeout_seconds
+            response = Response(
+                408,
+                ServingError(
+                    408,
+                    f"the request did not arrive within {limit:g}s ([serving] timeout_seconds)",
+                    "timeout",
+                ).body(),
+            )
+        except Exception as e:  # noqa: BLE001 - one bad request must never stop the daemon
+            log.exception("serving: %s %s failed", method, self.path)
+            self.close_connection = True
+            response = Response(
+                500,
+                ServingError(500, f"internal error: {type(e).__name__}: {e}", "internal").body(),
+            )
+        if not self._body_done:
+            self.close_connection = True  # an unread body would be taken for the next request
+        self._send(response)
+
+    _body_done = True
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        headers = getattr(self, "headers", None)
+        if headers is not None:
+            length = (headers.get("Content-Length") or "0").strip()
+            self._body_done = length == "0" and not headers.get("Transfer-Encoding")
+        return ok
+
+    def _authorize(self) -> None:
+        token = self._server.token
+        if token is None:
+            return
+        got = self.headers.get("Authorization", "")
+        scheme, _, value = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), token.encode()
+        ):
+            raise ServingError(
+                401,
+                "missing or wrong token; send 'Authorization: Bearer "
+                "<token>' with the token from [serving] token_file",
+                "unauthorized",
+            )
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            raise ServingError(
+                411, "send the body with a Content-Length, not chunked", "length_required"
+            )
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            self._body_done = True
+            return b""
+        try:
+            length = int(raw)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            raise ServingError(
+                400, f"Content-Length {raw!r} is not a byte count", "bad_http"
+            ) from None
+        limit = self._server.settings.max_request_bytes
+        if length > limit:
+            raise ServingError(
+                413,
+                f"the request body is {length} bytes, over the limit of "
+                f"{limit} ([serving] max_request_bytes)",
+                "too_large",
+            )
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise ServingError(
+                400, f"the body ended after {len(body)} of {length} bytes", "bad_http"
+            )
+        self._body_done = True
+        return body
+
+    def _send(self, r: Response) -> None:
+        reason = HTTPStatus(r.status).phrase if r.status in HTTPStatus._value2member_map_ else ""
+        lines = [f"HTTP/1.1 {r.status} {reason}", f"Content-Length: {len(r.body)}"]
+        if r.body:
+            lines.append(f"Content-Type: {r.content_type}")
+        if r.header_length is not None:
+            lines.append(f"Inference-Header-Content-Length: {r.header_length}")
+        if r.status == 401:
+            lines.append('WWW-Authenticate: Bearer realm="edgefleet-agent"')
+        if self.close_connection:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        try:
+            self.wfile.write(head + r.body)
+        except OSError:
+            self.close_connection = True
+
+
+class _Server(socketserver.ThreadingMixIn):
+    """Thread per connection, bounded; shared by the Unix and TCP servers."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def _configure(self, app: ServingApp, settings: ServingConfig, token: str | None) -> None:
+        self.app = app
+        self.settings = settings
+        self.token = token
+        self.slots = threading.BoundedSemaphore(settings.max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            body = ServingError(503, "too many connections; retry shortly", "busy").body()
+            with contextlib.suppress(OSError):
+                request.settimeout(1.0)
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body
+                )
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        try:
+            super().process_request(request, client_address)  # type: ignore[misc]
+        except Exception:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.warning("serving: a connection failed", exc_info=True)
+
+
+class _UnixServer(_Server, socketserver.UnixStreamServer):
+    def __init__(self, path: str, app: ServingApp, settings: ServingConfig) -> None:
+        self._configure(app, settings, None)
+        self.group = settings.socket_group
+        socketserver.UnixStreamServer.__init__(self, path, _Handler)
+
+    def server_bind(self) -> None:
+        path = Path(self.server_address)  # type: ignore[arg-type]
+        _clear_stale_socket(path)
+        self.socket.bind(str(path))
+        # before listen(): nobody can connect while the mode is still the umask's
+        os.chmod(path, SOCKET_MODE)
+        if self.group:
+            import grp
+
+            try:
+                gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                raise ServingStartError(
+                    f"[serving] socket_group {self.group!r} does not exist"
+                ) from None
+            os.chown(path, -1, gid)
+
+
+class _TcpServer(_Server, socketserver.TCPServer):
+    allow_reuse_address = True
+
+    def __init__(self, port: int, app: ServingApp, settings: ServingConfig, token: str) -> None:
+        self._configure(app, settings, token)
+        socketserver.TCPServer.__init__(self, ("127.0.0.1", port), _Handler)
+
+
+def _clear_stale_socket(path: Path) -> None:
+    if len(os.fsencode(str(path))) > MAX_SOCKET_PATH:
+        raise ServingStartError(
+            f"the socket path {path} is longer than {MAX_SOCKET_PATH} "
+            "bytes; set [serving] socket to a shorter path"
+        )
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ServingStartError(
+            f"{path} exists and is not a socket; remove it or set [serving] socket elsewhere"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)  # left by a process that is gone
+        return
+    finally:
+        probe.close()
+    raise ServingStartError(f"another process already serves on {path}")
+
+
+def load_or_create_token(path: Path) -> str:
+    """The TCP token from ``path``; a new random one (file mode 0600) if there is none."""
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = ""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = secrets.token_urlsafe(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return load_or_create_token(path)
+        with os.fdopen(fd, "w") as f:
+            f.write(new + "\n")
+        return new
+    except OSError as e:
+        raise ServingStartError(f"cannot read [serving] token_file {path}: {e}") from e
+    if not token:
+        raise ServingStartError(
+            f"[serving] token_file {path} is empty; put a token in it or delete it to have one made"
+        )
+    return token
+
+
+class ServingEndpoint:
+    """The endpoint of one agent: a Unix socket server and, optionally, a TCP one."""
+
+    def __init__(self, agent: Any, config: ServingConfig, state_dir: str | Path) -> None:
+        self.app = ServingApp(agent, config)
+        self.config = config
+        state_dir = Path(state_dir)
+        self.socket_path = Path(config.socket) if config.socket else state_dir / SOCKET_NAME
+        self.token_path = Path(config.token_file) if config.token_file else state_dir / TOKEN_NAME
+        self.tcp_port: int | None = None
+        self._servers: list[socketserver.BaseServer] = []
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> ServingEndpoint:
+        """Listen on the socket (and the TCP port); raises :class:`ServingStartError`."""
+        try:
+            self._servers.append(_UnixServer(str(self.socket_path), self.app, self.config))
+            if self.config.tcp_port:
+                token = load_or_create_token(self.token_path)
+                tcp = _TcpServer(self.config.tcp_port, self.app, self.config, token)
+                self._servers.append(tcp)
+                self.tcp_port = int(tcp.server_address[1])
+        except OSError as e:
+            self.stop()
+            raise ServingStartError(
+                f"cannot listen: {e}; check [serving] socket and tcp_port"
+            ) from e
+        except ServingStartError:
+            self.stop()
+            raise
+        for srv in self._servers:
+            t = threading.Thread(
+                target=srv.serve_forever,
+                kwargs={"poll_interval": 0.5},
+                name="edgefleet-serving",
+                daemon=True,
+            )
+            t.start()
+            self._threads.append(t)
+        log.info(
+            "serving the Open Inference Protocol",
+            extra={"socket": str(self.socket_path), "tcp_port": self.tcp_port},
+        )
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and remove the socket file; in-flight requests may finish."""
+        for srv, t in zip(self._servers, self._threads, strict=False):
+            srv.shutdown()
+            t.join(5)
+        for srv in self._servers:
+            srv.server_close()
+        if self._servers:
+            with contextlib.suppress(OSError):
+                self.socket_path.unlink()
+        self._servers, self._threads = [], []

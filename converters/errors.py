@@ -53,3 +53,8 @@ class ParityError(ConverterError):
     def __init__(self, message: str, report: ParityReport) -> None:
         super().__init__(message)
         self.report = report
+
+
+class TrainingModeError(ConverterError):
+    """The model does something only training does (dropout in training mode): its
+    outputs would be random on devices. Export it in inference mode."""

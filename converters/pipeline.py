@@ -38,6 +38,7 @@ from device_agent.payloads import DriftProfile, SmokeSamples
 from . import onnx_tools, reference
 from .bundle import BundleFile, build_manifest, pack_bundle, sign_bundle
 from .errors import ConverterError, ParityError, TargetError, TargetUnavailableError
+from .graph_checks import check_inference_mode
 from .parity import ParityReport, Tolerance, compare, default_tolerance
 from .quantize import apply_precision
 from .samples import check_samples, generate_samples, sample_count
@@ -89,6 +90,19 @@ class Artifact:
 # -- producing the model file ---------------------------------------------------
 
 
+def float32_onnx_for(
+    model: Any, max_ir: int | None, max_opset: int | None, max_ml: int | None = None
+) -> tuple[Any, list[str]]:
+    """The float32 ONNX model an ONNX target gets: checked for inference mode,
+    lowered to the limits, optimized offline. Returns (model, notes)."""
+    check_inference_mode(model)
+    model = onnx_tools.loadable_by_installed_ort(model)
+    model, notes = onnx_tools.lower(model, max_ir, max_opset, max_ml)
+    model = onnx_tools.optimize(model)
+    notes.append("optimized (onnxruntime basic level)")
+    return model, notes
+
+
 def _onnx_artifact(
     source: SourceModel, target: Target, samples: Mapping[str, np.ndarray]
 ) -> tuple[bytes, list[str]]:
@@ -100,10 +114,7 @@ def _onnx_artifact(
             "convert the original model to get an ONNX artifact"
         )
     max_ir, max_opset, max_ml = target.limits
-    model = onnx_tools.loadable_by_installed_ort(source.onnx_model)
-    model, notes = onnx_tools.lower(model, max_ir, max_opset, max_ml)
-    model = onnx_tools.optimize(model)
-    notes.append("optimized (onnxruntime basic level)")
+    model, notes = float32_onnx_for(source.onnx_model, max_ir, max_opset, max_ml)
     model, qnotes = apply_precision(model, target.precision, samples)
     notes.extend(qnotes)
     final_opset = onnx_tools.opsets(model).get("", 0)

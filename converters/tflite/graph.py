@@ -74,7 +74,10 @@ def _fix_batch(model: onnx.ModelProto, batch: int, initializers: set[str]) -> on
             raise UnsupportedShapeError(
                 f"input {vi.name!r} has no shape; export the model with input shapes"
             )
-        for axis, dim in enumerate(vi.type.tensor_type.shape.dim):
+        dims = vi.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            if dim.HasField("dim_value") and dim.dim_value == 0:
+                raise UnsupportedShapeError(_zero_size(f"input {vi.name!r}", _dims(dims)))
             if dim.HasField("dim_value") and dim.dim_value > 0:
                 continue
             if axis != 0:
@@ -85,6 +88,18 @@ def _fix_batch(model: onnx.ModelProto, batch: int, initializers: set[str]) -> on
             dim.Clear()
             dim.dim_value = batch
     return fixed
+
+
+def _dims(dims) -> list[int | str]:  # type: ignore[no-untyped-def]
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+
+
+def _zero_size(what: str, shape: object) -> str:
+    return (
+        f"{what} has a zero-size dimension (shape {shape}); a TFLite model cannot hold "
+        "empty tensors. Remove the empty tensor from the model, or deploy it to an ONNX "
+        "target"
+    )
 
 
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
@@ -226,6 +241,13 @@ def load_graph(model: onnx.ModelProto) -> OnnxGraph:
                     f"node {node.name!r} ({node.op_type}) uses {name!r}, a value computed "
                     "from the dynamic batch size; export with a fixed batch size or "
                     "flatten with Flatten/Reshape only"
+                )
+        for out in node.output:
+            if out and 0 in one.get(out, ()):
+                raise UnsupportedShapeError(
+                    _zero_size(
+                        f"{out!r} (output of node {node.name!r}, {node.op_type})", list(one[out])
+                    )
                 )
         if node.output[0] not in one:
             raise UnsupportedShapeError(

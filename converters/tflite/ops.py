@@ -13,9 +13,18 @@ import numpy as np
 import onnx
 import tflite
 
+from converters.errors import TrainingModeError
+from converters.graph_checks import dropout_training_problem, training_message
 from converters.tflite.context import Context, Op, attrs
 from converters.tflite.errors import UnsupportedAttributeError, UnsupportedShapeError
-from converters.tflite.layout import NHWC, ONNX, compose_from_nhwc, nhwc_axis
+from converters.tflite.layout import (
+    NHWC,
+    ONNX,
+    compose_from_nhwc,
+    nhwc_axis,
+    permute,
+    stored_shape,
+)
 
 Lowering = Callable[[Context, onnx.NodeProto], None]
 Act = tflite.ActivationFunctionType
@@ -142,37 +151,79 @@ def clip(ctx: Context, node: onnx.NodeProto) -> None:
 
 
 def softmax(ctx: Context, node: onnx.NodeProto) -> None:
+    """Softmax at every axis and opset.
+
+    From opset 13 it normalises over one axis; before, over the input coerced to
+    2-D at ``axis`` (every axis from ``axis`` on), which equals the one-axis form
+    when ``axis`` is the last. TFLite's SOFTMAX normalises over the last axis of the
+    tensor it is given, so the axis is moved last (in whatever layout the input is
+    stored) and back, or the input is reshaped to 2-D.
+    """
+    name = node.input[0]
+    rank = len(ctx.shape(name))
+    opset13 = ctx.graph.opset >= 13
+    axis = int(attrs(node).get("axis", -1 if opset13 else 1))
+    if not -rank <= axis < rank:
+        raise UnsupportedAttributeError("Softmax", node.name, f"axis {axis} of a rank-{rank} input")
+    axis %= rank
+    if opset13 or axis == rank - 1:
+        _softmax_one_axis(ctx, node, axis)
+    else:
+        _softmax_flattened(ctx, node, axis)
+
+
+_SOFTMAX_OPTIONS = ("SoftmaxOptions", {"Beta": 1.0})
+
+
+def _softmax_one_axis(ctx: Context, node: onnx.NodeProto, axis: int) -> None:
     name, out_name = node.input[0], node.output[0]
     shape = ctx.shape(name)
     rank = len(shape)
-    default_axis = -1 if ctx.graph.opset >= 13 else 1
-    axis = int(attrs(node).get("axis", default_axis)) % rank
-    options = ("SoftmaxOptions", {"Beta": 1.0})
     layout = ctx.layout_of(name) or ONNX
-    if layout == NHWC and nhwc_axis(axis) == 3:
-        _unary(ctx, node, Op.SOFTMAX, options)
+    if layout == NHWC and rank != 4:
+        layout = ONNX
+    where = nhwc_axis(axis) if layout == NHWC else axis  # the axis in the stored tensor
+    src = ctx.input(name, layout)
+    out = ctx.new_tensor(out_name, layout)
+    if where == rank - 1:
+        ctx.op(Op.SOFTMAX, [src], [out], _SOFTMAX_OPTIONS)
+        ctx.output(out_name, out, layout)
         return
-    if axis == rank - 1:
-        _unary(ctx, node, Op.SOFTMAX, options)
-        return
-    if ctx.graph.opset >= 13:
-        raise UnsupportedAttributeError(
-            "Softmax", node.name, f"softmax over axis {axis} of a rank-{rank} tensor"
-        )
-    # Before opset 13, Softmax works on the input coerced to 2-D at `axis`.
-    dyn = ctx.graph.dynamic[name]
+    dyn = ctx.graph.dynamic.get(name, (False,) * rank)
+    stored, stored_dyn = stored_shape(shape, layout), stored_shape(dyn, layout)
+    perm = tuple(i for i in range(rank) if i != where) + (where,)
+    back = tuple(int(i) for i in np.argsort(perm))
+    moved_shape, moved_dyn = permute(stored, perm), permute(stored_dyn, perm)
+    moved = ctx.new_tensor(f"{out_name}__moved", ONNX, shape=moved_shape, dynamic=moved_dyn)
+    ctx.op(Op.TRANSPOSE, [src, ctx.int32(f"{out_name}__perm", perm)], [moved])
+    normed = ctx.new_tensor(f"{out_name}__sm", ONNX, shape=moved_shape, dynamic=moved_dyn)
+    ctx.op(Op.SOFTMAX, [moved], [normed], _SOFTMAX_OPTIONS)
+    ctx.op(Op.TRANSPOSE, [normed, ctx.int32(f"{out_name}__back", back)], [out])
+    ctx.output(out_name, out, layout)
+
+
+def _softmax_flattened(ctx: Context, node: onnx.NodeProto, axis: int) -> None:
+    """Opset < 13: SOFTMAX over the input reshaped to 2-D at ``axis`` (ONNX order)."""
+    name, out_name = node.input[0], node.output[0]
+    shape = ctx.shape(name)
+    dyn = ctx.graph.dynamic.get(name, (False,) * len(shape))
     flat = (int(np.prod(shape[:axis])), int(np.prod(shape[axis:])))
     flat_dyn = (any(dyn[:axis]), any(dyn[axis:]))
+    if all(flat_dyn):
+        raise UnsupportedShapeError(
+            f"Softmax node {node.name!r}: both halves of the input around axis {axis} "
+            "follow the batch size; export with a fixed batch size"
+        )
     src = ctx.input(name, ONNX)
     t2d = ctx.reshape(
         src,
         f"{out_name}__2d",
-        tuple(-1 if d else s for s, d in zip(flat, flat_dyn, strict=False)),
+        tuple(-1 if d else s for s, d in zip(flat, flat_dyn, strict=True)),
         flat,
         flat_dyn,
     )
     sm = ctx.new_tensor(f"{out_name}__sm", ONNX, shape=flat, dynamic=flat_dyn)
-    ctx.op(Op.SOFTMAX, [t2d], [sm], options)
+    ctx.op(Op.SOFTMAX, [t2d], [sm], _SOFTMAX_OPTIONS)
     out = ctx.reshape(
         sm,
         out_name,
@@ -319,9 +370,17 @@ def reduce(ctx: Context, node: onnx.NodeProto) -> None:
 
 
 def identity(ctx: Context, node: onnx.NodeProto) -> None:
-    """Identity, and Dropout at inference: the output is the input."""
+    """Identity, and Dropout at inference: the output is the input.
+
+    A Dropout whose ``training_mode`` input is not a constant false is refused:
+    in training mode it drops values at random, which is not an identity.
+    """
     if len(node.output) > 1 and node.output[1]:
         raise UnsupportedAttributeError(node.op_type, node.name, "the mask output is used")
+    if node.op_type == "Dropout":
+        problem = dropout_training_problem(node, ctx.graph.constants)
+        if problem:
+            raise TrainingModeError(training_message(node, problem))
     if ctx.is_constant(node.input[0]):
         ctx.graph.constants[node.output[0]] = ctx.constant(node.input[0])
         return

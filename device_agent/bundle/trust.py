@@ -16,6 +16,7 @@ import binascii
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,29 @@ from .errors import (
     UnsignedBundleError,
     UntrustedKeyError,
 )
+from .manifest import canonical_json
 
 ALGORITHM = "ed25519"
+_KEY_ID = re.compile(r"^[0-9a-f]{32}$")
+_STORE_FIELDS = {"version", "threshold", "keys", "revoked"}
+_KEY_FIELDS = {"keyid", "alg", "public_key", "comment"}
+MAX_KEYS = 256
+
+
+def check_key_id(text: object, what: str = "key id") -> str:
+    """``text`` if it is a key id (32 lower-case hex digits); else ValueError saying so."""
+    if not isinstance(text, str) or not _KEY_ID.match(text):
+        raise ValueError(
+            f"{what} {text!r:.80} is not a key id (32 lower-case hex digits, as printed by "
+            "`edgefleet keys list`)"
+        )
+    return text
+
+
+def _positive_int(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_KEYS:
+        raise ValueError(f"{what} must be an integer from 1 to {MAX_KEYS}, not {value!r:.80}")
+    return value
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -68,7 +90,7 @@ class Signature:
 def encode_signatures(signatures: list[Signature]) -> bytes:
     """Encode ``manifest.sig`` (canonical JSON)."""
     body = {"signatures": [s.to_json() for s in signatures]}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return canonical_json(body)
 
 
 def decode_signatures(data: bytes) -> list[Signature]:
@@ -130,7 +152,8 @@ class TrustStore:
         return kid
 
     def revoke(self, kid: str) -> None:
-        self.revoked.add(kid)
+        """Revoke key id ``kid``; ValueError if it is not a key id."""
+        self.revoked.add(check_key_id(kid))
 
     # -- verification (pure) --------------------------------------------
     def verify(self, manifest_bytes: bytes, signatures: list[Signature]) -> list[str]:
@@ -199,19 +222,50 @@ class TrustStore:
 
     @classmethod
     def from_json(cls, obj: Any) -> TrustStore:
-        if not isinstance(obj, dict) or obj.get("version") != 1:
+        """Parse a trust store in its one valid shape; ValueError naming what is wrong.
+
+        ``threshold`` is an integer (not a bool, float or string) from 1 to the number
+        of keys; ``revoked`` is a list of key ids; ``keys`` a list of key objects whose
+        ``keyid`` is the key's own id; no other fields."""
+        if (
+            not isinstance(obj, dict)
+            or obj.get("version") != 1
+            or isinstance(obj.get("version"), bool)
+        ):
             raise ValueError('trust store must be an object with "version": 1')
-        store = cls(threshold=int(obj.get("threshold", 1)), revoked=set(obj.get("revoked", [])))
-        for entry in obj.get("keys", []):
-            pub = public_key_from_b64(entry["public_key"])
+        unknown = set(obj) - _STORE_FIELDS
+        if unknown:
+            raise ValueError(f"trust store has unknown field(s) {sorted(unknown)}")
+        threshold = _positive_int(obj.get("threshold", 1), "trust store threshold")
+        revoked = obj.get("revoked", [])
+        if not isinstance(revoked, list) or len(revoked) > MAX_KEYS:
+            raise ValueError(f"trust store revoked must be a list of key ids, not {revoked!r:.80}")
+        store = cls(
+            threshold=threshold, revoked={check_key_id(k, "revoked entry") for k in revoked}
+        )
+        keys = obj.get("keys", [])
+        if not isinstance(keys, list) or len(keys) > MAX_KEYS:
+            raise ValueError("trust store keys must be a list of key objects")
+        for entry in keys:
+            if not isinstance(entry, dict) or set(entry) - _KEY_FIELDS:
+                raise ValueError(f"trust store key entry {entry!r:.80} is not a key object")
+            if entry.get("alg", ALGORITHM) != ALGORITHM:
+                raise ValueError(f"trust store key algorithm must be {ALGORITHM}")
+            pub = public_key_from_b64(str(entry["public_key"]))
             kid = key_id(pub)
             if entry.get("keyid", kid) != kid:
                 raise ValueError(
                     f"trust store entry claims key id {entry['keyid']} but the key's id is {kid}"
                 )
-            store.keys[kid] = TrustedKey(kid, pub, entry.get("comment", ""))
-        if store.threshold < 1:
-            raise ValueError("trust store threshold must be at least 1")
+            comment = entry.get("comment", "")
+            if not isinstance(comment, str):
+                raise ValueError("trust store key comment must be a string")
+            store.keys[kid] = TrustedKey(kid, pub, comment)
+        if store.keys and store.threshold > len(store.keys):
+            raise ValueError(
+                f"trust store threshold {store.threshold} exceeds its {len(store.keys)} key(s); "
+                "no bundle could ever be trusted"
+            )
         return store
 
     @classmethod

@@ -154,7 +154,10 @@ def trust_add(key: str, store: Path, keys_dir: Path) -> None:
 @store_option
 @handle_errors
 def trust_revoke(keyid: str, store: Path) -> None:
-    """Revoke KEYID: bundles signed by it are refused from now on."""
+    """Revoke KEYID (32 hex digits, either case): bundles signed by it are refused."""
+    from device_agent.bundle.trust import check_key_id
+
+    keyid = check_key_id(keyid.strip().lower())
     ts = _load_or_new(store)
     ts.revoke(keyid)
     ts.save(store)

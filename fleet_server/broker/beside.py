@@ -18,7 +18,7 @@ from typing import Any
 
 from device_agent._fsutil import atomic_write_bytes
 from fleet_server.broker.embedded import EmbeddedBroker
-from fleet_server.broker.mosquitto import SERVER_USER, LocalMosquitto, free_port, mosquitto_hash
+from fleet_server.broker.mosquitto import SERVER_USER, LocalMosquitto, free_port
 
 
 class BrokerBeside:
@@ -38,13 +38,14 @@ class BrokerBeside:
         if not secret_file.exists():
             atomic_write_bytes(secret_file, secrets.token_urlsafe(24).encode(), mode=0o600)
         self.server_password = secret_file.read_text().strip()
-        users[SERVER_USER] = mosquitto_hash(self.server_password)
+        users.pop(SERVER_USER, None)
         self.broker: LocalMosquitto | EmbeddedBroker = (
             LocalMosquitto(self.root / "mosquitto", port=self.port)
             if kind == "mosquitto"
             else EmbeddedBroker(self.root / "embedded", port=self.port)
         )
         self.broker.users.update(users)
+        self.broker.add_user(SERVER_USER, self.server_password)
         self._save()
 
     @property
@@ -82,13 +83,15 @@ class BrokerBeside:
     def add_device(self, device_id: str, credential: str) -> None:
         """Let ``device_id`` connect with ``credential`` (its MQTT password)."""
         with self._lock:
-            self.broker.users[device_id] = mosquitto_hash(credential)
+            self.broker.add_user(device_id, credential)
             self._save()
             self.broker.reload()
 
     def remove_device(self, device_id: str) -> None:
+        """Refuse ``device_id`` from now on; its open sessions are closed."""
         with self._lock:
-            if self.broker.users.pop(device_id, None) is not None:
+            if device_id in self.broker.users:
+                self.broker.remove_user(device_id)
                 self._save()
                 self.broker.reload()
 

@@ -93,6 +93,10 @@ class EmbeddedBroker:
     def add_user(self, username: str, password: str) -> None:
         self.users[username] = mosquitto_hash(password)
 
+    def remove_user(self, username: str) -> None:
+        """Refuse ``username`` at its next connection (open sessions are not closed)."""
+        self.users.pop(username, None)
+
     def reload(self) -> None:
         """Users take effect at once (the table is shared with the plugins)."""
 

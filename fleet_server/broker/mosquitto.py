@@ -1,11 +1,14 @@
 """A Mosquitto broker started beside the server, for one-machine set-ups and the demo.
 
 It writes its own configuration into a directory: a loopback listener on a
-free port, a password file (PBKDF2-SHA512, Mosquitto's ``$7$`` format, so no
-external tool is needed), per-device ACLs (a device may publish only under its
-own id and read only its own notify topic), and queue limits raised so QoS 1
-messages are not dropped past 1,000 in flight. Credentials added later take
-effect on :meth:`reload` (SIGHUP), without dropping connections.
+free port, the dynamic security plugin's file with every user's password hash
+(PBKDF2-SHA512, Mosquitto's ``$7$`` format, so no external tool is needed) and
+one role per device (see :mod:`fleet_server.broker.dynsec`: a device may publish
+only under its own id, subscribe only to its own notify and status topics, and
+never join a shared group), and queue limits raised so QoS 1 messages are not
+dropped past 1,000 in flight. Users added or removed later take effect on
+:meth:`reload`, through the plugin's control topic, without dropping other
+connections; a removed user's sessions are closed at once.
 """
 
 from __future__ import annotations
@@ -13,26 +16,19 @@ from __future__ import annotations
 import base64
 import getpass
 import hashlib
+import json
 import os
+import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+from device_agent._fsutil import atomic_write_bytes
+from fleet_server.broker import dynsec
+
 SERVER_USER = "edgefleet-server"
-
-ACL = """\
-# the fleet server: ingests every device's telemetry, notifies devices
-user {server_user}
-topic readwrite edgefleet/v1/#
-
-# every device: its own topics only (%u is the MQTT username = device id)
-pattern write edgefleet/v1/devices/%u/telemetry/#
-pattern readwrite edgefleet/v1/devices/%u/status
-pattern read edgefleet/v1/devices/%u/notify
-"""
 
 
 class BrokerError(RuntimeError):
@@ -75,24 +71,48 @@ class LocalMosquitto:
         self.root = Path(root)
         self.port = port or free_port()
         self.binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        #: username -> ``$7$`` hash; users named SERVER_USER get the server role
         self.users: dict[str, str] = {}
+        self.server_users: set[str] = {SERVER_USER}
         self.proc: subprocess.Popen[bytes] | None = None
+        #: passwords given to add_user since the broker last learned its users
+        self._pending: dict[str, str] = {}
+        #: the users the running broker knows
+        self._applied: set[str] = set()
+        #: a fresh admin password per start; only this object uses it
+        self._admin_password = secrets.token_urlsafe(24)
 
     @staticmethod
     def available() -> bool:
         return bool(shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists())
 
     def add_user(self, username: str, password: str) -> None:
+        """Admit ``username`` (a device id, or SERVER_USER); effective on start/reload."""
         self.users[username] = mosquitto_hash(password)
+        self._pending[username] = password
+
+    def remove_user(self, username: str) -> None:
+        """Refuse ``username`` from the next :meth:`reload` on (its sessions are closed)."""
+        self.users.pop(username, None)
+        self._pending.pop(username, None)
 
     def _write(self) -> Path:
+        plugin = dynsec.find_plugin()
+        if plugin is None:
+            raise BrokerError(
+                "mosquitto_dynamic_security.so was not found; install Mosquitto 2 from your "
+                "distribution (Debian/Ubuntu: `apt-get install mosquitto`)"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
-        pw = self.root / "passwords"
-        tmp = pw.with_suffix(".tmp")
-        tmp.write_text("".join(f"{u}:{h}\n" for u, h in sorted(self.users.items())))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, pw)
-        (self.root / "acl").write_text(ACL.format(server_user=SERVER_USER))
+        for stale in ("passwords", "acl"):  # the file ACL of earlier versions
+            (self.root / stale).unlink(missing_ok=True)
+        doc = dynsec.config_document(
+            {**self.users, dynsec.ADMIN_USER: mosquitto_hash(self._admin_password)},
+            server_users=sorted(self.server_users),
+            admin_users=[dynsec.ADMIN_USER],
+        )
+        rules = self.root / "dynamic-security.json"
+        atomic_write_bytes(rules, json.dumps(doc, indent=1).encode(), mode=0o600)
         conf = self.root / "mosquitto.conf"
         conf.write_text(
             # run as whoever started us: as root, mosquitto would otherwise drop to the
@@ -100,8 +120,8 @@ class LocalMosquitto:
             f"user {getpass.getuser()}\n"
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous false\n"
-            f"password_file {pw}\n"
-            f"acl_file {self.root / 'acl'}\n"
+            f"plugin {plugin}\n"
+            f"plugin_opt_config_file {rules}\n"
             "persistence false\n"
             "max_queued_messages 200000\n"
             "max_inflight_messages 0\n"
@@ -115,6 +135,8 @@ class LocalMosquitto:
         if not Path(self.binary).exists():
             raise BrokerError("mosquitto is not installed; `apt-get install mosquitto`")
         conf = self._write()
+        self._applied = set(self.users)
+        self._pending.clear()
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
@@ -132,10 +154,32 @@ class LocalMosquitto:
         raise BrokerError(f"mosquitto did not listen on 127.0.0.1:{self.port} in {timeout}s")
 
     def reload(self) -> None:
-        """Rewrite the password file and make Mosquitto re-read it (SIGHUP)."""
-        self._write()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGHUP)
+        """Tell the running broker about users added or removed since it last learned them.
+
+        Raises :class:`~fleet_server.broker.dynsec.DynsecError` if the broker refused.
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        commands: list[dict[str, object]] = []
+        for user in sorted(self._applied - set(self.users)):
+            commands += dynsec.remove_device_commands(user)
+        for user, password in sorted(self._pending.items()):
+            if user not in self.users:
+                continue
+            if user in self.server_users:
+                commands += dynsec.add_client_commands(user, password, dynsec.SERVER_ROLE)
+            else:
+                commands += dynsec.add_device_commands(user, password)
+        self.control().run(commands)
+        self._applied = set(self.users)
+        self._pending.clear()
+
+    def control(self) -> dynsec.DynsecControl:
+        """A client for the broker's dynamic-security control topic, as its admin."""
+        endpoint = dynsec.ControlEndpoint(
+            "127.0.0.1", self.port, dynsec.ADMIN_USER, self._admin_password
+        )
+        return dynsec.DynsecControl(endpoint)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -18,12 +18,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_agent._fsutil import fsync_dir
-from device_agent.bundle.container import ByteSource, iter_headers, skip_padding
+from device_agent.bundle.container import ByteSource, iter_headers, iter_members, skip_padding
 from device_agent.bundle.errors import BundleError
 from device_agent.bundle.manifest import (
     MANIFEST_NAME,
@@ -202,13 +202,14 @@ def sign_bundle(
     kid = key_id(private_key.public_key())
     new = Signature(keyid=kid, sig=private_key.sign(mbytes))
     sigs = [s for s in sigs if s.keyid != kid] + [new]
-    with tarfile.open(path, mode="r:") as tar:
-        members = []
-        for info in tar.getmembers()[2:]:
-            if not info.isreg():
-                raise PackError(f"{path}: member {info.name!r} is not a regular file")
-            fh = tar.extractfile(info)
-            assert fh is not None
-            members.append((info.name, info.size, fh))
+    with open(path, "rb") as f:
+        readers = iter_members(f)
+        try:
+            next(readers)  # manifest.json
+            next(readers)  # manifest.sig
+        except StopIteration as e:
+            raise PackError(f"{path}: not a bundle (no manifest members)") from e
+        # members are streamed from the strict reader straight into the new bundle
+        members = ((m.header.name, m.header.size, cast(IO[bytes], m)) for m in readers)
         write_bundle(out or path, manifest, sigs, members)
     return new

@@ -241,8 +241,8 @@ def export_torch(
             torch.onnx.export(
                 module,
                 args,
-                buf,
-                dynamo=False,  # type: ignore[arg-type]
+                buf,  # type: ignore[arg-type]
+                dynamo=False,
                 opset_version=opset,
                 input_names=list(input_names),
                 output_names=names,

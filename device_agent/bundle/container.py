@@ -29,9 +29,10 @@ archive claims.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import (
     HeaderFieldError,
@@ -273,3 +274,42 @@ def _check_trailer(src: ByteSource) -> None:
             raise MalformedBundleError(
                 "data after the end of the bundle; the file was altered or concatenated"
             )
+
+
+class MemberReader(io.RawIOBase):
+    """The data of one member, read through the strict reader (at most ``size`` bytes)."""
+
+    def __init__(self, src: ByteSource, header: MemberHeader) -> None:
+        self._src = src
+        self.header = header
+        self.left = header.size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        n = min(len(view), self.left)
+        if n == 0:
+            return 0
+        self._src.readinto_exact(view[:n], f"member {self.header.name!r}")
+        self.left -= n
+        return n
+
+    def skip(self) -> None:
+        """Read past whatever the consumer left unread."""
+        while self.left:
+            self.read(min(self.left, 1 << 20))
+
+
+def iter_members(stream: BinaryIO, max_members: int = 64) -> Iterator[MemberReader]:
+    """Every member of a bundle through the strict reader (headers, padding and trailer
+    checked as in verification), each as a reader of its data. Nothing is verified
+    against a signature: use :func:`device_agent.bundle.verify_file` for that. A member's
+    unread data is skipped when the next one is asked for."""
+    src = ByteSource(stream)
+    for header in iter_headers(src, max_members):
+        reader = MemberReader(src, header)
+        yield reader
+        reader.skip()
+        skip_padding(src, header.size, header.name)

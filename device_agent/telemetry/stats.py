@@ -78,16 +78,25 @@ def psi(
     reference: Sequence[float] | np.ndarray,
     epsilon: float = PSI_EPSILON,
 ) -> float | None:
-    """Population stability index of observed ``counts`` against ``reference`` proportions.
+    """Population stability index of observed ``counts`` against ``reference``.
 
-    None when there is nothing observed.
+    The project's one PSI: the device's drift summaries and the server's gates both call
+    it. Both vectors may be counts or proportions (each is normalised to sum 1); the
+    shorter is padded with zero bins; every proportion is floored at ``epsilon`` so an
+    empty bin costs a bounded amount. ``sum((a - e) * ln(a / e))``; None when either side
+    holds nothing.
     """
-    c = np.asarray(counts, dtype=np.float64)
-    n = c.sum()
-    if n <= 0:
+    c = np.asarray(counts, dtype=np.float64).ravel()
+    r = np.asarray(reference, dtype=np.float64).ravel()
+    if len(c) != len(r):
+        n = max(len(c), len(r))
+        c = np.pad(c, (0, n - len(c)))
+        r = np.pad(r, (0, n - len(r)))
+    nc, nr = c.sum(), r.sum()
+    if nc <= 0 or nr <= 0:
         return None
-    a = np.maximum(c / n, epsilon)
-    e = np.maximum(np.asarray(reference, dtype=np.float64), epsilon)
+    a = np.maximum(c / nc, epsilon)
+    e = np.maximum(r / nr, epsilon)
     return float(np.sum((a - e) * np.log(a / e)))
 
 

@@ -1,23 +1,29 @@
-"""MQTT transport: the one module of ours that talks to paho-mqtt (2.x, callback API v2).
+"""MQTT: the one module of the project that talks to paho-mqtt (2.x, callback API v2).
 
-Shape:
+The device's telemetry transport, the server's ingestion worker and the server's
+assignment notifier all use :class:`MqttSession`; nothing else imports paho (an
+import-linter contract checks it).
+
+Shape of a session:
 
 * a supervisor thread of ours connects and reconnects with exponential backoff plus
-  jitter (:class:`~device_agent.transport.Backoff`); for each session it runs
-  paho's network thread (``loop_start``, with paho's own reconnect turned off),
-  which does all socket I/O;
-* paho callbacks do nothing but put events on our ``queue.Queue``; the supervisor
-  handles them (completing publish handles, tracking the connection,
-  re-subscribing, queueing notifications);
-* on every connect the device publishes a retained ``{"state": "online", ...}`` on
-  its status topic; the last will is a retained ``{"state": "offline"}``; a clean
-  :meth:`MqttTransport.stop` publishes ``offline`` itself (a clean disconnect
-  does not fire the will);
-* QoS 1 messages not yet acknowledged when the connection drops stay queued in
-  paho and are re-sent on reconnect, so a :class:`PublishHandle` completes late
-  rather than failing;
-* the device's notify topic is subscribed on every connect; messages on it land
-  in :attr:`MqttTransport.notifications`.
+  jitter (:class:`~device_agent.transport.Backoff`, the one reconnect policy); for each
+  connection it runs paho's network thread (``loop_start``, paho's own reconnect turned
+  off), which does all socket I/O;
+* paho callbacks only enqueue: connection, publish and subscribe events go on our event
+  queue, handled by the supervisor (completing publish handles, tracking the connection,
+  re-subscribing); incoming messages go on :attr:`MqttSession.messages`, which may be
+  bounded (a full queue blocks paho's thread: back-pressure on the broker);
+* QoS 1 messages not yet acknowledged when the connection drops stay queued in paho and
+  are re-sent on reconnect, so a :class:`PublishHandle` completes late rather than failing;
+* with ``manual_ack`` the consumer acknowledges each received message itself
+  (:meth:`MqttSession.ack`), after it has stored it.
+
+:class:`MqttTransport` is the device's session: on every connect it publishes a
+retained ``{"state": "online", ...}`` on its status topic (last will: a retained
+``{"state": "offline"}``; a clean :meth:`~MqttTransport.stop` publishes ``offline``
+itself) and subscribes to its notify topic; notices land in
+:attr:`MqttTransport.notifications`.
 """
 
 from __future__ import annotations
@@ -30,13 +36,15 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from ..protocol import notify_topic, status_topic
 from . import Backoff, PublishHandle, PublishRefusedError, TransportConfigError
@@ -54,30 +62,40 @@ class TlsOptions:
 
 
 @dataclass(frozen=True)
-class Notification:
-    """A message the server sent to this device's notify topic."""
+class Message:
+    """A message received on a subscription (``mid`` is what :meth:`MqttSession.ack` takes)."""
 
     topic: str
     payload: bytes
     received_at: float
+    mid: int = 0
+    qos: int = 0
+
+
+#: a message the server sent to a device's notify topic
+Notification = Message
 
 
 @dataclass(frozen=True)
 class _Event:
-    kind: str  # connected | connect_failed | disconnected | published | message
+    kind: str  # connected | connect_failed | disconnected | published | subscribed
     mid: int = 0
     ok: bool = True
     reason: str = ""
-    topic: str = ""
-    payload: bytes = b""
 
 
-class MqttTransport:
-    """A device's MQTT session: status, last will, QoS 1 publishes, notify subscription."""
+class MqttSession:
+    """One MQTT client session over paho, kept connected by our supervisor thread.
+
+    ``subscriptions`` are (re)subscribed on every connect; :attr:`subscribed` is set
+    once the broker granted all of them. ``will`` is ``(topic, payload)`` published
+    retained at QoS 1 by the broker if the session dies. ``messages_max`` bounds the
+    queue of received messages (0: unbounded).
+    """
 
     def __init__(
         self,
-        device_id: str,
+        client_id: str,
         host: str,
         port: int = 1883,
         *,
@@ -85,53 +103,67 @@ class MqttTransport:
         password: str | None = None,
         tls: TlsOptions | None = None,
         keepalive: int = 60,
-        client_id: str | None = None,
         max_inflight: int = 100,
         mqtt_version: int = 4,
         backoff: Backoff | None = None,
-        status_extra: Mapping[str, Any] | None = None,
         connect_timeout: float = 5.0,
+        subscriptions: Sequence[tuple[str, int]] = (),
+        will: tuple[str, bytes] | None = None,
+        manual_ack: bool = False,
+        clean_start: bool = True,
+        session_expiry: int | None = None,
+        messages_max: int = 0,
+        name: str = "mqtt",
     ) -> None:
         if not host:
-            raise TransportConfigError("MQTT host is empty; set [mqtt] host in the agent config")
+            raise TransportConfigError("MQTT host is empty; set the broker address")
         if not 0 < port < 65536:
             raise TransportConfigError(f"MQTT port {port} is not a TCP port")
         if mqtt_version not in (4, 5):
             raise TransportConfigError("mqtt_version must be 4 (MQTT 3.1.1) or 5")
-        self.device_id = device_id
+        self.client_id = client_id
         self.host, self.port = host, port
         self.keepalive = keepalive
+        self.mqtt_version = mqtt_version
         self.backoff = backoff or Backoff()
-        self.status_extra = dict(status_extra or {})
-        self.notifications: queue.Queue[Notification] = queue.Queue()
+        self.subscriptions = list(subscriptions)
+        self.messages: queue.Queue[Message] = queue.Queue(messages_max)
+        self.subscribed = threading.Event()
         self.last_error = ""
+        self._name = name
+        self._clean_start = clean_start
+        self._session_expiry = session_expiry
         self._events: queue.Queue[_Event] = queue.Queue()
         self._handles: dict[int, PublishHandle] = {}
         #: PUBACKs handled before publish() registered the handle (mid -> outcome)
         self._early_acks: dict[int, tuple[bool, str]] = {}
-        #: mids of the transport's own status publishes, which have no handle
+        #: mids of the session's own publishes, which have no handle
         self._own_mids: set[int] = set()
+        self._sub_mids: set[int] = set()
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._stop = threading.Event()
+        self._closing = threading.Event()
         self._epoch = 0
         self._thread: threading.Thread | None = None
         self._handshake_timeout = connect_timeout + 10.0
-        self._status_topic = status_topic(device_id)
-        self._notify_topic = notify_topic(device_id)
         protocol = mqtt.MQTTv5 if mqtt_version == 5 else mqtt.MQTTv311
-        kwargs: dict[str, Any] = {"protocol": protocol, "reconnect_on_failure": False}
+        kwargs: dict[str, Any] = {
+            "protocol": protocol,
+            "reconnect_on_failure": False,
+            "manual_ack": manual_ack,
+        }
         if protocol == mqtt.MQTTv311:
-            kwargs["clean_session"] = True
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or device_id, **kwargs)
+            kwargs["clean_session"] = clean_start
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, **kwargs)
         c.connect_timeout = connect_timeout
         if username:
             c.username_pw_set(username, password)
         if tls is not None:
-            for name in ("ca_file", "cert_file", "key_file"):
-                p = getattr(tls, name)
+            for attr in ("ca_file", "cert_file", "key_file"):
+                p = getattr(tls, attr)
                 if p is not None and not Path(p).is_file():
-                    raise TransportConfigError(f"TLS {name} {p} does not exist")
+                    raise TransportConfigError(f"TLS {attr} {p} does not exist")
             c.tls_set(
                 ca_certs=str(tls.ca_file) if tls.ca_file else None,
                 certfile=str(tls.cert_file) if tls.cert_file else None,
@@ -140,35 +172,14 @@ class MqttTransport:
             )
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(0)
-        c.will_set(self._status_topic, self._status_payload("offline"), qos=1, retain=True)
+        if will is not None:
+            c.will_set(will[0], will[1], qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
         self._client = c
-
-    @classmethod
-    def from_config(cls, cfg: Any, **overrides: Any) -> MqttTransport:
-        """Build from an :class:`~device_agent.config.AgentConfig` (reads the password file)."""
-        m = cfg.mqtt
-        password = None
-        if m.password_file is not None:
-            try:
-                password = Path(m.password_file).read_text().strip()
-            except OSError as e:
-                raise TransportConfigError(
-                    f"cannot read mqtt.password_file {m.password_file}: {e}"
-                ) from e
-        tls = TlsOptions(ca_file=m.ca_file) if m.tls else None
-        kwargs: dict[str, Any] = dict(
-            username=m.username or cfg.device.id,
-            password=password,
-            tls=tls,
-            keepalive=m.keepalive,
-            max_inflight=m.inflight,
-        )
-        kwargs.update(overrides)
-        return cls(cfg.device.id, m.host, m.port, **kwargs)
 
     # ---------------------------------------------------------------- public API
 
@@ -180,12 +191,13 @@ class MqttTransport:
     def connection_epoch(self) -> int:
         return self._epoch
 
-    def start(self) -> MqttTransport:
-        """Start the network thread; it connects (and keeps reconnecting) in the background."""
+    def start(self) -> MqttSession:
+        """Start the supervisor; it connects (and keeps reconnecting) in the background."""
         if self._thread is None:
             self._stop.clear()
+            self._closing.clear()
             self._thread = threading.Thread(
-                target=self._run, name=f"mqtt-{self.device_id}", daemon=True
+                target=self._run, name=f"{self._name}-{self.client_id}", daemon=True
             )
             self._thread.start()
         return self
@@ -214,20 +226,17 @@ class MqttTransport:
             handle._complete(*early)
         return handle
 
-    def set_status(self, **fields: Any) -> PublishHandle:
-        """Publish a new retained ``online`` status with extra fields (kept for reconnects)."""
-        self.status_extra.update(fields)
-        return self.publish(self._status_topic, self._status_payload("online"), qos=1, retain=True)
+    def ack(self, mid: int, qos: int = 1) -> None:
+        """Acknowledge a received message (sessions built with ``manual_ack``)."""
+        if mid:
+            self._client.ack(mid, qos)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Publish a retained ``offline`` status, disconnect, and stop the network thread."""
+        """Disconnect cleanly and stop the supervisor and paho's network thread."""
         if self._thread is None:
             return
-        if self.connected:
-            h = self.publish(
-                self._status_topic, self._status_payload("offline"), qos=1, retain=True
-            )
-            h.wait(timeout)
+        self._before_stop(timeout)
+        self._closing.set()
         self._stop.set()
         self._thread.join(timeout + 5)
         self._thread = None
@@ -237,8 +246,22 @@ class MqttTransport:
         with self._lock:
             return len(self._handles)
 
+    # ---------------------------------------------------------------- hooks
+
+    def _before_stop(self, timeout: float) -> None:
+        """Called by :meth:`stop` while still connected."""
+
+    def _after_connect(self) -> None:
+        """Called on the supervisor thread after each successful connect."""
+
+    def _own_publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """A QoS 1 publish of the session's own, with no handle."""
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        with self._lock:
+            self._own_mids.add(info.mid)
+
     # ---------------------------------------------------------------- paho callbacks
-    # They run on paho's network thread and only enqueue events.
+    # They run on paho's network thread and only enqueue.
 
     def _on_connect(self, _c: Any, _u: Any, _flags: Any, rc: Any, _props: Any) -> None:
         if rc.is_failure:
@@ -252,16 +275,44 @@ class MqttTransport:
     def _on_publish(self, _c: Any, _u: Any, mid: int, rc: Any, _props: Any) -> None:
         self._events.put(_Event("published", mid=mid, ok=not rc.is_failure, reason=str(rc)))
 
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, rcs: Any, _props: Any) -> None:
+        ok = all(not rc.is_failure for rc in rcs)
+        self._events.put(
+            _Event("subscribed", mid=mid, ok=ok, reason=", ".join(str(r) for r in rcs))
+        )
+
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        self._events.put(_Event("message", topic=msg.topic, payload=bytes(msg.payload)))
+        item = Message(msg.topic, bytes(msg.payload), time.time(), msg.mid, msg.qos)
+        while not self._closing.is_set():
+            try:
+                self.messages.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        # closing: not acknowledged, so the broker delivers it again later
 
     # ---------------------------------------------------------------- supervisor thread
+
+    def _connect(self) -> None:
+        if self.mqtt_version == 5:
+            props = Properties(PacketTypes.CONNECT)
+            if self._session_expiry is not None:
+                props.SessionExpiryInterval = self._session_expiry
+            self._client.connect(
+                self.host,
+                self.port,
+                self.keepalive,
+                clean_start=self._clean_start,
+                properties=props,
+            )
+        else:
+            self._client.connect(self.host, self.port, self.keepalive)
 
     def _run(self) -> None:
         """Connect, let paho's network thread serve the session, handle events, back off."""
         while not self._stop.is_set():
             try:
-                self._client.connect(self.host, self.port, self.keepalive)
+                self._connect()
             except (OSError, ValueError) as e:
                 self.last_error = f"connect to {self.host}:{self.port} failed: {e}"
                 log.info("%s; retrying", self.last_error)
@@ -273,6 +324,7 @@ class MqttTransport:
             self._serve()
             self._client.loop_stop()
             self._connected.clear()
+            self.subscribed.clear()
             self._drain_events()
             if not self._stop.is_set():
                 self._stop.wait(self.backoff.next())
@@ -333,25 +385,101 @@ class MqttTransport:
             self._epoch += 1
             self.backoff.reset()
             self.last_error = ""
-            self._client.subscribe(self._notify_topic, qos=1)
-            info = self._client.publish(
-                self._status_topic, self._status_payload("online"), qos=1, retain=True
-            )
-            with self._lock:
-                self._own_mids.add(info.mid)
+            self._sub_mids.clear()
+            for topic, qos in self.subscriptions:
+                _rc, mid = self._client.subscribe(topic, qos=qos)
+                if mid is not None:
+                    self._sub_mids.add(mid)
+            if not self.subscriptions:
+                self.subscribed.set()
+            self._after_connect()
             self._connected.set()
+        elif ev.kind == "subscribed":
+            if not ev.ok:
+                self.last_error = f"broker refused a subscription: {ev.reason}"
+                log.error("%s (%s)", self.last_error, self.subscriptions)
+            else:
+                self._sub_mids.discard(ev.mid)
+                if not self._sub_mids:
+                    self.subscribed.set()
         elif ev.kind == "connect_failed":
             self.last_error = f"broker refused the connection: {ev.reason}"
-            log.warning("%s; check mqtt username/password", self.last_error)
+            log.warning("%s; check the MQTT credentials", self.last_error)
             return False
         elif ev.kind == "disconnected":
             self._connected.clear()
+            self.subscribed.clear()
             if not self.last_error and not self._stop.is_set():
                 self.last_error = f"connection lost: {ev.reason}"
             return False
-        elif ev.kind == "message" and ev.topic == self._notify_topic:
-            self.notifications.put(Notification(ev.topic, ev.payload, time.time()))
         return True
+
+
+class MqttTransport(MqttSession):
+    """A device's MQTT session: status, last will, QoS 1 publishes, notify subscription."""
+
+    def __init__(
+        self,
+        device_id: str,
+        host: str,
+        port: int = 1883,
+        *,
+        client_id: str | None = None,
+        status_extra: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.device_id = device_id
+        self.status_extra = dict(status_extra or {})
+        self._status_topic = status_topic(device_id)
+        self._notify_topic = notify_topic(device_id)
+        super().__init__(
+            client_id or device_id,
+            host,
+            port,
+            subscriptions=[(self._notify_topic, 1)],
+            will=(self._status_topic, self._status_payload("offline")),
+            **kwargs,
+        )
+        #: server notices (the device subscribes to its notify topic only)
+        self.notifications = self.messages
+
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides: Any) -> MqttTransport:
+        """Build from an :class:`~device_agent.config.AgentConfig` (reads the password file)."""
+        m = cfg.mqtt
+        password = None
+        if m.password_file is not None:
+            try:
+                password = Path(m.password_file).read_text().strip()
+            except OSError as e:
+                raise TransportConfigError(
+                    f"cannot read mqtt.password_file {m.password_file}: {e}"
+                ) from e
+        tls = TlsOptions(ca_file=m.ca_file) if m.tls else None
+        kwargs: dict[str, Any] = dict(
+            username=m.username or cfg.device.id,
+            password=password,
+            tls=tls,
+            keepalive=m.keepalive,
+            max_inflight=m.inflight,
+        )
+        kwargs.update(overrides)
+        return cls(cfg.device.id, m.host, m.port, **kwargs)
+
+    def set_status(self, **fields: Any) -> PublishHandle:
+        """Publish a new retained ``online`` status with extra fields (kept for reconnects)."""
+        self.status_extra.update(fields)
+        return self.publish(self._status_topic, self._status_payload("online"), qos=1, retain=True)
+
+    def _after_connect(self) -> None:
+        self._own_publish(self._status_topic, self._status_payload("online"), retain=True)
+
+    def _before_stop(self, timeout: float) -> None:
+        if self.connected:
+            h = self.publish(
+                self._status_topic, self._status_payload("offline"), qos=1, retain=True
+            )
+            h.wait(timeout)
 
     def _status_payload(self, state: str) -> bytes:
         body: dict[str, Any] = {"state": state, "device_id": self.device_id}

@@ -10,7 +10,6 @@ on its ETag without talking to each other.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from device_agent.bundle.manifest import canonical_json
 from device_agent.protocol import DEVICE_API_PREFIX
 from fleet_server.db.models import Assignment, Bundle
 from fleet_server.db.types import utcnow
@@ -41,8 +41,8 @@ def bundle_ref(bundle: Bundle) -> dict[str, Any]:
     }
 
 
-def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+#: the project's one canonical JSON (sorted keys, compact, UTF-8, no NaN or infinity)
+canonical = canonical_json
 
 
 def build_assignment(

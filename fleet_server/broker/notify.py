@@ -1,18 +1,20 @@
 """Telling devices over MQTT that their assignment changed.
 
-paho stays behind this one module: :class:`MqttNotifier` publishes QoS 1
-messages to ``edgefleet/v1/devices/{id}/notify`` from paho's own network
-thread (``loop_start``); publishing only enqueues. With no broker configured
-the server uses :class:`NullNotifier` and devices simply poll.
+:class:`MqttNotifier` publishes QoS 1 messages to ``edgefleet/v1/devices/{id}/notify``
+through an :class:`~device_agent.transport.mqtt.MqttSession` (the project's one module
+over paho, with its reconnect policy); publishing only enqueues. With no broker
+configured the server uses :class:`NullNotifier` and devices simply poll.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
+import os
 
 from device_agent.protocol import notify_topic
+from device_agent.transport import Backoff, TransportError
+from device_agent.transport.mqtt import MqttSession
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +42,23 @@ class MqttNotifier:
         client_id: str = "",
         mqtt_version: int = 5,
     ) -> None:
-        import paho.mqtt.client as mqtt
-
-        self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv311 if mqtt_version == 4 else mqtt.MQTTv5,
-        )
-        if username:
-            self._client.username_pw_set(username, password or None)
-        self._client.reconnect_delay_set(1, 30)
-        self._lock = threading.Lock()
-        self._client.connect_async(host, port, keepalive=60)
-        self._client.loop_start()
+        self._session = MqttSession(
+            client_id or f"edgefleet-notify-{os.getpid()}-{id(self):x}",
+            host,
+            port,
+            username=username or None,
+            password=password or None,
+            mqtt_version=mqtt_version,
+            backoff=Backoff(initial=1.0, maximum=30.0),
+            name="notify",
+        ).start()
 
     def notify(self, device_id: str, assignment_id: str) -> None:
         payload = json.dumps({"assignment_id": assignment_id}).encode()
-        with self._lock:
-            info = self._client.publish(notify_topic(device_id), payload, qos=1)
-        if info.rc != 0:
-            log.warning("notify %s not queued (rc=%s); the device will poll", device_id, info.rc)
+        try:
+            self._session.publish(notify_topic(device_id), payload, qos=1)
+        except TransportError as e:
+            log.warning("notify %s not queued (%s); the device will poll", device_id, e)
 
     def close(self) -> None:
-        self._client.loop_stop()
-        self._client.disconnect()
+        self._session.stop()

@@ -1,12 +1,13 @@
 """The telemetry ingestion worker: MQTT 5 shared subscription -> queue -> batched writes.
 
-Shape (paho kept behind this one module):
+Shape (the MQTT session is :class:`device_agent.transport.mqtt.MqttSession`, the
+project's one module over paho):
 
-* one paho client (MQTT 5) subscribes to
+* one MQTT 5 session subscribes to
   ``$share/{group}/edgefleet/v1/devices/+/telemetry/#`` at QoS 1, so the broker
   hands each message to exactly one of the replicas sharing the group;
-* its callbacks only put ``(topic, payload, mid)`` on a bounded queue (a full
-  queue blocks the network thread, which is back-pressure on the broker);
+* received messages land on the session's bounded queue (a full queue blocks the
+  network thread, which is back-pressure on the broker);
 * one writer thread of ours parses messages (:mod:`.parse`: topic/payload device
   id check, record validation), collects up to ``batch_records`` records or
   ``batch_interval`` seconds, writes them in one transaction (:mod:`.store`),
@@ -28,16 +29,14 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from device_agent.protocol import TOPIC_ROOT
+from device_agent.transport import Backoff, TransportConfigError
+from device_agent.transport.mqtt import Message, MqttSession, TlsOptions
 from fleet_server.ingest.errors import (
     IngestConfigError,
     IngestError,
@@ -116,94 +115,50 @@ class IngestWorker:
         self.config = config
         self.writer = TelemetryWriter(engine)
         self.stats = IngestStats()
-        self.subscribed = threading.Event()
-        self._queue: queue.Queue[tuple[str, bytes, int] | None] = queue.Queue(config.queue_messages)
         self._stop = threading.Event()
-        self._closing = threading.Event()
+        self._done = threading.Event()
         self._writer_thread: threading.Thread | None = None
-        protocol = mqtt.MQTTv311 if config.mqtt_version == 4 else mqtt.MQTTv5
-        c = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=config.client_id,
-            protocol=protocol,
-            manual_ack=True,
-            clean_session=(False if config.mqtt_version == 4 and config.client_id else None),
-        )
-        if config.username:
-            c.username_pw_set(config.username, config.password)
-        if config.ca_file:
-            if not os.path.isfile(config.ca_file):
-                raise IngestConfigError(f"TLS CA file {config.ca_file} does not exist")
-            c.tls_set(ca_certs=config.ca_file)
-        c.reconnect_delay_set(0.2, 5)  # type: ignore[arg-type]
-        c.on_connect = self._on_connect
-        c.on_disconnect = self._on_disconnect
-        c.on_subscribe = self._on_subscribe
-        c.on_message = self._on_message
-        self._client = c
-
-    # -- paho callbacks: hand over, nothing else ---------------------------------------
-
-    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
-        if rc.is_failure:
-            log.error("broker refused the ingestion worker: %s", rc)
-            return
-        client.subscribe(self.config.subscription, qos=1)
-
-    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, rcs: Any, _p: Any) -> None:
-        if all(not rc.is_failure for rc in rcs):
-            self.subscribed.set()
-        else:
-            log.error("broker refused subscription %s: %s", self.config.subscription, rcs)
-
-    def _on_disconnect(self, *_args: Any) -> None:
-        self.subscribed.clear()
-
-    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        item = (msg.topic, bytes(msg.payload), msg.mid if msg.qos else 0)
-        while not self._closing.is_set():
-            try:
-                self._queue.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-        # closing: not acknowledged, so the broker delivers it again later
+        try:
+            self._session = MqttSession(
+                config.client_id,
+                config.host,
+                config.port,
+                username=config.username,
+                password=config.password,
+                tls=TlsOptions(ca_file=Path(config.ca_file)) if config.ca_file else None,
+                keepalive=config.keepalive,
+                mqtt_version=config.mqtt_version,
+                backoff=Backoff(initial=0.2, maximum=5.0),
+                subscriptions=[(config.subscription, 1)],
+                manual_ack=True,
+                # keep this replica's session (and unacknowledged messages) across reconnects
+                clean_start=not config.client_id,
+                session_expiry=config.session_expiry,
+                messages_max=config.queue_messages,
+                name="ingest",
+            )
+        except TransportConfigError as e:
+            raise IngestConfigError(str(e)) from e
+        self.subscribed = self._session.subscribed
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self, timeout: float = 10.0) -> IngestWorker:
         """Connect, subscribe and start writing; raise IngestConfigError if not subscribed."""
-        v5 = self.config.mqtt_version != 4
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.config.session_expiry
         self._stop.clear()
-        self._closing.clear()
+        self._done.clear()
         self._writer_thread = threading.Thread(
             target=self._write_loop, name="telemetry-writer", daemon=True
         )
         self._writer_thread.start()
-        try:
-            if v5:
-                self._client.connect_async(
-                    self.config.host,
-                    self.config.port,
-                    keepalive=self.config.keepalive,
-                    clean_start=False,
-                    properties=props,
-                )
-            else:
-                self._client.connect_async(
-                    self.config.host, self.config.port, keepalive=self.config.keepalive
-                )
-        except (OSError, ValueError) as e:
-            raise IngestConfigError(f"cannot connect to {self.config.host}: {e}") from e
-        self._client.loop_start()
+        self._session.start()
         if not self.subscribed.wait(timeout):
+            err = self._session.last_error
             self.stop()
             raise IngestConfigError(
                 f"not subscribed to {self.config.subscription} on {self.config.host}:"
-                f"{self.config.port} within {timeout}s; check the address, credentials "
-                "and that the ACL lets the server user read edgefleet/v1/#"
+                f"{self.config.port} within {timeout}s ({err or 'no answer'}); check the "
+                "address, credentials and that the ACL lets the server user read edgefleet/v1/#"
             )
         return self
 
@@ -214,15 +169,13 @@ class IngestWorker:
         them in this replica's session (or hands them to another) for later.
         """
         if self._writer_thread is not None:
-            self._queue.put(None)
+            self._done.set()
             self._writer_thread.join(timeout)
             if self._writer_thread.is_alive():  # stuck on a database outage
                 self._stop.set()
                 self._writer_thread.join(timeout)
             self._writer_thread = None
-        self._closing.set()
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._session.stop()
 
     def __enter__(self) -> IngestWorker:
         return self.start()
@@ -232,12 +185,21 @@ class IngestWorker:
 
     # -- writer thread -----------------------------------------------------------------
 
+    def _next(self, timeout: float) -> Message | None:
+        try:
+            return self._session.messages.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
     def _write_loop(self) -> None:
         cfg = self.config
+        messages = self._session.messages
         while True:
-            item = self._queue.get()
+            item = self._next(0.1)
             if item is None:
-                return
+                if self._done.is_set() and messages.empty():
+                    return
+                continue
             batch: list[ParsedMessage] = []
             mids: list[int] = []
             records = 0
@@ -248,17 +210,13 @@ class IngestWorker:
                     break
                 left = deadline - time.monotonic()
                 try:
-                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                    item = messages.get(timeout=left) if left > 0 else messages.get_nowait()
                 except queue.Empty:
                     break
             self._commit(batch, mids)
-            if item is None:
-                return
 
-    def _take(
-        self, item: tuple[str, bytes, int], batch: list[ParsedMessage], mids: list[int]
-    ) -> int:
-        topic, payload, mid = item
+    def _take(self, item: Message, batch: list[ParsedMessage], mids: list[int]) -> int:
+        topic, payload, mid = item.topic, item.payload, item.mid if item.qos else 0
         self.stats.messages += 1
         mids.append(mid)
         try:
@@ -299,5 +257,4 @@ class IngestWorker:
             self.stats.stored += result.stored
             self.stats.duplicates += result.duplicates
         for mid in mids:
-            if mid:
-                self._client.ack(mid, 1)
+            self._session.ack(mid)

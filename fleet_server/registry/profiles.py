@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tarfile
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
+from device_agent.bundle import BundleError
+from device_agent.bundle.container import iter_members
 from device_agent.payloads import DriftProfile
 from fleet_server.db.models import Bundle
 
@@ -31,14 +32,18 @@ def _profile(path: str, _bundle_sha: str, manifest_json: str) -> DriftProfile | 
     )
     if entry is None or int(entry.get("size", 0)) > MAX_PROFILE_BYTES:
         return None
+    raw: bytes | None = None
     try:
-        with tarfile.open(path, "r:") as tar:
-            member = tar.getmember(str(entry["path"]))
-            if not member.isfile() or member.size > MAX_PROFILE_BYTES:
-                return None
-            fh = tar.extractfile(member)
-            raw = fh.read(MAX_PROFILE_BYTES + 1) if fh else b""
-    except (OSError, KeyError, tarfile.TarError):
+        with open(path, "rb") as f:
+            for member in iter_members(f):
+                if member.header.name == str(entry["path"]):
+                    if member.header.size > MAX_PROFILE_BYTES:
+                        return None
+                    raw = member.read()
+                    break
+    except (OSError, BundleError):
+        return None
+    if raw is None:
         return None
     if hashlib.sha256(raw).hexdigest() != entry.get("sha256"):
         return None

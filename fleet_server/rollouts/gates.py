@@ -47,6 +47,7 @@ from statistics import NormalDist
 from typing import Any
 
 from device_agent.protocol import LATENCY_BUCKETS_MS
+from device_agent.telemetry.stats import psi as stats_psi
 from fleet_server.rollouts.spec import GateKind, GateSpec
 
 PSI_FLOOR = 1e-4
@@ -113,23 +114,16 @@ def hist_quantile(
     return float(edges[-1])
 
 
-def _proportions(counts: Sequence[float]) -> list[float]:
-    total = float(sum(counts))
-    return [max(c / total, PSI_FLOOR) for c in counts]
-
-
 def _pad(a: Sequence[float], b: Sequence[float]) -> tuple[list[float], list[float]]:
     n = max(len(a), len(b))
     return list(a) + [0.0] * (n - len(a)), list(b) + [0.0] * (n - len(b))
 
 
 def psi(actual: Sequence[float], expected: Sequence[float]) -> float:
-    """Population stability index between two binned count (or proportion) vectors."""
-    a, e = _pad(actual, expected)
-    if sum(a) <= 0 or sum(e) <= 0:
-        return 0.0
-    pa, pe = _proportions(a), _proportions(e)
-    return float(sum((x - y) * math.log(x / y) for x, y in zip(pa, pe, strict=False)))
+    """Population stability index between two binned count (or proportion) vectors:
+    :func:`device_agent.telemetry.stats.psi` (the one definition), 0 when a side is empty."""
+    value = stats_psi(actual, expected, PSI_FLOOR)
+    return 0.0 if value is None else value
 
 
 def js_divergence(p: Sequence[float], q: Sequence[float]) -> float:

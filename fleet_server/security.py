@@ -36,6 +36,22 @@ class Role(IntEnum):
             ) from e
 
 
+#: Who may do what: the minimum role per permission, enforced on the routes by
+#: :class:`fleet_server.api.deps.RequirePermission` (a refusal is audited as
+#: ``permission.denied``). Nothing here signs a release: release keys sign the image
+#: metadata offline (``edgefleet release sign``); the server only stores and serves it.
+PERMISSIONS: dict[str, Role] = {
+    # building on the server signs with the server's key: admins only
+    "model.build": Role.admin,
+    # a bundle signed offline by release keys; devices verify it themselves
+    "bundle.upload": Role.operator,
+    "device.assign": Role.operator,
+    "rollout.create": Role.operator,
+    "rollout.act": Role.operator,
+    "operator.manage": Role.admin,
+}
+
+
 class TokenHasher:
     """Hashes secrets with a server-wide pepper."""
 

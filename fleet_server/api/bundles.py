@@ -5,12 +5,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile, status
 from pydantic import BaseModel
 from sqlalchemy import select
 
 from fleet_server import audit
-from fleet_server.api.deps import CtxDep, OperatorDep, SessionDep, ViewerDep
+from fleet_server.api.deps import (
+    CtxDep,
+    OperatorDep,
+    Principal,
+    RequirePermission,
+    SessionDep,
+    ViewerDep,
+)
 from fleet_server.api.pagination import Page, PageDep, paginate
 from fleet_server.db.models import Bundle, Model
 from fleet_server.errors import BadRequestError, NotFoundError
@@ -136,11 +143,12 @@ def upload_source(
         Form(description="Target spec, optionally =CLASS1,CLASS2 (e.g. onnx:float32=gateway-x86)"),
     ],
     session: SessionDep,
-    who: OperatorDep,
+    who: Annotated[Principal, Depends(RequirePermission("model.build"))],
     ctx: CtxDep,
     allow_parity_failure: Annotated[bool, Form()] = False,
 ) -> BuildResultPublic:
-    """Convert a source model into one bundle per target, signed with the server's key."""
+    """Convert a source model into one bundle per target, signed with the server's key
+    (admin only: see :data:`fleet_server.security.PERMISSIONS`)."""
     targets = []
     for t in target:
         spec, _, classes = t.partition("=")

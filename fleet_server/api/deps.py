@@ -23,7 +23,7 @@ from fleet_server.context import ServerContext
 from fleet_server.db.models import Operator, OperatorToken
 from fleet_server.db.types import utcnow
 from fleet_server.errors import InvalidTokenError, NotAuthenticatedError, PermissionDeniedError
-from fleet_server.security import Role, bearer_token
+from fleet_server.security import PERMISSIONS, Role, bearer_token
 
 _bearer = HTTPBearer(auto_error=False, description="Operator token (`eft_...`)")
 _device_bearer = HTTPBearer(
@@ -100,6 +100,44 @@ class RoleRequirement:
         if who.role < self.role:
             raise PermissionDeniedError(
                 f"this action needs the {self.role.name} role; {who.name} is a {who.role.name}"
+            )
+        return who
+
+
+class RequirePermission(RoleRequirement):
+    """Dependency: an operator whose role :data:`~fleet_server.security.PERMISSIONS` allows
+    ``permission``; a refusal is written to the audit log before the 403."""
+
+    def __init__(self, permission: str) -> None:
+        super().__init__(PERMISSIONS[permission])
+        self.permission = permission
+
+    def __call__(
+        self,
+        ctx: CtxDep,
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Principal:
+        who = authenticate_operator(ctx, creds.credentials if creds else None)
+        if who.role < self.role:
+            from fleet_server import audit
+
+            with ctx.sessions() as session:
+                audit.record(
+                    session,
+                    actor=who.actor,
+                    action="permission.denied",
+                    target_type="permission",
+                    target_id=self.permission,
+                    details={
+                        "permission": self.permission,
+                        "needs": self.role.name,
+                        "role": who.role.name,
+                    },
+                )
+                session.commit()
+            raise PermissionDeniedError(
+                f"{self.permission} needs the {self.role.name} role; {who.name} is a "
+                f"{who.role.name}. The attempt was recorded in the audit log"
             )
         return who
 

@@ -19,7 +19,7 @@ do not fit), :class:`~device_agent.agent.NoActiveModelError`,
 
 from __future__ import annotations
 
-import http.client
+import contextlib
 import json
 import os
 import socket
@@ -57,20 +57,57 @@ class ServingClientError(AgentError):
         self.status = status
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
+class _Connection:
+    """One keep-alive HTTP/1.1 connection to the agent (lean: the agent's answers always
+    carry a Content-Length)."""
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+    def __init__(self, socket_path: str | None, port: int | None, timeout: float) -> None:
+        if socket_path is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address: Any = socket_path
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            address = ("127.0.0.1", port)
+        sock.settimeout(timeout)
         try:
-            sock.connect(self._path)
+            sock.connect(address)
         except OSError:
             sock.close()
             raise
         self.sock = sock
+        self.rfile = sock.makefile("rb")
+
+    def request(
+        self, method: str, path: str, body: bytes, headers: Mapping[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
+        head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n"
+        for k, v in headers.items():
+            head += f"{k}: {v}\r\n"
+        self.sock.sendall((head + "\r\n").encode("latin-1") + body)
+        line = self.rfile.readline(65537)
+        if not line:
+            raise ConnectionResetError("the agent closed the connection")
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+            raise ConnectionResetError(f"not an HTTP response: {line[:80]!r}")
+        got: dict[str, str] = {}
+        while True:
+            raw = self.rfile.readline(65537)
+            if raw in (b"\r\n", b"\n", b""):
+                break
+            k, _, v = raw.decode("latin-1").partition(":")
+            got[k.strip().lower()] = v.strip()
+        length = int(got.get("content-length", "0"))
+        data = self.rfile.read(length) if length else b""
+        if len(data) != length:
+            raise ConnectionResetError("the agent closed the connection mid-answer")
+        return int(parts[1]), got, data
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.rfile.close()
+            self.sock.close()
 
 
 class ServingClient:
@@ -119,40 +156,28 @@ class ServingClient:
         return Path(path).read_text().strip()
 
     # -- transport -----------------------------------------------------------------
-    def _conn(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self.socket_path is not None:
-                conn = _UnixConnection(self.socket_path, self.timeout)
-            else:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
-            self._local.conn = conn
-        return conn  # type: ignore[no-any-return]
-
     def _request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> tuple[int, Any, bytes]:
+        self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         hdrs = {**self._headers, **(headers or {})}
         for attempt in (0, 1):
-            conn = self._conn()
+            conn: _Connection | None = getattr(self._local, "conn", None)
+            fresh = conn is None
             try:
-                conn.request(method, path, body=body, headers=hdrs)
-                resp = conn.getresponse()
-                data = resp.read()
-                if resp.getheader("Connection", "").lower() == "close":
+                if conn is None:
+                    conn = self._local.conn = _Connection(self.socket_path, self.port, self.timeout)
+                status, got, data = conn.request(method, path, body, hdrs)
+            except OSError as e:  # ConnectionError, BrokenPipeError, timeouts, no socket
+                if conn is not None:
                     conn.close()
-                return resp.status, resp, data
-            except (ConnectionError, http.client.RemoteDisconnected, BrokenPipeError) as e:
-                conn.close()  # a kept-alive connection the agent closed: retry once, fresh
-                if attempt:
+                self._local.conn = None
+                if fresh or attempt or isinstance(e, TimeoutError):
                     raise self._unreachable(e) from e
-            except OSError as e:
+                continue  # a kept-alive connection the agent closed: once more, fresh
+            if got.get("connection", "").lower() == "close":
                 conn.close()
-                raise self._unreachable(e) from e
+                self._local.conn = None
+            return status, got, data
         raise AssertionError("unreachable")
 
     def _unreachable(self, e: Exception) -> ServingClientError:
@@ -268,7 +293,7 @@ class ServingClient:
         )
         if status != 200:
             self._raise(status, data)
-        return _decode_outputs(data, resp.getheader("Inference-Header-Content-Length"))
+        return _decode_outputs(data, resp.get("inference-header-content-length"))
 
     def close(self) -> None:
         """Close this thread's connection (others close when their thread ends)."""

@@ -28,15 +28,15 @@ call).
 from __future__ import annotations
 
 import json
+import queue
 import secrets
-import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from device_agent.protocol import TELEMETRY_KINDS, TOPIC_ROOT
+from device_agent.transport.mqtt import MqttSession, TlsOptions
 
 #: where Debian and Ubuntu's ``mosquitto`` package ship the plugin
 PLUGIN_PATHS = (
@@ -232,60 +232,49 @@ class DynsecControl:
         check_responses(commands, responses)
 
     def _request(self, body: dict[str, Any]) -> list[Any]:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
         ep = self.endpoint
-        got: list[bytes] = []
-        subscribed = threading.Event()
-        answered = threading.Event()
-        c = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"edgefleet-dynsec-{secrets.token_hex(4)}",
-            protocol=mqtt.MQTTv5,
+        tls = (
+            TlsOptions(
+                Path(ep.ca_file),
+                Path(ep.cert_file) if ep.cert_file else None,
+                Path(ep.key_file) if ep.key_file else None,
+            )
+            if ep.ca_file
+            else None
         )
-        c.username_pw_set(ep.username, ep.password)
-        if ep.ca_file:
-            c.tls_set(ca_certs=ep.ca_file, certfile=ep.cert_file, keyfile=ep.key_file)
-
-        def on_connect(client: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
-            if not rc.is_failure:
-                client.subscribe(RESPONSE_TOPIC, qos=1)
-
-        def on_message(_c: Any, _u: Any, msg: Any) -> None:
-            got.append(bytes(msg.payload))
-            answered.set()
-
-        c.on_connect = on_connect
-        c.on_subscribe = lambda *_a: subscribed.set()
-        c.on_message = on_message
+        session = MqttSession(
+            f"edgefleet-dynsec-{secrets.token_hex(4)}",
+            ep.host,
+            ep.port,
+            username=ep.username,
+            password=ep.password,
+            tls=tls,
+            mqtt_version=5,
+            subscriptions=[(RESPONSE_TOPIC, 1)],
+            name="dynsec",
+        ).start()
         try:
-            c.connect(ep.host, ep.port, keepalive=30)
-        except OSError as e:
-            raise DynsecError(
-                f"cannot reach the broker at {ep.host}:{ep.port} to manage devices: {e}"
-            ) from e
-        c.loop_start()
-        try:
-            deadline = time.monotonic() + self.timeout
-            if not subscribed.wait(self.timeout):
+            if not session.subscribed.wait(self.timeout):
                 raise DynsecError(
                     f"the broker at {ep.host}:{ep.port} did not let {ep.username} subscribe "
-                    f"to {RESPONSE_TOPIC}; check the admin credentials and that the "
-                    "dynamic security plugin is loaded"
+                    f"to {RESPONSE_TOPIC} ({session.last_error or 'no answer'}); check the "
+                    "admin credentials and that the dynamic security plugin is loaded"
                 )
-            c.publish(CONTROL_TOPIC, json.dumps(body), qos=1)
-            if not answered.wait(max(deadline - time.monotonic(), 0.1)):
+            session.publish(CONTROL_TOPIC, json.dumps(body).encode())
+            try:
+                answer = session.messages.get(timeout=self.timeout)
+            except queue.Empty:
                 raise DynsecError(
                     f"the broker did not answer a dynamic-security command in {self.timeout}s"
-                )
+                ) from None
         finally:
-            c.disconnect()
-            c.loop_stop()
+            session.stop()
         try:
-            responses = json.loads(got[0])["responses"]
+            responses = json.loads(answer.payload)["responses"]
         except (ValueError, KeyError, TypeError) as e:
-            raise DynsecError(f"unreadable dynamic-security answer: {got[0][:200]!r}") from e
+            raise DynsecError(
+                f"unreadable dynamic-security answer: {answer.payload[:200]!r}"
+            ) from e
         return list(responses)
 
 

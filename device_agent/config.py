@@ -96,6 +96,17 @@ class ServingConfig:
 
 
 @dataclass
+class UptaneConfig:
+    """The Uptane trust chain (device_agent.uptane): off by default; when enabled the
+    device installs only what the director instructs and the image repository released."""
+
+    enabled: bool = False
+    image_root: Path | None = None  # initial root.json of the image repository
+    director_root: Path | None = None  # initial root.json of the director repository
+    stale_after_seconds: float = 86400.0  # report stale_metadata after this long
+
+
+@dataclass
 class AgentConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -103,6 +114,7 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    uptane: UptaneConfig = field(default_factory=UptaneConfig)
     log_level: str = "INFO"
 
     @classmethod

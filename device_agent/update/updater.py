@@ -129,6 +129,9 @@ class Updater:
         self.crash_at = crash_at  # test hook: SIGKILL ourselves at this point; None = off
         self.on_telemetry_policy = on_telemetry_policy
         self.device_class = device_class  # bundles must list it (when they list classes)
+        #: False under the Uptane chain: the director may go back to an earlier release
+        #: (a rollback without re-signing); the release counter floor guards it instead
+        self.version_floor = True
         self.slots = Slots(self.state_dir, repair=True)
         self.downloads = self.state_dir / "downloads"
         self.record_file = self.state_dir / "update.json"
@@ -590,7 +593,7 @@ class Updater:
                 path,
                 self.trust,
                 now=self._now(),
-                installed_version=self.slots.installed_version(),
+                installed_version=self._installed_floor(),
                 expect=self._expect(),
             )
         except BundleError as e:
@@ -600,7 +603,7 @@ class Updater:
             self._fail(e, "unreadable")
             return Event.REFUSED
         m, t = v.manifest, self.record.target
-        floor = self.floors.get(m.name)
+        floor = self.floors.get(m.name) if self.version_floor else None
         if floor is not None and m.version < floor:
             self._fail(
                 RollbackError(
@@ -632,13 +635,15 @@ class Updater:
         """What the bundle must be for: the active model's name (unless an operator installs
         a file locally), this device's class, the per-name floors, one content per version."""
         ptr = self.slots.active()
-        floors = getattr(self, "floors", None)
         return expectation(
             slots_root=self.slots.root,
             model_name=ptr.name if ptr is not None and not self.record.local else None,
             device_class=self.device_class,
-            floors=floors.all() if floors is not None else {},
+            floors=self.floors.all() if self.version_floor else {},
         )
+
+    def _installed_floor(self) -> int | None:
+        return self.slots.installed_version() if self.version_floor else None
 
     def _discard_staged(self) -> None:
         slot = self.record.slot
@@ -667,7 +672,7 @@ class Updater:
                 self.slots.path(self.record.slot),
                 self.trust,
                 now=self._now(),
-                installed_version=self.slots.installed_version(),
+                installed_version=self._installed_floor(),
                 expect=self._expect(),
             )
         except StagingError as e:

@@ -1,0 +1,130 @@
+""":class:`UptaneFetcher`: the updater's :class:`~device_agent.update.fetch.Fetcher` when
+the device runs on the Uptane chain (``[update] trust = "uptane"``).
+
+The assignment is no longer the server's unsigned document: it is built from the director
+instructions that the image repository agrees with (:mod:`device_agent.uptane.decide`).
+A refusal, and ``stale_metadata``, is reported to the server as a degraded health report
+with its code; the device keeps serving what it serves. Bundles are downloaded from the
+server's origin by content hash and must match the signed sha256 and length.
+
+The release counter floor per model name is raised when the device reports a committed
+install of that release (``outcome == "installed"``), before the report is sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..protocol import DEVICE_API_PREFIX
+from ..update.fetch import HttpFetcher
+from ..update.floors import Floors
+from ..update.state import Assignment, BundleRef
+from .client import UptaneClient
+from .decide import Instruction
+from .errors import UptaneError
+
+log = logging.getLogger(__name__)
+
+#: a refusal with the same code is reported again after this long
+REPORT_AGAIN_SECONDS = 3600.0
+
+
+def bundle_ref(i: Instruction) -> BundleRef:
+    bid = f"b-{i.sha256[:16]}"
+    return BundleRef(
+        bid, i.name, i.version, f"{DEVICE_API_PREFIX}/bundles/{bid}", i.sha256, i.length
+    )
+
+
+class UptaneFetcher:
+    """Assignments from verified Uptane metadata; downloads and reports over ``http``."""
+
+    def __init__(
+        self,
+        client: UptaneClient,
+        http: HttpFetcher,
+        *,
+        active_name: Callable[[], str | None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.http = http
+        self.active_name = active_name
+        self.clock = clock
+        self.floors = Floors(Path(client.dir), repair=True)
+        self._instructions: list[Instruction] = []
+        self._last_report: tuple[str, float] | None = None
+
+    def get_assignment(self, etag: str | None) -> tuple[Assignment | None, str | None]:
+        try:
+            found = self.client.instructions(
+                floors=self.floors.all(), active_name=self.active_name()
+            )
+        except UptaneError as e:
+            self._report_refusal(e)
+            raise
+        self._last_report = None
+        self._instructions = found
+        by_role = {i.role: i for i in found}
+        desired, shadow = by_role.get("desired"), by_role.get("shadow")
+        body = {
+            "desired": bundle_ref(desired).to_json() if desired else None,
+            "shadow": bundle_ref(shadow).to_json() if shadow else None,
+        }
+        aid = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        if aid == etag:
+            return None, etag
+        return (
+            Assignment(
+                device_id=self.client.device_id,
+                assignment_id=aid,
+                desired=bundle_ref(desired) if desired else None,
+                shadow=bundle_ref(shadow) if shadow else None,
+            ),
+            aid,
+        )
+
+    def download(self, ref: BundleRef, downloads: Path, max_bytes: int) -> Path:
+        return self.http.download(ref, downloads, max_bytes)
+
+    def post_reports(self, reports: list[dict[str, Any]]) -> None:
+        for r in reports:
+            if r.get("type") == "install" and r.get("outcome") == "installed":
+                for i in self._instructions:
+                    if i.role == "desired" and (i.name, i.version) == (
+                        r.get("name"),
+                        r.get("version"),
+                    ):
+                        self.floors.raise_to(i.name, i.release_counter)
+        self.http.post_reports(reports)
+
+    def _report_refusal(self, e: UptaneError) -> None:
+        now = self.clock()
+        if (
+            self._last_report is not None
+            and self._last_report[0] == e.code
+            and now - self._last_report[1] < REPORT_AGAIN_SECONDS
+        ):
+            return
+        log.warning("uptane check refused", extra={"error_code": e.code, "error": str(e)})
+        body = {
+            "type": "health",
+            "health": "degraded",
+            "error_code": e.code,
+            "message": str(e)[:3900],
+            "ts": now,
+            "name": self.active_name(),
+            "version": None,
+            "state": "idle",
+        }
+        try:
+            self.http.post_reports([body])
+            self._last_report = (e.code, now)
+        except Exception as err:  # noqa: BLE001 - reporting must not change the outcome
+            log.warning("cannot report %s: %s", e.code, err)

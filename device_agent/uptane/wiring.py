@@ -1,0 +1,46 @@
+"""Put the Uptane chain in front of an :class:`~device_agent.update.updater.Updater`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ..config import AgentConfig, ConfigError
+from ..update.fetch import HttpFetcher
+from ..update.updater import Updater
+from .client import Roots, UptaneClient
+from .fetcher import UptaneFetcher
+
+
+def attach(
+    config: AgentConfig, updater: Updater, http: HttpFetcher, clock: Callable[[], float]
+) -> UptaneFetcher:
+    """Make ``updater`` take its assignments from verified Uptane metadata (``[uptane]``)."""
+    u = config.uptane
+    if u.image_root is None or u.director_root is None:
+        raise ConfigError(
+            "[uptane] enabled needs image_root and director_root: the initial root.json of "
+            "each repository, provisioned in the device image"
+        )
+    try:
+        roots = Roots.load(Path(u.image_root), Path(u.director_root))
+    except OSError as e:
+        raise ConfigError(f"cannot read the provisioned Uptane roots: {e}") from e
+    client = UptaneClient(
+        Path(config.device.state_dir),
+        roots,
+        http,
+        device_id=config.device.id,
+        device_class=config.device.device_class,
+        stale_after_seconds=u.stale_after_seconds,
+        clock=clock,
+    )
+
+    def active_name() -> str | None:
+        ptr = updater.slots.active()
+        return ptr.name if ptr is not None else None
+
+    fetcher = UptaneFetcher(client, http, active_name=active_name, clock=clock)
+    updater.fetcher = fetcher
+    updater.version_floor = False
+    return fetcher

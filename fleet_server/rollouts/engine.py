@@ -188,6 +188,9 @@ def decide(spec: RolloutSpec, state: RolloutState, metrics: CohortMetrics, now: 
             Action.ROLLBACK if spec.failure_policy is FailurePolicy.ROLLBACK else Action.PAUSE
         )
         return gated(policy_action, f"gate breached: {names}")
+    empty = _empty_cohort(spec, stage, metrics)
+    if empty:
+        return gated(Action.HOLD, empty)
     if elapsed < st.soak_seconds:
         return gated(Action.HOLD, f"soaking: {elapsed:.0f} of {st.soak_seconds:.0f} s")
     if metrics.canary.devices < st.min_devices:
@@ -198,10 +201,58 @@ def decide(spec: RolloutSpec, state: RolloutState, metrics: CohortMetrics, now: 
         )
     waiting = [r.name for r in results if r.verdict is Verdict.WAIT]
     if waiting:
-        return gated(Action.HOLD, f"waiting for samples: {', '.join(waiting)}")
+        silent = _no_traffic(spec, stage, metrics, elapsed)
+        if silent:
+            return gated(Action.HOLD, f"{silent} (gates waiting: {', '.join(waiting)})")
+        quiet = metrics.canary.silent
+        also = (
+            f"; no predictions yet from {_names(quiet, metrics.canary.silent_count)}"
+            if quiet
+            else ""
+        )
+        return gated(Action.HOLD, f"waiting for samples: {', '.join(waiting)}{also}")
     if stage >= spec.last_stage:
         return gated(Action.COMPLETE, "all gates passed at the last stage")
     return gated(Action.ADVANCE, f"all gates passed; stage {stage} -> {stage + 1}", stage + 1)
+
+
+def _names(ids: tuple[str, ...], total: int) -> str:
+    more = total - len(ids)
+    return ", ".join(ids) + (f" and {more} more" if more > 0 else "")
+
+
+def _empty_cohort(spec: RolloutSpec, stage: int, metrics: CohortMetrics) -> str | None:
+    """Why a stage whose cohort holds no device can never pass, and what to do."""
+    canary, control = metrics.canary, metrics.control
+    if canary.members is None or canary.members > 0:
+        return None
+    group = canary.members + (control.members or 0)
+    percent = spec.stages[stage].percent
+    return (
+        f"empty cohort: stage {stage} takes {percent:g}% of the group's {group} devices and "
+        "that selects none of them, so no canary can report; raise the stage's percent "
+        "(or add devices to the group), or promote or abort the rollout by hand"
+    )
+
+
+def _no_traffic(
+    spec: RolloutSpec, stage: int, metrics: CohortMetrics, elapsed: float
+) -> str | None:
+    """Why a stage whose canaries all sit idle waits forever, and what to do."""
+    canary = metrics.canary
+    if not canary.members or canary.silent_count < canary.members or canary.inferences:
+        return None
+    if spec.strategy is not Strategy.SHADOW and canary.installs < canary.members:
+        return None  # not every canary has installed yet: that is what it waits for
+    return (
+        f"no traffic: none of the {canary.members} canary devices "
+        f"({_names(canary.silent, canary.silent_count)}) sent a prediction in the "
+        f"{elapsed:.0f} s since stage {stage} started; the candidate is installed but no "
+        "application calls it. Have the device's apps call the agent (the local endpoint "
+        f"POST /v2/models/{spec.bundle.name}/infer on <state_dir>/serving.sock, "
+        "device_agent.serving.client.ServingClient, or Agent.predict() in-process), or "
+        "promote or abort the rollout by hand"
+    )
 
 
 # -- transitions -------------------------------------------------------------------

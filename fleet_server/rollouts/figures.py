@@ -223,11 +223,16 @@ def cohort_metrics(
     installs = install_outcomes(session, canary, spec.bundle.name, spec.bundle.version, since)
     failed = sum(1 for o in installs.values() if o & set(FAILED_INSTALL_OUTCOMES))
     counted = sum(1 for o in installs.values() if o & {"installed", *FAILED_INSTALL_OUTCOMES})
+    predicting = _predicting_devices(session, spec, since)
+    silent = sorted(d for d in canary if d not in predicting)
     canary_stats = replace(
         tele.canary,
         installs=counted,
         install_failures=failed,
         devices=max(tele.canary.devices, len(installs)),
+        members=len(canary),
+        silent_count=len(silent),
+        silent=tuple(silent[:20]),
     )
     # drift against the reference: pool the cohort's binned counts over every window
     # and device, then compare with the bundle's reference proportions; a mean of
@@ -239,4 +244,20 @@ def cohort_metrics(
         canary_stats = replace(
             canary_stats, drift_psi=pooled, drift_samples=canary_stats.feature_samples
         )
-    return CohortMetrics(canary=canary_stats, control=tele.control)
+    return CohortMetrics(canary=canary_stats, control=replace(tele.control, members=len(control)))
+
+
+def _predicting_devices(session: Session, spec: RolloutSpec, since: float) -> set[str]:
+    """Devices that sent at least one prediction of the candidate since ``since`` (for a
+    shadow rollout: one shadow run)."""
+    s = TelemetrySummary
+    if spec.strategy is Strategy.SHADOW:
+        cond = [
+            s.shadow_name == spec.bundle.name,
+            s.shadow_version == spec.bundle.version,
+            s.shadow_count > 0,
+        ]
+    else:
+        cond = [s.name == spec.bundle.name, s.version == spec.bundle.version, s.count > 0]
+    stmt = select(s.device_id).where(*cond, s.received_at >= since).distinct()
+    return set(session.scalars(stmt))

@@ -161,6 +161,11 @@ class CohortStats:
     #: shadow runs whose output agreed with the active model's, out of shadow_runs
     shadow_agreements: int = 0
     shadow_runs: int = 0
+    #: devices in the cohort now, reporting or not (None: not counted)
+    members: int | None = None
+    #: members that sent no predictions since the stage started, and up to 20 of their ids
+    silent_count: int = 0
+    silent: tuple[str, ...] = ()
 
     @property
     def latency_samples(self) -> int:
@@ -188,6 +193,9 @@ class CohortStats:
             "prediction_counts": list(self.prediction_counts),
             "shadow_agreements": self.shadow_agreements,
             "shadow_runs": self.shadow_runs,
+            "members": self.members,
+            "silent_count": self.silent_count,
+            "silent": list(self.silent),
         }
 
     @classmethod
@@ -209,6 +217,9 @@ class CohortStats:
             prediction_counts=tuple(int(c) for c in obj.get("prediction_counts", ())),
             shadow_agreements=int(obj.get("shadow_agreements", 0)),
             shadow_runs=int(obj.get("shadow_runs", 0)),
+            members=None if obj.get("members") is None else int(obj["members"]),
+            silent_count=int(obj.get("silent_count", 0)),
+            silent=tuple(str(d) for d in obj.get("silent", ())),
         )
 
 

@@ -59,6 +59,9 @@ Sample record body: ``{"name", "version", "predicted": class|null, "inputs": {..
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
 TOPIC_ROOT = "edgefleet/v1/devices"
 TELEMETRY_KINDS = ("summary", "samples", "events")
 
@@ -112,3 +115,392 @@ def parse_device_topic(topic: str) -> tuple[str, str, str | None]:
     device_id, channel = parts[3], parts[4]
     kind = parts[5] if len(parts) > 5 else None
     return device_id, channel, kind
+
+
+# -- the wire contract as types ---------------------------------------------------------
+#
+# Plain dataclasses (no pydantic on the device). Each checks its bounds and invariants in
+# ``__post_init__`` and raises :class:`ContractError` with a stable ``code``; the server
+# validates incoming JSON against these very classes (pydantic, strict, no NaN/inf, see
+# ``fleet_server.ingest.contract``), so device and server share one definition.
+
+#: bounds of one MQTT telemetry message and its parts
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+MAX_RECORDS_PER_MESSAGE = 1000
+MAX_RECORD_BODY_BYTES = 256 * 1024
+MAX_COUNT = 10**9  # inferences in one window on one device
+MAX_NAME_LEN = 200
+MAX_ID_LEN = 100
+MAX_FEATURES = 1024
+MAX_BINS = 1024
+MAX_MESSAGE_LEN = 4000
+#: bounds of one HTTP report batch
+MAX_REPORTS_PER_BATCH = 1000
+MAX_REPORT_BYTES = 16 * 1024
+MAX_REPORT_BATCH_BYTES = 1024 * 1024
+MAX_REPORT_EXTRA_FIELDS = 32
+MAX_SEQ = 2**63 - 1
+
+_INF = float("inf")
+_HIST_LEN = len(LATENCY_BUCKETS_MS) + 1
+_STRICT = {"strict": True, "allow_inf_nan": False, "extra": "forbid"}
+_OPEN = {"strict": True, "allow_inf_nan": False, "extra": "ignore"}
+
+
+class ContractError(ValueError):
+    """A value breaks the wire contract; ``code`` names the rule (a metrics label)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _count(name: str, value: int | None, limit: int = MAX_COUNT) -> None:
+    if value is None:
+        return
+    if value < 0:
+        raise ContractError("negative_count", f"{name} is {value}; counts are never negative")
+    if value > limit:
+        raise ContractError("out_of_bounds", f"{name} is {value}, above {limit}")
+
+
+def _counts(name: str, values: list[int], limit: int = MAX_COUNT) -> None:
+    """Every value a count: one pass of min and max instead of a call per value."""
+    if values and (min(values) < 0 or max(values) > limit):
+        _count(name, min(values), limit)
+        _count(name, max(values), limit)
+
+
+def _text(name: str, value: str | None, limit: int) -> None:
+    if value is not None and len(value) > limit:
+        raise ContractError("out_of_bounds", f"{name} has {len(value)} characters, above {limit}")
+
+
+def _finite(name: str, value: float | None) -> None:
+    if value is not None and (value != value or value in (float("inf"), float("-inf"))):
+        raise ContractError("not_finite", f"{name} is {value}; numbers must be finite")
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency percentiles in milliseconds (None when the window had no inference)."""
+
+    __pydantic_config__ = _OPEN
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    mean: float | None = None
+
+    def __post_init__(self) -> None:
+        if all(v is None or 0 <= v < _INF for v in (self.p50, self.p95, self.p99, self.mean)):
+            return  # the fast path; the loop below says what is wrong
+        for k in ("p50", "p95", "p99", "mean"):
+            v = getattr(self, k)
+            _finite(k, v)
+            if v is not None and v < 0:
+                raise ContractError("out_of_bounds", f"latency {k} is {v}; never negative")
+
+
+@dataclass(frozen=True)
+class FeatureDrift:
+    __pydantic_config__ = _OPEN
+    name: str
+    counts: list[int]
+    psi: float | None = None
+    ks: float | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.name) <= MAX_NAME_LEN and len(self.counts) <= MAX_BINS:
+            _counts("feature bin count", self.counts)
+            return
+        _text("feature name", self.name, MAX_NAME_LEN)
+        if len(self.counts) > MAX_BINS:
+            raise ContractError("out_of_bounds", f"{len(self.counts)} bins, above {MAX_BINS}")
+        _counts("feature bin count", self.counts)
+
+
+@dataclass(frozen=True)
+class PredictionDrift:
+    __pydantic_config__ = _OPEN
+    counts: list[int]
+    psi: float | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.counts) > MAX_BINS:
+            raise ContractError("out_of_bounds", f"{len(self.counts)} bins, above {MAX_BINS}")
+        _counts("prediction bin count", self.counts)
+
+
+@dataclass(frozen=True)
+class Drift:
+    __pydantic_config__ = _OPEN
+    features: list[FeatureDrift] = field(default_factory=list)
+    psi_max: float | None = None
+    ks_max: float | None = None
+    prediction: PredictionDrift | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.features) > MAX_FEATURES:
+            raise ContractError(
+                "out_of_bounds", f"{len(self.features)} features, above {MAX_FEATURES}"
+            )
+
+
+@dataclass(frozen=True)
+class ShadowSummary:
+    __pydantic_config__ = _OPEN
+    name: str
+    version: int
+    count: int
+    errors: int = 0
+    agreement: float | None = None
+    latency_ms: Latency | None = None
+
+    def __post_init__(self) -> None:
+        _text("shadow name", self.name, MAX_NAME_LEN)
+        _count("shadow version", self.version, 2**31 - 1)
+        _count("shadow count", self.count)
+        _count("shadow errors", self.errors)
+        if self.errors > self.count:
+            raise ContractError(
+                "errors_exceed_count", f"shadow errors {self.errors} > count {self.count}"
+            )
+        if self.agreement is not None and not 0.0 <= self.agreement <= 1.0:
+            raise ContractError("out_of_bounds", f"shadow agreement {self.agreement} not in [0, 1]")
+
+
+@dataclass(frozen=True)
+class SummaryBody:
+    """One window of one model on one device (see the module docstring)."""
+
+    __pydantic_config__ = _STRICT
+    name: str
+    version: int
+    count: int
+    errors: int
+    window_start: float | None = None
+    window_end: float | None = None
+    slot: str | None = None
+    rollout_id: str | None = None
+    latency_ms: Latency | None = None
+    latency_hist: list[int] | None = None
+    drift: Drift | None = None
+    shadow: ShadowSummary | None = None
+    dropped: dict[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        hist = self.latency_hist
+        if (
+            0 <= self.errors <= self.count <= MAX_COUNT
+            and 0 <= self.version < 2**31
+            and len(self.name) <= MAX_NAME_LEN
+            and (self.slot is None or len(self.slot) <= 8)
+            and (self.rollout_id is None or len(self.rollout_id) <= 40)
+            and (self.window_start is None or -_INF < self.window_start < _INF)
+            and (self.window_end is None or -_INF < self.window_end < _INF)
+            and (
+                self.window_start is None
+                or self.window_end is None
+                or self.window_end >= self.window_start
+            )
+            and (
+                hist is None
+                or (
+                    len(hist) == _HIST_LEN
+                    and min(hist) >= 0
+                    and max(hist) <= MAX_COUNT
+                    and sum(hist) == self.count - self.errors
+                )
+            )
+            and (
+                self.dropped is None
+                or (
+                    len(self.dropped) <= 16
+                    and all(len(k) <= 40 and 0 <= v <= 2**62 for k, v in self.dropped.items())
+                )
+            )
+        ):
+            return  # the fast path; the checks below say what is wrong
+        _text("name", self.name, MAX_NAME_LEN)
+        _text("slot", self.slot, 8)
+        _text("rollout_id", self.rollout_id, 40)
+        _count("version", self.version, 2**31 - 1)
+        _count("count", self.count)
+        _count("errors", self.errors)
+        _finite("window_start", self.window_start)
+        _finite("window_end", self.window_end)
+        if self.errors > self.count:
+            raise ContractError("errors_exceed_count", f"errors {self.errors} > count {self.count}")
+        if (
+            self.window_start is not None
+            and self.window_end is not None
+            and self.window_end < self.window_start
+        ):
+            raise ContractError("out_of_bounds", "window_end is before window_start")
+        if self.latency_hist is not None:
+            if len(self.latency_hist) != len(LATENCY_BUCKETS_MS) + 1:
+                raise ContractError(
+                    "histogram_mismatch",
+                    f"latency_hist has {len(self.latency_hist)} buckets, "
+                    f"not {len(LATENCY_BUCKETS_MS) + 1}",
+                )
+            _counts("latency_hist bucket", self.latency_hist)
+            if sum(self.latency_hist) != self.count - self.errors:
+                raise ContractError(
+                    "histogram_mismatch",
+                    f"latency_hist totals {sum(self.latency_hist)}, but count - errors is "
+                    f"{self.count - self.errors}",
+                )
+        if self.dropped is not None:
+            if len(self.dropped) > 16:
+                raise ContractError("out_of_bounds", "dropped has more than 16 fields")
+            for k, v in self.dropped.items():
+                _text("dropped key", k, 40)
+                _count(f"dropped[{k}]", v, 2**62)
+
+
+@dataclass(frozen=True)
+class EventBody:
+    """An event record (install report and the like); unknown fields are carried along
+    within :data:`MAX_RECORD_BODY_BYTES`."""
+
+    __pydantic_config__ = _OPEN
+    type: str
+    outcome: str | None = None
+    name: str | None = None
+    version: int | None = None
+    bundle_id: str | None = None
+    rollout_id: str | None = None
+    shadow: bool | None = None
+    error_code: str | None = None
+    message: str | None = None
+    state: str | None = None
+    ts: float | None = None
+
+    def __post_init__(self) -> None:
+        _text("type", self.type, 40)
+        _text("outcome", self.outcome, 40)
+        _text("name", self.name, MAX_NAME_LEN)
+        _text("bundle_id", self.bundle_id, 40)
+        _text("rollout_id", self.rollout_id, 40)
+        _text("error_code", self.error_code, 100)
+        _text("message", self.message, MAX_MESSAGE_LEN)
+        _text("state", self.state, 100)
+        _count("version", self.version, 2**31 - 1)
+
+
+@dataclass(frozen=True)
+class SampleBody:
+    """A sampled inference (masked inputs and outputs)."""
+
+    __pydantic_config__ = _OPEN
+    name: str
+    version: int
+    predicted: int | str | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _text("name", self.name, MAX_NAME_LEN)
+        _count("version", self.version, 2**31 - 1)
+        if isinstance(self.predicted, str):
+            _text("predicted", self.predicted, 100)
+        if len(self.inputs) + len(self.outputs) > 256:
+            raise ContractError("out_of_bounds", "more than 256 input and output fields")
+
+
+def _record_checks(seq: int, ts: float) -> None:
+    if 0 <= seq <= MAX_SEQ and -_INF < ts < _INF:
+        return
+    if not 0 <= seq <= MAX_SEQ:
+        raise ContractError("out_of_bounds", f"seq {seq} is not in [0, 2**63)")
+    _finite("ts", ts)
+
+
+@dataclass(frozen=True)
+class SummaryRecord:
+    __pydantic_config__ = _OPEN
+    seq: int
+    kind: Literal["summary", "summaries"]
+    ts: float
+    body: SummaryBody
+
+    def __post_init__(self) -> None:
+        _record_checks(self.seq, self.ts)
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    __pydantic_config__ = _OPEN
+    seq: int
+    kind: Literal["samples", "sample"]
+    ts: float
+    body: SampleBody
+
+    def __post_init__(self) -> None:
+        _record_checks(self.seq, self.ts)
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    __pydantic_config__ = _OPEN
+    seq: int
+    kind: Literal["events", "event"]
+    ts: float
+    body: EventBody
+
+    def __post_init__(self) -> None:
+        _record_checks(self.seq, self.ts)
+
+
+TelemetryRecord = Union[SummaryRecord, SampleRecord, EventRecord]  # noqa: UP007
+
+
+@dataclass(frozen=True)
+class TelemetryMessage:
+    """One MQTT telemetry message: ``{"device_id", "records": [...]}``."""
+
+    __pydantic_config__ = _OPEN
+    device_id: str
+    records: list[TelemetryRecord]
+
+    def __post_init__(self) -> None:
+        _text("device_id", self.device_id, MAX_ID_LEN)
+        if len(self.records) > MAX_RECORDS_PER_MESSAGE:
+            raise ContractError(
+                "too_many_records",
+                f"{len(self.records)} records in one message, above {MAX_RECORDS_PER_MESSAGE}",
+            )
+
+
+@dataclass(frozen=True)
+class SentMark:
+    """How far a device got sending one kind: the highest ``seq`` the broker acknowledged
+    and how many records of that kind it acknowledged since the device's store began."""
+
+    __pydantic_config__ = _STRICT
+    seq: int
+    count: int
+
+    def __post_init__(self) -> None:
+        _count("sent seq", self.seq, MAX_SEQ)
+        _count("sent count", self.count, MAX_SEQ)
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """The retained status message; ``sent`` holds the device's sent high-water marks."""
+
+    __pydantic_config__ = _OPEN
+    state: Literal["online", "offline"]
+    update_state: str | None = None
+    model: str | None = None
+    version: int | None = None
+    sent: dict[str, SentMark] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _text("update_state", self.update_state, 100)
+        _text("model", self.model, MAX_NAME_LEN)
+        for k in self.sent:
+            if k not in TELEMETRY_KINDS:
+                raise ContractError("bad_fields", f"sent mark for unknown kind {k!r}")

@@ -210,10 +210,7 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
     def metrics() -> Response:
         """Prometheus metrics of this server instance."""
         ctx.metrics.cached_assignments.set(len(ctx.assignment_cache._entries))
-        worker = getattr(app.state, "ingest", None)
-        if worker is not None:
-            for name, value in worker.stats.as_dict().items():
-                ctx.metrics.ingest.labels(name).set(value)
+        ctx.metrics.export_ingest(getattr(app.state, "ingest", None), ctx.engine)
         scheduler = getattr(app.state, "scheduler", None)
         if scheduler is not None:
             ctx.metrics.rollout_rounds.set(scheduler.rounds)

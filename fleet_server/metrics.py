@@ -58,11 +58,51 @@ class ServerMetrics:
             ["counter"],
             registry=self.registry,
         )
+        self.rejected = Gauge(
+            "edgefleet_ingest_rejected",
+            "Telemetry records (and whole messages, reason *_message) this replica refused "
+            "since start, by device and reason (negative_count, errors_exceed_count, "
+            "histogram_mismatch, not_finite, out_of_bounds, bad_fields, bad_type, ...)",
+            ["device", "reason"],
+            registry=self.registry,
+        )
+        self.records_lost = Gauge(
+            "edgefleet_records_lost",
+            "Telemetry records missing from the database: holes in a device's sequence "
+            "numbers whose neighbours arrived over a minute ago (kind: of the next record)",
+            ["device", "kind"],
+            registry=self.registry,
+        )
+        self._lost_at = 0.0
         self.rollout_rounds = Gauge(
             "edgefleet_rollout_rounds",
             "Rollout evaluation rounds run by this replica (non-zero only on the leader)",
             registry=self.registry,
         )
+
+    def export_ingest(self, worker: Any, engine: Any, *, every: float = 15.0) -> None:
+        """Copy the ingestion counters, rejections and (at most every ``every`` seconds,
+        from the database) the records lost per device into the gauges."""
+        if worker is not None:
+            for name, value in worker.stats.as_dict().items():
+                self.ingest.labels(name).set(value)
+            for (device, reason), n in worker.rejections.snapshot().items():
+                self.rejected.labels(device, reason).set(n)
+        now = time.monotonic()
+        if now - self._lost_at < every:
+            return
+        self._lost_at = now
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from fleet_server.ingest.gaps import records_lost
+
+        try:
+            losses = records_lost(engine)
+        except SQLAlchemyError:  # e.g. no telemetry tables yet: nothing was lost
+            return
+        self.records_lost.clear()
+        for loss in losses:
+            self.records_lost.labels(loss.device_id, loss.kind).set(loss.records)
 
 
 class MetricsMiddleware:

@@ -12,12 +12,18 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
 from sqlalchemy import select
 from starlette.datastructures import Headers
 from starlette.responses import FileResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from device_agent.protocol import ASSIGNMENT_PATH, DEVICE_API_PREFIX, REPORTS_PATH
+from device_agent.protocol import (
+    ASSIGNMENT_PATH,
+    DEVICE_API_PREFIX,
+    MAX_REPORT_BATCH_BYTES,
+    REPORTS_PATH,
+)
 from fleet_server import audit
 from fleet_server.api.deps import CtxDep, CurrentDevice, SessionDep, authenticate_device
 from fleet_server.api.device_schemas import (
@@ -32,10 +38,23 @@ from fleet_server.assignments.document import assigned_bundle_ids
 from fleet_server.context import ServerContext
 from fleet_server.db.models import Bundle, Device, DeviceReport
 from fleet_server.db.types import utcnow
-from fleet_server.errors import NotFoundError, ServerError, error_body
+from fleet_server.errors import (
+    NotFoundError,
+    PayloadTooLargeError,
+    ServerError,
+    error_body,
+)
 from fleet_server.registry.enrollment import enroll_device
 
 router = APIRouter(tags=["device"])
+
+
+class ReportRejectedError(ServerError):
+    """A report batch breaks the contract (unbounded fields, a number not finite, ...)."""
+
+    status_code = 422
+    code = "validation_error"
+
 
 ENROLL_PATH = f"{DEVICE_API_PREFIX}/enroll"
 BUNDLE_PATH = f"{DEVICE_API_PREFIX}/bundles/{{bundle_id}}"
@@ -204,9 +223,54 @@ def get_bundle(bundle_id: str, device_id: CurrentDevice, ctx: CtxDep) -> Respons
     )
 
 
-@router.post(REPORTS_PATH, response_model=ReportAck, responses={401: _ERR})
-def post_reports(batch: ReportBatch, device_id: CurrentDevice, session: SessionDep) -> ReportAck:
-    """Install and health reports from the calling device."""
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(
+            f"the body is {declared} bytes, above the limit of {limit}; send fewer reports "
+            "per request"
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(
+                f"the body passed the limit of {limit} bytes; send fewer reports per request"
+            )
+    return bytes(body)
+
+
+@router.post(
+    REPORTS_PATH,
+    response_model=ReportAck,
+    responses={401: _ERR, 413: _ERR, 422: _ERR},
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/json": {"schema": ReportBatch.model_json_schema()}},
+            "required": True,
+        }
+    },
+)
+async def post_reports(request: Request, device_id: CurrentDevice, ctx: CtxDep) -> ReportAck:
+    """Install and health reports from the calling device (at most
+    ``MAX_REPORT_BATCH_BYTES`` per request, ``MAX_REPORTS_PER_BATCH`` reports)."""
+    raw = await read_capped(request, MAX_REPORT_BATCH_BYTES)
+    try:
+        batch = ReportBatch.model_validate_json(raw)
+    except ValidationError as e:
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid body"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise ReportRejectedError(f"{where}: {first.get('msg')}") from None
+    return await run_in_threadpool(_store_reports, ctx, device_id, batch)
+
+
+def _store_reports(ctx: ServerContext, device_id: str, batch: ReportBatch) -> ReportAck:
+    with ctx.session() as session:
+        return _store_reports_in(session, device_id, batch)
+
+
+def _store_reports_in(session: Any, device_id: str, batch: ReportBatch) -> ReportAck:
     device = session.get(Device, device_id)
     if device is None:
         raise NotFoundError(f"device {device_id} no longer exists")

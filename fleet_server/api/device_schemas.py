@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from device_agent.protocol import (
+    MAX_REPORT_BYTES,
+    MAX_REPORT_EXTRA_FIELDS,
+    MAX_REPORTS_PER_BATCH,
+)
 
 LABEL_KEY = r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$"
 DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
@@ -53,9 +60,11 @@ class AssignmentPublic(BaseModel):
 
 
 class Report(BaseModel):
-    """An install or health report; unknown fields are kept in the stored body."""
+    """An install or health report; unknown fields are kept in the stored body, within
+    bounds: at most ``MAX_REPORT_EXTRA_FIELDS`` of them, ``MAX_REPORT_BYTES`` for the
+    whole report as JSON, and finite numbers only (``1e999999`` is refused)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     type: Literal["install", "health"]
     outcome: str | None = Field(default=None, max_length=20)
@@ -69,9 +78,26 @@ class Report(BaseModel):
     rollout_id: str | None = Field(default=None, max_length=40)
     health: str | None = Field(default=None, max_length=20)
 
+    @model_validator(mode="after")
+    def _bounded(self) -> Report:
+        extra = self.model_extra or {}
+        if len(extra) > MAX_REPORT_EXTRA_FIELDS:
+            raise ValueError(
+                f"a report has {len(extra)} unknown fields, above {MAX_REPORT_EXTRA_FIELDS}"
+            )
+        try:
+            size = len(json.dumps(self.model_dump(mode="python"), allow_nan=False))
+        except ValueError as e:  # NaN or infinity (e.g. 1e999999) in an unknown field
+            raise ValueError("a report holds a number that is not finite") from e
+        except (TypeError, RecursionError) as e:
+            raise ValueError(f"a report cannot be stored as JSON: {e}") from e
+        if size > MAX_REPORT_BYTES:
+            raise ValueError(f"a report is {size} bytes as JSON, above {MAX_REPORT_BYTES}")
+        return self
+
 
 class ReportBatch(BaseModel):
-    reports: list[Report] = Field(max_length=1000)
+    reports: list[Report] = Field(max_length=MAX_REPORTS_PER_BATCH)
 
 
 class ReportAck(BaseModel):

@@ -10,9 +10,11 @@ Checks, in order:
    the broker ACL lets a device publish only under its own id, and this is the
    second check of the same rule, so a misconfigured broker cannot let one device
    write another's telemetry;
-4. each record has an integer ``seq`` >= 0, a known ``kind``, a numeric ``ts`` and
-   an object ``body`` with the fields its table needs; a bad record is dropped and
-   counted (``bad_records``) without losing the good records beside it.
+4. every record holds to the wire contract (:mod:`.contract`: the dataclasses of
+   :mod:`device_agent.protocol`, checked strictly -- non-negative counts, errors <=
+   count, histogram total = count - errors, finite numbers, bounded sizes); a record
+   that does not is dropped and counted by reason (``rejected``) without losing the
+   good records beside it, so it never reaches a rollout gate.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from device_agent.protocol import parse_device_topic
+from device_agent.protocol import MAX_MESSAGE_BYTES, parse_device_topic
+from fleet_server.ingest.contract import check_message
 from fleet_server.ingest.errors import (
     MalformedTelemetryError,
     NotTelemetryTopicError,
@@ -54,6 +57,12 @@ class ParsedMessage:
     )
     records: int = 0
     bad_records: int = 0
+    #: rejected records by reason (see :data:`fleet_server.ingest.contract.RECORD_REASONS`)
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def reject(self, reason: str) -> None:
+        self.bad_records += 1
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
 def topic_device(topic: str) -> str:
@@ -72,6 +81,10 @@ def parse_message(
 ) -> ParsedMessage:
     """Parse and check one message (see the module docstring for the order of checks)."""
     device_id = topic_device(topic)
+    if len(payload) > MAX_MESSAGE_BYTES:  # before decoding anything
+        raise MalformedTelemetryError(
+            f"message from {device_id} is {len(payload)} bytes, above {MAX_MESSAGE_BYTES}"
+        )
     try:
         obj = codec.loads(payload)
     except (UnicodeDecodeError, ValueError) as e:
@@ -86,15 +99,19 @@ def parse_message(
             f"payload claims device {claimed!r} but was published under {device_id!r}; "
             "check the broker ACL (a device may publish only under its own id)"
         )
+    reasons = check_message(payload, device_id)
     out = ParsedMessage(device_id)
-    for rec in obj["records"]:
+    for index, rec in enumerate(obj["records"]):
         out.records += 1
+        if index in reasons:
+            out.reject(reasons[index])
+            continue
         try:
             row = _record_row(device_id, rec, received_at, codec)
         except ValueError:  # a body the codec cannot re-encode
             row = None
         if row is None:
-            out.bad_records += 1
+            out.reject("invalid")
         else:
             out.rows[row[0]].append(row[1])
     return out

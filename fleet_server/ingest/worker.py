@@ -41,6 +41,7 @@ from fleet_server.ingest.errors import (
     IngestConfigError,
     IngestError,
     MalformedTelemetryError,
+    RejectionCounter,
     SpoofedDeviceError,
 )
 from fleet_server.ingest.parse import ParsedMessage, parse_message
@@ -115,6 +116,8 @@ class IngestWorker:
         self.config = config
         self.writer = TelemetryWriter(engine)
         self.stats = IngestStats()
+        #: rejected records and messages per device and reason (for /metrics)
+        self.rejections = RejectionCounter()
         self._stop = threading.Event()
         self._done = threading.Event()
         self._writer_thread: threading.Thread | None = None
@@ -222,19 +225,23 @@ class IngestWorker:
         try:
             parsed = parse_message(topic, payload, time.time())
         except SpoofedDeviceError as e:
+            self.rejections.message(topic, e)
             self.stats.spoofed_messages += 1
             log.warning("dropped telemetry: %s", e)
             return 0
         except MalformedTelemetryError as e:
+            self.rejections.message(topic, e)
             self.stats.malformed_messages += 1
             log.warning("dropped telemetry: %s", e)
             return 0
         except IngestError as e:
+            self.rejections.message(topic, e)
             self.stats.bad_topic_messages += 1
             log.warning("dropped telemetry: %s", e)
             return 0
         self.stats.records += parsed.records
         self.stats.bad_records += parsed.bad_records
+        self.rejections.add(parsed.device_id, parsed.rejected)
         batch.append(parsed)
         return parsed.records
 

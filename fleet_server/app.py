@@ -181,6 +181,9 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
     app.state.ctx = ctx
     _install_error_handlers(app)
     app.include_router(device_router)
+    from fleet_server.api.uptane import device_router as uptane_device_router
+
+    app.include_router(uptane_device_router)
     app.include_router(api_router, prefix=API_PREFIX)
     if settings.dashboard:
         from fleet_server.api.dashboard import dashboard_router

@@ -45,6 +45,8 @@ PERMISSIONS: dict[str, Role] = {
     "model.build": Role.admin,
     # a bundle signed offline by release keys; devices verify it themselves
     "bundle.upload": Role.operator,
+    # image targets signed offline by the release keys' threshold; the server verifies them
+    "release.upload": Role.operator,
     "device.assign": Role.operator,
     "rollout.create": Role.operator,
     "rollout.act": Role.operator,

@@ -35,6 +35,9 @@ class ServerSettings(BaseSettings):
     signing_key_dir: Path | None = None
     #: key id or name in ``signing_key_dir`` used for server-side signing
     signing_key: str | None = None
+    #: the Uptane repositories made by `edgefleet release init` (image repository, director
+    #: root, the server's online keys); None: no Uptane routes
+    uptane_dir: Path | None = None
     #: the trust store uploaded bundles are verified against (JSON, device_agent format)
     trust_store: Path | None = None
     #: pepper mixed into every token hash (HMAC-SHA256 key)
@@ -52,6 +55,12 @@ class ServerSettings(BaseSettings):
     #: it then sets mqtt_host/port/credentials itself and admits devices as they enroll
     broker: str = Field(default="none", pattern="^(none|mosquitto|embedded)$")
     broker_dir: Path = Path("./edgefleet-broker")
+    #: port of the broker beside the server; 0: the port it had last time (recorded in
+    #: broker_dir/broker.json), first chosen free
+    broker_port: int = Field(default=0, ge=0, le=65535)
+    #: the MQTT host name enrollment hands to devices; empty: the host name the device
+    #: used to reach this server
+    mqtt_public_host: str = ""
     #: run the telemetry ingestion worker (MQTT 5 shared subscription) when a broker is set
     ingest: bool = True
     ingest_share_group: str = "edgefleet-ingest"

@@ -133,3 +133,72 @@ class AttackerServer:
 
     def credentials_seen(self) -> list[str]:
         return [v for s in self.seen for k, v in s.headers.items() if k.lower() == "authorization"]
+
+
+@dataclass
+class FreezingProxy:
+    """An attacker on the wire in front of ``upstream``: forwards every request except
+    those whose path ends with a name in ``withhold`` (answered 503: a freeze)."""
+
+    upstream: str
+    withhold: set[str] = field(default_factory=set)
+
+    def start(self) -> FreezingProxy:
+        import urllib.error
+        import urllib.request
+
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+            def _forward(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else None
+                if any(self.path.endswith(w) for w in proxy.withhold):
+                    self._answer(503, b"", {})
+                    return
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("host", "content-length", "connection")
+                }
+                req = urllib.request.Request(
+                    proxy.upstream + self.path, data=body, headers=headers, method=self.command
+                )
+                try:
+                    with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310
+                        self._answer(r.status, r.read(), dict(r.headers.items()))
+                except urllib.error.HTTPError as e:
+                    self._answer(e.code, e.read(), dict(e.headers.items()))
+
+            def _answer(self, status: int, data: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    if k.lower() in ("content-type", "etag", "content-range", "accept-ranges"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = _forward  # noqa: N815
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        assert isinstance(host, str)
+        return f"http://{host}:{port}"

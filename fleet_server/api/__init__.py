@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from fleet_server.api import bundles, devices, operators, rollouts, telemetry
+from fleet_server.api import bundles, devices, operators, rollouts, telemetry, uptane
 
 api_router = APIRouter()
 api_router.include_router(operators.router)
@@ -12,3 +12,4 @@ api_router.include_router(devices.router)
 api_router.include_router(bundles.router)
 api_router.include_router(rollouts.router)
 api_router.include_router(telemetry.router)
+api_router.include_router(uptane.router)

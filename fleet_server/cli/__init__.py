@@ -10,6 +10,7 @@ from fleet_server.cli.demo import demo
 from fleet_server.cli.image import image
 from fleet_server.cli.keys import keys, trust
 from fleet_server.cli.ops import COMMANDS as OPS_COMMANDS
+from fleet_server.cli.release import release
 from fleet_server.cli.report import report
 from fleet_server.cli.server import server
 
@@ -28,6 +29,7 @@ main.add_command(convert)
 bundle.add_command(bundle_build)
 main.add_command(image)
 main.add_command(report)
+main.add_command(release)
 main.add_command(server)
 for _ops_command in OPS_COMMANDS:
     main.add_command(_ops_command)

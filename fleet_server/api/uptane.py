@@ -1,0 +1,117 @@
+"""Uptane routes: the image repository and the per-device director for devices, and the
+release upload for operators (``targets.json`` signed offline by the release keys).
+
+Active when the server setting ``uptane_dir`` names a directory set up by
+``edgefleet release init``; otherwise every route answers 503 saying so.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from fleet_server import audit
+from fleet_server.api.deps import (
+    CtxDep,
+    CurrentDevice,
+    Principal,
+    RequirePermission,
+    SessionDep,
+    ViewerDep,
+)
+from fleet_server.context import ServerContext
+from fleet_server.errors import BadRequestError, NotFoundError, ServiceUnavailableError
+from fleet_server.registry.tufrepo import TufRepoError
+from fleet_server.registry.uptane import UptaneRepos, instructions_for
+
+IMAGE_PREFIX = "/device/v1/uptane/image"
+DIRECTOR_PREFIX = "/device/v1/uptane/director"
+
+device_router = APIRouter(tags=["uptane"])
+router = APIRouter(tags=["release"])
+
+_repos: dict[int, UptaneRepos] = {}
+_lock = threading.Lock()
+
+
+def repos(ctx: ServerContext) -> UptaneRepos:
+    """The server's repositories (opened once per context)."""
+    d = getattr(ctx.settings, "uptane_dir", None)
+    if d is None:
+        raise ServiceUnavailableError(
+            "this server runs without the Uptane chain; set EDGEFLEET_SERVER_UPTANE_DIR to a "
+            "directory made by `edgefleet release init`"
+        )
+    with _lock:
+        r = _repos.get(id(ctx))
+        if r is None:
+            r = _repos[id(ctx)] = UptaneRepos.open(d)
+        return r
+
+
+def _json(data: bytes | None, name: str) -> Response:
+    if data is None:
+        raise NotFoundError(f"no metadata file {name}")
+    return Response(data, media_type="application/json", headers={"cache-control": "no-store"})
+
+
+@device_router.get(IMAGE_PREFIX + "/{name}", response_class=Response)
+def image_metadata(name: str, device_id: CurrentDevice, ctx: CtxDep) -> Response:
+    """Image repository metadata (root history, targets, snapshot, timestamp)."""
+    return _json(repos(ctx).image.file(name, datetime.now(timezone.utc)), name)
+
+
+@device_router.get(DIRECTOR_PREFIX + "/{name}", response_class=Response)
+def director_metadata(name: str, device_id: CurrentDevice, ctx: CtxDep) -> Response:
+    """The calling device's director metadata, signed with the director's online key."""
+    with ctx.session() as session:
+        device_class, instructions = instructions_for(session, device_id)
+    data = repos(ctx).director.file(
+        name, device_id=device_id, device_class=device_class, instructions=instructions
+    )
+    return _json(data, name)
+
+
+@router.get("/release/targets", response_class=Response)
+def get_targets(who: ViewerDep, ctx: CtxDep) -> Response:
+    """The image repository's current targets.json (to add a release to and sign offline)."""
+    return _json(repos(ctx).image.file("targets.json"), "targets.json")
+
+
+@router.put("/release/targets")
+async def put_targets(
+    request: Request,
+    session: SessionDep,
+    who: Annotated[Principal, Depends(RequirePermission("release.upload"))],
+    ctx: CtxDep,
+) -> dict[str, Any]:
+    """Publish a targets.json signed offline by the release keys' threshold. The server
+    checks the signatures against the image root and cannot sign one itself."""
+    data = await request.body()
+    if len(data) > 5_000_000:
+        raise BadRequestError("targets.json is larger than 5 MB")
+    try:
+        md = repos(ctx).image.put_targets(data)
+    except TufRepoError as e:
+        audit.record(
+            session,
+            actor=who.actor,
+            action="release.refused",
+            target_type="image_targets",
+            details={"reason": str(e)[:500]},
+        )
+        session.commit()
+        raise BadRequestError(str(e)) from e
+    audit.record(
+        session,
+        actor=who.actor,
+        action="release.upload",
+        target_type="image_targets",
+        target_id=str(md.signed.version),
+        details={"targets": sorted(md.signed.targets), "signed_by": sorted(md.signatures)},
+    )
+    session.commit()
+    return {"version": md.signed.version, "targets": sorted(md.signed.targets)}

@@ -113,6 +113,8 @@ class TFLiteBackend:
         outs = [d["index"] for d in self._outputs]
         nd = np.ndarray
         self.fast_path = NATIVE
+        if len(ins) == 1 and len(outs) == 1:
+            return _single_io_runner(interp, lock, fit, shapes, ins[0], outs[0])
 
         def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
             with lock:
@@ -133,3 +135,32 @@ class TFLiteBackend:
                 return out
 
         return run
+
+
+def _single_io_runner(
+    interp: Any,
+    lock: Any,
+    fit: Any,
+    shapes: dict[int, tuple[int, ...]],
+    inp: tuple[str, int, np.dtype],
+    out: int,
+) -> Runner:
+    """The fast runner of a one-input, one-output model (the common case): no loops."""
+    name, idx, dtype = inp
+    nd = np.ndarray
+
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        arr = feed[name]
+        if arr.__class__ is not nd or arr.dtype is not dtype:
+            arr = np.ascontiguousarray(arr, dtype=dtype)
+        with lock:
+            if arr.shape != shapes[idx]:
+                fit(idx, arr.shape)
+            native = interp._interpreter
+            native.SetTensor(idx, arr)
+            native.Invoke()
+            result = native.GetTensor(out, 0)
+            del native
+        return [result]
+
+    return run

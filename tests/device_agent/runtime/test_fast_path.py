@@ -31,7 +31,7 @@ from device_agent.runtime import (
     TFLiteBackend,
     load_backend,
 )
-from tests.agent_models import cnn_onnx, install, make_bundle, mlp_onnx
+from tests.agent_models import add_onnx, cnn_onnx, install, make_bundle, mlp_onnx
 
 
 def _tflite_bytes(onnx_bytes: bytes) -> bytes:
@@ -193,3 +193,18 @@ def test_backends_describe_their_tensors(tmp_path: Path, fmt: str) -> None:
     assert inp.shape[0] in (None, 1)  # TFLite files from the converter fix batch 1
     assert inp.nbytes_per_call() == 16 * 4
     assert backend.input_names == [inp.name] and backend.output_names == [out.name]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_fast_runner_of_a_two_input_model_is_native_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    backend = _backend(tmp_path, fmt, add_onnx())
+    run = backend.fast_runner()
+    assert backend.fast_path == NATIVE
+    rng = np.random.default_rng(9)
+    cases = [{n: rng.normal(size=(b, 4)).astype(np.float32) for n in ("a", "b")} for b in (1, 3)]
+    _block_public_calls(monkeypatch, fmt)
+    for feed in cases:
+        (y,) = run(feed)
+        np.testing.assert_allclose(y, feed["a"] + feed["b"], rtol=1e-6)

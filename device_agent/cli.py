@@ -79,7 +79,9 @@ def _updater(cfg: AgentConfig) -> tuple[Any, Any]:
         _die(f"config error: {e}", 2)
     state_dir = Path(cfg.device.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    store = TelemetryStore(state_dir / "telemetry.db", max_bytes=cfg.telemetry.max_db_bytes)
+    store = TelemetryStore(
+        state_dir / "telemetry.db", max_bytes=cfg.telemetry.max_db_bytes, resilient=True
+    )
     return Updater(
         state_dir,
         trust,
@@ -201,18 +203,23 @@ def run(ctx: click.Context) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show the active slot, installed versions, update state and telemetry backlog."""
-    from .store import TelemetryStore
+    import sqlite3
+
+    from .store import TelemetryStore, TelemetryStoreError
     from .update import read_status
 
     cfg = _config(ctx)
     state_dir = Path(cfg.device.state_dir)
     info = read_status(state_dir)
     db = state_dir / "telemetry.db"
-    backlog = None
+    backlog: dict[str, Any] | None = None
     if db.exists():
-        with TelemetryStore(db, max_bytes=cfg.telemetry.max_db_bytes) as store:
-            stats = store.stats()
-        backlog = {"rows": stats["rows"], "bytes": stats["bytes"], "dropped": stats["dropped"]}
+        try:  # status changes nothing: a damaged store is the running agent's to replace
+            with TelemetryStore(db, max_bytes=cfg.telemetry.max_db_bytes) as store:
+                stats = store.stats()
+            backlog = {"rows": stats["rows"], "bytes": stats["bytes"], "dropped": stats["dropped"]}
+        except (TelemetryStoreError, sqlite3.Error, OSError) as e:
+            backlog = {"error": f"{e}"[:300]}
     info["telemetry_backlog"] = backlog
     info["device_id"] = cfg.device.id
     if as_json:
@@ -234,7 +241,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if info["shadow"]:
         sh = info["shadow"]
         click.echo(f"shadow:       slot {sh['slot']}: {sh['name']} v{sh['version']}")
-    if backlog is not None:
+    if backlog is not None and "error" in backlog:
+        click.echo(f"telemetry:    unreadable ({backlog['error']}); the agent replaces it")
+    elif backlog is not None:
         rows = ", ".join(f"{k} {v}" for k, v in backlog["rows"].items())
         click.echo(f"telemetry:    {rows} waiting ({backlog['bytes']} bytes)")
 

@@ -36,6 +36,7 @@ from .agent import Agent
 from .bundle import TrustStore
 from .config import AgentConfig, ConfigError
 from .store import TelemetryStore
+from .update.errors import UpdateBusyError
 from .update.fetch import HttpFetcher
 from .update.machine import State
 from .update.updater import Updater
@@ -87,7 +88,7 @@ class AgentDaemon:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.trust = load_trust(config)
         self.store = TelemetryStore(
-            state_dir / "telemetry.db", max_bytes=config.telemetry.max_db_bytes
+            state_dir / "telemetry.db", max_bytes=config.telemetry.max_db_bytes, resilient=True
         )
         self.agent = agent if agent is not None else Agent(config, self.store, wall=clock)
         self.fetcher = (
@@ -154,7 +155,13 @@ class AgentDaemon:
     # -- the loop ------------------------------------------------------------------
     def run(self) -> None:
         cfg = self.config
-        self.updater.boot()
+        try:
+            self.updater.boot()
+        except UpdateBusyError:
+            raise
+        except Exception:  # noqa: BLE001 - serve what boot loaded; the loop retries updates
+            log.exception("update state recovery failed at start; serving continues")
+        self._report_store_notes()
         self._start_serving()
         self._start_mqtt()
         log.info(
@@ -190,7 +197,15 @@ class AgentDaemon:
         finally:
             self._shutdown()
 
+    def _report_store_notes(self) -> None:
+        """Tell the server what happened to the telemetry store (reset, full disk)."""
+        for note in self.store.take_notes():
+            extra = {k: v for k, v in note.items() if k not in ("code", "message")}
+            with contextlib.suppress(Exception):
+                self.updater.report_health(note["code"], note["message"], telemetry=extra)
+
     def _after_round(self) -> None:
+        self._report_store_notes()
         if self.reporter is not None:
             self.reporter.notify()
         if self.transport is not None:

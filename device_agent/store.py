@@ -21,6 +21,17 @@ them. Invariants this module keeps:
   the counts evicted since the last call (persisted, so a restart does not forget
   them) in the shape of the summary body's ``"dropped"`` field.
 
+* **Resilience** (``resilient=True``, what the agent uses): a file that fails
+  SQLite's integrity check when opened, or turns out corrupt while in use, is
+  moved aside as ``telemetry.db.corrupt-<UTC time>`` and replaced by an empty
+  store; a full disk never raises from :meth:`TelemetryStore.append_many`:
+  records that cannot be written are counted per kind in memory and folded into
+  the dropped counts (reported in the next summary's ``"dropped"``) by the first
+  write that succeeds once space returns. A disk too full to even open the file
+  gives an in-memory store that moves to the file by itself when space returns.
+  What happened is kept as notes for the agent to report
+  (:meth:`TelemetryStore.take_notes`: ``telemetry_store_reset``, ``no_space``).
+
 Thread safety: one connection guarded by a lock; safe for a writer thread (the
 agent) and a reader thread (the reporter) at the same time.
 """
@@ -33,6 +44,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +78,15 @@ _WAL_FRACTION = 8
 _LOW_WATER = 0.9
 #: estimated per-row bytes beyond the body (seq, ts, cell header)
 _ROW_OVERHEAD = 24
+#: seconds between attempts to move an in-memory store (disk full at open) to its file
+_REOPEN_SECONDS = 5.0
+#: SQLite messages that mean the disk (not the file) is the problem
+_FULL_MESSAGES = (
+    "database or disk is full",
+    "disk i/o error",
+    "unable to open database",
+    "no space",
+)
 
 
 class TelemetryStoreError(Exception):
@@ -142,6 +163,8 @@ class TelemetryStore:
         path: str | os.PathLike[str],
         max_bytes: int = 64 * 1024 * 1024,
         max_record_bytes: int | None = None,
+        *,
+        resilient: bool = False,
     ) -> None:
         if max_bytes < MIN_MAX_BYTES:
             raise StoreConfigError(
@@ -154,17 +177,49 @@ class TelemetryStore:
         #: payload bytes written per transaction, so one transaction fits the WAL's share
         self._chunk_bytes = max(16 * 1024, wal_bytes // 4)
         self.max_record_bytes = int(max_record_bytes or self._chunk_bytes)
-        self._lock = threading.Lock()
+        self._next_seq = 1
+        self._lock = threading.RLock()  # re-entrant: a reset under the lock reopens
         self._closed = False
+        self.resilient = resilient
+        #: what happened to the store, for the agent to report (see take_notes)
+        self._notes: list[dict[str, Any]] = []
+        #: records a full disk kept out, per kind, not yet folded into the dropped counts
+        self._unstored: dict[str, int] = {}
+        self.in_memory = False
+        self._next_reopen = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            conn = sqlite3.connect(
-                str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
-            )
+            self._open(str(self.path), check=resilient)
+        except sqlite3.DatabaseError as e:
+            if not resilient:
+                raise StoreCorruptError(
+                    f"{self.path} is not a readable telemetry store ({e}); move it aside and "
+                    "the agent will start a new one"
+                ) from e
+            if _is_full(e):
+                self._open_in_memory(e)
+            else:
+                self._replace_corrupt(e)
+        if not self.in_memory and self._file_bytes() > self.max_bytes:
+            with self._lock:
+                self._write(lambda: self._evict_locked(self._budget_pages))
+                self._conn.execute("VACUUM")
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _open(self, target: str, *, check: bool) -> None:
+        """Open ``target`` (a file or ``:memory:``) and create the schema."""
+        conn = sqlite3.connect(target, check_same_thread=False, isolation_level=None, timeout=30.0)
+        try:
             self._conn = conn
             self._db = sqlite_utils.Database(conn)
             conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
-            self._db.enable_wal()
+            if check:
+                rows = conn.execute("PRAGMA quick_check(1)").fetchall()
+                if rows != [("ok",)]:
+                    raise sqlite3.DatabaseError(f"integrity check failed: {rows[0][0]!s:.200}")
+            if target != ":memory:":
+                self._db.enable_wal()
+            wal_bytes = self._wal_bytes
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA journal_size_limit={wal_bytes}")
             #: an existing file keeps the page size it was created with
@@ -173,19 +228,101 @@ class TelemetryStore:
             #: pages the main database may hold before eviction starts
             self._budget_pages = (self.max_bytes - wal_bytes) // self._page - 2
             self._create_schema()
-            self._next_seq = self._load_next_seq()
+            self._next_seq = max(self._load_next_seq(), getattr(self, "_next_seq", 1))
+        except BaseException:
+            conn.close()
+            raise
+
+    def _replace_corrupt(self, error: BaseException) -> None:
+        """Move a corrupt file (and its WAL) aside and start an empty store."""
+        lost = self._file_bytes()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            try:
+                os.replace(src, f"{moved}{suffix}")
+            except FileNotFoundError:
+                pass
+            except OSError:
+                with contextlib.suppress(OSError):
+                    src.unlink()
+        self._notes.append(
+            {
+                "code": "telemetry_store_reset",
+                "message": f"{self.path.name} failed its integrity check ({error}); it was moved "
+                f"aside to {moved.name} and replaced by an empty store. Telemetry not "
+                f"yet sent ({lost} bytes on disk) is lost; serving continues",
+                "lost_bytes": lost,
+                "moved_to": str(moved),
+            }
+        )
+        # the old file's sequence numbers are unknown: continue above any it can have used
+        # (microseconds since the epoch), so the server never drops new records as repeats
+        self._next_seq = max(self._next_seq, time.time_ns() // 1000)
+        try:
+            self._open(str(self.path), check=False)
         except sqlite3.DatabaseError as e:
-            if hasattr(self, "_conn"):
-                self._conn.close()
-            raise StoreCorruptError(
-                f"{self.path} is not a readable telemetry store ({e}); move it aside and "
-                "the agent will start a new one"
-            ) from e
-        if self._file_bytes() > self.max_bytes:
-            with self._lock:
-                self._write(lambda: self._evict_locked(self._budget_pages))
-                conn.execute("VACUUM")
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._open_in_memory(e)
+
+    def _open_in_memory(self, error: BaseException) -> None:
+        """The disk is too full to open the file: keep records in memory for now."""
+        self._next_seq = max(self._next_seq, time.time_ns() // 1000)
+        self._open(":memory:", check=False)
+        self.in_memory = True
+        self._next_reopen = time.monotonic() + _REOPEN_SECONDS
+        self._note_no_space(error)
+
+    def _note_no_space(self, error: BaseException) -> None:
+        if not any(n["code"] == "no_space" for n in self._notes):
+            self._notes.append(
+                {
+                    "code": "no_space",
+                    "message": f"the telemetry store cannot write to {self.path} ({error}); "
+                    "records are counted in memory and reported as dropped when "
+                    "space returns. Free disk space on the device",
+                }
+            )
+
+    def _maybe_reopen_locked(self) -> None:
+        """Move an in-memory store to its file once the disk has room again."""
+        if not self.in_memory or time.monotonic() < self._next_reopen:
+            return
+        self._next_reopen = time.monotonic() + _REOPEN_SECONDS
+        memory = self._conn
+        rows = {
+            k: memory.execute(f"SELECT seq, ts, body FROM {_table(k)}").fetchall()
+            for k in TELEMETRY_KINDS
+        }
+        try:
+            self._open(str(self.path), check=True)
+        except sqlite3.DatabaseError as e:
+            self._conn = memory
+            self._db = sqlite_utils.Database(memory)
+            if not _is_full(e):
+                self._replace_corrupt(e)
+            return
+        self.in_memory = False
+        memory.close()
+        self._conn.execute("BEGIN IMMEDIATE")
+        for k, items in rows.items():
+            self._conn.executemany(
+                f"INSERT OR IGNORE INTO {_table(k)}(seq, ts, body) VALUES (?, ?, ?)", items
+            )
+        self._meta_set("next_seq", self._next_seq)
+        self._conn.execute("COMMIT")
+
+    def take_notes(self) -> list[dict[str, Any]]:
+        """What happened to the store since the last call (resets, a full disk), each
+        ``{"code", "message", ...}``; the agent reports them to the server."""
+        with self._lock:
+            notes, self._notes = self._notes, []
+        return notes
+
+    @property
+    def unstored(self) -> dict[str, int]:
+        """Records a full disk kept out, per kind, not yet counted as dropped."""
+        return dict(self._unstored)
 
     # ---------------------------------------------------------------- schema
 
@@ -271,6 +408,7 @@ class TelemetryStore:
         if not rows:
             return []
         with self._lock:
+            self._maybe_reopen_locked()
             first = self._next_seq
             start = 0
             while start < len(rows):
@@ -278,12 +416,20 @@ class TelemetryStore:
                 while end < len(rows) and (end == start or size < self._chunk_bytes):
                     size += len(rows[end][2]) + _ROW_OVERHEAD
                     end += 1
-                self._write(
-                    lambda s=start, e=end, b=size: self._insert_locked(rows, first, s, e, b)
-                )
+                try:
+                    self._write(
+                        lambda s=start, e=end, b=size: self._insert_locked(rows, first, s, e, b)
+                    )
+                except StoreWriteError as err:
+                    if not (self.resilient and _is_full(err.__cause__)):
+                        raise
+                    self._note_no_space(err)
+                    for k, _, _ in rows[start:end]:
+                        self._unstored[k] = self._unstored.get(k, 0) + 1
                 self._next_seq = first + end
                 start = end
-            self._checkpoint_if_large()
+            with contextlib.suppress(sqlite3.OperationalError):
+                self._checkpoint_if_large()
         return list(range(first, first + len(rows)))
 
     def _insert_locked(
@@ -301,6 +447,10 @@ class TelemetryStore:
                 f"INSERT INTO {_table(k)}(seq, ts, body) VALUES (?, ?, ?)", items
             )
         self._meta_set("next_seq", first + end)
+        for kind, n in self._unstored.items():  # space is back: count what it kept out
+            self._meta_add(f"dropped_{kind}", n)
+            self._meta_add(f"unreported_dropped_{kind}", n)
+        self._unstored = {}
         if self._used_pages() > self._budget_pages:
             self._evict_locked(self._budget_pages)
 
@@ -355,12 +505,17 @@ class TelemetryStore:
         out: list[Record] = []
         with self._lock:
             self._check_open()
-            for kind in dict.fromkeys(wanted):
-                cur = self._conn.execute(
-                    f"SELECT seq, ts, body FROM {_table(kind)} WHERE seq > ? ORDER BY seq LIMIT ?",
-                    (after, limit),
-                )
-                out.extend(Record(seq, kind, ts, body) for seq, ts, body in cur)
+            try:
+                for kind in dict.fromkeys(wanted):
+                    cur = self._conn.execute(
+                        f"SELECT seq, ts, body FROM {_table(kind)} WHERE seq > ? "
+                        "ORDER BY seq LIMIT ?",
+                        (after, limit),
+                    )
+                    out.extend(Record(seq, kind, ts, body) for seq, ts, body in cur)
+            except sqlite3.DatabaseError as e:
+                self._recover_read_locked(e)
+                return []
         out.sort(key=lambda r: r.seq)
         return out[:limit]
 
@@ -423,6 +578,19 @@ class TelemetryStore:
                 f"could not write to {self.path} ({e}); nothing of this write was kept. "
                 "Free disk space or check the file's permissions"
             ) from e
+        except sqlite3.DatabaseError as e:
+            if not self.resilient:
+                raise StoreCorruptError(f"{self.path} is corrupt ({e}); move it aside") from e
+            self._conn.close()
+            self._replace_corrupt(e)
+            self._write(fn)
+
+    def _recover_read_locked(self, e: sqlite3.DatabaseError) -> None:
+        """A read found the file corrupt: replace it (resilient) or say so."""
+        if not self.resilient or isinstance(e, sqlite3.OperationalError):
+            raise StoreCorruptError(f"{self.path} cannot be read ({e}); move it aside") from e
+        self._conn.close()
+        self._replace_corrupt(e)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -475,6 +643,15 @@ class TelemetryStore:
                     break
                 self._meta_add(f"dropped_{kind}", cur.rowcount)
                 self._meta_add(f"unreported_dropped_{kind}", cur.rowcount)
+
+
+def _is_full(e: BaseException | None) -> bool:
+    """True when ``e`` says the disk is full (or too full to open a file)."""
+    if isinstance(e, OSError) and e.errno in (28, 122):  # ENOSPC, EDQUOT
+        return True
+    return isinstance(e, sqlite3.OperationalError) and any(
+        m in str(e).lower() for m in _FULL_MESSAGES
+    )
 
 
 def _table(kind: str) -> str:

@@ -142,6 +142,12 @@ class StagingError(BundleError):
     code = "staging"
 
 
+class NoSpaceError(StagingError):
+    """The disk has no room to stage the bundle; nothing was changed, retry when it has."""
+
+    code = "no_space"
+
+
 class BindingError(BundleError):
     """A validly signed bundle that is not meant for this device or this slot."""
 

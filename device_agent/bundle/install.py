@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .._fsutil import fsync_dir
-from .errors import StagingError
+from .errors import NoSpaceError, StagingError
 from .manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
 from .trust import TrustStore
 from .verify import Expectation, VerifiedBundle, VerifyLimits, verify_bundle
@@ -35,7 +35,7 @@ class _DirectorySink:
         free = shutil.disk_usage(self.root).free
         need = manifest.total_size
         if need > free:
-            raise StagingError(
+            raise NoSpaceError(
                 f"not enough disk space to stage {manifest.name} v{manifest.version}: need "
                 f"{need} bytes, {free} free in {self.root.parent}; free some space and retry"
             )
@@ -129,12 +129,14 @@ def unpack_bundle(
             fsync_dir(tmp)
             _swap_into_place(tmp, dest)
         except OSError as e:
-            hint = (
-                "the disk is full; free some space and retry"
-                if e.errno in (errno.ENOSPC, errno.EDQUOT)
-                else "check permissions and the storage device"
-            )
-            raise StagingError(f"could not stage bundle into {dest}: {e}; {hint}") from e
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError(
+                    f"could not stage bundle into {dest}: {e}; the disk is full; free some "
+                    "space and retry"
+                ) from e
+            raise StagingError(
+                f"could not stage bundle into {dest}: {e}; check permissions and the storage device"
+            ) from e
     finally:
         sink.close()
         if tmp.exists():

@@ -75,6 +75,17 @@ MAX_REMEMBERED_FAILURES = 32
 #: reports kept for re-sending while the server is unreachable (the telemetry store
 #: keeps every one as an event too)
 MAX_UNSENT_REPORTS = 100
+#: states whose work is done to a candidate that is not serving yet
+CANDIDATE_STATES = frozenset(
+    {
+        State.CHECKING,
+        State.DOWNLOADING,
+        State.VERIFYING,
+        State.STAGING,
+        State.SMOKE_TESTING,
+        State.SHADOW_LOADING,
+    }
+)
 
 
 class ModelHost(Protocol):
@@ -217,7 +228,10 @@ class Updater:
             return restart_state(state)
         n = self.record.restarts.get(state.value, 0) + 1
         self.record.restarts[state.value] = n
-        save_record(self.record_file, self.record)
+        try:
+            save_record(self.record_file, self.record)
+        except OSError as e:  # counted in memory; a full disk cannot make a loop longer
+            log.error("cannot save restart count: %s", e)
         limit = self.config.max_restarts_per_state
         if n <= limit:
             return restart_state(state)
@@ -309,7 +323,12 @@ class Updater:
             except Exception as e:  # noqa: BLE001
                 log.warning("slot %s fails its smoke test: %s", slot, e)
                 continue
-            self.slots.set_active(ActivePointer(slot, m.name, version, None, None, self.clock()))
+            try:
+                self.slots.set_active(
+                    ActivePointer(slot, m.name, version, None, None, self.clock())
+                )
+            except OSError as e:  # serve anyway; re-derived again at the next start
+                log.error("cannot save the re-derived active pointer: %s", e)
             if self.state is not State.IDLE and self.record.slot == slot:
                 # the interrupted update was staging into what now serves: abandon it
                 failed = self.record.failed
@@ -337,6 +356,11 @@ class Updater:
                 "agent continued from the safest state. No action is needed",
                 state_file=q.to_report(),
             )
+
+    def report_health(self, code: str, message: str, **extra: Any) -> None:
+        """Report a degraded health event (``code``, ``message``) to the server and the
+        telemetry store; for what the agent recovered from by itself."""
+        self._report_health(code, message, **extra)
 
     def _report_health(self, code: str, message: str, **extra: Any) -> None:
         """A health report (degraded, with ``code``) to the server and the telemetry store."""
@@ -425,7 +449,8 @@ class Updater:
     def _run(self, step: Step) -> State:
         while True:
             self.record.state = step.state.value
-            save_record(self.record_file, self.record)
+            if not self._persist(step.state):
+                return State.IDLE
             self.history.append(step.state.value)
             self._crash_point(step.state.value)
             event: Event | None = None
@@ -443,6 +468,49 @@ class Updater:
             if event is None:
                 return step.state
             step = transition(step.state, event)
+
+    def _persist(self, state: State) -> bool:
+        """Save ``update.json`` before the state's work. If the disk refuses (full), a
+        candidate's attempt is refused (``no_space``) before its work starts and the
+        machine rests in idle; later states (switch, probation, rollback, outcomes)
+        are idempotent on restart, so they go on and are saved when space returns."""
+        try:
+            save_record(self.record_file, self.record)
+            return True
+        except OSError as e:
+            code = error_code(e)
+            log.error(
+                "cannot save update state",
+                extra={"state": state.value, "error_code": code, "error": str(e)},
+            )
+            if state not in CANDIDATE_STATES:
+                return True
+            reason = str(e)
+        self._free_download_space()
+        t = self.record.target
+        self.record.error = {
+            "code": code,
+            "message": f"cannot save update state {state.value!r} ({reason}); the update was "
+            "refused before it changed anything and is retried at the next check. Free "
+            "disk space on the device",
+        }
+        body: dict[str, Any] = {
+            "type": "install",
+            "outcome": "failed",
+            "name": t.name if t else None,
+            "version": t.version if t else None,
+            "bundle_id": t.bundle_id if t else None,
+            "error_code": code,
+            "message": self.record.error["message"],
+            "state": state.value,
+            "ts": self.clock(),
+            "rollout_id": self.record.rollout_id,
+            "shadow": self.record.mode == "shadow",
+        }
+        if state is not State.CHECKING:
+            self._report_event(body)
+        self.record.state = State.IDLE.value
+        return False
 
     def _contain(self, state: State, action: Action, e: Exception) -> Event | None:
         """The boundary around everything done to a candidate.
@@ -496,6 +564,8 @@ class Updater:
         found = error_code(e)
         if found == "no_space" or not code:
             code = found
+        if code == "no_space":  # whatever was downloaded must not hold the space
+            self._free_download_space()
         self.record.error = {"code": code, "message": str(e)}
         log.warning(
             "update step failed",

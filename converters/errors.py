@@ -58,3 +58,32 @@ class ParityError(ConverterError):
 class TrainingModeError(ConverterError):
     """The model does something only training does (dropout in training mode): its
     outputs would be random on devices. Export it in inference mode."""
+
+
+class NothingQuantizedError(QuantizationError):
+    """A quantized precision was asked for, but the quantizer changed no weight and no
+    operator: the artifact would be the float32 model under another label.
+
+    ``summary`` is the :class:`~converters.quantization_report.QuantizationSummary`.
+    """
+
+    def __init__(self, message: str, summary: object) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+class ArtifactLoadError(ConverterError):
+    """The runtime a device would use refuses (or fails to run) the produced model file."""
+
+
+class UnexpectedConverterError(ConverterError):
+    """A library failed in a way the converter does not name (a bug to report)."""
+
+
+def error_code(error: BaseException) -> str:
+    """Short code of an error for tables and APIs: ``ParityError`` -> ``parity``."""
+    import re
+
+    name = type(error).__name__
+    name = name[: -len("Error")] if name.endswith("Error") and name != "Error" else name
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()

@@ -23,7 +23,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,18 +35,40 @@ from device_agent._fsutil import atomic_write_bytes
 from device_agent.bundle.manifest import TensorSpec, canonical_json
 from device_agent.payloads import DriftProfile, SmokeSamples
 
-from . import onnx_tools, reference
+from . import reference
 from .bundle import BundleFile, build_manifest, pack_bundle, sign_bundle
-from .errors import ConverterError, ParityError, TargetError, TargetUnavailableError
-from .graph_checks import check_inference_mode
-from .parity import ParityReport, Tolerance, compare, default_tolerance
-from .quantize import apply_precision
-from .samples import check_samples, generate_samples, sample_count
+from .errors import (
+    ArtifactLoadError,
+    ConverterError,
+    ParityError,
+    SampleError,
+    UnexpectedConverterError,
+    error_code,
+)
+from .parity import ParityReport, Tolerance, compare_batches, default_tolerance
+from .produce import TFLITE_WEIGHTS, onnx_artifact, tflite_artifact
+from .quantization_report import QuantizationSummary
+from .samples import (
+    batches,
+    check_samples,
+    generate_samples,
+    sample_count,
+    split_samples,
+    take,
+)
 from .source import SourceModel
 from .targets import Target, min_onnxruntime
 
 Progress = Callable[[str], None]
-TFLITE_WEIGHTS = {"float32": "float32", "float16": "float16", "int8-dynamic": "int8"}
+__all__ = [
+    "TFLITE_WEIGHTS",
+    "Artifact",
+    "BuildResult",
+    "build_bundles",
+    "convert",
+    "pack_artifact",
+    "save_artifact",
+]
 STEPS_PER_TARGET = 4  # convert, parity, reference, pack
 
 
@@ -69,10 +91,24 @@ class Artifact:
     source: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    quantization: QuantizationSummary | None = None
 
     @property
     def format(self) -> str:
         return self.target.format
+
+    @property
+    def precision(self) -> str:
+        """The precision the model file has: the target's, or float32 when packed unquantized."""
+        q = self.quantization
+        return "float32" if q is not None and q.packed_unquantized else self.target.precision
+
+    def labels(self) -> dict[str, str]:
+        """Manifest labels saying what the model file is."""
+        out = {"precision": self.precision}
+        if self.precision != self.target.precision:
+            out.update(requested_precision=self.target.precision, quantized="no")
+        return out
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -80,6 +116,7 @@ class Artifact:
             "target": self.target.to_json(),
             "parity": self.parity.to_json(),
             "conversion": {"notes": list(self.notes), "seconds": round(self.seconds, 3)},
+            **({"quantization": self.quantization.to_json()} if self.quantization else {}),
             "drift_reference": {
                 "samples": self.profile.sample_count,
                 "reduction": self.profile.reduction,
@@ -90,84 +127,25 @@ class Artifact:
 # -- producing the model file ---------------------------------------------------
 
 
-def float32_onnx_for(
-    model: Any, max_ir: int | None, max_opset: int | None, max_ml: int | None = None
-) -> tuple[Any, list[str]]:
-    """The float32 ONNX model an ONNX target gets: checked for inference mode,
-    lowered to the limits, optimized offline. Returns (model, notes)."""
-    check_inference_mode(model)
-    model = onnx_tools.loadable_by_installed_ort(model)
-    model, notes = onnx_tools.lower(model, max_ir, max_opset, max_ml)
-    model = onnx_tools.optimize(model)
-    notes.append("optimized (onnxruntime basic level)")
-    return model, notes
-
-
-def _onnx_artifact(
-    source: SourceModel, target: Target, samples: Mapping[str, np.ndarray]
-) -> tuple[bytes, list[str]]:
-    import onnx
-
-    if source.onnx_model is None:
-        raise TargetError(
-            f"a {source.origin} source can only produce TFLite targets (pass-through); "
-            "convert the original model to get an ONNX artifact"
-        )
-    max_ir, max_opset, max_ml = target.limits
-    model, notes = float32_onnx_for(source.onnx_model, max_ir, max_opset, max_ml)
-    model, qnotes = apply_precision(model, target.precision, samples)
-    notes.extend(qnotes)
-    final_opset = onnx_tools.opsets(model).get("", 0)
-    if max_opset is not None and final_opset > max_opset:
-        raise TargetError(
-            f"{target.precision} needs opset {final_opset}, the target allows {max_opset}; "
-            "choose float32 or a newer runtime for this device class"
-        )
-    if max_ir is not None:
-        onnx_tools.set_ir_version(model, max_ir)
-    try:
-        onnx.checker.check_model(model)
-    except Exception as e:
-        raise TargetError(f"the produced ONNX model does not pass the checker: {e}") from e
-    return model.SerializeToString(), notes
-
-
-def _tflite_artifact(source: SourceModel, target: Target) -> tuple[bytes, list[str]]:
-    if source.tflite_bytes is not None:
-        if target.precision != "float32":
-            raise TargetError(
-                "a TFLite source is passed through as it is; re-quantizing it is not "
-                "supported (target precision float32)"
-            )
-        return source.tflite_bytes, ["TFLite source passed through"]
-    try:
-        from converters.tflite import onnx_to_tflite
-    except ImportError as e:
-        raise TargetUnavailableError(
-            "the ONNX -> TFLite writer (converters.tflite) is not available in this "
-            "installation; target ONNX instead"
-        ) from e
-    assert source.onnx_model is not None
-    model = onnx_tools.optimize(onnx_tools.loadable_by_installed_ort(source.onnx_model))
-    try:
-        data = onnx_to_tflite(model, weights=TFLITE_WEIGHTS[target.precision])
-    except ConverterError:
-        raise
-    except Exception as e:  # keep one error root for callers
-        raise TargetError(f"ONNX -> TFLite conversion failed: {e}") from e
-    return bytes(data), [f"ONNX -> TFLite ({TFLITE_WEIGHTS[target.precision]} weights)"]
-
-
 class _ArtifactRunner:
     """Runs a produced model file with the runtime a device would use."""
 
-    def __init__(self, data: bytes, fmt: str) -> None:
-        from device_agent.runtime import load_backend
+    def __init__(self, data: bytes, fmt: str, target: str) -> None:
+        from device_agent.runtime import BackendError, load_backend
 
+        self.target = target
         self._dir = tempfile.TemporaryDirectory(prefix="edgefleet-artifact-")
         path = Path(self._dir.name) / f"model.{fmt}"
         path.write_bytes(data)
-        self.backend = load_backend(path, fmt)
+        try:
+            self.backend = load_backend(path, fmt)
+        except BackendError as e:
+            self._dir.cleanup()
+            raise ArtifactLoadError(
+                f"{target}: the device runtime refuses the produced model ({e}). The "
+                "converter cannot make this model for this target; choose another "
+                "precision or format for it"
+            ) from e
         self.runtime = f"{self.backend.name} {getattr(self.backend, 'version', '')}".strip()
         if fmt == "onnx":
             from .introspect import onnx_signature
@@ -178,16 +156,69 @@ class _ArtifactRunner:
 
             self.inputs, self.outputs, self.requirements = tflite_signature(path)
 
+    def batch_sizes(self, available: int) -> list[int]:
+        """Batch sizes to check: for a free batch dimension 1 (how devices serve) and the
+        smoke-test batch (how devices check an install); else the fixed batch."""
+        shape = self.inputs[0].shape if self.inputs else ()
+        fixed = shape[0] if shape and isinstance(shape[0], int) else None
+        if fixed is None:
+            return sorted({1, min(available, reference.SMOKE_COUNT)})
+        if fixed > available:
+            raise SampleError(
+                f"{self.target}: the artifact takes batches of exactly {fixed}; give at "
+                f"least {fixed} validation samples (there are {available})"
+            )
+        return [fixed]
+
     def run(
         self, samples: Mapping[str, np.ndarray], source_inputs: Sequence[str]
     ) -> list[np.ndarray]:
         names = self.backend.input_names
         # Positional match: TFLite writers may rename tensors.
         feed = {names[i]: samples[n] for i, n in enumerate(source_inputs)}
-        return [np.asarray(o) for o in self.backend.run(feed)]
+        try:
+            return [np.asarray(o) for o in self.backend.run(feed)]
+        except Exception as e:  # runtimes raise their own types (Fail, ValueError, ...)
+            raise ArtifactLoadError(
+                f"{self.target}: the produced model fails to run in {self.runtime} on "
+                f"{sample_count(samples)} samples: {e}"
+            ) from e
+
+    def run_batched(
+        self, samples: Mapping[str, np.ndarray], source_inputs: Sequence[str], size: int
+    ) -> list[np.ndarray]:
+        """Outputs over ``samples`` run ``size`` at a time, concatenated."""
+        parts = [self.run(b, source_inputs) for b in batches(samples, size)]
+        return [np.concatenate([p[i] for p in parts], axis=0) for i in range(len(parts[0]))]
 
     def close(self) -> None:
         self._dir.cleanup()
+
+
+def _plan_samples(
+    source: SourceModel,
+    target: Target,
+    samples: Mapping[str, np.ndarray] | np.ndarray | None,
+    validation_samples: Mapping[str, np.ndarray] | np.ndarray | None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, dict[str, np.ndarray], str]:
+    """(all given samples, calibration samples or None, validation samples, how)."""
+    calibrates = target.precision == "int8-static"
+    if samples is None:
+        given = generate_samples(source.inputs)
+        origin = "generated from the input signature"
+    else:
+        given = check_samples(source.inputs, samples)
+        origin = "operator"
+    if validation_samples is not None:
+        validation = check_samples(source.inputs, validation_samples)
+        how = f"{sample_count(validation)} validation samples given apart from calibration"
+        return given, given if calibrates else None, validation, f"{origin}; {how}"
+    if samples is None:
+        validation = generate_samples(source.inputs, seed=1)
+        how = f"{sample_count(validation)} validation samples generated apart from calibration"
+        return given, given if calibrates else None, validation, f"{origin}; {how}"
+    calibration, validation, how = split_samples(given, calibrates)
+    return given, calibration, validation, f"{origin}; {how}"
 
 
 def convert(
@@ -195,51 +226,64 @@ def convert(
     target: Target,
     *,
     samples: Mapping[str, np.ndarray] | np.ndarray | None = None,
+    validation_samples: Mapping[str, np.ndarray] | np.ndarray | None = None,
     reference_samples: Mapping[str, np.ndarray] | np.ndarray | None = None,
     tolerance: Tolerance | None = None,
     allow_parity_failure: bool = False,
+    allow_unquantized: bool = False,
     progress: Progress = _quiet,
 ) -> Artifact:
     """Produce, check and describe one artifact of ``source`` for ``target``.
 
-    ``samples`` are calibration samples (also used for parity and static
-    quantization); when None they are generated from the input signature.
-    ``reference_samples`` (e.g. training data) feed the drift reference
-    instead of the calibration samples when given.
+    ``samples`` calibrate static quantization and, for the part held out
+    (:func:`~converters.samples.split_samples`), check parity; when None they are
+    generated from the input signature (validation samples then too, separately).
+    ``validation_samples`` give the parity set explicitly. Parity is checked the
+    way devices run: one sample at a time, and at the other batch sizes the artifact
+    allows (see :mod:`converters.parity`). ``reference_samples`` (e.g. training
+    data) feed the drift reference instead of the samples when given.
+
     Raises :class:`ParityError` (with ``.report``) when the artifact is over
-    tolerance and ``allow_parity_failure`` is false.
+    tolerance and ``allow_parity_failure`` is false, and
+    :class:`~converters.errors.NothingQuantizedError` when a quantized precision
+    changed nothing, unless ``allow_unquantized`` (the float32 model is then
+    produced, labelled unquantized).
     """
     started = time.perf_counter()
-    if samples is None:
-        calib = generate_samples(source.inputs)
-        origin = "generated from the input signature"
-    else:
-        calib = check_samples(source.inputs, samples)
-        origin = "operator"
+    given, calibration, validation, samples_origin = _plan_samples(
+        source, target, samples, validation_samples
+    )
     progress(f"{target.name}: converting")
     if target.format == "onnx":
-        data, notes = _onnx_artifact(source, target, calib)
+        produced = onnx_artifact(source, target, calibration or {}, allow_unquantized)
     else:
-        data, notes = _tflite_artifact(source, target)
+        produced = tflite_artifact(source, target, allow_unquantized)
+    data, notes = produced.data, produced.notes
+    precision = produced.precision_packed or target.precision
     progress(f"{target.name}: checking parity")
-    runner = _ArtifactRunner(data, target.format)
+    runner = _ArtifactRunner(data, target.format, target.name)
     try:
         in_names = [s.name for s in source.inputs]
-        produced = runner.run(calib, in_names)
-        expected = source.reference(calib)
-        tol = tolerance or default_tolerance(target.precision)
-        report = compare(
+        sizes = runner.batch_sizes(sample_count(validation))
+        if len(sizes) == 1 and sizes[0] > 1:
+            validation = take(validation, slice(0, sample_count(validation) // sizes[0] * sizes[0]))
+        by_batch = {b: runner.run_batched(validation, in_names, b) for b in sizes}
+        expected = source.reference(validation)
+        tol = tolerance or default_tolerance(precision)
+        report = compare_batches(
+            produced_by_batch=by_batch,
+            judged_at=sizes[:1],
+            calibration_samples=sample_count(calibration) if calibration is not None else None,
             variant=target.name,
-            precision=target.precision,
+            precision=precision,
             names=[o.name for o in source.outputs],
             tasks=source.tasks,
             reference=expected,
-            produced=produced,
             tolerance=tol,
             reference_runtime=source.reference_runtime,
             artifact_runtime=runner.runtime,
-            samples=sample_count(calib),
-            samples_origin=origin,
+            samples=sample_count(validation),
+            samples_origin=samples_origin,
             notes=notes,
         )
         if not report.passed:
@@ -252,12 +296,15 @@ def convert(
                 )
             report = _overridden(report)
         progress(f"{target.name}: drift reference and smoke samples")
-        if reference_samples is not None:
-            drift_in = check_samples(source.inputs, reference_samples)
-            drift_out = runner.run(drift_in, in_names)
-        else:
-            drift_in, drift_out = calib, produced
-        artifact_in = {runner.inputs[i].name: calib[n] for i, n in enumerate(in_names)}
+        drift_in = (
+            check_samples(source.inputs, reference_samples)
+            if reference_samples is not None
+            else given
+        )
+        drift_out = runner.run_batched(drift_in, in_names, sizes[-1])
+        drift_in = take(drift_in, slice(0, len(drift_out[0])))
+        one_by_one = by_batch[sizes[0]]
+        artifact_in = {runner.inputs[i].name: validation[n] for i, n in enumerate(in_names)}
         out_names = [o.name for o in runner.outputs]
         task = source.tasks.get(source.outputs[0].name, "regression")
         profile = reference.drift_profile(
@@ -268,7 +315,12 @@ def convert(
             task,
         )
         smoke = reference.smoke_samples(
-            artifact_in, produced, out_names, target.precision, classifier=source.is_classifier
+            artifact_in, one_by_one, out_names, precision, classifier=source.is_classifier
+        )
+        # The device runs the smoke samples as one batch: expect what that batch gives.
+        smoke_in = {n: smoke.inputs[runner.inputs[i].name] for i, n in enumerate(in_names)}
+        smoke = replace(
+            smoke, expected=dict(zip(out_names, runner.run(smoke_in, in_names), strict=True))
         )
         runtime = dict(runner.requirements)
         if target.format == "onnx":
@@ -291,6 +343,7 @@ def convert(
         source=source.provenance(),
         notes=notes,
         seconds=time.perf_counter() - started,
+        quantization=produced.quantization,
     )
 
 
@@ -340,7 +393,7 @@ def pack_artifact(
             runtime=artifact.runtime,
             target_device_classes=artifact.target.device_classes,
             provenance=artifact.provenance(),
-            labels={"precision": artifact.target.precision, **(labels or {})},
+            labels={**artifact.labels(), **(labels or {})},
             created_at=created_at,
             valid_for=valid_for,
         )
@@ -369,6 +422,15 @@ class BuildResult:
     bundle: Path | None
     error: Exception | None = None
 
+    @property
+    def code(self) -> str:
+        """``ok``, or the refusal's code (``parity``, ``nothing_quantized``, ...)."""
+        return "ok" if self.error is None else error_code(self.error)
+
+    @property
+    def message(self) -> str:
+        return "" if self.error is None else str(self.error)
+
 
 def build_bundles(
     source: SourceModel,
@@ -379,19 +441,23 @@ def build_bundles(
     version: int,
     signing_key: Ed25519PrivateKey | None = None,
     samples: Mapping[str, np.ndarray] | np.ndarray | None = None,
+    validation_samples: Mapping[str, np.ndarray] | np.ndarray | None = None,
     reference_samples: Mapping[str, np.ndarray] | np.ndarray | None = None,
     tolerances: Mapping[str, Tolerance] | None = None,
     allow_parity_failure: bool = False,
+    allow_unquantized: bool = False,
     labels: Mapping[str, str] | None = None,
     valid_for: timedelta = timedelta(days=90),
     progress: Progress = _quiet,
 ) -> list[BuildResult]:
     """Convert ``source`` for every target and pack each passing artifact.
 
-    A target that fails (parity, lowering, unsupported operator...) does not
-    stop the others; its :class:`BuildResult` carries the error. Bundles are
-    named ``NAME-vVERSION-TARGET.efb``. ``tolerances`` maps a target name to
-    an override of its default tolerance.
+    A target that fails (parity, lowering, unsupported operator, a runtime refusing
+    the produced file, packing...) does not stop the others: its
+    :class:`BuildResult` carries the error (a :class:`ConverterError`; anything else
+    is wrapped as :class:`~converters.errors.UnexpectedConverterError`). Bundles are
+    named ``NAME-vVERSION-TARGET.efb``. ``tolerances`` maps a target name to an
+    override of its default tolerance.
     """
     out_dir = Path(out_dir)
     results = []
@@ -401,23 +467,33 @@ def build_bundles(
                 source,
                 target,
                 samples=samples,
+                validation_samples=validation_samples,
                 reference_samples=reference_samples,
                 tolerance=(tolerances or {}).get(target.name),
                 allow_parity_failure=allow_parity_failure,
+                allow_unquantized=allow_unquantized,
                 progress=progress,
+            )
+            progress(f"{target.name}: packing and signing")
+            path = pack_artifact(
+                artifact,
+                out_dir / f"{name}-v{version}-{target.name}.efb",
+                name=name,
+                version=version,
+                signing_key=signing_key,
+                labels=labels,
+                valid_for=valid_for,
             )
         except ConverterError as e:
             results.append(BuildResult(target, None, None, e))
             continue
-        progress(f"{target.name}: packing and signing")
-        path = pack_artifact(
-            artifact,
-            out_dir / f"{name}-v{version}-{target.name}.efb",
-            name=name,
-            version=version,
-            signing_key=signing_key,
-            labels=labels,
-            valid_for=valid_for,
-        )
+        except Exception as e:  # a library failing on this model must not stop the others
+            wrapped = UnexpectedConverterError(
+                f"{target.name}: unexpected {type(e).__name__} while building: {e}. The "
+                "other targets were still built; please report this with the model"
+            )
+            wrapped.__cause__ = e
+            results.append(BuildResult(target, None, None, wrapped))
+            continue
         results.append(BuildResult(target, artifact, path))
     return results

@@ -113,3 +113,45 @@ def sample_count(samples: Mapping[str, np.ndarray]) -> int:
 
 def take(samples: Mapping[str, np.ndarray], index: np.ndarray | slice) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v[index]) for k, v in samples.items()}
+
+
+#: Share of one operator-given sample set held out for validation when the target
+#: calibrates on samples (int8-static); the rest calibrates.
+HOLDOUT_SHARE = 0.5
+
+
+def split_samples(
+    samples: Mapping[str, np.ndarray], calibrates: bool, seed: int = 0
+) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray], str]:
+    """(calibration, validation, how) from one sample set.
+
+    When the target calibrates on samples, a random half (at least one sample) is held
+    out for validation and never calibrates; otherwise nothing is fitted on the
+    samples and all of them validate.
+    """
+    n = sample_count(samples)
+    if not calibrates:
+        return None, dict(samples), f"all {n} samples validate (none calibrate this target)"
+    if n < 2:
+        raise SampleError(
+            f"{n} sample cannot both calibrate and validate; give at least 2 (better 64 or more)"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    held = max(1, int(round(n * HOLDOUT_SHARE)))
+    validation = take(samples, np.sort(order[:held]))
+    calibration = take(samples, np.sort(order[held:]))
+    return (
+        calibration,
+        validation,
+        (f"{held} of {n} samples held out for validation; the other {n - held} calibrate"),
+    )
+
+
+def batches(samples: Mapping[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    """``samples`` cut into consecutive batches of ``size`` (a short last batch dropped
+    unless it is the only one)."""
+    n = sample_count(samples)
+    count = max(1, n // size) if n >= size else 0
+    if count == 0:
+        return []
+    return [take(samples, slice(i * size, (i + 1) * size)) for i in range(count)]

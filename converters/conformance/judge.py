@@ -120,7 +120,7 @@ def onnx_lowering(max_opset: int, max_ir: int) -> Callable[[Any], Runner]:
     def convert(model: Any) -> Runner:
         from converters import onnx_tools
         from converters.errors import LoweringError
-        from converters.pipeline import float32_onnx_for
+        from converters.produce import float32_onnx_for
 
         optimized, _ = float32_onnx_for(model, max_ir, max_opset)
         onnx_tools.set_ir_version(optimized, max_ir)

@@ -62,7 +62,7 @@ from converters.tflite.layout import ONNX
 from converters.tflite.ops import BASIC_LOWERINGS
 from converters.tflite.ops_nn import NN_LOWERINGS
 from converters.tflite.optimize import fuse_activations
-from converters.tflite.quantize import WEIGHT_MODES, apply
+from converters.tflite.quantize import WEIGHT_MODES, WeightReport, apply
 
 __all__ = [
     "SUPPORTED_OPS",
@@ -74,7 +74,9 @@ __all__ = [
     "UnsupportedQuantizationError",
     "UnsupportedShapeError",
     "UnsupportedTypeError",
+    "WeightReport",
     "onnx_to_tflite",
+    "onnx_to_tflite_with_report",
 ]
 
 _LOWERINGS = {**BASIC_LOWERINGS, **NN_LOWERINGS}
@@ -94,6 +96,16 @@ def _check_supported(model: onnx.ModelProto, graph_nodes: list[onnx.NodeProto]) 
 
 def onnx_to_tflite(model: onnx.ModelProto, *, weights: str = "float32") -> bytes:
     """Convert an ONNX model to TFLite flatbuffer bytes.
+
+    See :func:`onnx_to_tflite_with_report` for what the weight mode changed.
+    """
+    return onnx_to_tflite_with_report(model, weights=weights)[0]
+
+
+def onnx_to_tflite_with_report(
+    model: onnx.ModelProto, *, weights: str = "float32"
+) -> tuple[bytes, WeightReport]:
+    """Convert an ONNX model to TFLite flatbuffer bytes, and say what ``weights`` changed.
 
     ``weights`` is ``"float32"``, ``"float16"`` or ``"int8"`` (dynamic range).
     Raises :class:`UnsupportedOperatorError` for an operator outside
@@ -132,9 +144,9 @@ def onnx_to_tflite(model: onnx.ModelProto, *, weights: str = "float32") -> bytes
     for name in graph.outputs:
         spec.outputs.append(_bind_output(ctx, name))
     fuse_activations(spec)
-    apply(spec, weights)
+    report = apply(spec, weights)
     spec.compact()
-    return serialize(spec)
+    return serialize(spec), report
 
 
 def _bind_output(ctx: Context, name: str) -> int:

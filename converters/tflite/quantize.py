@@ -21,6 +21,8 @@ Both modes keep float32 inputs, outputs and activations; only constants shrink.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import tflite
 
@@ -42,16 +44,39 @@ _HYBRID = {
 _HYBRID_VERSION = {Op.CONV_2D: 5, Op.DEPTHWISE_CONV_2D: 6, Op.FULLY_CONNECTED: 3}
 
 
+@dataclass(frozen=True)
+class WeightReport:
+    """What a weight mode changed: constants stored in fewer bits, operators reading them."""
+
+    mode: str
+    float_constants: int
+    constants_converted: int
+    operators_changed: int
+
+
+def _float_constants(spec: ModelSpec) -> int:
+    return sum(
+        1
+        for t in spec.tensors
+        if t.data is not None and t.dtype == T.FLOAT32 and int(np.prod(t.shape)) > 1
+    )
+
+
 def _values(t: TensorSpec) -> np.ndarray:
     assert t.data is not None
     return np.frombuffer(t.data, dtype="<f4").reshape(t.shape)
 
 
-def to_float16(spec: ModelSpec) -> None:
-    """Store float32 constants as float16 + ``DEQUANTIZE`` (in place)."""
+def to_float16(spec: ModelSpec) -> tuple[int, int]:
+    """Store float32 constants as float16 + ``DEQUANTIZE`` (in place).
+
+    Returns (constants converted, operators reading a converted constant).
+    """
     dequantized: dict[int, int] = {}
     prologue = []
+    changed = 0
     for op in spec.operators:
+        before = list(op.inputs)
         for pos, idx in enumerate(op.inputs):
             if idx < 0:
                 continue
@@ -68,8 +93,10 @@ def to_float16(spec: ModelSpec) -> None:
                 prologue.append((src, dst))
                 dequantized[idx] = dst
             op.inputs[pos] = dequantized[idx]
+        changed += op.inputs != before
     spec.operators[:0] = [OperatorSpec(Op.DEQUANTIZE, [s], [d], None, 3) for s, d in prologue]
     spec.compact()
+    return len(prologue), changed
 
 
 def quantize_int8(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -87,9 +114,13 @@ def quantize_int8(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.
     return q, scale
 
 
-def to_int8_dynamic_range(spec: ModelSpec) -> None:
-    """Quantize conv / depthwise / fully-connected weights to int8 (in place)."""
+def to_int8_dynamic_range(spec: ModelSpec) -> tuple[int, int]:
+    """Quantize conv / depthwise / fully-connected weights to int8 (in place).
+
+    Returns (weights quantized, operators now running hybrid kernels).
+    """
     done: dict[int, int] = {}
+    changed = 0
     for op in spec.operators:
         if op.code not in _HYBRID:
             continue
@@ -106,6 +137,7 @@ def to_int8_dynamic_range(spec: ModelSpec) -> None:
             )
             done[idx] = new
         op.inputs[pos] = done[idx]
+        changed += 1
         version = _HYBRID_VERSION[op.code]
         if op.code == Op.FULLY_CONNECTED and op.options and op.options[1].get("KeepNumDims"):
             version = 5
@@ -113,17 +145,18 @@ def to_int8_dynamic_range(spec: ModelSpec) -> None:
             version = 2
         op.version = max(op.version, version)
     spec.compact()
+    return len(done), changed
 
 
-def apply(spec: ModelSpec, weights: str) -> None:
+def apply(spec: ModelSpec, weights: str) -> WeightReport:
     """Apply weight mode ``weights`` (one of :data:`WEIGHT_MODES`) to ``spec``."""
+    floats = _float_constants(spec)
     if weights == "float32":
-        return
+        return WeightReport(weights, floats, 0, 0)
     if weights == "float16":
-        to_float16(spec)
-    elif weights == "int8":
-        to_int8_dynamic_range(spec)
-    else:
-        raise UnsupportedQuantizationError(
-            f"unknown weights mode {weights!r}; use one of {', '.join(WEIGHT_MODES)}"
-        )
+        return WeightReport(weights, floats, *to_float16(spec))
+    if weights == "int8":
+        return WeightReport(weights, floats, *to_int8_dynamic_range(spec))
+    raise UnsupportedQuantizationError(
+        f"unknown weights mode {weights!r}; use one of {', '.join(WEIGHT_MODES)}"
+    )

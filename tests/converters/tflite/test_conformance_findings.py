@@ -92,7 +92,7 @@ def test_dropout_with_training_mode_false_is_an_identity() -> None:
 
 
 def test_onnx_target_refuses_dropout_in_training_mode_too() -> None:
-    from converters.pipeline import float32_onnx_for
+    from converters.produce import float32_onnx_for
 
     with pytest.raises(TrainingModeError, match="training_mode=True"):
         float32_onnx_for(_dropout(np.asarray(True)), 9, 17)

@@ -1,0 +1,150 @@
+"""What a quantization pass did: weights and operators changed, and the size change.
+
+:func:`summarize_onnx` compares an ONNX model before and after
+:func:`converters.quantize.apply_precision`; the TFLite writer reports its own
+counts (:class:`converters.tflite.quantize.WeightReport`). A pass that changed
+nothing (:attr:`QuantizationSummary.quantized` false) is refused by the pipeline
+with :func:`nothing_quantized_reason`, unless the operator packs the float32 model
+deliberately, labelled unquantized.
+
+Counting rules (ONNX):
+
+* a *weight* is an initializer with more than one element (scales and zero points
+  are scalars); weights quantized = reduced-precision weights after the pass
+  (int8, uint8, float16 and narrower);
+* an *operator* is quantized when it reads a reduced-precision tensor, directly
+  (``MatMulInteger``, float16 kernels) or through a ``DequantizeLinear`` (QDQ);
+  the quantize/dequantize/cast nodes themselves are not counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+_REDUCED = {2, 3, 10, 16, 17, 18, 19, 20, 21, 22, 23}  # uint8 int8 float16 bfloat16 fp8 int4...
+_FLOAT32 = 1
+_PLUMBING = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast"}
+
+
+@dataclass(frozen=True)
+class QuantizationSummary:
+    """Counts and sizes of one quantized variant."""
+
+    precision: str
+    float_weights_before: int
+    weights_quantized: int
+    operators_quantized: int
+    bytes_before: int
+    bytes_after: int
+    operator_types: tuple[str, ...] = ()
+    packed_unquantized: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights_quantized > 0 or self.operators_quantized > 0
+
+    @property
+    def size_ratio(self) -> float:
+        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+    def note(self) -> str:
+        return (
+            f"{self.precision}: {self.weights_quantized} of {self.float_weights_before} float "
+            f"weights and {self.operators_quantized} operators quantized; "
+            f"{self.bytes_before / 1024:.1f} KiB -> {self.bytes_after / 1024:.1f} KiB "
+            f"({100 * (self.size_ratio - 1):+.1f} %)"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "quantized": self.quantized and not self.packed_unquantized,
+            "float_weights_before": self.float_weights_before,
+            "weights_quantized": self.weights_quantized,
+            "operators_quantized": self.operators_quantized,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "size_ratio": round(self.size_ratio, 4),
+            **({"packed_unquantized": True} if self.packed_unquantized else {}),
+        }
+
+
+def _weights(model: Any) -> Counter[int]:
+    counts: Counter[int] = Counter()
+    for t in model.graph.initializer:
+        size = 1
+        for d in t.dims:
+            size *= int(d)
+        if size > 1:
+            counts[int(t.data_type)] += 1
+    return counts
+
+
+def _value_types(model: Any) -> dict[str, int]:
+    import onnx
+
+    types = {t.name: int(t.data_type) for t in model.graph.initializer}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # counting only; missing types mean fewer operators counted
+        inferred = model
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        if vi.type.HasField("tensor_type"):
+            types.setdefault(vi.name, int(vi.type.tensor_type.elem_type))
+    return types
+
+
+def quantized_operators(model: Any) -> list[str]:
+    """Op types of the nodes that read a reduced-precision tensor (directly or via DQ)."""
+    types = _value_types(model)
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    found = []
+    for node in model.graph.node:
+        if node.op_type in _PLUMBING:
+            continue
+        if any(i in dequantized or types.get(i) in _REDUCED for i in node.input if i):
+            found.append(node.op_type)
+    return found
+
+
+def summarize_onnx(before: Any, after: Any, precision: str) -> QuantizationSummary:
+    """Compare an ONNX model before and after a quantization pass."""
+    w_before, w_after = _weights(before), _weights(after)
+    ops = quantized_operators(after)
+    return QuantizationSummary(
+        precision=precision,
+        float_weights_before=w_before.get(_FLOAT32, 0),
+        weights_quantized=sum(n for t, n in w_after.items() if t in _REDUCED)
+        - sum(n for t, n in w_before.items() if t in _REDUCED),
+        operators_quantized=len(ops),
+        bytes_before=before.ByteSize(),
+        bytes_after=after.ByteSize(),
+        operator_types=tuple(sorted(set(ops))),
+    )
+
+
+def nothing_quantized_reason(summary: QuantizationSummary, model: Any | None = None) -> str:
+    """Why a variant that changed nothing is refused, and what to do instead."""
+    kinds = ""
+    if model is not None:
+        ops = sorted({n.op_type for n in model.graph.node})
+        kinds = f" (its operators: {', '.join(ops[:8])}{', ...' if len(ops) > 8 else ''})"
+    if summary.precision == "float16":
+        why = (
+            f"float16 found no float32 weights to convert in this model{kinds}; it would "
+            "only round the inputs, with no size gain"
+        )
+    elif summary.precision == "int8-dynamic":
+        why = (
+            "dynamic int8 quantizes the weights of MatMul/Gemm (ONNX) or Conv/dense layers "
+            f"(TFLite), and this model has none{kinds}"
+        )
+    else:
+        why = f"{summary.precision} changed no weight and no operator of this model{kinds}"
+    return (
+        f"{why}. The artifact would be the float32 model labelled {summary.precision}. Use "
+        "the float32 target, or pass allow_unquantized (CLI: --allow-unquantized) to pack "
+        "it labelled as unquantized"
+    )

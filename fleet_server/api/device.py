@@ -300,7 +300,9 @@ def _store_reports_in(session: Any, device_id: str, batch: ReportBatch) -> Repor
                 body=body,
             )
         )
-        if r.type == "install" and r.outcome in ("installed", "rolled_back") and r.name:
+        shadow = body.get("shadow") is True  # a shadow candidate serves nothing
+        installed = r.type == "install" and r.outcome in ("installed", "rolled_back")
+        if installed and r.name and not shadow:
             device.current_name = r.name
             device.current_version = r.version
             device.current_bundle_id = r.bundle_id or _bundle_id_for(session, r.name, r.version)

@@ -45,6 +45,11 @@ class DevicePublic(BaseModel):
     current_bundle_id: str | None
     current_name: str | None
     current_version: int | None
+    shadow_bundle_id: str | None = Field(
+        default=None, description="Candidate run beside the active model, serving nothing"
+    )
+    shadow_name: str | None = None
+    shadow_version: int | None = None
     health: str
     health_code: str | None = Field(
         default=None,
@@ -66,7 +71,14 @@ class AssignmentSet(BaseModel):
 
 
 def device_public(d: Device, assignment: Assignment | None = None) -> DevicePublic:
+    """A device as the API shows it; the shadow candidate (if any) apart from the active one."""
+    shadow = (assignment.body or {}).get("shadow") if assignment is not None else None
+    if not isinstance(shadow, dict):
+        shadow = {}
     return DevicePublic(
+        shadow_bundle_id=shadow.get("bundle_id"),
+        shadow_name=shadow.get("name"),
+        shadow_version=shadow.get("version"),
         id=d.id,
         device_class=d.device_class,
         labels=d.labels or {},
@@ -129,13 +141,21 @@ def list_devices(
         nxt_off = nxt if nxt < total else None
     else:
         rows, total, nxt_off = paginate(session, stmt, page)
+    assigned = _assignments(session, [d.id for d in rows])
     return Page(
-        items=[device_public(d) for d in rows],
+        items=[device_public(d, assigned.get(d.id)) for d in rows],
         total=total,
         limit=page.limit,
         offset=page.offset,
         next_offset=nxt_off,
     )
+
+
+def _assignments(session: Any, ids: list[str]) -> dict[str, Assignment]:
+    if not ids:
+        return {}
+    rows = session.scalars(select(Assignment).where(Assignment.device_id.in_(ids)))
+    return {a.device_id: a for a in rows}
 
 
 @router.get("/devices/{device_id}", response_model=DevicePublic, tags=["devices"])
@@ -397,8 +417,9 @@ def group_devices(
     members = group_members(session, g)
     rows = members[page.offset : page.offset + page.limit]
     nxt = page.offset + len(rows)
+    assigned = _assignments(session, [d.id for d in rows])
     return Page(
-        items=[device_public(d) for d in rows],
+        items=[device_public(d, assigned.get(d.id)) for d in rows],
         total=len(members),
         limit=page.limit,
         offset=page.offset,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from fastapi import APIRouter, status
 from pydantic import BaseModel, Field
@@ -44,6 +45,14 @@ class TokenIssued(BaseModel):
     expires_at: datetime | None
 
 
+class TokenPublic(BaseModel):
+    id: str
+    operator_id: str
+    created_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
 class WhoAmI(BaseModel):
     operator_id: str
     name: str
@@ -52,6 +61,24 @@ class WhoAmI(BaseModel):
 
 def _public(op: Operator) -> OperatorPublic:
     return OperatorPublic(id=op.id, name=op.name, role=op.role, created_at=op.created_at)
+
+
+def _operator(session: Any, ref: str) -> Operator:
+    """An operator by id or by name (404 otherwise)."""
+    op = session.get(Operator, ref) or session.scalar(select(Operator).where(Operator.name == ref))
+    if op is None:
+        raise NotFoundError(f"operator {ref} does not exist; see `edgefleet operator list`")
+    return op  # type: ignore[no-any-return]
+
+
+def _token_public(t: OperatorToken) -> TokenPublic:
+    return TokenPublic(
+        id=t.id,
+        operator_id=t.operator_id,
+        created_at=t.created_at,
+        expires_at=t.expires_at,
+        revoked_at=t.revoked_at,
+    )
 
 
 @router.get("/whoami", response_model=WhoAmI)
@@ -93,6 +120,22 @@ def create_operator(body: OperatorCreate, session: SessionDep, who: AdminDep) ->
     return _public(op)
 
 
+@router.get("/operators/{operator_id}", response_model=OperatorPublic)
+def get_operator(operator_id: str, session: SessionDep, who: AdminDep) -> OperatorPublic:
+    """One operator, by id or name."""
+    return _public(_operator(session, operator_id))
+
+
+@router.get("/operators/{operator_id}/tokens", response_model=list[TokenPublic])
+def list_tokens(operator_id: str, session: SessionDep, who: AdminDep) -> list[TokenPublic]:
+    """An operator's tokens (never the secrets), revoked ones included."""
+    op = _operator(session, operator_id)
+    rows = session.scalars(
+        select(OperatorToken).where(OperatorToken.operator_id == op.id).order_by(OperatorToken.id)
+    )
+    return [_token_public(t) for t in rows]
+
+
 @router.post(
     "/operators/{operator_id}/tokens",
     response_model=TokenIssued,
@@ -101,10 +144,8 @@ def create_operator(body: OperatorCreate, session: SessionDep, who: AdminDep) ->
 def create_token(
     operator_id: str, body: TokenCreate, session: SessionDep, who: AdminDep, ctx: CtxDep
 ) -> TokenIssued:
-    """Issue an API token for an operator (shown once)."""
-    op = session.get(Operator, operator_id)
-    if op is None:
-        raise NotFoundError(f"operator {operator_id} does not exist")
+    """Issue an API token for an operator (by id or name; shown once)."""
+    op = _operator(session, operator_id)
     token = new_secret(OPERATOR_TOKEN_PREFIX)
     expires = utcnow() + timedelta(days=body.ttl_days) if body.ttl_days else None
     row = OperatorToken(
@@ -125,6 +166,8 @@ def create_token(
 
 @router.delete("/operators/{operator_id}/tokens/{token_id}", status_code=204)
 def revoke_token(operator_id: str, token_id: str, session: SessionDep, who: AdminDep) -> None:
+    """Revoke one of an operator's tokens (by id or name); it stops working at once."""
+    operator_id = _operator(session, operator_id).id
     row = session.get(OperatorToken, token_id)
     if row is None or row.operator_id != operator_id:
         raise NotFoundError(f"token {token_id} of operator {operator_id} does not exist")

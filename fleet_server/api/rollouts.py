@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -16,14 +17,17 @@ from fleet_server.api.pagination import Page, PageDep, paginate
 from fleet_server.db.models import Bundle, Rollout
 from fleet_server.errors import (
     BadRequestError,
+    ConflictError,
     InvalidRolloutSpecError,
     InvalidTransitionError,
     NotFoundError,
     ServerError,
 )
+from fleet_server.registry.groups import group_members
 from fleet_server.rollouts import InvalidSpecError, RolloutError, decide
 from fleet_server.rollouts import InvalidTransitionError as EngineTransitionError
 from fleet_server.rollouts.figures import cohort_metrics, cohorts
+from fleet_server.rollouts.live import live_status
 from fleet_server.rollouts.service import load
 
 router = APIRouter(tags=["rollouts"])
@@ -59,7 +63,14 @@ class RolloutCreate(BaseModel):
     previous_bundle_id: str | None = Field(
         default=None,
         max_length=40,
-        description="What the group runs now; default: the newest lower version of the model",
+        description=(
+            "What the group runs now (what a rollback returns to); default: the version of "
+            "the model most of the group's devices run, else the newest lower version"
+        ),
+    )
+    force: bool = Field(
+        default=False,
+        description="Accept a candidate older than what the group's devices run",
     )
     strategy: Literal["staged_canary", "all_at_once", "shadow"] = "staged_canary"
     stages: list[StageIn] | None = Field(default=None, min_length=1, max_length=20)
@@ -73,6 +84,12 @@ class RolloutAction(BaseModel):
     to_end: bool = Field(default=False, description="promote: finish instead of next stage")
 
 
+class OlderCandidateError(ConflictError):
+    """The candidate is older than what devices of the group already run."""
+
+    code = "older_candidate"
+
+
 class RolloutPublic(BaseModel):
     id: str
     name: str
@@ -80,7 +97,13 @@ class RolloutPublic(BaseModel):
     group_id: str
     strategy: str
     status: str
-    stage: int
+    stage: int = Field(
+        description="The engine's stage index (0-based, -1 while pending); people see stage_number"
+    )
+    stage_number: int = Field(
+        default=0, description="The stage as shown everywhere: 1 = first stage, 0 = pending"
+    )
+    stages_total: int = 0
     spec: dict[str, Any]
     state: dict[str, Any]
     created_by: str
@@ -106,6 +129,8 @@ def _public(session: Any, r: Rollout, counts: bool = False) -> RolloutPublic:
         strategy=r.strategy,
         status=r.status,
         stage=int(r.state.get("stage", -1)),
+        stage_number=int(r.state.get("stage", -1)) + 1,
+        stages_total=len(r.spec.get("stages") or []),
         spec=r.spec,
         state=r.state,
         created_by=r.created_by,
@@ -143,12 +168,21 @@ def create_rollout(
     if bundle is None:
         raise NotFoundError(f"bundle {body.bundle_id} does not exist")
     group = get_group_or_404(session, body.group)
+    running = _running_versions(session, group, bundle.name)
+    newest = max(running, default=None)
+    if newest is not None and bundle.version < newest and not body.force:
+        raise OlderCandidateError(
+            f"{bundle.name} v{bundle.version} is older than v{newest}, which "
+            f"{running[newest]} of group {group.name}'s devices run; devices refuse older "
+            "versions (anti-rollback). Build and upload a higher version, or pass force "
+            "(`--force`) to create the rollout anyway"
+        )
     if body.previous_bundle_id:
         previous = session.get(Bundle, body.previous_bundle_id)
         if previous is None:
             raise NotFoundError(f"previous bundle {body.previous_bundle_id} does not exist")
     else:
-        previous = session.scalar(
+        previous = _running_bundle(session, group, bundle) or session.scalar(
             select(Bundle)
             .where(
                 Bundle.name == bundle.name,
@@ -186,6 +220,41 @@ def create_rollout(
     return _public(session, row, counts=True)
 
 
+def _running_versions(session: Any, group: Any, name: str) -> Counter[int]:
+    """version -> how many of the group's devices run model ``name`` at that version."""
+    return Counter(
+        d.current_version
+        for d in group_members(session, group)
+        if d.current_name == name and d.current_version is not None
+    )
+
+
+def _running_bundle(session: Any, group: Any, candidate: Bundle) -> Bundle | None:
+    """The bundle of ``candidate``'s model that most of the group's devices run now."""
+    counts: Counter[tuple[str | None, int]] = Counter(
+        (d.current_bundle_id, d.current_version)
+        for d in group_members(session, group)
+        if d.current_name == candidate.name
+        and d.current_version is not None
+        and d.current_version != candidate.version
+    )
+    for (bundle_id, version), _n in counts.most_common():
+        b = session.get(Bundle, bundle_id) if bundle_id else None
+        if b is None:
+            b = session.scalar(
+                select(Bundle)
+                .where(
+                    Bundle.name == candidate.name,
+                    Bundle.version == version,
+                    Bundle.format == candidate.format,
+                )
+                .limit(1)
+            )
+        if b is not None:
+            return b  # type: ignore[no-any-return]
+    return None
+
+
 @router.get("/rollouts", response_model=Page[RolloutPublic])
 def list_rollouts(
     session: SessionDep,
@@ -220,6 +289,18 @@ def evaluate_rollout(rollout_id: str, session: SessionDep, who: ViewerDep) -> Ro
     now = time.time()
     d = decide(spec, state, cohort_metrics(session, spec, state, now), now)
     return RolloutEvaluation(rollout_id=r.id, decision=d.to_json())
+
+
+@router.get("/rollouts/{rollout_id}/status")
+def rollout_live_status(rollout_id: str, session: SessionDep, who: ViewerDep) -> dict[str, Any]:
+    """The live picture: stage (numbered from 1) and soak progress, each gate's value
+    against its threshold with sample counts, the group's devices by state, refusal and
+    failure reasons with counts, what holds the rollout, and the actions that apply now."""
+    r = _rollout(session, rollout_id)
+    spec, state = load(r)
+    out = live_status(session, r, spec, state)
+    out["rollout"] = _public(session, r, counts=True).model_dump(mode="json")
+    return out
 
 
 def _action(action: str) -> Any:

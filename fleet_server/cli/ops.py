@@ -1,288 +1,22 @@
-"""Operator commands over the admin API (``--url``/``--token``, or EDGEFLEET_URL/EDGEFLEET_TOKEN).
+"""Operator commands over the admin API: devices, enrollment tokens, models, bundles.
 
-They only parse arguments, call the API with httpx and print the answer; an
-API error is printed as ``error [code]: message`` with exit status 1.
+Groups, operators and rollouts have their own modules (``groups.py``, ``operators.py``,
+``rollouts.py``); shared options and output live in ``api.py``. ``COMMANDS`` lists every
+API-backed command group for the ``edgefleet`` entry point.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from fleet_server.client import AdminClient, ApiError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class ApiClient(AdminClient):
-    """The admin API client for CLI commands: API errors become :class:`click.ClickException`."""
-
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            return super().request(method, path, **kwargs)
-        except ApiError as e:
-            raise click.ClickException(e.message if e.code == "unreachable" else str(e)) from e
-
-
-def api_options(f: F) -> F:
-    f = click.option(
-        "--token",
-        envvar="EDGEFLEET_TOKEN",
-        required=True,
-        help="Operator token (env EDGEFLEET_TOKEN).",
-    )(f)
-    f = click.option(
-        "--url",
-        envvar="EDGEFLEET_URL",
-        default="http://127.0.0.1:8000",
-        show_default=True,
-        help="Server URL (env EDGEFLEET_URL).",
-    )(f)
-    f = click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")(f)
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, url: str, token: str, **kwargs: Any) -> Any:
-        return f(*args, api=ApiClient(url, token), **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _out(data: Any, as_json: bool, columns: Sequence[str] | None = None) -> None:
-    if as_json or columns is None:
-        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-        return
-    items = data["items"] if isinstance(data, dict) and "items" in data else [data]
-    rows = [[_cell(item, c) for c in columns] for item in items]
-    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for r in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
-    if isinstance(data, dict) and data.get("next_offset") is not None:
-        click.echo(f"... {data['total']} in all; next page with --offset {data['next_offset']}")
-
-
-def _cell(item: dict[str, Any], column: str) -> str:
-    value: Any = item
-    for part in column.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    if isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in sorted(value.items()))
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value)
-    return "-" if value is None else str(value)
-
-
-def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
-        out[k] = v
-    return out
-
-
-page_options = [
-    click.option(
-        "--limit",
-        default=50,
-        show_default=True,
-        type=click.IntRange(1, 500),
-        help="Items per page.",
-    ),
-    click.option(
-        "--offset", default=0, show_default=True, type=click.IntRange(0), help="Items to skip."
-    ),
-]
-
-
-def paged(f: F) -> F:
-    for opt in reversed(page_options):
-        f = opt(f)
-    return f
-
-
-# -- rollouts -------------------------------------------------------------------
-ROLLOUT_COLUMNS = (
-    "id",
-    "name",
-    "status",
-    "stage",
-    "strategy",
-    "bundle_id",
-    "canary_devices",
-    "control_devices",
-)
-
-
-@click.group()
-def rollout() -> None:
-    """Create rollouts, follow them, and pause, resume, promote or abort them."""
-
-
-def _stage(text: str) -> dict[str, Any]:
-    parts = text.split(":")
-    try:
-        stage: dict[str, Any] = {"percent": float(parts[0])}
-        if len(parts) > 1:
-            stage["min_devices"] = int(parts[1])
-        if len(parts) > 2:
-            stage["soak_seconds"] = float(parts[2])
-    except ValueError as e:
-        raise click.BadParameter(f"{text!r} is not PERCENT[:MIN_DEVICES[:SOAK_SECONDS]]") from e
-    return stage
-
-
-def _gate(text: str) -> dict[str, Any]:
-    parts = text.split(":")
-    try:
-        gate: dict[str, Any] = {"kind": parts[0], "threshold": float(parts[1])}
-        if len(parts) > 2:
-            gate["min_samples"] = int(parts[2])
-    except (ValueError, IndexError) as e:
-        raise click.BadParameter(f"{text!r} is not KIND:THRESHOLD[:MIN_SAMPLES]") from e
-    return gate
-
-
-@rollout.command("create")
-@click.option("--name", required=True, help="A name for people.")
-@click.option("--bundle", "bundle_id", required=True, help="Candidate bundle id.")
-@click.option("--group", required=True, help="Target group (id or name).")
-@click.option(
-    "--previous",
-    "previous_bundle_id",
-    help="Bundle the group runs now (default: newest lower version of the model).",
-)
-@click.option(
-    "--strategy",
-    type=click.Choice(["staged_canary", "all_at_once", "shadow"]),
-    default="staged_canary",
-    show_default=True,
-    help="Staged canary, everything at once, or shadow (run beside, serve nothing).",
-)
-@click.option(
-    "--stage",
-    "stages",
-    multiple=True,
-    metavar="PCT[:MIN_DEVICES[:SOAK_S]]",
-    help="A stage; repeat in order (default 1,10,50,100 %).",
-)
-@click.option(
-    "--gate",
-    "gates",
-    multiple=True,
-    metavar="KIND:THRESHOLD[:MIN_SAMPLES]",
-    help="A health gate; repeat (default: every kind, moderate thresholds).",
-)
-@click.option(
-    "--failure-policy",
-    type=click.Choice(["rollback", "pause"]),
-    default="rollback",
-    show_default=True,
-    help="What a breached gate does: roll back, or pause.",
-)
-@click.option("--start", is_flag=True, help="Start it right away.")
-@api_options
-def rollout_create(
-    api: ApiClient,
-    as_json: bool,
-    name: str,
-    bundle_id: str,
-    group: str,
-    previous_bundle_id: str | None,
-    strategy: str,
-    stages: tuple[str, ...],
-    gates: tuple[str, ...],
-    failure_policy: str,
-    start: bool,
-) -> None:
-    """Create a rollout of a bundle to a group."""
-    body: dict[str, Any] = {
-        "name": name,
-        "bundle_id": bundle_id,
-        "group": group,
-        "strategy": strategy,
-        "failure_policy": failure_policy,
-        "start": start,
-        "previous_bundle_id": previous_bundle_id,
-    }
-    if stages:
-        body["stages"] = [_stage(s) for s in stages]
-    if gates:
-        body["gates"] = [_gate(g) for g in gates]
-    _out(api.request("POST", "/rollouts", json=body), as_json, ROLLOUT_COLUMNS)
-
-
-@rollout.command("status")
-@click.argument("rollout_id", required=False)
-@paged
-@api_options
-def rollout_status(
-    api: ApiClient, as_json: bool, rollout_id: str | None, limit: int, offset: int
-) -> None:
-    """Show one rollout (with its history), or list rollouts."""
-    if rollout_id is None:
-        data = api.request("GET", "/rollouts", params={"limit": limit, "offset": offset})
-        _out(data, as_json, ROLLOUT_COLUMNS)
-        return
-    data = api.request("GET", f"/rollouts/{rollout_id}")
-    if as_json:
-        _out(data, True)
-        return
-    _out(data, False, ROLLOUT_COLUMNS)
-    for h in data["state"].get("history", []):
-        click.echo(
-            f"  {h['ts']:.0f}  {h['actor']:<24} {h['action']:<10} "
-            f"{h['from_status']} -> {h['to_status']} stage {h['stage']}  {h['reason']}"
-        )
-
-
-def _action_command(action: str, doc: str) -> click.Command:
-    @click.argument("rollout_id")
-    @click.option("--reason", default="", help="Why (recorded in the audit log).")
-    @api_options
-    def cmd(api: ApiClient, as_json: bool, rollout_id: str, reason: str, **extra: Any) -> None:
-        body = {"reason": reason, **extra}
-        _out(
-            api.request("POST", f"/rollouts/{rollout_id}/{action}", json=body),
-            as_json,
-            ROLLOUT_COLUMNS,
-        )
-
-    cmd.__doc__ = doc
-    if action == "promote":
-        cmd = click.option(
-            "--to-end", is_flag=True, help="Finish the rollout instead of moving one stage."
-        )(cmd)
-    return click.command(action)(cmd)
-
-
-for _action, _doc in (
-    ("start", "Start a pending rollout."),
-    ("pause", "Pause a running rollout; cohorts stay as they are."),
-    ("resume", "Resume a paused rollout; the stage's soak time starts again."),
-    ("promote", "Skip the gates: move to the next stage (or finish with --to-end)."),
-    ("abort", "Stop a rollout where it stands."),
-    ("rollback", "Send the whole group back to the previous model (re-published)."),
-):
-    rollout.add_command(_action_command(_action, _doc))
-
+from fleet_server.cli.api import DEVICE_COLUMNS, ApiClient, api_options, paged
+from fleet_server.cli.api import out as _out
+from fleet_server.cli.api import pairs as _pairs
 
 # -- devices -----------------------------------------------------------------------
-DEVICE_COLUMNS = (
-    "id",
-    "device_class",
-    "labels",
-    "last_seen_at",
-    "current_name",
-    "current_version",
-    "health",
-)
 
 
 @click.group()
@@ -437,4 +171,12 @@ def bundles_list(api: ApiClient, as_json: bool, name: str | None, limit: int, of
     )
 
 
-COMMANDS = (rollout, devices, enroll_token, models, bundles)
+def _commands() -> tuple[click.Command, ...]:
+    from fleet_server.cli.groups import group
+    from fleet_server.cli.operators import operator, whoami
+    from fleet_server.cli.rollouts import rollout
+
+    return (rollout, group, operator, whoami, devices, enroll_token, models, bundles)
+
+
+COMMANDS = _commands()

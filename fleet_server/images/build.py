@@ -8,10 +8,14 @@ An image is a directory (and the same as a ``.tar.gz``) holding:
 ``edgefleet-agent.service``  a systemd unit
 ``install.sh``         installs from ``wheels/`` with ``pip --no-index`` (no package index)
 ``firstboot.sh``       enrolls the device with its one-time token, then starts the agent
-``image.json``         what the image is: class, version, platform, sha256 of every file
+``image.json``         what the image is: class, version, platform, the oldest glibc and the
+                       Python it supports, sha256 of every file
 
 Wheels for another platform (aarch64 on an x86-64 build host) come from
-``pip download --platform ... --only-binary=:all:``.
+``pip download --platform ... --only-binary=:all:``. Every downloaded wheel is checked
+against the recipe's oldest glibc and its Python (:mod:`fleet_server.images.compat`); a class
+whose wheels need more is refused with the reason, and ``install.sh`` refuses a device whose
+Python or glibc is not what the image was built for.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 
 from device_agent import __version__ as AGENT_VERSION
 from device_agent.bundle.trust import TrustStore
+from fleet_server.images.compat import check_wheels
 from fleet_server.images.recipe import DeviceClass
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,6 +139,25 @@ CONFIG_DIR="${2:-/etc/edgefleet}"
 STATE_DIR="${3:-/var/lib/edgefleet-agent}"
 PYTHON="${PYTHON:-python3}"
 EXTRA="@EXTRA@"
+# the image's wheels need this Python and at least this glibc (image.json "requires")
+"$PYTHON" - "@PYTHON@" "@GLIBC@" <<'CHECK'
+import os
+import sys
+
+python, glibc = sys.argv[1], sys.argv[2]
+have = "%d.%d" % sys.version_info[:2]
+if have != python:
+    sys.exit(f"this image is for Python {python}; {sys.executable} is Python {have}")
+try:
+    libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+except (ValueError, OSError):
+    libc = ""
+name, _, version = libc.partition(" ")
+if name != "glibc":
+    sys.exit(f"this image needs glibc {glibc} or newer; this system has no glibc ({libc!r})")
+if tuple(map(int, version.split(".")[:2])) < tuple(map(int, glibc.split("."))):
+    sys.exit(f"this image needs glibc {glibc} or newer; this system has glibc {version}")
+CHECK
 mkdir -p "$PREFIX" "$CONFIG_DIR" "$STATE_DIR"
 "$PYTHON" -m venv "$PREFIX/venv"
 PIP_CONFIG_FILE=/dev/null "$PREFIX/venv/bin/pip" install --no-index --find-links "$HERE/wheels" \\
@@ -247,8 +271,20 @@ def build_image(
             str(wheels),
             f"edgefleet[{dc.extra}] @ {own.resolve().as_uri()}",
         ],
-        f"downloading wheels for {dc.name}",
+        f"downloading wheels for {dc.name} (Python {dc.python}, {dc.architecture})",
     )
+    problems, glibc_needs = check_wheels(
+        (p.name for p in wheels.glob("*.whl")), glibc=dc.glibc, python=dc.python
+    )
+    if problems:
+        shutil.rmtree(stage, ignore_errors=True)
+        reasons = "\n".join(f"  - {p.reason}" for p in problems)
+        raise ImageBuildError(
+            f"class {dc.name} refused: its wheels need more than its recipe "
+            f"({dc.source or dc.name}) declares:\n{reasons}\n"
+            "raise [class] glibc / python in the recipe if every board of the class has them, "
+            "or pin a release of the package built for the declared system"
+        )
 
     say("writing configuration, trust root, systemd unit and scripts")
     (stage / "agent.toml").write_text(
@@ -269,6 +305,8 @@ def build_image(
             text.replace("@EXTRA@", dc.extra)
             .replace("@CLASS@", dc.name)
             .replace("@VERSION@", version)
+            .replace("@PYTHON@", dc.python)
+            .replace("@GLIBC@", dc.glibc)
         )
         (stage / name).write_text(body)
         (stage / name).chmod(0o755)
@@ -279,6 +317,14 @@ def build_image(
         "device_class": dc.name,
         "architecture": dc.architecture,
         "python": dc.python,
+        "requires": {
+            "python": dc.python,
+            "glibc": dc.glibc,
+            "glibc_needed_by_wheels": max(
+                glibc_needs.values(), key=lambda v: tuple(map(int, v.split("."))), default=None
+            ),
+        },
+        "wheel_glibc": dict(sorted(glibc_needs.items())),
         "platforms": list(dc.platforms),
         "extra": dc.extra,
         "model": dc.model,

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleet_server.images.compat import parse_version
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -25,6 +27,7 @@ class DeviceClass:
     description: str
     architecture: str
     python: str
+    glibc: str
     platforms: tuple[str, ...]
     extra: str
     model_format: str
@@ -74,11 +77,19 @@ def load_class(name_or_path: str | Path, classes_dir: Path = CLASSES_DIR) -> Dev
     if not platforms or not all(isinstance(p, str) for p in platforms):
         raise RecipeError(f"{path}: [class] platforms must be a non-empty list of pip tags")
     root = d.get("trust", {}).get("root")
+    python = _get(d, "class", "python", str, path)
+    glibc = _get(d, "class", "glibc", str, path)
+    for key, value in (("python", python), ("glibc", glibc)):
+        try:
+            parse_version(value)
+        except ValueError as e:
+            raise RecipeError(f'{path}: [class] {key} must be MAJOR.MINOR, like "3.11"') from e
     return DeviceClass(
         name=_get(d, "class", "name", str, path),
         description=d["class"].get("description", ""),
         architecture=_get(d, "class", "architecture", str, path),
-        python=_get(d, "class", "python", str, path),
+        python=python,
+        glibc=glibc,
         platforms=tuple(platforms),
         extra=_get(d, "class", "extra", str, path),
         model_format=fmt,

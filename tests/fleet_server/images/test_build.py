@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from fleet_server.cli import main as cli_main
 from fleet_server.images import RecipeError, build_image, list_classes, load_class
+from fleet_server.images.recipe import CLASSES_DIR
 from tests.bundlesim import BundleSim
 
 
@@ -141,6 +145,11 @@ def test_aarch64_images_carry_aarch64_wheels(
     binary = [w for w in info.wheels if not w.endswith("-none-any.whl")]
     assert binary and all("aarch64" in w for w in binary), binary
     assert any(w.startswith(runtime_wheel) for w in info.wheels), info.wheels
+    meta = json.loads((info.directory / "image.json").read_text())
+    runtime = next(w for w in info.wheels if w.startswith(runtime_wheel))
+    assert meta["requires"]["glibc"] == load_class(name).glibc
+    assert meta["requires"]["python"] == "3.11"
+    assert meta["wheel_glibc"][runtime] <= meta["requires"]["glibc"]
     (np_wheel,) = [w for w in info.wheels if w.startswith("numpy-")]
     assert np_wheel.split("-")[1].startswith(f"{numpy_major}.")
     assert not any(w.startswith("onnxruntime-") for w in info.wheels)
@@ -270,3 +279,77 @@ def test_installed_image_enrolls_and_receives_a_bundle(
                 agent_proc.kill()
         server.stop()
         broker.stop()
+
+
+def _recipe_copy(name: str, tmp_path: Path, **changes: str) -> Path:
+    """A copy of a shipped recipe with some ``[class]`` keys changed."""
+    text = (CLASSES_DIR / f"{name}.toml").read_text()
+    for key, value in changes.items():
+        text, n = re.subn(rf"^{key} = .*$", f'{key} = "{value}"', text, flags=re.M)
+        assert n == 1, key
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def test_image_records_the_oldest_glibc_and_python_it_supports(x86_image) -> None:
+    meta = json.loads((x86_image.directory / "image.json").read_text())
+    assert meta["requires"]["python"] == "3.11" and meta["requires"]["glibc"] == "2.28"
+    ort = next(w for w in meta["wheel_glibc"] if w.startswith("onnxruntime-"))
+    assert meta["wheel_glibc"][ort] <= "2.28"
+    install = (x86_image.directory / "install.sh").read_text()
+    assert '"@PYTHON@"' not in install and '"3.11" "2.28"' in install
+
+
+def test_image_build_refuses_a_class_whose_wheel_needs_a_newer_glibc_than_declared(
+    tmp_path: Path, trust_file: Path
+) -> None:
+    """tflite-runtime 2.14's aarch64 wheel is manylinux_2_34; a recipe claiming 2.31 boards."""
+    recipe = _recipe_copy("aarch64-legacy", tmp_path, glibc="2.31")
+    out = tmp_path / "images"
+    result = CliRunner().invoke(
+        cli_main,
+        ["image", "build", str(recipe), "--trust-store", str(trust_file), "--out", str(out)],
+    )
+    assert result.exit_code == 1, result.output
+    refusal = result.output
+    assert "aarch64-legacy refused" in refusal
+    assert re.search(
+        r"wheel tflite_runtime-2\.14\.0-cp311-cp311-manylinux_2_34_aarch64\.whl needs glibc 2\.34"
+        r" or newer, but the recipe declares the class's oldest glibc as 2\.31",
+        refusal,
+    ), refusal
+    assert not (out / "aarch64-legacy").exists(), "no image is left for a refused class"
+
+
+def test_image_build_refuses_a_class_whose_runtime_has_no_wheel_for_its_python(
+    tmp_path: Path, trust_file: Path
+) -> None:
+    """tflite-runtime 2.14 has no wheel for Python 3.13: the refusal names both."""
+    recipe = _recipe_copy("aarch64-legacy", tmp_path, python="3.13")
+    result = CliRunner().invoke(
+        cli_main,
+        ["image", "build", str(recipe), "--trust-store", str(trust_file), "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 1, result.output
+    assert "downloading wheels for aarch64-legacy (Python 3.13" in result.output, result.output
+    assert "tflite-runtime" in result.output, result.output
+
+
+def test_install_refuses_a_device_whose_glibc_is_older_than_the_image_needs(
+    tmp_path: Path, trust_file: Path
+) -> None:
+    """The image's own install.sh checks the device before installing anything."""
+    recipe = _recipe_copy("x86_64-gateway", tmp_path, glibc="9.99")
+    image = build_image(load_class(recipe), out_dir=tmp_path / "images", trust_store=trust_file)
+    prefix = tmp_path / "opt"
+    out = subprocess.run(
+        ["sh", str(image.directory / "install.sh"), str(prefix), str(tmp_path / "etc")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EDGEFLEET_NO_SYSTEMD": "1"},
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "this image needs glibc 9.99 or newer; this system has glibc 2." in out.stderr
+    assert not (prefix / "venv").exists()

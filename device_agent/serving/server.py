@@ -39,6 +39,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from .. import __version__
+from ..agent import InputError, NoActiveModelError, PredictError
 from ..config import ServingConfig
 from .protocol import ServingError, decode_infer_request, encode_infer_response, tensor_metadata
 
@@ -147,7 +148,7 @@ class ServingApp:
         m = _MODEL_ROUTE.match(path)
         if m is None:
             raise ServingError(
-                404, f"no route {path}; see /v2/models/<name>[/ready|/infer]", "not_found"
+                404, f"no route {path[:200]}; see /v2/models/<name>[/ready|/infer]", "not_found"
             )
         name, version, action = unquote(m.group(1)), m.group(2), m.group(3)
         if action == "/infer":
@@ -165,8 +166,6 @@ class ServingApp:
     def _infer(
         self, model: Any, headers: Mapping[str, str], read_body: Callable[[], bytes]
     ) -> Response:
-        from ..agent import InputError, NoActiveModelError, PredictError
-
         raw_len = headers.get("inference-header-content-length")
         header_length = None
         if raw_len is not None:

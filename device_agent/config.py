@@ -9,6 +9,7 @@ environment; everything below takes an :class:`AgentConfig`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -131,6 +132,8 @@ class AgentConfig:
                 raise ConfigError(f"config file {p} does not exist") from e
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"config file {p} cannot be read: {e}") from e
         cfg = cls.from_dict(data)
         if env is not None:
             cfg.apply_env(env)
@@ -149,7 +152,9 @@ class AgentConfig:
         cfg = cls()
         for key, value in data.items():
             if key == "log_level":
-                cfg.log_level = str(value)
+                if not isinstance(value, str):
+                    raise ConfigError(f"log_level = {value!r}: expected a string")
+                cfg.log_level = value
                 continue
             section = getattr(cfg, key, None)
             if section is None or not dataclasses.is_dataclass(section):
@@ -175,6 +180,14 @@ class AgentConfig:
             _set(section, section_name, key, raw, from_env=True)
 
     def validate(self) -> None:
+        """Range checks; :class:`ConfigError` names the key, the value and the range."""
+        for (section, key), (lo, hi) in RANGES.items():
+            value = getattr(getattr(self, section), key)
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+                raise ConfigError(f"{section}.{key} = {value!r}: expected a number {bounds}")
+        if str(self.log_level).upper() not in LOG_LEVELS:
+            raise ConfigError(f"log_level = {self.log_level!r}: expected one of {LOG_LEVELS}")
         t = self.telemetry
         if not 0.0 <= t.sample_rate <= 1.0:
             raise ConfigError("telemetry.sample_rate must be between 0 and 1")
@@ -216,7 +229,7 @@ def read_identity(state_dir: Path) -> str | None:
         return str(json.loads(path.read_text())["device_id"])
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, OSError) as e:
         raise ConfigError(f"{path} is damaged ({e}); enroll the device again") from e
 
 
@@ -225,17 +238,93 @@ def _set(section: Any, section_name: str, key: str, value: Any, from_env: bool =
     if key not in fields:
         raise ConfigError(f"unknown key {key!r} in [{section_name}]; known: {sorted(fields)}")
     current = getattr(section, key)
-    typ = fields[key].type
+    typ = str(fields[key].type)
     try:
         if from_env:
-            value = _from_text(value, current, str(typ))
-        elif "Path" in str(typ) and value is not None:
-            value = Path(value)
-        elif isinstance(current, float) and isinstance(value, int):
-            value = float(value)
-    except ValueError as e:
-        raise ConfigError(f"{section_name}.{key}: cannot use {value!r}: {e}") from e
+            value = _from_text(value, current, typ)
+        value = _typed(value, current, typ)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"{section_name}.{key} = {value!r:.100}{' (from the environment)' if from_env else ''}"
+            f": {e}"
+        ) from e
     setattr(section, key, value)
+
+
+def _typed(value: Any, current: Any, typ: str) -> Any:
+    """``value`` checked against the field's declared type (as TOML gives it);
+    :class:`TypeError` names the expected type."""
+    optional = "None" in typ
+    if value is None:
+        if optional:
+            return None
+        raise TypeError(f"expected {_type_name(typ)}, not null")
+    base = typ.replace("| None", "").replace("None |", "").strip()
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise TypeError(f"expected a boolean (true or false), not {type(value).__name__}")
+        return value
+    if base == "int":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"expected an integer, not {type(value).__name__}")
+        return value
+    if base == "float":
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"expected a number, not {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        return float(value)
+    if base == "str":
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, not {type(value).__name__}")
+        return value
+    if base == "Path":
+        if not isinstance(value, (str, Path)) or not str(value):
+            raise TypeError(f"expected a file path (a non-empty string), not {value!r:.60}")
+        if "\0" in str(value):
+            raise ValueError("a path cannot contain NUL")
+        return Path(value)
+    if base.startswith("dict"):
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise TypeError("expected a table of strings to strings")
+        return dict(value)
+    if base.startswith("list"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError("expected a list of strings")
+        return list(value)
+    if current is not None and not isinstance(value, type(current)):  # any other type
+        raise TypeError(f"expected {type(current).__name__}, not {type(value).__name__}")
+    return value
+
+
+def _type_name(typ: str) -> str:
+    return typ.replace("| None", "").strip()
+
+
+#: (section, key) -> (lowest, highest) accepted value; None: unbounded on that side
+RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
+    ("server", "poll_seconds"): (0.05, 7 * 86400),
+    ("server", "timeout_seconds"): (0.1, 3600),
+    ("mqtt", "port"): (1, 65535),
+    ("mqtt", "keepalive"): (1, 65535),
+    ("mqtt", "batch_size"): (1, 100_000),
+    ("mqtt", "inflight"): (1, 65535),
+    ("telemetry", "window_seconds"): (0.001, 86400),
+    ("telemetry", "sample_rate"): (0.0, 1.0),
+    ("telemetry", "max_db_bytes"): (1024 * 1024, None),
+    ("telemetry", "flush_interval_seconds"): (0.001, 3600),
+    ("update", "max_bundle_bytes"): (1, None),
+    ("update", "probation_seconds"): (0.0, 30 * 86400),
+    ("update", "probation_max_error_rate"): (0.0, 1.0),
+    ("update", "probation_min_predictions"): (0, None),
+    ("update", "download_chunk_bytes"): (1024, 64 * 1024 * 1024),
+    ("update", "runtime_threads"): (1, 1024),
+    ("update", "max_restarts_per_state"): (1, 1000),
+}
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _from_text(raw: str, current: Any, typ: str) -> Any:

@@ -94,7 +94,9 @@ class ServerContext:
             )
         self.notifier = notifier
         self.assignments = AssignmentWriter(self.telemetry_policy, self._on_assignment_change)
-        self.rollouts = RolloutService(self.assignments, self.registry)
+        self.rollouts = RolloutService(
+            self.assignments, self.registry, rollback_by_release=settings.uptane_dir is not None
+        )
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:

@@ -391,7 +391,7 @@ def rollback(
                 f">= {spec.rollback_version()} (fleet_server.rollouts.republish) and pass it "
                 "as rollback_bundle"
             )
-        if (
+        if rollback_bundle.bundle_id != spec.previous.bundle_id and (
             rollback_bundle.name != spec.previous.name
             or rollback_bundle.version < spec.rollback_version()
         ):

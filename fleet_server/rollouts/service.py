@@ -63,9 +63,19 @@ def load(row: Rollout) -> tuple[RolloutSpec, RolloutState]:
 class RolloutService:
     """Creates rollouts, applies operator actions, keeps device assignments in step."""
 
-    def __init__(self, assignments: AssignmentWriter, registry: BundleRegistry) -> None:
+    def __init__(
+        self,
+        assignments: AssignmentWriter,
+        registry: BundleRegistry,
+        *,
+        rollback_by_release: bool = False,
+    ) -> None:
+        """``rollback_by_release``: devices run the Uptane chain (server setting
+        ``uptane_dir``), so a rollback is the director naming the previous release again:
+        nothing is re-published and no key signs anything."""
         self.assignments = assignments
         self.registry = registry
+        self.rollback_by_release = rollback_by_release
 
     # -- assignments -----------------------------------------------------------
     def _owners(self, session: Session) -> list[tuple[Rollout, Group]]:
@@ -243,6 +253,11 @@ class RolloutService:
         """The previous model re-published at ``spec.rollback_version()`` (reused if present)."""
         if spec.previous is None:
             return None
+        if self.rollback_by_release:
+            prev = session.get(Bundle, spec.previous.bundle_id)
+            if prev is None:
+                raise NotFoundError(f"previous bundle {spec.previous.bundle_id} is gone")
+            return bundle_ref(prev)
         version = spec.rollback_version()
         existing = session.scalar(
             select(Bundle)

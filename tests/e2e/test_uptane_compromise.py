@@ -315,3 +315,56 @@ def test_rollback_to_the_previous_release_signs_nothing_new(world: World, sim: B
         d.agent.close()
         d.store.close()
         d.updater.unlock()
+
+
+def test_staged_rollout_rolled_back_returns_to_the_previous_release_signing_nothing(
+    world: World, sim: BundleSim
+) -> None:
+    """The rollout engine's rollback names the previous release again; no bundle is
+    re-published, no key signs anything, and the device goes back to v1."""
+    w = world
+    clock = Clock()
+    v1, v2 = (build(sim, version=v, seed=v, classes=(CLASS,)) for v in (1, 2))
+    b1, b2 = w.upload(v1), w.upload(v2)
+    w.release(v1)
+    w.release(v2, counter=1)
+    d = agent(w, "dev-1", enroll(w, "dev-1"), clock)
+    try:
+        w.assign("dev-1", b1["id"])
+        d.updater.check()
+        assert serving(d) == ("tiny", 1)
+        group = w.api("POST", "/api/v1/groups", json={"name": "gw", "device_class": CLASS})
+        assert group.status_code == 201, group.text
+        r = w.api(
+            "POST",
+            "/api/v1/rollouts",
+            json={
+                "name": "v2",
+                "bundle_id": b2["id"],
+                "group": group.json()["id"],
+                "previous_bundle_id": b1["id"],
+                "stages": [{"percent": 100, "min_devices": 1, "soak_seconds": 3600}],
+                "gates": [],
+                "start": True,
+            },
+        )
+        assert r.status_code == 201, r.text
+        rid = r.json()["id"]
+        d.updater.check()
+        assert serving(d) == ("tiny", 2)
+        bundles_before = {b["id"] for b in w.api("GET", "/api/v1/bundles").json()["items"]}
+        targets_before = (w.uptane_dir / "image" / "targets.json").read_bytes()
+        rb = w.api("POST", f"/api/v1/rollouts/{rid}/rollback", json={"reason": "test"})
+        assert rb.status_code == 200, rb.text
+        assert rb.json()["status"] == "rolled_back", rb.json()
+        d.updater.check()
+        assert serving(d) == ("tiny", 1)
+        out = np.asarray(d.agent.predict(SMOKE_INPUT)[0])
+        assert np.allclose(out, reference_outputs(1), atol=1e-6)
+        after = {b["id"] for b in w.api("GET", "/api/v1/bundles").json()["items"]}
+        assert after == bundles_before  # nothing re-published
+        assert (w.uptane_dir / "image" / "targets.json").read_bytes() == targets_before
+    finally:
+        d.agent.close()
+        d.store.close()
+        d.updater.unlock()

@@ -68,6 +68,7 @@ __all__ = [
     "convert",
     "pack_artifact",
     "save_artifact",
+    "save_artifacts",
 ]
 STEPS_PER_TARGET = 4  # convert, parity, reference, pack
 
@@ -432,6 +433,39 @@ class BuildResult:
         return "" if self.error is None else str(self.error)
 
 
+def _guarded(target: Target, work: Callable[[], BuildResult]) -> BuildResult:
+    """Run one target's work; any failure becomes that target's refusal."""
+    try:
+        return work()
+    except ConverterError as e:
+        return BuildResult(target, None, None, e)
+    except Exception as e:  # a library failing on this model must not stop the others
+        wrapped = UnexpectedConverterError(
+            f"{target.name}: unexpected {type(e).__name__} while building: {e}. The "
+            "other targets were still built; please report this with the model"
+        )
+        wrapped.__cause__ = e
+        return BuildResult(target, None, None, wrapped)
+
+
+def save_artifacts(
+    source: SourceModel,
+    targets: Sequence[Target],
+    out_dir: str | Path,
+    stem: str,
+    **convert_args: Any,
+) -> list[BuildResult]:
+    """:func:`convert` every target and :func:`save_artifact` each as ``STEM-TARGET.*``;
+    a failing target is recorded like in :func:`build_bundles` and the others still run."""
+
+    def one(target: Target) -> BuildResult:
+        artifact = convert(source, target, **convert_args)
+        path = save_artifact(artifact, out_dir, f"{stem}-{target.name}")
+        return BuildResult(target, artifact, path)
+
+    return [_guarded(t, lambda t=t: one(t)) for t in targets]  # type: ignore[misc]
+
+
 def build_bundles(
     source: SourceModel,
     targets: Sequence[Target],
@@ -460,40 +494,29 @@ def build_bundles(
     override of its default tolerance.
     """
     out_dir = Path(out_dir)
-    results = []
-    for target in targets:
-        try:
-            artifact = convert(
-                source,
-                target,
-                samples=samples,
-                validation_samples=validation_samples,
-                reference_samples=reference_samples,
-                tolerance=(tolerances or {}).get(target.name),
-                allow_parity_failure=allow_parity_failure,
-                allow_unquantized=allow_unquantized,
-                progress=progress,
-            )
-            progress(f"{target.name}: packing and signing")
-            path = pack_artifact(
-                artifact,
-                out_dir / f"{name}-v{version}-{target.name}.efb",
-                name=name,
-                version=version,
-                signing_key=signing_key,
-                labels=labels,
-                valid_for=valid_for,
-            )
-        except ConverterError as e:
-            results.append(BuildResult(target, None, None, e))
-            continue
-        except Exception as e:  # a library failing on this model must not stop the others
-            wrapped = UnexpectedConverterError(
-                f"{target.name}: unexpected {type(e).__name__} while building: {e}. The "
-                "other targets were still built; please report this with the model"
-            )
-            wrapped.__cause__ = e
-            results.append(BuildResult(target, None, None, wrapped))
-            continue
-        results.append(BuildResult(target, artifact, path))
-    return results
+
+    def one(target: Target) -> BuildResult:
+        artifact = convert(
+            source,
+            target,
+            samples=samples,
+            validation_samples=validation_samples,
+            reference_samples=reference_samples,
+            tolerance=(tolerances or {}).get(target.name),
+            allow_parity_failure=allow_parity_failure,
+            allow_unquantized=allow_unquantized,
+            progress=progress,
+        )
+        progress(f"{target.name}: packing and signing")
+        path = pack_artifact(
+            artifact,
+            out_dir / f"{name}-v{version}-{target.name}.efb",
+            name=name,
+            version=version,
+            signing_key=signing_key,
+            labels=labels,
+            valid_for=valid_for,
+        )
+        return BuildResult(target, artifact, path)
+
+    return [_guarded(t, lambda t=t: one(t)) for t in targets]  # type: ignore[misc]

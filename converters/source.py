@@ -285,6 +285,7 @@ def from_torch(
 
     program = None
     if isinstance(module, torch.export.ExportedProgram):
+        _refuse_fixed_batch(module, example_inputs)
         program, module = module, module.module()
     if not callable(module):
         raise IntakeError(f"expected a torch module, got {type(module).__name__}")
@@ -320,6 +321,27 @@ def from_torch(
         onnx_model=model,
         notes=notes,
     )
+
+
+def _refuse_fixed_batch(program: Any, example_inputs: Any) -> None:
+    """A torch.export program whose batch dimension is a constant cannot take samples of
+    another batch size, nor serve one: say how to re-export it."""
+    user = set(program.graph_signature.user_inputs)
+    rows = [len(a) for a in _as_arrays(example_inputs)]
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in user:
+            continue
+        val = node.meta.get("val")
+        shape = getattr(val, "shape", None)
+        if not shape or not isinstance(shape[0], int):
+            continue  # a symbolic (dynamic) batch
+        given = f" (the samples have batch {rows[0]})" if rows and rows[0] != shape[0] else ""
+        raise IntakeError(
+            f"the torch.export program fixes the batch size of input {node.name!r} to "
+            f"{shape[0]}{given}. Re-export it with a dynamic batch: torch.export.export(model, "
+            f"(x,), dynamic_shapes={{'{node.name}': {{0: torch.export.Dim('batch')}}}}); "
+            "--input-shape cannot change the shapes of an exported program"
+        )
 
 
 def from_sklearn(

@@ -12,6 +12,7 @@ import click
 from converters.bundle import BundleFile, build_manifest, pack_bundle, read_header, sign_bundle
 from converters.introspect import model_signature
 from converters.keys import KeyStore
+from converters.packing import single_model_file
 from device_agent.bundle import Manifest, TrustStore, VerifyLimits, verify_file
 from device_agent.bundle.manifest import format_time, parse_time
 from fleet_server.cli._common import (
@@ -75,12 +76,18 @@ def summary(manifest: Manifest, signed_by: tuple[str, ...] | list[str] = ()) -> 
 @click.option(
     "--drift-profile",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="Drift reference profile (JSON); a placeholder when omitted.",
+    help="Drift reference profile (JSON); required unless --allow-placeholders.",
 )
 @click.option(
     "--smoke-samples",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="Smoke-test samples (JSON); a placeholder when omitted.",
+    help="Smoke-test samples (JSON); required unless --allow-placeholders.",
+)
+@click.option(
+    "--allow-placeholders",
+    is_flag=True,
+    help="Pack empty placeholders for a missing drift profile / smoke samples: the device "
+    "then installs without a smoke test and drift has no reference (a warning is printed).",
 )
 @click.option("--target-class", "targets", multiple=True, help="Device class (repeatable).")
 @click.option("--label", "labels", multiple=True, help="key=value label (repeatable).")
@@ -100,18 +107,42 @@ def bundle_pack(
     out: Path | None,
     drift_profile: Path | None,
     smoke_samples: Path | None,
+    allow_placeholders: bool,
     targets: tuple[str, ...],
     labels: tuple[str, ...],
     valid_days: int,
 ) -> None:
-    """Pack MODEL into an unsigned bundle (sign it with `edgefleet bundle sign`)."""
+    """Pack MODEL into an unsigned bundle (sign it with `edgefleet bundle sign`).
+
+    An ONNX model with external data (model.onnx.data) is packed with the data inlined.
+    `edgefleet bundle build` makes the drift profile and smoke samples; without them
+    this command refuses unless --allow-placeholders.
+    """
     if fmt == "auto":
         fmt = {".onnx": "onnx", ".tflite": "tflite"}.get(model.suffix.lower(), "")
         if not fmt:
             raise click.BadParameter("cannot tell the format from the extension; use --format")
-    inputs, outputs, runtime = model_signature(model, fmt)
+    absent = [
+        opt
+        for opt, v in (("--drift-profile", drift_profile), ("--smoke-samples", smoke_samples))
+        if v is None
+    ]
+    if absent and not allow_placeholders:
+        raise click.UsageError(
+            f"no {' and no '.join(absent)}: the device would install the model without a "
+            "smoke test and with no drift reference. Build the bundle with `edgefleet bundle "
+            "build` (which makes both), give the files, or pass --allow-placeholders"
+        )
+    for opt in absent:
+        click.secho(
+            f"warning: {opt} not given; packing an empty placeholder", fg="yellow", err=True
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        files = [BundleFile(model, f"model.{fmt}", "model")]
+        model_file, notes = single_model_file(model, fmt, Path(tmp))
+        for note in notes:
+            click.echo(f"note     {note}", err=True)
+        inputs, outputs, runtime = model_signature(model_file, fmt)
+        files = [BundleFile(model_file, f"model.{fmt}", "model")]
         for given, member, role in (
             (drift_profile, "drift_profile.json", "drift_profile"),
             (smoke_samples, "smoke_samples.json", "smoke_samples"),

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from converters.errors import ConverterError, IntakeError
+from converters.errors import IntakeError
 from fleet_server.cli._common import (
     handle_errors,
     keys_dir_option,
@@ -106,6 +106,12 @@ _common_options: list[Callable[[Any], Any]] = [
         "generated from the input signature when omitted.",
     ),
     click.option(
+        "--validation-samples",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        help="Samples parity is judged on (default: held out from --samples when the "
+        "target calibrates on them, else --samples itself).",
+    ),
+    click.option(
         "--reference-samples",
         type=click.Path(dir_okay=False, exists=True, path_type=Path),
         help="Training-like samples for the drift reference (default: --samples).",
@@ -140,6 +146,12 @@ _common_options: list[Callable[[Any], Any]] = [
         "--allow-parity-failure",
         is_flag=True,
         help="Keep variants that fail parity (the report records the override).",
+    ),
+    click.option(
+        "--allow-unquantized",
+        is_flag=True,
+        help="Pack a quantized target that quantized nothing as the float32 model, "
+        "labelled unquantized (refused by default).",
     ),
     click.option(
         "--device-class",
@@ -200,19 +212,21 @@ def _run(
     device_classes: tuple[str, ...],
     out_dir: Path,
     pack: dict[str, Any] | None,
+    validation_samples: Path | None = None,
+    allow_unquantized: bool = False,
 ) -> None:
     from converters.pipeline import (
         STEPS_PER_TARGET,
         BuildResult,
         build_bundles,
-        convert,
-        save_artifact,
+        save_artifacts,
     )
     from converters.targets import parse_target
 
     specs = [parse_target(t, tuple(device_classes)) for t in (targets or ("onnx",))]
     samples = _load_samples(samples_path)
     reference = _load_samples(reference_path)
+    validation = _load_samples(validation_samples)
     click.echo(f"reading {model}", err=True)
     source = _source(model, samples, input_shape, trust_pickle, task)
     tol = _tolerance(atol, min_top1)
@@ -226,29 +240,28 @@ def _run(
                 specs,
                 out_dir,
                 samples=samples,
+                validation_samples=validation,
                 reference_samples=reference,
                 tolerances={s.name: tol for s in specs} if tol else None,
                 allow_parity_failure=allow_parity_failure,
+                allow_unquantized=allow_unquantized,
                 progress=step,
                 **pack,
             )
         else:
-            for spec in specs:
-                try:
-                    art = convert(
-                        source,
-                        spec,
-                        samples=samples,
-                        reference_samples=reference,
-                        tolerance=tol,
-                        allow_parity_failure=allow_parity_failure,
-                        progress=step,
-                    )
-                except ConverterError as e:
-                    results.append(BuildResult(spec, None, None, e))
-                    continue
-                path = save_artifact(art, out_dir, f"{model.stem}-{spec.name}")
-                results.append(BuildResult(spec, art, path))
+            results = save_artifacts(
+                source,
+                specs,
+                out_dir,
+                model.stem,
+                samples=samples,
+                validation_samples=validation,
+                reference_samples=reference,
+                tolerance=tol,
+                allow_parity_failure=allow_parity_failure,
+                allow_unquantized=allow_unquantized,
+                progress=step,
+            )
     finally:
         finish()
     _report(results)
@@ -263,14 +276,18 @@ def _report(results: list[Any]) -> None:
             rows.append(_row(r.target.name, status, r.artifact.parity, size, str(r.bundle)))
         else:
             report = getattr(r.error, "report", None)
-            rows.append(_row(r.target.name, "REFUSED", report, "", ""))
+            rows.append(_row(r.target.name, f"REFUSED [{r.code}]", report, "", ""))
             failures.append(r)
     click.echo(_table(rows))
     for r in failures:
-        click.secho(
-            f"refused {r.target.name}: {type(r.error).__name__}: {r.error}", fg="red", err=True
-        )
+        click.echo(f"refused {r.target.name} [{r.code}]: {r.message}")
     if failures:
+        click.secho(
+            f"{len(failures)} of {len(results)} targets refused (see above); "
+            f"{len(results) - len(failures)} built",
+            fg="red",
+            err=True,
+        )
         sys.exit(1)
 
 
@@ -353,6 +370,7 @@ def convert(
     passphrase_env: str | None,
     passphrase_file: Path | None,
     keys_dir: Path,
+    **more: Any,
 ) -> None:
     """Convert MODEL (.onnx, .tflite, .pt/.pt2, .joblib/.pkl) for one or more targets.
 
@@ -379,6 +397,7 @@ def convert(
         device_classes,
         out_dir,
         pack_args,
+        **more,
     )
 
 
@@ -442,6 +461,7 @@ def bundle_build(
     passphrase_env: str | None,
     passphrase_file: Path | None,
     keys_dir: Path,
+    **more: Any,
 ) -> None:
     """Convert MODEL for each --target, check parity, and write signed bundles.
 
@@ -466,4 +486,5 @@ def bundle_build(
         device_classes,
         out_dir,
         pack_args,
+        **more,
     )

@@ -163,8 +163,9 @@ def test_variant_over_tolerance_is_refused_with_exit_1_and_report(
         ],
     )
     assert r.exit_code == 1
-    assert "REFUSED" in r.stdout
-    assert "ParityError" in r.stderr and "not packed" in r.stderr
+    assert "REFUSED [parity]" in r.stdout
+    assert "refused onnx-int8-static [parity]:" in r.stdout and "not packed" in r.stdout
+    assert "1 of 1 targets refused" in r.stderr
     assert not list(out.glob("*.efb"))
 
 

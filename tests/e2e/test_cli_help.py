@@ -205,6 +205,7 @@ def test_operator_flow_pack_sign_trust_verify_revoke(tmp_path: Path) -> None:
         "x86_64-gateway",
         "--label",
         "team=vision",
+        "--allow-placeholders",
     )
     assert "input    x: float32 ['batch', 4]" in out
     inspect = runner.invoke(operator_main, ["bundle", "inspect", str(bundle)])

@@ -27,6 +27,7 @@ from fleet_server.assignments.document import Notifier
 from fleet_server.context import ServerContext
 from fleet_server.db.session import normalize_url
 from fleet_server.errors import ServerError, error_body
+from fleet_server.ingest.gaps import records_lost
 from fleet_server.metrics import MetricsMiddleware
 from fleet_server.rollouts.leader import leader_lock_for
 from fleet_server.rollouts.scheduler import RolloutScheduler
@@ -213,7 +214,9 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
     def metrics() -> Response:
         """Prometheus metrics of this server instance."""
         ctx.metrics.cached_assignments.set(len(ctx.assignment_cache._entries))
-        ctx.metrics.export_ingest(getattr(app.state, "ingest", None), ctx.engine)
+        ctx.metrics.export_ingest(
+            getattr(app.state, "ingest", None), lambda: records_lost(ctx.engine)
+        )
         scheduler = getattr(app.state, "scheduler", None)
         if scheduler is not None:
             ctx.metrics.rollout_rounds.set(scheduler.rounds)

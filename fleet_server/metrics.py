@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -80,9 +81,12 @@ class ServerMetrics:
             registry=self.registry,
         )
 
-    def export_ingest(self, worker: Any, engine: Any, *, every: float = 15.0) -> None:
+    def export_ingest(
+        self, worker: Any, records_lost: Callable[[], Iterable[Any]], *, every: float = 15.0
+    ) -> None:
         """Copy the ingestion counters, rejections and (at most every ``every`` seconds,
-        from the database) the records lost per device into the gauges."""
+        ``records_lost()``: the losses per device and kind read from the database) into
+        the gauges."""
         if worker is not None:
             for name, value in worker.stats.as_dict().items():
                 self.ingest.labels(name).set(value)
@@ -94,10 +98,8 @@ class ServerMetrics:
         self._lost_at = now
         from sqlalchemy.exc import SQLAlchemyError
 
-        from fleet_server.ingest.gaps import records_lost
-
         try:
-            losses = records_lost(engine)
+            losses = list(records_lost())
         except SQLAlchemyError:  # e.g. no telemetry tables yet: nothing was lost
             return
         self.records_lost.clear()

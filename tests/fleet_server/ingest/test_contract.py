@@ -155,7 +155,7 @@ def test_poisoned_summaries_are_counted_per_device_on_metrics_and_never_stored(
                 time.sleep(0.05)
             time.sleep(0.3)
             metrics = ServerMetrics()
-            metrics.export_ingest(worker, engine)
+            metrics.export_ingest(worker, lambda: records_lost(engine))
     with engine.connect() as c:
         rows = c.execute(select(TelemetrySummary.device_id, TelemetrySummary.count)).all()
         total = c.execute(select(func.count()).select_from(TelemetrySummary)).scalar_one()

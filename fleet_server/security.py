@@ -47,6 +47,8 @@ PERMISSIONS: dict[str, Role] = {
     "bundle.upload": Role.operator,
     # image targets signed offline by the release keys' threshold; the server verifies them
     "release.upload": Role.operator,
+    # a new image root signed offline by the root keys (rotates and revokes keys)
+    "release.root": Role.admin,
     "device.assign": Role.operator,
     "rollout.create": Role.operator,
     "rollout.act": Role.operator,

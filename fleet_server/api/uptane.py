@@ -115,3 +115,34 @@ async def put_targets(
     )
     session.commit()
     return {"version": md.signed.version, "targets": sorted(md.signed.targets)}
+
+
+@router.put("/release/root")
+async def put_root(
+    request: Request,
+    session: SessionDep,
+    who: Annotated[Principal, Depends(RequirePermission("release.root"))],
+    ctx: CtxDep,
+) -> dict[str, Any]:
+    """Rotate the image repository's root (next version, signed by the current root's
+    threshold and its own): keys are rotated and revoked on devices at their next check."""
+    from tuf.api.metadata import Metadata, Root
+
+    data = await request.body()
+    try:
+        md: Metadata[Root] = Metadata.from_bytes(data)
+        if not isinstance(md.signed, Root):
+            raise TufRepoError("not root metadata")
+        repos(ctx).image.add_root(md)
+    except (TufRepoError, ValueError) as e:
+        raise BadRequestError(f"root refused: {e}") from e
+    audit.record(
+        session,
+        actor=who.actor,
+        action="release.root",
+        target_type="image_root",
+        target_id=str(md.signed.version),
+        details={"roles": {r: sorted(v.keyids) for r, v in md.signed.roles.items()}},
+    )
+    session.commit()
+    return {"version": md.signed.version}

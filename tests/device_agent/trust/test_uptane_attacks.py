@@ -427,3 +427,48 @@ def test_freeze_then_recovery_installs_again(
     daemon.updater.check()
     assert_serving(daemon, 2, 2)
 
+
+def test_root_rotation_revokes_a_release_key_over_the_air(
+    daemon: AgentDaemon, usim: UptaneSim, sim: BundleSim
+) -> None:
+    """The image root (its own key) replaces release1 by release4; the device walks to
+    root v2 at its next check; release1's signature no longer counts."""
+    from fleet_server.registry.tufrepo import public_key, release_target
+
+    md = usim.image.root()
+    root = md.signed
+    old = public_key(usim.key("release1"))
+    root.revoke_key(old.keyid, "targets")
+    root.add_key(public_key(usim.key("release4")), "targets")
+    root.version += 1
+    md.signatures.clear()
+    md.sign(signer_for(usim.key("image-root")))
+    usim.image.add_root(md)
+    daemon.updater.check()  # picks up root v2
+    assert (daemon.updater.state_dir / "uptane" / "image" / "root_history" / "2.root.json").exists()
+
+    # a release signed by the revoked key and one other: refused on the wire
+    bundle = build(sim, version=4, seed=4, classes=(CLASS,))
+    sha, n = usim.serve_bundle(bundle)
+    targets = usim.image.targets()
+    t = release_target(
+        name="tiny", version=4, sha256=sha, length=n, release_counter=4, device_classes=[CLASS]
+    )
+    targets.signed.targets[t.path] = t
+    targets.signed.version += 1
+    targets.signatures.clear()
+    for k in ("release1", "release2"):
+        targets.sign(signer_for(usim.key(k)), append=True)
+    with pytest.raises(TufRepoError):
+        usim.image.put_targets(targets.to_bytes())
+    usim.forge_image(targets)
+    usim.direct("dev-1", ("tiny", sha, n, "desired"))
+    daemon.updater.check()
+    refused_with(usim, "metadata_refused")
+    assert_serving(daemon, 1, 1)
+
+    # the same release signed by release2 and the new release4: installs
+    usim.override.clear()
+    usim.release(bundle, name="tiny", version=4, classes=(CLASS,), signers=("release2", "release4"))
+    daemon.updater.check()
+    assert_serving(daemon, 4, 4)

@@ -41,11 +41,13 @@ paid per call); :meth:`Agent.predict_named` returns a dict.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,13 @@ class PredictError(AgentError):
     """The runtime failed on these inputs; ``__cause__`` is the runtime's exception."""
 
     code = "predict_failed"
+
+
+class UnknownPredictionError(AgentError):
+    """A label names a prediction id the agent does not hold: never issued, already
+    labelled, or older than the last ``max_pending_labels`` predictions with ids."""
+
+    code = "unknown_prediction"
 
 
 class InstallError(AgentError):
@@ -152,6 +161,11 @@ class Agent:
         self._shadow: LoadedModel | None = None
         self._swap_lock = threading.Lock()
         self._rollout_id: str | None = None
+        self._ids = itertools.count(1)
+        #: prediction id -> (its model's recorder, the predicted class of each row)
+        self._pending: OrderedDict[str, tuple[Recorder, tuple[int, ...]]] = OrderedDict()
+        self._pending_lock = threading.Lock()
+        self.max_pending_labels = MAX_PENDING_LABELS
         if model is not None:
             self.swap(model)
         if start_worker:
@@ -226,6 +240,78 @@ class Agent:
         else:
             rec.spill(dt, kept, out)
         return out  # type: ignore[no-any-return]
+
+    def predict_with_id(
+        self, inputs: Mapping[str, np.ndarray] | np.ndarray
+    ) -> tuple[str, list[np.ndarray]]:
+        """Like :meth:`predict`, plus an id to pass to :meth:`label` once the app learns
+        the true class (a user's correction, a downstream sensor).
+
+        For classifiers the id remembers each row's predicted class; the last
+        ``max_pending_labels`` ids are kept. Costs an argmax and a dict entry more than
+        :meth:`predict`, which stays as cheap as before.
+        """
+        a = self._active
+        out = self.predict(inputs)
+        if a is None or a is not self._active:  # first install or a swap raced this call
+            a = self._active
+        assert a is not None
+        pid = f"{a.model.name}-{a.model.version}-{next(self._ids)}"
+        predicted: tuple[int, ...] = ()
+        info = a.rec.info
+        if info.classes > 0:
+            try:
+                y = np.asarray(out[info.pred_output])
+                if y.ndim >= 2:
+                    predicted = tuple(int(c) for c in y.reshape(y.shape[0], -1).argmax(axis=1))
+            except (IndexError, ValueError, TypeError):
+                predicted = ()
+        with self._pending_lock:
+            self._pending[pid] = (a.rec, predicted)
+            while len(self._pending) > self.max_pending_labels:
+                self._pending.popitem(last=False)
+        return pid, out
+
+    def label(self, prediction_id: str, label: int | Sequence[int]) -> bool:
+        """Post the true class of a prediction from :meth:`predict_with_id` (a list, one
+        per row, for a batched call).
+
+        The pair (true, predicted) counts in the open window's ``labels`` summary
+        (accuracy per class and, up to 32 classes, the confusion matrix), uploaded with
+        the window. Returns False if that model is no longer active (the label is not
+        counted). Raises :class:`UnknownPredictionError`, or :class:`InputError` for a
+        class the model does not have, a wrong number of labels, or a model that is
+        not a classifier (the prediction stays open for a corrected label).
+        """
+        with self._pending_lock:
+            entry = self._pending.pop(prediction_id, None)
+        if entry is None:
+            raise UnknownPredictionError(
+                f"no prediction {prediction_id!r} awaits a label (never issued, already "
+                f"labelled, or older than the last {self.max_pending_labels})"
+            )
+        rec, predicted = entry
+        truths = [label] if isinstance(label, (int, np.integer)) else list(label)
+        classes = rec.info.classes
+        problem = None
+        if not predicted:
+            problem = f"{rec.info.name} v{rec.info.version} is not a classifier"
+        elif len(truths) != len(predicted):
+            problem = f"{len(truths)} labels for a prediction of {len(predicted)} rows"
+        elif not all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < classes
+            for t in truths
+        ):
+            problem = f"labels must be class indices in [0, {classes}), got {truths}"
+        if problem is not None:
+            if predicted:
+                with self._pending_lock:
+                    self._pending[prediction_id] = entry
+            raise InputError(f"cannot label {prediction_id}: {problem}")
+        if rec.closed:
+            return False
+        rec.labels.extend(zip((int(t) for t in truths), predicted, strict=True))
+        return True
 
     def predict_named(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> dict[str, Any]:
         """Like :meth:`predict`, but returns ``{output name: array}``."""
@@ -426,6 +512,9 @@ class Agent:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+#: predictions with ids kept for a later label (see Agent.predict_with_id)
+MAX_PENDING_LABELS = 10_000
 
 #: what keeping a copied input costs per byte: the copy plus first-touching fresh pages,
 #: since kept copies are not freed (and their memory not reused) until the worker ran

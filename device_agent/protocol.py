@@ -51,7 +51,9 @@ Summary record body (one per window per active model)::
                "prediction": {"counts": [...], "psi": ..}} | null,
      "shadow": {"name": .., "version": .., "count": .., "agreement": ..,
                 "latency_ms": {...}, "errors": ..} | null,
-     "dropped": {"samples": n, "summaries": n}}
+     "dropped": {"samples": n, "summaries": n},
+     "labels": {"count": n, "correct": n, "labelled": [per true class],
+                "correct_by_class": [...], "confusion": [[t][p]] | null} | null}
 
 Sample record body: ``{"name", "version", "predicted": class|null, "inputs": {...},
 "outputs": {...}}`` with masked fields dropped or replaced by ``sha256:<hex>``.
@@ -269,6 +271,60 @@ class ShadowSummary:
             raise ContractError("out_of_bounds", f"shadow agreement {self.agreement} not in [0, 1]")
 
 
+#: classes up to which a window's label summary carries the full confusion matrix
+MAX_CONFUSION_CLASSES = 32
+
+
+@dataclass(frozen=True)
+class LabelSummary:
+    """True labels an app posted for this window's predictions (classifiers only).
+
+    ``labelled[c]`` / ``correct[c]``: labelled predictions whose true class is ``c``, and
+    how many of them the model got right; ``confusion[t][p]`` (up to
+    :data:`MAX_CONFUSION_CLASSES` classes) counts true class ``t`` predicted as ``p``.
+    """
+
+    __pydantic_config__ = _STRICT
+    count: int
+    correct: int
+    labelled: list[int]
+    correct_by_class: list[int]
+    confusion: list[list[int]] | None = None
+
+    def __post_init__(self) -> None:
+        _count("labels count", self.count)
+        _count("labels correct", self.correct)
+        if self.correct > self.count:
+            raise ContractError("errors_exceed_count", "labels correct > labels count")
+        n = len(self.labelled)
+        if n > MAX_BINS or len(self.correct_by_class) != n:
+            raise ContractError(
+                "out_of_bounds",
+                f"labelled and correct_by_class must have one entry per class (at most {MAX_BINS})",
+            )
+        _counts("labelled", self.labelled)
+        _counts("correct_by_class", self.correct_by_class)
+        if (
+            sum(self.labelled) != self.count
+            or sum(self.correct_by_class) != self.correct
+            or any(c > k for c, k in zip(self.correct_by_class, self.labelled, strict=True))
+        ):
+            raise ContractError("out_of_bounds", "per-class label counts do not add up")
+        m = self.confusion
+        if m is not None:
+            if n > MAX_CONFUSION_CLASSES or len(m) != n or any(len(r) != n for r in m):
+                raise ContractError(
+                    "out_of_bounds",
+                    f"confusion must be classes x classes (at most {MAX_CONFUSION_CLASSES})",
+                )
+            for row in m:
+                _counts("confusion", row)
+            if [sum(r) for r in m] != self.labelled or [m[i][i] for i in range(n)] != list(
+                self.correct_by_class
+            ):
+                raise ContractError("out_of_bounds", "confusion does not match the label counts")
+
+
 @dataclass(frozen=True)
 class SummaryBody:
     """One window of one model on one device (see the module docstring)."""
@@ -287,6 +343,7 @@ class SummaryBody:
     drift: Drift | None = None
     shadow: ShadowSummary | None = None
     dropped: dict[str, int] | None = None
+    labels: LabelSummary | None = None
 
     def __post_init__(self) -> None:
         hist = self.latency_hist

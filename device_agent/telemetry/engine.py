@@ -98,6 +98,7 @@ class Recorder:
         "countdown",
         "stride",
         "copy_ns",
+        "labels",
     )
 
     def __init__(
@@ -110,6 +111,8 @@ class Recorder:
     ) -> None:
         self.calls: deque[tuple[int, Inputs | np.ndarray | None, Outputs | None]] = deque()
         self.errors: deque[str] = deque()
+        #: (true class, predicted class) of labels posted for earlier predictions
+        self.labels: deque[tuple[int, int]] = deque()
         self.wake_batch = opts.wake_batch
         self.max_buffered = opts.max_buffered
         self.wake = wake
@@ -368,6 +371,9 @@ class Telemetry:
             rec.window.add_errors(n_err)
             rec.total_count += n_err
             rec.total_errors += n_err
+        labels = rec.labels
+        if labels:
+            rec.window.add_labels([labels.popleft() for _ in range(len(labels))])
         n = len(calls)
         if n == 0:
             return
@@ -448,7 +454,7 @@ class Telemetry:
     def _close(self, rec: Recorder, end: float) -> list[Record]:
         w = rec.window
         out: list[Record] = [("sample", body, end) for body in w.samples()]
-        if w.count or (w.shadow is not None and w.shadow.count):
+        if w.count or w.label_count or (w.shadow is not None and w.shadow.count):
             dropped = {"samples": 0, "summaries": 0}
             if self.sink is not None:
                 try:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..payloads import DriftProfile
+from ..protocol import MAX_CONFUSION_CLASSES
 from . import stats
 from .sampling import FieldMask, StratifiedSampler
 
@@ -148,6 +149,11 @@ class Window:
                 self.pred_counts = np.zeros(len(self._pred_edges) + 1, np.int64)
         self.drift_failures = 0
         self.shadow: ShadowStats | None = None
+        #: true labels posted in this window for earlier predictions (classifiers only)
+        self.label_count = 0
+        self._labelled: np.ndarray | None = None
+        self._correct: np.ndarray | None = None
+        self._confusion: np.ndarray | None = None
 
     # ------------------------------------------------------------ feeding
     def add_batch(
@@ -255,6 +261,40 @@ class Window:
             self.pred_counts += stats.binned_counts(vals, self._pred_edges)
         return classes
 
+    def add_labels(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Count ``(true class, predicted class)`` pairs; classes outside the model's are
+        skipped (the agent refuses them before they get here)."""
+        k = self.info.classes
+        if k < 1:
+            return
+        if self._labelled is None:
+            self._labelled = np.zeros(k, np.int64)
+            self._correct = np.zeros(k, np.int64)
+            if k <= MAX_CONFUSION_CLASSES:
+                self._confusion = np.zeros((k, k), np.int64)
+        assert self._correct is not None
+        for true, pred in pairs:
+            if not (0 <= true < k and 0 <= pred < k):
+                continue
+            self.label_count += 1
+            self._labelled[true] += 1
+            if pred == true:
+                self._correct[true] += 1
+            if self._confusion is not None:
+                self._confusion[true, pred] += 1
+
+    def labels_json(self) -> dict[str, Any] | None:
+        """The summary's ``labels`` field (protocol ``LabelSummary``), None without labels."""
+        if not self.label_count or self._labelled is None or self._correct is None:
+            return None
+        return {
+            "count": int(self._labelled.sum()),
+            "correct": int(self._correct.sum()),
+            "labelled": self._labelled.tolist(),
+            "correct_by_class": self._correct.tolist(),
+            "confusion": self._confusion.tolist() if self._confusion is not None else None,
+        }
+
     # ------------------------------------------------------------ closing
     def drift_json(self) -> dict[str, Any] | None:
         prof = self.info.profile
@@ -290,7 +330,7 @@ class Window:
         p50, p95, p99 = stats.fine_percentiles_ms(self.fine, (50, 95, 99))
         ok = int(self.hist.sum())
         info = self.info
-        return {
+        body: dict[str, Any] = {
             "window_start": self.start,
             "window_end": end,
             "name": info.name,
@@ -310,6 +350,10 @@ class Window:
             "shadow": self.shadow.to_json() if self.shadow is not None else None,
             "dropped": dict(dropped),
         }
+        labels = self.labels_json()
+        if labels is not None:
+            body["labels"] = labels
+        return body
 
     def samples(self) -> list[dict[str, Any]]:
         """Sample record bodies for this window (masked); empty when sampling is off."""

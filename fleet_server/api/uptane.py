@@ -90,11 +90,12 @@ async def put_targets(
 ) -> dict[str, Any]:
     """Publish a targets.json signed offline by the release keys' threshold. The server
     checks the signatures against the image root and cannot sign one itself."""
+    image = repos(ctx).image
     data = await request.body()
     if len(data) > 5_000_000:
         raise BadRequestError("targets.json is larger than 5 MB")
     try:
-        md = repos(ctx).image.put_targets(data)
+        md = image.put_targets(data)
     except TufRepoError as e:
         audit.record(
             session,
@@ -128,12 +129,16 @@ async def put_root(
     threshold and its own): keys are rotated and revoked on devices at their next check."""
     from tuf.api.metadata import Metadata, Root
 
+    image = repos(ctx).image
     data = await request.body()
     try:
         md: Metadata[Root] = Metadata.from_bytes(data)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the uploader's
+        raise BadRequestError(f"not TUF root metadata: {e}") from e
+    try:
         if not isinstance(md.signed, Root):
             raise TufRepoError("not root metadata")
-        repos(ctx).image.add_root(md)
+        image.add_root(md)
     except (TufRepoError, ValueError) as e:
         raise BadRequestError(f"root refused: {e}") from e
     audit.record(

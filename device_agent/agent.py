@@ -291,11 +291,19 @@ class Agent:
                 f"labelled, or older than the last {self.max_pending_labels})"
             )
         rec, predicted = entry
-        truths = [label] if isinstance(label, (int, np.integer)) else list(label)
+        truths: list[Any] = (
+            [label]
+            if isinstance(label, (int, np.integer))
+            else list(label)
+            if isinstance(label, (list, tuple))
+            else []
+        )
         classes = rec.info.classes
         problem = None
         if not predicted:
             problem = f"{rec.info.name} v{rec.info.version} is not a classifier"
+        elif not truths:
+            problem = f"a label is a class index or a list of them, got {label!r:.80}"
         elif len(truths) != len(predicted):
             problem = f"{len(truths)} labels for a prediction of {len(predicted)} rows"
         elif not all(

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..agent import AgentError, InputError, NoActiveModelError, PredictError
+from ..agent import AgentError, InputError, NoActiveModelError, PredictError, UnknownPredictionError
 from .protocol import datatype_of, dtype_of
 from .server import SOCKET_NAME
 
@@ -235,10 +235,38 @@ class ServingClient:
 
     def predict(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> list[np.ndarray]:
         """Like ``Agent.predict``: outputs as arrays in the model's output order."""
-        return list(self.predict_named(inputs).values())
+        return list(self._call(inputs)[1].values())
 
     def predict_named(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> dict[str, Any]:
         """Like ``Agent.predict_named``: ``{output name: array}``."""
+        return self._call(inputs)[1]
+
+    def predict_with_id(
+        self, inputs: Mapping[str, np.ndarray] | np.ndarray
+    ) -> tuple[str, list[np.ndarray]]:
+        """Like ``Agent.predict_with_id``: the prediction's id (for :meth:`label`) and
+        the outputs."""
+        pid, out = self._call(inputs)
+        return pid, list(out.values())
+
+    def label(self, prediction_id: str, label: int | list[int]) -> bool:
+        """Like ``Agent.label``: post the true class of a prediction; False if its model
+        was swapped out before the label came (not counted)."""
+        name = self.metadata()["name"]
+        body = json.dumps({"labels": [{"prediction_id": prediction_id, "label": label}]})
+        status, _, data = self._request(
+            "POST", f"/v2/models/{name}/labels", body.encode(), {"Content-Type": "application/json"}
+        )
+        if status != 200:
+            self._raise(status, data)
+        doc = json.loads(data)
+        for refusal in doc["refused"]:
+            if refusal["code"] == "unknown_prediction":
+                raise UnknownPredictionError(refusal["error"])
+            raise InputError(refusal["error"])
+        return bool(doc["accepted"])
+
+    def _call(self, inputs: Any) -> tuple[str, dict[str, Any]]:
         try:
             return self._infer(self.metadata(), inputs)
         except InputError:
@@ -248,7 +276,7 @@ class ServingClient:
                 raise
             return self._infer(self._meta or {}, inputs)
 
-    def _infer(self, meta: dict[str, Any], inputs: Any) -> dict[str, Any]:
+    def _infer(self, meta: dict[str, Any], inputs: Any) -> tuple[str, dict[str, Any]]:
         specs = {i["name"]: i for i in meta["inputs"]}
         if isinstance(inputs, Mapping):
             feed = dict(inputs)
@@ -309,7 +337,7 @@ class ServingClient:
         self.close()
 
 
-def _decode_outputs(data: bytes, header_length: str | None) -> dict[str, Any]:
+def _decode_outputs(data: bytes, header_length: str | None) -> tuple[str, dict[str, Any]]:
     hlen = int(header_length) if header_length is not None else len(data)
     doc = json.loads(data[:hlen])
     buf = bytearray(memoryview(data)[hlen:]) if header_length is not None else bytearray()
@@ -325,4 +353,4 @@ def _decode_outputs(data: bytes, header_length: str | None) -> dict[str, Any]:
         arr = np.frombuffer(buf, dtype=wire, count=size // dtype.itemsize, offset=offset)
         out[o["name"]] = arr.astype(dtype, copy=False).reshape(o["shape"])
         offset += size
-    return out
+    return str((doc.get("parameters") or {}).get("prediction_id", "")), out

@@ -287,6 +287,7 @@ def encode_infer_response(
     request: InferRequest,
     output_names: Sequence[str],
     outputs: Sequence[np.ndarray],
+    parameters: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
     """The response body and, when any output is binary, the JSON header's length."""
     by_name = dict(zip(output_names, outputs, strict=True))
@@ -321,7 +322,40 @@ def encode_infer_response(
     }
     if request.id is not None:
         doc["id"] = request.id
+    if parameters:
+        doc["parameters"] = dict(parameters)
     header = json.dumps(doc, separators=(",", ":")).encode()
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
+
+
+#: labels one request may post
+MAX_LABELS_PER_REQUEST = 1000
+
+
+def decode_labels(body: bytes) -> list[tuple[str, Any]]:
+    """``{"labels": [{"prediction_id": id, "label": class | [class per row]}, ...]}``."""
+    doc = _json_object(body, "the labels request")
+    items = doc.get("labels")
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_LABELS_PER_REQUEST:
+        raise ServingError(
+            400,
+            f"the request needs a 'labels' list of 1 to {MAX_LABELS_PER_REQUEST} entries",
+            "bad_request",
+        )
+    out = []
+    for item in items:
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("prediction_id"), str)
+            or "label" not in item
+        ):
+            raise ServingError(
+                400,
+                "every label needs a 'prediction_id' (from the infer "
+                "response's parameters) and a 'label'",
+                "bad_request",
+            )
+        out.append((item["prediction_id"], item["label"]))
+    return out

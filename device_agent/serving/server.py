@@ -39,9 +39,15 @@ from typing import Any
 from urllib.parse import unquote
 
 from .. import __version__
-from ..agent import InputError, NoActiveModelError, PredictError
+from ..agent import InputError, NoActiveModelError, PredictError, UnknownPredictionError
 from ..config import ServingConfig
-from .protocol import ServingError, decode_infer_request, encode_infer_response, tensor_metadata
+from .protocol import (
+    ServingError,
+    decode_infer_request,
+    decode_labels,
+    encode_infer_response,
+    tensor_metadata,
+)
 
 log = logging.getLogger("edgefleet.serving")
 
@@ -51,7 +57,7 @@ SOCKET_MODE = 0o660
 #: bytes a Unix socket path may have (sun_path is 108 bytes with the terminating NUL)
 MAX_SOCKET_PATH = 107
 
-_MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
+_MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/labels)?$")
 _PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tflite"}
 
 
@@ -151,6 +157,10 @@ class ServingApp:
                 404, f"no route {path[:200]}; see /v2/models/<name>[/ready|/infer]", "not_found"
             )
         name, version, action = unquote(m.group(1)), m.group(2), m.group(3)
+        if action == "/labels":
+            self._method(method, "POST")
+            self._model(name, version and unquote(version))
+            return self._labels(read_body())
         if action == "/infer":
             self._method(method, "POST")
             return self._infer(self._model(name, version and unquote(version)), headers, read_body)
@@ -183,7 +193,7 @@ class ServingApp:
             body, header_length, backend.inputs, max_json_bytes=self.config.max_json_bytes
         )
         try:
-            outputs = self.agent.predict(request.feed)
+            prediction_id, outputs = self.agent.predict_with_id(request.feed)
         except InputError as e:
             raise ServingError(400, str(e), e.code) from e
         except NoActiveModelError as e:
@@ -191,11 +201,33 @@ class ServingApp:
         except PredictError as e:
             raise ServingError(500, str(e), e.code) from e
         out, hlen = encode_infer_response(
-            model.name, model.version, request, backend.output_names, outputs
+            model.name,
+            model.version,
+            request,
+            backend.output_names,
+            outputs,
+            {"prediction_id": prediction_id},
         )
         if hlen is None:
             return Response(200, out)
         return Response(200, out, "application/octet-stream", hlen)
+
+    def _labels(self, body: bytes) -> Response:
+        """Post true labels for earlier predictions; each one is accepted, not counted
+        (its model was swapped out) or refused with a code."""
+        accepted = not_counted = 0
+        refused: list[dict[str, str]] = []
+        for prediction_id, label in decode_labels(body):
+            try:
+                counted = self.agent.label(prediction_id, label)
+            except (UnknownPredictionError, InputError) as e:
+                refused.append(
+                    {"prediction_id": prediction_id[:200], "code": e.code, "error": str(e)}
+                )
+                continue
+            accepted += counted
+            not_counted += not counted
+        return _json(200, {"accepted": accepted, "not_counted": not_counted, "refused": refused})
 
 
 #: longest request line or header line, and most header lines, accepted (as http.server)

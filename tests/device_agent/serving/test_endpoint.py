@@ -457,3 +457,44 @@ def test_the_update_lock_refusal_points_to_the_endpoint(tmp_path: Path, signer: 
         assert "serving.sock" in str(e.value)
     finally:
         first.unlock()
+
+
+def test_prediction_ids_and_labels_through_the_endpoint(signer: Signer, serve: Any) -> None:
+    from device_agent.agent import UnknownPredictionError
+    from tests.agent_models import softmax_onnx
+
+    agent, ep = serve(signer.load(softmax_onnx(), name="cls"))
+    client = ServingClient(ep.socket_path)
+    x = np.zeros((1, 4), np.float32)
+    x[0, 2] = 5.0
+    pid, (probs,) = client.predict_with_id(x)
+    assert pid.startswith("cls-1-") and int(probs.argmax()) == 2
+    assert client.label(pid, 2) is True
+    with pytest.raises(UnknownPredictionError):
+        client.label(pid, 2)  # labelled already
+    other, _ = client.predict_with_id(x)
+    with pytest.raises(InputError, match=r"\[0, 4\)"):
+        client.label(other, 9)
+    assert client.label(other, 1) is True  # a wrong prediction, labelled
+    doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0, 0, 0, 1]}]}
+    status, body = status_and_json(
+        raw_request(sock(ep), infer_request("/v2/models/cls/infer", doc))
+    )
+    assert status == 200 and body["parameters"]["prediction_id"].startswith("cls-1-")
+    status, body = status_and_json(
+        raw_request(
+            sock(ep),
+            infer_request(
+                "/v2/models/cls/labels", {"labels": [{"prediction_id": "nope", "label": None}]}
+            ),
+        )
+    )
+    assert status == 200 and body["refused"][0]["code"] == "unknown_prediction"
+    status, body = status_and_json(
+        raw_request(sock(ep), infer_request("/v2/models/cls/labels", {"labels": "all of them"}))
+    )
+    assert (status, body["code"]) == (400, "bad_request")
+    agent.telemetry.close_all()
+    labels = agent.telemetry.recent[-1]["labels"]
+    assert (labels["count"], labels["correct"]) == (2, 1)
+    assert labels["confusion"][2][2] == 1 and labels["confusion"][1][2] == 1

@@ -156,6 +156,7 @@ def test_infer_binary_and_json_tensors(
     np.testing.assert_allclose(result.as_numpy("probs"), reference(x), rtol=1e-5, atol=1e-6)
     response = result.get_response()
     assert response["id"] == "req-1" and response["model_version"] == "1"
+    assert response["parameters"]["prediction_id"].startswith("mlp-1-")  # for a later label
 
 
 def test_infer_with_no_outputs_named_returns_all_in_binary(

@@ -94,6 +94,8 @@ def _start_ingest(ctx: ServerContext) -> Any:
         password=s.mqtt_password or None,
         share_group=s.ingest_share_group,
         mqtt_version=s.mqtt_version,
+        **({"client_id": s.ingest_client_id} if s.ingest_client_id else {}),
+        shared=ctx.broker is None,  # the broker beside the server has one ingesting server
     )
     return IngestWorker(config, ctx.engine).start()
 
@@ -208,6 +210,7 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
             "rollout_rounds": scheduler.rounds if scheduler is not None else 0,
             "ingesting": worker is not None,
             "ingest": worker.stats.as_dict() if worker is not None else None,
+            "broker": ctx.monitor.health() if ctx.monitor is not None else None,
         }
 
     @app.get("/metrics", tags=["server"], response_class=Response)

@@ -36,6 +36,7 @@ from fleet_server.settings import ServerSettings
 
 if TYPE_CHECKING:
     from fleet_server.broker.beside import BrokerBeside
+    from fleet_server.broker.monitor import BrokerMonitor
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,14 @@ class ServerContext:
 
     def __init__(self, settings: ServerSettings, notifier: Notifier | None = None) -> None:
         self.broker: BrokerBeside | None = None
+        self.monitor: BrokerMonitor | None = None
         if settings.broker != "none":
             from fleet_server.broker.beside import BrokerBeside
             from fleet_server.broker.mosquitto import SERVER_USER
 
-            self.broker = BrokerBeside(settings.broker, settings.broker_dir)
+            self.broker = BrokerBeside(
+                settings.broker, settings.broker_dir, settings.broker_port or None
+            )
             settings = settings.model_copy(
                 update={
                     "mqtt_host": "127.0.0.1",
@@ -59,6 +63,7 @@ class ServerContext:
                     "mqtt_username": SERVER_USER,
                     "mqtt_password": self.broker.server_password,
                     "mqtt_version": self.broker.mqtt_version,
+                    "ingest_client_id": settings.ingest_client_id or "edgefleet-ingest-beside",
                 }
             )
         self.settings = settings
@@ -104,12 +109,25 @@ class ServerContext:
         create the bootstrap admin token if configured."""
         if self.broker is not None:
             self.broker.start()
+        if self.settings.mqtt_host:  # broker connectivity and connected devices for /healthz
+            from fleet_server.broker.monitor import BrokerMonitor
+
+            s = self.settings
+            self.monitor = BrokerMonitor.connect(
+                s.mqtt_host,
+                s.mqtt_port,
+                username=s.mqtt_username or None,
+                password=s.mqtt_password or None,
+                mqtt_version=s.mqtt_version,
+            ).start()
         if self.settings.run_migrations:
             upgrade_database(self.engine)
         if self.settings.admin_bootstrap_token:
             self._ensure_bootstrap_token(self.settings.admin_bootstrap_token)
 
     def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
         try:
             self.last_seen.flush()
         finally:

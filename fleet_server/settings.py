@@ -64,6 +64,10 @@ class ServerSettings(BaseSettings):
     #: run the telemetry ingestion worker (MQTT 5 shared subscription) when a broker is set
     ingest: bool = True
     ingest_share_group: str = "edgefleet-ingest"
+    #: MQTT client id of this replica's ingestion session; keep it stable across restarts
+    #: so the broker hands the restarted replica what it queued meanwhile (empty: host
+    #: name and process id; "edgefleet-ingest-beside" with a broker beside the server)
+    ingest_client_id: str = ""
     #: serve the read-only telemetry review at /dashboard
     dashboard: bool = True
     #: seconds an in-memory assignment ETag is trusted before re-reading the database

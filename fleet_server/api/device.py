@@ -30,6 +30,7 @@ from fleet_server.api.device_schemas import (
     AssignmentPublic,
     EnrollRequest,
     EnrollResponse,
+    MqttEndpoint,
     ReportAck,
     ReportBatch,
     report_body,
@@ -68,8 +69,11 @@ _ERR = {"model": dict[str, Any], "description": 'JSON error `{"error": {code, me
     response_model=EnrollResponse,
     responses={401: _ERR, 409: _ERR},
 )
-def enroll(body: EnrollRequest, session: SessionDep, ctx: CtxDep) -> EnrollResponse:
-    """Exchange a single-use enrollment token for a device id and credential (shown once)."""
+def enroll(
+    body: EnrollRequest, session: SessionDep, ctx: CtxDep, request: Request
+) -> EnrollResponse:
+    """Exchange a single-use enrollment token for a device id and credential (shown once),
+    and learn the MQTT broker to send telemetry to."""
     enrolled = enroll_device(
         session,
         ctx.hasher,
@@ -98,7 +102,21 @@ def enroll(body: EnrollRequest, session: SessionDep, ctx: CtxDep) -> EnrollRespo
         credential=enrolled.credential,
         device_class=d.device_class,
         labels=d.labels,
+        mqtt=mqtt_endpoint(ctx, request.url.hostname),
     )
+
+
+def mqtt_endpoint(ctx: ServerContext, request_host: str | None) -> MqttEndpoint | None:
+    """The broker address a device should use: ``mqtt_public_host`` if set; else the
+    server's own broker address, with a loopback host replaced by the host name the device
+    used to reach this server."""
+    s = ctx.settings
+    if not s.mqtt_host:
+        return None
+    host = s.mqtt_public_host or s.mqtt_host
+    if not s.mqtt_public_host and s.mqtt_host in ("127.0.0.1", "localhost", "::1"):
+        host = request_host or s.mqtt_host
+    return MqttEndpoint(host=host, port=s.mqtt_port, mqtt_version=s.mqtt_version)
 
 
 def _etag_matches(header: str | None, etag: str) -> bool:

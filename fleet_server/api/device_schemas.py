@@ -28,11 +28,25 @@ class EnrollRequest(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict, max_length=64)
 
 
+class MqttEndpoint(BaseModel):
+    """Where the device sends telemetry: images need no hand-typed broker address."""
+
+    host: str
+    port: int
+    mqtt_version: int
+    tls: bool = False
+    #: the fleet CA (PEM) the broker's certificate chains to, when ``tls``
+    ca_pem: str | None = None
+
+
 class EnrollResponse(BaseModel):
     device_id: str
     credential: str = Field(description="Shown once; the server stores only its hash.")
     device_class: str
     labels: dict[str, str]
+    mqtt: MqttEndpoint | None = Field(
+        default=None, description="The MQTT broker to use; null when the server has none."
+    )
 
 
 class BundleRef(BaseModel):

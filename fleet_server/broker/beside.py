@@ -6,19 +6,56 @@ in step with enrollment.
 (MQTT 3.1.1). The server's own MQTT password and every enrolled device's credential hash
 (never the credential) are kept in ``broker_dir/users.json`` so a restart keeps them; a device
 enrolled through the device API can connect at once, a revoked one no longer can.
+
+The broker keeps its port across restarts: ``port`` when given (the ``broker_port``
+setting), else the port recorded in ``broker_dir/broker.json`` by the last start, else a
+free port chosen once and recorded. A server holds ``broker_dir/server.lock`` while it
+runs, so a second server pointed at the same directory refuses to start instead of
+rewriting the running server's broker files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import secrets
+import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from device_agent._fsutil import atomic_write_bytes
 from fleet_server.broker.embedded import EmbeddedBroker
-from fleet_server.broker.mosquitto import SERVER_USER, LocalMosquitto, free_port
+from fleet_server.broker.mosquitto import SERVER_USER, BrokerError, LocalMosquitto, free_port
+
+
+def _hold_lock(root: Path) -> IO[str]:
+    """Take ``root/server.lock`` for this process, or raise BrokerError naming the holder."""
+    f = open(root / "server.lock", "a+")  # noqa: SIM115 - held for the server's lifetime
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise BrokerError(
+            f"broker_dir {root} is in use by a running server (pid {holder}); stop it, or "
+            "give this server its own broker_dir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def _recorded_port(root: Path) -> int | None:
+    try:
+        port = json.loads((root / "broker.json").read_text()).get("port")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return port if isinstance(port, int) and 0 < port < 65536 else None
 
 
 class BrokerBeside:
@@ -30,7 +67,8 @@ class BrokerBeside:
         self.kind = kind
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        self._lockfile: IO[str] | None = _hold_lock(self.root)
+        self.port = port or _recorded_port(self.root) or free_port()
         self._users_file = self.root / "users.json"
         self._lock = threading.Lock()
         users = self._load()
@@ -68,7 +106,13 @@ class BrokerBeside:
 
     def start(self) -> None:
         """Start the broker and write ``broker_dir/broker.json`` (where devices connect)."""
-        self.broker.start()
+        try:
+            self.broker.start()
+        except BrokerError as e:
+            raise BrokerError(
+                f"{e}; the broker keeps port {self.port} across restarts (recorded in "
+                f"{self.root / 'broker.json'}): free it or set broker_port"
+            ) from e
         info = {
             "kind": self.kind,
             "host": "127.0.0.1",
@@ -76,9 +120,24 @@ class BrokerBeside:
             "mqtt_version": self.mqtt_version,
         }
         atomic_write_bytes(self.root / "broker.json", json.dumps(info).encode() + b"\n")
+        print(
+            f"edgefleet: {self.kind} broker listening on mqtt://127.0.0.1:{self.port} "
+            f"(MQTT {'3.1.1' if self.mqtt_version == 4 else '5'}; files in {self.root})",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def stop(self) -> None:
-        self.broker.stop()
+        try:
+            self.broker.stop()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Let another server use this broker_dir (called by :meth:`stop`)."""
+        if self._lockfile is not None:
+            self._lockfile.close()
+            self._lockfile = None
 
     def add_device(self, device_id: str, credential: str) -> None:
         """Let ``device_id`` connect with ``credential`` (its MQTT password)."""

@@ -122,7 +122,11 @@ class LocalMosquitto:
             "allow_anonymous false\n"
             f"plugin {plugin}\n"
             f"plugin_opt_config_file {rules}\n"
-            "persistence false\n"
+            # the ingest worker's session and the messages queued for it survive a
+            # restart of the server (and of this broker with it)
+            "persistence true\n"
+            f"persistence_location {self.root}/\n"
+            "autosave_interval 60\n"
             "max_queued_messages 200000\n"
             "max_inflight_messages 0\n"
             "max_keepalive 600\n"

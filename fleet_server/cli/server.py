@@ -63,6 +63,12 @@ def server(
         sys.exit(2)
     if config_file is not None:
         os.environ["EDGEFLEET_SERVER_CONFIG"] = str(config_file)
+    # uvicorn binds its port only after the app started (and with it the broker beside
+    # the server): check first, so a busy port touches nothing
+    problem = _port_problem(host, port)
+    if problem:
+        click.secho(f"error: {problem}", fg="red", err=True)
+        sys.exit(2)
     import uvicorn
 
     click.echo(
@@ -79,3 +85,20 @@ def server(
         log_level=log_level,
         access_log=access_log,
     )
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now, or None."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return (
+                f"cannot listen on {host}:{port} ({e.strerror}); another server may be "
+                "running there: stop it or pick another --port"
+            )
+    return None

@@ -73,10 +73,14 @@ class IngestConfig:
     #: 5 (MQTT 5: shared subscription, replicas split the load) or 4 (MQTT 3.1.1, for
     #: brokers without MQTT 5 such as the embedded one: one replica ingests everything)
     mqtt_version: int = 5
+    #: False for a single ingesting server (the broker beside it): a plain subscription,
+    #: which Mosquitto 2.0 restores from persistence after a restart (a shared one it
+    #: does not, and what devices send before the worker resubscribes would be dropped)
+    shared: bool = True
 
     @property
     def subscription(self) -> str:
-        if self.mqtt_version == 4:
+        if self.mqtt_version == 4 or not self.shared:
             return f"{TOPIC_ROOT}/+/telemetry/#"
         return f"$share/{self.share_group}/{TOPIC_ROOT}/+/telemetry/#"
 

@@ -15,7 +15,9 @@ One run, for the MLP and the CNN at batch 1 (onnxruntime, one intra-op thread):
 2. **CPU share** at a paced 100 and 1,000 predictions/s for ``--seconds`` each:
    per-thread CPU time (``pthread_getcpuclockid``) of the agent's process. The
    model's own CPU is the caller's CPU when it paces the backend's fast runner
-   alone; ``predict()`` overhead is the caller's extra CPU when it paces
+   alone (this includes the pacing loop's sleeps and a cache-cold model after
+   each, so it is well above the warm per-call latency times the rate);
+   ``predict()`` overhead is the caller's extra CPU when it paces
    ``predict()`` instead; the agent's background threads (telemetry worker and
    store, reporter and MQTT, update loop, endpoint) are measured directly. A
    third pass sends the same rate through the endpoint from a client process:
@@ -246,7 +248,7 @@ def cpu_share(dev: Device, kind: str, rate: int, seconds: float) -> list[Any]:
     model_cpu = g_raw.get("caller", 0.0) / wall
     g, _, wall2 = measure(lambda: paced(lambda: agent.predict(x), rate, seconds))
     rows: list[Any] = [
-        (kind, rate, "model (runtime, on the caller)", 100.0 * model_cpu),
+        (kind, rate, "caller running the model alone (runtime + pacing loop)", 100.0 * model_cpu),
         (
             kind,
             rate,

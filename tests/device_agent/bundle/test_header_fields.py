@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,9 @@ def with_field(data: bytes, member: str, start: int, value: bytes) -> bytes:
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, TrustStore, BundleSim]:
     sim = BundleSim(Path(tmp_path_factory.mktemp("hdr")))
-    return sim.publish(version=3).read_bytes(), sim.trust("release"), sim
+    # valid for years: the CLI tests judge expiry by the real clock
+    bundle = sim.publish(version=3, valid_for=timedelta(days=3650))
+    return bundle.read_bytes(), sim.trust("release"), sim
 
 
 def _size_field(n: int) -> bytes:
@@ -202,3 +205,30 @@ def test_cli_bundle_verify_refuses_negative_size_with_exit_1(
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1, (cmd, proc.stdout, proc.stderr)
         assert "bad_header_field" in proc.stderr or "HeaderFieldError" in proc.stderr, proc.stderr
+
+
+def test_agent_install_refuses_negative_size_then_installs_good_bundle(
+    signed: tuple[bytes, TrustStore, BundleSim], tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from device_agent.cli import main as agent_cli
+
+    data, trust, sim = signed
+    trust_file = tmp_path / "trust.json"
+    trust.save(trust_file)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[device]\nstate_dir = "{tmp_path / "state"}"\ntrust_store = "{trust_file}"\n')
+    bad = tmp_path / "negative.efb"
+    bad.write_bytes(with_field(data, "manifest.json", 124, b"-0000000001\0"))
+    good = tmp_path / "good.efb"
+    good.write_bytes(data)
+    runner = CliRunner()
+    refused = runner.invoke(agent_cli, ["--config", str(cfg), "install", str(bad)], env={})
+    assert refused.exit_code == 1 and "[bad_header_field]" in refused.output, refused.output
+    state = json.loads((tmp_path / "state" / "update.json").read_text())
+    assert state["state"] == "idle", "nothing is left half-done for the next start"
+    installed = runner.invoke(agent_cli, ["--config", str(cfg), "install", str(good)], env={})
+    assert installed.exit_code == 0, installed.output
+    status = runner.invoke(agent_cli, ["--config", str(cfg), "status", "--json"], env={})
+    assert status.exit_code == 0 and json.loads(status.output)["active"]["version"] == 3

@@ -230,6 +230,21 @@ def _global_pool_squeeze() -> tuple[onnx.ModelProto, np.ndarray]:
 _ARITH = ("Add", "Sub", "Mul", "Div")
 
 
+def _chain(ops: list[str], shape: tuple[int, ...] = (3, 7)) -> tuple[onnx.ModelProto, np.ndarray]:
+    names = ["x"] + [f"t{i}" for i in range(len(ops) - 1)] + ["y"]
+    pairs = zip(ops, names[:-1], names[1:], strict=True)
+    nodes = [helper.make_node(op, [a], [b]) for op, a, b in pairs]
+    return make_model(nodes, shape), _x(shape) * 3
+
+
+def _split_concat() -> tuple[onnx.ModelProto, np.ndarray]:
+    nodes = [
+        helper.make_node("Split", ["x", "s"], ["a", "b"], axis=1),
+        helper.make_node("Concat", ["b", "a"], ["y"], axis=1),
+    ]
+    return make_model(nodes, (3, 6), {"s": np.asarray([2, 4], np.int64)}), _x((3, 6))
+
+
 def _bounds(lo: float, hi: float) -> dict[str, np.ndarray]:
     return {"lo": _scalar(lo), "hi": _scalar(hi)}
 
@@ -312,6 +327,32 @@ OP_CASES: dict[str, Case] = {
         "pads": np.asarray([0, 1, 0, 2], np.int64), "v": _scalar(1.5)}),
     "pad_reflect_nhwc": lambda: after_conv("Pad", ["pads"], {"pads": np.asarray(
         [0, 0, 1, 1, 0, 0, 1, 1], np.int64)}, mode="reflect"),
+    # [converters-reach]: transformer, sequence and upsampling operators.
+    "layer_norm": lambda: unary("LayerNormalization", (3, 4, 6), ["g", "b"],
+                                {"g": _w(6, seed=5), "b": _w(6, seed=6)}, opset=17, axis=-1),
+    "erf": lambda: unary("Erf"),
+    "pow_const_exponent": lambda: unary("Pow", (3, 4, 5), ["e"], {"e": _scalar(3.0)}),
+    "sqrt_of_sigmoid": lambda: _chain(["Sigmoid", "Sqrt"]),
+    "reciprocal": lambda: unary("Reciprocal"),
+    "split_then_concat_swapped": _split_concat,
+    "slice_steps": lambda: unary("Slice", (3, 8), ["st", "en", "ax", "sp"], {
+        "st": np.asarray([7], np.int64), "en": np.asarray([0], np.int64),
+        "ax": np.asarray([1], np.int64), "sp": np.asarray([-2], np.int64)}),
+    "gather_columns": lambda: unary("Gather", (3, 6), ["i"],
+                                    {"i": np.asarray([4, 0, -1], np.int64)}, axis=1),
+    "expand_middle": lambda: unary("Expand", (3, 1, 4), ["s"],
+                                   {"s": np.asarray([1, 5, 4], np.int64)}),
+    "reduce_min_nhwc": lambda: after_conv("ReduceMin", axes=[1], keepdims=0),
+    "reduce_prod": lambda: unary("ReduceProd", (3, 4, 2), axes=[2], keepdims=1, opset=13),
+    "conv1d": lambda: unary("Conv", (3, 4, 12), ["W", "B"], {"W": _w(6, 4, 3), "B": _w(6, seed=3)},
+                            kernel_shape=[3], pads=[1, 1], strides=[2]),
+    "conv_transpose_s2": lambda: unary(
+        "ConvTranspose", (3, 4, 5, 5), ["W", "B"], {"W": _w(4, 3, 3, 3), "B": _w(3, seed=3)},
+        kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]),
+    "resize_bilinear_nhwc": lambda: after_conv("Resize", ["", "sc"], {"sc": np.asarray(
+        [1, 1, 2, 2], np.float32)}, mode="linear", coordinate_transformation_mode="half_pixel"),
+    "upsample_nearest": lambda: unary("Upsample", (3, 2, 3, 3), ["sc"], {
+        "sc": np.asarray([1, 1, 2, 2], np.float32)}, opset=9, mode="nearest"),
 }  # fmt: skip
 
 

@@ -65,3 +65,9 @@ EXTRA_CASES: dict[str, Callable[[], list[NodeCase]]] = {
     "Softmax": softmax_cases,
     "Relu": zero_size_cases,
 }
+
+# The forms exporters write of the operators added by [converters-reach] (extra_reach.py).
+from .extra_reach import REACH_CASES  # noqa: E402
+
+for _op, _make in REACH_CASES.items():
+    EXTRA_CASES.setdefault(_op, _make)

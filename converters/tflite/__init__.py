@@ -61,6 +61,8 @@ from converters.tflite.graph import FOLDABLE_OPS, load_graph
 from converters.tflite.layout import ONNX
 from converters.tflite.ops import BASIC_LOWERINGS
 from converters.tflite.ops_nn import NN_LOWERINGS
+from converters.tflite.ops_spatial import SPATIAL_LOWERINGS
+from converters.tflite.ops_transformer import TRANSFORMER_LOWERINGS, fuse_erf_gelu
 from converters.tflite.optimize import fuse_activations
 from converters.tflite.quantize import WEIGHT_MODES, WeightReport, apply
 
@@ -79,7 +81,7 @@ __all__ = [
     "onnx_to_tflite_with_report",
 ]
 
-_LOWERINGS = {**BASIC_LOWERINGS, **NN_LOWERINGS}
+_LOWERINGS = {**BASIC_LOWERINGS, **NN_LOWERINGS, **TRANSFORMER_LOWERINGS, **SPATIAL_LOWERINGS}
 
 _FOLDABLE_OR_SHAPE = FOLDABLE_OPS | {"Constant", "Shape"}
 
@@ -126,6 +128,7 @@ def onnx_to_tflite_with_report(
         ],
     )
     graph = load_graph(model)
+    fuse_erf_gelu(graph)
     _check_supported(model, graph.nodes)
     spec = ModelSpec(description=f"edgefleet onnx_to_tflite ({weights} weights)")
     ctx = Context(graph, spec)

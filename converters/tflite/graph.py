@@ -202,7 +202,9 @@ def fold_batch_norm(graph: OnnxGraph) -> None:
         b = graph.constants[conv.input[2]].astype(np.float64) if has_bias else 0.0
         scale = gamma / np.sqrt(var + eps)
         w_name, b_name = f"{conv.name or conv.output[0]}__bn_w", f"{bn.output[0]}__bn_b"
-        graph.constants[w_name] = (w * scale.reshape(-1, 1, 1, 1)).astype(np.float32)
+        graph.constants[w_name] = (w * scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(
+            np.float32
+        )
         graph.constants[b_name] = ((b - mean) * scale + beta).astype(np.float32)
         fused = helper.make_node(
             "Conv", [conv.input[0], w_name, b_name], [bn.output[0]], name=conv.name

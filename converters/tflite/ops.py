@@ -324,7 +324,10 @@ def pad(ctx: Context, node: onnx.NodeProto) -> None:
     ctx.output(out_name, out, layout)
 
 
-_REDUCE = {"ReduceMean": Op.MEAN, "ReduceMax": Op.REDUCE_MAX, "ReduceSum": Op.SUM}
+_REDUCE = {
+    "ReduceMean": Op.MEAN, "ReduceMax": Op.REDUCE_MAX, "ReduceSum": Op.SUM,
+    "ReduceMin": Op.REDUCE_MIN, "ReduceProd": Op.REDUCE_PROD,
+}  # fmt: skip
 
 
 def _reduce_axes(ctx: Context, node: onnx.NodeProto, rank: int) -> list[int]:
@@ -397,4 +400,5 @@ BASIC_LOWERINGS: dict[str, Lowering] = {
     "Transpose": transpose, "Concat": concat, "Pad": pad,
     "Identity": identity, "Dropout": identity,
     "ReduceMean": reduce, "ReduceMax": reduce, "ReduceSum": reduce,
+    "ReduceMin": reduce, "ReduceProd": reduce,
 }  # fmt: skip

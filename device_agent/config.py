@@ -105,6 +105,8 @@ class UptaneConfig:
     image_root: Path | None = None  # initial root.json of the image repository
     director_root: Path | None = None  # initial root.json of the director repository
     stale_after_seconds: float = 86400.0  # report stale_metadata after this long
+    #: without the chain: accept a migration to it signed under today's trust store
+    migrate: bool = False
 
 
 @dataclass

@@ -114,10 +114,10 @@ class AgentDaemon:
             on_telemetry_policy=self.agent.apply_telemetry_policy,
             device_class=config.device.device_class,
         )
-        if config.uptane.enabled and self.fetcher is not None:
-            from .uptane.wiring import attach
+        if self.fetcher is not None:
+            from .uptane.wiring import attach_or_migrate
 
-            attach(config, self.updater, self.fetcher, clock)
+            attach_or_migrate(config, self.updater, self.fetcher, clock)
         self.transport: Any = None
         self.reporter: Any = None
         self._wake = threading.Event()

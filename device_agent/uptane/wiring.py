@@ -13,17 +13,24 @@ from .fetcher import UptaneFetcher
 
 
 def attach(
-    config: AgentConfig, updater: Updater, http: HttpFetcher, clock: Callable[[], float]
+    config: AgentConfig,
+    updater: Updater,
+    http: HttpFetcher,
+    clock: Callable[[], float],
+    roots_files: tuple[Path, Path] | None = None,
 ) -> UptaneFetcher:
-    """Make ``updater`` take its assignments from verified Uptane metadata (``[uptane]``)."""
+    """Make ``updater`` take its assignments from verified Uptane metadata (``[uptane]``;
+    ``roots_files`` overrides the configured roots, after a migration)."""
     u = config.uptane
-    if u.image_root is None or u.director_root is None:
-        raise ConfigError(
-            "[uptane] enabled needs image_root and director_root: the initial root.json of "
-            "each repository, provisioned in the device image"
-        )
+    if roots_files is None:
+        if u.image_root is None or u.director_root is None:
+            raise ConfigError(
+                "[uptane] enabled needs image_root and director_root: the initial root.json "
+                "of each repository, provisioned in the device image"
+            )
+        roots_files = (Path(u.image_root), Path(u.director_root))
     try:
-        roots = Roots.load(Path(u.image_root), Path(u.director_root))
+        roots = Roots.load(*roots_files)
     except OSError as e:
         raise ConfigError(f"cannot read the provisioned Uptane roots: {e}") from e
     client = UptaneClient(
@@ -44,3 +51,30 @@ def attach(
     updater.fetcher = fetcher
     updater.version_floor = False
     return fetcher
+
+
+def attach_or_migrate(
+    config: AgentConfig,
+    updater: Updater,
+    http: HttpFetcher,
+    clock: Callable[[], float],
+) -> None:
+    """``[uptane] enabled``: the chain from the provisioned roots. Else, after a past
+    migration: the chain from the migrated roots. Else with ``[uptane] migrate``: look for a
+    signed migration at each check."""
+    from .migration import MigratingFetcher, migrated_roots
+
+    state_dir = Path(config.device.state_dir)
+    if config.uptane.enabled:
+        attach(config, updater, http, clock)
+        return
+    found = migrated_roots(state_dir)
+    if found is not None:
+        attach(config, updater, http, clock, roots_files=found)
+        return
+    if config.uptane.migrate:
+
+        def migrated(image: Path, director: Path) -> UptaneFetcher:
+            return attach(config, updater, http, clock, roots_files=(image, director))
+
+        updater.fetcher = MigratingFetcher(http, updater.trust, state_dir, migrated)

@@ -75,6 +75,22 @@ def director_metadata(name: str, device_id: CurrentDevice, ctx: CtxDep) -> Respo
     return _json(data, name)
 
 
+@device_router.get("/device/v1/uptane/migration")
+def migration(device_id: CurrentDevice, ctx: CtxDep) -> dict[str, str]:
+    """The operator-signed move to the Uptane chain for devices on today's trust store
+    (written by ``edgefleet release migration``); 404 when there is none."""
+    import base64
+
+    d = getattr(ctx.settings, "uptane_dir", None)
+    doc, sig = (None, None) if d is None else (d / "migration.json", d / "migration.sig")
+    if doc is None or sig is None or not doc.is_file() or not sig.is_file():
+        raise NotFoundError("no Uptane migration is published")
+    return {
+        "document": base64.b64encode(doc.read_bytes()).decode(),
+        "signatures": base64.b64encode(sig.read_bytes()).decode(),
+    }
+
+
 @router.get("/release/targets", response_class=Response)
 def get_targets(who: ViewerDep, ctx: CtxDep) -> Response:
     """The image repository's current targets.json (to add a release to and sign offline)."""

@@ -147,3 +147,40 @@ def fetch(targets_file: Path, server: str, token: str) -> None:
         raise click.ClickException(f"cannot fetch targets ({r.status_code}): {r.text[:500]}")
     targets_file.write_bytes(r.content)
     click.echo(f"saved {targets_file}")
+
+
+@release.command("migration")
+@click.option(
+    "--uptane-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The server's Uptane directory (its device-roots/ are what devices move to).",
+)
+@click.option(
+    "--key",
+    "key_refs",
+    multiple=True,
+    required=True,
+    help="A release key devices trust TODAY (repeat to meet their trust store's threshold).",
+)
+@keys_dir_option
+@handle_errors
+def migration(uptane_dir: Path, key_refs: tuple[str, ...], keys_dir: Path) -> None:
+    """Sign and publish the one-step move of devices on today's trust store to the chain
+    (devices with [uptane] migrate = true take it at their next check)."""
+    from converters.keys import KeyStore
+    from device_agent.bundle.trust import Signature, encode_signatures, key_id
+    from device_agent.uptane.migration import migration_document
+
+    roots = uptane_dir / "device-roots"
+    doc = migration_document(
+        (roots / "image-root.json").read_bytes(), (roots / "director-root.json").read_bytes()
+    )
+    store = KeyStore(keys_dir)
+    sigs = []
+    for ref in key_refs:
+        private = store.private_key(ref)
+        sigs.append(Signature(key_id(private.public_key()), private.sign(doc)))
+    (uptane_dir / "migration.sig").write_bytes(encode_signatures(sigs))
+    (uptane_dir / "migration.json").write_bytes(doc)
+    click.echo(f"published the Uptane migration in {uptane_dir}, signed by {len(sigs)} key(s)")

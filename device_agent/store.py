@@ -185,6 +185,7 @@ class TelemetryStore:
         self._notes: list[dict[str, Any]] = []
         #: records a full disk kept out, per kind, not yet folded into the dropped counts
         self._unstored: dict[str, int] = {}
+        self._full = False
         self.in_memory = False
         self._next_reopen = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,6 +275,10 @@ class TelemetryStore:
         self._note_no_space(error)
 
     def _note_no_space(self, error: BaseException) -> None:
+        """One note per full-disk episode (it ends with the first write that succeeds)."""
+        if self._full:
+            return
+        self._full = True
         if not any(n["code"] == "no_space" for n in self._notes):
             self._notes.append(
                 {
@@ -451,6 +456,7 @@ class TelemetryStore:
             self._meta_add(f"dropped_{kind}", n)
             self._meta_add(f"unreported_dropped_{kind}", n)
         self._unstored = {}
+        self._full = False
         if self._used_pages() > self._budget_pages:
             self._evict_locked(self._budget_pages)
 

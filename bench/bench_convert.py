@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(models.ZOO), help="comma-separated zoo models")
     args = parser.parse_args()
 
-    from converters.errors import ConverterError
+    from converters.errors import ConverterError, error_code
     from converters.pipeline import convert
     from converters.targets import parse_target
     from device_agent.runtime import load_backend
@@ -87,8 +87,8 @@ def main() -> None:
                 art = convert(source, target, samples=x)
             except ConverterError as e:
                 report = getattr(e, "report", None)
-                status = "refused" if report is not None else "n/a"
-                detail = type(e).__name__
+                status = "refused"
+                detail = error_code(e)
                 if hasattr(e, "op_type"):
                     detail = f"unsupported op {e.op_type}"
                 rows.append(
@@ -98,6 +98,7 @@ def main() -> None:
                         f"{time.perf_counter() - t:.2f}",
                         *(_parity(report) if report else ["", "", ""]),
                         f"{status} ({detail})",
+                        "",
                         "",
                         "",
                         "",
@@ -119,6 +120,7 @@ def main() -> None:
                     *_parity(art.parity),
                     "ok",
                     f"{len(art.data) / 1024:.1f}",
+                    _quantized(art),
                     f"{lat * 1e3:.2f}",
                     f"{src_latency * 1e3:.2f}",
                 ]
@@ -143,6 +145,7 @@ def main() -> None:
                 "top-1",
                 "status",
                 "size KiB",
+                "quantized (weights, ops, size)",
                 "artifact ms/batch",
                 "source ms/batch",
             ],
@@ -151,7 +154,8 @@ def main() -> None:
     )
     print(
         "\nconvert s includes lowering, optimization, quantization, the parity run, the "
-        "drift reference and smoke samples. Latency: best of "
+        "drift reference and smoke samples. Parity: held-out validation samples at batch 1 "
+        "(the gate); top-1 in brackets is the worst at the smoke-test batch. Latency: best of "
         f"{args.runs} runs over the whole calibration batch, one thread per runtime "
         "where the runtime allows."
     )
@@ -160,7 +164,17 @@ def main() -> None:
 def _parity(report: Any) -> list[str]:
     o = report.outputs[0]
     top1 = "" if o.top1_agreement is None else f"{o.top1_agreement:.3f}"
+    others = [outs[0] for outs in getattr(report, "other_batches", {}).values()]
+    if top1 and others and others[0].top1_agreement is not None:
+        top1 += f" ({min(x.top1_agreement or 0.0 for x in others):.3f})"
     return [f"{o.max_abs_error:.2e}", f"{o.max_rel_error:.2e}", top1]
+
+
+def _quantized(art: Any) -> str:
+    q = getattr(art, "quantization", None)
+    if q is None:
+        return ""
+    return f"{q.weights_quantized}, {q.operators_quantized}, {100 * (q.size_ratio - 1):+.0f} %"
 
 
 def _md(head: list[str], rows: list[list[str]]) -> str:

@@ -169,6 +169,7 @@ class ParityReport:
     notes: tuple[str, ...] = field(default=())
     batch_sizes: tuple[int, ...] = ()
     calibration_samples: int | None = None
+    held_out: bool = False
     other_batches: Mapping[int, tuple[OutputParity, ...]] = field(default_factory=dict)
 
     @property
@@ -211,6 +212,7 @@ class ParityReport:
             }
         if self.calibration_samples is not None:
             out["calibration_samples"] = self.calibration_samples
+        out["held_out_from_calibration"] = self.held_out
         if self.notes:
             out["notes"] = list(self.notes)
         return out

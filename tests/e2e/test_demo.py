@@ -28,3 +28,12 @@ def test_fleet_demo_good_rollout_completes_and_bad_one_is_rolled_back(tmp_path: 
     assert "rolled back" in html and "Version adoption" in html
     data = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert len(data["fleet"]["devices"]) == 48
+    # every bundle the demo built records parity measured the way devices run
+    from converters.bundle import read_header
+
+    bundles = sorted((tmp_path / "demo" / "bundles").glob("*.efb"))
+    assert bundles
+    for bundle in bundles:
+        parity = read_header(bundle)[0].provenance["parity"]
+        assert parity["held_out_from_calibration"] is True and parity["batch_sizes"] == [1]
+        assert all(o["batch"] == 1 and o["passed"] for o in parity["outputs"]), parity

@@ -37,6 +37,7 @@ from fleet_server.settings import ServerSettings
 if TYPE_CHECKING:
     from fleet_server.broker.beside import BrokerBeside
     from fleet_server.broker.monitor import BrokerMonitor
+    from fleet_server.pki.ca import FleetCA
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,21 @@ class ServerContext:
     def __init__(self, settings: ServerSettings, notifier: Notifier | None = None) -> None:
         self.broker: BrokerBeside | None = None
         self.monitor: BrokerMonitor | None = None
+        self.ca: FleetCA | None = None
+        if settings.ca_dir is not None:
+            from fleet_server.pki.ca import FleetCA
+
+            self.ca = FleetCA.load(settings.ca_dir)
         if settings.broker != "none":
             from fleet_server.broker.beside import BrokerBeside
             from fleet_server.broker.mosquitto import SERVER_USER
 
             self.broker = BrokerBeside(
-                settings.broker, settings.broker_dir, settings.broker_port or None
+                settings.broker,
+                settings.broker_dir,
+                settings.broker_port or None,
+                ca=self.ca,
+                tls_port=settings.broker_tls_port or None,
             )
             settings = settings.model_copy(
                 update={

@@ -58,6 +58,12 @@ class ServerSettings(BaseSettings):
     #: port of the broker beside the server; 0: the port it had last time (recorded in
     #: broker_dir/broker.json), first chosen free
     broker_port: int = Field(default=0, ge=0, le=65535)
+    #: the fleet CA (`edgefleet ca init`): with it the broker beside the server takes
+    #: devices only over TLS with client certificates, and enrollment signs each device's
+    #: certificate request; without it devices use passwords over plain TCP (development)
+    ca_dir: Path | None = None
+    #: port of the broker's TLS listener for devices; 0: as last time, first chosen free
+    broker_tls_port: int = Field(default=0, ge=0, le=65535)
     #: the MQTT host name enrollment hands to devices; empty: the host name the device
     #: used to reach this server
     mqtt_public_host: str = ""

@@ -40,6 +40,7 @@ from fleet_server.context import ServerContext
 from fleet_server.db.models import Bundle, Device, DeviceReport
 from fleet_server.db.types import utcnow
 from fleet_server.errors import (
+    BadRequestError,
     NotFoundError,
     PayloadTooLargeError,
     ServerError,
@@ -73,7 +74,13 @@ def enroll(
     body: EnrollRequest, session: SessionDep, ctx: CtxDep, request: Request
 ) -> EnrollResponse:
     """Exchange a single-use enrollment token for a device id and credential (shown once),
-    and learn the MQTT broker to send telemetry to."""
+    and learn the MQTT broker to send telemetry to. With a fleet CA the request carries a
+    CSR and the answer the device's client certificate (CN = device id)."""
+    if ctx.ca is not None and not body.csr:
+        raise BadRequestError(
+            "this server enrolls devices by certificate: send a certificate signing request "
+            "('csr') made with the device's own key (device_agent.identity)"
+        )
     enrolled = enroll_device(
         session,
         ctx.hasher,
@@ -92,10 +99,23 @@ def enroll(
         details={"device_class": d.device_class, "labels": d.labels},
     )
     session.flush()
+    certificate: bytes | None = None
+    if ctx.ca is not None and body.csr:
+        from fleet_server.pki.ca import CAError
+
+        try:  # before the commit: a bad request leaves the token unused
+            certificate = ctx.ca.sign_device_csr(body.csr, d.id)
+        except CAError as e:
+            raise BadRequestError(str(e)) from e
     change = ctx.rollouts.sync_device(session, d)
     session.commit()
     ctx.assignments.publish([change])
-    if ctx.broker is not None:  # the device may connect to the broker from now on
+    if ctx.broker is not None and certificate is not None and ctx.broker.tls is not None:
+        from cryptography import x509
+
+        serial = x509.load_pem_x509_certificate(certificate).serial_number
+        ctx.broker.add_certificate_device(d.id, serial)
+    elif ctx.broker is not None:  # the device may connect to the broker from now on
         ctx.broker.add_device(d.id, enrolled.credential)
     return EnrollResponse(
         device_id=d.id,
@@ -103,6 +123,7 @@ def enroll(
         device_class=d.device_class,
         labels=d.labels,
         mqtt=mqtt_endpoint(ctx, request.url.hostname),
+        certificate=certificate.decode() if certificate is not None else None,
     )
 
 
@@ -116,6 +137,15 @@ def mqtt_endpoint(ctx: ServerContext, request_host: str | None) -> MqttEndpoint 
     host = s.mqtt_public_host or s.mqtt_host
     if not s.mqtt_public_host and s.mqtt_host in ("127.0.0.1", "localhost", "::1"):
         host = request_host or s.mqtt_host
+    tls = ctx.broker.tls if ctx.broker is not None else None
+    if tls is not None and ctx.ca is not None:
+        return MqttEndpoint(
+            host=host,
+            port=tls.port,
+            mqtt_version=s.mqtt_version,
+            tls=True,
+            ca_pem=ctx.ca.cert_pem.decode(),
+        )
     return MqttEndpoint(host=host, port=s.mqtt_port, mqtt_version=s.mqtt_version)
 
 

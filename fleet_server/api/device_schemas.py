@@ -26,6 +26,12 @@ class EnrollRequest(BaseModel):
     )
     device_class: str = Field(min_length=1, max_length=100)
     labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    csr: str | None = Field(
+        default=None,
+        max_length=16384,
+        description="PEM certificate signing request made with the device's own key; "
+        "required when the server has a fleet CA (ca_dir).",
+    )
 
 
 class MqttEndpoint(BaseModel):
@@ -46,6 +52,9 @@ class EnrollResponse(BaseModel):
     labels: dict[str, str]
     mqtt: MqttEndpoint | None = Field(
         default=None, description="The MQTT broker to use; null when the server has none."
+    )
+    certificate: str | None = Field(
+        default=None, description="The device's client certificate (PEM), for a CSR."
     )
 
 

@@ -27,7 +27,14 @@ from typing import IO, Any
 
 from device_agent._fsutil import atomic_write_bytes
 from fleet_server.broker.embedded import EmbeddedBroker
-from fleet_server.broker.mosquitto import SERVER_USER, BrokerError, LocalMosquitto, free_port
+from fleet_server.broker.mosquitto import (
+    SERVER_USER,
+    BrokerError,
+    LocalMosquitto,
+    TlsListener,
+    free_port,
+)
+from fleet_server.pki.ca import FleetCA, write_server_files
 
 
 def _hold_lock(root: Path) -> IO[str]:
@@ -50,9 +57,9 @@ def _hold_lock(root: Path) -> IO[str]:
     return f
 
 
-def _recorded_port(root: Path) -> int | None:
+def _recorded_port(root: Path, key: str = "port") -> int | None:
     try:
-        port = json.loads((root / "broker.json").read_text()).get("port")
+        port = json.loads((root / "broker.json").read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
     return port if isinstance(port, int) and 0 < port < 65536 else None
@@ -61,14 +68,40 @@ def _recorded_port(root: Path) -> int | None:
 class BrokerBeside:
     """Owns the broker process/thread and its user table."""
 
-    def __init__(self, kind: str, root: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        root: Path,
+        port: int | None = None,
+        *,
+        ca: FleetCA | None = None,
+        tls_port: int | None = None,
+        tls_names: list[str] | None = None,
+    ) -> None:
         if kind not in ("mosquitto", "embedded"):
             raise ValueError(f"broker must be none, mosquitto or embedded, not {kind!r}")
+        if ca is not None and kind != "mosquitto":
+            raise BrokerError("device TLS (ca_dir) needs broker = mosquitto")
         self.kind = kind
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._lockfile: IO[str] | None = _hold_lock(self.root)
         self.port = port or _recorded_port(self.root) or free_port()
+        self.ca = ca
+        self.tls: TlsListener | None = None
+        self._certs_file = self.root / "certificates.json"
+        if ca is not None:
+            tls_dir = self.root / "tls"
+            key, cert = write_server_files(ca, tls_dir, tls_names or ["127.0.0.1", "localhost"])
+            self._crl_file = tls_dir / "crl.pem"
+            self.tls = TlsListener(
+                tls_port or _recorded_port(self.root, "tls_port") or free_port(),
+                ca.cert_path,
+                cert,
+                key,
+                crl_file=self._crl_file,
+            )
+            self._write_crl()
         self._users_file = self.root / "users.json"
         self._lock = threading.Lock()
         users = self._load()
@@ -78,7 +111,7 @@ class BrokerBeside:
         self.server_password = secret_file.read_text().strip()
         users.pop(SERVER_USER, None)
         self.broker: LocalMosquitto | EmbeddedBroker = (
-            LocalMosquitto(self.root / "mosquitto", port=self.port)
+            LocalMosquitto(self.root / "mosquitto", port=self.port, tls=self.tls)
             if kind == "mosquitto"
             else EmbeddedBroker(self.root / "embedded", port=self.port)
         )
@@ -119,10 +152,18 @@ class BrokerBeside:
             "port": self.port,
             "mqtt_version": self.mqtt_version,
         }
+        if self.tls is not None:
+            info["tls_port"] = self.tls.port
         atomic_write_bytes(self.root / "broker.json", json.dumps(info).encode() + b"\n")
         print(
             f"edgefleet: {self.kind} broker listening on mqtt://127.0.0.1:{self.port} "
-            f"(MQTT {'3.1.1' if self.mqtt_version == 4 else '5'}; files in {self.root})",
+            + (
+                f"(server sessions only) and mqtts://127.0.0.1:{self.tls.port} for devices "
+                "(client certificates from the fleet CA) "
+                if self.tls is not None
+                else "(plain TCP, passwords: development only; set ca_dir for TLS) "
+            )
+            + f"(MQTT {'3.1.1' if self.mqtt_version == 4 else '5'}; files in {self.root})",
             file=sys.stderr,
             flush=True,
         )
@@ -146,13 +187,47 @@ class BrokerBeside:
             self._save()
             self.broker.reload()
 
-    def remove_device(self, device_id: str) -> None:
-        """Refuse ``device_id`` from now on; its open sessions are closed."""
+    def add_certificate_device(self, device_id: str, serial: int) -> None:
+        """Let ``device_id`` connect with the client certificate of ``serial`` (TLS)."""
+        if not isinstance(self.broker, LocalMosquitto) or self.tls is None:
+            raise BrokerError("this broker has no TLS listener for devices (set ca_dir)")
         with self._lock:
+            certs = self._certificates()
+            certs.setdefault(device_id, []).append(serial)
+            atomic_write_bytes(self._certs_file, json.dumps(certs).encode(), mode=0o600)
+            self.broker.add_certificate_user(device_id)
+            self._save()
+            self.broker.reload()
+
+    def remove_device(self, device_id: str) -> None:
+        """Refuse ``device_id`` from now on: its open sessions are closed and, with TLS,
+        its certificates are revoked (CRL re-read by the broker at once)."""
+        with self._lock:
+            # the CRL first: once the session is closed, a reconnect must fail the handshake
+            certs = self._certificates()
+            if self.tls is not None and certs.get(device_id):
+                revoked = certs.setdefault("_revoked", [])
+                revoked.extend(certs.pop(device_id))
+                atomic_write_bytes(self._certs_file, json.dumps(certs).encode(), mode=0o600)
+                self._write_crl()
+                if isinstance(self.broker, LocalMosquitto):
+                    self.broker.reload_tls()
             if device_id in self.broker.users:
                 self.broker.remove_user(device_id)
                 self._save()
                 self.broker.reload()
+
+    def _certificates(self) -> dict[str, list[int]]:
+        try:
+            data: Any = json.loads(self._certs_file.read_text())
+        except FileNotFoundError:
+            return {}
+        return {str(k): [int(x) for x in v] for k, v in dict(data).items()}
+
+    def _write_crl(self) -> None:
+        if self.ca is not None:
+            revoked = self._certificates().get("_revoked", [])
+            atomic_write_bytes(self._crl_file, self.ca.crl(revoked))
 
 
 __all__ = ["BrokerBeside"]

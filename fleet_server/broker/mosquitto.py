@@ -20,9 +20,11 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from device_agent._fsutil import atomic_write_bytes
@@ -64,11 +66,47 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class TlsListener:
+    """A TLS listener for devices: client certificates from the fleet CA required, the
+    certificate's CN is the MQTT username (the device id)."""
+
+    port: int
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    bind: str = "127.0.0.1"
+    #: revoked device certificates (PEM CRL from the fleet CA), re-read on SIGHUP
+    crl_file: Path | None = None
+
+    def config(self) -> str:
+        return (
+            f"listener {self.port} {self.bind}\n"
+            + (f"crlfile {self.crl_file}\n" if self.crl_file is not None else "")
+            + f"cafile {self.ca_file}\n"
+            + f"certfile {self.cert_file}\n"
+            f"keyfile {self.key_file}\n"
+            "require_certificate true\n"
+            "use_identity_as_username true\n"
+            "tls_version tlsv1.2\n"
+        )
+
+
 class LocalMosquitto:
     """A Mosquitto process with its own config in ``root``; stop it with :meth:`stop`."""
 
-    def __init__(self, root: Path, *, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        port: int | None = None,
+        binary: str | None = None,
+        tls: TlsListener | None = None,
+    ) -> None:
         self.root = Path(root)
+        #: devices connect here when set; ``port`` stays a loopback listener for the
+        #: server's own sessions (password, 127.0.0.1 only)
+        self.tls = tls
         self.port = port or free_port()
         self.binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         #: username -> ``$7$`` hash; users named SERVER_USER get the server role
@@ -76,7 +114,7 @@ class LocalMosquitto:
         self.server_users: set[str] = {SERVER_USER}
         self.proc: subprocess.Popen[bytes] | None = None
         #: passwords given to add_user since the broker last learned its users
-        self._pending: dict[str, str] = {}
+        self._pending: dict[str, str | None] = {}
         #: the users the running broker knows
         self._applied: set[str] = set()
         #: a fresh admin password per start; only this object uses it
@@ -90,6 +128,11 @@ class LocalMosquitto:
         """Admit ``username`` (a device id, or SERVER_USER); effective on start/reload."""
         self.users[username] = mosquitto_hash(password)
         self._pending[username] = password
+
+    def add_certificate_user(self, username: str) -> None:
+        """Admit ``username`` by client certificate only (no password can log it in)."""
+        self.users[username] = ""
+        self._pending[username] = None
 
     def remove_user(self, username: str) -> None:
         """Refuse ``username`` from the next :meth:`reload` on (its sessions are closed)."""
@@ -130,7 +173,8 @@ class LocalMosquitto:
             "max_queued_messages 200000\n"
             "max_inflight_messages 0\n"
             "max_keepalive 600\n"
-            f"log_dest file {self.root / 'mosquitto.log'}\n"
+            + (self.tls.config() if self.tls is not None else "")
+            + f"log_dest file {self.root / 'mosquitto.log'}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
         )
         return conf
@@ -177,6 +221,11 @@ class LocalMosquitto:
         self.control().run(commands)
         self._applied = set(self.users)
         self._pending.clear()
+
+    def reload_tls(self) -> None:
+        """Make Mosquitto re-read its TLS files, the CRL among them (SIGHUP)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def control(self) -> dynsec.DynsecControl:
         """A client for the broker's dynamic-security control topic, as its admin."""

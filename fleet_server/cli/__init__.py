@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from fleet_server.cli.bundle import bundle
+from fleet_server.cli.ca import ca
 from fleet_server.cli.convert import bundle_build, convert
 from fleet_server.cli.demo import demo
 from fleet_server.cli.image import image
@@ -31,5 +32,6 @@ main.add_command(image)
 main.add_command(report)
 main.add_command(release)
 main.add_command(server)
+main.add_command(ca)
 for _ops_command in OPS_COMMANDS:
     main.add_command(_ops_command)

@@ -1,0 +1,1 @@
+"""The fleet CA: certificates for device, server and broker TLS."""

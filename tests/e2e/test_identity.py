@@ -1,0 +1,230 @@
+"""Device identity from the fleet CA, end to end against a real server and Mosquitto.
+
+An operator creates the fleet CA; the server's broker then takes devices only over TLS
+with a client certificate. A device makes its key pair itself, enrolls with a CSR and
+the one-time token, and talks MQTT with its own certificate; the private key never
+leaves it. A revoked device is refused on MQTT (CRL, session closed at once) and HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+
+from device_agent.identity import FileKeyProvider, save_certificate
+from device_agent.protocol import telemetry_topic
+from device_agent.transport import Backoff
+from device_agent.transport.mqtt import MqttTransport, TlsOptions
+from fleet_server.client import AdminClient
+from fleet_server.demo.services import ServerProcess
+from fleet_server.pki.ca import FleetCA
+from tests.bundlesim import BundleSim
+from tests.fleet_server.ingest.test_parse import summary_body
+
+
+def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+@dataclass
+class Setup:
+    server: ServerProcess
+    admin: AdminClient
+    ca: FleetCA
+    tmp: Path
+
+    def enroll(self, device_id: str, csr: bytes | None) -> httpx.Response:
+        token = self.admin.post("/enrollment-tokens", json={"device_class": "gw"})["token"]
+        body: dict[str, Any] = {
+            "enrollment_token": token,
+            "device_class": "gw",
+            "device_id": device_id,
+        }
+        if csr is not None:
+            body["csr"] = csr.decode()
+        return httpx.post(f"{self.server.url}/device/v1/enroll", json=body, timeout=30)
+
+    def health(self) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.server.url}/healthz", timeout=5).json())
+
+
+@pytest.fixture
+def setup(tmp_path: Path, sim: BundleSim) -> Iterator[Setup]:
+    trust = tmp_path / "trust.json"
+    sim.trust("release").save(trust)
+    ca = FleetCA.init(tmp_path / "ca")
+    token = "id-admin-" + secrets.token_urlsafe(24)
+    server = ServerProcess(
+        tmp_path / "server",
+        {
+            "environment": "development",
+            "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}",
+            "bundle_dir": str(tmp_path / "bundles"),
+            "trust_store": str(trust),
+            "admin_bootstrap_token": token,
+            "broker": "mosquitto",
+            "broker_dir": str(tmp_path / "broker"),
+            "ca_dir": str(tmp_path / "ca"),
+        },
+    ).start()
+    try:
+        yield Setup(server, AdminClient(server.url, token), ca, tmp_path)
+    finally:
+        server.stop()
+
+
+@dataclass
+class Device:
+    id: str
+    key: FileKeyProvider
+    cert: Path
+    ca: Path
+    endpoint: dict[str, Any]
+    credential: str
+
+    def transport(self, **kw: Any) -> MqttTransport:
+        return MqttTransport(
+            self.id,
+            self.endpoint["host"],
+            self.endpoint["port"],
+            tls=TlsOptions(self.ca, self.cert, self.key.key_file()),
+            mqtt_version=self.endpoint["mqtt_version"],
+            backoff=Backoff(initial=0.2, maximum=1.0),
+            **kw,
+        )
+
+
+def enroll_device(setup: Setup, device_id: str) -> Device:
+    home = setup.tmp / "devices" / device_id
+    key = FileKeyProvider(home / "device.key")
+    r = setup.enroll(device_id, key.csr(device_id))
+    assert r.status_code == 201, r.text
+    answer = r.json()
+    endpoint = answer["mqtt"]
+    assert endpoint["tls"] is True and "BEGIN CERTIFICATE" in endpoint["ca_pem"]
+    ca = home / "fleet-ca.crt"
+    ca.write_text(endpoint["ca_pem"])
+    cert = save_certificate(home / "device.crt", answer["certificate"])
+    return Device(device_id, key, cert, ca, endpoint, answer["credential"])
+
+
+def record(device_id: str, seq: int) -> bytes:
+    rec = {"seq": seq, "kind": "summary", "ts": time.time(), "body": summary_body()}
+    return json.dumps({"device_id": device_id, "records": [rec]}).encode()
+
+
+def test_enrolled_device_talks_tls_with_its_own_certificate(setup: Setup) -> None:
+    dev = enroll_device(setup, "gw-1")
+    t = dev.transport().start()
+    try:
+        assert t.wait_connected(10), t.last_error
+        for seq in range(1, 6):
+            assert t.publish(telemetry_topic("gw-1", "summary"), record("gw-1", seq)).wait(10)
+        assert wait_until(lambda: setup.health()["ingest"]["stored"] == 5, 15)
+        assert wait_until(lambda: setup.health()["broker"]["connected_devices"] == 1, 10)
+    finally:
+        t.stop()
+    # the private key never left the device: nothing the server keeps holds it
+    key_pem = dev.key.path.read_bytes()
+    for p in [*(setup.tmp / "server").rglob("*"), *(setup.tmp / "broker").rglob("*")]:
+        if p.is_file():
+            assert key_pem not in p.read_bytes(), p
+    with open(setup.tmp / "db.sqlite", "rb") as f:
+        assert b"PRIVATE KEY" not in f.read()
+
+
+def test_enrollment_without_a_csr_is_refused_and_keeps_the_token_unused(setup: Setup) -> None:
+    token = setup.admin.post("/enrollment-tokens", json={"device_class": "gw"})["token"]
+    body = {"enrollment_token": token, "device_class": "gw", "device_id": "gw-2"}
+    r = httpx.post(f"{setup.server.url}/device/v1/enroll", json=body, timeout=30)
+    assert r.status_code == 400 and "certificate signing request" in r.text
+    bad = httpx.post(
+        f"{setup.server.url}/device/v1/enroll", json={**body, "csr": "not a csr"}, timeout=30
+    )
+    assert bad.status_code == 400
+    key = FileKeyProvider(setup.tmp / "gw-2.key")
+    ok = httpx.post(
+        f"{setup.server.url}/device/v1/enroll",
+        json={**body, "csr": key.csr("someone-else").decode()},
+        timeout=30,
+    )
+    assert ok.status_code == 201  # the same token still works
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(ok.json()["certificate"].encode())
+    assert cert.subject.rfc4514_string() == "CN=gw-2"  # the server names the device
+
+
+def _plain_connect(port: int, user: str, password: str) -> Any:
+    got: list[Any] = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv5)
+    c.username_pw_set(user, password)
+    c.on_connect = lambda _c, _u, _f, rc, _p: got.append(rc)
+    try:
+        c.connect("127.0.0.1", port)
+    except OSError as e:
+        return e
+    c.loop_start()
+    wait_until(lambda: bool(got), 5)
+    c.loop_stop()
+    c.disconnect()
+    return got[0] if got else None
+
+
+def test_no_reusable_secret_admits_a_device_to_mqtt(setup: Setup) -> None:
+    dev = enroll_device(setup, "gw-3")
+    where = json.loads((setup.tmp / "broker" / "broker.json").read_text())
+    rc = _plain_connect(where["port"], "gw-3", dev.credential)  # its HTTP bearer token
+    assert rc is not None and getattr(rc, "is_failure", True), rc
+    other = FleetCA.init(setup.tmp / "other-ca")  # a certificate from another CA
+    home = setup.tmp / "devices" / "forged"
+    key = FileKeyProvider(home / "k")
+    save_certificate(home / "c", other.sign_device_csr(key.csr("gw-3"), "gw-3"))
+    forged = MqttTransport(
+        "gw-3",
+        dev.endpoint["host"],
+        dev.endpoint["port"],
+        tls=TlsOptions(dev.ca, home / "c", key.key_file()),
+        mqtt_version=5,
+        backoff=Backoff(initial=0.2, maximum=0.5),
+    ).start()
+    try:
+        assert not forged.wait_connected(3)
+    finally:
+        forged.stop()
+
+
+def test_revoked_device_is_refused_on_mqtt_and_http(setup: Setup) -> None:
+    dev = enroll_device(setup, "gw-4")
+    t = dev.transport().start()
+    try:
+        assert t.wait_connected(10)
+        headers = {"Authorization": f"Bearer {dev.credential}"}
+        assert httpx.get(f"{setup.server.url}/device/v1/assignment", headers=headers).is_success
+        setup.admin.post("/devices/gw-4/revoke")
+        assert wait_until(lambda: not t.connected, 10), "the revoked session stayed open"
+        time.sleep(2)  # the transport keeps retrying with its certificate
+        assert not t.connected
+        r = httpx.get(f"{setup.server.url}/device/v1/assignment", headers=headers)
+        assert r.status_code == 401
+    finally:
+        t.stop()
+    fresh = dev.transport(client_id="gw-4-again").start()
+    try:
+        assert not fresh.wait_connected(3)
+    finally:
+        fresh.stop()

@@ -8,14 +8,19 @@ The way through, one module per step (heavy libraries load only when used)::
     source.py     intake: ONNX, torch nn.Module / TorchScript / torch.export,
                   scikit-learn estimators, TFLite -> SourceModel (graph + reference runner)
     targets.py    Target: format, precision, runtime version -> IR/opset limits
+    graph_checks.py  refusals every path makes (dropout in training mode)
     onnx_tools.py lowering (IR, opset) and offline optimization of ONNX graphs
     quantize.py   float16, dynamic int8, static int8 (QDQ) for ONNX
+    quantization_report.py  what a quantization pass changed (weights, operators, bytes)
     tflite/       ONNX -> TFLite flatbuffer writer (no TensorFlow)
+    produce.py    one target's model file (ONNX lowered + precision, or TFLite)
     parity.py     pure comparison of artifact vs source outputs, tolerances
-    samples.py    calibration samples: checked or generated from the signature
+    samples.py    samples: checked, generated, split into calibration / validation
     reference.py  drift reference profile and smoke samples for the device
     pipeline.py   convert() -> Artifact, pack_artifact(), build_bundles()
     bundle.py     manifest, pack, sign; keys.py release signing keys
+    packing.py    a model file packed as it is (ONNX external data inlined)
+    conformance/  ONNX node test cases through every path (docs/conformance.md)
 
 Example::
 

@@ -602,3 +602,20 @@ def test_smoke_test_that_kills_the_process_ends_in_state_loop(
     d = _crash_loop(make_device, world, "smoke_testing", "v2")
     loop = [r for r in world.reports(d.device_id) if r["error_code"] == "state_loop"]
     assert loop[0]["state"] == "smoke_failed"
+
+
+def test_agent_starts_on_a_full_disk_and_recovers_by_itself(
+    disk: Path, make_device: Callable[..., Device], world: World
+) -> None:
+    d = make_device(state=disk / "state")
+    d.install_v1()
+    fill(disk)  # full before the agent starts: telemetry.db cannot even grow its WAL
+    d.start()
+    d.serves(1)
+    report = d.wait_report(lambda r: r["error_code"] == "no_space")
+    assert report["type"] == "health"
+    assert d.status()["active"]["version"] == 1
+    unfill(disk)
+    world.assign(d.device_id, "v2")
+    d.wait_report(lambda r: r["outcome"] == "installed" and r["version"] == 2)
+    d.serves(2)

@@ -201,3 +201,19 @@ def test_untrained_mlp_with_tiny_margins_fails_dynamic_int8_at_batch_1() -> None
         convert(source, Target("onnx", "int8-dynamic"), samples=x)
     fail = info.value.report.failures()[0]
     assert fail.batch == 1 and "Wilson interval" in fail.detail
+
+
+def test_dynamic_int8_of_a_conv_only_network_is_refused_like_squeezenet() -> None:
+    """SqueezeNet classifies with convolutions: ONNX dynamic int8 (MatMul/Gemm) changed
+    nothing, yet the bundle was labelled int8-dynamic."""
+    from converters.source import from_onnx
+    from tests.tflite_models import conv_case
+
+    model, x = conv_case(c_in=3, c_out=4, k=3, hw=9)
+    source = from_onnx(model)
+    with pytest.raises(NothingQuantizedError, match="MatMul/Gemm") as info:
+        convert(source, Target("onnx", "int8-dynamic"), samples=x)
+    summary = info.value.summary
+    assert summary.weights_quantized == 0 and summary.float_weights_before >= 1  # type: ignore[attr-defined]
+    artifact = convert(source, Target("tflite", "int8-dynamic"), samples=x)  # TFLite does convs
+    assert artifact.quantization is not None and artifact.quantization.weights_quantized == 1

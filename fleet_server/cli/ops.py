@@ -145,13 +145,17 @@ def bundles() -> None:
 
 @bundles.command("upload")
 @click.argument("path", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("-q", "--quiet", is_flag=True, help="Print only the bundle id.")
 @api_options
-def bundles_upload(api: ApiClient, as_json: bool, path: Path) -> None:
+def bundles_upload(api: ApiClient, as_json: bool, path: Path, quiet: bool) -> None:
     """Upload a bundle signed offline; the server verifies it against its trust store."""
     with open(path, "rb") as f:
         data = api.request(
             "POST", "/bundles", files={"file": (path.name, f, "application/octet-stream")}
         )
+    if quiet and not as_json:
+        click.echo(data["id"])
+        return
     _out(data, as_json, ("id", "name", "version", "format", "size", "signed_by"))
 
 

@@ -6,10 +6,10 @@ Input: the JSON of ``GET /api/v1/rollouts/{id}/status``. Stages are numbered fro
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from fleet_server.cli.api import readable_time
+from fleet_server.rollouts.numbering import people_stages
 
 GATE_UNITS = {
     "install_failure_rate": "installs",
@@ -30,16 +30,6 @@ def duration(seconds: float | None) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def people_stages(text: str) -> str:
-    """Engine reasons count stages from 0; show them from 1 like everything else."""
-    text = re.sub(
-        r"stage (\d+) -> (\d+)",
-        lambda m: f"stage {int(m[1]) + 1} -> {int(m[2]) + 1}",
-        text,
-    )
-    return re.sub(r"\bstage (\d+)(?! ->)\b", lambda m: f"stage {int(m[1]) + 1}", text)
 
 
 def _num(x: Any) -> str:
@@ -82,11 +72,13 @@ def render_status(data: dict[str, Any]) -> list[str]:
         st = data["stages"][number - 1]
         elapsed = ev.get("soak_elapsed")
         required = st["soak_seconds"]
-        pct = 100.0 if not required else min(100.0, 100.0 * (elapsed or 0) / required)
-        lines.append(
-            f"  soak       {duration(elapsed)} of {duration(required)} ({pct:.0f}%), "
-            f"stage started {readable_time(data.get('stage_started_at'))}"
-        )
+        started = readable_time(data.get("stage_started_at"))
+        if required:
+            pct = min(100.0, 100.0 * (elapsed or 0) / required)
+            soak = f"{duration(elapsed)} of {duration(required)} ({pct:.0f}%)"
+        else:
+            soak = "none required"
+        lines.append(f"  soak       {soak}, stage started {started}")
         lines.append(
             f"  canaries   {ev.get('canary_devices', 0)} reporting, "
             f"{st['min_devices']} needed to advance"

@@ -97,6 +97,7 @@ def _gate(text: str) -> dict[str, Any]:
     help="What a breached gate does: roll back, or pause.",
 )
 @click.option("--start", is_flag=True, help="Start it right away.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the rollout id.")
 @api_options
 def rollout_create(
     api: ApiClient,
@@ -111,8 +112,9 @@ def rollout_create(
     gates: tuple[str, ...],
     failure_policy: str,
     start: bool,
+    quiet: bool,
 ) -> None:
-    """Create a rollout of a bundle to a group; prints its id first."""
+    """Create a rollout of a bundle to a group."""
     body: dict[str, Any] = {
         "name": name,
         "bundle_id": bundle_id,
@@ -127,7 +129,11 @@ def rollout_create(
         body["stages"] = [_stage(s) for s in stages]
     if gates:
         body["gates"] = [_gate(g) for g in gates]
-    out(api.request("POST", "/rollouts", json=body), as_json, ROLLOUT_COLUMNS)
+    data = api.request("POST", "/rollouts", json=body)
+    if quiet and not as_json:
+        click.echo(data["id"])
+        return
+    out(data, as_json, ROLLOUT_COLUMNS)
 
 
 @rollout.command("list")

@@ -23,9 +23,12 @@ from typing import Any
 
 import matplotlib
 from matplotlib import dates as mdates
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.text import Text
+from matplotlib.transforms import Bbox
 
 from fleet_server.report.dataset import PredictionDist, ReviewDataset, RolloutRow, sorted_versions
 
@@ -92,15 +95,63 @@ def version_colors(versions: Sequence[str]) -> dict[str, str]:
     return out
 
 
+#: plot name -> texts of its last rendering that fell outside the saved image (tests read it)
+OUTSIDE: dict[str, list[str]] = {}
+_PAD_INCHES = 0.08
+
+
+def _texts(fig: Figure) -> list[Text]:
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+
+
+def _saved_area(fig: Figure) -> tuple[Bbox, list[Text]]:
+    """The area (inches) the SVG keeps: every artist and every visible text, padded.
+
+    Legends outside the axes, long tick labels and annotations kept out of the layout
+    (``set_in_layout(False)``) all count, so nothing is clipped at the figure's edge.
+    """
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    texts = _texts(fig)
+    area = fig.get_tightbbox(renderer, bbox_extra_artists=texts)
+    return area.padded(_PAD_INCHES), texts
+
+
+def _outside(fig: Figure, area: Bbox, texts: list[Text]) -> list[str]:
+    """Texts whose drawn extent is not inside ``area`` (inches)."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    out = []
+    for t in texts:
+        box = t.get_window_extent(renderer).transformed(fig.dpi_scale_trans.inverted())
+        if box.width == 0 and box.height == 0:
+            continue
+        eps = 1e-3
+        if (
+            box.x0 < area.x0 - eps
+            or box.y0 < area.y0 - eps
+            or box.x1 > area.x1 + eps
+            or box.y1 > area.y1 + eps
+        ):
+            out.append(t.get_text())
+    return out
+
+
 def _svg(fig: Figure, name: str) -> str:
     """The figure as inline SVG: no XML prolog, fluid width, ids unique per plot."""
     buf = io.StringIO()
+    area, texts = _saved_area(fig)
+    OUTSIDE[name] = _outside(fig, area, texts)
     with matplotlib.rc_context({"svg.hashsalt": f"ef-{name}"}):
-        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+        fig.savefig(
+            buf,
+            format="svg",
+            metadata={"Date": None, "Creator": None},
+            bbox_inches=area,
+        )
     svg = buf.getvalue()
     svg = svg[svg.index("<svg") :]
     # natural size as the upper bound, so a small figure is not blown up
-    max_px = round(fig.get_figwidth() * 96)
+    max_px = round(area.width * 96)
     svg = re.sub(
         r'<svg([^>]*?) width="[^"]*" height="[^"]*"',
         rf'<svg\1 class="plot" data-plot="{name}" role="img" '

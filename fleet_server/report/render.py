@@ -24,6 +24,7 @@ from pathlib import Path
 
 from fleet_server.report.dataset import GateRow, ReviewDataset, RolloutRow, sorted_versions
 from fleet_server.report.plots import render_plots, version_colors
+from fleet_server.rollouts.numbering import people_stages
 
 SECTIONS = (
     ("summary", "Summary"),
@@ -266,7 +267,7 @@ def _decisions(ds: ReviewDataset) -> str:
             base = [_fmt_time(d.ts), d.action, stage]
             if not d.gates:
                 who = f"by {d.actor}" if d.actor else "–"
-                rows.append([*base, d.reason or who, "", "", "", "", "", ""])
+                rows.append([*base, people_stages(d.reason) or who, "", "", "", "", "", ""])
                 rclass.append("first")
                 vclass.append("")
             for k, g in enumerate(d.gates):

@@ -23,7 +23,8 @@ from fleet_server.db.telemetry import FAILED_INSTALL_OUTCOMES, TelemetryEvent
 from fleet_server.registry.groups import group_members
 from fleet_server.rollouts import RolloutError, decide
 from fleet_server.rollouts.figures import cohort_metrics
-from fleet_server.rollouts.spec import RolloutSpec, RolloutState
+from fleet_server.rollouts.numbering import people_stages as people_stages
+from fleet_server.rollouts.spec import RolloutSpec, RolloutState, Status
 
 #: operator actions per status, in the order the CLI lists them
 ACTIONS: dict[str, tuple[str, ...]] = {
@@ -94,6 +95,9 @@ def live_status(
     out["group"] = {"id": row.group_id, "name": group.name if group else None}
     out["devices"] = _devices(session, members, spec, state)
     out["refusals"] = _refusals(session, spec, state, [d.id for d in members])
+    pauses = [h for h in state.history if Status(h.to_status) is Status.PAUSED]
+    if status == "paused" and pauses:
+        out["paused_by"] = f"{pauses[-1].actor}: {pauses[-1].reason}".rstrip(": ")
     out["holding"] = _holding(out)
     return out
 
@@ -249,7 +253,8 @@ def _holding(status: dict[str, Any]) -> str:
         return f"rolled back: the group returns to the previous model{target}"
     ev = status.get("evaluation") or {}
     if s == "paused":
-        return "paused: a gate breached or an operator paused it; resume, promote or roll back"
+        why = status.get("paused_by") or "a gate breached or an operator paused it"
+        return f"paused: {why}; resume, promote, abort or roll back"
     action = ev.get("action")
     if action == "hold":
         return f"waiting: {ev.get('reason', '')}"

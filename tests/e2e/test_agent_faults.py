@@ -129,8 +129,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     files = {
         "v1": publish(sim, version=1, seed=1),
         "v2": publish(sim, version=2, seed=2),
-        "v3": publish(sim, version=3, seed=3),
-        "v2-smoke-fails": publish(sim, version=2, seed=4, smoke="mismatch", name="tiny"),
         "v4-big": publish_padded(sim, version=4, seed=2, extra_bytes=4 * MiB),
     }
     http = httpx.Client(base_url=server.url, timeout=30)
@@ -438,7 +436,8 @@ def test_negative_size_header_is_refused_then_good_bundle_installs(
     d.stop()
     d.start()
     d.serves(2)
-    assert d.status()["state"] == "idle"
+    status = d.status()  # the agent polls on: the state may be idle or checking
+    assert status["active"]["version"] == 2 and status["state"] in ("idle", "checking")
 
 
 @pytest.mark.parametrize("case", [c for c in HOSTILE if c != "negative_size"])

@@ -58,6 +58,11 @@ class DevicePublic(BaseModel):
     )
     revoked: bool
     assignment: dict[str, Any] | None = None
+    records_lost: dict[str, int] = Field(
+        default_factory=dict,
+        description="Telemetry records missing from the database by kind (holes in the "
+        "device's sequence numbers; see fleet_server.ingest.gaps)",
+    )
 
 
 class DeviceLabelsPatch(BaseModel):
@@ -142,13 +147,34 @@ def list_devices(
     else:
         rows, total, nxt_off = paginate(session, stmt, page)
     assigned = _assignments(session, [d.id for d in rows])
+    lost = _records_lost(session, [d.id for d in rows])
     return Page(
-        items=[device_public(d, assigned.get(d.id)) for d in rows],
+        items=[
+            device_public(d, assigned.get(d.id)).model_copy(
+                update={"records_lost": lost.get(d.id, {})}
+            )
+            for d in rows
+        ],
         total=total,
         limit=page.limit,
         offset=page.offset,
         next_offset=nxt_off,
     )
+
+
+def _records_lost(session: Any, ids: list[str]) -> dict[str, dict[str, int]]:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from fleet_server.ingest.gaps import records_lost
+
+    out: dict[str, dict[str, int]] = {}
+    try:
+        losses = records_lost(session.get_bind(), device_ids=ids)
+    except SQLAlchemyError:  # no telemetry tables yet
+        return out
+    for loss in losses:
+        out.setdefault(loss.device_id, {})[loss.kind] = loss.records
+    return out
 
 
 def _assignments(session: Any, ids: list[str]) -> dict[str, Assignment]:

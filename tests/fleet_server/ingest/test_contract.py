@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from prometheus_client import generate_latest
@@ -28,6 +28,9 @@ from fleet_server.ingest.store import TelemetryWriter
 from fleet_server.metrics import ServerMetrics
 from tests.brokers import DEVICE_ACL, SERVER_USER, MosquittoBroker, publish_once
 from tests.fleet_server.ingest.test_parse import install_body, summary_body
+
+if TYPE_CHECKING:
+    from tests.server_fixtures import Fleet
 
 TOPIC = telemetry_topic("dev-a", "summary")
 
@@ -189,3 +192,15 @@ def test_holes_in_a_devices_sequence_become_records_lost(engine: Engine) -> None
     assert lost == {("dev-a", "summary"): 3, ("dev-a", "events"): 1}
     batch("dev-a", [4, 5, 6, 9], old)  # late arrivals fill the holes
     assert records_lost(engine, now=now) == []
+
+
+def test_device_list_shows_records_lost_per_kind(fleet: Fleet) -> None:
+    fleet.enroll("cam-1")
+    fleet.enroll("cam-2")
+    writer = TelemetryWriter(fleet.ctx.engine)
+    old = time.time() - 600
+    recs = [rec(s, summary_body()) for s in (1, 2, 6)]
+    writer.write([parse_message(telemetry_topic("cam-1", "summary"), message(recs, "cam-1"), old)])
+    r = fleet.client.get("/api/v1/devices", headers=fleet.admin)
+    lost = {d["id"]: d["records_lost"] for d in r.json()["items"]}
+    assert lost == {"cam-1": {"summary": 3}, "cam-2": {}}

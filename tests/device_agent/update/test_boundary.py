@@ -235,3 +235,42 @@ def test_foreign_exception_in_discard_is_contained_in_failure_state(
     device.updater.check()
     monkeypatch.undo()
     assert_refused_then_recovers(device, server, repo, "verify_failed", "internal_error", "x")
+
+
+def test_foreign_exception_in_switch_rolls_back(
+    device: Device, server: BundleServer, repo: dict[str, Any]
+) -> None:
+    server.offer(repo["v2"], version=2)
+    real_swap = device.host.swap
+    calls = {"n": 0}
+
+    def swap_fails_once(model: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("display driver gone")
+        return real_swap(model)
+
+    device.host.swap = swap_fails_once  # type: ignore[method-assign]
+    device.updater.check()
+    device.host.swap = real_swap  # type: ignore[method-assign]
+    assert device.updater.state.value == "idle"
+    assert device.serves(1)
+    ptr = Slots(device.updater.state_dir).active()
+    assert ptr is not None and ptr.version == 1
+    report = server.reports[-1]
+    assert report["outcome"] == "rolled_back", report
+
+
+def test_foreign_exception_in_probation_rolls_back(
+    device: Device, server: BundleServer, repo: dict[str, Any]
+) -> None:
+    server.offer(repo["v2"], version=2)
+    device.updater.config.probation_seconds = 60.0
+    assert device.updater.check().value == "probation"
+    device.updater.error_rate_since = _raise(ArithmeticError("counter overflow"))
+    assert device.updater.tick().value == "idle"
+    assert device.serves(1)
+    failed = [r for r in server.reports if r["state"] == "probation_failed"]
+    assert failed and failed[-1]["error_code"] == "internal_error", server.reports
+    assert "ArithmeticError" in failed[-1]["message"]
+    assert server.reports[-1]["outcome"] == "rolled_back"

@@ -85,6 +85,7 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "float16": Tolerance(atol=None, scaled_atol=1e-2, rtol=1e-2),
     "int8-dynamic": Tolerance(atol=None, range_atol=0.05, min_top1=0.97),
     "int8-static": Tolerance(atol=None, range_atol=0.05, min_top1=0.97),
+    "int8-full": Tolerance(atol=None, range_atol=0.05, min_top1=0.97),
 }
 
 

@@ -203,7 +203,7 @@ def _plan_samples(
     validation_samples: Mapping[str, np.ndarray] | np.ndarray | None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, dict[str, np.ndarray], str]:
     """(all given samples, calibration samples or None, validation samples, how)."""
-    calibrates = target.precision == "int8-static"
+    calibrates = target.precision in ("int8-static", "int8-full")
     if samples is None:
         given = generate_samples(source.inputs)
         origin = "generated from the input signature"
@@ -258,7 +258,7 @@ def convert(
     if target.format == "onnx":
         produced = onnx_artifact(source, target, calibration or {}, allow_unquantized)
     else:
-        produced = tflite_artifact(source, target, allow_unquantized)
+        produced = tflite_artifact(source, target, allow_unquantized, calibration)
     data, notes = produced.data, produced.notes
     precision = produced.precision_packed or target.precision
     progress(f"{target.name}: checking parity")

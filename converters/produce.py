@@ -119,9 +119,15 @@ def onnx_artifact(
 
 
 def tflite_artifact(
-    source: SourceModel, target: Target, allow_unquantized: bool = False
+    source: SourceModel,
+    target: Target,
+    allow_unquantized: bool = False,
+    calibration: Mapping[str, np.ndarray] | None = None,
 ) -> Produced:
-    """The TFLite model file for ``target`` (weights mode applied and accounted for)."""
+    """The TFLite model file for ``target`` (weights mode applied and accounted for).
+
+    ``tflite:int8-full`` calibrates its activation ranges on ``calibration``.
+    """
     if source.tflite_bytes is not None:
         if target.precision != "float32":
             raise TargetError(
@@ -139,6 +145,8 @@ def tflite_artifact(
     assert source.onnx_model is not None
     check_inference_mode(source.onnx_model)
     model = onnx_tools.optimize(onnx_tools.loadable_by_installed_ort(source.onnx_model))
+    if target.precision == "int8-full":
+        return _tflite_int8_full(model, calibration)
     weights = TFLITE_WEIGHTS[target.precision]
 
     def write(mode: str) -> tuple[bytes, Any]:
@@ -171,3 +179,47 @@ def tflite_artifact(
         return Produced(float32, notes, summary)
     notes.append(summary.note())
     return Produced(data, notes, summary)
+
+
+def _tflite_int8_full(model: Any, calibration: Mapping[str, np.ndarray] | None) -> Produced:
+    """Full-integer int8 (:mod:`converters.tflite.quantize_full`), float32 I/O; the input
+    and output quantization and any operator left in float are in the notes."""
+    from converters.tflite import onnx_to_tflite
+    from converters.tflite.quantize_full import onnx_to_tflite_int8_full
+
+    if not calibration:
+        raise TargetError(
+            "tflite:int8-full calibrates activation ranges on samples; give --samples "
+            "(representative inputs, 100 or more)"
+        )
+    try:
+        data, report = onnx_to_tflite_int8_full(model, calibration)
+        float32 = onnx_to_tflite(model)
+    except ConverterError:
+        raise
+    except Exception as e:  # keep one error root for callers
+        raise TargetError(f"ONNX -> TFLite int8-full conversion failed: {e}") from e
+    summary = QuantizationSummary(
+        precision="int8-full",
+        float_weights_before=report.weights_quantized,
+        weights_quantized=report.weights_quantized,
+        operators_quantized=report.int8_operators,
+        bytes_before=len(float32),
+        bytes_after=len(data),
+        operator_types=tuple(sorted(set(report.float_operators))),
+    )
+    io = "; ".join(
+        f"{q.name}: scale {q.scale:.6g}, zero point {q.zero_point}"
+        for q in (*report.inputs, *report.outputs)
+    )
+    notes = [
+        f"ONNX -> TFLite full-integer int8 ({report.calibration_samples} calibration samples)",
+        summary.note(),
+        f"int8 quantization of inputs/outputs (float32 I/O quantized inside): {io}",
+    ]
+    if report.float_operators:
+        notes.append(
+            "operators without an int8 kernel run in float32: "
+            + ", ".join(sorted(set(report.float_operators)))
+        )
+    return Produced(bytes(data), notes, summary)

@@ -11,6 +11,7 @@ Targets can also be written as one string (for the CLI)::
     onnx:int8-dynamic@onnxruntime-1.16    dynamic int8, loadable by onnxruntime 1.16
     onnx:float16@ir9/opset17              explicit limits
     tflite:float16                        TFLite with float16 weights
+    tflite:int8-full                      full-integer int8 TFLite, calibrated on the samples
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .errors import TargetError
 
 FORMATS = ("onnx", "tflite")
 PRECISIONS = ("float32", "float16", "int8-dynamic", "int8-static")
-TFLITE_PRECISIONS = ("float32", "float16", "int8-dynamic")
+TFLITE_PRECISIONS = ("float32", "float16", "int8-dynamic", "int8-full")
 
 # (max IR version, max ai.onnx opset, max ai.onnx.ml opset) each onnxruntime
 # release loads. Rows marked "measured" were probed against the released wheels

@@ -187,3 +187,24 @@ def test_int8_full_runs_on_legacy_tflite_runtime(tmp_path: Path) -> None:
     assert (legacy.argmax(1) == current.argmax(1)).mean() >= 0.99
     assert np.abs(legacy - current).max() <= 0.05 * max(1.0, float(np.abs(current).max()))
     json.dumps({"ok": True})
+
+
+def test_pipeline_target_tflite_int8_full_packs_with_held_out_parity() -> None:
+    """``tflite:int8-full`` through the pipeline: calibrated on part of the samples,
+    judged on the held-out rest at batch 1; the notes carry the I/O quantization."""
+    from converters.pipeline import convert
+    from converters.source import from_onnx
+    from converters.targets import parse_target
+
+    module, data = train("digits_cnn")
+    model = export(module, data.train_x)
+    artifact = convert(
+        from_onnx(model, task="classification"),
+        parse_target("tflite:int8-full"),
+        samples={"x": data.train_x[:400]},
+    )
+    assert artifact.parity.passed, artifact.parity.summary()
+    assert artifact.parity.calibration_samples == 200
+    assert artifact.parity.batch_sizes[0] == 1
+    assert any("zero point" in n for n in artifact.notes)
+    assert artifact.quantization is not None and artifact.quantization.size_ratio < 0.5

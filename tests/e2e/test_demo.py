@@ -17,6 +17,15 @@ from fleet_server.demo.fleet_demo import run_demo
 def test_fleet_demo_good_rollout_completes_and_bad_one_is_rolled_back(tmp_path: Path) -> None:
     assert LocalMosquitto.available(), "mosquitto is missing: scripts/_env.sh installs it"
     result = run_demo(tmp_path / "demo", devices=48, stage_percents=(50, 100))
+    # every bundle the demo built records parity measured the way devices run
+    from converters.bundle import read_header
+
+    bundles = sorted((tmp_path / "demo" / "bundles").glob("*.efb"))
+    assert bundles
+    for bundle in bundles:
+        parity = read_header(bundle)[0].provenance["parity"]
+        assert parity["held_out_from_calibration"] is True and parity["batch_sizes"] == [1]
+        assert all(o["batch"] == 1 and o["passed"] for o in parity["outputs"]), parity
     assert result.good == {c: "succeeded" for c in result.good} and len(result.good) == 3
     assert result.bad == {c: "rolled_back" for c in result.bad} and len(result.bad) == 3
     assert all(
@@ -28,12 +37,3 @@ def test_fleet_demo_good_rollout_completes_and_bad_one_is_rolled_back(tmp_path: 
     assert "rolled back" in html and "Version adoption" in html
     data = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert len(data["fleet"]["devices"]) == 48
-    # every bundle the demo built records parity measured the way devices run
-    from converters.bundle import read_header
-
-    bundles = sorted((tmp_path / "demo" / "bundles").glob("*.efb"))
-    assert bundles
-    for bundle in bundles:
-        parity = read_header(bundle)[0].provenance["parity"]
-        assert parity["held_out_from_calibration"] is True and parity["batch_sizes"] == [1]
-        assert all(o["batch"] == 1 and o["passed"] for o in parity["outputs"]), parity

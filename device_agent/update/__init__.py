@@ -21,6 +21,7 @@ from .errors import (
     UpdateError,
 )
 from .fetch import Fetcher, HttpFetcher
+from .floors import Floors
 from .machine import TRANSITIONS, Action, Event, State, TransitionError, transition
 from .slots import ActivePointer, Slots
 from .state import Assignment, BundleRef, UpdateRecord
@@ -38,6 +39,7 @@ __all__ = [
     "DownloadTooLargeError",
     "Event",
     "Fetcher",
+    "Floors",
     "HttpFetcher",
     "ModelHost",
     "RollbackUnavailableError",

@@ -238,12 +238,19 @@ class Updater:
         message = (
             f"the agent restarted {n - 1} times in update state {state.value!r} without "
             f"getting past it (limit update.max_restarts_per_state = {limit}); the update is "
-            "abandoned so the device keeps serving. The bundle is not retried until the "
-            "assignment changes"
+            "abandoned so the device keeps serving"
+        ) + (
+            " and retries at the next check"
+            if state in (State.CHECKING, State.DOWNLOADING)
+            else "; this bundle is not tried again until the assignment changes: publish a "
+            "fixed model under a new version"
         )
         log.error("update state loop", extra={"state": state.value, "restarts": n - 1})
         self.record.error = {"code": "state_loop", "message": message}
-        self._remember_failed()
+        if state not in (State.CHECKING, State.DOWNLOADING):
+            # the candidate itself may be what kills the process: do not try it again;
+            # a download interrupted by power cuts resumes at the next check instead
+            self._remember_failed()
         failure = FAILURE_EVENTS.get(state)
         if failure is None or state in (State.CHECKING, State.ROLLING_BACK):
             # an outcome state (its report keeps killing us), a check-in, or a rollback

@@ -18,6 +18,11 @@ from ._fsutil import atomic_write_bytes
 from .config import IDENTITY_FILE, AgentConfig
 from .protocol import ENROLL_PATH
 
+#: files enrollment keeps in ``state_dir`` beside identity.json
+DEVICE_KEY_FILE = "device.key"
+DEVICE_CERT_FILE = "device.crt"
+FLEET_CA_FILE = "fleet-ca.crt"
+
 
 class EnrollmentError(Exception):
     """Enrollment failed; the message says whether to retry or get a new token."""
@@ -43,6 +48,15 @@ def enroll(config: AgentConfig, token: str, *, requested_id: str | None = None) 
     }
     if requested_id:
         body["device_id"] = requested_id
+    # the device's own key pair (made here at first boot, never sent): the server signs a
+    # client certificate for it when it has a fleet CA, and ignores the request otherwise
+    from .identity import FileKeyProvider, IdentityError
+
+    keys = FileKeyProvider(Path(config.device.state_dir) / DEVICE_KEY_FILE)
+    try:
+        body["csr"] = keys.csr(requested_id or "device").decode()
+    except (IdentityError, OSError) as e:
+        raise EnrollmentError(f"cannot make the device key pair: {e}") from e
     req = urllib.request.Request(
         config.server.url.rstrip("/") + ENROLL_PATH,
         data=json.dumps(body).encode(),
@@ -75,7 +89,21 @@ def enroll(config: AgentConfig, token: str, *, requested_id: str | None = None) 
     state = Path(config.device.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     identity = state / IDENTITY_FILE
-    atomic_write_bytes(identity, json.dumps({"device_id": device_id}).encode() + b"\n")
+    record: dict[str, object] = {"device_id": device_id}
+    mqtt = answer.get("mqtt")
+    if isinstance(mqtt, dict):  # where to send telemetry: no hand-typed broker address
+        endpoint = {k: mqtt.get(k) for k in ("host", "port", "mqtt_version", "tls")}
+        if isinstance(mqtt.get("ca_pem"), str):
+            atomic_write_bytes(state / FLEET_CA_FILE, mqtt["ca_pem"].encode())
+            endpoint["ca_file"] = str(state / FLEET_CA_FILE)
+        record["mqtt"] = endpoint
+    if isinstance(answer.get("certificate"), str):
+        from .identity import save_certificate
+
+        save_certificate(state / DEVICE_CERT_FILE, answer["certificate"])
+        record["certificate"] = str(state / DEVICE_CERT_FILE)
+        record["key"] = str(state / DEVICE_KEY_FILE)
+    atomic_write_bytes(identity, json.dumps(record).encode() + b"\n")
     os.chmod(cred_file, 0o600)
     return Enrollment(device_id, cred_file, identity)
 

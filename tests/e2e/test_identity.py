@@ -228,3 +228,37 @@ def test_revoked_device_is_refused_on_mqtt_and_http(setup: Setup) -> None:
         assert not fresh.wait_connected(3)
     finally:
         fresh.stop()
+
+
+def test_agent_enrollment_keeps_its_key_and_learns_its_broker(setup: Setup) -> None:
+    """`device_agent.enroll` makes the key pair, sends the CSR and stores the certificate,
+    the fleet CA and the MQTT endpoint: the image needs no hand-typed broker address."""
+    from device_agent.config import AgentConfig
+    from device_agent.enroll import enroll
+
+    state = setup.tmp / "agent-state"
+    cfg = AgentConfig.from_dict(
+        {
+            "device": {"device_class": "gw", "state_dir": str(state)},
+            "server": {"url": setup.server.url, "token_file": str(state / "credential")},
+        }
+    )
+    token = setup.admin.post("/enrollment-tokens", json={"device_class": "gw"})["token"]
+    done = enroll(cfg, token, requested_id="gw-agent")
+    identity = json.loads(done.identity_file.read_text())
+    mqtt = identity["mqtt"]
+    assert mqtt["tls"] is True and Path(mqtt["ca_file"]).is_file()
+    assert (state / "device.key").stat().st_mode & 0o777 == 0o600
+    t = MqttTransport(
+        "gw-agent",
+        mqtt["host"],
+        mqtt["port"],
+        tls=TlsOptions(Path(mqtt["ca_file"]), Path(identity["certificate"]), Path(identity["key"])),
+        mqtt_version=mqtt["mqtt_version"],
+    ).start()
+    try:
+        assert t.wait_connected(10), t.last_error
+        assert t.publish(telemetry_topic("gw-agent", "summary"), record("gw-agent", 1)).wait(10)
+        assert wait_until(lambda: setup.health()["ingest"]["stored"] == 1, 15)
+    finally:
+        t.stop()

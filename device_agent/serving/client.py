@@ -140,12 +140,18 @@ class ServingClient:
     def from_config(cls, config: Any = None, **kw: Any) -> ServingClient:
         """A client for the agent configured by ``config`` (an ``AgentConfig``, a path to
         its TOML, or None for ``EDGEFLEET_AGENT_CONFIG`` and the environment)."""
-        from ..config import AgentConfig
+        from ..config import AgentConfig, ConfigError, tomllib
 
         if not isinstance(config, AgentConfig):
+            # only the socket's place is needed: read the file and the environment, not
+            # the agent's private state (an app may run as another user)
             path = config if config is not None else os.environ.get("EDGEFLEET_AGENT_CONFIG")
-            env = {k: v for k, v in os.environ.items() if k != "EDGEFLEET_AGENT_CONFIG"}
-            config = AgentConfig.load(path, env=env)
+            try:
+                data = tomllib.loads(Path(path).read_text()) if path else {}
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"cannot read the agent's config {path}: {e}") from e
+            config = AgentConfig.from_dict(data)
+            config.apply_env({k: v for k, v in os.environ.items() if k != "EDGEFLEET_AGENT_CONFIG"})
         sv = config.serving
         state_dir = Path(config.device.state_dir)
         return cls(Path(sv.socket) if sv.socket else state_dir / SOCKET_NAME, **kw)

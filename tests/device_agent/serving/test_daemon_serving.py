@@ -101,3 +101,20 @@ def test_out_of_range_serving_settings_are_config_errors(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         AgentConfig.from_dict({"serving": serving}).validate()
+
+
+def test_client_from_config_reads_only_the_socket_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "identity.json").write_text("not json")  # the agent's private state: not read
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[device]\nstate_dir = "{state}"\n')
+    monkeypatch.delenv("EDGEFLEET_AGENT_SERVING_SOCKET", raising=False)
+    assert ServingClient.from_config(cfg).socket_path == str(state / "serving.sock")
+    monkeypatch.setenv("EDGEFLEET_AGENT_CONFIG", str(cfg))
+    monkeypatch.setenv("EDGEFLEET_AGENT_SERVING_SOCKET", str(tmp_path / "run.sock"))
+    assert ServingClient.from_config().socket_path == str(tmp_path / "run.sock")
+    with pytest.raises(ConfigError, match="cannot read"):
+        ServingClient.from_config(tmp_path / "missing.toml")

@@ -1,0 +1,185 @@
+"""Benchmark: the architecture zoo on each target, side by side in one run.
+
+For every architecture of ``tests/converters/zoo/architectures.py`` (random weights)
+and each target (``onnx:float32`` on onnxruntime, ``tflite:float32`` on ai-edge-litert),
+and for the architectures trained in ``tests/converters/zoo/trained.py`` also
+``tflite:int8-full``, it measures:
+
+* ``KiB``: artifact size;
+* parity on held-out inputs run one at a time: max abs error against torch (float
+  targets), top-1 agreement with the float32 TFLite model and held-out accuracy
+  (int8-full);
+* ``p50 ms``: median batch-1 latency over ``--runs`` invocations, one thread, the
+  artifact in its own runtime (onnxruntime 1 intra-op thread; ai-edge-litert with its
+  default XNNPACK delegate, 1 thread).
+
+Prints two markdown tables. Figures from a shared machine are indicative only:
+
+    python bench/bench_models.py [--runs 50] [--models resnet18,vit_tiny] [--no-int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def export(module: Any, x: np.ndarray) -> Any:
+    import onnx
+    import torch
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (torch.from_numpy(x[:2]),),
+            buf,
+            dynamo=False,
+            opset_version=18,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+class OrtRunner:
+    def __init__(self, data: bytes) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {"x": x})[0])
+
+
+class LiteRunner:
+    def __init__(self, data: bytes) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interp = Interpreter(model_content=data, num_threads=1)
+        self.interp.allocate_tensors()
+        self.i = self.interp.get_input_details()[0]["index"]
+        self.o = self.interp.get_output_details()[0]["index"]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.interp.set_tensor(self.i, x)
+        self.interp.invoke()
+        return self.interp.get_tensor(self.o).copy()
+
+
+def one_by_one(run: Any, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([run(x[k : k + 1]) for k in range(len(x))])
+
+
+def p50_ms(run: Any, x: np.ndarray, runs: int) -> float:
+    one = x[:1]
+    for _ in range(3):
+        run(one)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        run(one)
+        times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times))
+
+
+def float_table(names: list[str], runs: int) -> str:
+    import torch
+
+    from converters.pipeline import convert
+    from converters.source import from_onnx
+    from converters.targets import parse_target
+    from tests.converters.zoo.architectures import ARCHITECTURES, held_out
+
+    lines = [
+        "| architecture | target | KiB | max abs err vs torch (held out, batch 1) | "
+        "p50 ms onnxruntime | p50 ms ai-edge-litert |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        module, x = ARCHITECTURES[name]()
+        model = export(module, x)
+        held = held_out(x, 8)
+        with torch.no_grad():
+            want = module(torch.from_numpy(held)).numpy()
+        for target, runner in (("onnx:float32", OrtRunner), ("tflite:float32", LiteRunner)):
+            artifact = convert(
+                from_onnx(model),
+                parse_target(target),
+                samples={"x": held_out(x, 8, seed=7)},
+                validation_samples={"x": held},
+            )
+            run = runner(artifact.data)
+            err = float(np.abs(one_by_one(run, held) - want).max())
+            ms = p50_ms(run, held, runs)
+            ort_ms, lite_ms = (f"{ms:.3f}", "") if runner is OrtRunner else ("", f"{ms:.3f}")
+            lines.append(
+                f"| {name} | {target} | {len(artifact.data) / 1024:.1f} | {err:.2e} | "
+                f"{ort_ms} | {lite_ms} |"
+            )
+            print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
+def int8_table(runs: int) -> str:
+    from converters.tflite import onnx_to_tflite
+    from converters.tflite.quantize_full import onnx_to_tflite_int8_full
+    from tests.converters.zoo.trained import TRAINED, train
+
+    lines = [
+        "| trained model | float32 KiB | int8-full KiB | ratio | float32 acc | int8 acc | "
+        "top-1 agreement | p50 ms float32 | p50 ms int8-full | p50 ms onnxruntime float32 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in TRAINED:
+        module, data = train(name)
+        model = export(module, data.train_x)
+        f32 = onnx_to_tflite(model)
+        q, _ = onnx_to_tflite_int8_full(model, data.train_x[:200])
+        rf, rq = LiteRunner(f32), LiteRunner(q)
+        pf, pq = one_by_one(rf, data.test_x), one_by_one(rq, data.test_x)
+        ort = OrtRunner(model.SerializeToString())
+        lines.append(
+            f"| {name} | {len(f32) / 1024:.1f} | {len(q) / 1024:.1f} | {len(q) / len(f32):.3f} | "
+            f"{(pf.argmax(1) == data.test_y).mean():.3f} | "
+            f"{(pq.argmax(1) == data.test_y).mean():.3f} | "
+            f"{(pf.argmax(1) == pq.argmax(1)).mean():.4f} | "
+            f"{p50_ms(rf, data.test_x, runs):.3f} | {p50_ms(rq, data.test_x, runs):.3f} | "
+            f"{p50_ms(ort, data.test_x, runs):.3f} |"
+        )
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from tests.converters.zoo.architectures import ARCHITECTURES
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--models", default=",".join(ARCHITECTURES))
+    parser.add_argument("--no-int8", action="store_true")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    print(float_table(args.models.split(","), args.runs))
+    if not args.no_int8:
+        print()
+        print(int8_table(args.runs))
+    print(f"\n({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "image": "fleet_server.cli.image:image",
     "report": "fleet_server.cli.report:report",
     "server": "fleet_server.cli.server:server",
+    "ca": "fleet_server.cli.ca:ca",
     "rollout": "fleet_server.cli.rollouts:rollout",
     "group": "fleet_server.cli.groups:group",
     "operator": "fleet_server.cli.operators:operator",

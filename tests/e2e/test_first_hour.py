@@ -25,7 +25,7 @@ from tests.server_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 WANT = {"dev-1": ("condition", 3), "dev-2": ("condition", 1)}
-BUDGET_SECONDS = 480  # the run itself: 2 to 4 minutes on this 2-core machine, by its load
+BUDGET_SECONDS = 360  # the run itself: 2 to 4 minutes on this 2-core machine, by its load
 
 
 def first_hour_block(readme: str) -> str:
@@ -46,26 +46,28 @@ def test_the_first_hour_as_the_readme_says(tmp_path: Path) -> None:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["HOME"] = str(tmp_path / "home")  # nothing from the user's own configuration
     started = time.monotonic()
-    proc = subprocess.Popen(
-        ["bash", "-e", "-o", "pipefail", str(script)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # the server and agents it starts share this group
-    )
+    log = tmp_path / "first-hour.out"
+    with open(log, "w") as out:  # a file, not a pipe: the background server and agents
+        proc = subprocess.Popen(  # keep their copy of stdout open after the script ends
+            ["bash", "-e", "-o", "pipefail", str(script)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the server and agents it starts share this group
+        )
     work = tmp_path / "first-hour"
     try:
         try:
-            output, _ = proc.communicate(timeout=BUDGET_SECONDS)
+            proc.wait(timeout=BUDGET_SECONDS)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
+            proc.wait()
             raise AssertionError(
-                f"the first hour took over {BUDGET_SECONDS} s:\n{output[-6000:]}"
+                f"the first hour took over {BUDGET_SECONDS} s:\n{log.read_text()[-6000:]}"
             ) from None
         elapsed = time.monotonic() - started
+        output = log.read_text()
         # the rollback reaches the canary within a few of its 2 s polls
         running = _running(work / "edgefleet.db", want=WANT, timeout=20)
     finally:

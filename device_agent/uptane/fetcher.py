@@ -69,7 +69,8 @@ class UptaneFetcher:
         except UptaneError as e:
             self._report_refusal(e)
             raise
-        self._last_report = None
+        if self._last_report is not None:
+            self._report_recovered(self._last_report[0])
         self._instructions = found
         by_role = {i.role: i for i in found}
         desired, shadow = by_role.get("desired"), by_role.get("shadow")
@@ -103,6 +104,24 @@ class UptaneFetcher:
                     ):
                         self.floors.raise_to(i.name, i.release_counter)
         self.http.post_reports(reports)
+
+    def _report_recovered(self, code: str) -> None:
+        """Fresh, agreeing metadata again after a refusal: health back to ok."""
+        body = {
+            "type": "health",
+            "health": "ok",
+            "error_code": None,
+            "message": f"Uptane metadata fresh and agreeing again (after {code})",
+            "ts": self.clock(),
+            "name": self.active_name(),
+            "version": None,
+            "state": "idle",
+        }
+        try:
+            self.http.post_reports([body])
+            self._last_report = None
+        except Exception as err:  # noqa: BLE001 - retried at the next check
+            log.warning("cannot report recovery: %s", err)
 
     def _report_refusal(self, e: UptaneError) -> None:
         now = self.clock()

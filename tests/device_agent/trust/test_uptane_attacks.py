@@ -412,6 +412,20 @@ def test_director_key_alone_cannot_move_a_device_to_another_model(
     assert_serving(daemon, 1, 1)
 
 
+def test_freeze_reported_then_fresh_metadata_reports_health_ok(
+    daemon: AgentDaemon, usim: UptaneSim, clock: Clock
+) -> None:
+    usim.withheld.add(("director", "timestamp.json"))
+    clock.advance(2 * 3600)
+    daemon.updater.check()
+    refused_with(usim, "stale_metadata")
+    usim.withheld.clear()
+    daemon.updater.check()
+    last = usim.reports[-1]
+    assert (last["type"], last["health"], last["error_code"]) == ("health", "ok", None)
+    assert_serving(daemon, 1, 1)
+
+
 def test_freeze_then_recovery_installs_again(
     daemon: AgentDaemon, usim: UptaneSim, sim: BundleSim, clock: Clock
 ) -> None:

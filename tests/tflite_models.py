@@ -245,6 +245,19 @@ def _split_concat() -> tuple[onnx.ModelProto, np.ndarray]:
     return make_model(nodes, (3, 6), {"s": np.asarray([2, 4], np.int64)}), _x((3, 6))
 
 
+def _recurrent(op: str, **attrs: Any) -> tuple[onnx.ModelProto, np.ndarray]:
+    """LSTM / GRU over [T=5, N=3, I=4] (T fixed: the writer unrolls it), hidden 6."""
+    gates = 4 if op == "LSTM" else 3
+    dirs = 2 if attrs.get("direction") == "bidirectional" else 1
+    inits = {
+        "W": _w(dirs, gates * 6, 4, seed=5),
+        "R": _w(dirs, gates * 6, 6, seed=6),
+        "B": _w(dirs, 2 * gates * 6, seed=7, scale=0.2),
+    }
+    node = helper.make_node(op, ["x", "W", "R", "B"], ["y"], hidden_size=6, **attrs)
+    return make_model([node], (5, 3, 4), inits, batch=5), _x((5, 3, 4))
+
+
 def _bounds(lo: float, hi: float) -> dict[str, np.ndarray]:
     return {"lo": _scalar(lo), "hi": _scalar(hi)}
 
@@ -351,6 +364,10 @@ OP_CASES: dict[str, Case] = {
         kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]),
     "resize_bilinear_nhwc": lambda: after_conv("Resize", ["", "sc"], {"sc": np.asarray(
         [1, 1, 2, 2], np.float32)}, mode="linear", coordinate_transformation_mode="half_pixel"),
+    "lstm_forward": lambda: _recurrent("LSTM"),
+    "lstm_bidirectional": lambda: _recurrent("LSTM", direction="bidirectional"),
+    "gru_linear_before_reset": lambda: _recurrent("GRU", linear_before_reset=1),
+    "gru_reverse": lambda: _recurrent("GRU", direction="reverse"),
     "upsample_nearest": lambda: unary("Upsample", (3, 2, 3, 3), ["sc"], {
         "sc": np.asarray([1, 1, 2, 2], np.float32)}, opset=9, mode="nearest"),
 }  # fmt: skip

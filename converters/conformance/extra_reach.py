@@ -14,7 +14,9 @@ ONNX's node tests cover these operators, but not in the forms exporters write:
 * ``LayerNormalization``: opset-17 on a ``[N, T, D]`` input, and the decomposed form
   (``ReduceMean``, ``Sub``, ``Pow``, ``Add``, ``Sqrt``, ``Div``, ``Mul``, ``Add``);
 * ``MatMul``: batched activation x activation (attention scores) and activation x
-  rank-3 constant.
+  rank-3 constant;
+* ``LSTM`` / ``GRU``: a batch of 3, forward and bidirectional, GRU with torch's
+  ``linear_before_reset=1``.
 """
 
 from __future__ import annotations
@@ -253,6 +255,35 @@ def matmul_cases() -> list[NodeCase]:
     ]
 
 
+def recurrent_cases(op: str) -> Callable[[], list[NodeCase]]:
+    """torch's forms: GRU with ``linear_before_reset=1``; both cells over a batch of 3."""
+
+    def make() -> list[NodeCase]:
+        from onnx import helper
+
+        rng = np.random.default_rng(_RNG_SEED + 4)
+        gates = 4 if op == "LSTM" else 3
+        x = _x(6, 3, 5)
+        out = []
+        for direction in ("forward", "bidirectional"):
+            dirs = 2 if direction == "bidirectional" else 1
+            inits = {
+                "w": rng.normal(0, 0.4, size=(dirs, gates * 4, 5)).astype(np.float32),
+                "r": rng.normal(0, 0.4, size=(dirs, gates * 4, 4)).astype(np.float32),
+                "b": rng.normal(0, 0.2, size=(dirs, 2 * gates * 4)).astype(np.float32),
+            }
+            extra = {"linear_before_reset": 1} if op == "GRU" else {}
+            node = helper.make_node(
+                op, ["x", "w", "r", "b"], ["y"], hidden_size=4, direction=direction, **extra
+            )
+            out.append(
+                _model(op, f"edgefleet_{op.lower()}_{direction}_batch3", [node], x, inits, 14)
+            )
+        return out
+
+    return make
+
+
 #: Operator -> extra cases of its row (merged into ``EXTRA_CASES``).
 REACH_CASES: dict[str, Callable[[], list[NodeCase]]] = {
     "Resize": resize_cases,
@@ -263,4 +294,6 @@ REACH_CASES: dict[str, Callable[[], list[NodeCase]]] = {
     "Erf": gelu_erf_cases,
     "LayerNormalization": layer_norm_cases,
     "MatMul": matmul_cases,
+    "LSTM": recurrent_cases("LSTM"),
+    "GRU": recurrent_cases("GRU"),
 }

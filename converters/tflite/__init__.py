@@ -18,6 +18,14 @@ Supported ONNX operators (default domain, float32 tensors), see :data:`SUPPORTED
 * ``Pad`` (constant and reflect modes)
 * ``ReduceMean``, ``ReduceMax``, ``ReduceSum`` over constant axes (e.g. ``x.mean((2, 3))``)
 * ``Identity``, ``Dropout`` (inference: no-ops); ``Constant``
+* transformers (:mod:`.ops_transformer`): ``LayerNormalization``, ``Erf`` (torch's
+  opset-18 GELU is fused into ``GELU``), ``Pow``, ``Sqrt``, ``Reciprocal``, ``Split``,
+  ``Slice``, ``Gather`` (constant indices), ``Expand``, ``ReduceMin``, ``ReduceProd``
+* 1-D ``Conv`` / ``MaxPool`` / ``AveragePool`` through 2-D, ``ConvTranspose``,
+  ``Resize`` / ``Upsample`` (nearest, bilinear; :mod:`.ops_spatial`)
+* ``LSTM``, ``GRU`` unrolled over at most 128 static time steps (:mod:`.ops_seq`)
+
+Full-integer int8 (calibrated activations): :mod:`.quantize_full`.
 
 Subgraphs that depend only on initializers and static shapes (for instance the
 ``Shape -> Gather -> Unsqueeze -> Concat`` chain torch's exporter writes for
@@ -61,6 +69,7 @@ from converters.tflite.graph import FOLDABLE_OPS, load_graph
 from converters.tflite.layout import ONNX
 from converters.tflite.ops import BASIC_LOWERINGS
 from converters.tflite.ops_nn import NN_LOWERINGS
+from converters.tflite.ops_seq import SEQ_LOWERINGS
 from converters.tflite.ops_spatial import SPATIAL_LOWERINGS
 from converters.tflite.ops_transformer import TRANSFORMER_LOWERINGS, fuse_erf_gelu
 from converters.tflite.optimize import fuse_activations
@@ -81,7 +90,13 @@ __all__ = [
     "onnx_to_tflite_with_report",
 ]
 
-_LOWERINGS = {**BASIC_LOWERINGS, **NN_LOWERINGS, **TRANSFORMER_LOWERINGS, **SPATIAL_LOWERINGS}
+_LOWERINGS = {
+    **BASIC_LOWERINGS,
+    **NN_LOWERINGS,
+    **TRANSFORMER_LOWERINGS,
+    **SPATIAL_LOWERINGS,
+    **SEQ_LOWERINGS,
+}
 
 _FOLDABLE_OR_SHAPE = FOLDABLE_OPS | {"Constant", "Shape"}
 

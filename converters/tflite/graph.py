@@ -238,7 +238,13 @@ def load_graph(model: onnx.ModelProto) -> OnnxGraph:
     fold_batch_norm(graph)
     for node in graph.nodes:
         for pos, name in enumerate(node.input):
-            if name in tainted and not (node.op_type == "Reshape" and pos == 1):
+            zero_state = (  # torch's LSTM/GRU initial state: zeros shaped by the batch
+                node.op_type in ("LSTM", "GRU")
+                and pos in (5, 6)
+                and name in consts
+                and not consts[name].any()
+            )
+            if name in tainted and not (node.op_type == "Reshape" and pos == 1) and not zero_state:
                 raise UnsupportedShapeError(
                     f"node {node.name!r} ({node.op_type}) uses {name!r}, a value computed "
                     "from the dynamic batch size; export with a fixed batch size or "
@@ -251,9 +257,10 @@ def load_graph(model: onnx.ModelProto) -> OnnxGraph:
                         f"{out!r} (output of node {node.name!r}, {node.op_type})", list(one[out])
                     )
                 )
-        if node.output[0] not in one:
+        first = next((o for o in node.output if o), node.output[0])  # LSTM may skip Y
+        if first not in one:
             raise UnsupportedShapeError(
-                f"ONNX shape inference gives no static shape for {node.output[0]!r} "
+                f"ONNX shape inference gives no static shape for {first!r} "
                 f"(output of node {node.name!r}, {node.op_type})"
             )
     return graph

@@ -252,6 +252,8 @@ class _Rewriter:
         self.report = FullIntReport(0, 0)
         self._const_q: dict[tuple[int, float, int], int] = {}
         self._deq: dict[int, int] = {}
+        self._weights: dict[int, tuple[int, np.ndarray]] = {}
+        self._biases: dict[tuple[int, float], int] = {}
 
     # tensors
     def is_activation(self, i: int) -> bool:
@@ -325,20 +327,30 @@ class _Rewriter:
         data_pos = 2 if op.code == Op.TRANSPOSE_CONV else 0
         w_idx = op.inputs[pos]
         w_t = self.spec.tensors[w_idx]
-        if w_t.data is None or w_t.dtype != T.FLOAT32:
-            self.float_island(op)
+        if w_t.data is None or w_t.dtype != T.FLOAT32 or op.inputs[data_pos] not in self.params:
+            self.float_island(op)  # activation weights, or a constant input (an RNN's h0)
             return
         in_scale, _ = self.params[op.inputs[data_pos]]
-        values = np.frombuffer(w_t.data, dtype="<f4").reshape(w_t.shape)
-        q, w_scale = quantize_int8(values, axis)
-        w_new = self.spec.add_constant(f"{w_t.name}__int8", q)
-        self.spec.tensors[w_new].quantization = Quantization(
-            [float(s) for s in w_scale], [0] * len(w_scale), 0 if axis is None else axis
-        )
+        if w_idx not in self._weights:  # shared weights (an unrolled RNN) quantized once
+            values = np.frombuffer(w_t.data, dtype="<f4").reshape(w_t.shape)
+            q, w_scale = quantize_int8(values, axis)
+            w_new = self.spec.add_constant(f"{w_t.name}__int8", q)
+            self.spec.tensors[w_new].quantization = Quantization(
+                [float(s) for s in w_scale], [0] * len(w_scale), 0 if axis is None else axis
+            )
+            self._weights[w_idx] = (w_new, w_scale)
+            self.report.weights_quantized += 1
+        w_new, w_scale = self._weights[w_idx]
         op.inputs[pos] = w_new
-        self.report.weights_quantized += 1
         bpos = _BIAS_POS[op.code]
-        if len(op.inputs) > bpos and op.inputs[bpos] >= 0:
+        if (
+            len(op.inputs) > bpos
+            and op.inputs[bpos] >= 0
+            and (op.inputs[bpos], in_scale) in self._biases
+        ):
+            op.inputs[bpos] = self._biases[(op.inputs[bpos], in_scale)]
+        elif len(op.inputs) > bpos and op.inputs[bpos] >= 0:
+            key = (op.inputs[bpos], in_scale)
             b_t = self.spec.tensors[op.inputs[bpos]]
             bias = np.frombuffer(b_t.data or b"", dtype="<f4").reshape(b_t.shape)
             b_scale = (in_scale * w_scale.astype(np.float64)).reshape(-1)
@@ -347,7 +359,7 @@ class _Rewriter:
             self.spec.tensors[b_new].quantization = Quantization(
                 [float(s) for s in b_scale], [0] * len(b_scale), 0
             )
-            op.inputs[bpos] = b_new
+            op.inputs[bpos] = self._biases[key] = b_new
             self.report.biases_quantized += 1
         for o in op.outputs:
             self.set_int8(o, *self.own_params(o))

@@ -239,26 +239,27 @@ def test_operator_above_127_runs_through_the_placeholder_code() -> None:
 # --- refusals -----------------------------------------------------------------------
 
 
-def _lstm_model() -> onnx.ModelProto:
+def _rnn_model() -> onnx.ModelProto:
+    """A plain ONNX RNN (LSTM and GRU are unrolled by the writer; RNN is not)."""
     rng = np.random.default_rng(0)
     inits = {
-        "W": rng.normal(size=(1, 8, 3)).astype(np.float32),
-        "R": rng.normal(size=(1, 8, 2)).astype(np.float32),
+        "W": rng.normal(size=(1, 2, 3)).astype(np.float32),
+        "R": rng.normal(size=(1, 2, 2)).astype(np.float32),
     }
     nodes = [
         helper.make_node("Relu", ["x"], ["r"], name="pre"),
-        helper.make_node("LSTM", ["r", "W", "R"], ["y"], name="encoder_lstm", hidden_size=2),
+        helper.make_node("RNN", ["r", "W", "R"], ["y"], name="encoder_rnn", hidden_size=2),
     ]
     return make_model(nodes, (4, 1, 3), inits)
 
 
-def test_lstm_is_refused_naming_operator_node_and_supported_set() -> None:
+def test_rnn_is_refused_naming_operator_node_and_supported_set() -> None:
     with pytest.raises(UnsupportedOperatorError) as err:
-        onnx_to_tflite(_lstm_model())
+        onnx_to_tflite(_rnn_model())
     message = str(err.value)
-    assert "'LSTM'" in message and "'encoder_lstm'" in message
+    assert "'RNN'" in message and "'encoder_rnn'" in message
     assert all(op in message for op in ("Conv", "Gemm", "Softmax", "BatchNormalization"))
-    assert err.value.op_type == "LSTM" and err.value.node_name == "encoder_lstm"
+    assert err.value.op_type == "RNN" and err.value.node_name == "encoder_rnn"
 
 
 def test_grid_sample_is_refused_by_name() -> None:

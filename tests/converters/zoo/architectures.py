@@ -16,7 +16,9 @@ are small so the whole zoo converts in CI in well under two minutes; the structu
 * ``unet``: encoder / decoder with skip concatenations, one decoder stage through
   ``ConvTranspose2d`` and one through bilinear upsampling;
 * ``kws_conv1d``: a Conv1d keyword spotter on 40 x 49 log-mel frames (BatchNorm1d,
-  ReLU, max pooling, mean over time).
+  ReLU, max pooling, mean over time);
+* ``kws_gru`` / ``kws_lstm``: a Conv1d front end and a GRU / LSTM over 24 frames
+  (unrolled by the TFLite writer, see ``converters/tflite/ops_seq.py``).
 """
 
 from __future__ import annotations
@@ -357,6 +359,35 @@ class KwsConv1d(nn.Module):
         return self.fc(self.net(x).mean(-1))
 
 
+class KwsRecurrent(nn.Module):
+    """Conv1d front end, then a GRU or LSTM over the 25 pooled frames (batch_first, as
+    keyword spotters write it), classified from the last hidden state."""
+
+    def __init__(self, cell: str = "gru", classes: int = 12, mels: int = 40) -> None:
+        super().__init__()
+        self.front = nn.Sequential(
+            nn.Conv1d(mels, 24, 3, padding=1), nn.BatchNorm1d(24), nn.ReLU(), nn.MaxPool1d(2)
+        )
+        rnn = nn.GRU if cell == "gru" else nn.LSTM
+        self.rnn = rnn(24, 32, batch_first=True)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = self.front(x).transpose(1, 2)  # [N, T, C]
+        out, _ = self.rnn(seq)
+        return self.fc(out[:, -1])
+
+
+class KwsGRU(KwsRecurrent):
+    def __init__(self) -> None:
+        super().__init__("gru")
+
+
+class KwsLSTM(KwsRecurrent):
+    def __init__(self) -> None:
+        super().__init__("lstm")
+
+
 def _build(cls: type[nn.Module], seed: int, shape: tuple[int, ...] = IMAGE):
     def make() -> tuple[nn.Module, np.ndarray]:
         torch.manual_seed(seed)
@@ -375,6 +406,8 @@ ARCHITECTURES: dict[str, Callable[[], tuple[nn.Module, np.ndarray]]] = {
     "yolo_tiny": _build(YoloTiny, 6),
     "unet": _build(UNet, 7),
     "kws_conv1d": _build(KwsConv1d, 8, (40, 49)),
+    "kws_gru": _build(KwsGRU, 9, (40, 49)),
+    "kws_lstm": _build(KwsLSTM, 10, (40, 49)),
 }
 
 

@@ -84,8 +84,16 @@ def render_status(data: dict[str, Any]) -> list[str]:
             f"{st['min_devices']} needed to advance"
         )
     gates = ev.get("gates") or []
-    if gates:
+    last = data.get("last_decision")
+    if not gates and last:
+        gates = last["gates"]
+        lines.append(
+            f"  gates      as of the engine's {last['action']} at {readable_time(last['at'])}"
+            f" (stage {last['stage_number']})"
+        )
+    elif gates:
         lines.append("  gates")
+    if gates:
         width = max(len(g.get("name") or g["kind"]) for g in gates)
         for g in gates:
             unit = GATE_UNITS.get(g["kind"], "samples")

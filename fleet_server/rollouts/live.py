@@ -18,7 +18,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fleet_server.db.models import Assignment, Device, DeviceReport, Group, Rollout
+from fleet_server.db.models import (
+    Assignment,
+    AuditEntry,
+    Device,
+    DeviceReport,
+    Group,
+    Rollout,
+)
 from fleet_server.db.telemetry import FAILED_INSTALL_OUTCOMES, TelemetryEvent
 from fleet_server.registry.groups import group_members
 from fleet_server.rollouts import RolloutError, decide
@@ -90,6 +97,8 @@ def live_status(
             out["evaluation"]["to_stage_number"] = None if d.to_stage is None else d.to_stage + 1
         except RolloutError as e:
             out["evaluation"] = {"action": "hold", "reason": f"cannot evaluate: {e}", "gates": []}
+    if status not in ("pending",) and not (out["evaluation"] or {}).get("gates"):
+        out["last_decision"] = _last_decision(session, row.id)
     group = session.get(Group, row.group_id)
     members = group_members(session, group) if group is not None else []
     out["group"] = {"id": row.group_id, "name": group.name if group else None}
@@ -100,6 +109,27 @@ def live_status(
         out["paused_by"] = f"{pauses[-1].actor}: {pauses[-1].reason}".rstrip(": ")
     out["holding"] = _holding(out)
     return out
+
+
+def _last_decision(session: Session, rollout_id: str) -> dict[str, Any] | None:
+    """The engine's last decision with gate figures (what paused or rolled it back)."""
+    rows = session.scalars(
+        select(AuditEntry)
+        .where(AuditEntry.target_id == rollout_id, AuditEntry.action.like("rollout.%"))
+        .order_by(AuditEntry.id.desc())
+        .limit(50)
+    )
+    for e in rows:
+        details = e.details or {}
+        if details.get("gates"):
+            return {
+                "at": e.ts.timestamp(),
+                "action": details.get("action", e.action.removeprefix("rollout.")),
+                "reason": details.get("reason", ""),
+                "stage_number": int(details.get("stage", -1)) + 1,
+                "gates": details["gates"],
+            }
+    return None
 
 
 def _devices(

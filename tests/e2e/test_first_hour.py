@@ -93,6 +93,9 @@ def test_the_first_hour_as_the_readme_says(tmp_path: Path) -> None:
     assert re.search(r"wrong_device_class\s+1 device\(s\): dev-1\n", output), output
     assert "built for device class(es) aarch64-board" in output
     assert "paused: engine: gate breached: install_failure_rate" in output, output
+    assert re.search(
+        r"install_failure_rate\s+BREACH\s+1 vs threshold 0\.1\s+\(1 of 1 installs", output
+    )
     assert "edgefleet rollout resume|promote|abort|rollback r-" in output
     # rolled back: the canary runs v1's model re-published as v3, the rest v1
     assert "rolled back: the group returns to the previous model (condition v3)" in output

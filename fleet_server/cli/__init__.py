@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "convert": "fleet_server.cli.convert:convert",
     "image": "fleet_server.cli.image:image",
     "report": "fleet_server.cli.report:report",
+    "release": "fleet_server.cli.release:release",
     "server": "fleet_server.cli.server:server",
     "ca": "fleet_server.cli.ca:ca",
     "rollout": "fleet_server.cli.rollouts:rollout",

@@ -155,7 +155,7 @@ def test_second_server_touches_no_file_of_the_running_servers_broker(
         assert busy.returncode == 2 and f"cannot listen on 127.0.0.1:{server.port}" in busy.stderr
         other = ServerProcess(tmp_path / "server-2", conf)
         with pytest.raises(RuntimeError, match="in use by a running server"):
-            other.start(timeout=30)
+            other.start(timeout=180)
         assert _digest(tmp_path / "broker") == before
         assert httpx.get(f"{server.url}/healthz").json()["broker"]["connected"] is True
     finally:

@@ -94,8 +94,22 @@ class EmbeddedBroker:
         self.users[username] = mosquitto_hash(password)
 
     def remove_user(self, username: str) -> None:
-        """Refuse ``username`` at its next connection (open sessions are not closed)."""
+        """Refuse ``username`` from now on and close its open sessions."""
         self.users.pop(username, None)
+        loop, broker = self._loop, self._broker
+        if loop is None or broker is None or not loop.is_running():
+            return
+
+        async def close_sessions() -> None:
+            # amqtt has no public call for this: its session table is the only way in
+            for _client_id, (session, handler) in list(getattr(broker, "_sessions", {}).items()):
+                if getattr(session, "username", None) == username and handler is not None:
+                    await handler.stop()
+
+        try:
+            asyncio.run_coroutine_threadsafe(close_sessions(), loop).result(10)
+        except Exception:  # best effort: the user can no longer authenticate anyway
+            log.warning("could not close the sessions of %s on the embedded broker", username)
 
     def reload(self) -> None:
         """Users take effect at once (the table is shared with the plugins)."""

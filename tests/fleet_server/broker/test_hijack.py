@@ -176,3 +176,16 @@ def test_server_still_reads_every_device_and_notifies_one(beside: BrokerBeside) 
     finally:
         server.close()
         device.close()
+
+
+def test_removed_device_loses_its_open_session_at_once(beside: BrokerBeside) -> None:
+    beside.add_device("dev-0", "pw-dev-0")
+    device = Client(beside.port, "dev-0", "pw-dev-0", beside.mqtt_version)
+    disconnected: list[Any] = []
+    device.c.on_disconnect = lambda *_a: disconnected.append(True)
+    device.c.reconnect_delay_set(30, 60)  # no quick comeback to hide the cut
+    try:
+        beside.remove_device("dev-0")
+        assert wait_until(lambda: bool(disconnected), 10), "the session stayed open"
+    finally:
+        device.close()

@@ -48,7 +48,7 @@ from fleet_server.ingest import (  # noqa: E402
     parse_message,
 )
 from tests.brokers import MosquittoBroker  # noqa: E402
-from tests.test_ingest_parse import summary_body  # noqa: E402
+from tests.fleet_server.ingest.test_parse import summary_body  # noqa: E402
 
 DEVICES = 20
 

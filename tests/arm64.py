@@ -10,7 +10,8 @@ time across processes), into a temporary folder renamed into place when complete
 
 :func:`device_root` copies the cached root for one test (installing an image into it must
 not change the cache), and :class:`Arm64Root` runs commands in it: ``chroot`` in a private
-mount namespace (``/proc`` and ``/dev`` mounted inside it, gone when the command ends),
+mount namespace (``/proc``, ``/sys`` and ``/dev`` mounted inside it, gone when the command
+ends; TFLite's cpuinfo reads ``/sys/devices/system/cpu`` and crashes without it),
 optionally with no network (``unshare -n``), every command at the lowest CPU and I/O
 priority (``nice -n 19 ionice -c3``: emulation is heavy and the machine is shared).
 
@@ -240,7 +241,8 @@ class Arm64Root:
         """The host command that runs ``args`` in the root (chroot in a mount namespace)."""
         script = (
             'R="$1"; C="$2"; shift 2; '
-            'mount -t proc proc "$R/proc" && mount --rbind /dev "$R/dev" && '
+            'mount -t proc proc "$R/proc" && mount --rbind /sys "$R/sys" && '
+            'mount --rbind /dev "$R/dev" && '
             'exec chroot "$R" /bin/sh -c \'cd "$0" && exec "$@"\' "$C" "$@"'
         )
         unshare = ["unshare", "--mount", "--propagation", "private"]

@@ -38,8 +38,20 @@ def release() -> None:
     help="The server's Uptane directory (server setting uptane_dir).",
 )
 @keys_dir_option
-@click.option("--release-keys", default=3, show_default=True, type=click.IntRange(1, 32))
-@click.option("--threshold", default=2, show_default=True, type=click.IntRange(1, 32))
+@click.option(
+    "--release-keys",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 32),
+    help="How many release keys to create (n).",
+)
+@click.option(
+    "--threshold",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 32),
+    help="How many release keys must sign a release (k).",
+)
 @handle_errors
 def init(uptane_dir: Path, keys_dir: Path, release_keys: int, threshold: int) -> None:
     """Create the image and director repositories: offline keys go to --keys-dir, the
@@ -67,8 +79,19 @@ def _load(path: Path) -> Metadata[Targets]:
 
 @release.command("add")
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--targets", "targets_file", required=True, type=click.Path(path_type=Path))
-@click.option("--counter", type=click.IntRange(min=0), default=None, help="Release counter.")
+@click.option(
+    "--targets",
+    "targets_file",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The targets.json to add to (from `edgefleet release fetch`).",
+)
+@click.option(
+    "--counter",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Release counter, the devices' floor for this model (default: the version).",
+)
 @handle_errors
 def add(bundle: Path, targets_file: Path, counter: int | None) -> None:
     """Add BUNDLE to targets.json (name, version, classes from its signed manifest)."""
@@ -111,8 +134,18 @@ def sign(targets_file: Path, key_ref: str, keys_dir: Path) -> None:
 
 @release.command("upload")
 @click.argument("targets_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--server", required=True, envvar="EDGEFLEET_SERVER_URL")
-@click.option("--token", required=True, envvar="EDGEFLEET_TOKEN")
+@click.option(
+    "--server",
+    required=True,
+    envvar="EDGEFLEET_SERVER_URL",
+    help="Server URL (env EDGEFLEET_SERVER_URL).",
+)
+@click.option(
+    "--token",
+    required=True,
+    envvar="EDGEFLEET_TOKEN",
+    help="Operator token (env EDGEFLEET_TOKEN).",
+)
 @handle_errors
 def upload(targets_file: Path, server: str, token: str) -> None:
     """Publish TARGETS_FILE on the server (it verifies the release keys' threshold)."""
@@ -131,8 +164,18 @@ def upload(targets_file: Path, server: str, token: str) -> None:
 
 @release.command("fetch")
 @click.argument("targets_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--server", required=True, envvar="EDGEFLEET_SERVER_URL")
-@click.option("--token", required=True, envvar="EDGEFLEET_TOKEN")
+@click.option(
+    "--server",
+    required=True,
+    envvar="EDGEFLEET_SERVER_URL",
+    help="Server URL (env EDGEFLEET_SERVER_URL).",
+)
+@click.option(
+    "--token",
+    required=True,
+    envvar="EDGEFLEET_TOKEN",
+    help="Operator token (env EDGEFLEET_TOKEN).",
+)
 @handle_errors
 def fetch(targets_file: Path, server: str, token: str) -> None:
     """Save the server's current targets.json to TARGETS_FILE (to add a release to)."""

@@ -272,7 +272,7 @@ def recurrent_cases(op: str) -> Callable[[], list[NodeCase]]:
                 "r": rng.normal(0, 0.4, size=(dirs, gates * 4, 4)).astype(np.float32),
                 "b": rng.normal(0, 0.2, size=(dirs, 2 * gates * 4)).astype(np.float32),
             }
-            extra = {"linear_before_reset": 1} if op == "GRU" else {}
+            extra: dict[str, Any] = {"linear_before_reset": 1} if op == "GRU" else {}
             node = helper.make_node(
                 op, ["x", "w", "r", "b"], ["y"], hidden_size=4, direction=direction, **extra
             )

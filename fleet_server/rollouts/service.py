@@ -259,7 +259,12 @@ class RolloutService:
                 raise NotFoundError(f"previous bundle {spec.previous.bundle_id} is gone")
             return bundle_ref(prev)
         version = spec.rollback_version()
-        existing = session.scalar(
+        prev = session.get(Bundle, spec.previous.bundle_id)
+        if prev is None:
+            raise NotFoundError(f"previous bundle {spec.previous.bundle_id} is gone")
+        # reuse a re-publication of this very model (same model file, same device
+        # classes): a rollout per device class rolls back to its own class's model
+        for existing in session.scalars(
             select(Bundle)
             .where(
                 Bundle.name == spec.previous.name,
@@ -267,13 +272,9 @@ class RolloutService:
                 Bundle.source == "rollback",
             )
             .order_by(Bundle.version)
-            .limit(1)
-        )
-        if existing is not None:
-            return bundle_ref(existing)
-        prev = session.get(Bundle, spec.previous.bundle_id)
-        if prev is None:
-            raise NotFoundError(f"previous bundle {spec.previous.bundle_id} is gone")
+        ):
+            if _same_model(existing, prev):
+                return bundle_ref(existing)
         key = self.registry.signing_key("rolling back (re-publishing the previous model)")
         from fleet_server.rollouts.republish import republish_bundle
 
@@ -291,6 +292,20 @@ class RolloutService:
                     session, f, uploaded_by=audit.SYSTEM_ACTOR, source="rollback"
                 )
         return bundle_ref(b)
+
+
+def _model_file_sha(b: Bundle) -> str | None:
+    for f in (b.manifest or {}).get("files", []):
+        if isinstance(f, dict) and f.get("role") == "model":
+            return str(f.get("sha256"))
+    return None
+
+
+def _same_model(a: Bundle, b: Bundle) -> bool:
+    """Whether ``a`` carries ``b``'s model for ``b``'s device classes."""
+    return sorted(a.device_classes or []) == sorted(b.device_classes or []) and (
+        _model_file_sha(a) == _model_file_sha(b) is not None
+    )
 
 
 class ServerRolloutRepository:

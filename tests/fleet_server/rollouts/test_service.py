@@ -294,3 +294,43 @@ def test_lists_are_paginated(fleet: Fleet) -> None:
     assert [d["id"] for d in last["items"]] == ["cam-4"] and last["next_offset"] is None
     bad = fleet.client.get("/api/v1/devices", headers=fleet.admin, params={"limit": 0})
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "validation_error"
+
+
+def test_rollbacks_of_two_rollouts_each_return_their_own_previous_model(fleet: Fleet) -> None:
+    """One model rolled out per device class (one group each): rolling both back must give
+    each group its own previous model, not the first re-publication made."""
+    north = {d: fleet.enroll(d, labels={"site": "north"}) for d in ("n-1", "n-2")}
+    south = {d: fleet.enroll(d, labels={"site": "south"}) for d in ("s-1", "s-2")}
+    prev = {"north": fleet.upload_bundle(version=2, seed=1), "south": fleet.upload_bundle(2, 5)}
+    cand = {"north": fleet.upload_bundle(version=3, seed=2), "south": fleet.upload_bundle(3, 6)}
+    rollback: dict[str, dict[str, Any]] = {}
+    for site, creds in (("north", north), ("south", south)):
+        g = fleet.client.post(
+            "/api/v1/groups", headers=fleet.admin, json={"name": site, "selector": {"site": site}}
+        )
+        assert g.status_code == 201, g.text
+        for d in creds:
+            fleet.assign(d, prev[site]["id"])
+        body = {
+            "name": f"v3 to {site}",
+            "bundle_id": cand[site]["id"],
+            "previous_bundle_id": prev[site]["id"],
+            "group": site,
+            "stages": [{"percent": 100, "min_devices": 1, "soak_seconds": 0}],
+            "start": True,
+        }
+        r = fleet.client.post("/api/v1/rollouts", headers=fleet.admin, json=body)
+        assert r.status_code == 201, r.text
+        r = fleet.client.post(
+            f"/api/v1/rollouts/{r.json()['id']}/rollback", headers=fleet.admin, json={}
+        )
+        assert r.status_code == 200, r.text
+        rollback[site] = r.json()["state"]["rollback_bundle"]
+    assert rollback["north"]["bundle_id"] != rollback["south"]["bundle_id"]
+    for site, creds in (("north", north), ("south", south)):
+        got = fleet.client.get(
+            f"/api/v1/bundles/{rollback[site]['bundle_id']}", headers=fleet.admin
+        ).json()
+        assert got["manifest"]["files"] == v2_manifest_files(fleet, prev[site]["id"])
+        for c in creds.values():
+            assert _desired(fleet, c)["bundle_id"] == rollback[site]["bundle_id"]

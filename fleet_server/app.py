@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -94,9 +95,10 @@ def _start_ingest(ctx: ServerContext) -> Any:
         password=s.mqtt_password or None,
         share_group=s.ingest_share_group,
         mqtt_version=s.mqtt_version,
-        **({"client_id": s.ingest_client_id} if s.ingest_client_id else {}),
         shared=ctx.broker is None,  # the broker beside the server has one ingesting server
     )
+    if s.ingest_client_id:
+        config = dataclasses.replace(config, client_id=s.ingest_client_id)
     return IngestWorker(config, ctx.engine).start()
 
 

@@ -41,6 +41,7 @@ ARCH = "arm64"
 MIRROR = os.environ.get("EDGEFLEET_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 CACHE_DIR = Path(os.environ.get("EDGEFLEET_TEST_CACHE", "/var/cache/edgefleet-test"))
 QEMU = "/usr/bin/qemu-aarch64-static"
+QEMU_CPU = os.environ.get("EDGEFLEET_QEMU_CPU", "cortex-a72")
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
 # the ELF header of an aarch64 executable, as Debian's qemu-user-static registers it
 _AARCH64_MAGIC = r"\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00"
@@ -251,7 +252,15 @@ class Arm64Root:
         return [*HEAVY, *unshare, "--", "/bin/sh", "-c", script, "sh", str(self.path), cwd, *args]
 
     def environment(self, env: Mapping[str, str] | None = None) -> dict[str, str]:
-        base = {"PATH": ROOT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
+        base = {
+            "PATH": ROOT_PATH,
+            "HOME": "/root",
+            "LANG": "C.UTF-8",
+            "TMPDIR": "/tmp",
+            # a board's CPU (Raspberry Pi 4, most aarch64 SBCs): QEMU 7.2's default "max"
+            # CPU offers SVE/SME, whose emulation crashes TFLite's XNNPACK kernels
+            "QEMU_CPU": QEMU_CPU,
+        }
         return {**base, **(env or {})}
 
     def run(

@@ -86,6 +86,14 @@ class ServiceUnavailableError(ServerError):
     code = "unavailable"
 
 
+class NotConfiguredError(ServerError):
+    """The request needs a feature this server was started without (a client error: the
+    message says which setting enables it)."""
+
+    status_code = 409
+    code = "not_configured"
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     """The JSON body of every error response."""
     err: dict[str, Any] = {"code": code, "message": message}

@@ -2,7 +2,7 @@
 release upload for operators (``targets.json`` signed offline by the release keys).
 
 Active when the server setting ``uptane_dir`` names a directory set up by
-``edgefleet release init``; otherwise every route answers 503 saying so.
+``edgefleet release init``; otherwise every route answers 409 (``not_configured``) saying so.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from fleet_server.api.deps import (
     ViewerDep,
 )
 from fleet_server.context import ServerContext
-from fleet_server.errors import BadRequestError, NotFoundError, ServiceUnavailableError
+from fleet_server.errors import BadRequestError, NotConfiguredError, NotFoundError
 from fleet_server.registry.tufrepo import TufRepoError
 from fleet_server.registry.uptane import UptaneRepos, instructions_for
 
@@ -41,7 +41,7 @@ def repos(ctx: ServerContext) -> UptaneRepos:
     """The server's repositories (opened once per context)."""
     d = getattr(ctx.settings, "uptane_dir", None)
     if d is None:
-        raise ServiceUnavailableError(
+        raise NotConfiguredError(
             "this server runs without the Uptane chain; set EDGEFLEET_SERVER_UPTANE_DIR to a "
             "directory made by `edgefleet release init`"
         )

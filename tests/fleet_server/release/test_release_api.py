@@ -129,3 +129,15 @@ def test_root_rotation_needs_admin_and_the_current_root_signature(
 def test_device_metadata_needs_a_device_credential(client: TestClient) -> None:
     assert client.get("/device/v1/uptane/image/timestamp.json").status_code == 401
     assert client.get("/device/v1/uptane/director/timestamp.json").status_code == 401
+
+
+def test_a_server_without_the_chain_answers_not_configured_saying_which_setting(
+    tmp_path: Path,
+) -> None:
+    app = create_app(make_settings(tmp_path, f"sqlite:///{tmp_path / 'plain.db'}"))
+    with TestClient(app) as plain:
+        for method, path in (("GET", "/api/v1/release/targets"), ("PUT", "/api/v1/release/root")):
+            r = plain.request(method, path, headers=auth(ADMIN_TOKEN), content=b"{}")
+            assert r.status_code == 409, r.text
+            err = r.json()["error"]
+            assert err["code"] == "not_configured" and "UPTANE_DIR" in err["message"]

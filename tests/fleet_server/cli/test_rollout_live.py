@@ -71,24 +71,31 @@ def test_live_status_counts_refusals_by_code_and_devices_by_state(fleet: Fleet) 
     f = fleet
     v2, v3 = f.upload_bundle(version=2, seed=2), f.upload_bundle(version=3, seed=3)
     ids = _group_running(f, v2)
-    created = _create(
-        f,
-        v3,
-        start=True,
-        gates=[{"kind": "install_failure_rate", "threshold": 0.9, "min_samples": 3}],
-    )
-    assert created.status_code == 201, created.text
-    rid = created.json()["id"]
-    assert created.json()["stage_number"] == 1 and created.json()["stages_total"] == 2
-    canaries = [
-        d
-        for d in ids
-        if f.client.get(f"/api/v1/devices/{d}", headers=f.admin).json()["assignment"]["desired"][
-            "version"
+    # cohorts hash the (random) rollout id: a 50% stage of 4 devices selects none 1 time
+    # in 16 (an empty cohort, which holds the rollout); start again until it selects some
+    for _attempt in range(20):
+        created = _create(
+            f,
+            v3,
+            start=True,
+            gates=[{"kind": "install_failure_rate", "threshold": 0.9, "min_samples": 3}],
+        )
+        assert created.status_code == 201, created.text
+        rid = created.json()["id"]
+        assert created.json()["stage_number"] == 1 and created.json()["stages_total"] == 2
+        canaries = [
+            d
+            for d in ids
+            if f.client.get(f"/api/v1/devices/{d}", headers=f.admin).json()["assignment"][
+                "desired"
+            ]["version"]
+            == 3
         ]
-        == 3
-    ]
-    assert canaries, "a 50% stage of 4 devices holds at least one canary"
+        if canaries:
+            break
+        r = f.client.post(f"/api/v1/rollouts/{rid}/abort", headers=f.admin, json={"reason": "x"})
+        assert r.status_code == 200, r.text
+    assert canaries, "twenty 50% stages of 4 devices each selected no canary"
     _report(
         f,
         canaries[0],

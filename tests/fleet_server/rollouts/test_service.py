@@ -213,7 +213,7 @@ def _summaries(fleet: Fleet, devices: list[str], version: int, count: int, error
     from fleet_server.ingest import TelemetryWriter, parse_message
 
     hist = [0] * 19
-    hist[9] = count
+    hist[9] = count - errors  # the histogram holds the successful inferences
     msgs = []
     for i, d in enumerate(devices):
         body = {

@@ -335,7 +335,7 @@ def run_demo(
             admin,
             rollout(1, "all_at_once", None, gates=[], stages=quick),
             {"succeeded", "rolled_back", "aborted"},
-            timeout=90,
+            timeout=180,
         )
 
         gates = [
@@ -363,7 +363,7 @@ def run_demo(
             admin,
             rollout(2, "staged_canary", 1, stages=stages, gates=gates, failure_policy="rollback"),
             {"succeeded", "rolled_back", "aborted"},
-            timeout=150,
+            timeout=300,
         )
         result.good = {cls: r["status"] for cls, r in final.items()}
         ok2 = all(r["status"] == "succeeded" for r in final.values())
@@ -374,7 +374,7 @@ def run_demo(
 
         run.say("5c. v3 (label-mapping bug) by staged canary, gated", bold=True)
         r3 = rollout(3, "staged_canary", 2, stages=stages, gates=gates, failure_policy="rollback")
-        final = _wait(run, fleet, admin, r3, {"succeeded", "rolled_back", "aborted"}, timeout=150)
+        final = _wait(run, fleet, admin, r3, {"succeeded", "rolled_back", "aborted"}, timeout=300)
         result.bad = {cls: r["status"] for cls, r in final.items()}
         for cls, r in final.items():
             if r["status"] == "rolled_back":

@@ -37,7 +37,12 @@ class AdminClient:
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """Send one request to ``/api/v1{path}``; the decoded JSON answer, or None."""
         try:
-            r = self._http.request(method, f"{API_PREFIX}{path}", **kwargs)
+            try:
+                r = self._http.request(method, f"{API_PREFIX}{path}", **kwargs)
+            except httpx.RemoteProtocolError:
+                # the server closed an idle keep-alive connection as the request went out
+                # on it (it never saw the request): send it once more on a new connection
+                r = self._http.request(method, f"{API_PREFIX}{path}", **kwargs)
         except httpx.HTTPError as e:
             raise ApiError(
                 "unreachable", f"cannot reach the server at {self.url} ({e}); check --url"

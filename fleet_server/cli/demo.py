@@ -18,7 +18,7 @@ import click
 @click.option(
     "--devices",
     type=click.IntRange(min=6, max=2000),
-    default=120,
+    default=48,
     show_default=True,
     help="Number of simulated devices.",
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -49,6 +49,7 @@ from tests.bundlesim import (
     rewrite,
     tiny_onnx_model,
 )
+from tests.tmpfs import tmpfs
 
 INSTALLED_VERSION = 2
 
@@ -368,22 +369,10 @@ def test_trust_store_round_trips_through_its_file(sim: BundleSim, tmp_path: Path
 
 
 @pytest.fixture
-def tiny_disk(tmp_path: Path):
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 192 KiB tmpfs, mounted for the test and unmounted after it."""
-    import os
-    import subprocess
-
-    if os.geteuid() != 0:
-        # CI runs as root and must run this test; elsewhere say why it did not run
-        assert not os.environ.get("CI"), "the full-disk tests need root to mount a tmpfs"
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tiny-disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mnt)], check=True)
-    try:
+    with tmpfs(tmp_path / "tiny-disk", "192k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_disk_refuses_staging_and_keeps_old_install(sim: BundleSim, tiny_disk: Path) -> None:

@@ -62,6 +62,14 @@ class ServerSettings(BaseSettings):
     #: devices only over TLS with client certificates, and enrollment signs each device's
     #: certificate request; without it devices use passwords over plain TCP (development)
     ca_dir: Path | None = None
+    #: where `edgefleet server` keeps the HTTPS key and certificate it issues itself from
+    #: the fleet CA (with ca_dir, the device and admin API are served over TLS only)
+    tls_dir: Path = Path("./edgefleet-tls")
+    #: host names and addresses devices use to reach this server (HTTPS certificate);
+    #: the listen address, localhost and 127.0.0.1 are added
+    tls_names: list[str] = Field(default_factory=list)
+    #: lifetime of the device certificates enrollment and renewal issue (seconds)
+    device_cert_seconds: int = Field(default=90 * 86400, ge=60)
     #: port of the broker's TLS listener for devices; 0: as last time, first chosen free
     broker_tls_port: int = Field(default=0, ge=0, le=65535)
     #: the MQTT host name enrollment hands to devices; empty: the host name the device
@@ -90,6 +98,13 @@ class ServerSettings(BaseSettings):
     #: evaluate rollouts in this process (one replica at a time holds the leader lock)
     run_scheduler: bool = True
     rollout_interval_seconds: float = Field(default=10.0, gt=0)
+    #: evaluate alert rules in this process (replicas agree through the alert state's
+    #: revision, so each alert is recorded and delivered once)
+    run_alerts: bool = True
+    alert_interval_seconds: float = Field(default=30.0, gt=0)
+    #: the URL operators reach this server at, for the sample-export links in alerts
+    #: (empty: the links carry the path only)
+    public_url: str = ""
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> ServerSettings:

@@ -51,6 +51,7 @@ Summary record body (one per window per active model)::
                "prediction": {"counts": [...], "psi": ..}} | null,
      "shadow": {"name": .., "version": .., "count": .., "agreement": ..,
                 "latency_ms": {...}, "errors": ..} | null,
+     "previous": {same fields} | null,   # the model this one replaced, run on a sample
      "dropped": {"samples": n, "summaries": n},
      "labels": {"count": n, "correct": n, "labelled": [per true class],
                 "correct_by_class": [...], "confusion": [[t][p]] | null} | null}
@@ -93,6 +94,8 @@ DEVICE_API_PREFIX = "/device/v1"
 ENROLL_PATH = f"{DEVICE_API_PREFIX}/enroll"
 ASSIGNMENT_PATH = f"{DEVICE_API_PREFIX}/assignment"
 REPORTS_PATH = f"{DEVICE_API_PREFIX}/reports"
+#: certificate renewal: POST a new CSR over TLS with the current client certificate
+CERTIFICATE_PATH = f"{DEVICE_API_PREFIX}/certificate"
 
 
 def telemetry_topic(device_id: str, kind: str) -> str:
@@ -344,6 +347,8 @@ class SummaryBody:
     shadow: ShadowSummary | None = None
     dropped: dict[str, int] | None = None
     labels: LabelSummary | None = None
+    #: the model this one replaced, run beside it on a sample of inputs (agreement)
+    previous: ShadowSummary | None = None
 
     def __post_init__(self) -> None:
         hist = self.latency_hist

@@ -59,6 +59,16 @@ class TelemetrySummary(Base):
     shadow_agreement: Mapped[float | None] = mapped_column(Float, nullable=True)
     shadow_p95_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     dropped: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
+    #: labelled predictions (an app posted the true class) and how many were right
+    labels_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    labels_correct: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: the window's whole label summary: per-class labelled/correct, confusion matrix
+    labels: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: the model this one replaced, run beside it on a sample of inputs
+    previous_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    previous_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    previous_errors: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    previous_agreement: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class TelemetrySample(Base):

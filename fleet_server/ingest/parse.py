@@ -199,6 +199,8 @@ def _summary(b: dict[str, Any], codec: Codec) -> dict[str, Any] | None:
     sh = _dict(b.get("shadow"))
     sh_lat = _dict(sh.get("latency_ms"))
     dropped = b.get("dropped")
+    lb = _dict(b.get("labels"))
+    pv = _dict(b.get("previous"))
     return {
         "window_start": _num(b.get("window_start")),
         "window_end": _num(b.get("window_end")),
@@ -220,6 +222,13 @@ def _summary(b: dict[str, Any], codec: Codec) -> dict[str, Any] | None:
         "shadow_agreement": _num(sh.get("agreement")) if sh else None,
         "shadow_p95_ms": _num(sh_lat.get("p95")),
         "dropped": codec.dumps(dropped) if isinstance(dropped, dict) else None,
+        "labels_count": _int(lb.get("count")) if lb else None,
+        "labels_correct": _int(lb.get("correct")) if lb else None,
+        "labels": codec.dumps(lb) if lb else None,
+        "previous_version": _int(pv.get("version")) if pv else None,
+        "previous_count": _int(pv.get("count")) if pv else None,
+        "previous_errors": _int(pv.get("errors")) if pv else None,
+        "previous_agreement": _num(pv.get("agreement")) if pv else None,
     }
 
 

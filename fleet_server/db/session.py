@@ -53,6 +53,7 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 def import_all_tables() -> None:
     """Import every module that defines tables, so ``Base.metadata`` is complete."""
     importlib.import_module("fleet_server.db.models")
+    importlib.import_module("fleet_server.db.alerts")
     try:
         importlib.import_module("fleet_server.db.telemetry")
     except ModuleNotFoundError as e:

@@ -80,6 +80,21 @@ class ServerMetrics:
             "Rollout evaluation rounds run by this replica (non-zero only on the leader)",
             registry=self.registry,
         )
+        self.alert_figure = Gauge(
+            "edgefleet_alert_figure",
+            "The figure an alert rule judges, as of its last evaluation, by figure (drift_psi, "
+            "error_rate, latency_p99_ms, accuracy, devices_silent, devices_stale, "
+            "records_lost), group, model ('' for group figures) and window; absent while "
+            "the window holds too little data",
+            ["figure", "group", "model", "window"],
+            registry=self.registry,
+        )
+        self.alert_firing = Gauge(
+            "edgefleet_alert_firing",
+            "1 while an alert rule fires (the server's own evaluation, with hysteresis), else 0",
+            ["rule", "kind", "group", "model"],
+            registry=self.registry,
+        )
 
     def export_ingest(
         self, worker: Any, records_lost: Callable[[], Iterable[Any]], *, every: float = 15.0

@@ -53,6 +53,10 @@ PERMISSIONS: dict[str, Role] = {
     "rollout.create": Role.operator,
     "rollout.act": Role.operator,
     "operator.manage": Role.admin,
+    # alert rules: what is watched and where alerts go
+    "alert.manage": Role.operator,
+    # the sampled inputs and outputs devices sent (masked on the device)
+    "samples.export": Role.operator,
 }
 
 

@@ -47,6 +47,7 @@ class GateIn(BaseModel):
         "drift_psi",
         "prediction_shift",
         "shadow_agreement",
+        "accuracy",
     ]
     threshold: float = Field(ge=0, le=1e9)
     min_samples: int = Field(default=100, ge=1, le=10**9)

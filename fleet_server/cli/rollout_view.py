@@ -17,7 +17,14 @@ GATE_UNITS = {
     "latency_p95_ratio": "latency samples",
     "drift_psi": "inputs",
     "prediction_shift": "predictions",
-    "shadow_agreement": "shadow runs",
+    "shadow_agreement": "comparisons",
+    "accuracy": "labels",
+}
+
+#: how each kind's threshold reads (default: "vs threshold")
+GATE_THRESHOLDS = {
+    "shadow_agreement": "at least",
+    "accuracy": "drop at most",
 }
 
 
@@ -102,9 +109,10 @@ def render_status(data: dict[str, Any]) -> list[str]:
                 if g.get("control_source") not in (None, "", "none", "reference")
                 else ""
             )
+            bound = GATE_THRESHOLDS.get(g["kind"], "vs threshold")
             lines.append(
                 f"    {(g.get('name') or g['kind']).ljust(width)}  {g['verdict'].upper():<6} "
-                f"{_num(g.get('canary_value'))} vs threshold {_num(g['threshold'])}  "
+                f"{_num(g.get('canary_value'))} {bound} {_num(g['threshold'])}  "
                 f"({g.get('canary_samples', 0)} of {g.get('min_samples', 0)} {unit}{control})"
             )
     lines.append("  devices    " + _counts(data["devices"]["by_state"]))

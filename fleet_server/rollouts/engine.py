@@ -33,10 +33,12 @@ from fleet_server.rollouts.gates import (
     GateResult,
     Verdict,
     evaluate_gates,
+    skipped,
 )
 from fleet_server.rollouts.spec import (
     BundleRef,
     FailurePolicy,
+    GateKind,
     HistoryEntry,
     RolloutSpec,
     RolloutState,
@@ -174,7 +176,18 @@ def decide(spec: RolloutSpec, state: RolloutState, metrics: CohortMetrics, now: 
 
     st = spec.stages[stage]
     baseline = CohortStats.from_json(state.baseline) if state.baseline else None
-    results = tuple(evaluate_gates(spec.gates, metrics, live_control=live, baseline=baseline))
+    results = tuple(
+        skipped(g, "no previous model: the candidate replaces nothing to agree with")
+        if g.kind is GateKind.SHADOW_AGREEMENT
+        and spec.previous is None
+        and spec.strategy is not Strategy.SHADOW
+        else r
+        for g, r in zip(
+            spec.gates,
+            evaluate_gates(spec.gates, metrics, live_control=live, baseline=baseline),
+            strict=True,
+        )
+    )
     assert state.stage_started_at is not None  # check_fits
     elapsed = max(0.0, now - state.stage_started_at)
 

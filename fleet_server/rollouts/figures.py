@@ -11,7 +11,9 @@ refused.
 :func:`telemetry_figures` reads stored telemetry:
 
 * canary: summaries of the candidate (``name``, ``version`` of ``spec.bundle``);
-  for a shadow rollout, the shadow section of the summaries that ran it;
+  for a shadow rollout, the shadow section of the summaries that ran it; agreement
+  of a staged canary from the ``previous`` section (the model the candidate replaced,
+  run beside it on a sample of inputs); labelled predictions and how many were right;
 * control: summaries of the previous bundle (``spec.previous``);
 * installs: ``install`` events for the candidate's name and version;
 * window: records *received* since ``since`` (normally the current stage's start,
@@ -61,11 +63,28 @@ class _Acc:
         self.preds: list[int] = []
         self.installs = self.install_failures = 0
         self.shadow_runs = self.shadow_agreements = 0
+        self.labels = self.labels_correct = 0
+
+    def add_agreement(self, runs: int | None, agreement: float | None) -> None:
+        if runs and agreement is not None:
+            self.shadow_runs += runs
+            self.shadow_agreements += round(float(agreement) * runs)
 
     def add_summary(
-        self, device: str, count: int, errors: int, hist: Any, psi: Any, features: Any, preds: Any
+        self,
+        device: str,
+        count: int,
+        errors: int,
+        hist: Any,
+        psi: Any,
+        features: Any,
+        preds: Any,
+        labels: int | None = None,
+        correct: int | None = None,
     ) -> None:
         self.devices.add(device)
+        self.labels += labels or 0
+        self.labels_correct += correct or 0
         self.inferences += count or 0
         self.errors += errors or 0
         if hist:
@@ -97,6 +116,8 @@ class _Acc:
             prediction_counts=tuple(self.preds),
             shadow_agreements=self.shadow_agreements,
             shadow_runs=self.shadow_runs,
+            labels=self.labels,
+            labels_correct=self.labels_correct,
         )
 
 
@@ -111,6 +132,10 @@ def _model_rows(conn: Connection, ref: BundleRef, since: float) -> Iterable[Any]
             s.drift_psi_max,
             s.feature_counts,
             s.prediction_counts,
+            s.labels_count,
+            s.labels_correct,
+            s.previous_count,
+            s.previous_agreement,
         ).where(s.name == ref.name, s.version == ref.version, s.received_at >= since)
     )
 
@@ -140,17 +165,16 @@ def telemetry_figures(
         ):
             if keep(dev):
                 canary.add_summary(dev, n or 0, err or 0, None, None, None, None)
-                if n and agreement is not None:
-                    canary.shadow_runs += n
-                    canary.shadow_agreements += round(float(agreement) * n)
+                canary.add_agreement(n, agreement)
     else:
         for row in _model_rows(conn, spec.bundle, since):
             if keep(row[0]):
-                canary.add_summary(*row)
+                canary.add_summary(*row[:9])
+                canary.add_agreement(row[9], row[10])
     if spec.previous is not None:
         for row in _model_rows(conn, spec.previous, since):
             if keep(row[0]):
-                control.add_summary(*row)
+                control.add_summary(*row[:9])
     e = TelemetryEvent
     for dev, outcome in conn.execute(
         select(e.device_id, e.outcome).where(

@@ -33,6 +33,18 @@ Statistics, per kind:
 * **prediction_shift**: PSI (or Jensen-Shannon divergence, base 2) between the
   merged prediction distributions of canary and control; a different number of
   classes is padded with empty bins, so it shows up as a shift.
+* **shadow_agreement** (canary only): the share of compared inputs on which the new
+  model and the old one predicted the same; breach iff the upper bound of its Wilson
+  interval is below ``threshold`` (clearly worse than allowed). In a shadow rollout
+  the old model serves and the candidate runs as a shadow; in a staged canary the
+  candidate serves and the model it replaced keeps running on a sample of inputs.
+  This is what catches a model whose classes are permuted: its prediction
+  distribution on balanced inputs is unchanged, its agreement is near zero.
+* **accuracy**: on predictions whose true class an app posted later (labels),
+  breach iff the lower bound of the Newcombe interval of
+  ``accuracy_control - accuracy_canary`` exceeds ``threshold`` (the canary is
+  worse by more than the allowed drop, with the given confidence). ``min_samples``
+  counts labels, in each cohort.
 
 PSI uses proportions floored at 1e-4 so empty bins do not make it infinite.
 """
@@ -166,6 +178,13 @@ class CohortStats:
     #: members that sent no predictions since the stage started, and up to 20 of their ids
     silent_count: int = 0
     silent: tuple[str, ...] = ()
+    #: labelled predictions (an app posted the true class) and how many were right
+    labels: int = 0
+    labels_correct: int = 0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.labels_correct / self.labels if self.labels else None
 
     @property
     def latency_samples(self) -> int:
@@ -196,6 +215,8 @@ class CohortStats:
             "members": self.members,
             "silent_count": self.silent_count,
             "silent": list(self.silent),
+            "labels": self.labels,
+            "labels_correct": self.labels_correct,
         }
 
     @classmethod
@@ -220,6 +241,8 @@ class CohortStats:
             members=None if obj.get("members") is None else int(obj["members"]),
             silent_count=int(obj.get("silent_count", 0)),
             silent=tuple(str(d) for d in obj.get("silent", ())),
+            labels=int(obj.get("labels", 0)),
+            labels_correct=int(obj.get("labels_correct", 0)),
         )
 
 
@@ -294,6 +317,8 @@ def _samples(gate: GateSpec, s: CohortStats) -> int:
         return s.drift_samples if gate.against == "reference" else s.feature_samples
     if k is GateKind.SHADOW_AGREEMENT:
         return s.shadow_runs
+    if k is GateKind.ACCURACY:
+        return s.labels
     return s.prediction_samples
 
 
@@ -385,6 +410,19 @@ def evaluate_gate(
     if control is None:
         return result(Verdict.SKIP, None, None, "no control cohort and no baseline to compare")
 
+    if kind is GateKind.ACCURACY:
+        lo, hi = newcombe_diff(control.labels_correct, n_ctl, canary.labels_correct, n_can, z)
+        verdict = Verdict.BREACH if lo > gate.threshold else Verdict.PASS
+        return result(
+            verdict,
+            canary.labels_correct / n_can,
+            control.labels_correct / n_ctl,
+            f"accuracy on labelled predictions: canary {canary.labels_correct}/{n_can}, "
+            f"control {control.labels_correct}/{n_ctl}; Newcombe {gate.confidence:.0%} "
+            f"interval of the drop (control - canary) [{lo:.4f}, {hi:.4f}]; breach iff "
+            f"lower bound > {gate.threshold}",
+        )
+
     if kind is GateKind.ERROR_RATE:
         lo, hi = newcombe_diff(canary.errors, n_can, control.errors, n_ctl, z)
         verdict = Verdict.BREACH if lo > gate.threshold else Verdict.PASS
@@ -472,6 +510,23 @@ def evaluate_reference_drift(gate: GateSpec, canary: CohortStats) -> GateResult:
         "none",
         f"canary PSI vs reference profile {value:.4f} (max over features); "
         f"breach iff > {gate.threshold}",
+    )
+
+
+def skipped(gate: GateSpec, detail: str) -> GateResult:
+    """A gate that cannot apply to this rollout, with why."""
+    return GateResult(
+        gate.name,
+        gate.kind.value,
+        Verdict.SKIP,
+        None,
+        None,
+        gate.threshold,
+        0,
+        0,
+        gate.min_samples,
+        "none",
+        detail,
     )
 
 

@@ -86,6 +86,7 @@ class GateKind(str, Enum):
     DRIFT_PSI = "drift_psi"
     PREDICTION_SHIFT = "prediction_shift"
     SHADOW_AGREEMENT = "shadow_agreement"
+    ACCURACY = "accuracy"
 
 
 @dataclass(frozen=True)
@@ -169,10 +170,16 @@ class GateSpec:
       own drift against the bundle's reference profile, as reported by devices;
       ``against="control"``: max feature PSI between canary and control inputs);
     * ``prediction_shift``: highest acceptable divergence between canary and control
-      prediction distributions (``metric`` ``"psi"`` or ``"js"``, Jensen-Shannon in bits).
+      prediction distributions (``metric`` ``"psi"`` or ``"js"``, Jensen-Shannon in bits);
+    * ``shadow_agreement``: lowest acceptable share of inputs on which the new model and
+      the old one agree (a shadow rollout: the shadow candidate vs the active model; a
+      staged canary: the canary vs the model it replaced, kept running on the device);
+    * ``accuracy``: highest acceptable *drop* of the canary's accuracy on labelled
+      predictions below the control's (absolute, e.g. 0.02 = two percentage points).
 
-    ``min_samples`` is the number of observations (installs, inferences or
-    predictions) each compared cohort needs before the gate may decide.
+    ``min_samples`` is the number of observations (installs, inferences,
+    predictions, comparisons or labels) each compared cohort needs before the gate
+    may decide.
     ``confidence`` is the one-sided confidence of the rate tests.
     """
 
@@ -243,6 +250,9 @@ def default_gates() -> tuple[GateSpec, ...]:
         GateSpec(GateKind.LATENCY_P95_RATIO, 1.5, min_samples=500),
         GateSpec(GateKind.DRIFT_PSI, 0.25, min_samples=500),
         GateSpec(GateKind.PREDICTION_SHIFT, 0.25, min_samples=500),
+        # the canary against the model it replaces (run beside it on the canary devices):
+        # retrained versions agree on most inputs; a label mix-up on almost none
+        GateSpec(GateKind.SHADOW_AGREEMENT, 0.7, min_samples=200),
     )
 
 
@@ -255,7 +265,11 @@ SHADOW_GATE_KINDS = frozenset(
 def default_shadow_gates() -> tuple[GateSpec, ...]:
     """The gates a shadow rollout can evaluate."""
     return (
-        *(g for g in default_gates() if g.kind in SHADOW_GATE_KINDS),
+        *(
+            g
+            for g in default_gates()
+            if g.kind in SHADOW_GATE_KINDS and g.kind is not GateKind.SHADOW_AGREEMENT
+        ),
         GateSpec(GateKind.SHADOW_AGREEMENT, 0.9, min_samples=500),
     )
 

@@ -6,15 +6,28 @@ refused), which also runs each class's ``__post_init__`` bounds and invariants. 
 that breaks the contract is rejected with a reason code (a metrics label) and never
 reaches the database, so it never reaches a rollout gate; the good records beside it in
 the same message are kept.
+
+Invariants of :func:`validate_message`:
+
+* the payload is decoded and validated in one pass (pydantic's own JSON parser), and the
+  caller builds its rows from the validated objects: nothing is decoded a second time on
+  the path every good message takes;
+* a record that breaks the contract comes out of that pass as ``None`` (the other records
+  are still validated), so one poisoned record costs its neighbours nothing;
+* only then, and only for a message with a rejected record, the message is validated
+  once more without that tolerance to learn *why* each record failed (the reason codes).
+  Both passes run the same classes with the same configuration; they differ in one
+  wrapper, and a test proves they reject the same records.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, NoReturn, Union
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, GetCoreSchemaHandler, TypeAdapter, ValidationError
+from pydantic_core import core_schema, from_json
 
 from device_agent.protocol import (
     MAX_MESSAGE_BYTES,
@@ -23,14 +36,24 @@ from device_agent.protocol import (
     SampleRecord,
     SummaryRecord,
     TelemetryMessage,
+    TelemetryRecord,
 )
-from fleet_server.ingest.errors import MalformedTelemetryError
+from fleet_server.ingest.errors import MalformedTelemetryError, SpoofedDeviceError
 
 #: the protocol's record union, told apart by ``kind`` (one member tried, not three)
 _Record = Annotated[
     Union[SummaryRecord, SampleRecord, EventRecord],  # noqa: UP007
     Field(discriminator="kind"),
 ]
+
+
+class _NoneIfInvalid:
+    """A record that fails validation becomes ``None`` instead of failing the message."""
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.with_default_schema(handler(source), default=None, on_error="default")
 
 
 @dataclass(frozen=True)
@@ -40,6 +63,16 @@ class _Message(TelemetryMessage):
     records: list[_Record]  # type: ignore[assignment]
 
 
+@dataclass(frozen=True)
+class _TolerantMessage(TelemetryMessage):
+    """:class:`_Message` whose records that break the contract come out as ``None``."""
+
+    records: list[Annotated[_Record, _NoneIfInvalid()] | None]  # type: ignore[assignment]
+
+
+#: the fast pass: every good record validated into the protocol's classes
+_TOLERANT: TypeAdapter[_TolerantMessage] = TypeAdapter(_TolerantMessage)
+#: the reasons pass (only for a message with a rejected record)
 _MESSAGE: TypeAdapter[_Message] = TypeAdapter(_Message)
 
 #: pydantic error types -> our reason codes
@@ -70,6 +103,16 @@ RECORD_REASONS = (
     "too_large",
     "invalid",
 )
+
+
+@dataclass(frozen=True)
+class CheckedMessage:
+    """One message after the contract: ``records[i]`` is the validated record, or ``None``
+    when it was rejected, and then ``rejected[i]`` says why."""
+
+    device_id: str
+    records: list[TelemetryRecord | None]
+    rejected: dict[int, str]
 
 
 def _reason(error: Any) -> str:
@@ -114,27 +157,68 @@ def _record_reasons(errors: Iterable[Any]) -> dict[int, str]:
     return out
 
 
-def check_message(payload: bytes, device_id: str) -> dict[int, str]:
-    """Reasons keyed by the index of each record that breaks the contract (empty if all
-    hold); :class:`MalformedTelemetryError` when the message itself does."""
-    if len(payload) > MAX_MESSAGE_BYTES:
+def _refuse_envelope(payload: bytes, device_id: str, error: ValidationError) -> NoReturn:
+    """Raise the error that names what is wrong with the message as a whole, in the order
+    of :mod:`.parse`: not JSON, not the envelope, another device's id, then the message's
+    own bounds."""
+    try:
+        obj = from_json(payload)
+    except ValueError as e:
+        raise MalformedTelemetryError(f"payload from {device_id} is not JSON: {e}") from error
+    if not isinstance(obj, dict) or not isinstance(obj.get("records"), list):
+        raise MalformedTelemetryError(
+            f"payload from {device_id} is not {{'device_id': ..., 'records': [...]}}"
+        ) from error
+    claimed = obj.get("device_id")
+    if claimed != device_id:
+        raise spoofed(claimed, device_id) from error
+    first = error.errors()[0]
+    raise MalformedTelemetryError(
+        f"message from {device_id} breaks the contract: {first['msg']}"
+    ) from error
+
+
+def spoofed(claimed: object, device_id: str) -> SpoofedDeviceError:
+    return SpoofedDeviceError(
+        f"payload claims device {claimed!r} but was published under {device_id!r}; "
+        "check the broker ACL (a device may publish only under its own id)"
+    )
+
+
+def validate_message(payload: bytes, device_id: str) -> CheckedMessage:
+    """Decode and check one message published under ``device_id`` in one pass.
+
+    :class:`MalformedTelemetryError` when the message as a whole breaks the contract
+    (too large, not JSON, not the envelope, too many records, an oversized id),
+    :class:`SpoofedDeviceError` when it claims another device; otherwise every record is
+    either validated or rejected with a reason.
+    """
+    if len(payload) > MAX_MESSAGE_BYTES:  # before decoding anything
         raise MalformedTelemetryError(
             f"message from {device_id} is {len(payload)} bytes, above {MAX_MESSAGE_BYTES}"
         )
     try:
-        _MESSAGE.validate_json(payload)
+        message = _TOLERANT.validate_json(payload)
     except ValidationError as e:
-        errors = e.errors()
-        reasons = _record_reasons(errors)
-        envelope = [
-            x for x in errors if tuple(x.get("loc", ()))[:1] != ("records",) or len(x["loc"]) < 2
-        ]
-        if envelope:
-            raise MalformedTelemetryError(
-                f"message from {device_id} breaks the contract: {envelope[0]['msg']}"
-            ) from e
-        return reasons
-    return {}
+        _refuse_envelope(payload, device_id, e)
+    if message.device_id != device_id:
+        raise spoofed(message.device_id, device_id)
+    records: list[TelemetryRecord | None] = list(message.records)
+    if None not in records:
+        return CheckedMessage(device_id, records, {})
+    try:
+        _MESSAGE.validate_json(payload)
+        reasons: dict[int, str] = {}
+    except ValidationError as e:
+        reasons = _record_reasons(e.errors())
+    rejected = {i: reasons.get(i, "invalid") for i, r in enumerate(records) if r is None}
+    return CheckedMessage(device_id, records, rejected)
 
 
-__all__ = ["RECORD_REASONS", "check_message"]
+def check_message(payload: bytes, device_id: str) -> dict[int, str]:
+    """Reasons keyed by the index of each record that breaks the contract (empty if all
+    hold); :class:`MalformedTelemetryError` when the message itself does."""
+    return validate_message(payload, device_id).rejected
+
+
+__all__ = ["RECORD_REASONS", "CheckedMessage", "check_message", "validate_message"]

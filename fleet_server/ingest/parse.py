@@ -15,22 +15,33 @@ Checks, in order:
    count, histogram total = count - errors, finite numbers, bounded sizes); a record
    that does not is dropped and counted by reason (``rejected``) without losing the
    good records beside it, so it never reaches a rollout gate.
+
+Checks 2 to 4 are one pass of :func:`.contract.validate_message` over the bytes, and the
+rows are built from the objects it validated: a summary message (the bulk of the
+traffic) is decoded once. Event and sample rows also keep the record's whole body as the
+device sent it, unknown fields included (the contract carries those along without typing
+them), so a message holding such records is decoded a second time, into plain JSON, for
+those bodies.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from device_agent.protocol import MAX_MESSAGE_BYTES, parse_device_topic
-from fleet_server.ingest.contract import check_message
-from fleet_server.ingest.errors import (
-    MalformedTelemetryError,
-    NotTelemetryTopicError,
-    SpoofedDeviceError,
+from device_agent.protocol import (
+    EventBody,
+    EventRecord,
+    LabelSummary,
+    SampleBody,
+    SampleRecord,
+    SummaryBody,
+    SummaryRecord,
+    parse_device_topic,
 )
+from fleet_server.ingest.contract import validate_message
+from fleet_server.ingest.errors import NotTelemetryTopicError
 from fleet_server.ingest.jsoncodec import DEFAULT, Codec
 
 KIND_ALIASES: Mapping[str, str] = {
@@ -41,7 +52,8 @@ KIND_ALIASES: Mapping[str, str] = {
     "event": "events",
     "events": "events",
 }
-MAX_NAME = 200
+#: characters of an event's message kept in its column (the whole text stays in its body)
+MAX_EVENT_MESSAGE = 2000
 
 
 @dataclass
@@ -81,171 +93,122 @@ def parse_message(
 ) -> ParsedMessage:
     """Parse and check one message (see the module docstring for the order of checks)."""
     device_id = topic_device(topic)
-    if len(payload) > MAX_MESSAGE_BYTES:  # before decoding anything
-        raise MalformedTelemetryError(
-            f"message from {device_id} is {len(payload)} bytes, above {MAX_MESSAGE_BYTES}"
-        )
-    try:
-        obj = codec.loads(payload)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise MalformedTelemetryError(f"payload from {device_id} is not JSON: {e}") from e
-    if not isinstance(obj, dict) or not isinstance(obj.get("records"), list):
-        raise MalformedTelemetryError(
-            f"payload from {device_id} is not {{'device_id': ..., 'records': [...]}}"
-        )
-    claimed = obj.get("device_id")
-    if claimed != device_id:
-        raise SpoofedDeviceError(
-            f"payload claims device {claimed!r} but was published under {device_id!r}; "
-            "check the broker ACL (a device may publish only under its own id)"
-        )
-    reasons = check_message(payload, device_id)
+    checked = validate_message(payload, device_id)
     out = ParsedMessage(device_id)
-    for index, rec in enumerate(obj["records"]):
-        out.records += 1
-        if index in reasons:
-            out.reject(reasons[index])
+    out.records = len(checked.records)
+    for reason in checked.rejected.values():
+        out.reject(reason)
+    dumps = codec.dumps
+    summaries = out.rows["summary"]
+    raw_records: list[Any] | None = None
+    for index, rec in enumerate(checked.records):
+        if rec is None:
             continue
-        try:
-            row = _record_row(device_id, rec, received_at, codec)
-        except ValueError:  # a body the codec cannot re-encode
-            row = None
-        if row is None:
-            out.reject("invalid")
+        if type(rec) is SummaryRecord:
+            row = _summary(rec.body, dumps)
+            kind = "summary"
         else:
-            out.rows[row[0]].append(row[1])
+            if raw_records is None:
+                raw_records = _raw_records(payload, codec)
+            try:
+                raw_body = raw_records[index]["body"]
+                if type(rec) is EventRecord:
+                    kind, row = "events", _event(rec.body, dumps(raw_body))
+                else:
+                    assert type(rec) is SampleRecord
+                    kind, row = "samples", _sample(rec.body, dumps(raw_body))
+            except (ValueError, LookupError, TypeError):  # a body the codec cannot store
+                out.reject("invalid")
+                continue
+        row["device_id"] = device_id
+        row["seq"] = rec.seq
+        row["ts"] = rec.ts
+        row["received_at"] = received_at
+        (summaries if kind == "summary" else out.rows[kind]).append(row)
     return out
 
 
-def _num(x: Any) -> float | None:
-    if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
-        return float(x)
-    return None
+def _raw_records(payload: bytes, codec: Codec) -> list[Any]:
+    """The records as plain JSON, for the bodies of event and sample rows; an empty list
+    (every such record then rejected as ``invalid``) if the codec cannot decode them."""
+    try:
+        records = codec.loads(payload)["records"]
+    except (ValueError, LookupError, TypeError):
+        return []
+    return records if isinstance(records, list) else []
 
 
-def _int(x: Any) -> int | None:
-    return x if isinstance(x, int) and not isinstance(x, bool) else None
-
-
-def _str(x: Any, limit: int = MAX_NAME) -> str | None:
-    return x[:limit] if isinstance(x, str) else None
-
-
-def _dict(x: Any) -> dict[str, Any]:
-    return x if isinstance(x, dict) else {}
-
-
-def _record_row(
-    device_id: str, rec: Any, received_at: float, codec: Codec
-) -> tuple[str, dict[str, Any]] | None:
-    if not isinstance(rec, dict):
-        return None
-    seq, ts, body = _int(rec.get("seq")), _num(rec.get("ts")), rec.get("body")
-    raw_kind = rec.get("kind")
-    kind = KIND_ALIASES.get(raw_kind) if isinstance(raw_kind, str) else None
-    if (
-        seq is None
-        or seq < 0
-        or seq >= 2**63
-        or ts is None
-        or kind is None
-        or not isinstance(body, dict)
-    ):
-        return None
-    base = {"device_id": device_id, "seq": seq, "ts": ts, "received_at": received_at}
-    if kind == "summary":
-        row = _summary(body, codec)
-    elif kind == "events":
-        row = _event(body, codec)
-    else:
-        row = {
-            "name": _str(body.get("name")),
-            "version": _int(body.get("version")),
-            "predicted": None
-            if body.get("predicted") is None
-            else str(body.get("predicted"))[:100],
-            "body": codec.dumps(body),
-        }
-    if row is None:
-        return None
-    row.update(base)
-    return kind, row
-
-
-def _summary(b: dict[str, Any], codec: Codec) -> dict[str, Any] | None:
-    name, version = _str(b.get("name")), _int(b.get("version"))
-    count, errors = _int(b.get("count")), _int(b.get("errors"))
-    if name is None or version is None or count is None or errors is None:
-        return None
-    lat = _dict(b.get("latency_ms"))
-    drift = b.get("drift") if isinstance(b.get("drift"), dict) else None
-    features: str | None = None
-    pred: str | None = None
-    psi_max = None
+def _summary(b: SummaryBody, dumps: Any) -> dict[str, Any]:
+    lat, drift, sh, pv = b.latency_ms, b.drift, b.shadow, b.previous
+    psi_max = features = pred = None
     if drift is not None:
-        psi_max = _num(drift.get("psi_max"))
-        feats = drift.get("features")
-        if isinstance(feats, list):
-            parts = []
-            for f in feats:
-                if isinstance(f, dict) and isinstance(f.get("name"), str):
-                    counts = codec.int_list(f.get("counts"))
-                    if counts is not None:
-                        parts.append(f"{codec.dumps(f['name'])}: {counts}")
-            features = "{" + ", ".join(parts) + "}"
-        p = drift.get("prediction")
-        if isinstance(p, dict):
-            pred = codec.int_list(p.get("counts"))
-    sh = _dict(b.get("shadow"))
-    sh_lat = _dict(sh.get("latency_ms"))
-    dropped = b.get("dropped")
-    lb = _dict(b.get("labels"))
-    pv = _dict(b.get("previous"))
+        psi_max = drift.psi_max
+        features = dumps({f.name: f.counts for f in drift.features})
+        if drift.prediction is not None:
+            pred = dumps(drift.prediction.counts)
+    lb = b.labels
     return {
-        "window_start": _num(b.get("window_start")),
-        "window_end": _num(b.get("window_end")),
-        "name": name,
-        "version": version,
-        "slot": _str(b.get("slot"), 8),
-        "rollout_id": _str(b.get("rollout_id"), 40),
-        "count": count,
-        "errors": errors,
-        "latency_hist": codec.int_list(b.get("latency_hist")),
-        "p95_ms": _num(lat.get("p95")),
+        "window_start": b.window_start,
+        "window_end": b.window_end,
+        "name": b.name,
+        "version": b.version,
+        "slot": b.slot,
+        "rollout_id": b.rollout_id,
+        "count": b.count,
+        "errors": b.errors,
+        "latency_hist": None if b.latency_hist is None else dumps(b.latency_hist),
+        "p95_ms": None if lat is None else lat.p95,
         "drift_psi_max": psi_max,
         "feature_counts": features,
         "prediction_counts": pred,
-        "shadow_name": _str(sh.get("name")) if sh else None,
-        "shadow_version": _int(sh.get("version")) if sh else None,
-        "shadow_count": _int(sh.get("count")) if sh else None,
-        "shadow_errors": _int(sh.get("errors")) if sh else None,
-        "shadow_agreement": _num(sh.get("agreement")) if sh else None,
-        "shadow_p95_ms": _num(sh_lat.get("p95")),
-        "dropped": codec.dumps(dropped) if isinstance(dropped, dict) else None,
-        "labels_count": _int(lb.get("count")) if lb else None,
-        "labels_correct": _int(lb.get("correct")) if lb else None,
-        "labels": codec.dumps(lb) if lb else None,
-        "previous_version": _int(pv.get("version")) if pv else None,
-        "previous_count": _int(pv.get("count")) if pv else None,
-        "previous_errors": _int(pv.get("errors")) if pv else None,
-        "previous_agreement": _num(pv.get("agreement")) if pv else None,
+        "shadow_name": None if sh is None else sh.name,
+        "shadow_version": None if sh is None else sh.version,
+        "shadow_count": None if sh is None else sh.count,
+        "shadow_errors": None if sh is None else sh.errors,
+        "shadow_agreement": None if sh is None else sh.agreement,
+        "shadow_p95_ms": None if sh is None or sh.latency_ms is None else sh.latency_ms.p95,
+        "dropped": None if b.dropped is None else dumps(b.dropped),
+        "labels_count": None if lb is None else lb.count,
+        "labels_correct": None if lb is None else lb.correct,
+        "labels": None if lb is None else dumps(_labels(lb)),
+        "previous_version": None if pv is None else pv.version,
+        "previous_count": None if pv is None else pv.count,
+        "previous_errors": None if pv is None else pv.errors,
+        "previous_agreement": None if pv is None else pv.agreement,
     }
 
 
-def _event(b: dict[str, Any], codec: Codec) -> dict[str, Any] | None:
-    etype = _str(b.get("type"), 40)
-    if etype is None:
-        return None
-    shadow = b.get("shadow")
+def _labels(lb: LabelSummary) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "count": lb.count,
+        "correct": lb.correct,
+        "labelled": lb.labelled,
+        "correct_by_class": lb.correct_by_class,
+    }
+    if lb.confusion is not None:
+        out["confusion"] = lb.confusion
+    return out
+
+
+def _event(b: EventBody, body: str) -> dict[str, Any]:
     return {
-        "type": etype,
-        "outcome": _str(b.get("outcome"), 40),
-        "name": _str(b.get("name")),
-        "version": _int(b.get("version")),
-        "bundle_id": _str(b.get("bundle_id"), 40),
-        "rollout_id": _str(b.get("rollout_id"), 40),
-        "shadow": shadow if isinstance(shadow, bool) else None,
-        "error_code": _str(b.get("error_code"), 100),
-        "message": _str(b.get("message"), 2000),
-        "body": codec.dumps(b),
+        "type": b.type,
+        "outcome": b.outcome,
+        "name": b.name,
+        "version": b.version,
+        "bundle_id": b.bundle_id,
+        "rollout_id": b.rollout_id,
+        "shadow": b.shadow,
+        "error_code": b.error_code,
+        "message": None if b.message is None else b.message[:MAX_EVENT_MESSAGE],
+        "body": body,
+    }
+
+
+def _sample(b: SampleBody, body: str) -> dict[str, Any]:
+    return {
+        "name": b.name,
+        "version": b.version,
+        "predicted": None if b.predicted is None else str(b.predicted)[:100],
+        "body": body,
     }

@@ -15,7 +15,9 @@ token is taken, in this order, from:
    HttpOnly, SameSite=Strict cookie scoped to ``/dashboard`` and the browser is
    redirected to the same URL without it, so the token does not linger in the
    address bar or the history;
-3. the ``edgefleet_token`` cookie.
+3. the ``edgefleet_token`` cookie, set as in 2. or by ``POST /dashboard/login`` (a form
+   with a ``token`` field: the operator console's link to the review; same-origin
+   posts only, judged by ``Origin`` and ``Sec-Fetch-Site``).
 
 Nothing here writes to the database. The page carries no script and loads
 nothing from elsewhere; it is rendered per request (``Cache-Control: no-store``).
@@ -27,14 +29,14 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from html import escape
 from typing import Annotated, Protocol
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
 from fleet_server.api.deps import Principal, authenticate_operator, get_ctx
-from fleet_server.errors import ServerError, error_body
+from fleet_server.errors import PermissionDeniedError, ServerError, error_body
 from fleet_server.report.dataset import ReviewDataset
 from fleet_server.report.load import load_dataset
 from fleet_server.report.render import render_html
@@ -82,7 +84,9 @@ def _nav(hours: float, base: str) -> str:
     data = f"{base}/data.json?{urlencode({'hours': f'{hours:g}'})}"
     return (
         f'<nav class="dash"><strong>edgefleet dashboard</strong> {" ".join(links)} '
-        f'<a href="{escape(data)}">data.json</a><span>read-only</span></nav>'
+        f'<a href="{escape(data)}">data.json</a>'
+        f'<a href="{escape(base.removesuffix(PREFIX))}/console">operator console</a>'
+        "<span>read-only</span></nav>"
     )
 
 
@@ -92,8 +96,10 @@ def _error_page(exc: ServerError, base: str) -> HTMLResponse:
         '<link rel="icon" href="data:,"><title>edgefleet dashboard</title></head>'
         '<body style="font-family: system-ui, sans-serif; margin: 40px">'
         f"<h1>edgefleet dashboard</h1><p>{escape(exc.message)}</p>"
-        "<p>Open <code>/dashboard?token=&lt;operator token&gt;</code> once with a token of "
-        "role viewer or higher; the browser keeps it in a cookie for this page.</p>"
+        "<p>Sign in to the operator console (<code>/console</code>) and follow its "
+        "<em>Telemetry review</em> link, or open <code>/dashboard?token=&lt;operator "
+        "token&gt;</code> once with a token of role viewer or higher; the browser keeps it "
+        "in a cookie for this page.</p>"
         "</body></html>"
     )
     resp = HTMLResponse(body, status_code=exc.status_code, headers={"Cache-Control": "no-store"})
@@ -105,6 +111,26 @@ def _error_page(exc: ServerError, base: str) -> HTMLResponse:
 def _base(request: Request) -> str:
     """The dashboard's path as the browser sees it (behind a proxy prefix too)."""
     return f"{request.scope.get('root_path', '')}{PREFIX}"
+
+
+def _same_origin(request: Request) -> bool:
+    """Whether a form post comes from a page of this server (not from another site)."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("origin")
+    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
+
+
+def _set_cookie(request: Request, resp: Response, token: str) -> None:
+    resp.set_cookie(
+        COOKIE,
+        token,
+        path=_base(request),
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
 
 
 def _authenticate(request: Request, token: str | None) -> Principal:
@@ -141,14 +167,7 @@ def dashboard_router(
         if token is not None and presented == token:
             target = f"{_base(request)}?{urlencode({'hours': f'{hours:g}'})}"
             resp = RedirectResponse(target, status_code=303)
-            resp.set_cookie(
-                COOKIE,
-                token,
-                path=_base(request),
-                httponly=True,
-                samesite="strict",
-                secure=request.url.scheme == "https",
-            )
+            _set_cookie(request, resp, token)
             return resp
         ds = dataset_for(request, hours)
         html = render_html(
@@ -157,6 +176,26 @@ def dashboard_router(
             nav=_nav(hours, _base(request)),
         )
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+    @router.post("/login", summary="Sign in to the review page with a token from a form")
+    async def dashboard_login(request: Request) -> Response:
+        """Moves a form's ``token`` into the review's cookie and redirects to the page."""
+        if not _same_origin(request):
+            return _error_page(
+                PermissionDeniedError("sign-in to the dashboard is accepted from its own pages"),
+                _base(request),
+            )
+        form = await request.form()
+        token = form.get("token")
+        try:
+            _authenticate(request, token if isinstance(token, str) and token else None)
+        except ServerError as e:
+            return _error_page(e, _base(request))
+        assert isinstance(token, str)
+        target = f"{_base(request)}?{urlencode({'hours': f'{default_hours:g}'})}"
+        resp = RedirectResponse(target, status_code=303)
+        _set_cookie(request, resp, token)
+        return resp
 
     @router.get("/data.json", summary="Telemetry review numbers (read-only)")
     def dashboard_data(request: Request, hours: Hours = default_hours) -> JSONResponse:

@@ -24,6 +24,7 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from fleet_server.alerts.webhook import AlertLoops
 from fleet_server.assignments.document import Notifier
 from fleet_server.context import ServerContext
 from fleet_server.db.session import normalize_url
@@ -79,6 +80,19 @@ def _make_scheduler(ctx: ServerContext) -> RolloutScheduler:
     repo = ServerRolloutRepository(ctx.rollouts, ctx.session, ctx.metrics)
     lock = leader_lock_for(normalize_url(ctx.settings.database_url))
     return RolloutScheduler(repo, lock, interval=ctx.settings.rollout_interval_seconds)
+
+
+def _make_alerts(ctx: ServerContext) -> AlertLoops:
+    """The alert evaluator and webhook deliverer (every replica runs them; the alert
+    state's compare-and-set keeps each alert recorded and sent once)."""
+    s = ctx.settings
+    return AlertLoops(
+        ctx.engine,
+        ctx.sessions,
+        ctx.metrics,
+        interval=s.alert_interval_seconds,
+        public_url=s.public_url,
+    )
 
 
 def _start_ingest(ctx: ServerContext) -> Any:
@@ -167,6 +181,10 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
             scheduler.start()
         worker = await asyncio.to_thread(_start_ingest, ctx)
         app.state.ingest = worker
+        alerts = _make_alerts(ctx)
+        app.state.alerts = alerts
+        if settings.run_alerts:
+            alerts.start()
         try:
             yield
         finally:
@@ -175,6 +193,7 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
             if worker is not None:
                 await asyncio.to_thread(worker.stop)
             await asyncio.to_thread(scheduler.stop)
+            await asyncio.to_thread(alerts.stop)
             await asyncio.to_thread(ctx.close)
 
     app = FastAPI(
@@ -195,10 +214,6 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
 
         # kept out of the OpenAPI schema: an HTML page, authenticated by cookie or header
         app.include_router(dashboard_router(), include_in_schema=False)
-        from fleet_server.api.console import console_router
-
-        # the operator console: a page and its script; it acts through /api/v1
-        app.include_router(console_router(), include_in_schema=False)
 
     @app.get("/healthz", tags=["server"])
     def healthz() -> dict[str, Any]:

@@ -8,7 +8,7 @@ messages.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -23,6 +23,15 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.status = status
+
+
+def _error_of(r: httpx.Response) -> ApiError:
+    """The :class:`ApiError` of a refused request (the server's code and message)."""
+    try:
+        err = r.json()["error"]
+        return ApiError(str(err["code"]), str(err["message"]), r.status_code)
+    except (ValueError, KeyError, TypeError):
+        return ApiError(f"http_{r.status_code}", r.text[:300], r.status_code)
 
 
 class AdminClient:
@@ -61,6 +70,33 @@ class AdminClient:
 
     def post(self, path: str, **kw: Any) -> Any:
         return self.request("POST", path, **kw)
+
+    def get_text(self, path: str, **kwargs: Any) -> str:
+        """``GET /api/v1{path}`` answered with text (not JSON), e.g. a YAML file."""
+        try:
+            r = self._http.request("GET", f"{API_PREFIX}{path}", **kwargs)
+        except httpx.HTTPError as e:
+            raise ApiError(
+                "unreachable", f"cannot reach the server at {self.url} ({e}); check --url"
+            ) from e
+        if r.status_code >= 400:
+            raise _error_of(r)
+        return r.text
+
+    def download(self, path: str, dest: BinaryIO, **kwargs: Any) -> httpx.Headers:
+        """Stream ``GET /api/v1{path}`` into ``dest``; the answer's headers."""
+        try:
+            with self._http.stream("GET", f"{API_PREFIX}{path}", **kwargs) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise _error_of(r)
+                for chunk in r.iter_bytes(1 << 20):
+                    dest.write(chunk)
+                return r.headers
+        except httpx.HTTPError as e:
+            raise ApiError(
+                "unreachable", f"cannot reach the server at {self.url} ({e}); check --url"
+            ) from e
 
     def upload_bundle(self, path: Path) -> Any:
         """Upload a bundle file (``POST /bundles``)."""

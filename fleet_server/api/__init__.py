@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from fleet_server.api import bundles, devices, operators, rollouts, telemetry, uptane
+from fleet_server.api import (
+    alerts,
+    bundles,
+    devices,
+    operators,
+    rollouts,
+    samples,
+    telemetry,
+    uptane,
+)
 
 api_router = APIRouter()
 api_router.include_router(operators.router)
@@ -13,3 +22,5 @@ api_router.include_router(bundles.router)
 api_router.include_router(rollouts.router)
 api_router.include_router(telemetry.router)
 api_router.include_router(uptane.router)
+api_router.include_router(alerts.router)
+api_router.include_router(samples.router)

@@ -33,6 +33,8 @@ COMMANDS: dict[str, str] = {
     "enroll-token": "fleet_server.cli.ops:enroll_token",
     "models": "fleet_server.cli.ops:models",
     "bundles": "fleet_server.cli.ops:bundles",
+    "alerts": "fleet_server.cli.alerts:alerts",
+    "samples": "fleet_server.cli.samples:samples",
 }
 SUBCOMMANDS: dict[str, tuple[str, ...]] = {
     "bundle": ("fleet_server.cli.convert:bundle_build",),

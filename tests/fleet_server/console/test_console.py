@@ -388,6 +388,13 @@ def test_a_viewer_sees_the_console_and_every_action_is_refused(
     audit = server.get("/audit", params={"target_id": ro.id, "limit": 50})["items"]
     assert not [e for e in audit if e["actor"] == "operator:victor"], audit
 
+    # followed live: an operator pauses it elsewhere (the CLI's call); the open page shows
+    # it within a poll, without a reload
+    server.post(f"/rollouts/{ro.id}/pause", json={"reason": "paused from the CLI"})
+    expect(page.locator("#r-status")).to_have_attribute("data-status", "paused")
+    expect(page.locator("dd[data-fact='paused by']")).to_contain_text("paused from the CLI")
+    expect(page.locator("#r-actions button[data-action=resume]")).to_be_visible()
+
     # the viewer browses devices and groups all the same
     page.click("nav a[data-nav=devices]")
     page.select_option("#device-filters select[name=group]", "yard")

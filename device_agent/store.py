@@ -76,6 +76,8 @@ _PAGE_SIZE = 4096
 _WAL_FRACTION = 8
 #: after an eviction the pages in use drop to this fraction of the budget
 _LOW_WATER = 0.9
+#: pages a write may touch beyond its rows (b-tree parents, freelist trunk, meta rows)
+_TX_SLACK_PAGES = 8
 #: estimated per-row bytes beyond the body (seq, ts, cell header)
 _ROW_OVERHEAD = 24
 #: seconds between attempts to move an in-memory store (disk full at open) to its file
@@ -203,7 +205,7 @@ class TelemetryStore:
                 self._replace_corrupt(e)
         if not self.in_memory and self._file_bytes() > self.max_bytes:
             with self._lock:
-                self._write(lambda: self._evict_locked(self._budget_pages))
+                self._evict_to(self._budget_pages)
                 self._conn.execute("VACUUM")
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
@@ -222,6 +224,9 @@ class TelemetryStore:
                 self._db.enable_wal()
             wal_bytes = self._wal_bytes
             conn.execute("PRAGMA synchronous=NORMAL")
+            # Debian's SQLite zeroes freed pages by default, which writes every page an
+            # eviction frees into the WAL; FAST zeroes only what is written anyway
+            conn.execute("PRAGMA secure_delete=FAST")
             conn.execute(f"PRAGMA journal_size_limit={wal_bytes}")
             #: an existing file keeps the page size it was created with
             self._page = int(conn.execute("PRAGMA page_size").fetchone()[0])
@@ -413,6 +418,7 @@ class TelemetryStore:
         if not rows:
             return []
         with self._lock:
+            self._check_open()
             self._maybe_reopen_locked()
             first = self._next_seq
             start = 0
@@ -422,9 +428,13 @@ class TelemetryStore:
                     size += len(rows[end][2]) + _ROW_OVERHEAD
                     end += 1
                 try:
-                    self._write(
-                        lambda s=start, e=end, b=size: self._insert_locked(rows, first, s, e, b)
-                    )
+                    need = int(size * 1.25) // self._page + 1
+                    if self._used_pages() + need > self._budget_pages:
+                        self._evict_to(self._budget_pages - need)
+                    self._make_wal_room(size)
+                    self._write(lambda s=start, e=end: self._insert_locked(rows, first, s, e))
+                    if self._used_pages() > self._budget_pages:
+                        self._evict_to(self._budget_pages)
                 except StoreWriteError as err:
                     if not (self.resilient and _is_full(err.__cause__)):
                         raise
@@ -438,11 +448,8 @@ class TelemetryStore:
         return list(range(first, first + len(rows)))
 
     def _insert_locked(
-        self, rows: list[tuple[str, float, str]], first: int, start: int, end: int, size: int
+        self, rows: list[tuple[str, float, str]], first: int, start: int, end: int
     ) -> None:
-        need = int(size * 1.25) // self._page + 1
-        if self._used_pages() + need > self._budget_pages:
-            self._evict_locked(self._budget_pages - need)
         by_kind: dict[str, list[tuple[int, float, str]]] = {}
         for i in range(start, end):
             k, ts_f, text = rows[i]
@@ -457,8 +464,6 @@ class TelemetryStore:
             self._meta_add(f"unreported_dropped_{kind}", n)
         self._unstored = {}
         self._full = False
-        if self._used_pages() > self._budget_pages:
-            self._evict_locked(self._budget_pages)
 
     def ack(self, seqs: Iterable[int]) -> int:
         """Delete acknowledged records; unknown or already deleted seqs are ignored.
@@ -614,6 +619,25 @@ class TelemetryStore:
                 total += os.path.getsize(f"{self.path}{suffix}")
         return total
 
+    def _make_wal_room(self, payload_bytes: int) -> None:
+        """Checkpoint before a write whose frames could carry the WAL past its share.
+
+        A batch larger than one transaction is written as several; without this the
+        WAL grows by every one of them before the checkpoint at the end of the batch,
+        and the file plus its WAL outgrow ``max_bytes``.
+        """
+        if self.in_memory:
+            return
+        try:
+            wal = os.path.getsize(f"{self.path}-wal")
+        except OSError:
+            return
+        # rows at 1.25x their payload, plus the pages an eviction and the meta rows touch
+        expected = int(payload_bytes * 1.25) + _TX_SLACK_PAGES * self._page
+        if wal + expected > self._wal_bytes:
+            with contextlib.suppress(sqlite3.OperationalError):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def _checkpoint_if_large(self) -> None:
         """Fold the WAL back into the database and truncate it once it passes half its share."""
         try:
@@ -623,32 +647,45 @@ class TelemetryStore:
         if wal > self._wal_bytes // 2:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def _evict_locked(self, limit_pages: int) -> None:
-        """Delete oldest rows in EVICTION_ORDER until the pages in use are under the low water."""
+    def _evict_to(self, limit_pages: int) -> None:
+        """Delete oldest rows in EVICTION_ORDER until the pages in use are under the low water.
+
+        Deleting rows rewrites every page it empties, so the eviction runs as a series
+        of small transactions with a checkpoint before each whenever the WAL needs the
+        room: the file plus its WAL stay within ``max_bytes`` while it runs. Each
+        transaction counts what it deleted in the dropped counters with the delete.
+        """
         target = int(limit_pages * _LOW_WATER)
+        step_pages = max(4, self._wal_bytes // self._page // 4)
+        while self._used_pages() > target:
+            self._make_wal_room(step_pages * self._page)
+            deleted: list[int] = []
+            self._write(lambda: deleted.append(self._evict_step_locked(target, step_pages)))
+            if not deleted or deleted[0] <= 0:
+                return
+
+    def _evict_step_locked(self, target: int, step_pages: int) -> int:
+        """Delete up to ``step_pages`` pages' worth of the oldest rows; return the row count."""
+        used = self._used_pages()
+        n_rows = sum(
+            self._conn.execute(f"SELECT COUNT(*) FROM {_table(k)}").fetchone()[0]
+            for k in TELEMETRY_KINDS
+        )
+        if n_rows == 0 or used <= target:
+            return 0
+        rows_per_page = n_rows / max(1, used)
+        chunk = max(1, math.ceil(min(used - target, step_pages) * rows_per_page))
         for kind in EVICTION_ORDER:
             table = _table(kind)
-            while True:
-                used = self._used_pages()
-                if used <= target:
-                    return
-                n_rows = sum(
-                    self._conn.execute(f"SELECT COUNT(*) FROM {_table(k)}").fetchone()[0]
-                    for k in TELEMETRY_KINDS
-                )
-                if n_rows == 0:
-                    return
-                per_row = max(1.0, used / n_rows)
-                chunk = max(16, int((used - target) / per_row) + 1)
-                cur = self._conn.execute(
-                    f"DELETE FROM {table} WHERE seq IN "
-                    f"(SELECT seq FROM {table} ORDER BY seq LIMIT ?)",
-                    (chunk,),
-                )
-                if cur.rowcount <= 0:
-                    break
+            cur = self._conn.execute(
+                f"DELETE FROM {table} WHERE seq IN (SELECT seq FROM {table} ORDER BY seq LIMIT ?)",
+                (chunk,),
+            )
+            if cur.rowcount > 0:
                 self._meta_add(f"dropped_{kind}", cur.rowcount)
                 self._meta_add(f"unreported_dropped_{kind}", cur.rowcount)
+                return int(cur.rowcount)
+        return 0
 
 
 def _is_full(e: BaseException | None) -> bool:

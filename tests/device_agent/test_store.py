@@ -181,6 +181,39 @@ def test_file_and_wal_stay_within_max_bytes_under_sustained_writes(tmp_path: Pat
     assert largest <= MiB
 
 
+def test_file_and_wal_stay_within_max_bytes_while_batches_larger_than_a_transaction_land(
+    tmp_path: Path,
+) -> None:
+    """A batch bigger than one transaction is written as several, and each eviction
+    rewrites the pages it empties: the bound holds during the writes, not only after."""
+    path = tmp_path / "t.db"
+    largest = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal largest
+        while not done.is_set():
+            on_disk = 0
+            for p in (path, Path(f"{path}-wal")):
+                try:
+                    on_disk += os.path.getsize(p)
+                except OSError:
+                    pass
+            largest = max(largest, on_disk)
+
+    with TelemetryStore(path, max_bytes=MiB) as s:
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            for n in (1_000, 5_000, 20_000, 3_000) * 2:
+                s.append_many([("sample", sample_body(j), 0.0) for j in range(n)])
+        finally:
+            done.set()
+            watcher.join()
+        assert s.stats()["dropped"]["samples"] > 20_000
+    assert largest <= MiB, f"the file and its WAL reached {largest} bytes; the bound is {MiB}"
+
+
 def test_oversized_store_shrinks_when_reopened_with_a_smaller_bound(tmp_path: Path) -> None:
     path = tmp_path / "t.db"
     with TelemetryStore(path, max_bytes=8 * MiB) as s:

@@ -660,7 +660,7 @@ class TelemetryStore:
         while self._used_pages() > target:
             self._make_wal_room(step_pages * self._page)
             deleted: list[int] = []
-            self._write(lambda: deleted.append(self._evict_step_locked(target, step_pages)))
+            self._write(lambda out=deleted: out.append(self._evict_step_locked(target, step_pages)))
             if not deleted or deleted[0] <= 0:
                 return
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -195,10 +196,8 @@ def test_file_and_wal_stay_within_max_bytes_while_batches_larger_than_a_transact
         while not done.is_set():
             on_disk = 0
             for p in (path, Path(f"{path}-wal")):
-                try:
+                with contextlib.suppress(OSError):
                     on_disk += os.path.getsize(p)
-                except OSError:
-                    pass
             largest = max(largest, on_disk)
 
     with TelemetryStore(path, max_bytes=MiB) as s:

@@ -133,7 +133,12 @@ def enroll_cmd(
         done = enroll(cfg, secret, requested_id=device_id)
     except EnrollmentError as e:
         _die(f"enrollment failed: {e}", 1)
-    click.echo(f"enrolled as {done.device_id}; credential in {done.credential_file}")
+    if done.credential_file is None:
+        click.echo(
+            f"enrolled as {done.device_id}; certificate and endpoints in {done.identity_file}"
+        )
+    else:
+        click.echo(f"enrolled as {done.device_id}; credential in {done.credential_file}")
 
 
 @main.command("verify")

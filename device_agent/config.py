@@ -44,6 +44,14 @@ class ServerConfig:
     token_file: Path | None = None  # per-device credential issued at enrollment
     poll_seconds: float = 300.0
     timeout_seconds: float = 30.0
+    #: the fleet CA the server's HTTPS certificate chains to (shipped in the image; after
+    #: enrollment the one the server handed over); None: the system trust store
+    ca_file: Path | None = None
+    #: the device's client certificate and key (set by enrollment: identity.json)
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: renew the certificate when less than this fraction of its validity remains
+    renew_fraction: float = 0.33
 
 
 @dataclass
@@ -54,6 +62,11 @@ class MqttConfig:
     password_file: Path | None = None
     tls: bool = False
     ca_file: Path | None = None
+    #: client certificate and key for TLS (set by enrollment: identity.json)
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: 4 (MQTT 3.1.1) or 5; enrollment sets what the server's broker speaks
+    mqtt_version: int = 4
     keepalive: int = 60
     batch_size: int = 200
     inflight: int = 100
@@ -67,6 +80,11 @@ class TelemetryConfig:
     hash_fields: list[str] = field(default_factory=list)
     max_db_bytes: int = 64 * 1024 * 1024
     flush_interval_seconds: float = 1.0
+    #: share of the kept inputs on which the model an update replaced runs too, so the
+    #: new model's agreement with it is measured (0: off, and it is not kept loaded)
+    compare_previous_rate: float = 0.1
+    #: share of one core that comparison may take (of each flush interval)
+    compare_previous_budget: float = 0.05
 
 
 @dataclass
@@ -92,7 +110,7 @@ class ServingConfig:
     token_file: Path | None = None  # None: <state_dir>/serving.token, made 0600 at start
     max_request_bytes: int = 32 * 1024 * 1024
     max_json_bytes: int = 4 * 1024 * 1024
-    max_connections: int = 16
+    max_connections: int = 64
     timeout_seconds: float = 30.0
 
 
@@ -146,8 +164,38 @@ class AgentConfig:
             enrolled = read_identity(cfg.device.state_dir)
             if enrolled:
                 cfg.device.id = enrolled
+        cfg.apply_enrollment(read_enrollment(cfg.device.state_dir))
         cfg.validate()
         return cfg
+
+    def apply_enrollment(self, record: Mapping[str, Any] | None) -> None:
+        """Use what enrollment stored (identity.json) where the file and environment set
+        nothing: the broker endpoint, the fleet CA, the client certificate and key. The
+        image then needs no hand-typed broker address."""
+        if not record:
+            return
+        cert, key = record.get("certificate"), record.get("key")
+        ca = record.get("ca_file")
+        if isinstance(cert, str) and isinstance(key, str) and self.server.cert_file is None:
+            self.server.cert_file, self.server.key_file = Path(cert), Path(key)
+        if isinstance(ca, str) and self.server.ca_file is None:
+            self.server.ca_file = Path(ca)
+        mqtt = record.get("mqtt")
+        if not isinstance(mqtt, Mapping) or self.mqtt.host:
+            return
+        host, port = mqtt.get("host"), mqtt.get("port")
+        if not isinstance(host, str) or not host or not isinstance(port, int):
+            return
+        m = self.mqtt
+        m.host, m.port = host, port
+        if mqtt.get("mqtt_version") in (4, 5):
+            m.mqtt_version = int(mqtt["mqtt_version"])
+        if mqtt.get("tls") is True:
+            m.tls = True
+            if isinstance(mqtt.get("ca_file"), str) and m.ca_file is None:
+                m.ca_file = Path(mqtt["ca_file"])
+            if isinstance(cert, str) and isinstance(key, str) and m.cert_file is None:
+                m.cert_file, m.key_file = Path(cert), Path(key)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AgentConfig:
@@ -235,6 +283,20 @@ def read_identity(state_dir: Path) -> str | None:
         raise ConfigError(f"{path} is damaged ({e}); enroll the device again") from e
 
 
+def read_enrollment(state_dir: Path) -> dict[str, Any] | None:
+    """Everything enrollment stored in ``state_dir/identity.json``, if anything."""
+    import json
+
+    path = Path(state_dir) / IDENTITY_FILE
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{path} is damaged ({e}); enroll the device again") from e
+    return record if isinstance(record, dict) else None
+
+
 def _set(section: Any, section_name: str, key: str, value: Any, from_env: bool = False) -> None:
     fields = {f.name: f for f in dataclasses.fields(section)}
     if key not in fields:
@@ -309,6 +371,8 @@ def _type_name(typ: str) -> str:
 RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("server", "poll_seconds"): (0.05, 7 * 86400),
     ("server", "timeout_seconds"): (0.1, 3600),
+    ("server", "renew_fraction"): (0.01, 0.99),
+    ("mqtt", "mqtt_version"): (4, 5),
     ("mqtt", "port"): (1, 65535),
     ("mqtt", "keepalive"): (1, 65535),
     ("mqtt", "batch_size"): (1, 100_000),
@@ -317,6 +381,8 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("telemetry", "sample_rate"): (0.0, 1.0),
     ("telemetry", "max_db_bytes"): (1024 * 1024, None),
     ("telemetry", "flush_interval_seconds"): (0.001, 3600),
+    ("telemetry", "compare_previous_rate"): (0.0, 1.0),
+    ("telemetry", "compare_previous_budget"): (0.0, 1.0),
     ("update", "max_bundle_bytes"): (1, None),
     ("update", "probation_seconds"): (0.0, 30 * 86400),
     ("update", "probation_max_error_rate"): (0.0, 1.0),

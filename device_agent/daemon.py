@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -70,6 +71,24 @@ def read_token(config: AgentConfig) -> str | None:
         raise ConfigError(f"cannot read server.token_file {tf}: {e}") from e
 
 
+def server_ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
+    """TLS to an ``https://`` server: verified against the fleet CA, with the device's
+    client certificate once enrolled (its identity on the device API)."""
+    s = config.server
+    if not s.url.startswith("https://"):
+        return None
+    from .identity import IdentityError, client_ssl_context
+
+    try:
+        return client_ssl_context(s.ca_file, s.cert_file, s.key_file if s.cert_file else None)
+    except IdentityError as e:
+        raise ConfigError(str(e)) from e
+
+
+#: seconds between renewal attempts after one failed
+RENEW_RETRY_SECONDS = 60.0
+
+
 class AgentDaemon:
     """Everything ``edgefleet-agent run`` runs; :meth:`run` blocks until :meth:`stop`."""
 
@@ -94,13 +113,16 @@ class AgentDaemon:
         self.fetcher = (
             HttpFetcher(
                 config.server.url,
-                token=read_token(config),
+                token=None if config.server.cert_file else read_token(config),
                 timeout=config.server.timeout_seconds,
                 chunk_bytes=config.update.download_chunk_bytes,
+                ssl_context=server_ssl_context(config),
             )
             if config.server.url
             else None
         )
+        self._clock = clock
+        self._renew_after = 0.0  # monotonic time of the next renewal attempt
         self.updater = Updater(
             state_dir,
             self.trust,
@@ -204,7 +226,33 @@ class AgentDaemon:
             with contextlib.suppress(Exception):
                 self.updater.report_health(note["code"], note["message"], telemetry=extra)
 
+    def renew_certificate_if_due(self) -> bool:
+        """Renew the client certificate when less than ``[server] renew_fraction`` of its
+        validity remains; HTTP and MQTT present the new one from their next connection.
+        True when renewed. A failure is logged and retried later; the current
+        certificate is kept."""
+        from .renew import RenewalError, due, renew
+
+        if time.monotonic() < self._renew_after:
+            return False
+        try:
+            if not due(self.config, self._clock()):
+                return False
+            renew(self.config)
+        except RenewalError as e:
+            log.warning("certificate renewal failed: %s", e)
+            self._renew_after = time.monotonic() + RENEW_RETRY_SECONDS
+            return False
+        if self.fetcher is not None:
+            self.fetcher.ssl_context = server_ssl_context(self.config)
+        if self.transport is not None:
+            with contextlib.suppress(Exception):
+                self.transport.reload_client_certificate()
+        log.info("client certificate renewed", extra={"device_id": self.config.device.id})
+        return True
+
     def _after_round(self) -> None:
+        self.renew_certificate_if_due()
         self._report_store_notes()
         if self.reporter is not None:
             self.reporter.notify()

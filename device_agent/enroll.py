@@ -1,8 +1,13 @@
-"""First-boot enrollment: trade a single-use token for a device id and credential.
+"""First-boot enrollment: trade a single-use token for a device id and certificate.
 
-The credential is written with mode 0600 to ``server.token_file`` and the
-device id to ``state_dir/identity.json``; later :meth:`AgentConfig.load` picks
-the id up from there. Uses only the standard library (the agent stays small).
+The device makes its key pair here (``state_dir/device.key``, never sent) and sends a
+certificate signing request. A server with a fleet CA answers with the device's client
+certificate, the fleet CA and the MQTT endpoint, all kept in ``state_dir`` and named in
+``state_dir/identity.json``; :meth:`AgentConfig.load` picks them up from there, so HTTP
+and MQTT use the certificate and the image needs no hand-typed broker address. A server
+without a CA (development) answers with a bearer credential instead, written with mode
+0600 to ``server.token_file``. Over ``https://`` the server is verified against
+``[server] ca_file`` (the fleet CA shipped in the image). Uses only the standard library.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ class EnrollmentError(Exception):
 @dataclass(frozen=True)
 class Enrollment:
     device_id: str
-    credential_file: Path
+    #: the bearer credential's file; None for a device enrolled with a certificate
+    credential_file: Path | None
     identity_file: Path
 
 
@@ -39,8 +45,6 @@ def enroll(config: AgentConfig, token: str, *, requested_id: str | None = None) 
     """Enroll with the server named in ``config``; store the credential and identity."""
     if not config.server.url:
         raise EnrollmentError("no server url configured ([server] url); cannot enroll")
-    if config.server.token_file is None:
-        raise EnrollmentError("no [server] token_file configured to store the credential in")
     body = {
         "enrollment_token": token.strip(),
         "device_class": config.device.device_class,
@@ -63,8 +67,18 @@ def enroll(config: AgentConfig, token: str, *, requested_id: str | None = None) 
         headers={"Content-Type": "application/json"},
         method="POST",
     )
+    context = None
+    if config.server.url.startswith("https://"):
+        from .identity import client_ssl_context
+
+        try:
+            context = client_ssl_context(config.server.ca_file)
+        except IdentityError as e:
+            raise EnrollmentError(f"cannot set up TLS to the server: {e}") from e
     try:
-        with urllib.request.urlopen(req, timeout=config.server.timeout_seconds) as resp:
+        with urllib.request.urlopen(
+            req, timeout=config.server.timeout_seconds, context=context
+        ) as resp:
             answer = json.loads(resp.read())
     except urllib.error.HTTPError as e:
         detail = e.read().decode(errors="replace")[:500]
@@ -81,11 +95,22 @@ def enroll(config: AgentConfig, token: str, *, requested_id: str | None = None) 
             "retry, the token stays valid until it expires"
         ) from e
     try:
-        device_id, credential = str(answer["device_id"]), str(answer["credential"])
-    except (KeyError, TypeError) as e:
-        raise EnrollmentError(f"unexpected enrollment answer: {answer!r}") from e
-    cred_file = Path(config.server.token_file)
-    atomic_write_bytes(cred_file, credential.encode() + b"\n", mode=0o600)
+        device_id = str(answer["device_id"])
+        credential = answer.get("credential")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise EnrollmentError(f"unexpected enrollment answer: {answer!r:.300}") from e
+    if not isinstance(answer.get("certificate"), str) and not isinstance(credential, str):
+        raise EnrollmentError("the server answered with neither a certificate nor a credential")
+    cred_file = None
+    if isinstance(credential, str):  # a server without a fleet CA (development)
+        if config.server.token_file is None:
+            raise EnrollmentError(
+                "the server enrolls by bearer credential (it has no fleet CA) and no "
+                "[server] token_file is configured to store it in"
+            )
+        cred_file = Path(config.server.token_file)
+        atomic_write_bytes(cred_file, credential.encode() + b"\n", mode=0o600)
+        os.chmod(cred_file, 0o600)
     state = Path(config.device.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     identity = state / IDENTITY_FILE
@@ -103,8 +128,10 @@ def enroll(config: AgentConfig, token: str, *, requested_id: str | None = None) 
         save_certificate(state / DEVICE_CERT_FILE, answer["certificate"])
         record["certificate"] = str(state / DEVICE_CERT_FILE)
         record["key"] = str(state / DEVICE_KEY_FILE)
+        if isinstance(answer.get("ca_pem"), str):
+            atomic_write_bytes(state / FLEET_CA_FILE, answer["ca_pem"].encode())
+            record["ca_file"] = str(state / FLEET_CA_FILE)
     atomic_write_bytes(identity, json.dumps(record).encode() + b"\n")
-    os.chmod(cred_file, 0o600)
     return Enrollment(device_id, cred_file, identity)
 
 

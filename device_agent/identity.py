@@ -3,12 +3,14 @@
 :class:`KeyProvider` is the interface (a PKCS#11 token or a TPM can implement it);
 :class:`FileKeyProvider` is the default: an ECDSA P-256 key generated at first boot into
 a file of mode 0600. Enrollment sends :meth:`KeyProvider.csr` with the one-time token
-and stores the certificate the server returns beside the key; MQTT then authenticates
-with that certificate (the server's broker takes its CN as the device id).
+and stores the certificate the server returns beside the key; MQTT and HTTP then
+authenticate with that certificate (the server takes its CN as the device id), and the
+agent renews it before it expires (:func:`renewal_due`, :mod:`device_agent.renew`).
 """
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Protocol
 
@@ -84,6 +86,34 @@ class FileKeyProvider:
         return self.path
 
 
+def client_ssl_context(
+    ca_file: Path | None, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
+    """A TLS client context that verifies the server against ``ca_file`` (None: the
+    system trust store) and presents the device's certificate when given."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        if cert_file is not None:
+            context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    except (OSError, ssl.SSLError) as e:
+        raise IdentityError(
+            f"cannot load the fleet CA or the device certificate ({e}); enroll the device "
+            "again if they are gone"
+        ) from e
+    return context
+
+
+def renewal_due(cert_pem: bytes, now: float, fraction: float) -> bool:
+    """Whether less than ``fraction`` of the certificate's validity remains at ``now``
+    (seconds since the epoch), or it has expired. Pure: no I/O, no clock."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    start = cert.not_valid_before_utc.timestamp()
+    end = cert.not_valid_after_utc.timestamp()
+    if end <= start:
+        return True
+    return (end - now) < fraction * (end - start)
+
+
 def save_certificate(path: Path, cert_pem: bytes | str) -> Path:
     """Store the certificate the server issued (PEM), checking that it parses."""
     raw = cert_pem.encode() if isinstance(cert_pem, str) else cert_pem
@@ -95,4 +125,11 @@ def save_certificate(path: Path, cert_pem: bytes | str) -> Path:
     return Path(path)
 
 
-__all__ = ["FileKeyProvider", "IdentityError", "KeyProvider", "save_certificate"]
+__all__ = [
+    "FileKeyProvider",
+    "IdentityError",
+    "KeyProvider",
+    "client_ssl_context",
+    "renewal_due",
+    "save_certificate",
+]

@@ -7,6 +7,7 @@ messages.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -37,10 +38,24 @@ def _error_of(r: httpx.Response) -> ApiError:
 class AdminClient:
     """A thin client of the admin API (``/api/v1``) with an operator token."""
 
-    def __init__(self, url: str, token: str, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        timeout: float = 60.0,
+        *,
+        verify: ssl.SSLContext | str | bool = True,
+    ) -> None:
+        """``verify``: the CA file the server's HTTPS certificate chains to (the fleet
+        CA's ``ca.crt``), an SSL context, or True for the system's trust store."""
+        if isinstance(verify, str):
+            verify = ssl.create_default_context(cafile=verify)
         self.url = url.rstrip("/")
         self._http = httpx.Client(
-            base_url=self.url, timeout=timeout, headers={"Authorization": f"Bearer {token}"}
+            base_url=self.url,
+            timeout=timeout,
+            headers={"Authorization": f"Bearer {token}"},
+            verify=verify,
         )
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:

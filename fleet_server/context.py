@@ -29,6 +29,7 @@ from fleet_server.db.models import Operator, OperatorToken
 from fleet_server.db.session import make_engine, make_sessionmaker, upgrade_database
 from fleet_server.metrics import ServerMetrics
 from fleet_server.registry.bundles import BundleRegistry
+from fleet_server.registry.certificates import CertificateAuth
 from fleet_server.registry.storage import BundleStore
 from fleet_server.rollouts.service import RolloutService
 from fleet_server.security import Role, TokenHasher, new_id
@@ -85,6 +86,12 @@ class ServerContext:
             settings.telemetry_sample_rate, settings.telemetry_window_seconds
         )
         self.device_auth = DeviceAuthCache(self.engine, settings.device_auth_cache_size)
+        #: device client certificates (TLS) -> device id, for recorded valid ones only
+        self.device_certs = CertificateAuth(
+            self.engine,
+            ttl_seconds=max(settings.assignment_cache_seconds, 1.0),
+            max_size=settings.device_auth_cache_size,
+        )
         self.assignment_cache = AssignmentCache(self.engine, self.telemetry_policy)
         self.last_seen = LastSeenBuffer(self.engine)
         self.bundles = BundleStore(settings.bundle_dir)

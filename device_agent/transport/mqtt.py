@@ -147,6 +147,8 @@ class MqttSession:
         self._epoch = 0
         self._thread: threading.Thread | None = None
         self._handshake_timeout = connect_timeout + 10.0
+        self._tls = tls
+        self._ssl_context: ssl.SSLContext | None = None
         protocol = mqtt.MQTTv5 if mqtt_version == 5 else mqtt.MQTTv311
         kwargs: dict[str, Any] = {
             "protocol": protocol,
@@ -164,12 +166,16 @@ class MqttSession:
                 p = getattr(tls, attr)
                 if p is not None and not Path(p).is_file():
                     raise TransportConfigError(f"TLS {attr} {p} does not exist")
-            c.tls_set(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
+            # our own context, kept: a renewed client certificate is loaded into it and
+            # used from the next connection on (reload_client_certificate)
+            self._ssl_context = ssl.create_default_context(
+                cafile=str(tls.ca_file) if tls.ca_file else None
             )
+            if tls.cert_file:
+                self._ssl_context.load_cert_chain(
+                    str(tls.cert_file), str(tls.key_file) if tls.key_file else None
+                )
+            c.tls_set_context(self._ssl_context)
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(0)
         if will is not None:
@@ -190,6 +196,17 @@ class MqttSession:
     @property
     def connection_epoch(self) -> int:
         return self._epoch
+
+    def reload_client_certificate(self) -> None:
+        """Use the TLS client certificate and key files again (after a renewal): the open
+        connection keeps going, every later handshake presents the new certificate."""
+        tls, context = self._tls, self._ssl_context
+        if tls is None or context is None or tls.cert_file is None:
+            return
+        try:
+            context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+        except (OSError, ssl.SSLError) as e:
+            raise TransportConfigError(f"cannot load TLS client certificate: {e}") from e
 
     def start(self) -> MqttSession:
         """Start the supervisor; it connects (and keeps reconnecting) in the background."""
@@ -455,13 +472,14 @@ class MqttTransport(MqttSession):
                 raise TransportConfigError(
                     f"cannot read mqtt.password_file {m.password_file}: {e}"
                 ) from e
-        tls = TlsOptions(ca_file=m.ca_file) if m.tls else None
+        tls = TlsOptions(m.ca_file, m.cert_file, m.key_file) if m.tls else None
         kwargs: dict[str, Any] = dict(
             username=m.username or cfg.device.id,
             password=password,
             tls=tls,
             keepalive=m.keepalive,
             max_inflight=m.inflight,
+            mqtt_version=m.mqtt_version,
         )
         kwargs.update(overrides)
         return cls(cfg.device.id, m.host, m.port, **kwargs)

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -131,7 +132,10 @@ class HttpFetcher:
         retries: int = 3,
         backoff_seconds: float = 0.2,
         sleep: Callable[[float], None] = time.sleep,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``ssl_context`` verifies an ``https://`` server (the fleet CA) and presents the
+        device's client certificate; replace the attribute after a renewal."""
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"server url {base_url!r} must start with http:// or https://")
         self.base_url = base_url.rstrip("/") + "/"
@@ -141,6 +145,7 @@ class HttpFetcher:
         self.retries = retries
         self.backoff_seconds = backoff_seconds
         self.sleep = sleep
+        self.ssl_context = ssl_context
 
     # -- plumbing --------------------------------------------------------------
     def _url(self, path: str) -> str:
@@ -170,7 +175,10 @@ class HttpFetcher:
             raise ForeignOriginError(f"refusing to contact {url}: not the server's origin")
         if self.token:
             req.add_unredirected_header("Authorization", f"Bearer {self.token}")
-        opener = urllib.request.build_opener(_SameOriginRedirects({origin(self.base_url)}))
+        handlers: list[urllib.request.BaseHandler] = [_SameOriginRedirects({origin(self.base_url)})]
+        if self.ssl_context is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=self.ssl_context))
+        opener = urllib.request.build_opener(*handlers)
         return opener.open(req, timeout=self.timeout)
 
     # -- assignment ----------------------------------------------------------

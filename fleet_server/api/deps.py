@@ -23,6 +23,7 @@ from fleet_server.context import ServerContext
 from fleet_server.db.models import Operator, OperatorToken
 from fleet_server.db.types import utcnow
 from fleet_server.errors import InvalidTokenError, NotAuthenticatedError, PermissionDeniedError
+from fleet_server.pki.serve import peer_certificate
 from fleet_server.security import PERMISSIONS, Role, bearer_token
 
 _bearer = HTTPBearer(auto_error=False, description="Operator token (`eft_...`)")
@@ -147,17 +148,37 @@ OperatorDep = Annotated[Principal, Depends(RoleRequirement(Role.operator))]
 AdminDep = Annotated[Principal, Depends(RoleRequirement(Role.admin))]
 
 
-def authenticate_device(ctx: ServerContext, authorization: str | None) -> str:
-    """The device id behind a device credential (blocking on a cache miss)."""
+def authenticate_device(
+    ctx: ServerContext, authorization: str | None, peer_cert: bytes | None = None
+) -> str:
+    """The device id behind a request (blocking on a cache miss).
+
+    A TLS client certificate (``peer_cert``, DER, already verified against the fleet CA
+    by the TLS layer) decides alone: it must be one the server recorded for a device,
+    not revoked nor expired. Without one, the bearer credential of a device enrolled
+    without a certificate; a device that has a certificate is refused by token.
+    """
+    if peer_cert is not None:
+        device_id = ctx.device_certs.get(peer_cert) or ctx.device_certs.load(peer_cert)
+        if device_id is None:
+            raise InvalidTokenError(
+                "the client certificate is revoked, expired or was not issued to an "
+                "enrolled device by this server; enroll the device again"
+            )
+        return device_id
     token = bearer_token(authorization)
     if token is None:
         raise NotAuthenticatedError(
-            "this route needs the device credential: send `Authorization: Bearer <credential>`"
+            "this route needs the device's client certificate (TLS) or, for a device "
+            "enrolled without one, its credential: `Authorization: Bearer <credential>`"
         )
     h = ctx.hasher.hash(token)
     device_id = ctx.device_auth.get(h) or ctx.device_auth.load(h)
     if device_id is None:
-        raise InvalidTokenError("the device credential is unknown or revoked; re-enroll")
+        raise InvalidTokenError(
+            "the device credential is unknown or revoked, or the device has a certificate "
+            "and must present it over TLS instead; re-enroll"
+        )
     return device_id
 
 
@@ -166,9 +187,24 @@ def current_device(
     request: Request,
     _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_device_bearer)],
 ) -> str:
-    device_id = authenticate_device(ctx, request.headers.get("authorization"))
+    device_id = authenticate_device(
+        ctx, request.headers.get("authorization"), peer_certificate(request.scope)
+    )
     ctx.last_seen.touch(device_id)
     return device_id
 
 
 CurrentDevice = Annotated[str, Depends(current_device)]
+
+
+def certified_device(ctx: CtxDep, request: Request) -> str:
+    """The device behind the request's TLS client certificate; a token does not do."""
+    der = peer_certificate(request.scope)
+    if der is None:
+        raise NotAuthenticatedError(
+            "this route needs the device's current client certificate over TLS"
+        )
+    return authenticate_device(ctx, None, der)
+
+
+CertifiedDevice = Annotated[str, Depends(certified_device)]

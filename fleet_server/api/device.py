@@ -7,9 +7,11 @@ cached credential and a cached assignment it answers a matching
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
@@ -20,14 +22,23 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from device_agent.protocol import (
     ASSIGNMENT_PATH,
+    CERTIFICATE_PATH,
     DEVICE_API_PREFIX,
     MAX_REPORT_BATCH_BYTES,
     REPORTS_PATH,
 )
 from fleet_server import audit
-from fleet_server.api.deps import CtxDep, CurrentDevice, SessionDep, authenticate_device
+from fleet_server.api.deps import (
+    CertifiedDevice,
+    CtxDep,
+    CurrentDevice,
+    SessionDep,
+    authenticate_device,
+)
 from fleet_server.api.device_schemas import (
     AssignmentPublic,
+    CertificateIssued,
+    CertificateRenewal,
     EnrollRequest,
     EnrollResponse,
     MqttEndpoint,
@@ -41,11 +52,14 @@ from fleet_server.db.models import Bundle, Device, DeviceReport
 from fleet_server.db.types import utcnow
 from fleet_server.errors import (
     BadRequestError,
+    ConflictError,
     NotFoundError,
     PayloadTooLargeError,
     ServerError,
     error_body,
 )
+from fleet_server.pki.serve import peer_certificate
+from fleet_server.registry.certificates import record_certificate
 from fleet_server.registry.enrollment import enroll_device
 
 router = APIRouter(tags=["device"])
@@ -101,12 +115,7 @@ def enroll(
     session.flush()
     certificate: bytes | None = None
     if ctx.ca is not None and body.csr:
-        from fleet_server.pki.ca import CAError
-
-        try:  # before the commit: a bad request leaves the token unused
-            certificate = ctx.ca.sign_device_csr(body.csr, d.id)
-        except CAError as e:
-            raise BadRequestError(str(e)) from e
+        certificate = _issue(ctx, session, d.id, body.csr, reason="enroll")
     change = ctx.rollouts.sync_device(session, d)
     session.commit()
     ctx.assignments.publish([change])
@@ -119,12 +128,62 @@ def enroll(
         ctx.broker.add_device(d.id, enrolled.credential)
     return EnrollResponse(
         device_id=d.id,
-        credential=enrolled.credential,
+        # a device with a certificate gets no bearer token: nothing reusable on the wire
+        credential=enrolled.credential if certificate is None else None,
         device_class=d.device_class,
         labels=d.labels,
         mqtt=mqtt_endpoint(ctx, request.url.hostname),
         certificate=certificate.decode() if certificate is not None else None,
+        ca_pem=ctx.ca.cert_pem.decode() if certificate is not None and ctx.ca else None,
     )
+
+
+def _issue(ctx: ServerContext, session: Any, device_id: str, csr: str, *, reason: str) -> bytes:
+    """Sign ``csr`` for ``device_id`` and record the certificate; the caller commits (a
+    refused request changes nothing, so an enrollment token stays unused)."""
+    from fleet_server.pki.ca import CAError
+
+    assert ctx.ca is not None
+    try:
+        pem = ctx.ca.sign_device_csr(
+            csr, device_id, lifetime=timedelta(seconds=ctx.settings.device_cert_seconds)
+        )
+    except CAError as e:
+        raise BadRequestError(str(e)) from e
+    record_certificate(session, device_id, pem, reason=reason)
+    return pem
+
+
+@router.post(
+    CERTIFICATE_PATH,
+    response_model=CertificateIssued,
+    responses={400: _ERR, 401: _ERR, 409: _ERR},
+)
+def renew_certificate(
+    body: CertificateRenewal, device_id: CertifiedDevice, session: SessionDep, ctx: CtxDep
+) -> CertificateIssued:
+    """A new client certificate for the calling device, before its current one expires.
+
+    Only over TLS with the device's current, valid certificate (the proof that it holds
+    the key); the CSR must be signed by the key it names (the same or a new one). The
+    earlier certificates stay valid until they expire, so a lost answer locks nobody out.
+    """
+    if ctx.ca is None:
+        raise ConflictError("this server has no fleet CA (ca_dir); it issues no certificates")
+    pem = _issue(ctx, session, device_id, body.csr, reason="renew")
+    cert = x509.load_pem_x509_certificate(pem)
+    audit.record(
+        session,
+        actor=f"device:{device_id}",
+        action="device.certificate.renew",
+        target_type="device",
+        target_id=device_id,
+        details={"serial": format(cert.serial_number, "x")},
+    )
+    session.commit()
+    if ctx.broker is not None and ctx.broker.tls is not None:
+        ctx.broker.add_certificate_serial(device_id, cert.serial_number)
+    return CertificateIssued(certificate=pem.decode(), not_after=cert.not_valid_after_utc)
 
 
 def mqtt_endpoint(ctx: ServerContext, request_host: str | None) -> MqttEndpoint | None:
@@ -173,21 +232,25 @@ def _json_error(exc_status: int, code: str, message: str) -> Response:
     )
 
 
-async def checkin_response(ctx: ServerContext, headers: Headers) -> Response:
-    """The check-in answer for a request's headers: 304, 200 with the assignment, or 401.
+async def checkin_response(
+    ctx: ServerContext, headers: Headers, peer_cert: bytes | None = None
+) -> Response:
+    """The check-in answer for a request: 304, 200 with the assignment, or 401.
 
-    With the credential and the assignment in the in-memory caches this does one
-    HMAC and two dictionary lookups; only a cache miss goes to the database, in a
-    worker thread.
+    ``peer_cert`` is the TLS client certificate (DER), which alone decides when present.
+    With the credential and the assignment in the in-memory caches this does one HMAC
+    (or one certificate lookup) and two dictionary lookups; only a cache miss goes to
+    the database, in a worker thread.
     """
     auth = headers.get("authorization")
-    token_hash = None
-    if auth and auth[:7].lower() == "bearer ":
-        token_hash = ctx.hasher.hash(auth[7:].strip())
-    device_id = ctx.device_auth.get(token_hash) if token_hash else None
+    device_id = None
+    if peer_cert is not None:
+        device_id = ctx.device_certs.get(peer_cert)
+    elif auth and auth[:7].lower() == "bearer ":
+        device_id = ctx.device_auth.get(ctx.hasher.hash(auth[7:].strip()))
     if device_id is None:
         try:
-            device_id = await run_in_threadpool(authenticate_device, ctx, auth)
+            device_id = await run_in_threadpool(authenticate_device, ctx, auth, peer_cert)
         except ServerError as e:
             return _json_error(e.status_code, e.code, e.message)
     ctx.last_seen.touch(device_id)
@@ -218,7 +281,9 @@ async def get_assignment(request: Request) -> Response:
     Served by :class:`CheckinFastPath` ahead of the router; this route documents it
     and answers if the fast path is not installed.
     """
-    return await checkin_response(request.app.state.ctx, request.headers)
+    return await checkin_response(
+        request.app.state.ctx, request.headers, peer_certificate(request.scope)
+    )
 
 
 class CheckinFastPath:
@@ -238,7 +303,9 @@ class CheckinFastPath:
             and scope["path"] == ASSIGNMENT_PATH
             and scope["method"] in ("GET", "HEAD")
         ):
-            response = await checkin_response(self.ctx, Headers(scope=scope))
+            response = await checkin_response(
+                self.ctx, Headers(scope=scope), peer_certificate(scope)
+            )
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -47,7 +48,11 @@ class MqttEndpoint(BaseModel):
 
 class EnrollResponse(BaseModel):
     device_id: str
-    credential: str = Field(description="Shown once; the server stores only its hash.")
+    credential: str | None = Field(
+        default=None,
+        description="Bearer credential, shown once (the server stores only its hash); "
+        "null for a device enrolled with a certificate, which authenticates by it.",
+    )
     device_class: str
     labels: dict[str, str]
     mqtt: MqttEndpoint | None = Field(
@@ -56,6 +61,24 @@ class EnrollResponse(BaseModel):
     certificate: str | None = Field(
         default=None, description="The device's client certificate (PEM), for a CSR."
     )
+    ca_pem: str | None = Field(
+        default=None,
+        description="The fleet CA (PEM) the server's and the broker's certificates chain "
+        "to; with ``certificate``.",
+    )
+
+
+class CertificateRenewal(BaseModel):
+    csr: str = Field(
+        min_length=1,
+        max_length=16384,
+        description="PEM certificate signing request, signed by the key it names.",
+    )
+
+
+class CertificateIssued(BaseModel):
+    certificate: str = Field(description="The new client certificate (PEM), CN = device id.")
+    not_after: datetime
 
 
 class BundleRef(BaseModel):

@@ -16,6 +16,7 @@ from fleet_server.api.pagination import Page, PageDep, paginate
 from fleet_server.db.models import Assignment, Bundle, Device, EnrollmentToken, Group
 from fleet_server.db.types import utcnow
 from fleet_server.errors import BadRequestError, ConflictError, NotFoundError
+from fleet_server.registry.certificates import revoke_certificates
 from fleet_server.registry.enrollment import issue_enrollment_token
 from fleet_server.registry.groups import group_members
 from fleet_server.security import new_id
@@ -220,14 +221,22 @@ def patch_labels(
 def revoke_device(
     device_id: str, session: SessionDep, who: OperatorDep, ctx: CtxDep
 ) -> DevicePublic:
-    """Revoke the device's credential; it must enroll again."""
+    """Revoke the device's credential and certificates: HTTP and MQTT refuse it at once;
+    it must enroll again."""
     d = _device(session, device_id)
     d.revoked_at = utcnow()
+    serials = revoke_certificates(session, d.id)
     audit.record(
-        session, actor=who.actor, action="device.revoke", target_type="device", target_id=d.id
+        session,
+        actor=who.actor,
+        action="device.revoke",
+        target_type="device",
+        target_id=d.id,
+        details={"certificates": [format(s, "x") for s in serials]},
     )
     session.commit()
     ctx.device_auth.evict_device(d.id)
+    ctx.device_certs.evict_device(d.id)
     if ctx.broker is not None:
         ctx.broker.remove_device(d.id)
     return device_public(d)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, select, update
+from sqlalchemy import Engine, bindparam, exists, select, update
 
 from fleet_server.assignments.document import TelemetryPolicy, build_assignment, canonical
-from fleet_server.db.models import Assignment, Device
+from fleet_server.db.models import Assignment, Device, DeviceCertificate
 from fleet_server.db.types import utcnow
 
 
@@ -36,8 +36,11 @@ class DeviceAuthCache:
         self._max = max_size
         self._entries: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
+        # a device with a certificate authenticates by it: its bearer token is refused
         self._stmt = select(Device.id).where(
-            Device.credential_hash == bindparam("h"), Device.revoked_at.is_(None)
+            Device.credential_hash == bindparam("h"),
+            Device.revoked_at.is_(None),
+            ~exists().where(DeviceCertificate.device_id == Device.id),
         )
 
     def get(self, credential_hash: str) -> str | None:

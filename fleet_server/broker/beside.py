@@ -199,6 +199,13 @@ class BrokerBeside:
             self._save()
             self.broker.reload()
 
+    def add_certificate_serial(self, device_id: str, serial: int) -> None:
+        """Record a renewed certificate of an admitted device (revoked with the device)."""
+        with self._lock:
+            certs = self._certificates()
+            certs.setdefault(device_id, []).append(serial)
+            atomic_write_bytes(self._certs_file, json.dumps(certs).encode(), mode=0o600)
+
     def remove_device(self, device_id: str) -> None:
         """Refuse ``device_id`` from now on: its open sessions are closed and, with TLS,
         its certificates are revoked (CRL re-read by the broker at once)."""

@@ -71,9 +71,26 @@ def server(
         sys.exit(2)
     import uvicorn
 
+    tls: dict[str, object] = {}
+    if settings.ca_dir is not None:  # HTTPS; devices authenticate by client certificate
+        from fleet_server.pki.ca import CAError
+        from fleet_server.pki.serve import server_names, uvicorn_tls_options
+
+        try:
+            tls = uvicorn_tls_options(
+                settings.ca_dir, settings.tls_dir, server_names(host, settings.tls_names)
+            )
+        except CAError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
     click.echo(
-        f"edgefleet server on http://{host}:{port} ({settings.environment}, "
-        f"database {settings.database_url.split('://')[0]})",
+        f"edgefleet server on {'https' if tls else 'http'}://{host}:{port} "
+        f"({settings.environment}, database {settings.database_url.split('://')[0]}"
+        + (
+            "; device API by client certificate from the fleet CA)"
+            if tls
+            else "; plain HTTP: development only, set ca_dir for TLS)"
+        ),
         err=True,
     )
     uvicorn.run(
@@ -84,6 +101,7 @@ def server(
         workers=workers,
         log_level=log_level,
         access_log=access_log,
+        **tls,  # type: ignore[arg-type]
     )
 
 

@@ -72,6 +72,26 @@ class Device(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
+class DeviceCertificate(Base):
+    """A client certificate the fleet CA issued to a device (public: no key, no secret).
+
+    HTTP device requests are authenticated by the TLS client certificate; the serial
+    must be one of these rows, not revoked and not expired, for a device not revoked.
+    """
+
+    __tablename__ = "device_certificates"
+
+    #: the certificate's serial number in lower-case hex
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    pem: Mapped[str] = mapped_column(Text)
+    not_after: Mapped[datetime] = mapped_column(UTCDateTime)
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: "enroll" or "renew"
+    reason: Mapped[str] = mapped_column(String(20), default="enroll")
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
 class Model(Base):
     __tablename__ = "models"
 
@@ -182,6 +202,7 @@ __all__ = [
     "AuditEntry",
     "Bundle",
     "Device",
+    "DeviceCertificate",
     "DeviceReport",
     "EnrollmentToken",
     "Group",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -15,8 +16,13 @@ from fleet_server.broker.mosquitto import free_port
 SERVER_SNIPPET = """
 import uvicorn
 from fleet_server.app import create_app
+from fleet_server.pki.serve import server_names, uvicorn_tls_options
 from fleet_server.settings import ServerSettings
-uvicorn.run(create_app(ServerSettings()), host="127.0.0.1", port={port}, log_level="warning")
+s = ServerSettings()
+tls = {{}}
+if s.ca_dir is not None:
+    tls = uvicorn_tls_options(s.ca_dir, s.tls_dir, server_names("127.0.0.1", s.tls_names))
+uvicorn.run(create_app(s), host="127.0.0.1", port={port}, log_level="warning", **tls)
 """
 
 
@@ -32,7 +38,15 @@ class ServerProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """``https://`` when the settings name a fleet CA (``ca_dir``), else ``http://``."""
+        scheme = "https" if self.settings.get("ca_dir") else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an HTTP client verifies the server with: the fleet CA, or True."""
+        ca_dir = self.settings.get("ca_dir")
+        return ssl.create_default_context(cafile=Path(ca_dir) / "ca.crt") if ca_dir else True
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +68,8 @@ class ServerProcess:
                     f"the server exited at start; see {self.log}:\n" + self.log.read_text()[-2000:]
                 )
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                r = httpx.get(f"{self.url}/healthz", timeout=1.0, verify=self.verify)
+                if r.status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -132,9 +132,14 @@ class FleetCA:
         return cls(root, key, cert)
 
     def _builder(
-        self, subject: str, public_key: ec.EllipticCurvePublicKey, days: int
+        self,
+        subject: str,
+        public_key: ec.EllipticCurvePublicKey,
+        days: int,
+        lifetime: dt.timedelta | None = None,
     ) -> x509.CertificateBuilder:
         now = _now()
+        valid = lifetime if lifetime is not None else dt.timedelta(days=days)
         return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -142,7 +147,7 @@ class FleetCA:
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days))
+            .not_valid_after(now + valid)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), False
@@ -172,9 +177,15 @@ class FleetCA:
         return Issued(key_pem, _pem(cert))
 
     def sign_device_csr(
-        self, csr_pem: bytes | str, device_id: str, *, days: int = DEVICE_CERT_DAYS
+        self,
+        csr_pem: bytes | str,
+        device_id: str,
+        *,
+        days: int = DEVICE_CERT_DAYS,
+        lifetime: dt.timedelta | None = None,
     ) -> bytes:
-        """A client certificate for ``device_id`` from the device's CSR (PEM).
+        """A client certificate for ``device_id`` from the device's CSR (PEM), valid for
+        ``lifetime`` (else ``days``) from now.
 
         The CSR's own signature must hold (the device has the key); its subject is
         ignored: the certificate names the enrolled device id.
@@ -194,7 +205,7 @@ class FleetCA:
         ):
             raise CAError("device keys must be ECDSA P-256 or P-384")
         cert = (
-            self._builder(device_id, public_key, days)
+            self._builder(device_id, public_key, days, lifetime)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
             .sign(self._key, hashes.SHA256())
         )

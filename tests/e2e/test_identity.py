@@ -1,15 +1,20 @@
 """Device identity from the fleet CA, end to end against a real server and Mosquitto.
 
-An operator creates the fleet CA; the server's broker then takes devices only over TLS
-with a client certificate. A device makes its key pair itself, enrolls with a CSR and
-the one-time token, and talks MQTT with its own certificate; the private key never
-leaves it. A revoked device is refused on MQTT (CRL, session closed at once) and HTTP.
+An operator creates the fleet CA; the server then serves HTTPS and its broker takes
+devices only over TLS, both asking for a client certificate from the fleet CA. A device
+makes its key pair itself, enrolls with a CSR and the one-time token, and talks HTTP and
+MQTT with its own certificate; the private key never leaves it. The tests play the
+attacker: a bearer token, a copy of the server's database, another device's certificate,
+a certificate from another CA, a revoked certificate. A revoked device is refused on
+HTTP and MQTT at once; certificates are renewed before they expire.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import sqlite3
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +52,17 @@ class Setup:
     ca: FleetCA
     tmp: Path
 
+    @property
+    def ca_file(self) -> Path:
+        return self.tmp / "ca" / "ca.crt"
+
+    def http(self, cert: Path | None = None, key: Path | None = None) -> httpx.Client:
+        """An HTTPS client that verifies the server by the fleet CA (and presents ``cert``)."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if cert is not None:
+            context.load_cert_chain(cert, key)
+        return httpx.Client(base_url=self.server.url, verify=context, timeout=30)
+
     def enroll(self, device_id: str, csr: bytes | None) -> httpx.Response:
         token = self.admin.post("/enrollment-tokens", json={"device_class": "gw"})["token"]
         body: dict[str, Any] = {
@@ -56,14 +72,15 @@ class Setup:
         }
         if csr is not None:
             body["csr"] = csr.decode()
-        return httpx.post(f"{self.server.url}/device/v1/enroll", json=body, timeout=30)
+        with self.http() as c:
+            return c.post("/device/v1/enroll", json=body)
 
     def health(self) -> dict[str, Any]:
-        return dict(httpx.get(f"{self.server.url}/healthz", timeout=5).json())
+        with self.http() as c:
+            return dict(c.get("/healthz").json())
 
 
-@pytest.fixture
-def setup(tmp_path: Path, sim: BundleSim) -> Iterator[Setup]:
+def start(tmp_path: Path, sim: BundleSim, **settings: str) -> Setup:
     trust = tmp_path / "trust.json"
     sim.trust("release").save(trust)
     ca = FleetCA.init(tmp_path / "ca")
@@ -79,12 +96,20 @@ def setup(tmp_path: Path, sim: BundleSim) -> Iterator[Setup]:
             "broker": "mosquitto",
             "broker_dir": str(tmp_path / "broker"),
             "ca_dir": str(tmp_path / "ca"),
+            **settings,
         },
     ).start()
+    assert server.url.startswith("https://")
+    return Setup(server, AdminClient(server.url, token, verify=str(ca.cert_path)), ca, tmp_path)
+
+
+@pytest.fixture
+def setup(tmp_path: Path, sim: BundleSim) -> Iterator[Setup]:
+    s = start(tmp_path, sim)
     try:
-        yield Setup(server, AdminClient(server.url, token), ca, tmp_path)
+        yield s
     finally:
-        server.stop()
+        s.server.stop()
 
 
 @dataclass
@@ -94,7 +119,10 @@ class Device:
     cert: Path
     ca: Path
     endpoint: dict[str, Any]
-    credential: str
+    credential: str | None
+
+    def http(self, setup: Setup) -> httpx.Client:
+        return setup.http(self.cert, self.key.key_file())
 
     def transport(self, **kw: Any) -> MqttTransport:
         return MqttTransport(
@@ -150,19 +178,15 @@ def test_enrolled_device_talks_tls_with_its_own_certificate(setup: Setup) -> Non
 def test_enrollment_without_a_csr_is_refused_and_keeps_the_token_unused(setup: Setup) -> None:
     token = setup.admin.post("/enrollment-tokens", json={"device_class": "gw"})["token"]
     body = {"enrollment_token": token, "device_class": "gw", "device_id": "gw-2"}
-    r = httpx.post(f"{setup.server.url}/device/v1/enroll", json=body, timeout=30)
+    http = setup.http()
+    r = http.post("/device/v1/enroll", json=body)
     assert r.status_code == 400 and "certificate signing request" in r.text
-    bad = httpx.post(
-        f"{setup.server.url}/device/v1/enroll", json={**body, "csr": "not a csr"}, timeout=30
-    )
+    bad = http.post("/device/v1/enroll", json={**body, "csr": "not a csr"})
     assert bad.status_code == 400
     key = FileKeyProvider(setup.tmp / "gw-2.key")
-    ok = httpx.post(
-        f"{setup.server.url}/device/v1/enroll",
-        json={**body, "csr": key.csr("someone-else").decode()},
-        timeout=30,
-    )
+    ok = http.post("/device/v1/enroll", json={**body, "csr": key.csr("someone-else").decode()})
     assert ok.status_code == 201  # the same token still works
+    assert ok.json()["credential"] is None  # no bearer token for a device with a certificate
     from cryptography import x509
 
     cert = x509.load_pem_x509_certificate(ok.json()["certificate"].encode())
@@ -187,8 +211,9 @@ def _plain_connect(port: int, user: str, password: str) -> Any:
 
 def test_no_reusable_secret_admits_a_device_to_mqtt(setup: Setup) -> None:
     dev = enroll_device(setup, "gw-3")
+    assert dev.credential is None  # nothing reusable crossed the wire
     where = json.loads((setup.tmp / "broker" / "broker.json").read_text())
-    rc = _plain_connect(where["port"], "gw-3", dev.credential)  # its HTTP bearer token
+    rc = _plain_connect(where["port"], "gw-3", "efd_guessed")
     assert rc is not None and getattr(rc, "is_failure", True), rc
     other = FleetCA.init(setup.tmp / "other-ca")  # a certificate from another CA
     home = setup.tmp / "devices" / "forged"
@@ -208,20 +233,97 @@ def test_no_reusable_secret_admits_a_device_to_mqtt(setup: Setup) -> None:
         forged.stop()
 
 
-def test_revoked_device_is_refused_on_mqtt_and_http(setup: Setup) -> None:
+def test_device_api_knows_the_device_by_its_certificate_only(setup: Setup) -> None:
+    dev = enroll_device(setup, "gw-5")
+    with dev.http(setup) as http:
+        r = http.get("/device/v1/assignment")
+        assert r.status_code == 200, r.text
+        assert r.json()["device_id"] == "gw-5"
+        ok = http.post("/device/v1/reports", json={"reports": [{"type": "health"}]})
+        assert ok.status_code == 200, ok.text
+    with setup.http() as anonymous:  # TLS without a client certificate
+        assert anonymous.get("/device/v1/assignment").status_code == 401
+        # a bearer token is no way in for a device with a certificate
+        r = anonymous.get("/device/v1/assignment", headers={"Authorization": "Bearer efd_x"})
+        assert r.status_code == 401
+
+
+def test_a_copy_of_the_database_lets_no_one_act_as_a_device(setup: Setup) -> None:
+    dev = enroll_device(setup, "gw-6")
+    live = sqlite3.connect(setup.tmp / "db.sqlite")  # a consistent copy, WAL included
+    db = sqlite3.connect(":memory:")
+    live.backup(db)
+    live.close()
+    try:
+        (cred_hash,) = db.execute("SELECT credential_hash FROM devices WHERE id='gw-6'").fetchone()
+        (pem,) = db.execute("SELECT pem FROM device_certificates WHERE device_id='gw-6'").fetchone()
+        dump = "\n".join(db.iterdump())
+    finally:
+        db.close()
+    assert "PRIVATE KEY" not in dump  # certificates only: public
+    assert pem.strip() == dev.cert.read_text().strip()
+    with setup.http() as http:  # the stored hash as a bearer token
+        r = http.get("/device/v1/assignment", headers={"Authorization": f"Bearer {cred_hash}"})
+        assert r.status_code == 401
+    # the certificate from the copy, with a key of the attacker's own: TLS will not take it
+    home = setup.tmp / "attacker"
+    cert = save_certificate(home / "gw-6.crt", pem)
+    own = FileKeyProvider(home / "own.key")
+    with pytest.raises(ssl.SSLError):
+        ssl.create_default_context(cafile=setup.ca_file).load_cert_chain(cert, own.key_file())
+    # and no way around it: a certificate for gw-6 from a CA the attacker made is refused
+    # in the TLS handshake, on HTTP as on MQTT
+    fake_ca = FleetCA.init(home / "fake-ca")
+    save_certificate(home / "fake.crt", fake_ca.sign_device_csr(own.csr("gw-6"), "gw-6"))
+    with (
+        pytest.raises(httpx.HTTPError),
+        setup.http(home / "fake.crt", own.key_file()) as http,
+    ):
+        http.get("/device/v1/assignment")
+
+
+def test_another_devices_certificate_gets_its_own_device_only(setup: Setup) -> None:
+    """gw-b holds a valid certificate of its own; it cannot reach gw-a's bundle and its
+    requests are filed under gw-b, whatever they claim."""
+    a, b = enroll_device(setup, "gw-a"), enroll_device(setup, "gw-b")
+    setup.ca  # noqa: B018 - the same fleet CA signed both
+    with a.http(setup) as http_a:
+        assert http_a.get("/device/v1/assignment").json()["device_id"] == "gw-a"
+    with b.http(setup) as http_b:
+        r = http_b.get("/device/v1/assignment", headers={"X-Device-Id": "gw-a"})
+        assert r.json()["device_id"] == "gw-b"
+        r = http_b.post(
+            "/device/v1/reports",
+            json={"reports": [{"type": "health", "health": "failed", "device_id": "gw-a"}]},
+        )
+        assert r.status_code == 200
+    devices = {d["id"]: d for d in setup.admin.get("/devices")["items"]}
+    assert devices["gw-a"]["health"] != "failed" and devices["gw-b"]["health"] == "failed"
+
+
+def test_revoked_device_is_refused_on_http_and_mqtt_at_once(setup: Setup) -> None:
     dev = enroll_device(setup, "gw-4")
     t = dev.transport().start()
+    http = dev.http(setup)  # one keep-alive connection, opened before the revocation
     try:
         assert t.wait_connected(10)
-        headers = {"Authorization": f"Bearer {dev.credential}"}
-        assert httpx.get(f"{setup.server.url}/device/v1/assignment", headers=headers).is_success
+        assert http.get("/device/v1/assignment").status_code == 200
         setup.admin.post("/devices/gw-4/revoke")
+        # HTTP: the very next request on the open connection is refused
+        r = http.get("/device/v1/assignment")
+        assert r.status_code == 401, r.text
+        assert "revoked" in r.text
         assert wait_until(lambda: not t.connected, 10), "the revoked session stayed open"
         time.sleep(2)  # the transport keeps retrying with its certificate
         assert not t.connected
-        r = httpx.get(f"{setup.server.url}/device/v1/assignment", headers=headers)
-        assert r.status_code == 401
+        with dev.http(setup) as fresh_http:  # a new connection fares no better
+            assert fresh_http.get("/device/v1/assignment").status_code == 401
+            renew = fresh_http.post(
+                "/device/v1/certificate", json={"csr": dev.key.csr("gw-4").decode()}
+            )
+            assert renew.status_code == 401  # nor does it get a new certificate
     finally:
+        http.close()
         t.stop()
     fresh = dev.transport(client_id="gw-4-again").start()
     try:
@@ -240,7 +342,7 @@ def test_agent_enrollment_keeps_its_key_and_learns_its_broker(setup: Setup) -> N
     cfg = AgentConfig.from_dict(
         {
             "device": {"device_class": "gw", "state_dir": str(state)},
-            "server": {"url": setup.server.url, "token_file": str(state / "credential")},
+            "server": {"url": setup.server.url, "ca_file": str(setup.ca_file)},
         }
     )
     token = setup.admin.post("/enrollment-tokens", json={"device_class": "gw"})["token"]

@@ -16,6 +16,13 @@ if ((${#need_apt[@]})) && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; t
   echo "==> installing system packages: ${need_apt[*]}"
   apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+# promtool checks and unit-tests the exported Prometheus alerting rules: Debian's
+# prometheus package without its recommends (a 19 MB download; its service is not started)
+if [ "${EDGEFLEET_SETUP:-}" = "test" ] && ! command -v promtool >/dev/null 2>&1 \
+  && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "==> installing system packages: prometheus (for promtool)"
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 
 stamp="$VENV/.edgefleet-installed"
 if [ ! -x "$VENV/bin/python" ]; then

@@ -180,7 +180,8 @@ def figure_for(
     # records lost: the increase of the all-time total over the window, from the totals
     # this rule saw in earlier rounds (the first round counts everything lost so far)
     total = lost_total(engine, ids)
-    seen = sorted((float(t), int(v)) for t, v in memo.get("lost", []))
+    # before the first round nothing was counted: everything lost so far is new
+    seen = sorted((float(t), int(v)) for t, v in memo.get("lost", [(since, 0)]))
     before = [h for h in seen if h[0] < since]
     history = before[-1:] + [h for h in seen if h[0] >= since]  # the baseline and the window
     base = history[0][1] if history else 0

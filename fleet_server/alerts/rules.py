@@ -85,8 +85,8 @@ def default_clear(kind: Kind, threshold: float) -> float:
     """The clear threshold when none is given: 80% of the threshold for "above" rules,
     a fifth of the way to 1 for accuracy."""
     if kind.below:
-        return threshold + 0.2 * (1.0 - threshold)
-    return threshold * 0.8
+        return round(threshold + 0.2 * (1.0 - threshold), 12)
+    return round(threshold * 0.8, 12)
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,7 @@ class AlertEvaluator:
             webhooks=list(rule.webhooks),
             delivery="pending" if rule.webhooks else "none",
             attempts=0,
-            next_attempt_at=now if rule.webhooks else None,
+            next_attempt_at=self.clock() if rule.webhooks else None,  # due at once
         )
         s.add(event)
         s.flush()

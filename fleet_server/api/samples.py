@@ -38,13 +38,23 @@ TimeArg = Annotated[
 ]
 
 
+#: UNIX seconds accepted (up to the year 5138, as the telemetry routes)
+MAX_TS = 1e11
+
+
 def _when(value: str, now: datetime, what: str) -> float:
-    if _EPOCH.match(value.strip()):
-        return float(value)
     try:
-        return parse_time(value, now=now, what=what).timestamp()
+        if _EPOCH.match(value.strip()):
+            ts = float(value)
+        else:
+            ts = parse_time(value, now=now, what=what).timestamp()
     except TimeRangeError as e:
         raise BadRequestError(str(e)) from e
+    except (OverflowError, ValueError, OSError) as e:  # a span reaching before year 1
+        raise BadRequestError(f"{what} {value!r} is out of range") from e
+    if not 0 <= ts <= MAX_TS:
+        raise BadRequestError(f"{what} {value!r} is out of range (0 to {MAX_TS:.0f} s)")
+    return ts
 
 
 @router.get(

@@ -7,6 +7,7 @@ never leaves a partial file under the name a retraining pipeline waits for.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -77,6 +78,8 @@ def samples_export(
         raise
     rows = headers.get("x-edgefleet-rows", "?")
     if as_json:
-        click.echo(f'{{"rows": {rows}, "out": "{out_path}"}}')
+        click.echo(
+            json.dumps({"rows": int(rows) if rows.isdigit() else None, "out": str(out_path)})
+        )
     else:
         click.echo(f"wrote {rows} samples to {out_path}")

@@ -8,7 +8,8 @@ the device), oldest first. Columns:
 * ``label``: the true label when the sample carries one (apps post labels to the agent,
   which today sums them into the window's label summary and does not attach them to
   samples, so the column is null until it does);
-* for each input and output tensor the model's bundles name: ``input_<name>`` /
+* for each input and output tensor the model's bundles name (and any other the first
+  5000 samples carry): ``input_<name>`` /
   ``output_<name>`` (the values, flattened, as float64; null where the device masked
   the tensor by hash) and ``input_<name>_shape`` / ``output_<name>_shape``;
 * ``inputs_json`` / ``outputs_json``: the sample exactly as stored (every tensor,
@@ -19,6 +20,7 @@ the device), oldest first. Columns:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Collection, Iterator
@@ -144,10 +146,36 @@ def write_samples_parquet(
     import pyarrow.parquet as pq
 
     ins, outs = tensor_names(session, model)
+    samples = _rows(session, model, devices, since, until)
+    first: list[tuple[TelemetrySample, dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+    for r in samples:  # the first batch also names tensors the manifests do not list
+        first.append(_parts(r))
+        if len(first) >= BATCH:
+            break
+    for _, _, inputs, outputs in first:
+        ins += [n for n in inputs if n not in ins]
+        outs += [n for n in outputs if n not in outs]
     schema = _schema(ins, outs)
     cols: dict[str, list[Any]] = {f.name: [] for f in schema}
     rows = 0
     seen: set[str] = set()
+
+    def add(r: TelemetrySample, body: dict[str, Any], inputs: Any, outputs: Any) -> None:
+        cols["device_id"].append(r.device_id)
+        cols["seq"].append(r.seq)
+        cols["ts"].append(int(r.ts * 1e6))
+        cols["received_at"].append(int(r.received_at * 1e6))
+        cols["model"].append(r.name)
+        cols["version"].append(r.version)
+        cols["predicted"].append(r.predicted)
+        cols["label"].append(_label(body))
+        for prefix, names, tensors in (("input", ins, inputs), ("output", outs, outputs)):
+            for n in names:
+                vals, shape = _values(tensors.get(n))
+                cols[f"{prefix}_{n}"].append(vals)
+                cols[f"{prefix}_{n}_shape"].append(shape)
+        cols["inputs_json"].append(json.dumps(inputs, separators=(",", ":")))
+        cols["outputs_json"].append(json.dumps(outputs, separators=(",", ":")))
 
     def flush(writer: Any) -> None:
         if cols["seq"]:
@@ -156,33 +184,28 @@ def write_samples_parquet(
                 v.clear()
 
     with pq.ParquetWriter(out, schema, compression="zstd") as writer:
-        for r in _rows(session, model, devices, since, until):
-            body = r.body if isinstance(r.body, dict) else {}
-            inputs = body.get("inputs")
-            inputs = inputs if isinstance(inputs, dict) else {}
-            outputs = body.get("outputs")
-            outputs = outputs if isinstance(outputs, dict) else {}
-            cols["device_id"].append(r.device_id)
-            cols["seq"].append(r.seq)
-            cols["ts"].append(int(r.ts * 1e6))
-            cols["received_at"].append(int(r.received_at * 1e6))
-            cols["model"].append(r.name)
-            cols["version"].append(r.version)
-            cols["predicted"].append(r.predicted)
-            cols["label"].append(_label(body))
-            for prefix, names, tensors in (("input", ins, inputs), ("output", outs, outputs)):
-                for n in names:
-                    vals, shape = _values(tensors.get(n))
-                    cols[f"{prefix}_{n}"].append(vals)
-                    cols[f"{prefix}_{n}_shape"].append(shape)
-            cols["inputs_json"].append(json.dumps(inputs, separators=(",", ":")))
-            cols["outputs_json"].append(json.dumps(outputs, separators=(",", ":")))
+        for parts in itertools.chain(first, map(_parts, samples)):
+            add(*parts)
             rows += 1
-            seen.add(r.device_id)
+            seen.add(parts[0].device_id)
             if len(cols["seq"]) >= BATCH:
                 flush(writer)
         flush(writer)
     return ExportStats(rows, len(seen), tuple(ins), tuple(outs))
+
+
+def _parts(
+    r: TelemetrySample,
+) -> tuple[TelemetrySample, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    body = r.body if isinstance(r.body, dict) else {}
+    inputs = body.get("inputs")
+    outputs = body.get("outputs")
+    return (
+        r,
+        body,
+        inputs if isinstance(inputs, dict) else {},
+        outputs if isinstance(outputs, dict) else {},
+    )
 
 
 __all__ = ["BATCH", "ExportStats", "tensor_names", "write_samples_parquet"]

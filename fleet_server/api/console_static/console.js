@@ -284,10 +284,24 @@
         ),
       );
       fill(form.parentNode.querySelector("tbody"), rows, "No rollouts.", 6);
-      document.getElementById("rollouts-count").textContent = `${items.length} rollout(s)`;
+      document.getElementById("rollouts-count").textContent =
+        `${items.length} rollout(s); refreshes every ${(2 * POLL_MS) / 1000} s.`;
+    };
+    const again = () => {
+      poller = setTimeout(() => {
+        if (!document.getElementById("rollouts-table")) return;
+        (document.hidden ? Promise.resolve() : load()).then(again, (e) => {
+          if (e instanceof ApiError && e.status === 401) route();
+          else {
+            showError(e);
+            again();
+          }
+        });
+      }, 2 * POLL_MS);
     };
     form.addEventListener("change", () => load().catch(showError));
     await load();
+    again();
   }
 
   function showError(e) {
@@ -311,6 +325,11 @@
     stopPolling();
     const mine = ++rolloutSeq;
     try {
+      if (document.hidden && document.getElementById("r-status").dataset.status) {
+        // a tab nobody looks at asks nothing of the server; it catches up when shown
+        poller = setTimeout(() => refreshRollout(id).catch(() => route()), POLL_MS);
+        return;
+      }
       const s = await api("GET", `/rollouts/${encodeURIComponent(id)}/status`);
       if (mine !== rolloutSeq || !document.getElementById("r-status")) return;
       showStatus(s);

@@ -566,3 +566,21 @@ def test_the_console_is_served_with_a_strict_policy_and_the_review_sign_in_is_sa
     bad = httpx.post(f"{server.url}/dashboard/login", data={"token": "eft_wrong"})
     assert bad.status_code == 401  # and a cookie it had is dropped
     assert "Max-Age=0" in bad.headers.get("set-cookie", "Max-Age=0")
+
+
+def test_a_revoked_token_signs_the_console_out_at_its_next_request(
+    server: Server, console: Console
+) -> None:
+    op = server.post("/operators", json={"name": "rita", "role": "operator"})
+    issued = server.post(f"/operators/{op['id']}/tokens", json={})
+    page = console.page
+    console.sign_in(server.url, issued["token"], "rita (operator)")
+    expect(page.locator("#rollouts-count")).to_contain_text("refreshes every")
+    r = server.admin.delete(f"/api/v1/operators/{op['id']}/tokens/{issued['id']}")
+    assert r.status_code == 204, r.text
+    # the rollout list's next refresh meets the 401: back to the sign-in form
+    expect(page.locator("#login-form")).to_be_visible()
+    expect(page.locator("#flash")).to_contain_text("Sign in again: the operator token is")
+    assert page.evaluate("sessionStorage.length") == 0
+    assert console.errors == []
+    assert console.failed and {status for status, _ in console.failed} == {401}

@@ -159,6 +159,7 @@ class Agent:
         self.copy_inputs = copy_inputs
         self._active: _Active | None = None
         self._shadow: LoadedModel | None = None
+        self._previous: LoadedModel | None = None
         self._swap_lock = threading.Lock()
         self._rollout_id: str | None = None
         self._ids = itertools.count(1)
@@ -369,6 +370,8 @@ class Agent:
         ``drain_timeout`` seconds, with a warning), and after the previous
         model's partial window has been written.
         """
+        if self._previous is not None:  # it was compared with the model being replaced
+            self.set_previous(None)
         with self._swap_lock:
             if rollout_id is not None:
                 self._rollout_id = rollout_id
@@ -409,6 +412,37 @@ class Agent:
         old, self._shadow = self._shadow, model
         return old
 
+    @property
+    def compares_previous(self) -> bool:
+        """Whether a model an update replaced is kept and compared with its successor
+        (``telemetry.compare_previous_rate`` > 0)."""
+        return self.telemetry.config.compare_previous_rate > 0
+
+    def set_previous(self, model: LoadedModel | None) -> LoadedModel | None:
+        """Keep ``model``, the one the active model replaced, loaded and run it on a
+        sample of inputs (None stops); returns the model compared with before.
+
+        Like a shadow candidate it runs on the telemetry worker, never on the caller's
+        thread, on a random ``telemetry.compare_previous_rate`` share of the kept
+        inputs within ``telemetry.compare_previous_budget`` of a core; agreement,
+        latency and errors land in the window summary's ``previous`` field, so the
+        fleet judges a canary by its agreement with the model it replaces. Ignored
+        (nothing kept) when the rate is 0. :meth:`swap` stops the comparison.
+        """
+        if model is not None and not self.compares_previous:
+            model = None
+        if model is None:
+            self.telemetry.set_previous(None)
+        else:
+            self.telemetry.set_previous(model.backend.fast_runner(), model.name, model.version)
+        old, self._previous = self._previous, model
+        return old
+
+    @property
+    def previous(self) -> LoadedModel | None:
+        """The model the active one replaced, while it is compared with it."""
+        return self._previous
+
     def set_rollout_id(self, rollout_id: str | None) -> None:
         """Tag the active model's summaries (from the open window on) with ``rollout_id``."""
         with self._swap_lock:
@@ -438,6 +472,11 @@ class Agent:
             "shadow": (
                 {"name": self._shadow.name, "version": self._shadow.version}
                 if self._shadow is not None
+                else None
+            ),
+            "previous": (
+                {"name": self._previous.name, "version": self._previous.version}
+                if self._previous is not None
                 else None
             ),
         }

@@ -20,6 +20,11 @@ Invariants:
   counted, never retried forever.
 * Shadow candidates run on the worker over the buffered inputs, within a time
   budget per tick; calls left over when the budget is spent are not compared.
+* The model an update replaced (``set_previous``) runs the same way on a random
+  share of the kept inputs (``telemetry.compare_previous_rate``) within its own,
+  smaller budget (``telemetry.compare_previous_budget`` of each flush interval: a
+  share of one core), so every canary is also judged by its agreement with the
+  model it replaced; its figures go in the summary's ``previous`` field.
 """
 
 from __future__ import annotations
@@ -181,6 +186,8 @@ class Telemetry:
         self._recs: list[Recorder] = []
         self._active: Recorder | None = None
         self._shadow: _Shadow | None = None
+        self._previous: _Shadow | None = None
+        self._previous_deadline = 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -252,6 +259,27 @@ class Telemetry:
                 w = self._active.window
                 w.shadow = ShadowStats(name, version) if run is not None else None
 
+    def set_previous(
+        self,
+        run: Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None,
+        name: str = "",
+        version: int = 0,
+    ) -> None:
+        """Compare the active model with ``run``, the model it replaced, on a sample of
+        inputs (None stops). Returns once the old comparison is idle."""
+        with self._lock:
+            self._previous = _Shadow(run, name, version) if run is not None else None
+            if self._active is not None:
+                self._drain(self._active, deadline=None, shadow=False)
+                w = self._active.window
+                w.previous = ShadowStats(name, version) if run is not None else None
+
+    @property
+    def previous(self) -> tuple[str, int] | None:
+        """(name, version) of the replaced model being compared with, if any."""
+        p = self._previous
+        return (p.name, p.version) if p is not None else None
+
     def retag(self, rec: Recorder, rollout_id: str | None) -> None:
         """Set the rollout id reported for ``rec``, starting with its open window."""
         with self._lock:
@@ -274,8 +302,11 @@ class Telemetry:
         """Drain buffers, close windows that ended by ``now``, write; returns records written."""
         with self._lock:
             now = self.wall() if now is None else now
-            budget = self.config.flush_interval_seconds * self.options.shadow_budget
-            deadline = self.perf_ns() + int(budget * 1e9)
+            interval = self.config.flush_interval_seconds
+            budget = interval * self.options.shadow_budget
+            t0 = self.perf_ns()
+            deadline = t0 + int(budget * 1e9)
+            self._previous_deadline = t0 + int(interval * self.config.compare_previous_budget * 1e9)
             out: list[Record] = []
             for rec in list(self._recs):
                 self._drain(rec, deadline=deadline, yield_gil=True)
@@ -358,6 +389,8 @@ class Telemetry:
         w = Window(info, start, end, sampler, mask)
         if shadow and self._shadow is not None:
             w.shadow = ShadowStats(self._shadow.name, self._shadow.version)
+        if shadow and self._previous is not None:
+            w.previous = ShadowStats(self._previous.name, self._previous.version)
         return w
 
     def _drain(
@@ -392,8 +425,17 @@ class Telemetry:
             ins = [c[1] for c in items]
             outs = [c[2] for c in items]
             w.add_batch(lat, ins, outs)
-            if shadow and self._shadow is not None and rec is self._active and w.shadow is not None:
-                self._run_shadow(w, ins, outs, deadline)
+            if shadow and rec is self._active:
+                if self._shadow is not None and w.shadow is not None:
+                    self._compare(self._shadow, w.shadow, w, ins, outs, deadline)
+                prev = self._previous
+                if prev is not None and w.previous is not None and deadline is not None:
+                    rate = self.config.compare_previous_rate
+                    if rate < 1.0:
+                        pick = self.rng.random(len(ins)) < rate
+                        ins = [i if p else None for i, p in zip(ins, pick, strict=True)]
+                    until = min(deadline, self._previous_deadline)
+                    self._compare(prev, w.previous, w, ins, outs, until)
             if n and yield_gil:
                 time.sleep(0)
         if rec.copy_ns and w.count > w.errors and w.lat_sum_ns:
@@ -401,16 +443,17 @@ class Telemetry:
             allowed = max(_COPY_NS_FLOOR, _COPY_FRACTION * mean)
             rec.stride = max(1, math.ceil(rec.copy_ns / allowed))
 
-    def _run_shadow(
+    def _compare(
         self,
+        sh: _Shadow,
+        st: ShadowStats,
         w: Window,
         ins: Sequence[Inputs | np.ndarray | None],
         outs: Sequence[Outputs | None],
         deadline: int | None,
     ) -> None:
-        sh = self._shadow
-        st = w.shadow
-        assert sh is not None and st is not None
+        """Run ``sh`` on the calls whose inputs were kept and count agreement with the
+        active model's outputs in ``st``, until ``deadline`` (perf ns)."""
         info = w.info
         j = info.pred_output
         lats: list[int] = []

@@ -82,7 +82,8 @@ class ModelInfo:
 
 @dataclass
 class ShadowStats:
-    """Candidate-model counters within one window."""
+    """Counters of a model run beside the active one within one window: a shadow
+    candidate, or the model the active one replaced."""
 
     name: str
     version: int
@@ -149,6 +150,8 @@ class Window:
                 self.pred_counts = np.zeros(len(self._pred_edges) + 1, np.int64)
         self.drift_failures = 0
         self.shadow: ShadowStats | None = None
+        #: the model this one replaced, run on a sample of this window's inputs
+        self.previous: ShadowStats | None = None
         #: true labels posted in this window for earlier predictions (classifiers only)
         self.label_count = 0
         self._labelled: np.ndarray | None = None
@@ -353,6 +356,8 @@ class Window:
         labels = self.labels_json()
         if labels is not None:
             body["labels"] = labels
+        if self.previous is not None and self.previous.count:
+            body["previous"] = self.previous.to_json()
         return body
 
     def samples(self) -> list[dict[str, Any]]:

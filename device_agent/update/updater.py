@@ -7,7 +7,11 @@ persisted state is fed the ``restart`` event, whose row says what to redo.
 Collaborators are passed in, each behind a small interface:
 
 * ``host`` (:class:`ModelHost`): the embedding :class:`~device_agent.agent.Agent`
-  or anything with ``swap(model)`` and ``set_shadow(model | None)``;
+  or anything with ``swap(model)`` and ``set_shadow(model | None)``; a host that also
+  has ``set_previous(model | None)`` and ``compares_previous`` is handed the model an
+  update replaced, to keep comparing the new one with it (see
+  :meth:`~device_agent.agent.Agent.set_previous`), from the switch until the next
+  update or rollback, and again after a restart;
 * ``fetcher`` (:class:`~device_agent.update.fetch.Fetcher`): assignment,
   bundles and reports; None when the device has no server;
 * ``events`` (:class:`EventSink`): the telemetry store; install reports go
@@ -199,6 +203,8 @@ class Updater:
         self._check_pointer()
         self._derive_floors()
         model = self._load_active()
+        if model is not None:
+            self._compare_with_previous_slot(model)
         info = self.slots.shadow()
         if info is not None and info.get("slot") != (
             self.record.slot if self.state is not State.IDLE else None
@@ -216,6 +222,36 @@ class Updater:
         log.info("resuming update state machine", extra={"state": self.record.state})
         self._run(self._restart_step())
         return model
+
+    def _compare_with(self, model: LoadedModel | None) -> None:
+        """Hand the host the model an update replaced (None: stop comparing)."""
+        set_previous = getattr(self.host, "set_previous", None)
+        if set_previous is None:
+            return
+        try:
+            set_previous(model)
+        except Exception as e:  # noqa: BLE001 - a comparison must never stop updates
+            log.error("cannot compare with the replaced model: %s", e)
+
+    def _compare_with_previous_slot(self, active: LoadedModel) -> None:
+        """At boot: load the previous slot's model (same name, other version) to compare
+        with, unless an update is writing into that slot."""
+        ptr = self.slots.active()
+        if not getattr(self.host, "compares_previous", False) or ptr is None:
+            return
+        slot = ptr.previous
+        if slot is None or (self.state is not State.IDLE and self.record.slot == slot):
+            return
+        manifest = self.slots.manifest(slot)
+        if manifest is None or manifest.name != active.name or manifest.version == active.version:
+            return
+        try:
+            self.slots.verify(slot, None)
+            self._compare_with(
+                self.loader(self.slots.path(slot), slot, self.config.runtime_threads)
+            )
+        except Exception as e:  # noqa: BLE001 - serving goes on without the comparison
+            log.warning("not comparing with the previous slot %s: %s", slot, e)
 
     def _restart_step(self) -> Step:
         """The ``restart`` row for the persisted state, unless the process keeps dying
@@ -636,6 +672,11 @@ class Updater:
 
     def _begin(self, mode: str, ref: BundleRef, a: Assignment) -> None:
         self.record.begin(mode, ref, self.clock())
+        # what the device runs is about to change: the assignment it last handled fully
+        # no longer describes it, so the next check must not be answered "unchanged"
+        # (an assignment named by its content repeats when a rollback instructs an
+        # earlier release again)
+        self.record.etag = None
         self.record.rollout_id = a.rollout_id
         if self.downloads.exists():  # parts of bundles no longer assigned
             for p in self.downloads.iterdir():
@@ -743,6 +784,7 @@ class Updater:
 
     def _stage(self) -> Event:
         assert self.record.slot is not None
+        self._compare_with(None)  # the slot being written may hold the replaced model
         try:
             unpack_bundle(
                 self.record.bundle_path or "",
@@ -818,7 +860,14 @@ class Updater:
                     self.clock(),
                 )
             )
-        self.host.swap(model)
+        old = self.host.swap(model)
+        if (
+            isinstance(old, LoadedModel)
+            and old.name == model.name
+            and old.version != model.version
+            and getattr(self.host, "compares_previous", False)
+        ):
+            self._compare_with(old)  # judged against the model it replaces, on the device
         self.record.probation_started = self.clock()
         log.info(
             "switched", extra={"slot": slot, "model": model.name, "model_version": model.version}

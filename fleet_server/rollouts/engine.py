@@ -206,17 +206,22 @@ def decide(spec: RolloutSpec, state: RolloutState, metrics: CohortMetrics, now: 
         return gated(Action.HOLD, empty)
     if elapsed < st.soak_seconds:
         return gated(Action.HOLD, f"soaking: {elapsed:.0f} of {st.soak_seconds:.0f} s")
+    waiting = [r.name for r in results if r.verdict is Verdict.WAIT]
+    if waiting or metrics.canary.devices < st.min_devices:
+        silent = _no_traffic(spec, stage, metrics, elapsed)
+        if silent:
+            also = f" (gates waiting: {', '.join(waiting)})" if waiting else ""
+            return gated(Action.HOLD, f"{silent}{also}")
+    small = _small_cohort(spec, stage, metrics)
+    if small:
+        return gated(Action.HOLD, small)
     if metrics.canary.devices < st.min_devices:
         return gated(
             Action.HOLD,
             f"waiting for devices: {metrics.canary.devices} of "
             f"{st.min_devices} canary devices reporting",
         )
-    waiting = [r.name for r in results if r.verdict is Verdict.WAIT]
     if waiting:
-        silent = _no_traffic(spec, stage, metrics, elapsed)
-        if silent:
-            return gated(Action.HOLD, f"{silent} (gates waiting: {', '.join(waiting)})")
         quiet = metrics.canary.silent
         also = (
             f"; no predictions yet from {_names(quiet, metrics.canary.silent_count)}"
@@ -248,6 +253,21 @@ def _empty_cohort(spec: RolloutSpec, stage: int, metrics: CohortMetrics) -> str 
     )
 
 
+def _small_cohort(spec: RolloutSpec, stage: int, metrics: CohortMetrics) -> str | None:
+    """Why a stage whose cohort holds fewer devices than it needs can never advance."""
+    canary, control = metrics.canary, metrics.control
+    st = spec.stages[stage]
+    if canary.members is None or not 0 < canary.members < st.min_devices:
+        return None
+    group = canary.members + (control.members or 0)
+    return (
+        f"cohort too small: stage {stage} takes {st.percent:g}% of the group's {group} "
+        f"devices, which selects {canary.members}, but the stage needs {st.min_devices} "
+        "canary devices reporting to advance; lower the stage's min_devices or raise its "
+        "percent (or add devices to the group), or promote or abort the rollout by hand"
+    )
+
+
 def _no_traffic(
     spec: RolloutSpec, stage: int, metrics: CohortMetrics, elapsed: float
 ) -> str | None:
@@ -255,7 +275,9 @@ def _no_traffic(
     canary = metrics.canary
     if not canary.members or canary.silent_count < canary.members or canary.inferences:
         return None
-    if spec.strategy is not Strategy.SHADOW and canary.installs < canary.members:
+    # members that installed in an earlier stage report no install in this one
+    installed = max(canary.installs, canary.running or 0)
+    if spec.strategy is not Strategy.SHADOW and installed < canary.members:
         return None  # not every canary has installed yet: that is what it waits for
     return (
         f"no traffic: none of the {canary.members} canary devices "

@@ -249,6 +249,7 @@ def cohort_metrics(
     counted = sum(1 for o in installs.values() if o & {"installed", *FAILED_INSTALL_OUTCOMES})
     predicting = _predicting_devices(session, spec, since)
     silent = sorted(d for d in canary if d not in predicting)
+    running = _running_candidate(session, spec, canary)
     canary_stats = replace(
         tele.canary,
         installs=counted,
@@ -257,6 +258,7 @@ def cohort_metrics(
         members=len(canary),
         silent_count=len(silent),
         silent=tuple(silent[:20]),
+        running=running,
     )
     # drift against the reference: pool the cohort's binned counts over every window
     # and device, then compare with the bundle's reference proportions; a mean of
@@ -269,6 +271,20 @@ def cohort_metrics(
             canary_stats, drift_psi=pooled, drift_samples=canary_stats.feature_samples
         )
     return CohortMetrics(canary=canary_stats, control=replace(tele.control, members=len(control)))
+
+
+def _running_candidate(session: Session, spec: RolloutSpec, canary: list[str]) -> int:
+    """Canary devices whose last install report says they run the candidate (installed
+    in this stage or an earlier one)."""
+    if not canary:
+        return 0
+    d = Device
+    stmt = select(d.id).where(
+        d.id.in_(canary),
+        d.current_name == spec.bundle.name,
+        d.current_version == spec.bundle.version,
+    )
+    return len(set(session.scalars(stmt)))
 
 
 def _predicting_devices(session: Session, spec: RolloutSpec, since: float) -> set[str]:

@@ -181,6 +181,8 @@ class CohortStats:
     #: labelled predictions (an app posted the true class) and how many were right
     labels: int = 0
     labels_correct: int = 0
+    #: members that run the candidate now, whenever they installed it (None: not counted)
+    running: int | None = None
 
     @property
     def accuracy(self) -> float | None:
@@ -217,6 +219,7 @@ class CohortStats:
             "silent": list(self.silent),
             "labels": self.labels,
             "labels_correct": self.labels_correct,
+            "running": self.running,
         }
 
     @classmethod
@@ -243,6 +246,7 @@ class CohortStats:
             silent=tuple(str(d) for d in obj.get("silent", ())),
             labels=int(obj.get("labels", 0)),
             labels_correct=int(obj.get("labels_correct", 0)),
+            running=None if obj.get("running") is None else int(obj["running"]),
         )
 
 

@@ -87,7 +87,7 @@ def _gate(text: str) -> dict[str, Any]:
     "gates",
     multiple=True,
     metavar="KIND:THRESHOLD[:MIN_SAMPLES]",
-    help="A health gate; repeat (default: every kind, moderate thresholds).",
+    help="A health gate; repeat (default: every kind but accuracy, moderate thresholds).",
 )
 @click.option(
     "--failure-policy",

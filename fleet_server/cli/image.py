@@ -50,6 +50,12 @@ def image_classes() -> None:
 @click.option("--mqtt-host", help="MQTT broker host for telemetry.")
 @click.option("--mqtt-port", type=int, help="MQTT broker port.")
 @click.option("--image-version", help="Version to stamp (default: agent version + content hash).")
+@click.option(
+    "--uptane-roots",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Directory with image-root.json and director-root.json (SERVER/uptane/device-roots "
+    "from `edgefleet release init`): devices then run the Uptane chain.",
+)
 def image_build(
     device_class: str,
     trust_store: Path | None,
@@ -58,6 +64,7 @@ def image_build(
     mqtt_host: str | None,
     mqtt_port: int | None,
     image_version: str | None,
+    uptane_roots: Path | None,
 ) -> None:
     """Build the provisioning image for DEVICE_CLASS (a class name or a recipe file)."""
     try:
@@ -70,6 +77,7 @@ def image_build(
             mqtt_host=mqtt_host,
             mqtt_port=mqtt_port,
             image_version=image_version,
+            uptane_roots=uptane_roots,
             progress=lambda msg: click.echo(f"  .. {msg}", err=True),
         )
     except (RecipeError, ImageBuildError) as e:

@@ -1,22 +1,26 @@
 """The fleet demo: server, broker, a simulated fleet, a good rollout, a bad one caught.
 
-1. a release key and the devices' trust store;
+1. keys: the Uptane roots and three release keys (a threshold of two signs a release),
+   and the key that signs each bundle's own manifest. On one machine here; in production
+   every one of them stays offline and the server holds only its online keys;
 2. a Mosquitto broker with per-device credentials and ACLs, and the fleet server
    (SQLite, local bundle store) in its own process;
 3. a small model trained three times: v1, a healthy retrain v2, and a v3 with
    a label-mapping bug; each converted for every device class (ONNX float32 for
    the gateways, TFLite int8 weights for the boards), parity-checked, packed
-   with its drift reference and smoke samples, signed, uploaded;
+   with its drift reference and smoke samples, signed, uploaded, and released: two
+   release keys sign the image repository's targets, which the server cannot do;
 4. provisioning images for the three device classes, and a fleet of real agents
    provisioned from them, each enrolling with its own one-time token;
 5. v1 everywhere, then v2 by staged canary (10% -> 50% -> 100%) through the
    health gates, then v3 by staged canary: caught by a gate and rolled back
-   automatically; the devices return to v2's model;
+   automatically: the director instructs v2 again, and nothing is signed for it;
 6. the telemetry review report.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import shutil
 import subprocess
@@ -28,6 +32,7 @@ from typing import Any
 
 import click
 
+from converters.bundle import read_header
 from converters.keys import KeyStore
 from device_agent.bundle import TrustStore
 from fleet_server.broker.embedded import EmbeddedBroker
@@ -35,6 +40,7 @@ from fleet_server.broker.mosquitto import SERVER_USER, LocalMosquitto
 from fleet_server.client import AdminClient
 from fleet_server.demo.services import ServerProcess
 from fleet_server.images import build_image, load_class
+from fleet_server.registry.uptane import init_uptane
 from fleet_server.simulator.fleet import ClassPlan, Fleet
 
 CLASS_MIX = (("x86_64-gateway", 0.45), ("aarch64-board", 0.30), ("aarch64-legacy", 0.25))
@@ -66,6 +72,38 @@ class DemoRun:
     def say(self, text: str, *, bold: bool = False, fg: str | None = None) -> None:
         t = time.monotonic() - self.started
         click.secho(f"[{t:6.1f}s] {text}", bold=bold, fg=fg)
+
+
+def _release(admin: AdminClient, bundles: list[Path], keys: KeyStore, signers: list[str]) -> int:
+    """The operator's release: add every bundle to the image repository's targets and
+    sign them with ``signers`` (a threshold of the release keys); returns the version.
+
+    Every release keeps counter 1: the counter is the devices' floor, raised by the
+    release keys only to retire an older release, so a rollback to v2 stays possible.
+    """
+    from tuf.api.metadata import Metadata, Targets
+
+    from fleet_server.registry.tufrepo import release_target, signer_for
+
+    md: Metadata[Targets] = Metadata.from_bytes(admin.get_text("/release/targets").encode())
+    for path in bundles:
+        manifest, _, _ = read_header(path)
+        data = path.read_bytes()
+        t = release_target(
+            name=manifest.name,
+            version=manifest.version,
+            sha256=hashlib.sha256(data).hexdigest(),
+            length=len(data),
+            release_counter=1,
+            device_classes=manifest.target_device_classes,
+        )
+        md.signed.targets[t.path] = t
+    md.signed.version += 1
+    md.signatures.clear()
+    for name in signers:
+        md.sign(signer_for(keys.private_key(name)), append=True)
+    admin.request("PUT", "/release/targets", content=md.to_bytes())
+    return int(md.signed.version)
 
 
 def _build_bundles(run: DemoRun, key: Any) -> dict[int, dict[str, Path]]:
@@ -195,13 +233,21 @@ def run_demo(
     workdir.mkdir(parents=True)
     run.say("edgefleet fleet demo", bold=True)
 
-    run.say("1. release key and device trust store", bold=True)
-    keys = KeyStore(workdir / "keys")
-    key_info = keys.generate("release-demo")
+    run.say("1. release keys, Uptane roots and the bundle-signing key", bold=True)
+    offline = workdir / "offline-keys"
+    uptane_dir = workdir / "server" / "uptane"
+    init = init_uptane(operator_keys=offline, uptane_dir=uptane_dir, release_keys=3, threshold=2)
+    keys = KeyStore(offline)
+    key_info = keys.generate("bundle-signing")
     trust = TrustStore()
-    trust.add(keys.public_key(key_info.keyid), comment="release-demo")
+    trust.add(keys.public_key(key_info.keyid), comment="bundle-signing")
     trust_path = workdir / "trust.json"
     trust.save(trust_path)
+    run.say(
+        f"  offline in production ({offline}): image-root, director-root, "
+        f"{', '.join(init.release_keys)} (any {init.threshold} release), bundle-signing"
+    )
+    run.say(f"  the server holds only its online keys ({uptane_dir / 'keys'})")
 
     run.say("2. broker and fleet server", bold=True)
     embedded = broker_kind == "embedded" or (
@@ -220,9 +266,8 @@ def run_demo(
             "environment": "development",
             "database_url": f"sqlite:///{workdir / 'server' / 'edgefleet.db'}",
             "bundle_dir": str(workdir / "server" / "bundles"),
-            "signing_key_dir": str(workdir / "keys"),
-            "signing_key": key_info.keyid,
             "trust_store": str(trust_path),
+            "uptane_dir": str(uptane_dir),
             "admin_bootstrap_token": admin_token,
             "mqtt_host": "127.0.0.1",
             "mqtt_port": str(broker.port),
@@ -256,6 +301,7 @@ def run_demo(
                 server_url=server.url,
                 mqtt_host="127.0.0.1",
                 mqtt_port=broker.port,
+                uptane_roots=init.device_roots,
             )
             for cls, _ in CLASS_MIX
         }
@@ -272,6 +318,11 @@ def run_demo(
                     uploaded[path] = admin.upload_bundle(path)["id"]
                 ids[version][cls] = uploaded[path]
         run.say(f"  uploaded {len(uploaded)} bundles")
+        version = _release(admin, list(uploaded), keys, init.release_keys[: init.threshold])
+        run.say(
+            f"  released them: image targets v{version} signed by "
+            f"{' and '.join(init.release_keys[: init.threshold])}"
+        )
 
         run.say("4. provisioning images and the fleet", bold=True)
         images = {}
@@ -390,8 +441,8 @@ def run_demo(
         result.final_versions = dict(fleet.versions())
         counts = ", ".join(f"v{v}: {n}" for v, n in sorted(fleet.versions().items(), key=str))
         run.say(
-            f"  devices now run {counts} (v4 is v2's model re-signed under a higher "
-            "version, so devices accept it despite anti-rollback)"
+            f"  devices now run {counts}: the rollback was the director instructing v2's "
+            "release again; no key signed anything for it"
         )
     finally:
         if fleet is not None:

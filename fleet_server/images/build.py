@@ -4,7 +4,10 @@ An image is a directory (and the same as a ``.tar.gz``) holding:
 
 ``wheels/``            the agent and every dependency, for the class's platform and Python
 ``agent.toml``         the agent configuration (class defaults + endpoints)
-``trust.json``         the trust root the device pins
+``trust.json``         the keys the device checks a bundle's own signature against
+``uptane/``            the initial root metadata of the image and director repositories
+                       (``--uptane-roots``): the device then installs only what the director
+                       instructs and the release keys released (docs/uptane.md)
 ``edgefleet-agent.service``  a systemd unit
 ``install.sh``         installs from ``wheels/`` with ``pip --no-index`` (no package index)
 ``firstboot.sh``       enrolls the device with its one-time token, then starts the agent
@@ -75,7 +78,9 @@ def _pip(args: list[str], step: str) -> None:
         raise ImageBuildError(f"{step} failed:\n{tail}")
 
 
-def agent_config_text(dc: DeviceClass, server_url: str, mqtt_host: str, mqtt_port: int) -> str:
+def agent_config_text(
+    dc: DeviceClass, server_url: str, mqtt_host: str, mqtt_port: int, *, uptane: bool = False
+) -> str:
     """The device's agent.toml; @CONFIG_DIR@ and @STATE_DIR@ are filled in by install.sh."""
     lines = [
         "# edgefleet agent configuration, written by `edgefleet image build`",
@@ -97,6 +102,15 @@ def agent_config_text(dc: DeviceClass, server_url: str, mqtt_host: str, mqtt_por
         f"port = {mqtt_port}",
         'password_file = "@CONFIG_DIR@/device-credential"',
     ]
+    if uptane:
+        lines += [
+            "",
+            "[uptane]",
+            "# install only what the director instructs and the release keys released",
+            "enabled = true",
+            'image_root = "@CONFIG_DIR@/uptane/image-root.json"',
+            'director_root = "@CONFIG_DIR@/uptane/director-root.json"',
+        ]
     for section in ("telemetry", "update"):
         values = dict(dc.agent_defaults.get(section, {}))
         if section == "update":
@@ -168,6 +182,10 @@ subst() {
 }
 subst "$HERE/agent.toml" > "$CONFIG_DIR/agent.toml"
 cp "$HERE/trust.json" "$CONFIG_DIR/trust.json"
+if [ -d "$HERE/uptane" ]; then
+  mkdir -p "$CONFIG_DIR/uptane"
+  cp "$HERE/uptane/image-root.json" "$HERE/uptane/director-root.json" "$CONFIG_DIR/uptane/"
+fi
 subst "$HERE/firstboot.sh" > "$PREFIX/firstboot.sh" && chmod 0755 "$PREFIX/firstboot.sh"
 cp "$HERE/image.json" "$PREFIX/image.json"
 if [ -d /etc/systemd/system ] && [ "$(id -u)" = 0 ] && [ "${EDGEFLEET_NO_SYSTEMD:-}" = "" ]; then
@@ -204,6 +222,7 @@ def build_image(
     mqtt_host: str | None = None,
     mqtt_port: int | None = None,
     image_version: str | None = None,
+    uptane_roots: Path | None = None,
     project_root: Path = ROOT,
     progress: Progress | None = None,
 ) -> ImageInfo:
@@ -223,6 +242,8 @@ def build_image(
         raise ImageBuildError(
             f"trust store {trust_path} holds no keys; devices would trust nothing"
         )
+
+    roots = _uptane_roots(uptane_roots) if uptane_roots is not None else None
 
     out_dir = Path(out_dir)
     stage = out_dir / f".{dc.name}.building"
@@ -289,16 +310,26 @@ def build_image(
     say("writing configuration, trust root, systemd unit and scripts")
     (stage / "agent.toml").write_text(
         agent_config_text(
-            dc, server_url or dc.server_url, mqtt_host or dc.mqtt_host, mqtt_port or dc.mqtt_port
+            dc,
+            server_url or dc.server_url,
+            mqtt_host or dc.mqtt_host,
+            mqtt_port or dc.mqtt_port,
+            uptane=roots is not None,
         )
     )
     shutil.copy(trust_path, stage / "trust.json")
+    if roots is not None:
+        (stage / "uptane").mkdir()
+        for name, data in roots.items():
+            (stage / "uptane" / f"{name}.json").write_bytes(data)
     (stage / "edgefleet-agent.service").write_text(SYSTEMD_UNIT)
     wheel_names = sorted(p.name for p in wheels.glob("*.whl"))
     digest = hashlib.sha256()
     for name in wheel_names:
         digest.update(_sha256(wheels / name).encode())
     digest.update((stage / "agent.toml").read_bytes() + (stage / "trust.json").read_bytes())
+    for data in (roots or {}).values():
+        digest.update(data)
     version = image_version or f"{AGENT_VERSION}-{digest.hexdigest()[:10]}"
     for name, text in (("install.sh", INSTALL_SH), ("firstboot.sh", FIRSTBOOT_SH)):
         body = (
@@ -335,6 +366,9 @@ def build_image(
         },
         "edgefleet_version": AGENT_VERSION,
         "trusted_keys": sorted(trust.keys),
+        "uptane": None
+        if roots is None
+        else {name: _root_summary(data) for name, data in sorted(roots.items())},
         "built_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "files": {str(p.relative_to(stage)): _sha256(p) for p in files},
     }
@@ -352,3 +386,38 @@ def build_image(
         tar.add(final, arcname=f"edgefleet-image-{dc.name}-{version}")
     os.replace(tmp_archive, archive)
     return ImageInfo(dc.name, version, final, archive, tuple(wheel_names))
+
+
+def _uptane_roots(directory: Path) -> dict[str, bytes]:
+    """The two initial roots from ``directory`` (``edgefleet release init``'s device-roots)."""
+    from tuf.api.metadata import Metadata, Root
+
+    out: dict[str, bytes] = {}
+    for name in ("image-root", "director-root"):
+        path = Path(directory) / f"{name}.json"
+        try:
+            data = path.read_bytes()
+            md = Metadata.from_bytes(data)
+        except OSError as e:
+            raise ImageBuildError(
+                f"no {name}.json in {directory} ({e.strerror}); give the device-roots "
+                "directory that `edgefleet release init` wrote (SERVER/uptane/device-roots)"
+            ) from e
+        except Exception as e:  # tuf raises several types for a malformed document
+            raise ImageBuildError(f"{path} is not TUF root metadata ({e})") from e
+        if not isinstance(md.signed, Root):
+            raise ImageBuildError(f"{path} holds {md.signed.type} metadata, not a root")
+        out[name] = data
+    return out
+
+
+def _root_summary(data: bytes) -> dict[str, object]:
+    """What image.json says of a shipped root: version, expiry and each role's key ids."""
+    from tuf.api.metadata import Metadata
+
+    root = Metadata.from_bytes(data).signed
+    return {
+        "version": root.version,
+        "expires": root.expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "roles": {r: sorted(role.keyids) for r, role in sorted(root.roles.items())},
+    }

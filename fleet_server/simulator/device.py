@@ -35,6 +35,8 @@ def provision_files(image_dir: Path, root: Path, overrides: dict[str, dict[str, 
             text = _set_toml(text, section, key, value)
     (etc / "agent.toml").write_text(text)
     shutil.copy(image_dir / "trust.json", etc / "trust.json")
+    if (image_dir / "uptane").is_dir():
+        shutil.copytree(image_dir / "uptane", etc / "uptane", dirs_exist_ok=True)
     return etc / "agent.toml"
 
 

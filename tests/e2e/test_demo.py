@@ -31,8 +31,12 @@ def test_fleet_demo_good_rollout_completes_and_bad_one_is_rolled_back(tmp_path: 
     assert all(
         "prediction_shift" in why or "error_rate" in why for why in result.caught_by.values()
     ), result.caught_by
-    # v4 is the rollback bundle: v2's model under a higher version
-    assert result.final_versions == {4: 48}, result.final_versions
+    # the rollback is the director instructing v2's release again: nothing re-signed
+    assert result.final_versions == {2: 48}, result.final_versions
+    assert not list((tmp_path / "demo" / "server" / "bundles").rglob("*v4*"))
+    # the devices ran the Uptane chain from their image's roots
+    configs = list((tmp_path / "demo" / "fleet").rglob("agent.toml"))
+    assert configs and all("[uptane]\nenabled = true" in c.read_text() for c in configs)
     html = result.report.read_text()
     assert "rolled back" in html and "Version adoption" in html
     data = json.loads((tmp_path / "demo" / "report.json").read_text())

@@ -376,6 +376,7 @@ def test_an_operator_pauses_and_rolls_back_a_rollout_from_the_console(
 
     # the rollout list, then the live picture: the same figures as `rollout status`
     expect(page.locator(f"tr[data-rollout='{rid}'] .badge")).to_have_text("running")
+    console.shot("0-rollouts")
     console.open_rollout(rid)
     expect(page.locator("#r-status")).to_have_attribute("data-status", "running")
     expect(page.locator("#r-sub")).to_contain_text("stage 1 of 2")
@@ -532,6 +533,7 @@ def test_a_wrong_token_is_refused_at_sign_in(server: Server, console: Console) -
     page.fill("#token", "eft_not-a-token")
     page.click("#login-submit")
     expect(page.locator("#flash")).to_contain_text("Sign-in refused: invalid_token")
+    console.shot("8-sign-in-refused")
     expect(page.locator("#nav")).to_be_hidden()
     assert page.evaluate("sessionStorage.length") == 0
     assert console.errors == []

@@ -228,10 +228,40 @@ def decide(spec: RolloutSpec, state: RolloutState, metrics: CohortMetrics, now: 
             if quiet
             else ""
         )
-        return gated(Action.HOLD, f"waiting for samples: {', '.join(waiting)}{also}")
+        return gated(
+            Action.HOLD,
+            f"waiting for samples: {', '.join(waiting)}{also}{_no_figures(spec, results, metrics)}",
+        )
     if stage >= spec.last_stage:
         return gated(Action.COMPLETE, "all gates passed at the last stage")
     return gated(Action.ADVANCE, f"all gates passed; stage {stage} -> {stage + 1}", stage + 1)
+
+
+def _no_figures(spec: RolloutSpec, results: tuple[GateResult, ...], metrics: CohortMetrics) -> str:
+    """What a gate that gets no figures at all, while the canaries predict, waits for."""
+    canary, out = metrics.canary, []
+    for r in results:
+        if r.verdict is not Verdict.WAIT or canary.inferences < r.min_samples:
+            continue
+        if (
+            r.kind == GateKind.SHADOW_AGREEMENT.value
+            and spec.strategy is not Strategy.SHADOW
+            and not canary.shadow_runs
+        ):
+            out.append(
+                f"{r.name} has no comparison from the {canary.inferences} canary predictions: "
+                "the canaries do not run the model they replaced (telemetry."
+                "compare_previous_rate = 0, or agents older than this server); enable it or "
+                "drop the gate"
+            )
+        elif r.kind == GateKind.ACCURACY.value and not canary.labels:
+            out.append(
+                f"{r.name} has no label among the {canary.inferences} canary predictions: "
+                "apps post true classes with POST /v2/models/"
+                f"{spec.bundle.name}/labels (or ServingClient.label, Agent.label); have "
+                "them do so, or drop the gate"
+            )
+    return "".join(f"; {x}" for x in out)
 
 
 def _names(ids: tuple[str, ...], total: int) -> str:

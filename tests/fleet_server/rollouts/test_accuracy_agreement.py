@@ -149,3 +149,18 @@ def test_rollout_status_shows_the_accuracy_gate_with_both_cohorts() -> None:
     }
     text = "\n".join(render_status(data))
     assert "accuracy  BREACH 0.5 drop at most 0.02  (400 of 200 labels, control 0.9 (400))" in text
+
+
+def test_gates_that_get_no_figures_while_canaries_predict_say_what_they_wait_for() -> None:
+    s = spec((AGREE, ACCURACY))
+    running = start(s, RolloutState(), T0, "op")
+    predicting = cohort(n=5000, seed=1)  # no comparisons, no labels
+    d = decide(s, running, CohortMetrics(predicting, labelled(5000, 4900)), T0 + 1)
+    assert d.action is Action.HOLD
+    assert "shadow_agreement has no comparison from the 5000 canary predictions" in d.reason
+    assert "compare_previous_rate = 0" in d.reason
+    assert "accuracy has no label among the 5000 canary predictions" in d.reason
+    assert "/v2/models/m/labels" in d.reason
+    few = replace(predicting, shadow_runs=50, shadow_agreements=49, labels=20, labels_correct=19)
+    d = decide(s, running, CohortMetrics(few, labelled(5000, 4900)), T0 + 1)
+    assert d.reason == "waiting for samples: shadow_agreement, accuracy"  # figures arrive

@@ -365,6 +365,49 @@ class PredictionDist:
 
 
 @dataclass(frozen=True)
+class AlertRow:
+    """An alert the server raised or resolved in the period (``alert_events``)."""
+
+    ts: datetime
+    rule: str
+    kind: str
+    group: str
+    model: str | None
+    status: str
+    value: float | None
+    threshold: float
+    delivery: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ts": iso(self.ts),
+            "rule": self.rule,
+            "kind": self.kind,
+            "group": self.group,
+            "model": self.model,
+            "status": self.status,
+            "value": self.value,
+            "threshold": self.threshold,
+            "delivery": self.delivery,
+        }
+
+    @classmethod
+    def from_json(cls, o: Mapping[str, Any]) -> AlertRow:
+        value = o.get("value")
+        return cls(
+            parse_iso(o["ts"], "ts"),
+            str(o["rule"]),
+            str(o["kind"]),
+            str(o["group"]),
+            None if o.get("model") is None else str(o["model"]),
+            str(o["status"]),
+            None if value is None else float(value),
+            float(o["threshold"]),
+            str(o.get("delivery", "none")),
+        )
+
+
+@dataclass(frozen=True)
 class ReviewDataset:
     """Everything one telemetry review shows, for the period ``since`` .. ``until``."""
 
@@ -378,6 +421,7 @@ class ReviewDataset:
     drift: tuple[DriftCell, ...] = ()
     predictions: tuple[PredictionDist, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    alerts: tuple[AlertRow, ...] = ()
 
     def versions(self) -> list[str]:
         """Every version the dataset mentions, in order of first appearance."""
@@ -404,6 +448,7 @@ class ReviewDataset:
             "drift": [c.to_json() for c in self.drift],
             "predictions": [p.to_json() for p in self.predictions],
             "notes": list(self.notes),
+            "alerts": [a.to_json() for a in self.alerts],
         }
 
     @classmethod
@@ -429,6 +474,7 @@ class ReviewDataset:
                 drift=tuple(DriftCell.from_json(c) for c in o.get("drift", ())),
                 predictions=tuple(PredictionDist.from_json(p) for p in o.get("predictions", ())),
                 notes=tuple(str(n) for n in o.get("notes", ())),
+                alerts=tuple(AlertRow.from_json(a) for a in o.get("alerts", ())),
             )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, DatasetFormatError):

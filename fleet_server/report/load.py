@@ -10,7 +10,8 @@ Sources:
 * ``telemetry_summaries`` -> adoption, latency and errors by version, drift per
   feature and group, canary vs control prediction distributions;
 * ``telemetry_events`` and ``device_reports`` (install outcomes) -> adoption;
-* the bundles' ``drift_profile.json`` -> the reference each drift PSI compares with.
+* the bundles' ``drift_profile.json`` -> the reference each drift PSI compares with;
+* ``alert_events`` -> the alerts raised and resolved in the period.
 
 Telemetry rows are placed in time by ``received_at`` (the server's clock), like
 the rollout engine does, so device clock skew cannot move them. A source that is
@@ -28,6 +29,7 @@ from typing import Any
 from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session
 
+from fleet_server.db.alerts import AlertEvent
 from fleet_server.db.models import AuditEntry, Bundle, Device, DeviceReport, Group, Rollout
 from fleet_server.db.telemetry import TelemetrySummary as S
 from fleet_server.registry.groups import matches
@@ -44,6 +46,7 @@ from fleet_server.report.aggregate import (
     time_edges,
 )
 from fleet_server.report.dataset import (
+    AlertRow,
     Decision,
     DeviceRow,
     GateRow,
@@ -57,6 +60,8 @@ from fleet_server.report.dataset import (
 #: a drift profile larger than this is not read from a bundle
 #: actions of the rollout engine that are not worth a marker (it kept waiting)
 QUIET_ACTIONS = frozenset({"hold"})
+#: alerts listed at most (the newest are in ``edgefleet alerts list``)
+MAX_ALERTS = 500
 
 
 def _utc(ts: float) -> datetime:
@@ -156,6 +161,7 @@ def load_dataset(
             "compares each group with the fleet-wide inputs of the same version."
         )
     predictions = [d for plan in cohorts for d in plan.dists()]
+    alerts = _alerts(session, lo_f, hi_f) if _has_table(session, "alert_events") else []
     return ReviewDataset(
         generated_at=now,
         since=since,
@@ -167,7 +173,30 @@ def load_dataset(
         drift=tuple(drift),
         predictions=tuple(predictions),
         notes=tuple(notes),
+        alerts=tuple(alerts),
     )
+
+
+def _alerts(session: Session, since: float, until: float) -> list[AlertRow]:
+    """Alerts raised and resolved in the period, oldest first."""
+    e = AlertEvent
+    rows = session.scalars(
+        select(e).where(e.ts >= since, e.ts <= until).order_by(e.ts, e.id).limit(MAX_ALERTS)
+    )
+    return [
+        AlertRow(
+            _utc(a.ts),
+            a.rule_name,
+            a.kind,
+            a.group_name,
+            a.model,
+            a.status,
+            a.value,
+            a.threshold,
+            a.delivery,
+        )
+        for a in rows
+    ]
 
 
 # -- rollouts -----------------------------------------------------------------------

@@ -34,6 +34,7 @@ SECTIONS = (
     ("latency", "Latency and errors"),
     ("drift", "Input drift"),
     ("predictions", "Predictions"),
+    ("alerts", "Alerts"),
 )
 
 CSS = """
@@ -327,6 +328,35 @@ def _decisions(ds: ReviewDataset) -> str:
     return "".join(out)
 
 
+def _alerts(ds: ReviewDataset) -> str:
+    if not ds.alerts:
+        return '<p class="empty">No alert fired or resolved in this period.</p>'
+    rows = [
+        [
+            _fmt_time(a.ts),
+            a.status,
+            a.rule,
+            a.kind,
+            a.group,
+            a.model or "-",
+            "-" if a.value is None else f"{a.value:.4g}",
+            f"{a.threshold:.4g}",
+            a.delivery,
+        ]
+        for a in ds.alerts
+    ]
+    return (
+        "<p>Alerts the server's rules raised and resolved (<code>edgefleet alerts list</code> "
+        "shows each one's figures and where its window's samples are).</p>"
+        + _table(
+            ["time", "status", "rule", "kind", "group", "model", "value", "threshold", "webhook"],
+            rows,
+            num=[6, 7],
+            table_id="alert-list",
+        )
+    )
+
+
 def _figure(svg: str | None, caption: str, empty: str) -> str:
     if svg is None:
         return f'<p class="empty">{escape(empty)}</p>'
@@ -375,6 +405,7 @@ def render_html(
             "version) of each rollout.",
             "No prediction distributions in this period.",
         ),
+        "alerts": _alerts(ds),
     }
     sections = "".join(
         f'<section id="{sid}"><h2>{escape(t)}</h2>{body[sid]}</section>' for sid, t in SECTIONS

@@ -271,3 +271,34 @@ def test_records_lost_in_the_window_fire_once_and_resolve_when_none_are_new(
     assert loops.evaluator.run_once(now=time.time() + 100) == []  # the same 3: still firing
     [resolved] = loops.evaluator.run_once(now=time.time() + 400)  # none new in the window
     assert resolved["status"] == "resolved" and resolved["value"] == 0
+
+
+def test_the_report_lists_the_alerts_of_its_period(fleet: Fleet) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from fleet_server.report.dataset import ReviewDataset
+    from fleet_server.report.load import load_dataset
+    from fleet_server.report.render import render_html
+
+    group(fleet, "gateways", ["cam-1"])
+    store = Store(fleet)
+    loops = fleet.client.app.state.alerts  # type: ignore[attr-defined]
+    r = rule(fleet, name="errors", kind="error_rate", group="gateways", model="tiny",
+             threshold=0.1, window_seconds=300)  # fmt: skip
+    assert r.status_code == 201
+    t0 = time.time() - 3000
+    store.window("cam-1", t0 - 10, count=100, errors=30)
+    [fired] = loops.evaluator.run_once(now=t0)
+    store.window("cam-1", t0 + 750, count=100, errors=1)
+    [resolved] = loops.evaluator.run_once(now=t0 + 800)
+    until = datetime.now(timezone.utc)
+    with fleet.ctx.sessions() as s:
+        ds = load_dataset(s, until - timedelta(hours=2), until)
+    assert [(a.status, a.rule, a.group, a.model, a.value) for a in ds.alerts] == [
+        ("firing", "errors", "gateways", "tiny", 0.3),
+        ("resolved", "errors", "gateways", "tiny", 0.01),
+    ]
+    assert ReviewDataset.from_json(ds.to_json()).alerts == ds.alerts
+    html = render_html(ds)
+    table = html[html.index('id="alert-list"') :]
+    assert table.index("firing") < table.index("resolved") and "error_rate" in table

@@ -128,20 +128,24 @@ def decide(
         classes = fi.get("device_classes")
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
             raise BadInstructionError(f"image target {d.path!r}: device_classes must be a list")
+        about = {"name": iname, "version": version, "sha256": img.sha256}
         if iname != name or (active_name is not None and iname != active_name):
             raise WrongModelInstructionError(
                 f"release {d.path!r} is model {iname!r}; the director says {name!r} and this "
-                f"device runs {active_name!r}: a slot never changes model name"
+                f"device runs {active_name!r}: a slot never changes model name",
+                about=about,
             )
         if classes and device_class not in classes:
             raise WrongDeviceClassInstructionError(
-                f"release {d.path!r} is for {', '.join(classes)}, not this {device_class!r} device"
+                f"release {d.path!r} is for {', '.join(classes)}, not this {device_class!r} device",
+                about=about,
             )
         floor = floors.get(iname)
         if floor is not None and counter < floor:
             raise ReleaseRollbackError(
                 f"release {iname} v{version} has release counter {counter}, below this "
-                f"device's floor {floor} for {iname}: the release keys retired it"
+                f"device's floor {floor} for {iname}: the release keys retired it",
+                about=about,
             )
         out.append(Instruction(role, iname, version, counter, d.path, img.sha256, img.length))
     return out

@@ -6,9 +6,19 @@ from ..update.errors import AssignmentError
 
 
 class UptaneError(AssignmentError):
-    """The signed instructions cannot be acted on; nothing changes on the device."""
+    """The signed instructions cannot be acted on; nothing changes on the device.
+
+    ``about`` names the release an instruction asked for (``name``, ``version``,
+    ``sha256``) when the refusal is of one instruction, so the device can report it as
+    a refused install of that release: the rollout that assigned it counts the refusal
+    in its install gate and shows the reason.
+    """
 
     code = "uptane_refused"
+
+    def __init__(self, message: str, *, about: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.about = about
 
 
 class StaleMetadataError(UptaneError):

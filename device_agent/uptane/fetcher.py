@@ -142,8 +142,27 @@ class UptaneFetcher:
             "version": None,
             "state": "idle",
         }
+        reports = [body]
+        about = e.about or {}
+        if isinstance(about.get("name"), str) and isinstance(about.get("version"), int):
+            # one instruction refused: also a refused install of that release, which the
+            # rollout that assigned it counts and shows (as for a refused bundle)
+            sha = str(about.get("sha256") or "")
+            reports.append(
+                {
+                    "type": "install",
+                    "outcome": "refused",
+                    "name": about["name"],
+                    "version": about["version"],
+                    "bundle_id": f"b-{sha[:16]}" if sha else None,
+                    "error_code": e.code,
+                    "message": str(e)[:3900],
+                    "ts": now,
+                    "state": "idle",
+                }
+            )
         try:
-            self.http.post_reports([body])
+            self.http.post_reports(reports)
             self._last_report = (e.code, now)
         except Exception as err:  # noqa: BLE001 - reporting must not change the outcome
             log.warning("cannot report %s: %s", e.code, err)

@@ -140,13 +140,17 @@ class FleetCA:
     ) -> x509.CertificateBuilder:
         now = _now()
         valid = lifetime if lifetime is not None else dt.timedelta(days=days)
+        # valid a little before now for clocks behind ours; a tenth of a short lifetime
+        backdate = dt.timedelta(minutes=5)
+        if valid > dt.timedelta(0):
+            backdate = min(backdate, valid / 10)
         return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
             .issuer_name(self.cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_before(now - backdate)
             .not_valid_after(now + valid)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(

@@ -364,3 +364,93 @@ def test_agent_enrollment_keeps_its_key_and_learns_its_broker(setup: Setup) -> N
         assert wait_until(lambda: setup.health()["ingest"]["stored"] == 1, 15)
     finally:
         t.stop()
+
+
+def test_mqtt_transport_presents_a_reloaded_certificate_on_its_next_handshake(
+    setup: Setup,
+) -> None:
+    dev = enroll_device(setup, "gw-r")
+    good = dev.cert.read_bytes()
+    other = FleetCA.init(setup.tmp / "other-ca")  # a certificate the broker refuses
+    dev.cert.write_bytes(other.sign_device_csr(dev.key.csr("gw-r"), "gw-r"))
+    t = MqttTransport(
+        "gw-r",
+        dev.endpoint["host"],
+        dev.endpoint["port"],
+        tls=TlsOptions(dev.ca, dev.cert, dev.key.key_file()),
+        mqtt_version=5,
+        backoff=Backoff(initial=0.2, maximum=0.5),
+    ).start()
+    try:
+        assert not t.wait_connected(2)
+        dev.cert.write_bytes(good)  # what a renewal does to the file
+        t.reload_client_certificate()
+        assert t.wait_connected(10), t.last_error
+    finally:
+        t.stop()
+
+
+def test_agent_daemon_talks_https_and_mqtts_with_its_certificate_and_renews_it(
+    tmp_path: Path, sim: BundleSim
+) -> None:
+    """The daemon after `enroll`: no broker address and no credential in its config; it
+    checks in over HTTPS and reports over MQTT with TLS, both with its certificate, and
+    renews a short-lived certificate once less than renew_fraction of it remains."""
+    from device_agent.config import AgentConfig
+    from device_agent.daemon import AgentDaemon
+    from device_agent.enroll import enroll
+
+    setup = start(tmp_path, sim, device_cert_seconds="60")
+    try:
+        state = tmp_path / "agent-state"
+        conf = tmp_path / "agent.toml"
+        conf.write_text(
+            "[device]\n"
+            f'device_class = "gw"\nstate_dir = "{state}"\n'
+            f'trust_store = "{tmp_path / "trust.json"}"\n'
+            "[server]\n"
+            f'url = "{setup.server.url}"\nca_file = "{setup.ca_file}"\n'
+            "poll_seconds = 0.5\nrenew_fraction = 0.5\n"
+            "[serving]\nenabled = false\n"
+        )
+        token = setup.admin.post("/enrollment-tokens", json={"device_class": "gw"})["token"]
+        done = enroll(AgentConfig.load(conf), token, requested_id="gw-d")
+        assert done.credential_file is None
+        cfg = AgentConfig.load(conf)
+        assert cfg.mqtt.host and cfg.mqtt.tls and cfg.mqtt.cert_file and cfg.server.cert_file
+        cert_file = cfg.server.cert_file
+        first = cert_file.read_bytes()
+        offset = [0.0]
+        daemon = AgentDaemon(cfg, clock=lambda: time.time() + offset[0]).start()
+        try:
+            assert wait_until(lambda: setup.health()["broker"]["connected_devices"] == 1, 20)
+            assert wait_until(lambda: setup.admin.get("/devices/gw-d")["last_seen_at"], 20)
+            time.sleep(1.5)  # a few rounds: a fresh certificate is not renewed
+            assert cert_file.read_bytes() == first
+            offset[0] = 40.0  # 26 of 66 s left: below half
+            assert wait_until(lambda: cert_file.read_bytes() != first, 20)
+            offset[0] = 0.0
+            renewed = cert_file.read_bytes()
+            assert wait_until(lambda: daemon.rounds >= 3, 10)
+            with setup.http(cfg.server.cert_file, cfg.server.key_file) as http:
+                assert http.get("/device/v1/assignment").json()["device_id"] == "gw-d"
+            t = MqttTransport(
+                "gw-d-renewed",
+                cfg.mqtt.host,
+                cfg.mqtt.port,
+                tls=TlsOptions(cfg.mqtt.ca_file, cfg.server.cert_file, cfg.server.key_file),
+                mqtt_version=5,
+            ).start()
+            try:
+                assert t.wait_connected(10), t.last_error
+            finally:
+                t.stop()
+            assert daemon.updater.state.value  # still running its rounds
+        finally:
+            daemon.stop()
+            daemon.join(10)
+        audit = setup.admin.get("/audit", params={"action": "device.certificate.renew"})
+        assert audit["items"], audit
+        assert renewed != first
+    finally:
+        setup.server.stop()

@@ -34,7 +34,7 @@ from fleet_server.alerts.payload import alert_payload
 from fleet_server.alerts.prometheus import window_label
 from fleet_server.alerts.rules import Figure, Kind, Rule, RuleState, Status, Transition, judge, step
 from fleet_server.db.alerts import AlertEvent, AlertRule, AlertState
-from fleet_server.db.models import Group
+from fleet_server.db.models import Device, Group
 from fleet_server.metrics import ServerMetrics
 from fleet_server.registry.groups import group_members
 
@@ -69,6 +69,14 @@ def load_rules(session: Session, *, enabled_only: bool = False) -> list[Rule]:
     return [to_rule(r, g) for r, g in session.execute(stmt.order_by(AlertRule.name))]
 
 
+def _figure_labels(rule: Rule) -> tuple[str, str, str, str]:
+    return (rule.kind.figure, rule.group, rule.model or "", window_label(rule.window_seconds))
+
+
+def _firing_labels(rule: Rule) -> tuple[str, str, str, str]:
+    return (rule.name, rule.kind.value, rule.group, rule.model or "")
+
+
 class AlertEvaluator:
     """Runs rounds of rule evaluations, in a daemon thread or by :meth:`run_once`."""
 
@@ -90,6 +98,9 @@ class AlertEvaluator:
         self.clock = clock
         self.rounds = 0
         self._lock = threading.Lock()  # one round at a time (thread and API calls)
+        #: label sets this evaluator exported, to drop those of rules gone since
+        self._figures: set[tuple[str, str, str, str]] = set()
+        self._firing: set[tuple[str, str, str, str]] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -100,10 +111,11 @@ class AlertEvaluator:
             now = self.clock() if now is None else now
             with self.sessions() as s:
                 rules = load_rules(s, enabled_only=True)
+            members: dict[str, list[Device] | None] = {}  # each group's devices, once a round
             raised = []
             for rule in rules:
                 try:
-                    event = self._one(rule, now)
+                    event = self._one(rule, now, members)
                 except Exception:
                     log.exception(
                         "alert rule %s: evaluation failed; retrying next round", rule.name
@@ -111,12 +123,18 @@ class AlertEvaluator:
                     continue
                 if event is not None:
                     raised.append(event)
+            self._forget_others(rules)
             return raised
 
-    def _one(self, rule: Rule, now: float) -> dict[str, Any] | None:
+    def _one(
+        self, rule: Rule, now: float, members: dict[str, list[Device] | None]
+    ) -> dict[str, Any] | None:
         with self.sessions() as s:
-            group = s.scalar(select(Group).where(Group.name == rule.group))
-            if group is None:  # deleted meanwhile (its rules go with it)
+            if rule.group not in members:
+                group = s.scalar(select(Group).where(Group.name == rule.group))
+                members[rule.group] = None if group is None else group_members(s, group)
+            devices = members[rule.group]
+            if devices is None:  # deleted meanwhile (its rules go with it)
                 return None
             row = s.get(AlertState, rule.id)
             if row is None:
@@ -128,7 +146,6 @@ class AlertEvaluator:
                 evaluated_at=row.evaluated_at,
                 no_data=row.no_data,
             )
-            devices = group_members(s, group)
             figure, memo = figure_for(rule, s, self.engine, devices, now, dict(row.memo or {}))
             new, transition = step(rule, state, figure, now)
             done = s.execute(
@@ -226,17 +243,30 @@ class AlertEvaluator:
         )
         return {"id": event.id, **payload}
 
+    def _forget_others(self, rules: list[Rule]) -> None:
+        """Drop the /metrics series of rules deleted, disabled or changed since."""
+        figures = {_figure_labels(r) for r in rules}
+        firing = {_firing_labels(r) for r in rules}
+        for labels in self._figures - figures:
+            with contextlib.suppress(KeyError):
+                self.metrics.alert_figure.remove(*labels)
+        for labels in self._firing - firing:
+            with contextlib.suppress(KeyError):
+                self.metrics.alert_firing.remove(*labels)
+        self._figures &= figures
+        self._firing &= firing
+
     def _export(self, rule: Rule, figure: Figure, state: RuleState) -> None:
-        labels = (rule.kind.figure, rule.group, rule.model or "", window_label(rule.window_seconds))
+        labels = _figure_labels(rule)
         if figure.value is None:
             with contextlib.suppress(KeyError):  # not exported yet
                 self.metrics.alert_figure.remove(*labels)
         else:
             self.metrics.alert_figure.labels(*labels).set(figure.value)
+            self._figures.add(labels)
         firing = 1.0 if state.status is Status.firing else 0.0
-        self.metrics.alert_firing.labels(
-            rule.name, rule.kind.value, rule.group, rule.model or ""
-        ).set(firing)
+        self.metrics.alert_firing.labels(*_firing_labels(rule)).set(firing)
+        self._firing.add(_firing_labels(rule))
 
     # -- background thread ---------------------------------------------------------
 

@@ -302,3 +302,26 @@ def test_the_report_lists_the_alerts_of_its_period(fleet: Fleet) -> None:
     html = render_html(ds)
     table = html[html.index('id="alert-list"') :]
     assert table.index("firing") < table.index("resolved") and "error_rate" in table
+
+
+def test_a_deleted_rule_leaves_metrics_at_the_next_round(fleet: Fleet) -> None:
+    group(fleet, "gateways", ["cam-1"])
+    loops = fleet.client.app.state.alerts  # type: ignore[attr-defined]
+    for name in ("a", "b"):
+        r = rule(fleet, name=name, kind="silent", group="gateways", threshold=0)
+        assert r.status_code == 201
+    loops.evaluator.run_once()
+    metrics = fleet.client.get("/metrics").text
+    assert 'rule="a"' in metrics and 'rule="b"' in metrics
+    assert 'edgefleet_alert_figure{figure="devices_silent",group="gateways"' in metrics
+    assert fleet.client.delete("/api/v1/alerts/rules/a", headers=fleet.admin).status_code == 204
+    loops.evaluator.run_once()
+    metrics = fleet.client.get("/metrics").text
+    assert 'rule="a"' not in metrics and 'rule="b"' in metrics
+    assert 'edgefleet_alert_figure{figure="devices_silent",group="gateways"' in metrics  # b's
+    r = fleet.client.patch("/api/v1/alerts/rules/b", headers=fleet.admin, json={"enabled": False})
+    assert r.status_code == 200 and r.json()["enabled"] is False
+    loops.evaluator.run_once()
+    metrics = fleet.client.get("/metrics").text
+    assert "edgefleet_alert_figure{" not in metrics and 'rule="b"' not in metrics
+    assert [e["action"] for e in audit(fleet, "alert_rule.update")] == ["alert_rule.update"]

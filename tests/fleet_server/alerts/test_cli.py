@@ -216,6 +216,17 @@ def test_rules_from_the_cli_export_a_prometheus_file_over_the_real_metrics(
     shown = run(s, "alerts", "rules", "show", "gw-accuracy").output
     assert "0.9" in shown and "status: ok" in shown.replace("  ", " ").replace("  ", " ")
 
+    store = Store(db_url)
+    store.seq["cam-1"] = 1  # the device's next record
+    try:  # errors break out: one alert, listed with where its samples are
+        store.put("cam-1", "summary", [summary(200, 100, psi=0.1, correct=9)], time.time() - 1)
+    finally:
+        store.engine.dispose()
+    assert "firing: gw-errors (error_rate = " in run(s, "alerts", "evaluate").output
+    listed = run(s, "alerts", "list", "--status", "firing").output
+    assert "gw-errors" in listed and "gateways" in listed
+    assert "edgefleet samples export --model tiny --group gateways --since " in listed
+
     rules_yml = tmp_path / "rules.yml"
     rules_yml.write_text(run(s, "alerts", "prometheus-rules").output)
     check = subprocess.run(

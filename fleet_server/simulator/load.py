@@ -362,14 +362,16 @@ class LoadFleet:
         (self.stats.checkin_200 if d.checked_in else self.stats.first_checkin).append(took)
         d.checked_in = True
         doc = r.json()
-        d.etag = doc["assignment_id"]
         desired = doc.get("desired")
-        if desired is None:
-            return
-        if d.model is not None and d.model.get("bundle_id") == desired["bundle_id"]:
-            d.rollout_id = doc.get("rollout_id")
+        if desired is None or (
+            d.model is not None and d.model.get("bundle_id") == desired["bundle_id"]
+        ):
+            d.etag, d.rollout_id = doc["assignment_id"], doc.get("rollout_id")
             return
         if await self._download(d, desired):
+            # the ETag only once the assignment is carried out: a failed download is
+            # tried again at the next check-in (a 200 again), as the agent does
+            d.etag = doc["assignment_id"]
             d.model, d.rollout_id = desired, doc.get("rollout_id")
             await self._report_install(d, desired)
 

@@ -135,10 +135,12 @@ def sign(targets_file: Path, key_ref: str, keys_dir: Path) -> None:
 @release.command("upload")
 @click.argument("targets_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
+    "--url",
     "--server",
+    "server",
     required=True,
-    envvar="EDGEFLEET_SERVER_URL",
-    help="Server URL (env EDGEFLEET_SERVER_URL).",
+    envvar=["EDGEFLEET_URL", "EDGEFLEET_SERVER_URL"],
+    help="Server URL (env EDGEFLEET_URL, as every command that talks to the server).",
 )
 @click.option(
     "--token",
@@ -165,10 +167,12 @@ def upload(targets_file: Path, server: str, token: str) -> None:
 @release.command("fetch")
 @click.argument("targets_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
+    "--url",
     "--server",
+    "server",
     required=True,
-    envvar="EDGEFLEET_SERVER_URL",
-    help="Server URL (env EDGEFLEET_SERVER_URL).",
+    envvar=["EDGEFLEET_URL", "EDGEFLEET_SERVER_URL"],
+    help="Server URL (env EDGEFLEET_URL, as every command that talks to the server).",
 )
 @click.option(
     "--token",

@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from device_agent.config import AgentConfig
 from fleet_server.cli import main as cli_main
 from fleet_server.images import RecipeError, build_image, list_classes, load_class
+from fleet_server.images.build import ImageBuildError
 from fleet_server.images.recipe import CLASSES_DIR
+from fleet_server.registry.uptane import init_uptane
 from tests.bundlesim import BundleSim
 
 
@@ -56,7 +59,14 @@ def trust_file(release: BundleSim) -> Path:
 
 
 @pytest.fixture(scope="module")
-def x86_image(tmp_path_factory: pytest.TempPathFactory, trust_file: Path):
+def device_roots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Uptane chain's initial roots, as `edgefleet release init` writes them."""
+    base = tmp_path_factory.mktemp("uptane")
+    return init_uptane(operator_keys=base / "offline", uptane_dir=base / "uptane").device_roots
+
+
+@pytest.fixture(scope="module")
+def x86_image(tmp_path_factory: pytest.TempPathFactory, trust_file: Path, device_roots: Path):
     out = tmp_path_factory.mktemp("images")
     return build_image(
         load_class("x86_64-gateway"),
@@ -65,7 +75,32 @@ def x86_image(tmp_path_factory: pytest.TempPathFactory, trust_file: Path):
         server_url="http://127.0.0.1:9",
         mqtt_host="127.0.0.1",
         mqtt_port=9,
+        uptane_roots=device_roots,
     )
+
+
+def test_image_build_refuses_a_roots_directory_without_both_roots(
+    tmp_path: Path, trust_file: Path, device_roots: Path
+) -> None:
+    partial = tmp_path / "roots"
+    partial.mkdir()
+    shutil.copy(device_roots / "image-root.json", partial)
+    with pytest.raises(ImageBuildError, match="director-root.json.*edgefleet release init"):
+        build_image(
+            load_class("x86_64-gateway"),
+            out_dir=tmp_path,
+            trust_store=trust_file,
+            uptane_roots=partial,
+        )
+    (partial / "director-root.json").write_text('{"signed": {"_type": "targets"}}')
+    with pytest.raises(ImageBuildError, match="not TUF root metadata|not a root"):
+        build_image(
+            load_class("x86_64-gateway"),
+            out_dir=tmp_path,
+            trust_store=trust_file,
+            uptane_roots=partial,
+        )
+    assert not list(tmp_path.glob("x86_64-gateway*")), "nothing is built from bad roots"
 
 
 def test_image_lists_every_file_with_its_hash(x86_image) -> None:
@@ -93,7 +128,7 @@ def _no_network_prefix() -> list[str]:
 
 
 def test_x86_image_installs_with_no_package_index_and_verifies_bundles(
-    x86_image, tmp_path: Path, release: BundleSim
+    x86_image, tmp_path: Path, release: BundleSim, device_roots: Path
 ) -> None:
     prefix, conf, state = tmp_path / "opt", tmp_path / "etc", tmp_path / "state"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
@@ -114,6 +149,13 @@ def test_x86_image_installs_with_no_package_index_and_verifies_bundles(
     assert absent.returncode != 0, "the device image must not carry the server stack"
     config = (conf / "agent.toml").read_text()
     assert f'trust_store = "{conf}/trust.json"' in config and "@" not in config
+    # the chain's initial roots are installed and the agent runs the chain from them
+    uptane = AgentConfig.load(conf / "agent.toml").uptane
+    assert uptane.enabled is True
+    for name in ("image-root", "director-root"):
+        path = getattr(uptane, name.replace("-", "_"))
+        assert path == conf / "uptane" / f"{name}.json"
+        assert path.read_bytes() == (device_roots / f"{name}.json").read_bytes()
     # the installed agent trusts exactly the image's trust root
     bundle = release.publish(version=3)
     ok = subprocess.run(

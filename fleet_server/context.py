@@ -66,6 +66,17 @@ class ServerContext:
                 settings.broker_port or None,
                 ca=self.ca,
                 tls_port=settings.broker_tls_port or None,
+                # the broker's certificate names what devices use to reach it
+                tls_names=list(
+                    dict.fromkeys(
+                        [
+                            *([settings.mqtt_public_host] if settings.mqtt_public_host else []),
+                            *settings.tls_names,
+                            "127.0.0.1",
+                            "localhost",
+                        ]
+                    )
+                ),
             )
             settings = settings.model_copy(
                 update={

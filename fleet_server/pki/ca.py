@@ -251,11 +251,36 @@ class FleetCA:
         return cert
 
 
+def _covers(cert_path: Path, ca: FleetCA, names: list[str]) -> bool:
+    """Whether the certificate in ``cert_path`` is this CA's, names exactly ``names`` and
+    has more than 30 days left."""
+    try:
+        cert = ca.verify_issued(cert_path.read_bytes())
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, CAError, x509.ExtensionNotFound):
+        return False
+    have = {str(v) for v in alt.get_values_for_type(x509.DNSName)}
+    have |= {str(v) for v in alt.get_values_for_type(x509.IPAddress)}
+    left = cert.not_valid_after_utc - _now()
+    return have == {str(ipaddress.ip_address(n)) if _is_ip(n) else n for n in names} and (
+        left > dt.timedelta(days=30)
+    )
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def write_server_files(ca: FleetCA, directory: Path, names: list[str]) -> tuple[Path, Path]:
     """Issue a server certificate for ``names`` into ``directory`` (server.key 0600,
-    server.crt) unless one is there; returns their paths."""
+    server.crt) unless one for exactly these names, from this CA, with more than 30 days
+    left is there; returns their paths."""
     key_path, cert_path = directory / "server.key", directory / "server.crt"
-    if not (key_path.exists() and cert_path.exists()):
+    if not (key_path.exists() and _covers(cert_path, ca, names)):
         issued = ca.issue_server(names)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(key_path, issued.key_pem, mode=0o600)

@@ -241,6 +241,9 @@ def test_device_api_knows_the_device_by_its_certificate_only(setup: Setup) -> No
         assert r.json()["device_id"] == "gw-5"
         ok = http.post("/device/v1/reports", json={"reports": [{"type": "health"}]})
         assert ok.status_code == 200, ok.text
+    plain = setup.server.url.replace("https://", "http://")
+    with pytest.raises(httpx.HTTPError):  # no plain HTTP beside the TLS listener
+        httpx.get(f"{plain}/device/v1/assignment", timeout=5)
     with setup.http() as anonymous:  # TLS without a client certificate
         assert anonymous.get("/device/v1/assignment").status_code == 401
         # a bearer token is no way in for a device with a certificate

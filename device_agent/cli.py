@@ -118,10 +118,13 @@ class _NoHost:
 def enroll_cmd(
     ctx: click.Context, token_file: Path | None, token: str | None, device_id: str | None
 ) -> None:
-    """Enroll with the fleet server: trade a one-time token for this device's credential.
+    """Enroll with the fleet server: trade a one-time token for this device's identity.
 
-    The credential is written (mode 0600) to [server] token_file and the device id to
-    <state_dir>/identity.json, where the agent finds both from then on.
+    The device makes its key pair (<state_dir>/device.key, never sent) and sends a
+    certificate request; a server with a fleet CA answers with the device's certificate,
+    the CA and the MQTT endpoint, all named in <state_dir>/identity.json, where the agent
+    finds them from then on. A server without a CA (development) answers with a bearer
+    credential, written (mode 0600) to [server] token_file.
     """
     from .enroll import EnrollmentError, enroll
 

@@ -123,6 +123,12 @@ class ServerSettings(BaseSettings):
             )
         if self.mqtt_host and not self.mqtt_password:
             problems.append("mqtt_host is set but mqtt_password is empty")
+        if self.ca_dir is None:
+            problems.append(
+                "no fleet CA (ca_dir): devices would authenticate by bearer tokens and "
+                "passwords over plain HTTP and MQTT; create one with `edgefleet ca init "
+                "--dir DIR` and set EDGEFLEET_SERVER_CA_DIR=DIR"
+            )
         if problems:
             raise ValueError("refusing to start in production: " + "; ".join(problems))
         return self

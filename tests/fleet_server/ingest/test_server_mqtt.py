@@ -149,11 +149,11 @@ def test_server_refuses_to_start_in_production_with_default_secrets(tmp_path: Pa
 
     with pytest.raises(SettingsError, match="token_pepper"):
         load_settings(environment="production", database_url=f"sqlite:///{tmp_path}/x.db")
+    secrets = {"token_pepper": "p" * 32, "admin_bootstrap_token": "t" * 32}
+    with pytest.raises(SettingsError, match="ca_dir"):  # plain device traffic: development
+        load_settings(environment="production", database_url="sqlite:///x.db", **secrets)
     ok = load_settings(
-        environment="production",
-        token_pepper="p" * 32,
-        admin_bootstrap_token="t" * 32,
-        database_url="sqlite:///x.db",
+        environment="production", database_url="sqlite:///x.db", ca_dir=tmp_path, **secrets
     )
     assert ok.environment == "production"
 

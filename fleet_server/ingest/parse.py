@@ -26,7 +26,6 @@ those bodies.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +34,6 @@ from device_agent.protocol import (
     EventRecord,
     LabelSummary,
     SampleBody,
-    SampleRecord,
     SummaryBody,
     SummaryRecord,
     parse_device_topic,
@@ -44,14 +42,6 @@ from fleet_server.ingest.contract import validate_message
 from fleet_server.ingest.errors import NotTelemetryTopicError
 from fleet_server.ingest.jsoncodec import DEFAULT, Codec
 
-KIND_ALIASES: Mapping[str, str] = {
-    "summary": "summary",
-    "summaries": "summary",
-    "sample": "samples",
-    "samples": "samples",
-    "event": "events",
-    "events": "events",
-}
 #: characters of an event's message kept in its column (the whole text stays in its body)
 MAX_EVENT_MESSAGE = 2000
 
@@ -99,32 +89,29 @@ def parse_message(
     for reason in checked.rejected.values():
         out.reject(reason)
     dumps = codec.dumps
-    summaries = out.rows["summary"]
     raw_records: list[Any] | None = None
     for index, rec in enumerate(checked.records):
         if rec is None:
             continue
-        if type(rec) is SummaryRecord:
-            row = _summary(rec.body, dumps)
-            kind = "summary"
+        if isinstance(rec, SummaryRecord):
+            kind, row = "summary", _summary(rec.body, dumps)
         else:
             if raw_records is None:
                 raw_records = _raw_records(payload, codec)
             try:
-                raw_body = raw_records[index]["body"]
-                if type(rec) is EventRecord:
-                    kind, row = "events", _event(rec.body, dumps(raw_body))
-                else:
-                    assert type(rec) is SampleRecord
-                    kind, row = "samples", _sample(rec.body, dumps(raw_body))
+                body = dumps(raw_records[index]["body"])
             except (ValueError, LookupError, TypeError):  # a body the codec cannot store
                 out.reject("invalid")
                 continue
+            if isinstance(rec, EventRecord):
+                kind, row = "events", _event(rec.body, body)
+            else:
+                kind, row = "samples", _sample(rec.body, body)
         row["device_id"] = device_id
         row["seq"] = rec.seq
         row["ts"] = rec.ts
         row["received_at"] = received_at
-        (summaries if kind == "summary" else out.rows[kind]).append(row)
+        out.rows[kind].append(row)
     return out
 
 

@@ -87,7 +87,10 @@ def authenticate_operator(ctx: ServerContext, token: str | None) -> Principal:
 
 
 class RoleRequirement:
-    """Dependency: an operator with at least ``role``; tests find it on every admin route."""
+    """Dependency: an operator with at least ``role``; tests find it on every admin route.
+
+    Every refusal is written to the audit log (``permission.denied``) before the 403,
+    naming the route (or the permission, for :class:`RequirePermission`)."""
 
     def __init__(self, role: Role) -> None:
         self.role = role
@@ -95,14 +98,32 @@ class RoleRequirement:
     def __call__(
         self,
         ctx: CtxDep,
+        request: Request,
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
         who = authenticate_operator(ctx, creds.credentials if creds else None)
         if who.role < self.role:
-            raise PermissionDeniedError(
-                f"this action needs the {self.role.name} role; {who.name} is a {who.role.name}"
-            )
+            route = getattr(request.scope.get("route"), "path", request.url.path)
+            self._deny(ctx, who, "route", f"{request.method} {route}", "this action")
         return who
+
+    def _deny(self, ctx: ServerContext, who: Principal, kind: str, what: str, says: str) -> None:
+        from fleet_server import audit
+
+        with ctx.sessions() as session:
+            audit.record(
+                session,
+                actor=who.actor,
+                action="permission.denied",
+                target_type=kind,
+                target_id=what[:200],
+                details={kind: what, "needs": self.role.name, "role": who.role.name},
+            )
+            session.commit()
+        raise PermissionDeniedError(
+            f"{says} needs the {self.role.name} role; {who.name} is a {who.role.name}. "
+            "The attempt was recorded in the audit log"
+        )
 
 
 class RequirePermission(RoleRequirement):
@@ -116,30 +137,12 @@ class RequirePermission(RoleRequirement):
     def __call__(
         self,
         ctx: CtxDep,
+        request: Request,
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
         who = authenticate_operator(ctx, creds.credentials if creds else None)
         if who.role < self.role:
-            from fleet_server import audit
-
-            with ctx.sessions() as session:
-                audit.record(
-                    session,
-                    actor=who.actor,
-                    action="permission.denied",
-                    target_type="permission",
-                    target_id=self.permission,
-                    details={
-                        "permission": self.permission,
-                        "needs": self.role.name,
-                        "role": who.role.name,
-                    },
-                )
-                session.commit()
-            raise PermissionDeniedError(
-                f"{self.permission} needs the {self.role.name} role; {who.name} is a "
-                f"{who.role.name}. The attempt was recorded in the audit log"
-            )
+            self._deny(ctx, who, "permission", self.permission, self.permission)
         return who
 
 

@@ -93,6 +93,7 @@ def test_every_admin_route_refuses_missing_wrong_and_insufficient_tokens(fleet: 
         Role.operator: fleet.operator_token("operator"),
     }
     checked = 0
+    refused: set[tuple[str, str, str]] = set()
     for path, method, route in ROUTES:
         role = required_role(route)
         assert role is not None
@@ -108,10 +109,20 @@ def test_every_admin_route_refuses_missing_wrong_and_insufficient_tokens(fleet: 
             weak = _call(fleet, method, path, auth(tokens[lower]))
             assert weak.status_code == 403, (method, path, lower, weak.text)
             assert weak.json()["error"]["code"] == "permission_denied"
+            assert "recorded in the audit log" in weak.json()["error"]["message"]
+            refused.add((lower.name, method, path))
             checked += 1
         strong = _call(fleet, method, path, fleet.admin)
         assert strong.status_code not in (401, 403), (method, path, strong.text)
     assert checked > 20
+    # every refusal is in the audit log, naming the route or the permission it needed
+    from fleet_server.db.models import AuditEntry
+
+    with fleet.ctx.sessions() as session:
+        denied = session.query(AuditEntry).filter(AuditEntry.action == "permission.denied").all()
+    assert len(denied) == checked, (len(denied), checked)
+    routes = {d.target_id for d in denied if d.target_type == "route"}
+    assert any(r.endswith("/rollouts/{rollout_id}/pause") for r in routes), routes
 
 
 def test_revoked_and_expired_operator_tokens_are_refused(fleet: Fleet) -> None:

@@ -137,17 +137,27 @@ def figure_for(
     devices: Sequence[Device],
     now: float,
     memo: dict[str, Any],
+    shared: dict[Any, dict[str, Any]] | None = None,
 ) -> tuple[Figure, dict[str, Any]]:
-    """This round's figure of ``rule`` and the memo to keep for the next round."""
+    """This round's figure of ``rule`` and the memo to keep for the next round.
+
+    ``shared``: a dict kept for one round, so rules on the same model, group and window
+    (drift, errors, latency, accuracy) read the summaries once."""
     since = now - rule.window_seconds
     ids = {d.id for d in devices}
     if not devices:
         return Figure(None, no_data="the group has no devices"), memo
     if rule.kind.needs_model:
         assert rule.model is not None
-        f = model_figures(session, rule.model, ids, since, now)
-        f["devices"] = len(devices)
-        f["samples_stored"] = sample_count(session, rule.model, ids, since, now)
+        key = (rule.model, rule.group, since, now)
+        if shared is not None and key in shared:
+            f = dict(shared[key])
+        else:
+            f = model_figures(session, rule.model, ids, since, now)
+            f["devices"] = len(devices)
+            f["samples_stored"] = sample_count(session, rule.model, ids, since, now)
+            if shared is not None:
+                shared[key] = dict(f)
         if f["inferences"] == 0:
             return Figure(
                 None, no_data=f"no summaries of {rule.model} in the window", details=f

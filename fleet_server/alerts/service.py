@@ -112,10 +112,11 @@ class AlertEvaluator:
             with self.sessions() as s:
                 rules = load_rules(s, enabled_only=True)
             members: dict[str, list[Device] | None] = {}  # each group's devices, once a round
+            shared: dict[Any, dict[str, Any]] = {}  # model figures, once a round
             raised = []
             for rule in rules:
                 try:
-                    event = self._one(rule, now, members)
+                    event = self._one(rule, now, members, shared)
                 except Exception:
                     log.exception(
                         "alert rule %s: evaluation failed; retrying next round", rule.name
@@ -127,7 +128,11 @@ class AlertEvaluator:
             return raised
 
     def _one(
-        self, rule: Rule, now: float, members: dict[str, list[Device] | None]
+        self,
+        rule: Rule,
+        now: float,
+        members: dict[str, list[Device] | None],
+        shared: dict[Any, dict[str, Any]],
     ) -> dict[str, Any] | None:
         with self.sessions() as s:
             if rule.group not in members:
@@ -146,7 +151,9 @@ class AlertEvaluator:
                 evaluated_at=row.evaluated_at,
                 no_data=row.no_data,
             )
-            figure, memo = figure_for(rule, s, self.engine, devices, now, dict(row.memo or {}))
+            figure, memo = figure_for(
+                rule, s, self.engine, devices, now, dict(row.memo or {}), shared
+            )
             new, transition = step(rule, state, figure, now)
             done = s.execute(
                 update(AlertState)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import orjson
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -118,16 +119,18 @@ def _rows(
     until: float | None,
 ) -> Iterator[TelemetrySample]:
     t = TelemetrySample
-    stmt = select(t).order_by(t.received_at, t.device_id, t.seq)
+    stmt = select(
+        t.device_id, t.seq, t.ts, t.received_at, t.name, t.version, t.predicted, t.body
+    ).order_by(t.received_at, t.device_id, t.seq)
     if model is not None:
         stmt = stmt.where(t.name == model)
     if since is not None:
         stmt = stmt.where(t.received_at >= since)
     if until is not None:
         stmt = stmt.where(t.received_at < until)
-    for row in session.scalars(stmt.execution_options(yield_per=BATCH)):
+    for row in session.execute(stmt.execution_options(yield_per=BATCH)):
         if devices is None or row.device_id in devices:
-            yield row
+            yield row  # type: ignore[misc]  # a row with the sample's columns, not an entity
 
 
 def write_samples_parquet(
@@ -174,8 +177,8 @@ def write_samples_parquet(
                 vals, shape = _values(tensors.get(n))
                 cols[f"{prefix}_{n}"].append(vals)
                 cols[f"{prefix}_{n}_shape"].append(shape)
-        cols["inputs_json"].append(json.dumps(inputs, separators=(",", ":")))
-        cols["outputs_json"].append(json.dumps(outputs, separators=(",", ":")))
+        cols["inputs_json"].append(orjson.dumps(inputs).decode())
+        cols["outputs_json"].append(orjson.dumps(outputs).decode())
 
     def flush(writer: Any) -> None:
         if cols["seq"]:

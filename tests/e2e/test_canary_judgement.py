@@ -30,6 +30,7 @@ import pytest
 from converters.keys import KeyStore
 from device_agent.bundle import TrustStore
 from fleet_server.broker.mosquitto import SERVER_USER, LocalMosquitto
+from fleet_server.cli.rollout_view import render_status
 from fleet_server.client import AdminClient
 from fleet_server.demo.services import ServerProcess
 from fleet_server.images.build import agent_config_text
@@ -241,6 +242,13 @@ def _rollout(s: Setup, version: str, previous: str, gates: list[dict[str, Any]])
     return str(s.admin.post("/rollouts", json=body)["id"])
 
 
+def _gate_line(s: Setup, rollout_id: str, name: str) -> str:
+    """The gate's line in ``rollout status``."""
+    lines = render_status(s.admin.get(f"/rollouts/{rollout_id}/status"))
+    (line,) = [x for x in lines if x.strip().startswith(name + " ")]
+    return line
+
+
 def _gates(decision: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {g["kind"]: g for g in decision["details"]["gates"]}
 
@@ -283,6 +291,8 @@ def test_canaries_are_judged_by_labels_and_by_the_model_they_replace(setup: Setu
     acc = g["accuracy"]
     assert acc["canary_value"] < 0.9 < 0.97 < acc["control_value"], acc
     assert acc["canary_samples"] >= 300 and acc["control_samples"] >= 300
+    line = _gate_line(s, worse, "accuracy")
+    assert "BREACH" in line and "drop at most 0.02" in line and "labels, control 1" in line
     _converge(s, 4)  # v2 again, re-published above v3
     republished = final["state"]["rollback_bundle"]["bundle_id"]
 
@@ -299,4 +309,6 @@ def test_canaries_are_judged_by_labels_and_by_the_model_they_replace(setup: Setu
     for kind in ("prediction_shift", "drift_psi", "error_rate"):
         assert g[kind]["verdict"] == "pass", (kind, g[kind]["detail"])
     assert g["prediction_shift"]["canary_value"] < 0.1
+    line = _gate_line(s, permuted, "shadow_agreement")
+    assert "BREACH" in line and "at least 0.7" in line and "comparisons" in line
     _converge(s, 6)

@@ -325,3 +325,40 @@ def test_a_deleted_rule_leaves_metrics_at_the_next_round(fleet: Fleet) -> None:
     metrics = fleet.client.get("/metrics").text
     assert "edgefleet_alert_figure{" not in metrics and 'rule="b"' not in metrics
     assert [e["action"] for e in audit(fleet, "alert_rule.update")] == ["alert_rule.update"]
+
+
+def test_devices_stale_on_an_old_bundle_fire_and_resolve_when_they_install(
+    fleet: Fleet,
+) -> None:
+    group(fleet, "gateways", ["cam-1", "cam-2"])
+    bundle = fleet.upload_bundle(version=4)
+    for d in ("cam-1", "cam-2"):
+        fleet.assign(d, bundle["id"])
+    loops = fleet.client.app.state.alerts  # type: ignore[attr-defined]
+    r = rule(fleet, name="behind", kind="stale", group="gateways", threshold=0, window_seconds=60)
+    assert r.status_code == 201
+    assert loops.evaluator.run_once() == []  # just assigned: not stale yet
+    [fired] = loops.evaluator.run_once(now=time.time() + 120)
+    assert fired["value"] == 2 and fired["figures"]["stale"] == ["cam-1", "cam-2"]
+    for d in ("cam-1", "cam-2"):
+        r = fleet.client.post(
+            "/device/v1/reports",
+            headers=fleet.enroll_headers[d],
+            json={
+                "reports": [
+                    {
+                        "type": "install",
+                        "outcome": "installed",
+                        "name": "tiny",
+                        "version": 4,
+                        "error_code": None,
+                        "message": "",
+                        "state": "idle",
+                        "ts": time.time(),
+                    }
+                ]
+            },
+        )
+        assert r.status_code == 200, r.text
+    [resolved] = loops.evaluator.run_once(now=time.time() + 180)
+    assert resolved["status"] == "resolved" and resolved["value"] == 0

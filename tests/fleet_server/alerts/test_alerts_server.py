@@ -63,7 +63,9 @@ class Store:
         assert not msg.rejected, msg.rejected
         self.writer.write([msg])
 
-    def window(self, device: str, at: float, count: int, errors: int) -> None:
+    def window(
+        self, device: str, at: float, count: int, errors: int, correct: int | None = None
+    ) -> None:
         hist = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         hist[8] = count - errors
         body = {
@@ -79,6 +81,14 @@ class Store:
             "shadow": None,
             "dropped": {},
         }
+        if correct is not None:  # 10 labelled predictions, 5 of each class; class 1 all right
+            body["labels"] = {
+                "count": 10,
+                "correct": correct,
+                "labelled": [5, 5],
+                "correct_by_class": [correct - 5, 5],
+                "confusion": [[correct - 5, 10 - correct], [0, 5]],
+            }
         self.records(device, "summary", [body], at)
 
 
@@ -362,3 +372,26 @@ def test_devices_stale_on_an_old_bundle_fire_and_resolve_when_they_install(
         assert r.status_code == 200, r.text
     [resolved] = loops.evaluator.run_once(now=time.time() + 180)
     assert resolved["status"] == "resolved" and resolved["value"] == 0
+
+
+def test_accuracy_from_posted_labels_fires_below_and_needs_labels(fleet: Fleet) -> None:
+    group(fleet, "gateways", ["cam-1", "cam-2"])
+    store = Store(fleet)
+    loops = fleet.client.app.state.alerts  # type: ignore[attr-defined]
+    r = rule(fleet, name="acc", kind="accuracy", group="gateways", model="tiny",
+             threshold=0.9, min_samples=20, window_seconds=300)  # fmt: skip
+    assert r.status_code == 201 and r.json()["clear_threshold"] == 0.92
+    t0 = time.time() - 3000
+    store.window("cam-1", t0 - 10, count=100, errors=0)  # no labels posted
+    assert loops.evaluator.run_once(now=t0) == []
+    acc = fleet.client.get("/api/v1/alerts/rules/acc", headers=fleet.admin).json()
+    assert acc["value"] is None and "no labelled predictions" in acc["no_data"]
+    store.window("cam-1", t0 + 10, count=100, errors=0, correct=9)
+    store.window("cam-2", t0 + 10, count=100, errors=0, correct=7)
+    [fired] = loops.evaluator.run_once(now=t0 + 20)
+    assert fired["value"] == 0.8 and fired["figures"]["labelled"] == 20
+    assert fired["comparison"] == "below"
+    store.window("cam-1", t0 + 400, count=100, errors=0, correct=10)
+    store.window("cam-2", t0 + 400, count=100, errors=0, correct=9)
+    [resolved] = loops.evaluator.run_once(now=t0 + 420)
+    assert resolved["status"] == "resolved" and resolved["value"] == 0.95

@@ -218,7 +218,7 @@ def test_a_failing_webhook_is_retried_with_backoff_then_given_up(fleet: Fleet) -
         raised = loops.evaluator.run_once(now=time.time() + 60)  # nobody seen for a minute
         assert sorted(a["alert"] for a in raised) == ["dead", "flaky"]
         deliverer = WebhookDeliverer(
-            fleet.ctx.sessions, DeliveryConfig(base_delay=0.3, max_attempts=3, timeout=2)
+            fleet.ctx.sessions, DeliveryConfig(base_delay=1.0, max_attempts=3, timeout=2)
         )
         try:
             assert deliverer.deliver_due() == 2  # first attempts

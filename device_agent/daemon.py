@@ -202,9 +202,9 @@ class AgentDaemon:
                 woke = self._wake.is_set()
                 self._wake.clear()
                 try:
-                    if self.updater.state is State.PROBATION:
+                    if self.updater.state is State.PROBATION and not (woke or now >= next_check):
                         self.updater.tick()
-                    elif woke or now >= next_check:
+                    elif woke or now >= next_check:  # also on probation: a rollback is seen
                         self.updater.check()
                         next_check = now + cfg.server.poll_seconds
                         self.rounds += 1

@@ -79,6 +79,9 @@ class Event(str, Enum):
     SWITCH_ERROR = "switch_error"
     PROBATION_PASSED = "probation_passed"
     PROBATION_ERROR = "probation_error"
+    #: the server assigns something else while the candidate is on probation (a rollout
+    #: rolled back or moved on): probation ends without committing, the next check acts
+    SUPERSEDED = "superseded"
     ROLLED_BACK = "rolled_back"
     REPORTED = "reported"
     RESTART = "restart"  # the process started with this state persisted
@@ -141,6 +144,7 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
     ),
     (S.SWITCHING, E.SWITCH_ERROR): (S.ROLLING_BACK, (A.ROLL_BACK,)),
     (S.PROBATION, E.PROBATION_ERROR): (S.PROBATION_FAILED, (A.REMEMBER_FAILED, A.REPORT)),
+    (S.PROBATION, E.SUPERSEDED): (S.IDLE, ()),
     (S.PROBATION_FAILED, E.REPORTED): (S.ROLLING_BACK, (A.ROLL_BACK,)),
     (S.ROLLING_BACK, E.ROLLED_BACK): (S.ROLLED_BACK, (A.DISCARD_DOWNLOAD, A.REPORT)),
     (S.ROLLED_BACK, E.REPORTED): (S.IDLE, ()),

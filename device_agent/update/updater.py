@@ -422,12 +422,47 @@ class Updater:
         self._report_event(body, post=True)
 
     def check(self) -> State:
-        """Check in for the assignment and act on it (returns the resting state)."""
+        """Check in for the assignment and act on it (returns the resting state).
+
+        A candidate on probation keeps checking in: when the server now assigns something
+        else (its rollout was rolled back, or moved on), probation ends without committing
+        and the new assignment is acted on at once, instead of after the probation period.
+        """
         self.lock()
         self._flush_reports()
         if self.state is not State.IDLE:
-            return self.tick()
+            state = self.tick()
+            if state is not State.PROBATION or not self._superseded():
+                return state
+            self._run(transition(State.PROBATION, Event.SUPERSEDED))
         return self._run(transition(State.IDLE, Event.CHECK))
+
+    def _superseded(self) -> bool:
+        """True when the server assigns other than the candidate on probation."""
+        t = self.record.target
+        if self.fetcher is None or t is None or self.record.local or self.record.mode != "install":
+            return False
+        try:
+            assignment, _ = self.fetcher.get_assignment(None)
+        except (ServerUnavailableError, AssignmentError) as e:
+            log.info("check-in during probation failed", extra={"error_code": e.code})
+            return False
+        desired = assignment.desired if assignment is not None else None
+        if desired is None or (desired.name, desired.version, desired.sha256) == (
+            t.name,
+            t.version,
+            t.sha256,
+        ):
+            return False
+        log.warning(
+            "the server assigns another model during probation; ending probation",
+            extra={
+                "model": t.name,
+                "model_version": t.version,
+                "assigned_version": desired.version,
+            },
+        )
+        return True
 
     def install_file(self, path: str | Path, *, probation: bool = True) -> State:
         """Verify, stage, smoke-test and switch to the bundle file at ``path``."""

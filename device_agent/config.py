@@ -180,20 +180,20 @@ class AgentConfig:
             self.server.cert_file, self.server.key_file = Path(cert), Path(key)
         if isinstance(ca, str) and self.server.ca_file is None:
             self.server.ca_file = Path(ca)
-        mqtt = record.get("mqtt")
-        if not isinstance(mqtt, Mapping) or self.mqtt.host:
-            return
-        host, port = mqtt.get("host"), mqtt.get("port")
-        if not isinstance(host, str) or not host or not isinstance(port, int):
-            return
         m = self.mqtt
-        m.host, m.port = host, port
-        if mqtt.get("mqtt_version") in (4, 5):
-            m.mqtt_version = int(mqtt["mqtt_version"])
-        if mqtt.get("tls") is True:
-            m.tls = True
-            if isinstance(mqtt.get("ca_file"), str) and m.ca_file is None:
-                m.ca_file = Path(mqtt["ca_file"])
+        mqtt = record.get("mqtt")
+        if isinstance(mqtt, Mapping) and not m.host:
+            host, port = mqtt.get("host"), mqtt.get("port")
+            if isinstance(host, str) and host and isinstance(port, int):
+                m.host, m.port = host, port
+                if mqtt.get("mqtt_version") in (4, 5):
+                    m.mqtt_version = int(mqtt["mqtt_version"])
+                m.tls = mqtt.get("tls") is True
+                if isinstance(mqtt.get("ca_file"), str) and m.ca_file is None:
+                    m.ca_file = Path(mqtt["ca_file"])
+        if m.tls:  # a broker over TLS (enrolled or configured): the device's certificate
+            if m.ca_file is None and isinstance(ca, str):
+                m.ca_file = Path(ca)
             if isinstance(cert, str) and isinstance(key, str) and m.cert_file is None:
                 m.cert_file, m.key_file = Path(cert), Path(key)
 

@@ -56,6 +56,12 @@ def image_classes() -> None:
     help="Directory with image-root.json and director-root.json (SERVER/uptane/device-roots "
     "from `edgefleet release init`): devices then run the Uptane chain.",
 )
+@click.option(
+    "--fleet-ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The fleet CA certificate (ca.crt of `edgefleet ca init`): devices verify the "
+    "server by it, enroll by certificate and learn the broker from their enrollment.",
+)
 def image_build(
     device_class: str,
     trust_store: Path | None,
@@ -65,6 +71,7 @@ def image_build(
     mqtt_port: int | None,
     image_version: str | None,
     uptane_roots: Path | None,
+    fleet_ca: Path | None,
 ) -> None:
     """Build the provisioning image for DEVICE_CLASS (a class name or a recipe file)."""
     try:
@@ -78,6 +85,7 @@ def image_build(
             mqtt_port=mqtt_port,
             image_version=image_version,
             uptane_roots=uptane_roots,
+            fleet_ca=fleet_ca,
             progress=lambda msg: click.echo(f"  .. {msg}", err=True),
         )
     except (RecipeError, ImageBuildError) as e:

@@ -5,6 +5,8 @@ An image is a directory (and the same as a ``.tar.gz``) holding:
 ``wheels/``            the agent and every dependency, for the class's platform and Python
 ``agent.toml``         the agent configuration (class defaults + endpoints)
 ``trust.json``         the keys the device checks a bundle's own signature against
+``fleet-ca.crt``       the fleet CA (``--fleet-ca``): the device verifies the server and the
+                       broker by it and enrolls by certificate
 ``uptane/``            the initial root metadata of the image and director repositories
                        (``--uptane-roots``): the device then installs only what the director
                        instructs and the release keys released (docs/uptane.md)
@@ -36,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from cryptography import x509
 
 from device_agent import __version__ as AGENT_VERSION
 from device_agent.bundle.trust import TrustStore
@@ -79,9 +83,19 @@ def _pip(args: list[str], step: str) -> None:
 
 
 def agent_config_text(
-    dc: DeviceClass, server_url: str, mqtt_host: str, mqtt_port: int, *, uptane: bool = False
+    dc: DeviceClass,
+    server_url: str,
+    mqtt_host: str | None,
+    mqtt_port: int,
+    *,
+    uptane: bool = False,
+    fleet_ca: bool = False,
 ) -> str:
-    """The device's agent.toml; @CONFIG_DIR@ and @STATE_DIR@ are filled in by install.sh."""
+    """The device's agent.toml; @CONFIG_DIR@ and @STATE_DIR@ are filled in by install.sh.
+
+    With ``fleet_ca`` the image ships the fleet CA: the agent verifies the server by it,
+    enrolls with a certificate and takes the broker endpoint from its enrollment, so no
+    ``[mqtt]`` address is written unless ``mqtt_host`` is given."""
     lines = [
         "# edgefleet agent configuration, written by `edgefleet image build`",
         f"# device class {dc.name}: {dc.description}",
@@ -96,12 +110,24 @@ def agent_config_text(
         "[server]",
         f'url = "{server_url}"',
         'token_file = "@CONFIG_DIR@/device-credential"',
-        "",
-        "[mqtt]",
-        f'host = "{mqtt_host}"',
-        f"port = {mqtt_port}",
-        'password_file = "@CONFIG_DIR@/device-credential"',
     ]
+    if fleet_ca:
+        lines += [
+            "# the fleet CA the server's and the broker's certificates chain to; the client",
+            "# certificate, key and broker endpoint come from enrollment (identity.json)",
+            'ca_file = "@CONFIG_DIR@/fleet-ca.crt"',
+        ]
+        if mqtt_host:
+            lines += ["", "[mqtt]", f'host = "{mqtt_host}"', f"port = {mqtt_port}", "tls = true"]
+            lines.append('ca_file = "@CONFIG_DIR@/fleet-ca.crt"')
+    elif mqtt_host:
+        lines += [
+            "",
+            "[mqtt]",
+            f'host = "{mqtt_host}"',
+            f"port = {mqtt_port}",
+            'password_file = "@CONFIG_DIR@/device-credential"',
+        ]
     if uptane:
         lines += [
             "",
@@ -182,6 +208,9 @@ subst() {
 }
 subst "$HERE/agent.toml" > "$CONFIG_DIR/agent.toml"
 cp "$HERE/trust.json" "$CONFIG_DIR/trust.json"
+if [ -f "$HERE/fleet-ca.crt" ]; then
+  cp "$HERE/fleet-ca.crt" "$CONFIG_DIR/fleet-ca.crt"
+fi
 if [ -d "$HERE/uptane" ]; then
   mkdir -p "$CONFIG_DIR/uptane"
   cp "$HERE/uptane/image-root.json" "$HERE/uptane/director-root.json" "$CONFIG_DIR/uptane/"
@@ -201,7 +230,8 @@ FIRSTBOOT_SH = """\
 # First boot: enroll with the one-time token (once), then the agent can start.
 set -eu
 CONFIG="@CONFIG_DIR@/agent.toml"
-if [ ! -s "@CONFIG_DIR@/device-credential" ]; then
+# enrolled: identity.json holds the device id (and its certificate, with a fleet CA)
+if [ ! -s "@STATE_DIR@/identity.json" ]; then
   if [ ! -s "@CONFIG_DIR@/enrollment-token" ]; then
     echo "no enrollment token in @CONFIG_DIR@/enrollment-token; ask the operator for one" >&2
     exit 1
@@ -223,11 +253,23 @@ def build_image(
     mqtt_port: int | None = None,
     image_version: str | None = None,
     uptane_roots: Path | None = None,
+    fleet_ca: Path | None = None,
     project_root: Path = ROOT,
     progress: Progress | None = None,
 ) -> ImageInfo:
-    """Build the image for ``dc`` into ``out_dir``; returns where it is."""
+    """Build the image for ``dc`` into ``out_dir``; returns where it is.
+
+    ``fleet_ca``: the fleet CA certificate (``ca.crt`` of `edgefleet ca init`) to ship;
+    devices then enroll by certificate and learn the broker from their enrollment."""
     say = progress or (lambda _msg: None)
+    if fleet_ca is not None:
+        try:
+            x509.load_pem_x509_certificate(Path(fleet_ca).read_bytes())
+        except (OSError, ValueError) as e:
+            raise ImageBuildError(
+                f"fleet CA {fleet_ca} is not a PEM certificate ({e}); give the ca.crt that "
+                "`edgefleet ca init` wrote"
+            ) from e
     trust_path = trust_store or dc.trust_root
     if trust_path is None or not Path(trust_path).exists():
         raise ImageBuildError(
@@ -312,12 +354,16 @@ def build_image(
         agent_config_text(
             dc,
             server_url or dc.server_url,
-            mqtt_host or dc.mqtt_host,
+            # with a fleet CA the broker comes from enrollment, not the recipe's default
+            mqtt_host if fleet_ca is not None else (mqtt_host or dc.mqtt_host),
             mqtt_port or dc.mqtt_port,
             uptane=roots is not None,
+            fleet_ca=fleet_ca is not None,
         )
     )
     shutil.copy(trust_path, stage / "trust.json")
+    if fleet_ca is not None:
+        shutil.copy(fleet_ca, stage / "fleet-ca.crt")
     if roots is not None:
         (stage / "uptane").mkdir()
         for name, data in roots.items():
@@ -328,6 +374,8 @@ def build_image(
     for name in wheel_names:
         digest.update(_sha256(wheels / name).encode())
     digest.update((stage / "agent.toml").read_bytes() + (stage / "trust.json").read_bytes())
+    if fleet_ca is not None:
+        digest.update((stage / "fleet-ca.crt").read_bytes())
     for data in (roots or {}).values():
         digest.update(data)
     version = image_version or f"{AGENT_VERSION}-{digest.hexdigest()[:10]}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import sqlite3
 import ssl
 import time
@@ -402,24 +403,31 @@ def test_agent_daemon_talks_https_and_mqtts_with_its_certificate_and_renews_it(
     from device_agent.config import AgentConfig
     from device_agent.daemon import AgentDaemon
     from device_agent.enroll import enroll
+    from fleet_server.images.build import agent_config_text
+    from fleet_server.images.recipe import load_class
 
     setup = start(tmp_path, sim, device_cert_seconds="60")
     try:
-        state = tmp_path / "agent-state"
+        # the agent.toml a provisioning image built with --fleet-ca installs
+        dc = load_class("x86_64-gateway")
+        etc, state = tmp_path / "etc", tmp_path / "agent-state"
+        etc.mkdir()
+        shutil.copy(setup.ca_file, etc / "fleet-ca.crt")
+        shutil.copy(tmp_path / "trust.json", etc / "trust.json")
+        text = agent_config_text(dc, setup.server.url, None, 1883, fleet_ca=True)
+        assert "[mqtt]" not in text  # no hand-typed broker address
         conf = tmp_path / "agent.toml"
-        conf.write_text(
-            "[device]\n"
-            f'device_class = "gw"\nstate_dir = "{state}"\n'
-            f'trust_store = "{tmp_path / "trust.json"}"\n'
-            "[server]\n"
-            f'url = "{setup.server.url}"\nca_file = "{setup.ca_file}"\n'
-            "poll_seconds = 0.5\nrenew_fraction = 0.5\n"
-            "[serving]\nenabled = false\n"
-        )
-        token = setup.admin.post("/enrollment-tokens", json={"device_class": "gw"})["token"]
-        done = enroll(AgentConfig.load(conf), token, requested_id="gw-d")
+        conf.write_text(text.replace("@CONFIG_DIR@", str(etc)).replace("@STATE_DIR@", str(state)))
+        env = {
+            "EDGEFLEET_AGENT_SERVER_POLL_SECONDS": "0.5",
+            "EDGEFLEET_AGENT_SERVER_RENEW_FRACTION": "0.5",
+            "EDGEFLEET_AGENT_SERVING_ENABLED": "false",
+        }
+        token = setup.admin.post("/enrollment-tokens", json={"device_class": dc.name})["token"]
+        done = enroll(AgentConfig.load(conf, env), token, requested_id="gw-d")
         assert done.credential_file is None
-        cfg = AgentConfig.load(conf)
+        assert not (etc / "device-credential").exists()
+        cfg = AgentConfig.load(conf, env)
         assert cfg.mqtt.host and cfg.mqtt.tls and cfg.mqtt.cert_file and cfg.server.cert_file
         cert_file = cfg.server.cert_file
         first = cert_file.read_bytes()

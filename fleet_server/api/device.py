@@ -87,9 +87,10 @@ _ERR = {"model": dict[str, Any], "description": 'JSON error `{"error": {code, me
 def enroll(
     body: EnrollRequest, session: SessionDep, ctx: CtxDep, request: Request
 ) -> EnrollResponse:
-    """Exchange a single-use enrollment token for a device id and credential (shown once),
-    and learn the MQTT broker to send telemetry to. With a fleet CA the request carries a
-    CSR and the answer the device's client certificate (CN = device id)."""
+    """Exchange a single-use enrollment token for a device id, and learn the MQTT broker
+    to send telemetry to. With a fleet CA the request carries a CSR and the answer the
+    device's client certificate (CN = device id) and the CA, and no bearer credential;
+    without one (development) a bearer credential, shown once."""
     if ctx.ca is not None and not body.csr:
         raise BadRequestError(
             "this server enrolls devices by certificate: send a certificate signing request "
@@ -120,8 +121,6 @@ def enroll(
     session.commit()
     ctx.assignments.publish([change])
     if ctx.broker is not None and certificate is not None and ctx.broker.tls is not None:
-        from cryptography import x509
-
         serial = x509.load_pem_x509_certificate(certificate).serial_number
         ctx.broker.add_certificate_device(d.id, serial)
     elif ctx.broker is not None:  # the device may connect to the broker from now on

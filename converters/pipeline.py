@@ -71,6 +71,8 @@ __all__ = [
     "save_artifacts",
 ]
 STEPS_PER_TARGET = 4  # convert, parity, reference, pack
+#: precisions that calibrate on samples: refused without them, parity on the rest
+CALIBRATED = ("int8-static", "int8-full")
 
 
 def _quiet(_: str) -> None:
@@ -203,7 +205,14 @@ def _plan_samples(
     validation_samples: Mapping[str, np.ndarray] | np.ndarray | None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, dict[str, np.ndarray], str]:
     """(all given samples, calibration samples or None, validation samples, how)."""
-    calibrates = target.precision in ("int8-static", "int8-full")
+    calibrates = target.precision in CALIBRATED
+    if calibrates and samples is None:
+        raise SampleError(
+            f"{target.name} calibrates its int8 activation ranges on representative "
+            "inputs, and no calibration samples were given: give --samples (real inputs, "
+            "100 or more; a random half is held out to check parity). Inputs generated "
+            "from the signature would calibrate ranges that real inputs do not have"
+        )
     if samples is None:
         given = generate_samples(source.inputs)
         origin = "generated from the input signature"
@@ -238,7 +247,9 @@ def convert(
 
     ``samples`` calibrate static quantization and, for the part held out
     (:func:`~converters.samples.split_samples`), check parity; when None they are
-    generated from the input signature (validation samples then too, separately).
+    generated from the input signature (validation samples then too, separately),
+    except for a target that calibrates (:data:`CALIBRATED`), which is refused
+    (:class:`~converters.errors.SampleError`).
     ``validation_samples`` give the parity set explicitly. Parity is checked the
     way devices run: one sample at a time, and at the other batch sizes the artifact
     allows (see :mod:`converters.parity`). ``reference_samples`` (e.g. training

@@ -24,8 +24,9 @@ import numpy as np
 from . import onnx_tools
 from .errors import ConverterError, NothingQuantizedError, TargetError, TargetUnavailableError
 from .graph_checks import check_inference_mode
+from .int8_report import tflite_int8_weights, tflite_weights_by_dtype
 from .quantization_report import QuantizationSummary, nothing_quantized_reason, summarize_onnx
-from .quantize import apply_precision
+from .quantize import apply_precision, quantizable_ops
 from .source import SourceModel
 from .targets import Target
 
@@ -92,6 +93,7 @@ def onnx_artifact(
     allow_unquantized: bool = False,
 ) -> Produced:
     """The ONNX model file for ``target`` (precision applied and accounted for)."""
+    import onnx
     from onnx import ModelProto
 
     if source.onnx_model is None:
@@ -106,7 +108,14 @@ def onnx_artifact(
     float32 = ModelProto()
     float32.CopyFrom(model)
     quantized, qnotes = apply_precision(model, target.precision, samples)
-    summary = summarize_onnx(float32, quantized, target.precision)
+    data = _finish_onnx(quantized, target)
+    # counted on the file as written, not on the tool's in-memory model
+    summary = summarize_onnx(
+        float32,
+        onnx.load_from_string(data),
+        target.precision,
+        quantizable_ops(target.precision),
+    )
     if not summary.quantized:
         summary = _unquantized(summary, float32, allow_unquantized)
         notes.append(
@@ -115,7 +124,9 @@ def onnx_artifact(
         return Produced(_finish_onnx(float32, target), notes, summary)
     notes.extend(qnotes)
     notes.append(summary.note())
-    return Produced(_finish_onnx(quantized, target), notes, summary)
+    if summary.nodes is not None:
+        notes.append(summary.nodes.note())
+    return Produced(data, notes, summary)
 
 
 def tflite_artifact(
@@ -163,13 +174,17 @@ def tflite_artifact(
     if weights == "float32":
         return Produced(data, notes)
     float32, _ = write("float32")
+    int8 = target.precision.startswith("int8")
     summary = QuantizationSummary(
         precision=target.precision,
         float_weights_before=report.float_constants,
-        weights_quantized=report.constants_converted,
+        weights_quantized=tflite_int8_weights(data) if int8 else report.constants_converted,
         operators_quantized=report.operators_changed,
         bytes_before=len(float32),
         bytes_after=len(data),
+        int8_weights=tflite_int8_weights(data) if int8 else None,
+        weights_by_dtype_before=tflite_weights_by_dtype(float32),
+        weights_by_dtype_after=tflite_weights_by_dtype(data),
     )
     if not summary.quantized:
         summary = _unquantized(summary, model, allow_unquantized)
@@ -199,15 +214,21 @@ def _tflite_int8_full(model: Any, calibration: Mapping[str, np.ndarray] | None) 
         raise
     except Exception as e:  # keep one error root for callers
         raise TargetError(f"ONNX -> TFLite int8-full conversion failed: {e}") from e
+    before = tflite_weights_by_dtype(float32)
     summary = QuantizationSummary(
         precision="int8-full",
-        float_weights_before=report.weights_quantized,
-        weights_quantized=report.weights_quantized,
+        float_weights_before=before.get("float32", 0),
+        weights_quantized=tflite_int8_weights(data),
         operators_quantized=report.int8_operators,
         bytes_before=len(float32),
         bytes_after=len(data),
         operator_types=tuple(sorted(set(report.float_operators))),
+        int8_weights=tflite_int8_weights(data),
+        weights_by_dtype_before=before,
+        weights_by_dtype_after=tflite_weights_by_dtype(data),
     )
+    if not summary.quantized:
+        raise NothingQuantizedError(nothing_quantized_reason(summary, model), summary)
     io = "; ".join(
         f"{q.name}: scale {q.scale:.6g}, zero point {q.zero_point}"
         for q in (*report.inputs, *report.outputs)

@@ -15,13 +15,23 @@ Counting rules (ONNX):
 * an *operator* is quantized when it reads a reduced-precision tensor, directly
   (``MatMulInteger``, float16 kernels) or through a ``DequantizeLinear`` (QDQ);
   the quantize/dequantize/cast nodes themselves are not counted.
+
+An int8 variant (``int8-dynamic``, ``int8-static``, ``int8-full``) counts as quantized
+only when its file holds int8 weights: ``int8_weights``, counted from the produced file
+(:mod:`converters.int8_report`), must be above zero. Operators reading dequantized
+activations alone do not make an int8 model, and a summary built without the count
+is refused. ``weights_by_dtype`` records the file's weight tensors by element type before
+and after, and ``nodes`` (ONNX int8) which nodes are int8 and which stayed float, and why.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .int8_report import NodeReport
 
 _REDUCED = {2, 3, 10, 16, 17, 18, 19, 20, 21, 22, 23}  # uint8 int8 float16 bfloat16 fp8 int4...
 _FLOAT32 = 1
@@ -40,9 +50,20 @@ class QuantizationSummary:
     bytes_after: int
     operator_types: tuple[str, ...] = ()
     packed_unquantized: bool = False
+    int8_weights: int | None = None
+    weights_by_dtype_before: dict[str, int] | None = None
+    weights_by_dtype_after: dict[str, int] | None = None
+    nodes: NodeReport | None = None
+
+    @property
+    def is_int8(self) -> bool:
+        return self.precision.startswith("int8")
 
     @property
     def quantized(self) -> bool:
+        """Something was reduced; for int8, weights that are int8 in the file."""
+        if self.is_int8:
+            return (self.int8_weights or 0) > 0
         return self.weights_quantized > 0 or self.operators_quantized > 0
 
     @property
@@ -50,6 +71,14 @@ class QuantizationSummary:
         return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
 
     def note(self) -> str:
+        if self.is_int8 and self.weights_by_dtype_after is not None:
+            return (
+                f"{self.precision}: {self.int8_weights or 0} weight tensors int8 in the file "
+                f"(weights by dtype {_dtypes(self.weights_by_dtype_before)} -> "
+                f"{_dtypes(self.weights_by_dtype_after)}), {self.operators_quantized} "
+                f"operators quantized; {self.bytes_before / 1024:.1f} KiB -> "
+                f"{self.bytes_after / 1024:.1f} KiB (size ratio {self.size_ratio:.3f})"
+            )
         return (
             f"{self.precision}: {self.weights_quantized} of {self.float_weights_before} float "
             f"weights and {self.operators_quantized} operators quantized; "
@@ -68,6 +97,18 @@ class QuantizationSummary:
             "bytes_after": self.bytes_after,
             "size_ratio": round(self.size_ratio, 4),
             **({"packed_unquantized": True} if self.packed_unquantized else {}),
+            **({"int8_weights": self.int8_weights} if self.int8_weights is not None else {}),
+            **(
+                {
+                    "weights_by_dtype": {
+                        "before": self.weights_by_dtype_before or {},
+                        "after": self.weights_by_dtype_after,
+                    }
+                }
+                if self.weights_by_dtype_after is not None
+                else {}
+            ),
+            **({"nodes": self.nodes.to_json()} if self.nodes is not None else {}),
         }
 
 
@@ -82,7 +123,7 @@ def _weights(model: Any) -> Counter[int]:
     return counts
 
 
-def _value_types(model: Any) -> dict[str, int]:
+def value_types(model: Any) -> dict[str, int]:
     import onnx
 
     types = {t.name: int(t.data_type) for t in model.graph.initializer}
@@ -98,7 +139,7 @@ def _value_types(model: Any) -> dict[str, int]:
 
 def quantized_operators(model: Any) -> list[str]:
     """Op types of the nodes that read a reduced-precision tensor (directly or via DQ)."""
-    types = _value_types(model)
+    types = value_types(model)
     dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     found = []
     for node in model.graph.node:
@@ -109,19 +150,37 @@ def quantized_operators(model: Any) -> list[str]:
     return found
 
 
-def summarize_onnx(before: Any, after: Any, precision: str) -> QuantizationSummary:
-    """Compare an ONNX model before and after a quantization pass."""
+def summarize_onnx(
+    before: Any, after: Any, precision: str, quantizable: tuple[str, ...] = ()
+) -> QuantizationSummary:
+    """Compare an ONNX model before and after a quantization pass.
+
+    For int8, the weights quantized are the int8 data tensors of ``after``
+    (:func:`~converters.int8_report.onnx_int8_weights`), not its zero-point vectors, and
+    ``nodes`` classes its nodes (``quantizable``: the op types the pass had an int8
+    form for).
+    """
+    from .int8_report import onnx_int8_weights, onnx_node_report, onnx_weights_by_dtype
+
     w_before, w_after = _weights(before), _weights(after)
     ops = quantized_operators(after)
+    int8 = precision.startswith("int8")
+    int8_weights = onnx_int8_weights(after) - onnx_int8_weights(before) if int8 else None
+    reduced = sum(n for t, n in w_after.items() if t in _REDUCED) - sum(
+        n for t, n in w_before.items() if t in _REDUCED
+    )
     return QuantizationSummary(
         precision=precision,
         float_weights_before=w_before.get(_FLOAT32, 0),
-        weights_quantized=sum(n for t, n in w_after.items() if t in _REDUCED)
-        - sum(n for t, n in w_before.items() if t in _REDUCED),
+        weights_quantized=int8_weights if int8_weights is not None else reduced,
         operators_quantized=len(ops),
         bytes_before=before.ByteSize(),
         bytes_after=after.ByteSize(),
         operator_types=tuple(sorted(set(ops))),
+        int8_weights=int8_weights,
+        weights_by_dtype_before=onnx_weights_by_dtype(before),
+        weights_by_dtype_after=onnx_weights_by_dtype(after),
+        nodes=onnx_node_report(after, quantizable) if int8 else None,
     )
 
 
@@ -139,7 +198,13 @@ def nothing_quantized_reason(summary: QuantizationSummary, model: Any | None = N
     elif summary.precision == "int8-dynamic":
         why = (
             "dynamic int8 quantizes the weights of MatMul/Gemm (ONNX) or Conv/dense layers "
-            f"(TFLite), and this model has none{kinds}"
+            f"(TFLite), and this model has none{kinds}; weights by dtype in the produced "
+            f"file: {_dtypes(summary.weights_by_dtype_after)}"
+        )
+    elif summary.is_int8:
+        why = (
+            f"{summary.precision} left no weight of this model int8 in the produced file "
+            f"(weights by dtype: {_dtypes(summary.weights_by_dtype_after)}){kinds}"
         )
     else:
         why = f"{summary.precision} changed no weight and no operator of this model{kinds}"
@@ -148,3 +213,9 @@ def nothing_quantized_reason(summary: QuantizationSummary, model: Any | None = N
         "the float32 target, or pass allow_unquantized (CLI: --allow-unquantized) to pack "
         "it labelled as unquantized"
     )
+
+
+def _dtypes(counts: dict[str, int] | None) -> str:
+    if not counts:
+        return "none counted"
+    return ", ".join(f"{k} {v}" for k, v in counts.items())

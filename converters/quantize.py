@@ -22,25 +22,12 @@ from .errors import QuantizationError
 STATIC_BATCH = 16
 
 
-def _initializer_dtypes(model: Any) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for t in model.graph.initializer:
-        counts[int(t.data_type)] = counts.get(int(t.data_type), 0) + 1
-    return counts
-
-
 def _summary(before: Any, after: Any) -> str:
-    from onnx import TensorProto
+    from .int8_report import onnx_weights_by_dtype
 
-    b, a = _initializer_dtypes(before), _initializer_dtypes(after)
-    names = {
-        TensorProto.FLOAT: "float32",
-        TensorProto.FLOAT16: "float16",
-        TensorProto.INT8: "int8",
-        TensorProto.UINT8: "uint8",
-    }
-    parts = [f"{names[k]} {b.get(k, 0)}->{a.get(k, 0)}" for k in names if b.get(k) or a.get(k)]
-    return "initializers: " + ", ".join(parts)
+    b, a = onnx_weights_by_dtype(before), onnx_weights_by_dtype(after)
+    parts = [f"{k} {b.get(k, 0)}->{a.get(k, 0)}" for k in sorted(set(b) | set(a))]
+    return "weights by dtype: " + ", ".join(parts)
 
 
 def _via_file(fn: Any, model: Any) -> Any:
@@ -71,6 +58,22 @@ DYNAMIC_OPS = ["MatMul", "Gemm"]
 # onnxruntime < 1.17 expands a float16 Softmax at opset >= 18 through an invalid
 # function body and refuses the model; softmax in float32 is also more accurate.
 FLOAT16_BLOCKED = ["Softmax", "LogSoftmax"]
+
+
+def static_quantizable_ops() -> tuple[str, ...]:
+    """Op types onnxruntime's static quantizer has an int8 form for (its default set)."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return tuple(sorted(set(QLinearOpsRegistry) | set(QDQRegistry)))
+
+
+def quantizable_ops(precision: str) -> tuple[str, ...]:
+    """Op types the ``precision`` pass can make int8 (empty for float precisions)."""
+    if precision == "int8-dynamic":
+        return tuple(DYNAMIC_OPS)
+    if precision == "int8-static":
+        return static_quantizable_ops()
+    return ()
 
 
 def quantize_dynamic_int8(model: Any) -> tuple[Any, list[str]]:
@@ -117,7 +120,12 @@ class SampleReader:
 
 
 def quantize_static_int8(model: Any, samples: Mapping[str, np.ndarray]) -> tuple[Any, list[str]]:
-    """Weights and activations to int8 (QDQ format), ranges from calibration samples."""
+    """Weights and activations to int8 (QDQ format), ranges from calibration samples.
+
+    Weights of Conv, ConvTranspose, MatMul and Gemm per channel (int8, symmetric),
+    biases int32, activations int8 with ranges from min/max over ``samples`` (fed
+    :data:`STATIC_BATCH` at a time through a ``CalibrationDataReader``).
+    """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     if not samples:

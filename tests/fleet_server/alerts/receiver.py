@@ -13,9 +13,11 @@ from typing import Any
 class WebhookReceiver:
     """``with WebhookReceiver() as hook:`` ... ``hook.url``, ``hook.wait_for(n)``."""
 
-    def __init__(self, answers: list[int] | None = None) -> None:
+    def __init__(self, answers: list[int] | None = None, delay: float = 0.0) -> None:
         #: status codes to answer, in order; 200 once they run out
         self.answers = list(answers or [])
+        #: seconds to wait before answering (a webhook that hangs)
+        self.delay = delay
         self.received: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.requests = 0
@@ -25,6 +27,7 @@ class WebhookReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                time.sleep(receiver.delay)
                 with receiver._cond:
                     receiver.requests += 1
                     code = receiver.answers.pop(0) if receiver.answers else 200

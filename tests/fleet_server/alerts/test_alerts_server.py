@@ -395,3 +395,33 @@ def test_accuracy_from_posted_labels_fires_below_and_needs_labels(fleet: Fleet) 
     store.window("cam-2", t0 + 400, count=100, errors=0, correct=9)
     [resolved] = loops.evaluator.run_once(now=t0 + 420)
     assert resolved["status"] == "resolved" and resolved["value"] == 0.95
+
+
+def test_a_hanging_webhook_times_out_without_holding_up_the_server(fleet: Fleet) -> None:
+    group(fleet, "gateways", ["cam-1"])
+    loops = fleet.client.app.state.alerts  # type: ignore[attr-defined]
+    with WebhookReceiver(delay=5.0) as hook:
+        r = rule(fleet, name="quiet", kind="silent", group="gateways", threshold=0,
+                 window_seconds=10, webhooks=[hook.url])  # fmt: skip
+        assert r.status_code == 201
+        assert len(loops.evaluator.run_once(now=time.time() + 60)) == 1
+        deliverer = WebhookDeliverer(fleet.ctx.sessions, DeliveryConfig(timeout=0.5))
+        deliverer.start()
+        try:
+            time.sleep(0.2)  # the attempt is under way, waiting for the webhook
+            t = time.monotonic()
+            assert fleet.client.get("/healthz").status_code == 200
+            assert loops.evaluator.run_once(now=time.time() + 61) == []
+            assert time.monotonic() - t < 2.0  # neither waited for the 5 s webhook
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with fleet.ctx.sessions() as s:
+                    [event] = s.scalars(select(AlertEvent)).all()
+                if event.last_error:
+                    break
+                time.sleep(0.1)
+        finally:
+            deliverer.stop()
+    assert event.delivery == "pending" and event.attempts == 1
+    assert "ReadTimeout" in (event.last_error or "")
+    assert (event.next_attempt_at or 0) > time.time()  # retried later, with backoff

@@ -192,6 +192,10 @@ class LoadFleet:
         self.http = httpx.AsyncClient(
             base_url=config.server_url, limits=limits, timeout=config.http_timeout
         )
+        #: requests in flight at most: httpcore's pool scans its whole queue of waiting
+        #: requests on every change (quadratic with thousands queued), so devices queue
+        #: here, in FIFO order, and each latency is timed once a connection is free
+        self._slots = asyncio.Semaphore(config.http_connections)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -216,7 +220,7 @@ class LoadFleet:
 
         async def one(i: int) -> None:
             nonlocal done
-            async with sem:
+            async with sem, self._slots:
                 r = await self.http.post(
                     "/api/v1/enrollment-tokens",
                     headers=admin,
@@ -345,13 +349,14 @@ class LoadFleet:
         headers = d.headers
         if d.etag:
             headers["If-None-Match"] = f'"{d.etag}"'
-        t0 = time.perf_counter()
         try:
-            r = await self.http.get(ASSIGNMENT_PATH, headers=headers)
+            async with self._slots:
+                t0 = time.perf_counter()
+                r = await self.http.get(ASSIGNMENT_PATH, headers=headers)
+                took = time.perf_counter() - t0
         except httpx.HTTPError:
             self.stats.checkin_errors += 1
             return
-        took = time.perf_counter() - t0
         if r.status_code == 304:
             (self.stats.checkin_304 if d.checked_in else self.stats.first_checkin).append(took)
             d.checked_in = True
@@ -383,9 +388,10 @@ class LoadFleet:
         try:
             while got < size:
                 end = min(size, got + step) - 1
-                r = await self.http.get(
-                    ref["url"], headers={**d.headers, "Range": f"bytes={got}-{end}"}
-                )
+                async with self._slots:
+                    r = await self.http.get(
+                        ref["url"], headers={**d.headers, "Range": f"bytes={got}-{end}"}
+                    )
                 if r.status_code != 206 or len(r.content) != end - got + 1:
                     self.stats.download_errors += 1
                     return False
@@ -413,7 +419,8 @@ class LoadFleet:
             "ts": self.clock(),
         }
         try:
-            await self.http.post(REPORTS_PATH, headers=d.headers, json={"reports": [report]})
+            async with self._slots:
+                await self.http.post(REPORTS_PATH, headers=d.headers, json={"reports": [report]})
         except httpx.HTTPError:
             self.stats.checkin_errors += 1
         self._publish(d, "events", report)

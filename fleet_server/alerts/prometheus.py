@@ -9,8 +9,10 @@ firing until the figure comes back past ``clear_threshold``::
       or (edgefleet_alert_figure{…} > 0.16
           and on (figure, group, model, window) ALERTS{alertname="…", alertstate="firing"})
 
-The series is absent while a window holds too little data, so Prometheus resolves such
-an alert where the server keeps it firing until it sees evidence.
+Annotations carry the ``samples export`` command and the API URL (from the ``public_url``
+setting) of the rule's last window. The series is absent while a window holds too little
+data, so Prometheus resolves such an alert where the server keeps it firing until it sees
+evidence.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import json
 import re
 import shlex
 from collections.abc import Sequence
+from urllib.parse import urlencode
 
+from fleet_server.alerts.payload import EXPORT_PATH
 from fleet_server.alerts.rules import Rule
 
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_]")
@@ -78,6 +82,9 @@ def prometheus_rules(rules: Sequence[Rule], *, public_url: str = "") -> str:
         args = ["edgefleet", "samples", "export", *model, "--group", r.group]
         args += ["--since", window_label(r.window_seconds), "--until", "now"]
         export = " ".join(shlex.quote(a) for a in [*args, "--out", "samples.parquet"])
+        query = {"model": r.model} if r.model else {}
+        query.update(group=r.group, since=window_label(r.window_seconds), until="now")
+        url = f"{public_url.rstrip('/')}{EXPORT_PATH}?{urlencode(query)}"
         what = f"{r.kind.figure} of {r.model + ' in ' if r.model else ''}group {r.group}"
         comparison = "below" if r.kind.below else "above"
         lines += [
@@ -96,6 +103,7 @@ def prometheus_rules(rules: Sequence[Rule], *, public_url: str = "") -> str:
                 f"({comparison} {r.threshold}; clears at {r.clear_threshold})"
             ),
             f"          samples: {_q(export)}",
+            f"          samples_url: {_q(url)}",
         ]
     return "\n".join(lines) + "\n"
 

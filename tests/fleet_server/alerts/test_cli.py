@@ -308,4 +308,5 @@ def firing(value: float) -> str:
               summary: "{what} is above 0.2"
               description: "{what} over the last 600s is {value} (above 0.2; clears at 0.16)"
               samples: "{export}"
+              samples_url: "/api/v1/samples/export?model=tiny&group=gateways&since=600s&until=now"
 """

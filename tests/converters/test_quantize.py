@@ -3,6 +3,7 @@ and a variant over its tolerance is refused with its parity report."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto
@@ -53,9 +54,9 @@ def test_static_int8_is_qdq_calibrated_on_half_and_validated_on_the_other_half()
 
 def test_static_int8_parity_is_judged_on_held_out_samples_only() -> None:
     source, x = models.zoo_source("onnx_mlp")
-    with pytest.raises(ParityError) as info:
-        convert(source, Target("onnx", "int8-static"), samples=x)
-    report = info.value.report
+    report = convert(
+        source, Target("onnx", "int8-static"), samples=x, allow_parity_failure=True
+    ).parity
     assert "64 of 128 samples held out for validation" in report.samples_origin
     assert report.calibration_samples == 64 and report.samples == 64
     assert report.to_json()["batch_sizes"] == [1]
@@ -194,9 +195,29 @@ def test_quantized_variant_records_weights_operators_and_size_change(
     assert any("operators quantized" in n for n in artifact.notes)
 
 
-def test_untrained_mlp_with_tiny_margins_fails_dynamic_int8_at_batch_1() -> None:
-    """Its class scores differ by ~0.02: per-row int8 activations flip some of them."""
-    source, x = models.zoo_source("mlp")
+def _tiny_margin_mlp() -> tuple[onnx.ModelProto, np.ndarray]:
+    """The onnx.helper MLP with its class columns nearly equal: logits differ by ~1e-3
+    of their size, well inside int8's rounding."""
+    from onnx import numpy_helper
+
+    model, x = models.onnx_helper_mlp()
+    w2 = next(t for t in model.graph.initializer if t.name == "W2")
+    w = numpy_helper.to_array(w2)
+    rng = np.random.default_rng(5)
+    near = w[:, :1] + 1e-3 * rng.normal(size=w.shape).astype(np.float32)
+    w2.CopyFrom(numpy_helper.from_array(near.astype(np.float32), "W2"))
+    b2 = next(t for t in model.graph.initializer if t.name == "b2")
+    b2.CopyFrom(numpy_helper.from_array(np.zeros(w.shape[1], np.float32), "b2"))
+    return model, x
+
+
+def test_mlp_with_tiny_margins_fails_dynamic_int8_at_batch_1() -> None:
+    """Its class scores differ by ~1e-3 of their size: per-row int8 activations flip
+    some of them, and the gate says so at batch 1."""
+    from converters.source import from_onnx
+
+    model, x = _tiny_margin_mlp()
+    source = from_onnx(model, task="classification")
     with pytest.raises(ParityError) as info:
         convert(source, Target("onnx", "int8-dynamic"), samples=x)
     fail = info.value.report.failures()[0]

@@ -15,12 +15,12 @@ a tool's log is not proof. This module reads the file:
 Classing a node of an ONNX graph (QDQ or dynamic):
 
 * *plumbing*, not counted: QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear, Cast,
-  and the Mul that rescales an integer kernel's output;
+  and the Muls of dynamic int8 that combine scales and rescale an integer kernel's output;
 * *int8*: it reads an int8/uint8 tensor directly (MatMulInteger, ConvInteger, QLinear*),
   or every float input arrives through a DequantizeLinear and every float output goes
   only into QuantizeLinear (a QDQ group onnxruntime runs as an int8 kernel or as
   dequantize -> float op -> quantize, its choice at load time);
-* *float*, with a reason: the quantizer has no int8 form of the op; an input is float
+* *float*, with a reason: the quantizing pass has no int8 form of the op; an input is float
   (named, with what produced it); an output leaves in float (named, with its reader);
 * nodes with no float, int8 or dequantized input (shape arithmetic on int64), and
   Shape / Size, are not counted.
@@ -191,9 +191,11 @@ class _Graph:
     def _is_plumbing(self, node: Any) -> bool:
         if node.op_type in _PLUMBING:
             return True
-        if node.op_type == "Mul":  # dynamic int8: Cast(int32 result) * scale
+        if node.op_type == "Mul":  # dynamic int8: scale * scale, Cast(int32 result) * scale
             for i in node.input:
                 cast = self.producer.get(i)
+                if cast is not None and cast.op_type == "DynamicQuantizeLinear":
+                    return True
                 if cast is not None and cast.op_type == "Cast":
                     src = self.producer.get(cast.input[0])
                     if src is not None and src.op_type in _INTEGER_KERNELS:
@@ -239,11 +241,14 @@ class _Graph:
         return None
 
 
-def onnx_node_report(model: Any, quantizable: Iterable[str]) -> NodeReport:
+def onnx_node_report(
+    model: Any, quantizable: Iterable[str], quantizer: str = "the quantizer"
+) -> NodeReport:
     """Class every computing node of ``model`` as int8 or float (see the module docs).
 
-    ``quantizable`` are the op types the quantizing pass had an int8 form for; a float
-    node of another type is reported as having none.
+    ``quantizable`` are the op types the quantizing pass (named ``quantizer`` in the
+    reasons) had an int8 form for; a float node of another type is reported as
+    ``"{quantizer} has no int8 form of {op}"``.
     """
     g = _Graph(model)
     can = set(quantizable)
@@ -270,7 +275,7 @@ def onnx_node_report(model: Any, quantizable: Iterable[str]) -> NodeReport:
         if direct_int8 and not floats:
             reason = None
         elif node.op_type not in can and not direct_int8:
-            reason = f"the quantizer has no int8 form of {node.op_type}"
+            reason = f"{quantizer} has no int8 form of {node.op_type}"
         elif floats:
             reason = f"input {floats[0]} is float (from {g.origin(floats[0])})"
         else:

@@ -26,7 +26,7 @@ from .errors import ConverterError, NothingQuantizedError, TargetError, TargetUn
 from .graph_checks import check_inference_mode
 from .int8_report import tflite_int8_weights, tflite_weights_by_dtype
 from .quantization_report import QuantizationSummary, nothing_quantized_reason, summarize_onnx
-from .quantize import apply_precision, quantizable_ops
+from .quantize import QUANTIZER_NAMES, apply_precision, quantizable_ops
 from .source import SourceModel
 from .targets import Target
 
@@ -115,6 +115,7 @@ def onnx_artifact(
         onnx.load_from_string(data),
         target.precision,
         quantizable_ops(target.precision),
+        QUANTIZER_NAMES.get(target.precision, "the quantizer"),
     )
     if not summary.quantized:
         summary = _unquantized(summary, float32, allow_unquantized)

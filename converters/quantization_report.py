@@ -151,14 +151,18 @@ def quantized_operators(model: Any) -> list[str]:
 
 
 def summarize_onnx(
-    before: Any, after: Any, precision: str, quantizable: tuple[str, ...] = ()
+    before: Any,
+    after: Any,
+    precision: str,
+    quantizable: tuple[str, ...] = (),
+    quantizer: str = "the quantizer",
 ) -> QuantizationSummary:
     """Compare an ONNX model before and after a quantization pass.
 
     For int8, the weights quantized are the int8 data tensors of ``after``
     (:func:`~converters.int8_report.onnx_int8_weights`), not its zero-point vectors, and
-    ``nodes`` classes its nodes (``quantizable``: the op types the pass had an int8
-    form for).
+    ``nodes`` classes its nodes (``quantizable``: the op types the pass, named
+    ``quantizer`` in the report, had an int8 form for).
     """
     from .int8_report import onnx_int8_weights, onnx_node_report, onnx_weights_by_dtype
 
@@ -180,7 +184,7 @@ def summarize_onnx(
         int8_weights=int8_weights,
         weights_by_dtype_before=onnx_weights_by_dtype(before),
         weights_by_dtype_after=onnx_weights_by_dtype(after),
-        nodes=onnx_node_report(after, quantizable) if int8 else None,
+        nodes=onnx_node_report(after, quantizable, quantizer) if int8 else None,
     )
 
 

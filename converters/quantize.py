@@ -67,6 +67,13 @@ def static_quantizable_ops() -> tuple[str, ...]:
     return tuple(sorted(set(QLinearOpsRegistry) | set(QDQRegistry)))
 
 
+#: how the float-node report names each ONNX int8 pass
+QUANTIZER_NAMES = {
+    "int8-dynamic": "dynamic int8 (MatMul/Gemm only)",
+    "int8-static": "onnxruntime's static quantizer",
+}
+
+
 def quantizable_ops(precision: str) -> tuple[str, ...]:
     """Op types the ``precision`` pass can make int8 (empty for float precisions)."""
     if precision == "int8-dynamic":

@@ -178,7 +178,7 @@ def test_report_lists_the_nodes_that_stayed_float_and_why(name: str, float_ops: 
     listed = {r["op"]: r for r in nodes["stayed_float"]}
     for op in float_ops:
         assert by_op[op]["float"] == ops_in_file[op], op
-        assert listed[op]["reason"] == f"the quantizer has no int8 form of {op}"
+        assert listed[op]["reason"] == f"onnxruntime's static quantizer has no int8 form of {op}"
         assert {op_of.get(n) for n in listed[op]["nodes"]} == {op}  # named as in the file
     assert sum(r["count"] for r in nodes["stayed_float"]) == nodes["float_nodes"]
     assert any("stayed float" in n and "no int8 form" in n for n in artifact.notes)

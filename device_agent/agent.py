@@ -427,9 +427,21 @@ class Agent:
         inputs within ``telemetry.compare_previous_budget`` of a core; agreement,
         latency and errors land in the window summary's ``previous`` field, so the
         fleet judges a canary by its agreement with the model it replaces. Ignored
-        (nothing kept) when the rate is 0. :meth:`swap` stops the comparison.
+        (nothing kept) when the rate is 0, or when the two models' input or output
+        signatures differ (a new class, a new feature: their outputs are not
+        comparable, and counting them as disagreement would fail a sound update).
+        :meth:`swap` stops the comparison.
         """
         if model is not None and not self.compares_previous:
+            model = None
+        active = self.model
+        if model is not None and active is not None and _signature(model) != _signature(active):
+            log.info(
+                "not comparing %s v%s with v%s: their inputs or outputs differ",
+                active.name,
+                active.version,
+                model.version,
+            )
             model = None
         if model is None:
             self.telemetry.set_previous(None)
@@ -574,6 +586,15 @@ def _copy_cost_ns(model: LoadedModel) -> int:
     if not nbytes:
         return 0
     return int(150 * len(nbytes) + _COPY_NS_PER_BYTE * sum(nbytes))
+
+
+def _signature(model: LoadedModel) -> tuple[Any, ...]:
+    """Names, dtypes and static dimensions of a model's inputs and outputs (the runtime's)."""
+    b = model.backend
+    return tuple(
+        (t.name, str(t.dtype), tuple(d if isinstance(d, int) else None for d in t.shape))
+        for t in (*b.inputs, *b.outputs)
+    )
 
 
 def _describe(model: LoadedModel, rollout_id: str | None) -> ModelInfo:

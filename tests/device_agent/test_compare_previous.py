@@ -15,7 +15,7 @@ import pytest
 
 from device_agent.config import AgentConfig
 from device_agent.update import Updater
-from tests.agent_models import mlp_onnx, smoke_for
+from tests.agent_models import add_onnx, mlp_onnx, smoke_for
 from tests.device_agent.test_agent import Kit, reference, x16
 from tests.device_agent.test_agent import kit as kit  # noqa: F401 - fixture
 from tests.device_agent.test_agent import make_agent as make_agent  # noqa: F401 - fixture
@@ -126,3 +126,17 @@ def test_a_rollback_stops_the_comparison(
     agent.telemetry.tick()
     agent.telemetry.close_all()
     assert "previous" not in agent.telemetry.recent[-1]
+
+
+def test_a_replaced_model_with_other_inputs_or_outputs_is_not_compared(
+    kit: Kit,  # noqa: F811
+    make_agent: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    agent = make_agent(config=config(1.0))
+    agent.install_file(kit.bundle(add_onnx(4), version=1), kit.trust, state_dir=state)
+    agent.install_file(
+        kit.bundle(D2, version=2, smoke=smoke_for(D2, x16(3, n=4))), kit.trust, state_dir=state
+    )
+    assert agent.model.version == 2 and agent.previous is None  # inputs a, b vs x

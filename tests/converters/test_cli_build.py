@@ -210,3 +210,38 @@ def test_torchscript_model_with_input_shape(tmp_path: Path) -> None:
     )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "o" / "mlp-tflite-float32.tflite").read_bytes()[4:8] == b"TFL3"
+
+
+def test_bundle_build_refuses_int8_static_without_calibration_samples(
+    tmp_path: Path, keys_dir: Path, mlp_files: tuple[Path, Path]
+) -> None:
+    """Without --samples the calibrating target is refused by name; float32 still builds."""
+    model, _ = mlp_files
+    out = tmp_path / "out"
+    r = CliRunner().invoke(
+        main,
+        [
+            "bundle",
+            "build",
+            str(model),
+            "--target",
+            "onnx:int8-static",
+            "--target",
+            "onnx",
+            "--name",
+            "mlp",
+            "--version",
+            "1",
+            "--key",
+            "rel",
+            "--keys-dir",
+            str(keys_dir),
+            "-o",
+            str(out),
+        ],
+    )
+    assert r.exit_code == 1, r.output
+    assert "REFUSED [sample]" in r.stdout
+    assert "refused onnx-int8-static [sample]:" in r.stdout
+    assert "no calibration samples were given: give --samples" in r.stdout
+    assert [b.name for b in out.glob("*.efb")] == ["mlp-v1-onnx-float32.efb"]

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
@@ -27,7 +28,8 @@ from converters.pipeline import build_bundles, convert
 from converters.quantization_report import QuantizationSummary
 from converters.source import from_onnx
 from converters.targets import parse_target
-from device_agent.bundle import TrustStore, verify_file
+from device_agent.bundle import TrustStore, unpack_bundle, verify_file
+from device_agent.model import load_model, run_smoke_test
 from tests.converters.tflite.test_int8_full import export
 from tests.converters.zoo.architectures import ARCHITECTURES, held_out
 from tests.converters.zoo.trained import train
@@ -270,3 +272,15 @@ def test_bundle_provenance_proves_int8_weights_and_reports_float_nodes(tmp_path:
     assert q["nodes"]["float_nodes"] == 0 and q["nodes"]["stayed_float"] == []
     assert 0 < q["size_ratio"] < 0.5
     assert prov["parity"]["calibration_samples"] == 200 and prov["parity"]["samples"] == 200
+    # the device installs it, passes its smoke test and predicts the held-out digits
+    # one at a time as float32 does
+    unpack_bundle(result.bundle, tmp_path / "slot", trust)
+    loaded = load_model(tmp_path / "slot")
+    assert run_smoke_test(loaded)["ran"] is True
+    name = loaded.backend.input_names[0]
+    got = np.concatenate(
+        [loaded.run({name: data.test_x[i : i + 1]})[0] for i in range(len(data.test_x))]
+    )
+    with torch.no_grad():
+        want = module(torch.from_numpy(data.test_x)).numpy()
+    assert float(np.mean(got.argmax(1) == want.argmax(1))) >= AGREEMENT

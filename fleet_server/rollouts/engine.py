@@ -251,7 +251,8 @@ def _no_figures(spec: RolloutSpec, results: tuple[GateResult, ...], metrics: Coh
             out.append(
                 f"{r.name} has no comparison from the {canary.inferences} canary predictions: "
                 "the canaries do not run the model they replaced (telemetry."
-                "compare_previous_rate = 0, or agents older than this server); enable it or "
+                "compare_previous_rate = 0, a candidate whose inputs or outputs differ from "
+                "the replaced model's, or agents older than this server); enable it or "
                 "drop the gate"
             )
         elif r.kind == GateKind.ACCURACY.value and not canary.labels:

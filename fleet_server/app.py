@@ -214,6 +214,10 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
 
         # kept out of the OpenAPI schema: an HTML page, authenticated by cookie or header
         app.include_router(dashboard_router(), include_in_schema=False)
+        from fleet_server.api.console import console_router
+
+        # the operator console: a page and its script; it acts through /api/v1
+        app.include_router(console_router(), include_in_schema=False)
 
     @app.get("/healthz", tags=["server"])
     def healthz() -> dict[str, Any]:

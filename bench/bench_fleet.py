@@ -184,6 +184,44 @@ def db_sizes(dsn: str) -> dict[str, int]:
     return out
 
 
+ROUTES = {
+    "assignment": "/device/v1/assignment",
+    "bundle": "/device/v1/bundles/{bundle_id}",
+    "reports": "/device/v1/reports",
+}
+
+
+def route_latencies(metrics_text: str) -> dict[str, Any]:
+    """Server-side request time per device route from the server's own Prometheus
+    histogram (``edgefleet_http_request_seconds``): count, mean, and the bucket bounds
+    that hold p50 and p99 (in ms)."""
+    import re
+
+    out: dict[str, Any] = {}
+    for key, route in ROUTES.items():
+        r = re.escape(route)
+        pat = r'edgefleet_http_request_seconds_bucket\{le="([^"]+)",route="' + r + r'"\} (\S+)'
+        buckets = [(float(le), float(c)) for le, c in re.findall(pat, metrics_text)]
+        total_m = re.search(
+            r'edgefleet_http_request_seconds_sum\{route="' + r + r'"\} (\S+)', metrics_text
+        )
+        if not buckets or not total_m or not buckets[-1][1]:
+            continue
+        n = buckets[-1][1]
+
+        def bound(q: float, buckets: list[tuple[float, float]] = buckets, n: float = n) -> str:
+            le = next(le for le, c in buckets if c >= q * n)
+            return f"<= {le * 1000:g}" if le != float("inf") else "> 10000"
+
+        out[key] = {
+            "requests": int(n),
+            "mean_ms": round(float(total_m.group(1)) / n * 1000, 2),
+            "p50_ms": bound(0.5),
+            "p99_ms": bound(0.99),
+        }
+    return out
+
+
 def ms(v: float | None) -> float | None:
     return None if v is None else round(v * 1000, 2)
 
@@ -491,6 +529,8 @@ async def run_one(n: int, pg: PgCluster, args: argparse.Namespace) -> Run:
         lat = gate_latencies(dsn, final, bundles[2])
         f["gate_to_decision_s"] = [round(x, 1) for x in lat]
         f["load_average_end"] = load_average()
+        m = await http.get("/metrics")
+        f["server_side"] = route_latencies(m.text) if m.status_code == 200 else {}
         f["errors"] = {
             "checkin": fleet.stats.checkin_errors,
             "download": fleet.stats.download_errors,

@@ -115,6 +115,9 @@ def render_status(data: dict[str, Any]) -> list[str]:
                 f"{_num(g.get('canary_value'))} {bound} {_num(g['threshold'])}  "
                 f"({g.get('canary_samples', 0)} of {g.get('min_samples', 0)} {unit}{control})"
             )
+    label_line = _labels(ev.get("metrics") or (last or {}).get("metrics") or {})
+    if label_line:
+        lines.append(label_line)
     lines.append("  devices    " + _counts(data["devices"]["by_state"]))
     lines.append("  versions   " + _counts(data["devices"]["by_version"]))
     refusals = data.get("refusals") or []
@@ -145,6 +148,25 @@ def render_status(data: dict[str, Any]) -> list[str]:
                 f"{people_stages(h.get('reason') or '')}".rstrip()
             )
     return lines
+
+
+def _labels(metrics: dict[str, Any]) -> str:
+    """Accuracy on labelled predictions per cohort, overall and per true class."""
+    parts = []
+    for cohort in ("canary", "control"):
+        c = metrics.get(cohort) or {}
+        n = int(c.get("labels") or 0)
+        if not n:
+            continue
+        part = f"{cohort} {c.get('labels_correct', 0) / n:.1%} right of {n}"
+        labelled, correct = c.get("labelled_by_class") or [], c.get("correct_by_class") or []
+        if labelled and len(labelled) == len(correct):
+            per = " ".join(
+                f"{r / k:.0%}" if k else "-" for r, k in zip(correct, labelled, strict=True)
+            )
+            part += f" (by class {per})"
+        parts.append(part)
+    return "  labels     " + "; ".join(parts) if parts else ""
 
 
 def _counts(counts: dict[str, int]) -> str:

@@ -27,6 +27,7 @@ bundle's reference is computed from the cohort's pooled binned counts.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -64,6 +65,19 @@ class _Acc:
         self.installs = self.install_failures = 0
         self.shadow_runs = self.shadow_agreements = 0
         self.labels = self.labels_correct = 0
+        self.labelled_by_class: list[int] = []
+        self.correct_by_class: list[int] = []
+
+    def add_label_summary(self, summary: Any) -> None:
+        """Per-class label counts of one window (protocol ``LabelSummary``)."""
+        if isinstance(summary, str):
+            summary = json.loads(summary)
+        if not isinstance(summary, dict):
+            return
+        labelled, correct = summary.get("labelled"), summary.get("correct_by_class")
+        if isinstance(labelled, list) and isinstance(correct, list):
+            self.labelled_by_class = _add(self.labelled_by_class, labelled)
+            self.correct_by_class = _add(self.correct_by_class, correct)
 
     def add_agreement(self, runs: int | None, agreement: float | None) -> None:
         if runs and agreement is not None:
@@ -118,6 +132,8 @@ class _Acc:
             shadow_runs=self.shadow_runs,
             labels=self.labels,
             labels_correct=self.labels_correct,
+            labelled_by_class=tuple(self.labelled_by_class),
+            correct_by_class=tuple(self.correct_by_class),
         )
 
 
@@ -136,6 +152,7 @@ def _model_rows(conn: Connection, ref: BundleRef, since: float) -> Iterable[Any]
             s.labels_correct,
             s.previous_count,
             s.previous_agreement,
+            s.labels,
         ).where(s.name == ref.name, s.version == ref.version, s.received_at >= since)
     )
 
@@ -171,10 +188,12 @@ def telemetry_figures(
             if keep(row[0]):
                 canary.add_summary(*row[:9])
                 canary.add_agreement(row[9], row[10])
+                canary.add_label_summary(row[11])
     if spec.previous is not None:
         for row in _model_rows(conn, spec.previous, since):
             if keep(row[0]):
                 control.add_summary(*row[:9])
+                control.add_label_summary(row[11])
     e = TelemetryEvent
     for dev, outcome in conn.execute(
         select(e.device_id, e.outcome).where(

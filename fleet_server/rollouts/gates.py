@@ -183,6 +183,9 @@ class CohortStats:
     labels_correct: int = 0
     #: members that run the candidate now, whenever they installed it (None: not counted)
     running: int | None = None
+    #: per true class: labelled predictions, and how many of them were right
+    labelled_by_class: tuple[int, ...] = ()
+    correct_by_class: tuple[int, ...] = ()
 
     @property
     def accuracy(self) -> float | None:
@@ -220,6 +223,8 @@ class CohortStats:
             "labels": self.labels,
             "labels_correct": self.labels_correct,
             "running": self.running,
+            "labelled_by_class": list(self.labelled_by_class),
+            "correct_by_class": list(self.correct_by_class),
         }
 
     @classmethod
@@ -247,6 +252,8 @@ class CohortStats:
             labels=int(obj.get("labels", 0)),
             labels_correct=int(obj.get("labels_correct", 0)),
             running=None if obj.get("running") is None else int(obj["running"]),
+            labelled_by_class=tuple(int(c) for c in obj.get("labelled_by_class", ())),
+            correct_by_class=tuple(int(c) for c in obj.get("correct_by_class", ())),
         )
 
 

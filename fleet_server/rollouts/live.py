@@ -128,6 +128,7 @@ def _last_decision(session: Session, rollout_id: str) -> dict[str, Any] | None:
                 "reason": details.get("reason", ""),
                 "stage_number": int(details.get("stage", -1)) + 1,
                 "gates": details["gates"],
+                "metrics": details.get("metrics"),
             }
     return None
 

@@ -295,6 +295,10 @@ def test_canaries_are_judged_by_labels_and_by_the_model_they_replace(setup: Setu
     assert acc["canary_samples"] >= 300 and acc["control_samples"] >= 300
     line = _gate_line(s, worse, "accuracy")
     assert "BREACH" in line and "drop at most 0.02" in line and "labels, control " in line
+    (labels,) = [
+        x for x in render_status(s.admin.get(f"/rollouts/{worse}/status")) if "labels  " in x
+    ]
+    assert "canary" in labels and "control" in labels and "(by class " in labels, labels
     _converge(s, 4)  # v2 again, re-published above v3
     republished = final["state"]["rollback_bundle"]["bundle_id"]
     # the apps' inputs become balanced before the next rollout, so no window of the

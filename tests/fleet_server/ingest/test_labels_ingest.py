@@ -75,6 +75,8 @@ def test_cohort_figures_carry_labels_and_the_canary_agreement(engine: Engine) ->
     assert (m.canary.labels, m.canary.labels_correct) == (20, 14)
     assert (m.control.labels, m.control.labels_correct) == (10, 9)
     assert m.canary.accuracy == 0.7 and m.control.accuracy == 0.9
+    assert (m.canary.labelled_by_class, m.canary.correct_by_class) == ((12, 8), (10, 4))
+    assert (m.control.labelled_by_class, m.control.correct_by_class) == ((6, 4), (6, 3))
     # agreement with the replaced model, pooled over windows: 10 + 30 of 100
     assert (m.canary.shadow_runs, m.canary.shadow_agreements) == (100, 40)
     assert m.control.shadow_runs == 0

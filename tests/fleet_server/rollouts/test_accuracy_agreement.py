@@ -144,11 +144,28 @@ def test_rollout_status_shows_the_accuracy_gate_with_both_cohorts() -> None:
         "stages_total": 2,
         "stages": [],
         "devices": {"total": 4, "by_state": {}, "by_version": {}},
-        "last_decision": {"action": "rollback", "at": T0, "stage_number": 1, "gates": [gate]},
+        "last_decision": {
+            "action": "rollback",
+            "at": T0,
+            "stage_number": 1,
+            "gates": [gate],
+            "metrics": CohortMetrics(
+                replace(
+                    labelled(400, 200), labelled_by_class=(300, 100), correct_by_class=(190, 10)
+                ),
+                replace(
+                    labelled(400, 360), labelled_by_class=(300, 100), correct_by_class=(280, 80)
+                ),
+            ).to_json(),
+        },
         "holding": "rolled back",
     }
     text = "\n".join(render_status(data))
     assert "accuracy  BREACH 0.5 drop at most 0.02  (400 of 200 labels, control 0.9 (400))" in text
+    assert (
+        "  labels     canary 50.0% right of 400 (by class 63% 10%); "
+        "control 90.0% right of 400 (by class 93% 80%)"
+    ) in text.splitlines()
 
 
 def test_gates_that_get_no_figures_while_canaries_predict_say_what_they_wait_for() -> None:

@@ -125,6 +125,10 @@ class UptaneConfig:
     stale_after_seconds: float = 86400.0  # report stale_metadata after this long
     #: without the chain: accept a migration to it signed under today's trust store
     migrate: bool = False
+    #: base URLs that serve released bundles by their target path (``<name>/<sha256>.efb``),
+    #: tried in order before the server; no credential is ever sent to them, and what they
+    #: serve must match the signed hash and length
+    mirrors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -247,6 +251,9 @@ class AgentConfig:
             raise ConfigError("telemetry.max_db_bytes must be at least 1 MiB")
         if not 0.0 <= self.update.probation_max_error_rate <= 1.0:
             raise ConfigError("update.probation_max_error_rate must be between 0 and 1")
+        for m in self.uptane.mirrors:
+            if not m.startswith(("http://", "https://")):
+                raise ConfigError(f"uptane.mirrors: {m!r:.100} must start with http:// or https://")
         sv = self.serving
         if not 0 <= sv.tcp_port <= 65535:
             raise ConfigError("serving.tcp_port must be between 0 (no TCP) and 65535")

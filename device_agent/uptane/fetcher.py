@@ -5,7 +5,9 @@ The assignment is no longer the server's unsigned document: it is built from the
 instructions that the image repository agrees with (:mod:`device_agent.uptane.decide`).
 A refusal, and ``stale_metadata``, is reported to the server as a degraded health report
 with its code; the device keeps serving what it serves. Bundles are downloaded from the
-server's origin by content hash and must match the signed sha256 and length.
+configured mirrors (``[uptane] mirrors``, by target path, never with the device's
+credential) or else the server's origin by content hash, and must match the signed sha256
+and length.
 
 The release counter floor per model name is raised when the device reports a committed
 install of that release (``outcome == "installed"``), before the report is sent.
@@ -17,11 +19,13 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..protocol import DEVICE_API_PREFIX
+from ..update.errors import DownloadError
 from ..update.fetch import HttpFetcher
 from ..update.floors import Floors
 from ..update.state import Assignment, BundleRef
@@ -52,9 +56,12 @@ class UptaneFetcher:
         *,
         active_name: Callable[[], str | None],
         clock: Callable[[], float] = time.time,
+        mirrors: Sequence[HttpFetcher] = (),
     ) -> None:
         self.client = client
         self.http = http
+        #: fetchers without a credential, tried in order before the server for bundles
+        self.mirrors = tuple(mirrors)
         self.active_name = active_name
         self.clock = clock
         self.floors = Floors(Path(client.dir), repair=True)
@@ -92,6 +99,23 @@ class UptaneFetcher:
         )
 
     def download(self, ref: BundleRef, downloads: Path, max_bytes: int) -> Path:
+        """The bundle from the first mirror that serves the signed bytes, else the server.
+
+        A mirror is asked for the release's target path, with no credential; the fetcher
+        cuts it off at the signed length and refuses bytes whose sha256 is not the signed
+        one. A mirror that fails leaves nothing behind for the next source to resume.
+        """
+        path = next((i.path for i in self._instructions if i.sha256 == ref.sha256), None)
+        if path is not None:
+            for mirror in self.mirrors:
+                try:
+                    return mirror.download(replace(ref, url=path), downloads, max_bytes)
+                except (DownloadError, ValueError) as e:
+                    log.warning(
+                        "mirror did not serve the bundle; trying the next source",
+                        extra={"mirror": mirror.base_url, "error": str(e)[:300]},
+                    )
+                    (downloads / f"{ref.bundle_id}.part").unlink(missing_ok=True)
         return self.http.download(ref, downloads, max_bytes)
 
     def post_reports(self, reports: list[dict[str, Any]]) -> None:

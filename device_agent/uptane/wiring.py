@@ -47,7 +47,17 @@ def attach(
         ptr = updater.slots.active()
         return ptr.name if ptr is not None else None
 
-    fetcher = UptaneFetcher(client, http, active_name=active_name, clock=clock)
+    mirrors = [
+        HttpFetcher(
+            m,
+            timeout=http.timeout,
+            chunk_bytes=http.chunk_bytes,
+            retries=http.retries,
+            sleep=http.sleep,
+        )
+        for m in u.mirrors
+    ]
+    fetcher = UptaneFetcher(client, http, active_name=active_name, clock=clock, mirrors=mirrors)
     updater.fetcher = fetcher
     updater.version_floor = False
     return fetcher

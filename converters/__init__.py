@@ -12,6 +12,8 @@ The way through, one module per step (heavy libraries load only when used)::
     onnx_tools.py lowering (IR, opset) and offline optimization of ONNX graphs
     quantize.py   float16, dynamic int8, static int8 (QDQ) for ONNX
     quantization_report.py  what a quantization pass changed (weights, operators, bytes)
+    int8_report.py  read from the produced file: weights by dtype, ONNX nodes int8 or
+                  float and why (an int8 variant without int8 weights is refused)
     tflite/       ONNX -> TFLite flatbuffer writer (no TensorFlow)
     produce.py    one target's model file (ONNX lowered + precision, or TFLite)
     parity.py     pure comparison of artifact vs source outputs, tolerances

@@ -300,3 +300,19 @@ def test_bundle_provenance_proves_int8_weights_and_reports_float_nodes(tmp_path:
     with torch.no_grad():
         want = module(torch.from_numpy(data.test_x)).numpy()
     assert float(np.mean(got.argmax(1) == want.argmax(1))) >= AGREEMENT
+
+
+def test_dynamic_int8_report_shows_the_convolutions_it_leaves_float() -> None:
+    """onnx:int8-dynamic of a CNN quantizes only its dense layer: the report says the
+    convolutions stayed float and why, and the file agrees (float32 Conv weights)."""
+    module, data = train("digits_cnn")
+    source = from_onnx(export(module, data.train_x), task="classification")
+    artifact = convert(source, parse_target("onnx:int8-dynamic"), samples={"x": data.test_x[:64]})
+    q = artifact.provenance()["quantization"]
+    assert q["int8_weights"] == 1
+    listed = {r["op"]: r for r in q["nodes"]["stayed_float"]}
+    assert listed["Conv"]["count"] == 2
+    assert listed["Conv"]["reason"] == "dynamic int8 (MatMul/Gemm only) has no int8 form of Conv"
+    assert q["nodes"]["by_op"]["MatMulInteger"] == {"int8": 1, "float": 0}
+    assert q["nodes"]["weights"]["Conv"] == {"float": 2}
+    assert _weights_in_file(artifact.data)["float"] == 2

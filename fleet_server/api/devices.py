@@ -94,20 +94,10 @@ def device_public(d: Device, assignment: Assignment | None = None) -> DevicePubl
         current_name=d.current_name,
         current_version=d.current_version,
         health=d.health,
-        health_code=_health_code(d.health_details),
+        health_code=d.health_code,
         revoked=d.revoked_at is not None,
         assignment=assignment.body if assignment is not None else None,
     )
-
-
-def _health_code(details: Any) -> str | None:
-    """The error code of the report behind the device's health (health or install report)."""
-    if not isinstance(details, dict):
-        return None
-    code = details.get("error_code")
-    if code is None and isinstance(details.get("last_install"), dict):
-        code = details["last_install"].get("error_code")
-    return code if isinstance(code, str) else None
 
 
 def _device(session: Any, device_id: str) -> Device:

@@ -71,6 +71,18 @@ class Device(Base):
     health_details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
+    @property
+    def health_code(self) -> str | None:
+        """The error code of the report behind the health (a health or install report):
+        ``stale_metadata``, ``metadata_refused``, ``wrong_model``... or None."""
+        details = self.health_details
+        if not isinstance(details, dict):
+            return None
+        code = details.get("error_code")
+        if code is None and isinstance(details.get("last_install"), dict):
+            code = details["last_install"].get("error_code")
+        return code if isinstance(code, str) else None
+
 
 class DeviceCertificate(Base):
     """A client certificate the fleet CA issued to a device (public: no key, no secret).

@@ -79,6 +79,9 @@ class DeviceRow:
     bundle: str
     last_seen: datetime | None
     health: str
+    #: the error code behind the health (``stale_metadata``: the device cannot get fresh
+    #: update metadata, a freeze or an unreachable server), None when there is none
+    health_code: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,6 +91,7 @@ class DeviceRow:
             "bundle": self.bundle,
             "last_seen": iso(self.last_seen),
             "health": self.health,
+            "health_code": self.health_code,
         }
 
     @classmethod
@@ -99,6 +103,7 @@ class DeviceRow:
             str(o["bundle"]),
             _opt_iso(o.get("last_seen"), "last_seen"),
             str(o.get("health", "unknown")),
+            o.get("health_code") if isinstance(o.get("health_code"), str) else None,
         )
 
 

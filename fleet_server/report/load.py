@@ -103,6 +103,7 @@ def load_dataset(
             version_label(d.current_name, d.current_version),
             d.last_seen_at,
             d.health,
+            d.health_code,
         )
         for d in devices
     )

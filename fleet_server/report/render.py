@@ -161,6 +161,9 @@ def _summary(ds: ReviewDataset) -> str:
     for h in ("ok", "degraded", "offline"):
         if health.get(h):
             cards.append((str(health[h]), f"devices {h}", f"health-{h}"))
+    stale = sum(d.health_code == "stale_metadata" for d in ds.devices)
+    if stale:
+        cards.append((str(stale), "devices on stale update metadata", "stale-metadata"))
     cards.append((str(len(ds.rollouts)), "rollouts in the period", "rollout-count"))
     html = ['<div class="cards">']
     for num, lbl, key in cards:
@@ -240,7 +243,7 @@ def _fleet(ds: ReviewDataset) -> str:
             ", ".join(f"{k}={v}" for k, v in sorted(d.labels.items())),
             d.bundle,
             _fmt_time(d.last_seen),
-            d.health,
+            f"{d.health} ({d.health_code})" if d.health_code else d.health,
         ]
         for d in devs
     ]

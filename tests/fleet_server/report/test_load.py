@@ -286,3 +286,27 @@ def test_sums_in_the_database_equal_the_row_by_row_pass(loaded: Loaded) -> None:
             by_rows = load_dataset(*args, drift_by=drift_by, now=loaded.sc.end, in_database=False)
         assert in_db.to_json() == by_rows.to_json(), drift_by
         assert in_db.by_version and in_db.drift and in_db.predictions
+
+
+def test_devices_on_stale_update_metadata_are_named_in_the_report(tmp_path: Path) -> None:
+    """A device that cannot get fresh Uptane metadata (a freeze, or the server out of
+    reach) reports ``stale_metadata``; the review counts and names it."""
+    from fleet_server.db.models import Device
+    from fleet_server.report.render import render_html
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'server.db'}")
+    sc = populate(engine, tmp_path, devices=9)
+    with session_for(engine) as s:
+        d = s.get(Device, "dev-004")
+        assert d is not None
+        d.health = "degraded"
+        d.health_details = {"type": "health", "error_code": "stale_metadata"}
+        s.commit()
+        ds = load_dataset(s, sc.end - timedelta(hours=1), sc.end, now=sc.end)
+    engine.dispose()
+    assert {r.id: r.health_code for r in ds.devices if r.health_code} == {
+        "dev-004": "stale_metadata"
+    }
+    html = render_html(ds)
+    assert '<div class="num">1</div><div class="lbl">devices on stale update metadata' in html
+    assert "degraded (stale_metadata)" in html

@@ -107,6 +107,18 @@ class ServerSettings(BaseSettings):
     public_url: str = ""
 
     @model_validator(mode="after")
+    def _refuse_embedded_broker_with_tls(self) -> ServerSettings:
+        # the embedded broker (amqtt) has no TLS listener that checks client certificates:
+        # devices told to use mqtts would never connect, and plain MQTT is what ca_dir refuses
+        if self.broker == "embedded" and self.ca_dir is not None:
+            raise ValueError(
+                "broker = embedded cannot serve devices with client certificates (ca_dir): "
+                "use broker = mosquitto (Debian's mosquitto package) with the fleet CA, or "
+                "leave ca_dir unset for development"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _refuse_default_secrets(self) -> ServerSettings:
         if self.environment == "development":
             return self

@@ -158,6 +158,18 @@ def test_server_refuses_to_start_in_production_with_default_secrets(tmp_path: Pa
     assert ok.environment == "production"
 
 
+def test_embedded_broker_with_a_fleet_ca_is_refused_with_what_to_use(tmp_path: Path) -> None:
+    """The embedded broker has no TLS listener checking client certificates: devices given
+    an mqtts endpoint would never connect, so the combination is refused at start."""
+    from fleet_server.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="broker = mosquitto"):
+        load_settings(database_url="sqlite:///x.db", broker="embedded", ca_dir=tmp_path)
+    assert load_settings(database_url="sqlite:///x.db", broker="embedded").ca_dir is None
+    with_ca = load_settings(database_url="sqlite:///x.db", broker="mosquitto", ca_dir=tmp_path)
+    assert with_ca.ca_dir == tmp_path
+
+
 def test_settings_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fleet_server.settings import SettingsError, load_settings
 

@@ -373,3 +373,74 @@ def tflite_int8_weights(data: bytes) -> int:
     return sum(
         1 for dtype, size, _ in _tflite_constants(data) if size > 1 and dtype in {"int8", "uint8"}
     )
+
+
+# -- what onnxruntime runs -----------------------------------------------------------
+
+_ORT_INT8_KERNELS = {
+    "QGemm",
+    "MatMulInteger",
+    "ConvInteger",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "QAttention",
+    "DynamicQuantizeLSTM",
+    "QEmbedLayerNormalization",
+}
+
+
+@dataclass(frozen=True)
+class RuntimeKernels:
+    """Computing ops of a model after onnxruntime's own graph optimizations (extended
+    level: where it fuses a DequantizeLinear -> op -> QuantizeLinear group into an int8
+    kernel), int8 kernels and float ones by op type, in the installed onnxruntime."""
+
+    onnxruntime: str
+    int8: dict[str, int]
+    float: dict[str, int]
+
+    def note(self) -> str:
+        def fmt(counts: dict[str, int]) -> str:
+            return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+
+        return (
+            f"onnxruntime {self.onnxruntime} runs {sum(self.int8.values())} int8 kernels "
+            f"({fmt(self.int8)}) and {sum(self.float.values())} float ones ({fmt(self.float)})"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"onnxruntime": self.onnxruntime, "int8": self.int8, "float": self.float}
+
+
+def onnx_runtime_kernels(data: bytes) -> RuntimeKernels | None:
+    """What the installed onnxruntime's CPU provider runs for ``data`` (None when it does
+    not load it: the pipeline's parity step then reports why). A device with another
+    onnxruntime release may fuse differently."""
+    import os
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="edgefleet-kernels-") as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = path
+        opts.log_severity_level = 3
+        try:
+            ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+            model = onnx.load(path)
+        except Exception:  # reported by the parity step, which runs the file itself
+            return None
+    int8: Counter[str] = Counter()
+    flt: Counter[str] = Counter()
+    for node in model.graph.node:
+        op = node.op_type
+        if op in _PLUMBING:
+            continue
+        if op.startswith("QLinear") or op in _ORT_INT8_KERNELS:
+            int8[op] += 1
+        else:
+            flt[op] += 1
+    return RuntimeKernels(ort.__version__, dict(sorted(int8.items())), dict(sorted(flt.items())))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .int8_report import NodeReport
+    from .int8_report import NodeReport, RuntimeKernels
 
 _REDUCED = {2, 3, 10, 16, 17, 18, 19, 20, 21, 22, 23}  # uint8 int8 float16 bfloat16 fp8 int4...
 _FLOAT32 = 1
@@ -54,6 +54,7 @@ class QuantizationSummary:
     weights_by_dtype_before: dict[str, int] | None = None
     weights_by_dtype_after: dict[str, int] | None = None
     nodes: NodeReport | None = None
+    runtime_kernels: RuntimeKernels | None = None
 
     @property
     def is_int8(self) -> bool:
@@ -109,6 +110,11 @@ class QuantizationSummary:
                 else {}
             ),
             **({"nodes": self.nodes.to_json()} if self.nodes is not None else {}),
+            **(
+                {"runtime_kernels": self.runtime_kernels.to_json()}
+                if self.runtime_kernels is not None
+                else {}
+            ),
         }
 
 

@@ -389,13 +389,21 @@ _ORT_INT8_KERNELS = {
 }
 
 
+#: the two ways onnxruntime's CPU provider fuses QDQ groups: as on this machine, and as
+#: its ARM builds do (``session.qdqisint8allowed=1``: int8 activations taken directly;
+#: x86-64 builds take them only where they can be converted to uint8)
+PLATFORMS = ("this machine", "arm")
+
+
 @dataclass(frozen=True)
 class RuntimeKernels:
     """Computing ops of a model after onnxruntime's own graph optimizations (extended
     level: where it fuses a DequantizeLinear -> op -> QuantizeLinear group into an int8
-    kernel), int8 kernels and float ones by op type, in the installed onnxruntime."""
+    kernel), int8 kernels and float ones by op type, in the installed onnxruntime, as
+    fused on ``platform`` (``"this machine (x86_64)"`` or ``"arm"``)."""
 
     onnxruntime: str
+    platform: str
     int8: dict[str, int]
     float: dict[str, int]
 
@@ -404,30 +412,41 @@ class RuntimeKernels:
             return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
 
         return (
-            f"onnxruntime {self.onnxruntime} runs {sum(self.int8.values())} int8 kernels "
-            f"({fmt(self.int8)}) and {sum(self.float.values())} float ones ({fmt(self.float)})"
+            f"onnxruntime {self.onnxruntime} ({self.platform}) runs "
+            f"{sum(self.int8.values())} int8 kernels ({fmt(self.int8)}) and "
+            f"{sum(self.float.values())} float ones ({fmt(self.float)})"
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {"onnxruntime": self.onnxruntime, "int8": self.int8, "float": self.float}
+        return {
+            "onnxruntime": self.onnxruntime,
+            "platform": self.platform,
+            "int8": self.int8,
+            "float": self.float,
+        }
 
 
-def onnx_runtime_kernels(data: bytes) -> RuntimeKernels | None:
-    """What the installed onnxruntime's CPU provider runs for ``data`` (None when it does
-    not load it: the pipeline's parity step then reports why). A device with another
-    onnxruntime release may fuse differently."""
+def onnx_runtime_kernels(data: bytes, platform: str = "this machine") -> RuntimeKernels | None:
+    """What the installed onnxruntime's CPU provider runs for ``data``, fused as on this
+    machine or as on ARM (see :data:`PLATFORMS`); None when it does not load the file
+    (the pipeline's parity step then reports why). Another onnxruntime release may fuse
+    differently."""
     import os
+    import platform as host
     import tempfile
 
     import onnx
     import onnxruntime as ort
 
+    label = f"this machine ({host.machine()})" if platform == "this machine" else platform
     with tempfile.TemporaryDirectory(prefix="edgefleet-kernels-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         opts.optimized_model_filepath = path
         opts.log_severity_level = 3
+        if platform == "arm":
+            opts.add_session_config_entry("session.qdqisint8allowed", "1")
         try:
             ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
             model = onnx.load(path)
@@ -443,4 +462,6 @@ def onnx_runtime_kernels(data: bytes) -> RuntimeKernels | None:
             int8[op] += 1
         else:
             flt[op] += 1
-    return RuntimeKernels(ort.__version__, dict(sorted(int8.items())), dict(sorted(flt.items())))
+    return RuntimeKernels(
+        ort.__version__, label, dict(sorted(int8.items())), dict(sorted(flt.items()))
+    )

@@ -24,7 +24,12 @@ import numpy as np
 from . import onnx_tools
 from .errors import ConverterError, NothingQuantizedError, TargetError, TargetUnavailableError
 from .graph_checks import check_inference_mode
-from .int8_report import onnx_runtime_kernels, tflite_int8_weights, tflite_weights_by_dtype
+from .int8_report import (
+    PLATFORMS,
+    onnx_runtime_kernels,
+    tflite_int8_weights,
+    tflite_weights_by_dtype,
+)
 from .quantization_report import QuantizationSummary, nothing_quantized_reason, summarize_onnx
 from .quantize import QUANTIZER_NAMES, apply_precision, quantizable_ops
 from .source import SourceModel
@@ -124,13 +129,13 @@ def onnx_artifact(
         )
         return Produced(_finish_onnx(float32, target), notes, summary)
     if summary.is_int8:
-        summary = replace(summary, runtime_kernels=onnx_runtime_kernels(data))
+        kernels = (onnx_runtime_kernels(data, p) for p in PLATFORMS)
+        summary = replace(summary, runtime_kernels=tuple(k for k in kernels if k is not None))
     notes.extend(qnotes)
     notes.append(summary.note())
     if summary.nodes is not None:
         notes.append(summary.nodes.note())
-    if summary.runtime_kernels is not None:
-        notes.append(summary.runtime_kernels.note())
+    notes.extend(k.note() for k in summary.runtime_kernels)
     return Produced(data, notes, summary)
 
 

@@ -54,7 +54,7 @@ class QuantizationSummary:
     weights_by_dtype_before: dict[str, int] | None = None
     weights_by_dtype_after: dict[str, int] | None = None
     nodes: NodeReport | None = None
-    runtime_kernels: RuntimeKernels | None = None
+    runtime_kernels: tuple[RuntimeKernels, ...] = ()
 
     @property
     def is_int8(self) -> bool:
@@ -111,8 +111,8 @@ class QuantizationSummary:
             ),
             **({"nodes": self.nodes.to_json()} if self.nodes is not None else {}),
             **(
-                {"runtime_kernels": self.runtime_kernels.to_json()}
-                if self.runtime_kernels is not None
+                {"runtime_kernels": [k.to_json() for k in self.runtime_kernels]}
+                if self.runtime_kernels
                 else {}
             ),
         }

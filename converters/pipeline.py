@@ -95,6 +95,8 @@ class Artifact:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     quantization: QuantizationSummary | None = None
+    #: how the image layout of the drift reference was decided ("" for other inputs)
+    layout_from: str = ""
 
     @property
     def format(self) -> str:
@@ -123,6 +125,11 @@ class Artifact:
             "drift_reference": {
                 "samples": self.profile.sample_count,
                 "reduction": self.profile.reduction,
+                **(
+                    {"layout": self.profile.layout, "layout_from": self.layout_from}
+                    if self.profile.layout
+                    else {}
+                ),
             },
         }
 
@@ -320,12 +327,13 @@ def convert(
         artifact_in = {runner.inputs[i].name: validation[n] for i, n in enumerate(in_names)}
         out_names = [o.name for o in runner.outputs]
         task = source.tasks.get(source.outputs[0].name, "regression")
+        x0 = drift_in[in_names[0]]
+        # no layout is recorded for a model's inputs: infer it, and say so (provenance)
+        layout, layout_from = (
+            reference.image_layout(x0.shape, source.origin) if np.ndim(x0) == 4 else ("", "")
+        )
         profile = reference.drift_profile(
-            runner.inputs[0].name,
-            drift_in[in_names[0]],
-            out_names[0],
-            drift_out[0],
-            task,
+            runner.inputs[0].name, x0, out_names[0], drift_out[0], task, layout=layout or None
         )
         smoke = reference.smoke_samples(
             artifact_in, one_by_one, out_names, precision, classifier=source.is_classifier
@@ -357,6 +365,7 @@ def convert(
         notes=notes,
         seconds=time.perf_counter() - started,
         quantization=produced.quantization,
+        layout_from=layout_from,
     )
 
 

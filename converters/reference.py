@@ -6,8 +6,12 @@ and :class:`device_agent.payloads.SmokeSamples`.
 Drift reference: for the first model input, per feature, the interior bin
 edges at the quantiles ``1/k .. (k-1)/k`` of the reference samples (repeated
 edges merged) and the share of samples in each bin, with the agent's binning
-rule ``searchsorted(edges, v, side="right")``. Image-like inputs (rank 4,
-NCHW) are reduced to one feature per channel (``channel_mean``). The output
+rule ``searchsorted(edges, v, side="right")``. Image inputs (rank 4) give one
+feature per channel (``channel_values``, named ``<input>[c0]``, ``<input>[c1]``, ...):
+the quantile edges and proportions of that channel's pixel values over H x W (the
+positions :func:`device_agent.telemetry.stats.channel_values` takes, as the agent
+does), with their mean and standard deviation. The channel axis comes from the
+layout the caller knows, else from :func:`image_layout`. The output
 distribution is the class frequencies of the argmax (classifiers) or the
 quantile bins of the first output (regressors).
 
@@ -23,6 +27,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from device_agent.payloads import DriftProfile, FeatureProfile, OutputProfile, SmokeSamples
+from device_agent.telemetry.stats import channel_values
 
 DEFAULT_BINS = 10
 MAX_FEATURES = 256
@@ -36,6 +41,27 @@ SMOKE_CHECKS: dict[str, tuple[str, float, float]] = {
     "int8-dynamic": ("top1", 0.0, 0.0),
     "int8-static": ("top1", 0.0, 0.0),
 }
+
+
+#: channel counts an image input plausibly has (grey, RGB, RGBA)
+_IMAGE_CHANNELS = (1, 2, 3, 4)
+
+
+def image_layout(shape: Sequence[int | str | None], origin: str = "onnx") -> tuple[str, str]:
+    """``NCHW`` or ``NHWC`` for a rank-4 input of ``shape``, and how it was decided.
+
+    The converters keep ONNX's NCHW at the model's inputs (a TFLite artifact they
+    write transposes inside the model), so NCHW unless the shape says otherwise:
+    a channel-sized last axis (1-4) after a larger axis 1, or a TFLite source
+    (TFLite models read NHWC) whose axis 1 is not channel-sized.
+    """
+    dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    d1, d3 = dims[1], dims[3]
+    if d3 in _IMAGE_CHANNELS and (d1 is None or d1 not in _IMAGE_CHANNELS):
+        return "NHWC", f"inferred from the input shape {list(shape)} (channels last)"
+    if origin == "tflite" and not (d1 in _IMAGE_CHANNELS and d3 not in _IMAGE_CHANNELS):
+        return "NHWC", "inferred: a TFLite source model reads NHWC images"
+    return "NCHW", f"inferred from the input shape {list(shape)} (ONNX convention, channels first)"
 
 
 def features(x: np.ndarray) -> tuple[np.ndarray, str]:
@@ -70,18 +96,42 @@ def drift_profile(
     outputs: np.ndarray | None,
     task: str,
     bins: int = DEFAULT_BINS,
+    layout: str | None = None,
 ) -> DriftProfile:
-    """Reference distributions of one input's features and of the predictions."""
-    feats, reduction = features(inputs)
-    if feats.shape[1] > MAX_FEATURES:
-        feats = feats[:, :MAX_FEATURES]
-    prefix = "channel" if reduction == "channel_mean" else "f"
+    """Reference distributions of one input's features and of the predictions.
+
+    ``layout`` (``NCHW``/``NHWC``) places the channel axis of a rank-4 input; None
+    infers it from the shape (:func:`image_layout`).
+    """
+    x = np.asarray(inputs)
     profiles = []
-    for i in range(feats.shape[1]):
-        edges, props = bin_profile(feats[:, i], bins)
-        profiles.append(
-            FeatureProfile(name=f"{prefix}{i}", index=i, edges=edges, proportions=props)
-        )
+    if x.ndim == 4:
+        layout = layout or image_layout(x.shape)[0]
+        values = channel_values(x, layout)
+        for c in range(min(len(values), MAX_FEATURES)):
+            v = np.asarray(values[c], np.float64).ravel()
+            v = v[np.isfinite(v)]
+            edges, props = bin_profile(v, bins)
+            profiles.append(
+                FeatureProfile(
+                    name=f"{input_name}[c{c}]",
+                    index=c,
+                    edges=edges,
+                    proportions=props,
+                    mean=float(v.mean()) if v.size else None,
+                    std=float(v.std()) if v.size else None,
+                )
+            )
+        reduction, n = "channel_values", len(x)
+    else:
+        layout = ""
+        feats, reduction = features(x)
+        if feats.shape[1] > MAX_FEATURES:
+            feats = feats[:, :MAX_FEATURES]
+        for i in range(feats.shape[1]):
+            edges, props = bin_profile(feats[:, i], bins)
+            profiles.append(FeatureProfile(name=f"f{i}", index=i, edges=edges, proportions=props))
+        n = len(feats)
     output = None
     if output_name is not None and outputs is not None:
         y = np.asarray(outputs, dtype=np.float64)
@@ -104,7 +154,8 @@ def drift_profile(
         features=tuple(profiles),
         output=output,
         reduction=reduction,
-        sample_count=int(len(feats)),
+        sample_count=int(n),
+        layout=layout,
     )
 
 

@@ -8,12 +8,14 @@ their raw little-endian bytes with dtype and shape beside them.
     {
       "schema_version": 1,
       "input": "x",                  # input tensor the features come from
-      "reduction": "none",           # or "channel_mean": features = mean over axes 2.. (NCHW)
+      "reduction": "none",           # or "channel_values" / "channel_mean" (image inputs)
+      "layout": "NCHW",              # image inputs only: where the channel axis is (or "NHWC")
       "sample_count": 512,
       "features": [                  # one per feature after reduction (flattened, row-major)
         {"name": "f0", "index": 0,
          "edges": [-1.2, -0.3, 0.4, 1.1],   # k-1 interior bin edges, ascending
-         "proportions": [0.2, 0.2, 0.2, 0.2, 0.2]}   # k reference proportions, sum 1
+         "proportions": [0.2, 0.2, 0.2, 0.2, 0.2],   # k reference proportions, sum 1
+         "mean": 0.1, "std": 0.9}    # "channel_values" only: reference mean/std of the values
       ],
       "output": {                    # prediction distribution
         "name": "probs",
@@ -25,6 +27,13 @@ their raw little-endian bytes with dtype and shape beside them.
     }
 
 A value ``v`` falls in bin ``searchsorted(edges, v, side="right")``.
+
+Reductions: ``none`` - one feature per element of the flattened row; ``channel_values``
+(rank-4 image inputs) - one feature per channel (``index`` = channel, named
+``<input>[c<index>]``), binning the channel's pixel values over H x W (at most
+:data:`CHANNEL_POSITIONS` evenly spaced positions per image), with ``layout`` saying
+which axis holds the channels; ``channel_mean`` (older bundles) - one feature per
+channel of NCHW inputs, binning each image's channel mean.
 
 ``smoke_samples.json`` (written by the converters, run by the agent after install)::
 
@@ -51,6 +60,8 @@ from typing import Any
 import numpy as np
 
 SCHEMA_VERSION = 1
+#: most pixel positions per image and channel a ``channel_values`` feature bins
+CHANNEL_POSITIONS = 256
 
 
 def encode_array(a: np.ndarray) -> dict[str, Any]:
@@ -75,6 +86,22 @@ class FeatureProfile:
     index: int
     edges: tuple[float, ...]
     proportions: tuple[float, ...]
+    #: reference mean and standard deviation of the values (``channel_values`` only)
+    mean: float | None = None
+    std: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "index": self.index,
+            "edges": list(self.edges),
+            "proportions": list(self.proportions),
+        }
+        if self.mean is not None:
+            out["mean"] = self.mean
+        if self.std is not None:
+            out["std"] = self.std
+        return out
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,8 @@ class DriftProfile:
     output: OutputProfile | None
     reduction: str = "none"
     sample_count: int = 0
+    #: ``NCHW`` or ``NHWC`` for image reductions, "" otherwise
+    layout: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -100,16 +129,10 @@ class DriftProfile:
             "input": self.input,
             "reduction": self.reduction,
             "sample_count": self.sample_count,
-            "features": [
-                {
-                    "name": f.name,
-                    "index": f.index,
-                    "edges": list(f.edges),
-                    "proportions": list(f.proportions),
-                }
-                for f in self.features
-            ],
+            "features": [f.to_json() for f in self.features],
         }
+        if self.layout:
+            out["layout"] = self.layout
         if self.output is not None:
             o = self.output
             od: dict[str, Any] = {
@@ -137,6 +160,8 @@ class DriftProfile:
                 int(f["index"]),
                 tuple(map(float, f["edges"])),
                 tuple(map(float, f["proportions"])),
+                None if f.get("mean") is None else float(f["mean"]),
+                None if f.get("std") is None else float(f["std"]),
             )
             for f in obj["features"]
         )
@@ -156,6 +181,7 @@ class DriftProfile:
             output=output,
             reduction=str(obj.get("reduction", "none")),
             sample_count=int(obj.get("sample_count", 0)),
+            layout=str(obj.get("layout", "")),
         )
 
 

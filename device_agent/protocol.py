@@ -46,7 +46,8 @@ Summary record body (one per window per active model)::
      "count": 1200, "errors": 3,
      "latency_ms": {"p50": .., "p95": .., "p99": .., "mean": ..},
      "latency_hist": [counts per LATENCY_BUCKETS_MS bucket; len = len(buckets) + 1],
-     "drift": {"features": [{"name": "f0", "psi": .., "ks": .., "counts": [...]}],
+     "drift": {"features": [{"name": "f0", "psi": .., "ks": .., "counts": [...],
+                             "mean": .., "std": ..}],   # mean/std: image channels only
                "psi_max": .., "ks_max": ..,
                "prediction": {"counts": [...], "psi": ..}} | null,
      "shadow": {"name": .., "version": .., "count": .., "agreement": ..,
@@ -208,13 +209,23 @@ class Latency:
 
 @dataclass(frozen=True)
 class FeatureDrift:
+    """One input feature's binned counts in a window; ``mean``/``std`` of its values are
+    sent for per-channel image features (absent from older agents' summaries)."""
+
     __pydantic_config__ = _OPEN
     name: str
     counts: list[int]
     psi: float | None = None
     ks: float | None = None
+    mean: float | None = None
+    std: float | None = None
 
     def __post_init__(self) -> None:
+        if self.mean is not None or self.std is not None:
+            _finite("feature mean", self.mean)
+            _finite("feature std", self.std)
+            if self.std is not None and self.std < 0:
+                raise ContractError("out_of_bounds", f"feature std is {self.std}; never negative")
         if len(self.name) <= MAX_NAME_LEN and len(self.counts) <= MAX_BINS:
             _counts("feature bin count", self.counts)
             return

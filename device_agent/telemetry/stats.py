@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..payloads import CHANNEL_POSITIONS
 from ..protocol import LATENCY_BUCKETS_MS
 
 #: proportions are clipped below at this value before PSI's logarithm
@@ -110,6 +111,58 @@ def ks_binned(
         return None
     e = np.asarray(reference, dtype=np.float64)
     return float(np.max(np.abs(np.cumsum(c / n) - np.cumsum(e / e.sum()))))
+
+
+def spatial_positions(hw: int, cap: int = CHANNEL_POSITIONS) -> np.ndarray | slice:
+    """Which of an image's ``hw`` flattened positions a channel feature bins: all of them,
+    or ``cap`` evenly spaced ones (the same for every image, so the cost is bounded)."""
+    if hw <= cap:
+        return slice(None)
+    return np.unique(np.linspace(0, hw - 1, cap).round().astype(np.int64))
+
+
+def channel_values(x: np.ndarray, layout: str, cap: int = CHANNEL_POSITIONS) -> np.ndarray:
+    """``[C, n, m]`` pixel values per channel of a batch of images (a view when it can be).
+
+    ``x`` is ``[n, C, H, W]`` (``layout`` ``NCHW``) or ``[n, H, W, C]`` (``NHWC``);
+    ``m`` is the number of H x W positions taken per image (see
+    :func:`spatial_positions`). Raises ValueError for anything that is not rank 4.
+    """
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"image drift needs a rank-4 input, got shape {x.shape}")
+    n = x.shape[0]
+    if layout == "NHWC":
+        flat = x.reshape(n, -1, x.shape[3])
+        return np.moveaxis(flat[:, spatial_positions(flat.shape[1], cap), :], 2, 0)
+    if layout not in ("NCHW", ""):
+        raise ValueError(f"unknown image layout {layout!r}; expected 'NCHW' or 'NHWC'")
+    flat = x.reshape(n, x.shape[1], -1)
+    return np.moveaxis(flat[:, :, spatial_positions(flat.shape[2], cap)], 1, 0)
+
+
+def threshold_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """:func:`binned_counts` for many values and few edges: one comparison pass per
+    edge instead of a binary search per value (several times faster on an image
+    channel); NaN counts in no bin. ``values`` may be any shape or a strided view."""
+    n = values.size - int(np.count_nonzero(np.isnan(values)))
+    if values.dtype == np.float32:
+        # compare in float32 against each edge rounded up to float32: the same
+        # answer as in float64 (v >= e iff v >= that float32), at half the bandwidth
+        e32 = edges.astype(np.float32)
+        up = e32.astype(np.float64) < edges
+        e32[up] = np.nextafter(e32[up], np.float32(np.inf))
+        edges = e32
+    at_or_above = [int(np.count_nonzero(values >= e)) for e in edges]
+    bounds = np.asarray([n, *at_or_above, 0], np.int64)
+    return bounds[:-1] - bounds[1:]
+
+
+def channel_moments(values: np.ndarray) -> tuple[float, float, float]:
+    """(number, sum, sum of squares) of ``values`` in float64."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    # einsum, not vdot: BLAS threads contend with the agent for a device's few cores
+    return float(v.size), float(v.sum()), float(np.einsum("i,i->", v, v))
 
 
 def reduce_features(x: np.ndarray, reduction: str) -> np.ndarray:

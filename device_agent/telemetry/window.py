@@ -6,19 +6,23 @@ record body that :mod:`device_agent.protocol` specifies.
 
 Units: ``count`` and the latency figures are per ``predict()`` call; drift
 bin counts and the prediction distribution are per row (a call with a batch of
-8 rows adds 8). A call's *predicted class* (for sampling and shadow agreement)
-is the argmax over the last axis of its first row.
+8 rows adds 8), except a ``channel_values`` profile's image channels, whose bins
+count the pixel values taken from each image (up to
+:data:`~device_agent.payloads.CHANNEL_POSITIONS` per channel). A call's
+*predicted class* (for sampling and shadow agreement) is the argmax over the
+last axis of its first row.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..payloads import DriftProfile
+from ..payloads import CHANNEL_POSITIONS, DriftProfile
 from ..protocol import MAX_CONFUSION_CLASSES
 from . import stats
 from .sampling import FieldMask, StratifiedSampler
@@ -140,6 +144,11 @@ class Window:
             self._edges = [np.asarray(f.edges, np.float64) for f in prof.features]
             self._index = np.asarray([f.index for f in prof.features], np.int64)
             self.feature_counts = [np.zeros(len(e) + 1, np.int64) for e in self._edges]
+        #: per feature: number, sum and sum of squares of the binned values
+        #: (``channel_values`` profiles: each image channel's mean and std)
+        self._moments: np.ndarray | None = None
+        if prof is not None and prof.features and prof.reduction == "channel_values":
+            self._moments = np.zeros((len(prof.features), 3), np.float64)
         self.pred_counts: np.ndarray | None = None
         self._pred_edges: np.ndarray | None = None
         if prof is not None and prof.output is not None:
@@ -213,17 +222,34 @@ class Window:
         assert prof is not None and self.feature_counts is not None
         single = len(self.info.input_names) == 1 and self.info.input_names[0] == prof.input
         try:
-            x = np.concatenate(
-                [
-                    i if isinstance(i, np.ndarray) and single else np.asarray(i[prof.input])  # type: ignore[call-overload]
-                    for i in inputs
-                ]
-            )
-            feats = stats.reduce_features(x, prof.reduction)
-            cols = feats[:, self._index]
+            arrays = [
+                i if isinstance(i, np.ndarray) and single else np.asarray(i[prof.input])  # type: ignore[call-overload]
+                for i in inputs
+            ]
+            if self._moments is not None:
+                # one feature per image channel: its pixel values, binned and summed;
+                # large images are cut to the binned positions before the batch is
+                # joined, so they are not copied whole (small ones: one call is cheaper)
+                if arrays[0].size > 4 * CHANNEL_POSITIONS * len(self._index):
+                    channels = np.concatenate(
+                        [stats.channel_values(a, prof.layout) for a in arrays], axis=1
+                    )
+                else:
+                    channels = stats.channel_values(np.concatenate(arrays), prof.layout)
+                if len(self._index) and int(self._index.max()) >= len(channels):
+                    raise IndexError(f"no channel {int(self._index.max())} in {arrays[0].shape}")
+            else:
+                x = np.concatenate(arrays)
+                cols = stats.reduce_features(x, prof.reduction)[:, self._index]
         except (KeyError, ValueError, IndexError, TypeError):
             # inputs that do not fit the profile: count, do not break telemetry
             self.drift_failures += len(inputs)
+            return
+        if self._moments is not None:
+            for j, (c, edges) in enumerate(zip(self._index, self._edges, strict=True)):
+                v = channels[c]
+                self.feature_counts[j] += stats.threshold_counts(v, edges)
+                self._moments[j] += stats.channel_moments(v)
             return
         for j, edges in enumerate(self._edges):
             self.feature_counts[j] += stats.binned_counts(cols[:, j], edges)
@@ -303,16 +329,20 @@ class Window:
         prof = self.info.profile
         if prof is None or self.feature_counts is None:
             return None
-        feats = []
-        for f, counts in zip(prof.features, self.feature_counts, strict=True):
-            feats.append(
-                {
-                    "name": f.name,
-                    "psi": stats.psi(counts, f.proportions),
-                    "ks": stats.ks_binned(counts, f.proportions),
-                    "counts": counts.tolist(),
-                }
-            )
+        feats: list[dict[str, Any]] = []
+        for j, (f, counts) in enumerate(zip(prof.features, self.feature_counts, strict=True)):
+            feat: dict[str, Any] = {
+                "name": f.name,
+                "psi": stats.psi(counts, f.proportions),
+                "ks": stats.ks_binned(counts, f.proportions),
+                "counts": counts.tolist(),
+            }
+            if self._moments is not None and self._moments[j, 0] > 0:
+                n, total, squares = self._moments[j]
+                mean = total / n
+                feat["mean"] = float(mean)
+                feat["std"] = float(math.sqrt(max(squares / n - mean * mean, 0.0)))
+            feats.append(feat)
         psis = [f["psi"] for f in feats if f["psi"] is not None]
         kss = [f["ks"] for f in feats if f["ks"] is not None]
         pred = None

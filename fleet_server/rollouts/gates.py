@@ -201,7 +201,11 @@ class CohortStats:
 
     @property
     def feature_samples(self) -> int:
-        return min((sum(c) for c in self.feature_counts.values()), default=0)
+        """Inputs behind the binned counts: the smallest feature total, but never more
+        than the inferences when they are known (an image channel bins many pixel
+        values per input, so its totals count pixels, not inputs)."""
+        n = min((sum(c) for c in self.feature_counts.values()), default=0)
+        return min(n, self.inferences) if self.inferences else n
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -148,9 +148,12 @@ def test_drift_profile_of_image_input_is_per_channel(tmp_path: Path) -> None:
     source, x = models.zoo_source("cnn")
     artifact = convert(source, Target("onnx"), samples=x)
     profile = artifact.profile
-    assert profile.reduction == "channel_mean"
-    assert len(profile.features) == 3 and profile.sample_count == len(x)
-    for feat in profile.features:
+    assert profile.reduction == "channel_values" and profile.layout == "NCHW"
+    assert [f.name for f in profile.features] == ["x[c0]", "x[c1]", "x[c2]"]
+    assert profile.sample_count == len(x)
+    for c, feat in enumerate(profile.features):
+        assert feat.mean == pytest.approx(float(x[:, c].mean()), rel=1e-5)
+        assert feat.std == pytest.approx(float(x[:, c].std()), rel=1e-4)
         assert abs(sum(feat.proportions) - 1.0) < 1e-9
         assert len(feat.proportions) == len(feat.edges) + 1
         assert list(feat.edges) == sorted(feat.edges)

@@ -359,13 +359,19 @@ def plot_latency_errors(
         return _svg(fig, "latency")
 
 
+def _natural(name: str) -> list[Any]:
+    """Sort key ordering the numbers inside a name by value (``f2`` < ``f10``)."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+
+
 def plot_drift(ds: ReviewDataset) -> str | None:
     """Heat map of PSI against the reference profile: feature (rows) x device group."""
     if not ds.drift:
         return None
     with _style():
         groups = sorted({c.group for c in ds.drift})
-        features = list(dict.fromkeys(c.feature for c in ds.drift))
+        # f2 before f10, x[c2] before x[c10]: one row per feature or image channel, in order
+        features = sorted({c.feature for c in ds.drift}, key=_natural)
         grid = [[math.nan] * len(groups) for _ in features]
         for c in ds.drift:
             grid[features.index(c.feature)][groups.index(c.group)] = c.psi

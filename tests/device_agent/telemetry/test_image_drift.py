@@ -27,8 +27,9 @@ from device_agent.telemetry import TelemetryOptions, psi
 from device_agent.telemetry.stats import binned_counts, channel_values, threshold_counts
 from fleet_server.ingest.contract import validate_message
 from fleet_server.report.aggregate import FeatureWindow, drift_cells
-from fleet_server.report.dataset import ReviewDataset
+from fleet_server.report.dataset import DriftCell, ReviewDataset
 from fleet_server.report.plots import plot_drift
+from fleet_server.report.render import render_html
 from fleet_server.rollouts.gates import CohortMetrics, CohortStats, Verdict, evaluate_gate
 from fleet_server.rollouts.spec import GateKind, GateSpec
 from tests import models
@@ -220,8 +221,19 @@ def test_the_report_heat_map_has_a_row_per_channel(
     now = datetime(2026, 12, 1, tzinfo=timezone.utc)
     svg = plot_drift(ReviewDataset(generated_at=now, since=now, until=now, drift=tuple(cells)))
     assert svg is not None
-    labels = [t for t in svg.split(">") if t.startswith("x[c")]
-    assert sorted(t.split("<")[0] for t in labels) == CHANNELS  # one labelled row per channel
+    labels = [t.split("<")[0] for t in svg.split(">") if t.startswith("x[c")]
+    assert labels == CHANNELS  # one labelled row per channel, top to bottom
+    page = render_html(ReviewDataset(generated_at=now, since=now, until=now, drift=tuple(cells)))
+    assert all(name in page for name in CHANNELS)
+
+
+def test_heat_map_rows_follow_channel_numbers() -> None:
+    now = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    names = [f"img[c{c}]" for c in range(12)]
+    cells = tuple(DriftCell("g", n, 0.01 * i) for i, n in enumerate(sorted(names)))
+    svg = plot_drift(ReviewDataset(generated_at=now, since=now, until=now, drift=cells))
+    assert svg is not None
+    assert [t.split("<")[0] for t in svg.split(">") if t.startswith("img[c")] == names
 
 
 # ----------------------------------------------------------------- layout and statistics

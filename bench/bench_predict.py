@@ -86,11 +86,16 @@ def model_for(
         data = cnn_onnx(0)
         ref = rng.normal(size=(128, 3, 32, 32)).astype(np.float32)
         x = rng.normal(size=(1, 3, 32, 32)).astype(np.float32)
-        reduction = "channel_mean"
+        reduction = "channel_values"
     import onnxruntime as ort
 
     preds = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": ref})[0]
-    profile = make_profile(ref, preds, reduction=reduction)
+    if reduction == "channel_values":  # one drift feature per image channel, as converted
+        from converters.reference import drift_profile
+
+        profile = drift_profile("x", ref, "probs", preds, "classification")
+    else:
+        profile = make_profile(ref, preds, reduction=reduction)
     if fmt == "tflite":
         import onnx
 

@@ -113,12 +113,11 @@ def ks_binned(
     return float(np.max(np.abs(np.cumsum(c / n) - np.cumsum(e / e.sum()))))
 
 
-def spatial_positions(hw: int, cap: int = CHANNEL_POSITIONS) -> np.ndarray | slice:
-    """Which of an image's ``hw`` flattened positions a channel feature bins: all of them,
-    or ``cap`` evenly spaced ones (the same for every image, so the cost is bounded)."""
-    if hw <= cap:
-        return slice(None)
-    return np.unique(np.linspace(0, hw - 1, cap).round().astype(np.int64))
+def spatial_positions(hw: int, cap: int = CHANNEL_POSITIONS) -> slice:
+    """Which of an image's ``hw`` flattened (row-major) positions a channel feature bins:
+    all of them, or every ``ceil(hw / cap)``-th one (at most ``cap``, the same for every
+    image, so the cost is bounded; a stride, so the values are a view, not a copy)."""
+    return slice(None) if hw <= cap else slice(0, hw, -(-hw // cap))
 
 
 def channel_values(x: np.ndarray, layout: str, cap: int = CHANNEL_POSITIONS) -> np.ndarray:
@@ -160,9 +159,12 @@ def threshold_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 def channel_moments(values: np.ndarray) -> tuple[float, float, float]:
     """(number, sum, sum of squares) of ``values`` in float64."""
-    v = np.asarray(values, dtype=np.float64).ravel()
-    # einsum, not vdot: BLAS threads contend with the agent for a device's few cores
-    return float(v.size), float(v.sum()), float(np.einsum("i,i->", v, v))
+    v = np.asarray(values)
+    # summed in float64 without a float64 copy; einsum, not a BLAS dot, whose threads
+    # would contend with the agent for a device's few cores
+    axes = "abcdefgh"[: v.ndim]
+    squares = np.einsum(f"{axes},{axes}->", v, v, dtype=np.float64)
+    return float(v.size), float(v.sum(dtype=np.float64)), float(squares)
 
 
 def reduce_features(x: np.ndarray, reduction: str) -> np.ndarray:

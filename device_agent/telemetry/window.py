@@ -235,7 +235,9 @@ class Window:
                         [stats.channel_values(a, prof.layout) for a in arrays], axis=1
                     )
                 else:
-                    channels = stats.channel_values(np.concatenate(arrays), prof.layout)
+                    channels = np.ascontiguousarray(
+                        stats.channel_values(np.concatenate(arrays), prof.layout)
+                    )
                 if len(self._index) and int(self._index.max()) >= len(channels):
                     raise IndexError(f"no channel {int(self._index.max())} in {arrays[0].shape}")
             else:

@@ -25,6 +25,7 @@ from device_agent.payloads import DriftProfile
 from device_agent.protocol import ContractError, FeatureDrift
 from device_agent.telemetry import TelemetryOptions, psi
 from device_agent.telemetry.stats import binned_counts, channel_values, threshold_counts
+from device_agent.telemetry.window import ModelInfo, Window
 from fleet_server.ingest.contract import validate_message
 from fleet_server.report.aggregate import FeatureWindow, drift_cells
 from fleet_server.report.dataset import DriftCell, ReviewDataset
@@ -239,11 +240,12 @@ def test_heat_map_rows_follow_channel_numbers() -> None:
 # ----------------------------------------------------------------- layout and statistics
 def test_nhwc_and_nchw_give_the_same_channel_values() -> None:
     rng = np.random.default_rng(0)
-    nchw = rng.normal(size=(5, 3, 40, 40)).astype(np.float32)  # 1600 positions: cut to 256
+    nchw = rng.normal(size=(5, 3, 40, 40)).astype(np.float32)  # 1600 positions: every 7th
     nhwc = np.ascontiguousarray(nchw.transpose(0, 2, 3, 1))
     a, b = channel_values(nchw, "NCHW"), channel_values(nhwc, "NHWC")
-    assert a.shape == (3, 5, 256)
+    assert a.shape == (3, 5, 229)
     assert np.array_equal(a, b)
+    assert np.array_equal(a[1, 2], nchw[2, 1].ravel()[::7])
     with pytest.raises(ValueError):
         channel_values(nchw[0], "NCHW")
 
@@ -300,3 +302,22 @@ def test_older_summaries_without_channel_statistics_are_accepted() -> None:
     with pytest.raises(ContractError):
         FeatureDrift(name="x[c0]", counts=[1], mean=float("nan"))
     assert psi([1, 1], [1, 1]) == 0.0
+
+
+@pytest.mark.parametrize("side", [16, 40])  # small images joined first; large ones cut first
+def test_window_counts_and_moments_match_a_direct_computation(side: int) -> None:
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(32, side, side, 3)).astype(np.float32)
+    profile = drift_profile("x", ref, None, None, "regression")
+    assert profile.layout == "NHWC"
+    calls = [rng.normal(0.2, 1.1, size=(1, side, side, 3)).astype(np.float32) for _ in range(50)]
+    window = Window(ModelInfo("m", 1, "a", ("x",), ("y",), profile), 0.0, 60.0, None, None)
+    window.add_batch(np.full(50, 1000, np.int64), calls, [None] * 50)
+    got = window.drift_json()
+    assert got is not None and window.drift_failures == 0
+    values = channel_values(np.concatenate(calls), "NHWC")
+    for c, f in enumerate(got["features"]):
+        edges = np.asarray(profile.features[c].edges)
+        assert f["counts"] == binned_counts(values[c].ravel(), edges).tolist()
+        assert f["mean"] == pytest.approx(float(values[c].astype(np.float64).mean()), rel=1e-9)
+        assert f["std"] == pytest.approx(float(values[c].astype(np.float64).std()), rel=1e-6)

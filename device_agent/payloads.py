@@ -53,6 +53,7 @@ then skips drift summaries or the smoke test and says so in its report.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,13 @@ import numpy as np
 SCHEMA_VERSION = 1
 #: most pixel positions per image and channel a ``channel_values`` feature bins
 CHANNEL_POSITIONS = 256
+_CHANNEL_SUFFIX = re.compile(r"\[c\d+\]\Z")
+
+
+def is_channel_feature(name: str) -> bool:
+    """Whether a drift feature is an image channel (``<input>[c<n>]``), whose bins count
+    pixel values (many per input) rather than one value per input row."""
+    return _CHANNEL_SUFFIX.search(name) is not None
 
 
 def encode_array(a: np.ndarray) -> dict[str, Any]:

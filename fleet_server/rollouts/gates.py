@@ -58,6 +58,7 @@ from enum import Enum
 from statistics import NormalDist
 from typing import Any
 
+from device_agent.payloads import is_channel_feature
 from device_agent.protocol import LATENCY_BUCKETS_MS
 from device_agent.telemetry.stats import psi as stats_psi
 from fleet_server.rollouts.spec import GateKind, GateSpec
@@ -201,11 +202,16 @@ class CohortStats:
 
     @property
     def feature_samples(self) -> int:
-        """Inputs behind the binned counts: the smallest feature total, but never more
-        than the inferences when they are known (an image channel bins many pixel
-        values per input, so its totals count pixels, not inputs)."""
-        n = min((sum(c) for c in self.feature_counts.values()), default=0)
-        return min(n, self.inferences) if self.inferences else n
+        """Inputs behind the binned counts: the smallest feature total, where an image
+        channel's total (pixel values, many per input) counts as at most the inferences."""
+        cap = self.inferences or None
+        return min(
+            (
+                min(sum(c), cap) if cap and is_channel_feature(f) else sum(c)
+                for f, c in self.feature_counts.items()
+            ),
+            default=0,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -194,6 +194,9 @@ def test_the_gates_breach_on_the_red_channel_and_count_images_not_pixels(
     assert evaluate_gate(vs_control, calm, live_control=True).verdict is Verdict.PASS
     few = GateSpec(GateKind.DRIFT_PSI, 0.2, min_samples=151, against="control")
     assert evaluate_gate(few, metrics, live_control=True).verdict is Verdict.WAIT
+    # tabular features keep counting rows (a batched call adds one per row)
+    tabular = CohortStats(inferences=10, feature_counts={"f0": (30, 50), "f1": (60, 20)})
+    assert tabular.feature_samples == 80
 
 
 def test_the_report_heat_map_has_a_row_per_channel(

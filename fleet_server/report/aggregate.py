@@ -213,6 +213,10 @@ class DriftMap:
         acc: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
         missing: set[str] = set()
         for (group, label, f), counts in self._merged.items():
+            if not any(counts):
+                # nothing binned (e.g. an agent too old for the bundle's image features):
+                # no figure, rather than a PSI of 0 that reads as "no drift"
+                continue
             ref = references.get(label, {}).get(f)
             if ref is None:
                 missing.add(label)

@@ -324,3 +324,18 @@ def test_window_counts_and_moments_match_a_direct_computation(side: int) -> None
         assert f["counts"] == binned_counts(values[c].ravel(), edges).tolist()
         assert f["mean"] == pytest.approx(float(values[c].astype(np.float64).mean()), rel=1e-9)
         assert f["std"] == pytest.approx(float(values[c].astype(np.float64).std()), rel=1e-6)
+
+
+def test_channels_nothing_was_binned_for_get_no_drift_figure() -> None:
+    """An agent that predates per-channel features sends zero counts for them: the
+    report shows no figure for those rows instead of a PSI of 0 ("no drift")."""
+    ref = {"cnn v1": {"x[c0]": [0.5, 0.5], "x[c1]": [0.5, 0.5]}}
+    rows = [
+        FeatureWindow("old-agents", "cnn v1", 50, {"x[c0]": [0, 0], "x[c1]": [0, 0]}),
+        FeatureWindow("new-agents", "cnn v1", 50, {"x[c0]": [90, 10], "x[c1]": [50, 50]}),
+    ]
+    cells, _ = drift_cells(rows, ref)
+    assert {(c.group, c.feature) for c in cells} == {
+        ("new-agents", "x[c0]"),
+        ("new-agents", "x[c1]"),
+    }

@@ -40,9 +40,11 @@ CHANNELS = ["x[c0]", "x[c1]", "x[c2]"]
 RED_CAST = 0.6
 
 
-@pytest.fixture(scope="module")
-def cnn_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrustStore]:
-    """The test zoo's 3-channel CNN, converted to ONNX float32 and signed."""
+@pytest.fixture(scope="module", params=["onnx", "tflite"])
+def cnn_bundle(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, TrustStore]:
+    """The test zoo's 3-channel CNN, converted to ONNX or TFLite float32 and signed."""
     key = Ed25519PrivateKey.generate()
     trust = TrustStore(threshold=1)
     trust.add(key.public_key(), comment="release")
@@ -50,7 +52,7 @@ def cnn_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrustSto
     out = tmp_path_factory.mktemp("bundles")
     (result,) = build_bundles(
         source,
-        [Target("onnx", "float32")],
+        [Target(request.param, "float32")],
         out,
         name="cnn",
         version=1,

@@ -28,6 +28,7 @@ from fleet_server.rollouts import InvalidSpecError, RolloutError, decide
 from fleet_server.rollouts import InvalidTransitionError as EngineTransitionError
 from fleet_server.rollouts.figures import cohort_metrics, cohorts
 from fleet_server.rollouts.live import live_status
+from fleet_server.rollouts.numbering import people_stages
 from fleet_server.rollouts.service import load
 
 router = APIRouter(tags=["rollouts"])
@@ -288,8 +289,10 @@ def evaluate_rollout(rollout_id: str, session: SessionDep, who: ViewerDep) -> Ro
     r = _rollout(session, rollout_id)
     spec, state = load(r)
     now = time.time()
-    d = decide(spec, state, cohort_metrics(session, spec, state, now), now)
-    return RolloutEvaluation(rollout_id=r.id, decision=d.to_json())
+    d = decide(spec, state, cohort_metrics(session, spec, state, now), now).to_json()
+    if isinstance(d.get("reason"), str):  # for people: stages counted from 1, as everywhere
+        d["reason"] = people_stages(d["reason"])
+    return RolloutEvaluation(rollout_id=r.id, decision=d)
 
 
 @router.get("/rollouts/{rollout_id}/status")

@@ -160,7 +160,8 @@ def test_api_names_an_empty_25_percent_cohort_of_4_devices(fleet: Fleet) -> None
     _start(fleet, r["id"])
     d = _evaluate(fleet, r["id"])
     assert d["action"] == "hold"
-    assert d["reason"].startswith("empty cohort: stage 0 takes 25% of the group's 4 devices")
+    # stages counted from 1 in every text people read, the API's reasons included
+    assert d["reason"].startswith("empty cohort: stage 1 takes 25% of the group's 4 devices")
     assert d["metrics"]["canary"]["members"] == 0 and d["metrics"]["control"]["members"] == 4
 
 

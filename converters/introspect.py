@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from device_agent.bundle.manifest import TensorSpec
+import numpy as np
+
+from device_agent.bundle.manifest import QUANTIZED_DTYPES, Quantization, TensorSpec
 
 from .errors import PackError
 from .targets import min_onnxruntime
@@ -101,16 +103,35 @@ def tflite_signature(
 
     def spec(d: dict[str, Any]) -> TensorSpec:
         shape = [int(s) for s in d["shape_signature"]]
+        dtype = str(d["dtype"].__name__)
         return TensorSpec(
             d["name"],
-            str(d["dtype"].__name__),
+            dtype,
             tuple(None if s < 0 else s for s in shape),
+            _tflite_io_quantization(d, dtype),
         )
 
     inputs = [spec(d) for d in interp.get_input_details()]
     outputs = [spec(d) for d in interp.get_output_details()]
     runtime = {"engine": "tflite", "tflite_schema_version": 3, "min_runtime_version": "2.14"}
     return inputs, outputs, runtime
+
+
+def _tflite_io_quantization(d: dict[str, Any], dtype: str) -> Quantization | None:
+    """The per-tensor quantization of an integer input/output (None for float I/O);
+    :class:`PackError` for per-axis parameters, which devices cannot feed."""
+    params = d.get("quantization_parameters") or {}
+    scales = np.asarray(params.get("scales", ()), dtype=np.float64)
+    zeros = np.asarray(params.get("zero_points", ()), dtype=np.int64)
+    if dtype not in QUANTIZED_DTYPES or scales.size == 0:
+        return None
+    if scales.size != 1 or zeros.size > 1:
+        raise PackError(
+            f"TFLite tensor {d['name']!r} is quantized per axis ({scales.size} scales); "
+            "model inputs and outputs must be quantized per tensor. Convert with per-tensor "
+            "I/O quantization or float32 I/O"
+        )
+    return Quantization(float(scales[0]), int(zeros[0]) if zeros.size else 0)
 
 
 def model_signature(

@@ -119,14 +119,18 @@ class _Active:
         "soft",
         "rec",
         "copy",
+        "real",
         "__weakref__",
     )
 
     def __init__(self, model: LoadedModel, rec: Recorder, copy: bool) -> None:
         self.model = model
-        self.run: Runner = model.backend.fast_runner()
+        self.run: Runner = model.fast_runner()
         inputs = model.backend.input_names
         self.input_name = inputs[0] if len(inputs) == 1 else None
+        #: for a model with quantized inputs: kept inputs passed already quantized ->
+        #: real values, so telemetry bins what the drift profile describes
+        self.real = model.io.real_inputs if model.io is not None and model.io.inputs else None
         self.rec = rec
         self.calls = rec.calls
         self.errors = rec.errors
@@ -235,6 +239,8 @@ class Agent:
                 kept = inputs.copy() if a.copy else inputs  # type: ignore[union-attr]
             else:
                 kept = {k: np.array(v) for k, v in feed.items()} if a.copy else feed
+            if a.real is not None:
+                kept = a.real(kept, a.input_name if single else None)
         calls = a.calls
         if len(calls) < a.soft:
             calls.append((dt, kept, out))
@@ -408,7 +414,7 @@ class Agent:
         if model is None:
             self.telemetry.set_shadow(None)
         else:
-            self.telemetry.set_shadow(model.backend.fast_runner(), model.name, model.version)
+            self.telemetry.set_shadow(model.fast_runner(), model.name, model.version)
         old, self._shadow = self._shadow, model
         return old
 
@@ -446,7 +452,7 @@ class Agent:
         if model is None:
             self.telemetry.set_previous(None)
         else:
-            self.telemetry.set_previous(model.backend.fast_runner(), model.name, model.version)
+            self.telemetry.set_previous(model.fast_runner(), model.name, model.version)
         old, self._previous = self._previous, model
         return old
 
@@ -582,18 +588,19 @@ _COPY_NS_PER_BYTE = 0.4
 
 def _copy_cost_ns(model: LoadedModel) -> int:
     """Estimated cost of copying and keeping one call's inputs (batch 1)."""
-    nbytes = [spec.nbytes_per_call() for spec in model.backend.inputs]
+    nbytes = [spec.nbytes_per_call() for spec in model.inputs]
     if not nbytes:
         return 0
     return int(150 * len(nbytes) + _COPY_NS_PER_BYTE * sum(nbytes))
 
 
 def _signature(model: LoadedModel) -> tuple[Any, ...]:
-    """Names, dtypes and static dimensions of a model's inputs and outputs (the runtime's)."""
-    b = model.backend
+    """Names, dtypes and static dimensions of a model's inputs and outputs as the
+    application sees them (quantized I/O as float32: an int8-I/O model is compared
+    with the float model it replaces)."""
     return tuple(
         (t.name, str(t.dtype), tuple(d if isinstance(d, int) else None for d in t.shape))
-        for t in (*b.inputs, *b.outputs)
+        for t in (*model.inputs, *model.outputs)
     )
 
 
@@ -603,7 +610,7 @@ def _describe(model: LoadedModel, rollout_id: str | None) -> ModelInfo:
     dtypes: list[str] = []
     for spec in model.manifest.outputs:
         shapes.append(list(spec.shape))
-        dtypes.append(spec.dtype)
+        dtypes.append("float32" if spec.quantization is not None else spec.dtype)
     if not shapes:
         for o in backend.outputs:
             shapes.append(list(o.shape))

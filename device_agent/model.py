@@ -16,7 +16,8 @@ import numpy as np
 
 from .bundle.manifest import MANIFEST_NAME, Manifest
 from .payloads import DriftProfile, SmokeSamples
-from .runtime import Backend, load_backend
+from .quant_io import QuantizedIO, quantized_io, served_spec
+from .runtime import Backend, Runner, TensorSpec, load_backend
 
 
 class SmokeTestError(Exception):
@@ -27,7 +28,13 @@ class SmokeTestError(Exception):
 
 @dataclass
 class LoadedModel:
-    """An installed bundle opened for inference."""
+    """An installed bundle opened for inference.
+
+    ``io`` is the model's quantized inputs and outputs (None when its I/O is float, or
+    its manifest records no quantization): :meth:`run` and :meth:`fast_runner` then take
+    real values, quantize them on feed and return real outputs (:mod:`.quant_io`), and
+    :attr:`inputs` / :attr:`outputs` describe those tensors as float32.
+    """
 
     manifest: Manifest
     slot: str
@@ -35,6 +42,7 @@ class LoadedModel:
     backend: Backend
     profile: DriftProfile | None
     smoke: SmokeSamples | None
+    io: QuantizedIO | None = None
 
     @property
     def name(self) -> str:
@@ -44,8 +52,31 @@ class LoadedModel:
     def version(self) -> int:
         return self.manifest.version
 
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        """The inputs as the application feeds them (quantized ones as float32)."""
+        if self.io is None:
+            return self.backend.inputs
+        return [served_spec(s, self.io.inputs.get(s.name)) for s in self.backend.inputs]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        """The outputs as :meth:`run` returns them (quantized ones dequantized, float32)."""
+        if self.io is None:
+            return self.backend.outputs
+        return [
+            served_spec(s, q) for s, q in zip(self.backend.outputs, self.io.outputs, strict=True)
+        ]
+
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.backend.run(inputs)
+        if self.io is None:
+            return self.backend.run(inputs)
+        return self.io.wrap(self.backend.run)(inputs)  # type: ignore[arg-type]
+
+    def fast_runner(self) -> Runner:
+        """The backend's fast runner; wrapped to quantize and dequantize when ``io`` is set."""
+        run = self.backend.fast_runner()
+        return run if self.io is None else self.io.wrap(run)
 
 
 def _read_json(path: Path) -> Any:
@@ -63,7 +94,14 @@ def load_model(slot_dir: str | Path, slot: str = "", threads: int = 1) -> Loaded
         DriftProfile.from_json(_read_json(slot_dir / profile_entry.path)) if profile_entry else None
     )
     smoke = SmokeSamples.from_json(_read_json(slot_dir / smoke_entry.path)) if smoke_entry else None
-    return LoadedModel(manifest, slot or slot_dir.name, slot_dir, backend, profile, smoke)
+    io = quantized_io(
+        f"{manifest.name} v{manifest.version}",
+        manifest.inputs,
+        manifest.outputs,
+        backend.inputs,
+        backend.outputs,
+    )
+    return LoadedModel(manifest, slot or slot_dir.name, slot_dir, backend, profile, smoke, io)
 
 
 def run_smoke_test(model: LoadedModel) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from .errors import (
     UntrustedKeyError,
 )
 from .install import unpack_bundle, verify_file
-from .manifest import FileEntry, Manifest, TensorSpec, canonical_json
+from .manifest import FileEntry, Manifest, Quantization, TensorSpec, canonical_json
 from .trust import Signature, TrustStore, key_id
 from .verify import MemberSink, VerifiedBundle, VerifyLimits, verify_bundle
 
@@ -48,6 +48,7 @@ __all__ = [
     "MemberSizeMismatchError",
     "MissingMemberError",
     "OversizedMemberError",
+    "Quantization",
     "RevokedKeyError",
     "RollbackError",
     "Signature",

@@ -96,16 +96,85 @@ def parse_time(text: str) -> datetime:
         ) from e
 
 
+#: integer dtypes a quantized model input or output may have, with their value ranges
+QUANTIZED_DTYPES: dict[str, tuple[int, int]] = {
+    "int8": (-128, 127),
+    "uint8": (0, 255),
+    "int16": (-32768, 32767),
+}
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Per-tensor affine quantization of a model input or output.
+
+    ``real = scale * (q - zero_point)``.
+
+    Per-axis (per-channel) parameters are refused on model I/O: a device would have to
+    know the axis to feed it, and converters quantize I/O per tensor.
+    """
+
+    scale: float
+    zero_point: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scale": self.scale, "zero_point": self.zero_point}
+
+    @classmethod
+    def from_json(cls, d: Any, tensor: str, dtype: str) -> Quantization:
+        if not isinstance(d, dict):
+            raise ManifestError(f"tensor {tensor!r}: 'quantization' must be an object")
+        scale, zero = d.get("scale"), d.get("zero_point")
+        if "axis" in d or isinstance(scale, list) or isinstance(zero, list):
+            raise ManifestError(
+                f"tensor {tensor!r} is quantized per axis (one scale per channel); model "
+                "inputs and outputs must be quantized per tensor (one scale, one zero point). "
+                "Re-convert with per-tensor I/O quantization (tflite:int8-full does so) or "
+                "with float32 I/O"
+            )
+        unknown = set(d) - {"scale", "zero_point"}
+        if unknown:
+            raise ManifestError(f"tensor {tensor!r}: unknown quantization fields {sorted(unknown)}")
+        if dtype not in QUANTIZED_DTYPES:
+            raise ManifestError(
+                f"tensor {tensor!r} has dtype {dtype!r} and quantization parameters; quantized "
+                f"model I/O must be one of {sorted(QUANTIZED_DTYPES)}"
+            )
+        if (
+            not isinstance(scale, (int, float))
+            or isinstance(scale, bool)
+            or not math.isfinite(scale)
+            or scale <= 0
+        ):
+            raise ManifestError(f"tensor {tensor!r}: quantization scale must be a positive number")
+        lo, hi = QUANTIZED_DTYPES[dtype]
+        if not isinstance(zero, int) or isinstance(zero, bool) or not lo <= zero <= hi:
+            raise ManifestError(
+                f"tensor {tensor!r}: quantization zero_point must be an integer in "
+                f"[{lo}, {hi}] for {dtype}"
+            )
+        return cls(scale=float(scale), zero_point=zero)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, dtype and shape of one model input or output. ``None`` or a string is dynamic."""
+    """Name, dtype and shape of one model input or output. ``None`` or a string is dynamic.
+
+    ``quantization`` (optional; absent in manifests written before it existed) says the
+    tensor holds integers standing for real values; the device agent then feeds it
+    float values quantized and returns its values dequantized.
+    """
 
     name: str
     dtype: str
     shape: tuple[int | str | None, ...]
+    quantization: Quantization | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.quantization is not None:
+            out["quantization"] = self.quantization.to_json()
+        return out
 
     @classmethod
     def from_json(cls, d: Any) -> TensorSpec:
@@ -118,7 +187,13 @@ class TensorSpec:
             s is None or isinstance(s, (int, str)) and not isinstance(s, bool) for s in shape
         ):
             raise ManifestError(f"tensor {name!r}: 'shape' must be a list of int, str or null")
-        return cls(name=name, dtype=dtype, shape=tuple(shape))
+        quant = d.get("quantization")
+        return cls(
+            name=name,
+            dtype=dtype,
+            shape=tuple(shape),
+            quantization=None if quant is None else Quantization.from_json(quant, name, dtype),
+        )
 
 
 @dataclass(frozen=True)

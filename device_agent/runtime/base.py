@@ -43,12 +43,15 @@ class TensorSpec:
     """One input or output of a loaded model.
 
     ``shape`` holds ``None`` for a dimension the model leaves open (the batch,
-    usually); ``dtype`` is the numpy dtype the runtime expects or returns.
+    usually); ``dtype`` is the numpy dtype the runtime expects or returns;
+    ``quantization`` is ``(scale, zero_point)`` when the model file itself records
+    per-tensor quantization of this tensor (TFLite does; ONNX I/O carries none).
     """
 
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...]
+    quantization: tuple[float, int] | None = None
 
     def nbytes_per_call(self) -> int:
         """Bytes of one batch-1 tensor (open dimensions count as 1)."""

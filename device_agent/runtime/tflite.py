@@ -49,8 +49,14 @@ def _tflite_interpreter_class() -> tuple[Any, str, str]:
 def _spec(d: Mapping[str, Any]) -> TensorSpec:
     sig = d.get("shape_signature")
     dims = sig if sig is not None and len(sig) == len(d["shape"]) else d["shape"]
+    params = d.get("quantization_parameters") or {}
+    scales, zeros = params.get("scales", ()), params.get("zero_points", ())
+    quant = (float(scales[0]), int(zeros[0])) if len(scales) == 1 and len(zeros) == 1 else None
     return TensorSpec(
-        str(d["name"]), np.dtype(d["dtype"]), tuple(int(v) if int(v) >= 0 else None for v in dims)
+        str(d["name"]),
+        np.dtype(d["dtype"]),
+        tuple(int(v) if int(v) >= 0 else None for v in dims),
+        quant,
     )
 
 

@@ -107,13 +107,13 @@ class ServingApp:
         return model
 
     def _metadata(self, model: Any) -> dict[str, Any]:
-        backend = model.backend
+        # as the application sees them: quantized I/O is fed and returned as FP32
         return {
             "name": model.name,
             "versions": [str(model.version)],
             "platform": _PLATFORMS.get(model.manifest.format, model.manifest.format),
-            "inputs": [tensor_metadata(s) for s in backend.inputs],
-            "outputs": [tensor_metadata(s) for s in backend.outputs],
+            "inputs": [tensor_metadata(s) for s in model.inputs],
+            "outputs": [tensor_metadata(s) for s in model.outputs],
         }
 
     # -- dispatch ------------------------------------------------------------------
@@ -190,7 +190,7 @@ class ServingApp:
         body = read_body()
         backend = model.backend
         request = decode_infer_request(
-            body, header_length, backend.inputs, max_json_bytes=self.config.max_json_bytes
+            body, header_length, model.inputs, max_json_bytes=self.config.max_json_bytes
         )
         try:
             prediction_id, outputs = self.agent.predict_with_id(request.feed)

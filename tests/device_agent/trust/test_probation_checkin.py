@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.config import AgentConfig
 from device_agent.daemon import AgentDaemon
 from device_agent.update.machine import State
 from tests.bundlesim import BundleSim
 from tests.device_agent.trust.test_uptane_attacks import (  # noqa: F401  (fixtures)
     CLASS,
-    CRED,
     Clock,
     assert_serving,
     clock,
+    make_daemon,
     usim,
     v1,
 )
@@ -35,27 +34,13 @@ def slow_probation(
     v1: Released,  # noqa: F811
 ) -> Iterator[AgentDaemon]:
     """A gateway running v1, with the recipes' five-minute probation."""
-    trust = tmp_path / "trust.json"
-    sim.trust("release").save(trust)
-    (tmp_path / "cred").write_text(CRED)
-    cfg = AgentConfig.from_dict(
-        {
-            "device": {
-                "id": "dev-1",
-                "device_class": CLASS,
-                "state_dir": str(tmp_path / "state"),
-                "trust_store": str(trust),
-            },
-            "server": {"url": usim.url, "token_file": str(tmp_path / "cred")},
-            "update": {"probation_seconds": 300.0, "probation_min_predictions": 0},
-            "uptane": {
-                "enabled": True,
-                "image_root": str(usim.image_root_file),
-                "director_root": str(usim.director_root_file),
-            },
-        }
+    d = make_daemon(
+        tmp_path,
+        sim,
+        usim,
+        clock,
+        update={"probation_seconds": 300.0, "probation_min_predictions": 0},
     )
-    d = AgentDaemon(cfg, clock=clock)
     d.updater.boot()
     usim.direct_release("dev-1", v1)
     d.updater.check()

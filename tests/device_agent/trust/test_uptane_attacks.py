@@ -58,7 +58,16 @@ def v1(usim: UptaneSim, sim: BundleSim) -> Released:
     )
 
 
-def make_daemon(tmp_path: Path, sim: BundleSim, usim: UptaneSim, clock: Clock) -> AgentDaemon:
+def make_daemon(
+    tmp_path: Path,
+    sim: BundleSim,
+    usim: UptaneSim,
+    clock: Clock,
+    *,
+    update: dict[str, Any] | None = None,
+    uptane: dict[str, Any] | None = None,
+) -> AgentDaemon:
+    """A gateway on the chain against ``usim``; ``update``/``uptane`` override settings."""
     trust = tmp_path / "trust.json"
     sim.trust("release").save(trust)
     cred = tmp_path / "cred"
@@ -72,15 +81,17 @@ def make_daemon(tmp_path: Path, sim: BundleSim, usim: UptaneSim, clock: Clock) -
                 "trust_store": str(trust),
             },
             "server": {"url": usim.url, "token_file": str(cred)},
-            "update": {"probation_seconds": 0.0},
+            "update": {"probation_seconds": 0.0, **(update or {})},
             "uptane": {
                 "enabled": True,
                 "image_root": str(usim.image_root_file),
                 "director_root": str(usim.director_root_file),
                 "stale_after_seconds": 3600.0,
+                **(uptane or {}),
             },
         }
     )
+    cfg.validate()
     return AgentDaemon(cfg, clock=clock)
 
 

@@ -5,6 +5,7 @@ real HTTP servers)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,10 +19,10 @@ from device_agent.daemon import AgentDaemon
 from tests.bundlesim import BundleSim
 from tests.device_agent.trust.test_uptane_attacks import (  # noqa: F401  (fixtures)
     CLASS,
-    CRED,
     Clock,
     assert_serving,
     clock,
+    make_daemon,
     usim,
 )
 from tests.trustsim import release as build
@@ -64,38 +65,22 @@ def mirror() -> Iterator[Mirror]:
     m.stop()
 
 
+@contextlib.contextmanager
 def daemon_with(
     tmp_path: Path,
     sim: BundleSim,
     usim: UptaneSim,  # noqa: F811
     clock: Clock,  # noqa: F811
     mirrors: list[str],
-) -> AgentDaemon:
-    trust = tmp_path / "trust.json"
-    sim.trust("release").save(trust)
-    (tmp_path / "cred").write_text(CRED)
-    cfg = AgentConfig.from_dict(
-        {
-            "device": {
-                "id": "dev-1",
-                "device_class": CLASS,
-                "state_dir": str(tmp_path / "state"),
-                "trust_store": str(trust),
-            },
-            "server": {"url": usim.url, "token_file": str(tmp_path / "cred")},
-            "update": {"probation_seconds": 0.0},
-            "uptane": {
-                "enabled": True,
-                "image_root": str(usim.image_root_file),
-                "director_root": str(usim.director_root_file),
-                "mirrors": mirrors,
-            },
-        }
-    )
-    cfg.validate()
-    d = AgentDaemon(cfg, clock=clock)
+) -> Iterator[AgentDaemon]:
+    d = make_daemon(tmp_path, sim, usim, clock, uptane={"mirrors": mirrors})
     d.updater.boot()
-    return d
+    try:
+        yield d
+    finally:
+        d.agent.close()
+        d.store.close()
+        d.updater.unlock()
 
 
 @pytest.fixture
@@ -119,17 +104,12 @@ def test_bundle_comes_from_the_mirror_without_the_credential(
 ) -> None:
     mirror.files[target_path(v1)] = v1.path.read_bytes()
     usim.bundles.clear()  # the server no longer serves bundles: only the mirror can
-    d = daemon_with(tmp_path, sim, usim, clock, ["http://127.0.0.1:9/down/", mirror.url])
-    try:
+    with daemon_with(tmp_path, sim, usim, clock, ["http://127.0.0.1:9/down/", mirror.url]) as d:
         usim.direct_release("dev-1", v1)
         d.updater.check()
         assert_serving(d, 1, seed=1)
-        assert [p for p, _ in mirror.requests] == [f"/pub/{target_path(v1)}"]
-        assert all("Authorization" not in h for _, h in mirror.requests)
-    finally:
-        d.agent.close()
-        d.store.close()
-        d.updater.unlock()
+    assert [p for p, _ in mirror.requests] == [f"/pub/{target_path(v1)}"]
+    assert all("Authorization" not in h for _, h in mirror.requests)
 
 
 def test_mirror_serving_other_bytes_is_refused_and_the_server_serves_the_release(
@@ -142,16 +122,11 @@ def test_mirror_serving_other_bytes_is_refused_and_the_server_serves_the_release
 ) -> None:
     other = build(sim, version=1, seed=7, classes=(CLASS,)).read_bytes()  # signed, but not v1
     mirror.files[target_path(v1)] = other[: v1.length].ljust(v1.length, b"\0")
-    d = daemon_with(tmp_path, sim, usim, clock, [mirror.url])
-    try:
+    with daemon_with(tmp_path, sim, usim, clock, [mirror.url]) as d:
         usim.direct_release("dev-1", v1)
         d.updater.check()
         assert_serving(d, 1, seed=1)  # v1's own bytes, from the server
-        assert len(mirror.requests) == 1
-    finally:
-        d.agent.close()
-        d.store.close()
-        d.updater.unlock()
+    assert len(mirror.requests) == 1
 
 
 def test_mirror_that_is_not_an_http_url_is_refused_at_start() -> None:

@@ -296,7 +296,9 @@ class ServingClient:
         for name, value in feed.items():
             want = specs.get(name, {}).get("datatype")
             arr = np.asarray(value)
-            if want is not None and datatype_of(arr.dtype) != want:
+            # an input the model quantizes also takes its integer datatype as is
+            quantized = (specs.get(name, {}).get("parameters") or {}).get("quantized_datatype")
+            if want is not None and datatype_of(arr.dtype) not in (want, quantized):
                 try:
                     arr = arr.astype(dtype_of(want), casting="same_kind")
                 except TypeError as e:

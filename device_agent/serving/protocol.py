@@ -111,12 +111,15 @@ def _shape(raw: Any, name: str) -> tuple[int, ...]:
     return tuple(raw)
 
 
-def _check_against(spec: TensorSpec, datatype: str, shape: tuple[int, ...]) -> None:
+def _check_against(
+    spec: TensorSpec, datatype: str, shape: tuple[int, ...], also: np.dtype | None = None
+) -> None:
     want = datatype_of(spec.dtype)
-    if datatype != want:
+    if datatype != want and (also is None or datatype != datatype_of(also)):
+        expects = want if also is None else f"{want} (or {datatype_of(also)}, already quantized)"
         raise ServingError(
             400,
-            f"input {spec.name!r} has datatype {datatype}; the model expects {want}",
+            f"input {spec.name!r} has datatype {datatype}; the model expects {expects}",
             "bad_datatype",
         )
     if len(shape) != len(spec.shape) or any(
@@ -137,8 +140,13 @@ def decode_infer_request(
     inputs: Sequence[TensorSpec],
     *,
     max_json_bytes: int,
+    also: Mapping[str, np.dtype] | None = None,
 ) -> InferRequest:
-    """Decode and check an infer request body against the model's ``inputs``."""
+    """Decode and check an infer request body against the model's ``inputs``.
+
+    ``also`` maps an input to a second datatype it accepts: the integer dtype of a
+    quantized input, whose values the agent then feeds as they are.
+    """
     view = memoryview(body)
     if header_length is None:
         header, rest = view, view[len(view) :]
@@ -181,7 +189,7 @@ def decode_infer_request(
             raise ServingError(400, f"input {name!r} is given twice", "bad_request")
         shape = _shape(item.get("shape"), name)
         datatype = item.get("datatype")
-        _check_against(spec, str(datatype), shape)
+        _check_against(spec, str(datatype), shape, also.get(name) if also else None)
         dtype = dtype_of(str(datatype))
         count = math.prod(shape)
         params = item.get("parameters") or {}

@@ -43,6 +43,7 @@ from ..agent import InputError, NoActiveModelError, PredictError, UnknownPredict
 from ..config import ServingConfig
 from .protocol import (
     ServingError,
+    datatype_of,
     decode_infer_request,
     decode_labels,
     encode_infer_response,
@@ -75,6 +76,19 @@ class Response:
 
 def _json(status: int, doc: Any) -> Response:
     return Response(status, json.dumps(doc, separators=(",", ":")).encode())
+
+
+def _quantized(meta: dict[str, Any], model: Any) -> dict[str, Any]:
+    """An input the agent quantizes says so: it also takes its integer datatype as is
+    (``parameters.quantized_datatype``), with the scale and zero point."""
+    q = model.io.inputs.get(meta["name"]) if model.io is not None else None
+    if q is not None:
+        meta["parameters"] = {
+            "quantized_datatype": datatype_of(q.dtype),
+            "scale": float(q.scale),
+            "zero_point": q.zero_point,
+        }
+    return meta
 
 
 class ServingApp:
@@ -112,7 +126,7 @@ class ServingApp:
             "name": model.name,
             "versions": [str(model.version)],
             "platform": _PLATFORMS.get(model.manifest.format, model.manifest.format),
-            "inputs": [tensor_metadata(s) for s in model.inputs],
+            "inputs": [_quantized(tensor_metadata(s), model) for s in model.inputs],
             "outputs": [tensor_metadata(s) for s in model.outputs],
         }
 
@@ -190,7 +204,11 @@ class ServingApp:
         body = read_body()
         backend = model.backend
         request = decode_infer_request(
-            body, header_length, model.inputs, max_json_bytes=self.config.max_json_bytes
+            body,
+            header_length,
+            model.inputs,
+            max_json_bytes=self.config.max_json_bytes,
+            also={n: q.dtype for n, q in model.io.inputs.items()} if model.io else None,
         )
         try:
             prediction_id, outputs = self.agent.predict_with_id(request.feed)

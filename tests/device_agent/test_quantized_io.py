@@ -38,6 +38,7 @@ from tests.bundlesim import read_members, replace_data, write_members
 from tests.converters.tflite.test_int8_full import CALIBRATION, export
 from tests.converters.tflite.test_int8_full import run as run_int8_reference
 from tests.converters.zoo.trained import Dataset, train
+from tests.device_agent.serving.kit import infer_request, raw_request, status_and_json
 from tests.tflite_models import run_tflite
 
 
@@ -333,8 +334,55 @@ def test_serving_endpoint_takes_and_returns_fp32_for_an_int8_io_model(
     finally:
         ep.stop()
     assert [t["datatype"] for t in (*meta["inputs"], *meta["outputs"])] == ["FP32", "FP32"]
+    q = model.manifest.inputs[0].quantization
+    assert q is not None
+    assert meta["inputs"][0]["parameters"] == {
+        "quantized_datatype": "INT8",
+        "scale": pytest.approx(q.scale),
+        "zero_point": q.zero_point,
+    }
     np.testing.assert_array_equal(via_socket, agent.predict(x)[0])
     assert via_socket.dtype == np.float32
+    # an app holding int8 data sends INT8 (binary and JSON alike); it is fed as is
+    x8 = quantize(x, q.scale, q.zero_point)
+    ep = ServingEndpoint(agent, ServingConfig(), tmp_path).start()
+    try:
+        with ServingClient(ep.socket_path) as client:
+            (from_int8,) = client.predict(x8)
+        doc = {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "INT8",
+                    "shape": list(x8.shape),
+                    "data": x8.ravel().tolist(),
+                }
+            ]
+        }
+        status, body = status_and_json(
+            raw_request(str(ep.socket_path), infer_request("/v2/models/digits/infer", doc))
+        )
+        bad = {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "INT16",
+                    "shape": list(x8.shape),
+                    "data": x8.ravel().tolist(),
+                }
+            ]
+        }
+        refused, why = status_and_json(
+            raw_request(str(ep.socket_path), infer_request("/v2/models/digits/infer", bad))
+        )
+    finally:
+        ep.stop()
+    np.testing.assert_array_equal(from_int8, via_socket)
+    assert status == 200, body
+    np.testing.assert_array_equal(
+        np.asarray(body["outputs"][0]["data"], np.float32), via_socket.ravel()
+    )
+    assert refused == 400 and "FP32 (or INT8, already quantized)" in why["error"]
 
 
 # -- ONNX: the file records no I/O quantization, the manifest does ---------------------

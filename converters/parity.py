@@ -86,6 +86,7 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "int8-dynamic": Tolerance(atol=None, range_atol=0.05, min_top1=0.97),
     "int8-static": Tolerance(atol=None, range_atol=0.05, min_top1=0.97),
     "int8-full": Tolerance(atol=None, range_atol=0.05, min_top1=0.97),
+    "int8-full-io": Tolerance(atol=None, range_atol=0.05, min_top1=0.97),
 }
 
 

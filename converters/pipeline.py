@@ -72,7 +72,7 @@ __all__ = [
 ]
 STEPS_PER_TARGET = 4  # convert, parity, reference, pack
 #: precisions that calibrate on samples: refused without them, parity on the rest
-CALIBRATED = ("int8-static", "int8-full")
+CALIBRATED = ("int8-static", "int8-full", "int8-full-io")
 
 
 def _quiet(_: str) -> None:
@@ -165,6 +165,14 @@ class _ArtifactRunner:
             from .introspect import tflite_signature
 
             self.inputs, self.outputs, self.requirements = tflite_signature(path)
+        # integer inputs/outputs: parity feeds and reads real values the way devices do
+        # (device_agent.quant_io: quantize on feed, dequantize the outputs)
+        from device_agent.quant_io import quantized_io
+
+        qio = quantized_io(
+            target, self.inputs, self.outputs, self.backend.inputs, self.backend.outputs
+        )
+        self._run = qio.wrap(self.backend.run) if qio is not None else self.backend.run
 
     def batch_sizes(self, available: int) -> list[int]:
         """Batch sizes to check: for a free batch dimension 1 (how devices serve) and the
@@ -187,7 +195,7 @@ class _ArtifactRunner:
         # Positional match: TFLite writers may rename tensors.
         feed = {names[i]: samples[n] for i, n in enumerate(source_inputs)}
         try:
-            return [np.asarray(o) for o in self.backend.run(feed)]
+            return [np.asarray(o) for o in self._run(feed)]
         except Exception as e:  # runtimes raise their own types (Fail, ValueError, ...)
             raise ArtifactLoadError(
                 f"{self.target}: the produced model fails to run in {self.runtime} on "

@@ -166,8 +166,8 @@ def tflite_artifact(
     assert source.onnx_model is not None
     check_inference_mode(source.onnx_model)
     model = onnx_tools.optimize(onnx_tools.loadable_by_installed_ort(source.onnx_model))
-    if target.precision == "int8-full":
-        return _tflite_int8_full(model, calibration)
+    if target.precision in ("int8-full", "int8-full-io"):
+        return _tflite_int8_full(model, calibration, int8_io=target.precision == "int8-full-io")
     weights = TFLITE_WEIGHTS[target.precision]
 
     def write(mode: str) -> tuple[bytes, Any]:
@@ -206,27 +206,32 @@ def tflite_artifact(
     return Produced(data, notes, summary)
 
 
-def _tflite_int8_full(model: Any, calibration: Mapping[str, np.ndarray] | None) -> Produced:
-    """Full-integer int8 (:mod:`converters.tflite.quantize_full`), float32 I/O; the input
-    and output quantization and any operator left in float are in the notes."""
+def _tflite_int8_full(
+    model: Any, calibration: Mapping[str, np.ndarray] | None, *, int8_io: bool = False
+) -> Produced:
+    """Full-integer int8 (:mod:`converters.tflite.quantize_full`), float32 I/O or, with
+    ``int8_io``, int8 inputs and outputs (their scale and zero point go in the manifest from
+    the file); the input and output quantization and any operator left in float are in the
+    notes."""
+    precision = "int8-full-io" if int8_io else "int8-full"
     from converters.tflite import onnx_to_tflite
     from converters.tflite.quantize_full import onnx_to_tflite_int8_full
 
     if not calibration:
         raise TargetError(
-            "tflite:int8-full calibrates activation ranges on samples; give --samples "
+            f"tflite:{precision} calibrates activation ranges on samples; give --samples "
             "(representative inputs, 100 or more)"
         )
     try:
-        data, report = onnx_to_tflite_int8_full(model, calibration)
+        data, report = onnx_to_tflite_int8_full(model, calibration, int8_io=int8_io)
         float32 = onnx_to_tflite(model)
     except ConverterError:
         raise
     except Exception as e:  # keep one error root for callers
-        raise TargetError(f"ONNX -> TFLite int8-full conversion failed: {e}") from e
+        raise TargetError(f"ONNX -> TFLite {precision} conversion failed: {e}") from e
     before = tflite_weights_by_dtype(float32)
     summary = QuantizationSummary(
-        precision="int8-full",
+        precision=precision,
         float_weights_before=before.get("float32", 0),
         weights_quantized=tflite_int8_weights(data),
         operators_quantized=report.int8_operators,
@@ -246,7 +251,11 @@ def _tflite_int8_full(model: Any, calibration: Mapping[str, np.ndarray] | None) 
     notes = [
         f"ONNX -> TFLite full-integer int8 ({report.calibration_samples} calibration samples)",
         summary.note(),
-        f"int8 quantization of inputs/outputs (float32 I/O quantized inside): {io}",
+        (
+            f"int8 inputs/outputs (devices quantize on feed, dequantize outputs): {io}"
+            if int8_io
+            else f"int8 quantization of inputs/outputs (float32 I/O quantized inside): {io}"
+        ),
     ]
     if report.float_operators:
         notes.append(

@@ -12,6 +12,9 @@ Targets can also be written as one string (for the CLI)::
     onnx:float16@ir9/opset17              explicit limits
     tflite:float16                        TFLite with float16 weights
     tflite:int8-full                      full-integer int8 TFLite, calibrated on the samples
+    tflite:int8-full-io                   the same with int8 inputs and outputs (for NPUs and
+                                          microcontrollers); the manifest carries their scale
+                                          and zero point, and devices quantize on feed
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .errors import TargetError
 
 FORMATS = ("onnx", "tflite")
 PRECISIONS = ("float32", "float16", "int8-dynamic", "int8-static")
-TFLITE_PRECISIONS = ("float32", "float16", "int8-dynamic", "int8-full")
+TFLITE_PRECISIONS = ("float32", "float16", "int8-dynamic", "int8-full", "int8-full-io")
 
 # (max IR version, max ai.onnx opset, max ai.onnx.ml opset) each onnxruntime
 # release loads. Rows marked "measured" were probed against the released wheels

@@ -45,7 +45,18 @@ class ApiClient(AdminClient):
         try:
             return super().request(method, path, **kwargs)
         except ApiError as e:
-            raise click.ClickException(e.message if e.code == "unreachable" else str(e)) from e
+            raise _click_error(e) from e
+
+    def get_text(self, path: str, **kwargs: Any) -> str:
+        try:
+            return super().get_text(path, **kwargs)
+        except ApiError as e:
+            raise _click_error(e) from e
+
+
+def _click_error(e: ApiError) -> click.ClickException:
+    """The API's coded refusal as the CLI's one-line error."""
+    return click.ClickException(e.message if e.code == "unreachable" else str(e))
 
 
 def api_options(f: F) -> F:

@@ -23,6 +23,25 @@ import click
 from tuf.api.metadata import Metadata, Targets
 
 from fleet_server.cli._common import handle_errors, keys_dir_option
+from fleet_server.cli.api import ApiClient
+
+#: --url and --token of the commands that talk to the server (``--server`` and
+#: EDGEFLEET_SERVER_URL are the older names); refusals and an unreachable server come out
+#: as the admin client's coded one-line errors
+_server_options = click.option(
+    "--url",
+    "--server",
+    "server",
+    required=True,
+    envvar=["EDGEFLEET_URL", "EDGEFLEET_SERVER_URL"],
+    help="Server URL (env EDGEFLEET_URL, as every command that talks to the server).",
+)
+_token_option = click.option(
+    "--token",
+    required=True,
+    envvar="EDGEFLEET_TOKEN",
+    help="Operator token (env EDGEFLEET_TOKEN).",
+)
 
 
 @click.group()
@@ -134,65 +153,25 @@ def sign(targets_file: Path, key_ref: str, keys_dir: Path) -> None:
 
 @release.command("upload")
 @click.argument("targets_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "--url",
-    "--server",
-    "server",
-    required=True,
-    envvar=["EDGEFLEET_URL", "EDGEFLEET_SERVER_URL"],
-    help="Server URL (env EDGEFLEET_URL, as every command that talks to the server).",
-)
-@click.option(
-    "--token",
-    required=True,
-    envvar="EDGEFLEET_TOKEN",
-    help="Operator token (env EDGEFLEET_TOKEN).",
-)
+@_server_options
+@_token_option
 @handle_errors
 def upload(targets_file: Path, server: str, token: str) -> None:
     """Publish TARGETS_FILE on the server (it verifies the release keys' threshold)."""
-    import httpx
-
-    r = httpx.put(
-        server.rstrip("/") + "/api/v1/release/targets",
-        content=targets_file.read_bytes(),
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=60,
+    answer = ApiClient(server, token).request(
+        "PUT", "/release/targets", content=targets_file.read_bytes()
     )
-    if r.status_code != 200:
-        raise click.ClickException(f"upload refused ({r.status_code}): {r.text[:500]}")
-    click.echo(json.dumps(r.json()))
+    click.echo(json.dumps(answer))
 
 
 @release.command("fetch")
 @click.argument("targets_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--url",
-    "--server",
-    "server",
-    required=True,
-    envvar=["EDGEFLEET_URL", "EDGEFLEET_SERVER_URL"],
-    help="Server URL (env EDGEFLEET_URL, as every command that talks to the server).",
-)
-@click.option(
-    "--token",
-    required=True,
-    envvar="EDGEFLEET_TOKEN",
-    help="Operator token (env EDGEFLEET_TOKEN).",
-)
+@_server_options
+@_token_option
 @handle_errors
 def fetch(targets_file: Path, server: str, token: str) -> None:
     """Save the server's current targets.json to TARGETS_FILE (to add a release to)."""
-    import httpx
-
-    r = httpx.get(
-        server.rstrip("/") + "/api/v1/release/targets",
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=60,
-    )
-    if r.status_code != 200:
-        raise click.ClickException(f"cannot fetch targets ({r.status_code}): {r.text[:500]}")
-    targets_file.write_bytes(r.content)
+    targets_file.write_text(ApiClient(server, token).get_text("/release/targets"))
     click.echo(f"saved {targets_file}")
 
 

@@ -17,11 +17,12 @@ from tests.device_agent.trust.test_uptane_attacks import (  # noqa: F401  (fixtu
     Clock,
     assert_serving,
     clock,
+    close,
     make_daemon,
     usim,
     v1,
+    v2,
 )
-from tests.trustsim import release as build
 from tests.uptanesim import Released, UptaneSim
 
 
@@ -48,20 +49,7 @@ def slow_probation(
     d.updater.check()  # v1's probation ends
     assert d.updater.state is State.IDLE
     yield d
-    d.agent.close()
-    d.store.close()
-    d.updater.unlock()
-
-
-@pytest.fixture
-def v2(usim: UptaneSim, sim: BundleSim) -> Released:  # noqa: F811
-    return usim.release(
-        build(sim, version=2, seed=2, classes=(CLASS,)),
-        name="tiny",
-        version=2,
-        classes=(CLASS,),
-        counter=1,
-    )
+    close(d)
 
 
 def test_rollback_reaches_a_candidate_on_probation_at_the_next_check(
@@ -69,7 +57,7 @@ def test_rollback_reaches_a_candidate_on_probation_at_the_next_check(
     usim: UptaneSim,  # noqa: F811
     clock: Clock,  # noqa: F811
     v1: Released,  # noqa: F811
-    v2: Released,
+    v2: Released,  # noqa: F811
 ) -> None:
     d = slow_probation
     usim.direct_release("dev-1", v2)

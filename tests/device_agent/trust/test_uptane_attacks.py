@@ -106,9 +106,27 @@ def daemon(
     d.updater.check()
     assert usim.reports and usim.reports[-1]["outcome"] == "installed", usim.reports
     yield d
+    close(d)
+
+
+def close(d: AgentDaemon) -> None:
+    """Stop a daemon made by :func:`make_daemon` (model, store, update lock)."""
     d.agent.close()
     d.store.close()
     d.updater.unlock()
+
+
+@pytest.fixture
+def v2(usim: UptaneSim, sim: BundleSim) -> Released:
+    """``tiny`` v2 released with v1's counter: the release keys have not retired v1, so
+    the director may send a device back to it."""
+    return usim.release(
+        build(sim, version=2, seed=2, classes=(CLASS,)),
+        name="tiny",
+        version=2,
+        classes=(CLASS,),
+        counter=1,
+    )
 
 
 def serving(d: AgentDaemon) -> tuple[str, int]:
@@ -137,15 +155,8 @@ def test_released_and_directed_bundle_installs(daemon: AgentDaemon) -> None:
 
 
 def test_rollback_is_a_director_instruction_without_any_new_signature(
-    daemon: AgentDaemon, usim: UptaneSim, sim: BundleSim, v1: Released
+    daemon: AgentDaemon, usim: UptaneSim, v1: Released, v2: Released
 ) -> None:
-    v2 = usim.release(
-        build(sim, version=2, seed=2, classes=(CLASS,)),
-        name="tiny",
-        version=2,
-        counter=1,
-        classes=(CLASS,),
-    )
     usim.direct_release("dev-1", v2)
     daemon.updater.check()
     assert_serving(daemon, 2, 2)

@@ -22,6 +22,7 @@ from tests.device_agent.trust.test_uptane_attacks import (  # noqa: F401  (fixtu
     Clock,
     assert_serving,
     clock,
+    close,
     make_daemon,
     usim,
 )
@@ -78,9 +79,7 @@ def daemon_with(
     try:
         yield d
     finally:
-        d.agent.close()
-        d.store.close()
-        d.updater.unlock()
+        close(d)
 
 
 @pytest.fixture

@@ -7,12 +7,7 @@ The rollout engine's rollback is exactly that sequence; the device must act on i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from device_agent.daemon import AgentDaemon
-from tests.bundlesim import BundleSim
 from tests.device_agent.trust.test_uptane_attacks import (  # noqa: F401  (fixtures)
     CLASS,
     assert_serving,
@@ -20,28 +15,16 @@ from tests.device_agent.trust.test_uptane_attacks import (  # noqa: F401  (fixtu
     daemon,
     usim,
     v1,
+    v2,
 )
-from tests.trustsim import release as build
 from tests.uptanesim import Released, UptaneSim
-
-
-@pytest.fixture
-def v2(usim: UptaneSim, sim: BundleSim) -> Iterator[Released]:  # noqa: F811
-    # the same release counter as v1: the release keys have not retired v1
-    yield usim.release(
-        build(sim, version=2, seed=2, classes=(CLASS,)),
-        name="tiny",
-        version=2,
-        classes=(CLASS,),
-        counter=1,
-    )
 
 
 def test_director_instructing_an_earlier_release_again_is_installed(
     daemon: AgentDaemon,  # noqa: F811
     usim: UptaneSim,  # noqa: F811
     v1: Released,  # noqa: F811
-    v2: Released,
+    v2: Released,  # noqa: F811
 ) -> None:
     daemon.updater.check()  # nothing new: v1's instructions are now fully handled
     assert_serving(daemon, 1, seed=1)

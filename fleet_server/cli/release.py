@@ -15,7 +15,6 @@ file only when the release keys' threshold signed it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -114,20 +113,10 @@ def _load(path: Path) -> Metadata[Targets]:
 @handle_errors
 def add(bundle: Path, targets_file: Path, counter: int | None) -> None:
     """Add BUNDLE to targets.json (name, version, classes from its signed manifest)."""
-    from converters.bundle import read_header
-    from fleet_server.registry.tufrepo import release_target
+    from fleet_server.registry.tufrepo import bundle_release_target
 
-    manifest, _, _ = read_header(bundle)
-    data = bundle.read_bytes()
     md = _load(targets_file)
-    t = release_target(
-        name=manifest.name,
-        version=manifest.version,
-        sha256=hashlib.sha256(data).hexdigest(),
-        length=len(data),
-        release_counter=manifest.version if counter is None else counter,
-        device_classes=manifest.target_device_classes,
-    )
+    t = bundle_release_target(bundle, counter)
     md.signed.targets[t.path] = t
     md.signed.version += 1
     md.signatures.clear()

@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import shutil
 import subprocess
@@ -32,7 +31,6 @@ from typing import Any
 
 import click
 
-from converters.bundle import read_header
 from converters.keys import KeyStore
 from device_agent.bundle import TrustStore
 from fleet_server.broker.embedded import EmbeddedBroker
@@ -83,20 +81,11 @@ def _release(admin: AdminClient, bundles: list[Path], keys: KeyStore, signers: l
     """
     from tuf.api.metadata import Metadata, Targets
 
-    from fleet_server.registry.tufrepo import release_target, signer_for
+    from fleet_server.registry.tufrepo import bundle_release_target, signer_for
 
     md: Metadata[Targets] = Metadata.from_bytes(admin.get_text("/release/targets").encode())
     for path in bundles:
-        manifest, _, _ = read_header(path)
-        data = path.read_bytes()
-        t = release_target(
-            name=manifest.name,
-            version=manifest.version,
-            sha256=hashlib.sha256(data).hexdigest(),
-            length=len(data),
-            release_counter=1,
-            device_classes=manifest.target_device_classes,
-        )
+        t = bundle_release_target(path, counter=1)
         md.signed.targets[t.path] = t
     md.signed.version += 1
     md.signatures.clear()

@@ -313,6 +313,26 @@ def release_target(
     )
 
 
+def bundle_release_target(bundle: Path, counter: int | None = None) -> TargetFile:
+    """The image repository's entry for the bundle file ``bundle``: name, version and
+    device classes from its signed manifest, sha256 and length of the file; the release
+    counter defaults to the version."""
+    import hashlib
+
+    from converters.bundle import read_header
+
+    manifest, _, _ = read_header(bundle)
+    data = Path(bundle).read_bytes()
+    return release_target(
+        name=manifest.name,
+        version=manifest.version,
+        sha256=hashlib.sha256(data).hexdigest(),
+        length=len(data),
+        release_counter=manifest.version if counter is None else counter,
+        device_classes=manifest.target_device_classes,
+    )
+
+
 def new_targets(now: datetime | None = None, version: int = 1) -> Metadata[Targets]:
     now = now or datetime.now(timezone.utc)
     return Metadata(

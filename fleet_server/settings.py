@@ -102,6 +102,15 @@ class ServerSettings(BaseSettings):
     #: revision, so each alert is recorded and delivered once)
     run_alerts: bool = True
     alert_interval_seconds: float = Field(default=30.0, gt=0)
+    #: telemetry retention (docs/scale.md, "Telemetry retention"): raw window summaries,
+    #: sampled inference logs and hourly roll-ups are kept this many days; older hours of
+    #: summaries are read from the roll-ups
+    telemetry_raw_days: int = Field(default=14, ge=1, le=3650)
+    telemetry_samples_days: int = Field(default=7, ge=1, le=3650)
+    telemetry_rollup_days: int = Field(default=400, ge=1, le=36500)
+    #: run `edgefleet telemetry maintain`'s step (partitions, roll-ups, retention) in this
+    #: process every so many seconds (replicas take turns on PostgreSQL); 0: never
+    telemetry_maintenance_seconds: float = Field(default=600.0, ge=0)
     #: the URL operators reach this server at, for the sample-export links in alerts
     #: (empty: the links carry the path only)
     public_url: str = ""
@@ -115,6 +124,16 @@ class ServerSettings(BaseSettings):
                 "broker = embedded cannot serve devices with client certificates (ca_dir): "
                 "use broker = mosquitto (Debian's mosquitto package) with the fleet CA, or "
                 "leave ca_dir unset for development"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _rollups_outlive_raw_summaries(self) -> ServerSettings:
+        if self.telemetry_rollup_days < self.telemetry_raw_days:
+            raise ValueError(
+                f"telemetry_rollup_days ({self.telemetry_rollup_days}) is shorter than "
+                f"telemetry_raw_days ({self.telemetry_raw_days}): roll-ups stand in for raw "
+                "summaries once those are removed, so keep them at least as long"
             )
         return self
 

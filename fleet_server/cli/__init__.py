@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "bundles": "fleet_server.cli.ops:bundles",
     "alerts": "fleet_server.cli.alerts:alerts",
     "samples": "fleet_server.cli.samples:samples",
+    "telemetry": "fleet_server.cli.telemetry:telemetry",
 }
 SUBCOMMANDS: dict[str, tuple[str, ...]] = {
     "bundle": ("fleet_server.cli.convert:bundle_build",),

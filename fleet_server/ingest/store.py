@@ -5,6 +5,12 @@ executed with all the batch's rows (the driver's executemany) on SQLite and
 PostgreSQL, so re-delivered records are dropped by the database itself, also
 across replicas. Rows repeated inside one batch are collapsed before the insert.
 
+Where summaries and samples are partitioned by day (PostgreSQL, :mod:`fleet_server.db.partitions`)
+their primary key includes ``received_at``, which a re-delivered record does not
+share; there the batch's keys go first into the key table (``INSERT ... ON CONFLICT
+DO NOTHING RETURNING``, keys sorted so concurrent replicas lock them in one order) and
+only the records whose key was new are inserted, in the same transaction.
+
 The statement is built from the SQLAlchemy table definition but executed at the
 driver level, with JSON columns already encoded by :mod:`.parse`: this is the
 hot path of ingestion, and per-row type processing in SQLAlchemy would cost a
@@ -20,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import Engine, Table
 
+from fleet_server.db.partitions import KEYS_TABLE, is_partitioned
 from fleet_server.db.telemetry import TABLES_BY_KIND
 from fleet_server.ingest.parse import ParsedMessage
 
@@ -54,6 +61,22 @@ class TelemetryWriter:
                 "ON CONFLICT (device_id, seq) DO NOTHING"
             )
             self._plans[kind] = (sql, itemgetter(*cols))
+        with engine.connect() as conn:
+            #: kinds whose uniqueness is kept by the key table (partitioned tables)
+            self.keyed = frozenset(
+                k for k, t in TABLES_BY_KIND.items() if is_partitioned(conn, t.name)
+            )
+        for kind in self.keyed:  # the key table already let only new records through
+            sql, columns_of = self._plans[kind]
+            self._plans[kind] = (
+                sql.replace(" ON CONFLICT (device_id, seq) DO NOTHING", ""),
+                columns_of,
+            )
+        self._keys_sql = (
+            f"INSERT INTO {KEYS_TABLE} (device_id, seq, received_at) "
+            "SELECT * FROM unnest(%s::varchar[], %s::bigint[], %s::float8[]) "
+            "ON CONFLICT DO NOTHING RETURNING device_id, seq"
+        )
 
     def write(self, messages: Iterable[ParsedMessage]) -> WriteResult:
         """Insert every row of ``messages`` in one transaction."""
@@ -71,11 +94,26 @@ class TelemetryWriter:
                 if not rows_by_key:
                     continue
                 sql, columns_of = self._plans[kind]
+                if kind in self.keyed:
+                    rows_by_key = self._new_keys(conn, rows_by_key)
+                    if not rows_by_key:
+                        continue
                 params = list(map(columns_of, rows_by_key.values()))
                 result = conn.exec_driver_sql(sql, params)
                 if result.rowcount is not None and result.rowcount >= 0:
                     stored += result.rowcount
         return WriteResult(offered, stored)
+
+    def _new_keys(
+        self, conn: Any, rows_by_key: dict[tuple[str, int], dict[str, Any]]
+    ) -> dict[tuple[str, int], dict[str, Any]]:
+        """The rows whose (device id, seq) the key table did not hold; it now does."""
+        keys = sorted(rows_by_key)
+        received = [rows_by_key[k]["received_at"] for k in keys]
+        result = conn.exec_driver_sql(
+            self._keys_sql, ([k[0] for k in keys], [k[1] for k in keys], received)
+        )
+        return {(d, int(q)): rows_by_key[(d, int(q))] for d, q in result}
 
     @staticmethod
     def table(kind: str) -> Table:

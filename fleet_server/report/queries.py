@@ -9,7 +9,7 @@ merged latency histograms), drift (inference-weighted mean of the windows'
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,7 +17,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet_server.db.models import DeviceReport
-from fleet_server.db.telemetry import TelemetryEvent, TelemetrySample, TelemetrySummary
+from fleet_server.db.telemetry import (
+    TelemetryEvent,
+    TelemetrySample,
+    TelemetrySummary,
+    hourly_summary_rows,
+    summary_split,
+)
 from fleet_server.rollouts.gates import hist_quantile
 
 
@@ -61,6 +67,16 @@ def _filter(stmt: Any, table: Any, w: Window) -> Any:
 def summarize(session: Session, w: Window) -> dict[str, Any]:
     """Inference, error, latency, drift and prediction figures for ``w``."""
     s = TelemetrySummary
+    # hours whose raw summaries retention removed are read from the hourly roll-ups
+    rolled, raw_since = summary_split(session.connection(), w.since)
+    old: list[tuple[Any, ...]] = []
+    if rolled is not None and raw_since is not None:
+        hi = raw_since if w.until is None else min(raw_since, w.until)
+        rows = hourly_summary_rows(
+            session.connection(), rolled, hi, w.name, w.version, w.rollout_id
+        )
+        old = [(r[0], r[1], r[2], r[3], r[4], r[6]) for r in rows]
+        w = replace(w, since=raw_since)
     stmt = _filter(
         select(
             s.device_id, s.count, s.errors, s.latency_hist, s.drift_psi_max, s.prediction_counts
@@ -74,7 +90,7 @@ def summarize(session: Session, w: Window) -> dict[str, Any]:
     preds: list[int] = []
     psi_w = 0.0
     psi_n = 0
-    for dev, n, err, lh, psi, pc in session.execute(stmt):
+    for dev, n, err, lh, psi, pc in [*old, *session.execute(stmt)]:
         if w.devices is not None and dev not in w.devices:
             continue
         devices.add(dev)

@@ -37,7 +37,15 @@ from sqlalchemy import Connection, Engine, select
 from sqlalchemy.orm import Session
 
 from fleet_server.db.models import Bundle, Device, DeviceReport, Group, Rollout
-from fleet_server.db.telemetry import FAILED_INSTALL_OUTCOMES, TelemetryEvent, TelemetrySummary
+from fleet_server.db.telemetry import (
+    FAILED_INSTALL_OUTCOMES,
+    TelemetryEvent,
+    TelemetryHourly,
+    TelemetrySummary,
+    hourly_shadow_rows,
+    hourly_summary_rows,
+    summary_split,
+)
 from fleet_server.registry.groups import matches
 from fleet_server.registry.profiles import reference_proportions
 from fleet_server.rollouts.cohort import assignment
@@ -138,8 +146,14 @@ class _Acc:
 
 
 def _model_rows(conn: Connection, ref: BundleRef, since: float) -> Iterable[Any]:
+    """Summaries of ``ref`` received since ``since``: hours whose raw rows retention
+    removed come from the hourly roll-ups (the same sums)."""
     s = TelemetrySummary
-    return conn.execute(
+    rolled, raw_since = summary_split(conn, since)
+    if rolled is not None and raw_since is not None:
+        yield from hourly_summary_rows(conn, rolled, raw_since, ref.name, ref.version)
+        since = raw_since
+    yield from conn.execute(
         select(
             s.device_id,
             s.count,
@@ -173,13 +187,22 @@ def telemetry_figures(
     canary, control = _Acc(), _Acc()
     s = TelemetrySummary
     if spec.strategy is Strategy.SHADOW:
-        for dev, n, err, agreement in conn.execute(
-            select(s.device_id, s.shadow_count, s.shadow_errors, s.shadow_agreement).where(
-                s.shadow_name == spec.bundle.name,
-                s.shadow_version == spec.bundle.version,
-                s.received_at >= since,
-            )
-        ):
+        rolled, raw_since = summary_split(conn, since)
+        old = (
+            hourly_shadow_rows(conn, rolled, raw_since, spec.bundle.name, spec.bundle.version)
+            if rolled is not None and raw_since is not None
+            else []
+        )
+        for dev, n, err, agreement in [
+            *old,
+            *conn.execute(
+                select(s.device_id, s.shadow_count, s.shadow_errors, s.shadow_agreement).where(
+                    s.shadow_name == spec.bundle.name,
+                    s.shadow_version == spec.bundle.version,
+                    s.received_at >= (raw_since if raw_since is not None else since),
+                )
+            ),
+        ]:
             if keep(dev):
                 canary.add_summary(dev, n or 0, err or 0, None, None, None, None)
                 canary.add_agreement(n, agreement)
@@ -319,4 +342,17 @@ def _predicting_devices(session: Session, spec: RolloutSpec, since: float) -> se
     else:
         cond = [s.name == spec.bundle.name, s.version == spec.bundle.version, s.count > 0]
     stmt = select(s.device_id).where(*cond, s.received_at >= since).distinct()
-    return set(session.scalars(stmt))
+    found = set(session.scalars(stmt))
+    rolled, raw_since = summary_split(session.connection(), since)
+    if rolled is not None and raw_since is not None:
+        h = TelemetryHourly
+        shadow = spec.strategy is Strategy.SHADOW
+        hourly = select(h.device_id).where(
+            (h.shadow_name if shadow else h.name) == spec.bundle.name,
+            (h.shadow_version if shadow else h.version) == spec.bundle.version,
+            (h.shadow_count if shadow else h.count) > 0,
+            h.hour >= rolled,
+            h.hour < raw_since,
+        )
+        found |= set(session.scalars(hourly.distinct()))
+    return found

@@ -8,8 +8,9 @@ generated builder functions of the ``tflite`` package.
 Invariants of the written file:
 
 * file identifier ``TFL3``, ``version`` 3, buffer 0 empty (the sentinel every
-  tensor without data points at), one buffer per constant tensor, data aligned
-  to 16 bytes;
+  tensor without data points at), one buffer per distinct constant content
+  (constant tensors with equal bytes share it; constants are read-only), data
+  aligned to 16 bytes;
 * operator codes carry both ``builtin_code`` and ``deprecated_builtin_code``
   (127, the placeholder, for codes above 127), so old and new readers agree;
 * one ``serving_default`` signature over the subgraph's inputs and outputs.
@@ -276,12 +277,15 @@ def serialize(spec: ModelSpec) -> bytes:
     """Write ``spec`` as TFLite flatbuffer bytes (schema version 3)."""
     b = flatbuffers.Builder(1024 + sum(len(t.data or b"") for t in spec.tensors))
     buffers = [_write_buffer(b, None)]
+    shared: dict[bytes, int] = {}  # equal constant bytes are stored once
     tensor_offsets = []
     for t in spec.tensors:
         index = 0
         if t.data:
-            buffers.append(_write_buffer(b, t.data))
-            index = len(buffers) - 1
+            if t.data not in shared:
+                buffers.append(_write_buffer(b, t.data))
+                shared[t.data] = len(buffers) - 1
+            index = shared[t.data]
         tensor_offsets.append(_write_tensor(b, t, index))
 
     opcodes = _opcode_table(spec)

@@ -392,8 +392,12 @@ class _Rewriter:
         ]
         if op.code == Op.CONCATENATION:
             target = self.own_params(op.outputs[0])
-        else:
+        elif acts:
             target = self.params[acts[0][1]]
+        else:  # data moved out of a constant (a SPLIT of a folded product)
+            q = self.spec.tensors[self.quantized_const(op.inputs[(data or (0,))[0]])].quantization
+            assert q is not None
+            target = (q.scale[0], q.zero_point[0])
         for pos, i in acts:
             op.inputs[pos] = self.requantize(i, *target)
         for pos, i in enumerate(op.inputs):
@@ -414,10 +418,76 @@ def _op_name(code: int) -> str:
     return str(code)
 
 
+_FUSED = {0: lambda v: v, 1: lambda v: np.maximum(v, 0), 3: lambda v: np.clip(v, 0, 6)}
+
+
+def fold_constant_fully_connected(spec: ModelSpec) -> int:
+    """Replace each ``FULLY_CONNECTED`` whose input, weights and bias are all float32
+    constants by its constant result (in place); returns how many were folded.
+
+    An unrolled GRU/LSTM multiplies its zero initial state by the recurrent weights on
+    the first step: left as an operator, that product would keep a float32 copy of the
+    weights beside their int8 copy (the file grew past the float32 model's size).
+    """
+    folded = 0
+    kept = []
+    for op in spec.operators:
+        if op.code == Op.FULLY_CONNECTED and _fold_fc(spec, op):
+            folded += 1
+            continue
+        kept.append(op)
+    spec.operators = kept
+    return folded
+
+
+def _fold_fc(spec: ModelSpec, op: OperatorSpec) -> bool:
+    ins = [spec.tensors[i] if i >= 0 else None for i in op.inputs[:3]]
+    act = op.options[1].get("FusedActivationFunction", 0) if op.options else 0
+    if (
+        any(t is not None and (t.data is None or t.dtype != T.FLOAT32) for t in ins)
+        or ins[0] is None
+        or ins[1] is None
+        or act not in _FUSED
+    ):
+        return False
+    x = np.frombuffer(ins[0].data or b"", dtype="<f4")
+    w = np.frombuffer(ins[1].data or b"", dtype="<f4").reshape(ins[1].shape)
+    y = x.reshape(-1, w.shape[1]).astype(np.float64) @ w.T.astype(np.float64)
+    if ins[2] is not None:
+        y = y + np.frombuffer(ins[2].data or b"", dtype="<f4")
+    out = spec.tensors[op.outputs[0]]
+    out.data = _FUSED[act](y).astype("<f4").reshape(out.shape).tobytes()
+    out.signature = None
+    return True
+
+
+def share_recurrent_ranges(spec: ModelSpec, ranges: dict[int, tuple[float, float]]) -> None:
+    """Give the inputs of ``FULLY_CONNECTED`` operators that share one weight tensor (the
+    steps of an unrolled GRU/LSTM) one common calibrated range (in place).
+
+    An int32 bias is stored at ``input scale x weight scale``: with a range per step, every
+    step needed its own copy of the bias (24 copies in a 24-step GRU); with one range,
+    one copy serves every step whose input takes its parameters from that range.
+    """
+    groups: dict[int, list[int]] = {}
+    for op in spec.operators:
+        if op.code == Op.FULLY_CONNECTED and op.inputs[0] in ranges:
+            groups.setdefault(op.inputs[1], []).append(op.inputs[0])
+    for inputs in groups.values():
+        if len(set(inputs)) > 1:
+            lo = min(ranges[i][0] for i in inputs)
+            hi = max(ranges[i][1] for i in inputs)
+            for i in inputs:
+                ranges[i] = (lo, hi)
+
+
 def quantize_full_integer(
     spec: ModelSpec, ranges: dict[int, tuple[float, float]], *, int8_io: bool
 ) -> FullIntReport:
     """Rewrite float32 ``spec`` into a full-integer int8 model (in place)."""
+    fold_constant_fully_connected(spec)
+    ranges = dict(ranges)
+    share_recurrent_ranges(spec, ranges)
     rw = _Rewriter(spec, ranges)
     new_inputs = []
     for i in spec.inputs:

@@ -110,11 +110,16 @@ def train(name: str, seed: int = 0) -> tuple[nn.Module, Dataset]:
     """The architecture ``name`` trained on its dataset (eval mode)."""
     cls, _, epochs, lr = TRAINED[name]
     data = dataset(name)
+    torch.manual_seed(seed)
+    return fit(cls(), data, epochs, lr, seed), data
+
+
+def fit(module: nn.Module, data: Dataset, epochs: int, lr: float, seed: int = 0) -> nn.Module:
+    """``module`` trained with Adam on ``data`` (batches of 32, one thread), in eval mode.
+    Seed torch before building ``module``: its initial weights and dropout draw from it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(seed)
-        module = cls()
         opt = torch.optim.Adam(module.parameters(), lr)
         rng = np.random.default_rng(seed)
         module.train()
@@ -130,5 +135,4 @@ def train(name: str, seed: int = 0) -> tuple[nn.Module, Dataset]:
                 opt.step()
     finally:
         torch.set_num_threads(threads)
-    module.eval()
-    return module, data
+    return module.eval()

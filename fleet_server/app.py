@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import Any
@@ -73,6 +74,31 @@ async def _background(ctx: ServerContext, stop: asyncio.Event) -> None:
                 next_flush = loop.time() + flush_every
         except Exception:  # a database hiccup must not kill the loop
             log.exception("background maintenance failed; retrying")
+
+
+async def _telemetry_maintenance(ctx: ServerContext, stop: asyncio.Event) -> None:
+    """`edgefleet telemetry maintain` every ``telemetry_maintenance_seconds`` (partitions
+    ahead, hourly roll-ups, retention; on PostgreSQL one replica at a time), first a
+    minute after start."""
+    from fleet_server.ingest.retention import TelemetryMaintenance, policy_from_settings
+
+    every = ctx.settings.telemetry_maintenance_seconds
+    if not every:
+        return
+    maintenance = TelemetryMaintenance(ctx.engine, policy_from_settings(ctx.settings))
+    wait = min(60.0, every)
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), wait)
+        if stop.is_set():
+            return
+        wait = every
+        try:
+            report = await asyncio.to_thread(maintenance.run, time.time())
+            for line in report.lines():
+                log.debug("telemetry maintenance: %s", line)
+        except Exception:  # a database hiccup must not kill the loop
+            log.exception("telemetry maintenance failed; retrying in %s s", every)
 
 
 def _make_scheduler(ctx: ServerContext) -> RolloutScheduler:
@@ -175,6 +201,7 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
         await asyncio.to_thread(ctx.start)
         stop = asyncio.Event()
         task = asyncio.create_task(_background(ctx, stop))
+        telemetry_task = asyncio.create_task(_telemetry_maintenance(ctx, stop))
         scheduler = _make_scheduler(ctx)
         app.state.scheduler = scheduler
         if settings.run_scheduler:
@@ -190,6 +217,7 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
         finally:
             stop.set()
             await task
+            await telemetry_task
             if worker is not None:
                 await asyncio.to_thread(worker.stop)
             await asyncio.to_thread(scheduler.stop)

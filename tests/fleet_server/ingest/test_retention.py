@@ -299,3 +299,78 @@ def test_telemetry_maintain_command(tmp_path: Path) -> None:
         },
     )
     assert bad.exit_code == 2 and "telemetry_rollup_days" in bad.output
+
+
+def test_the_server_maintains_telemetry_in_the_background(tmp_path: Path) -> None:
+    """The app runs the maintenance step itself (here every 0.2 s): today's and the
+    coming days' partitions appear on PostgreSQL, and the roll-up mark on both."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from fleet_server.app import create_app
+    from tests.server_fixtures import make_settings
+
+    with fresh_database("edgefleet_retention") as url:
+        for db in (f"sqlite:///{tmp_path / 'server.db'}", url):
+            settings = make_settings(
+                tmp_path,
+                db,
+                run_scheduler=False,
+                run_alerts=False,
+                telemetry_maintenance_seconds=0.2,
+            )
+            app = create_app(settings)
+            with TestClient(app):
+                engine = app.state.ctx.engine
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    with engine.connect() as c:
+                        if read_mark(c, RAW_SINCE) is not None:
+                            break
+                    time.sleep(0.1)
+                with engine.connect() as c:
+                    assert read_mark(c, RAW_SINCE) is not None
+                    if engine.dialect.name == "postgresql":
+                        days = partitions.day_partitions(c, "telemetry_summaries")
+                        today = partitions.day_of(time.time())
+                        assert {today, today + 1, today + 2} <= set(days)
+
+
+def test_migration_0005_moves_existing_postgresql_rows_into_day_partitions() -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from fleet_server.db.session import MIGRATIONS_DIR
+
+    import_all_tables()
+    with fresh_database("edgefleet_retention") as url:
+        engine = make_engine(url)
+        try:
+            cfg = Config()
+            cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+            with engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "0004")
+            with engine.connect() as c:
+                assert not partitions.is_partitioned(c, "telemetry_summaries")
+            # revision 0004's plain tables, written the way that revision did
+            store(engine, "dev-a", [(1, "summary", summary_body())], D0 + 10)
+            store(engine, "dev-a", [(2, "summary", summary_body())], D0 + DAY + 10)
+            store(engine, "dev-a", [(3, "samples", {"name": "m", "version": 7})], D0 + 20)
+            upgrade_database(engine)
+            with engine.connect() as c:
+                assert partitions.is_partitioned(c, "telemetry_summaries")
+                where = c.execute(
+                    text("SELECT tableoid::regclass::text FROM telemetry_summaries ORDER BY seq")
+                ).scalars()
+                assert list(where) == [
+                    f"{PART_SCHEMA}.telemetry_summaries_20261101",
+                    f"{PART_SCHEMA}.telemetry_summaries_20261102",
+                ]
+                assert c.execute(text(f"SELECT count(*) FROM {KEYS_TABLE}")).scalar_one() == 3
+            # and the keys keep a re-delivery out
+            again = store(engine, "dev-a", [(2, "summary", summary_body())], D0 + 3 * DAY)
+            assert again.stored == 0 and rows(engine, TelemetrySummary) == 2
+        finally:
+            engine.dispose()

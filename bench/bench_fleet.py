@@ -284,19 +284,25 @@ async def wait_rollout(
     http: httpx.AsyncClient, rid: str, timeout: float, label: str, fleet: LoadFleet
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
-    last = ""
+    last, shown = "", 0.0
     while True:
-        r = await admin_call(http, "GET", f"/rollouts/{rid}")
+        # the list, not GET /rollouts/{id}: that one also counts the cohorts (every
+        # device of the group through the ORM), which would load the server under test
+        page = await admin_call(http, "GET", "/rollouts")
+        r = next(x for x in page["items"] if x["id"] == rid)
         line = f"{r['status']} stage {r['stage_number']}/{r['stages_total']}"
-        if line != last:
-            say(f"  {label}: {line} (installs so far {fleet.stats.installs})")
-            last = line
+        if line != last or time.monotonic() - shown > 30:
+            say(
+                f"  {label}: {line} (installs so far {fleet.stats.installs}, "
+                f"downloads failed {fleet.stats.download_errors}; load {load_average()})"
+            )
+            last, shown = line, time.monotonic()
         if r["status"] in ("succeeded", "rolled_back", "aborted"):
             return r
         if time.monotonic() > deadline:  # recorded as it stands; the run goes on
             say(f"  {label}: still {line} after {timeout:.0f} s; giving up on it")
             return r
-        await asyncio.sleep(2)
+        await asyncio.sleep(5)
 
 
 def gate_latencies(dsn: str, rollout: dict[str, Any], bundle: dict[str, Any]) -> list[float]:
@@ -630,7 +636,12 @@ def main() -> None:
     ap.add_argument("--rollout-interval", type=float, default=5.0, help="scheduler interval, s")
     ap.add_argument("--model-width", type=int, default=128, help="bundle model: W x W floats")
     ap.add_argument("--range-bytes", type=int, default=32 * 1024)
-    ap.add_argument("--http-connections", type=int, default=256, help="shared HTTP pool")
+    ap.add_argument(
+        "--http-connections",
+        type=int,
+        default=256,
+        help="HTTP connections of the simulated fleet (pools of 16)",
+    )
     ap.add_argument("--timeout", type=float, default=1200.0, help="per rollout, s")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()

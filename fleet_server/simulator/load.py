@@ -29,9 +29,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +50,12 @@ from device_agent.protocol import (
     status_topic,
     telemetry_topic,
 )
+
+if importlib.util.find_spec("sniffio") is None:
+    # httpcore asks ``import sniffio`` again for every lock it makes (several per
+    # request); without the package each ask is a failed search of sys.path. A None
+    # entry makes the import fail at once, which httpcore reads as "asyncio".
+    sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
 
 
 class LoadSimError(RuntimeError):
@@ -66,8 +74,14 @@ class LoadConfig:
     inferences_per_window: int = 60
     error_rate: float = 0.001
     range_bytes: int = 64 * 1024
-    #: HTTP connections the whole fleet shares (one httpx pool)
+    #: HTTP connections the whole fleet shares, split into pools of ``http_pool_size``
     http_connections: int = 64
+    #: connections per httpx pool: httpcore's pool does work proportional to the square
+    #: of its connection count on every request (its keep-alive bookkeeping counts all
+    #: connections once per idle one), so one 256-connection pool spends tens of ms of
+    #: CPU per request and caps the simulated fleet near 20 requests/s; pools of 16
+    #: cost 256 times less each
+    http_pool_size: int = 16
     http_timeout: float = 60.0
     #: MQTT connections opened at once while the fleet connects
     connect_concurrency: int = 64
@@ -117,6 +131,7 @@ class LightDevice:
 
     device_id: str
     credential: str
+    pool: int = 0  # which of the fleet's HTTP pools this device uses
     etag: str | None = None
     model: dict[str, Any] | None = None  # the desired ref it installed (name, version, ...)
     rollout_id: str | None = None
@@ -165,7 +180,7 @@ def summary_body(
 
 
 class LoadFleet:
-    """Many :class:`LightDevice` s on one event loop, one shared HTTP pool.
+    """Many :class:`LightDevice` s on one event loop, sharing a few small HTTP pools.
 
     Use inside a running loop::
 
@@ -185,17 +200,30 @@ class LoadFleet:
         self.stats = LoadStats()
         self.clock = clock
         self.rng = random.Random(seed)
-        limits = httpx.Limits(
-            max_connections=config.http_connections,
-            max_keepalive_connections=config.http_connections,
-        )
-        self.http = httpx.AsyncClient(
-            base_url=config.server_url, limits=limits, timeout=config.http_timeout
-        )
-        #: requests in flight at most: httpcore's pool scans its whole queue of waiting
-        #: requests on every change (quadratic with thousands queued), so devices queue
-        #: here, in FIFO order, and each latency is timed once a connection is free
-        self._slots = asyncio.Semaphore(config.http_connections)
+        size = max(1, min(config.http_pool_size, config.http_connections))
+        count = max(1, -(-config.http_connections // size))
+
+        def client(connections: int) -> httpx.AsyncClient:
+            limits = httpx.Limits(
+                max_connections=connections,
+                max_keepalive_connections=connections,
+                # below uvicorn's 5 s keep-alive timeout: a connection idle that long is
+                # not reused, so a request never races the server closing it
+                keepalive_expiry=3.0,
+            )
+            return httpx.AsyncClient(
+                base_url=config.server_url, limits=limits, timeout=config.http_timeout
+            )
+
+        #: the operator's client (admin API calls of the caller), apart from the devices'
+        self.http = client(8)
+        #: the devices' pools; each device uses one (``LightDevice.pool``). Requests in
+        #: flight per pool at most its size: httpcore also scans its whole queue of
+        #: waiting requests on every change (quadratic with thousands queued), so
+        #: devices queue on the pool's semaphore, in FIFO order, and each latency is
+        #: timed once a connection is free
+        self._pools = [client(size) for _ in range(count)]
+        self._slots = [asyncio.Semaphore(size) for _ in range(count)]
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -220,8 +248,10 @@ class LoadFleet:
 
         async def one(i: int) -> None:
             nonlocal done
-            async with sem, self._slots:
-                r = await self.http.post(
+            pool = (start + i) % len(self._pools)
+            http = self._pools[pool]
+            async with sem, self._slots[pool]:
+                r = await http.post(
                     "/api/v1/enrollment-tokens",
                     headers=admin,
                     json={"device_class": device_class, "labels": labels or {}},
@@ -229,7 +259,7 @@ class LoadFleet:
                 if r.status_code != 201:
                     raise LoadSimError(f"enrollment token refused: {r.status_code} {r.text}")
                 device_id = f"{prefix}-{start + i:06d}"
-                e = await self.http.post(
+                e = await http.post(
                     ENROLL_PATH,
                     json={
                         "enrollment_token": r.json()["token"],
@@ -240,7 +270,7 @@ class LoadFleet:
                 )
                 if e.status_code != 201:
                     raise LoadSimError(f"{device_id}: enrollment refused: {e.status_code} {e.text}")
-                made[i] = LightDevice(device_id, e.json()["credential"])
+                made[i] = LightDevice(device_id, e.json()["credential"], pool=pool)
                 done += 1
                 if progress is not None and (done % 500 == 0 or done == count):
                     progress(done, count)
@@ -317,7 +347,8 @@ class LoadFleet:
                 d.mqtt = None
 
         await asyncio.gather(*(bye(d) for d in self.devices if d.mqtt is not None))
-        await self.http.aclose()
+        for http in (self.http, *self._pools):
+            await http.aclose()
 
     async def _run(self, d: LightDevice) -> None:
         cfg = self.config
@@ -350,9 +381,9 @@ class LoadFleet:
         if d.etag:
             headers["If-None-Match"] = f'"{d.etag}"'
         try:
-            async with self._slots:
+            async with self._slots[d.pool]:
                 t0 = time.perf_counter()
-                r = await self.http.get(ASSIGNMENT_PATH, headers=headers)
+                r = await self._pools[d.pool].get(ASSIGNMENT_PATH, headers=headers)
                 took = time.perf_counter() - t0
         except httpx.HTTPError:
             self.stats.checkin_errors += 1
@@ -388,8 +419,8 @@ class LoadFleet:
         try:
             while got < size:
                 end = min(size, got + step) - 1
-                async with self._slots:
-                    r = await self.http.get(
+                async with self._slots[d.pool]:
+                    r = await self._pools[d.pool].get(
                         ref["url"], headers={**d.headers, "Range": f"bytes={got}-{end}"}
                     )
                 if r.status_code != 206 or len(r.content) != end - got + 1:
@@ -419,8 +450,10 @@ class LoadFleet:
             "ts": self.clock(),
         }
         try:
-            async with self._slots:
-                await self.http.post(REPORTS_PATH, headers=d.headers, json={"reports": [report]})
+            async with self._slots[d.pool]:
+                await self._pools[d.pool].post(
+                    REPORTS_PATH, headers=d.headers, json={"reports": [report]}
+                )
         except httpx.HTTPError:
             self.stats.checkin_errors += 1
         self._publish(d, "events", report)

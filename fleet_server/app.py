@@ -191,6 +191,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) -> FastAPI:
     """Build a server app. Migrations run and background tasks start in the lifespan."""
     from fleet_server.api import api_router
+    from fleet_server.api.bundle_fastpath import BundleFastPath
     from fleet_server.api.device import CheckinFastPath
     from fleet_server.api.device import router as device_router
 
@@ -278,6 +279,7 @@ def create_app(settings: ServerSettings, *, notifier: Notifier | None = None) ->
             ctx.metrics.rollout_rounds.set(scheduler.rounds)
         return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(BundleFastPath, ctx=ctx)
     app.add_middleware(CheckinFastPath, ctx=ctx)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
     return app

@@ -14,6 +14,9 @@ Two measurements, each on fresh PostgreSQL databases (127.0.0.1:5432, as the tes
    < day end`` on the plain table followed by the ``VACUUM`` that makes its space
    reusable.
 
+After the ingest run of the partitioned tables each hour is rolled up
+(:func:`roll_up_hour`): seconds per hour, and the roll-up's bytes per device-day.
+
 Not part of CI. ``python bench/bench_retention.py [--devices 200] [--hours 6]
 [--drop-rows 1000000] [--json out.json]``
 """
@@ -38,8 +41,13 @@ from device_agent.protocol import telemetry_topic  # noqa: E402
 from fleet_server.db import partitions  # noqa: E402
 from fleet_server.db.partitions import DAY, KEYS_TABLE  # noqa: E402
 from fleet_server.db.session import make_engine  # noqa: E402
-from fleet_server.db.telemetry import TelemetrySummary, create_telemetry_tables  # noqa: E402
+from fleet_server.db.telemetry import (  # noqa: E402
+    HOUR,
+    TelemetrySummary,
+    create_telemetry_tables,
+)
 from fleet_server.ingest import ParsedMessage, TelemetryWriter, parse_message  # noqa: E402
+from fleet_server.ingest.retention import roll_up_hour  # noqa: E402
 from tests.fleet_server.ingest.test_parse import payload, summary_body  # noqa: E402
 from tests.pg import fresh_database  # noqa: E402
 
@@ -121,6 +129,17 @@ def bench_ingest(args: argparse.Namespace) -> dict[str, Any]:
             assert again.stored == 0
             size = db_bytes(engine, partitioned)
             device_days = args.devices * args.hours / 24
+            t0 = time.perf_counter()
+            with engine.begin() as c:
+                hourly_rows = sum(roll_up_hour(c, D0 + h * HOUR) for h in range(args.hours + 1))
+            rollup_s = time.perf_counter() - t0
+            with engine.connect() as c:
+                c.execute(text("CHECKPOINT"))
+                hourly_bytes = int(
+                    c.execute(
+                        text("SELECT pg_total_relation_size('telemetry_hourly')")
+                    ).scalar_one()
+                )
             out[mode] = {
                 "seconds": round(wall, 2),
                 "records_per_s": round(records / wall),
@@ -129,6 +148,9 @@ def bench_ingest(args: argparse.Namespace) -> dict[str, Any]:
                 "key_bytes": size["keys"],
                 "bytes_per_device_day": round((size["table"] + size["keys"]) / device_days),
                 "bytes_per_record": round((size["table"] + size["keys"]) / records),
+                "rollup_seconds_per_hour": round(rollup_s / (args.hours + 1), 2),
+                "rollup_rows": hourly_rows,
+                "rollup_bytes_per_device_day": round(hourly_bytes / device_days),
             }
             print(mode, out[mode], flush=True)
     return out

@@ -66,8 +66,9 @@ class RetentionPolicy:
     ahead_days: int = 2
     #: an hour is rolled up this long after it ended (batches in flight)
     settle_seconds: float = 300.0
-    #: hours before the roll-up mark recomputed on every run (late batches)
-    relook_hours: int = 2
+    #: hours before the roll-up mark recomputed when the next hour is rolled up (batches
+    #: stored late)
+    relook_hours: int = 1
     #: hours rolled up in one run at most (a first run over a long history)
     max_hours: int = 24 * 7
 
@@ -165,6 +166,9 @@ class TelemetryMaintenance:
         if rolled is None:
             first = conn.execute(select(func.min(TelemetrySummary.received_at))).scalar()
             start = hour_of(first) if first is not None else end
+        elif end <= rolled:
+            report.rolled_until = rolled
+            return  # no hour closed since the last run
         else:
             start = rolled - self.policy.relook_hours * HOUR
         if raw_since is not None:
@@ -192,6 +196,11 @@ class TelemetryMaintenance:
             (TelemetrySummary.__tablename__, raw_cut),
             (TelemetrySample.__tablename__, samples_cut),
         ):
+            done = f"retained:{table}"
+            last = read_mark(conn, done)
+            if last is not None and cut <= last:
+                continue  # the cut moves once a day: nothing new to remove
+            write_mark(conn, done, cut)
             if table in partitioned:
                 if self.pg:
                     conn.execute(text("SET LOCAL lock_timeout = '10s'"))

@@ -2,10 +2,13 @@
 
 For every architecture of ``tests/converters/zoo/architectures.py`` (random weights)
 and each target (``onnx:float32`` on onnxruntime, ``tflite:float32`` on ai-edge-litert),
-and for the architectures trained in ``tests/converters/zoo/trained.py`` also
-``tflite:int8-full``, it measures:
+and for the architectures trained in ``tests/converters/zoo/trained.py`` (zoo widths)
+and ``tests/converters/zoo/wide.py`` (widths where weights dominate, and the recurrent
+keyword spotters) also ``tflite:int8-full`` next to ``tflite:float32``, it measures:
 
-* ``KiB``: artifact size;
+* ``KiB``: artifact size, and for int8-full the share of its bytes that are int8
+  weights, quantization parameters (scale + zero point vectors), int32 biases and
+  flatbuffer tables (``converters.tflite.size_report``);
 * parity on held-out inputs run one at a time: max abs error against torch (float
   targets), top-1 agreement with the float32 TFLite model and held-out accuracy
   (int8-full);
@@ -16,6 +19,7 @@ and for the architectures trained in ``tests/converters/zoo/trained.py`` also
 Prints two markdown tables. Figures from a shared machine are indicative only:
 
     python bench/bench_models.py [--runs 50] [--models resnet18,vit_tiny] [--no-int8]
+        [--no-float] [--trained mlp,resnet18]
 """
 
 from __future__ import annotations
@@ -135,26 +139,57 @@ def float_table(names: list[str], runs: int) -> str:
     return "\n".join(lines)
 
 
-def int8_table(runs: int) -> str:
+def _trained(names: list[str] | None) -> list[tuple[str, str, Any]]:
+    """(name, width label, trainer) of every trained model, zoo widths first."""
+    from tests.converters.zoo.trained import TRAINED, train
+    from tests.converters.zoo.wide import RECURRENT, WIDE, train_wide
+
+    rows = [(n, "zoo", train) for n in TRAINED]
+    rows += [(n, "wide", train_wide) for n in WIDE if n not in TRAINED]
+    rows += [(n, "zoo", train_wide) for n in RECURRENT]
+    return [r for r in rows if names is None or r[0] in names]
+
+
+def _share(part: int, total: int) -> str:
+    return f"{100 * part / total:.0f} %"
+
+
+def int8_table(runs: int, names: list[str] | None = None) -> str:
+    """Float32 against int8-full TFLite on every trained model, in one run: size and
+    what the int8 file's bytes are, held-out accuracy and agreement, p50 batch-1
+    latency of both on ai-edge-litert (and of the ONNX float32 model on onnxruntime)."""
     from converters.tflite import onnx_to_tflite
     from converters.tflite.quantize_full import onnx_to_tflite_int8_full
-    from tests.converters.zoo.trained import TRAINED, train
+    from converters.tflite.size_report import size_breakdown
 
     lines = [
-        "| trained model | float32 KiB | int8-full KiB | ratio | float32 acc | int8 acc | "
+        "| trained model | width | float32 KiB | int8-full KiB | ratio | int8 file: weights / "
+        "quant. params / biases / tables | float ops left | float32 acc | int8 acc | "
         "top-1 agreement | p50 ms float32 | p50 ms int8-full | p50 ms onnxruntime float32 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in TRAINED:
-        module, data = train(name)
+    for name, width, trainer in _trained(names):
+        module, data = trainer(name)
         model = export(module, data.train_x)
         f32 = onnx_to_tflite(model)
-        q, _ = onnx_to_tflite_int8_full(model, data.train_x[:200])
+        q, report = onnx_to_tflite_int8_full(model, data.train_x[:200])
+        size = size_breakdown(q)
+        parts = " / ".join(
+            _share(n, size.total)
+            for n in (
+                sum(size.weights.values()),
+                sum(size.quantization.values()),
+                sum(size.biases.values()),
+                size.rest,
+            )
+        )
+        floats = ", ".join(sorted(set(report.float_operators))) or "none"
         rf, rq = LiteRunner(f32), LiteRunner(q)
         pf, pq = one_by_one(rf, data.test_x), one_by_one(rq, data.test_x)
         ort = OrtRunner(model.SerializeToString())
         lines.append(
-            f"| {name} | {len(f32) / 1024:.1f} | {len(q) / 1024:.1f} | {len(q) / len(f32):.3f} | "
+            f"| {name} | {width} | {len(f32) / 1024:.1f} | {len(q) / 1024:.1f} | "
+            f"{len(q) / len(f32):.3f} | {parts} | {floats} | "
             f"{(pf.argmax(1) == data.test_y).mean():.3f} | "
             f"{(pq.argmax(1) == data.test_y).mean():.3f} | "
             f"{(pf.argmax(1) == pq.argmax(1)).mean():.4f} | "
@@ -172,13 +207,21 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--models", default=",".join(ARCHITECTURES))
     parser.add_argument("--no-int8", action="store_true")
+    parser.add_argument("--no-float", action="store_true", help="only the int8-full table")
+    parser.add_argument("--trained", default=None, help="trained models (default: all)")
     args = parser.parse_args()
     started = time.perf_counter()
-    print(float_table(args.models.split(","), args.runs))
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
+    if not args.no_float:
+        print(float_table(args.models.split(","), args.runs))
     if not args.no_int8:
         print()
-        print(int8_table(args.runs))
-    print(f"\n({time.perf_counter() - started:.0f} s)")
+        print(int8_table(args.runs, args.trained.split(",") if args.trained else None))
+    end_load = Path("/proc/loadavg").read_text().split()[:3] if load else []
+    print(
+        f"\n({time.perf_counter() - started:.0f} s; load average {' '.join(load)} at the "
+        f"start, {' '.join(end_load)} at the end)"
+    )
 
 
 if __name__ == "__main__":

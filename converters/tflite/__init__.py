@@ -25,7 +25,8 @@ Supported ONNX operators (default domain, float32 tensors), see :data:`SUPPORTED
   ``Resize`` / ``Upsample`` (nearest, bilinear; :mod:`.ops_spatial`)
 * ``LSTM``, ``GRU`` unrolled over at most 128 static time steps (:mod:`.ops_seq`)
 
-Full-integer int8 (calibrated activations): :mod:`.quantize_full`.
+Full-integer int8 (calibrated activations): :mod:`.quantize_full`; where a file's bytes go
+(weights, biases, quantization parameters, tables): :mod:`.size_report`.
 
 Subgraphs that depend only on initializers and static shapes (for instance the
 ``Shape -> Gather -> Unsqueeze -> Concat`` chain torch's exporter writes for

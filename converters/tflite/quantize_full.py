@@ -19,8 +19,8 @@ produces, and what NPUs, Edge TPUs and microcontrollers run:
   that move values without arithmetic (reshape, transpose, pools, pad, slice, concat, ...)
   keep their input's parameters, requantizing (``QUANTIZE`` int8 -> int8) an input
   whose parameters differ;
-* an operator without an int8 kernel here (e.g. ``DIV``, ``POW``, ``EXP``, ``SIGN``,
-  ``RSQRT``) runs in float32 between ``DEQUANTIZE`` and ``QUANTIZE``; the report names
+* an operator without an int8 kernel here (e.g. ``DIV``, ``POW``, ``EXP``, ``SIGN``)
+  runs in float32 between ``DEQUANTIZE`` and ``QUANTIZE``; the report names
   each such operator (``float_operators``), so "full integer" is never claimed falsely;
 * inputs and outputs: float32 by default (a ``QUANTIZE`` after each input, a
   ``DEQUANTIZE`` before each output), or int8 with ``int8_io=True``; the report's
@@ -50,7 +50,7 @@ _ARITHMETIC = {
     Op.CONV_2D, Op.DEPTHWISE_CONV_2D, Op.FULLY_CONNECTED, Op.TRANSPOSE_CONV,
     Op.ADD, Op.SUB, Op.MUL, Op.MEAN, Op.SUM, Op.RELU, Op.RELU6, Op.RELU_N1_TO_1,
     Op.HARD_SWISH, Op.LEAKY_RELU, Op.BATCH_MATMUL, Op.GELU,
-    Op.SQUARED_DIFFERENCE,
+    Op.SQUARED_DIFFERENCE, Op.RSQRT,
 }  # fmt: skip
 #: Fixed output (scale, zero point) of int8 kernels.
 _FIXED = {Op.LOGISTIC: (1 / 256, -128), Op.SOFTMAX: (1 / 256, -128), Op.TANH: (1 / 128, 0)}
@@ -86,6 +86,7 @@ _INT8_VERSION = {
     Op.SPLIT: 2, Op.SPLIT_V: 2, Op.GATHER: 2, Op.RESIZE_BILINEAR: 2,
     Op.RESIZE_NEAREST_NEIGHBOR: 2, Op.MAXIMUM: 2, Op.MINIMUM: 2, Op.BATCH_MATMUL: 2,
     Op.TRANSPOSE_CONV: 2, Op.REDUCE_MAX: 2, Op.REDUCE_MIN: 2, Op.SQUARED_DIFFERENCE: 2,
+    Op.RSQRT: 2,
 }  # fmt: skip
 
 

@@ -27,7 +27,7 @@ BOUNDS = {
     "resnet18": 0.30,
     "kws_conv1d_wide": 0.30,
     # LayerNorm, attention and GELU add ~130 small tensors whose tables weigh the same
-    # in both files; the dense weights (per-tensor scales) are int8.
+    # in both files (22 KB of its 95); the dense weights (per-tensor scales) are int8.
     "vit_digits": 0.33,
 }
 
@@ -61,8 +61,8 @@ def test_wide_int8_full_agrees_and_is_a_quarter_of_float32(converted) -> None:
     ]
     assert float_constants == [], name
     assert report.weights_quantized > 0
-    # The transformer's LayerNorm keeps its RSQRT in float (no int8 kernel); nothing else.
-    assert set(report.float_operators) <= {"RSQRT"}, (name, report.float_operators)
+    # Integer throughout, the transformer's LayerNorm (RSQRT) and attention included.
+    assert report.float_operators == [], (name, report.float_operators)
 
 
 def test_recurrent_int8_full_keeps_no_float_weights_and_one_bias_per_weight() -> None:
@@ -99,3 +99,33 @@ def test_recurrent_int8_full_keeps_no_float_weights_and_one_bias_per_weight() ->
     want = run(f32, held)
     got = run(q, held)
     assert np.abs(got - want).mean() <= 0.05 * np.abs(want).max()
+
+
+def test_transformer_int8_full_runs_on_legacy_tflite_runtime(tmp_path) -> None:
+    """The encoder's int8 kernels (LayerNorm as MEAN, SUB, MUL, RSQRT; BATCH_MATMUL,
+    SOFTMAX, GELU) run on the legacy tflite-runtime 2.14 too."""
+    import subprocess
+
+    from tests.converters.tflite.test_builder_legacy_runtime import _build_legacy_venv
+
+    module, data = train_wide("vit_digits")
+    model = export(module, data.train_x)
+    q, _ = onnx_to_tflite_int8_full(model, data.train_x[:200])
+    (tmp_path / "m.tflite").write_bytes(q)
+    x = data.test_x[:100]
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, numpy as np\n"
+        "from tflite_runtime.interpreter import Interpreter\n"
+        "it = Interpreter(model_path=sys.argv[1] + '/m.tflite'); it.allocate_tensors()\n"
+        "i, o = it.get_input_details()[0]['index'], it.get_output_details()[0]['index']\n"
+        "x = np.load(sys.argv[1] + '/x.npy'); outs = []\n"
+        "for k in range(len(x)):\n"
+        "    it.set_tensor(i, x[k:k+1]); it.invoke(); outs.append(it.get_tensor(o).copy())\n"
+        "np.save(sys.argv[1] + '/y.npy', np.concatenate(outs))\n"
+    )
+    python = _build_legacy_venv()
+    subprocess.run([str(python), "-c", script, str(tmp_path)], check=True, timeout=300)
+    legacy = np.load(tmp_path / "y.npy")
+    current = run(q, x)
+    assert (legacy.argmax(1) == current.argmax(1)).mean() >= 0.98

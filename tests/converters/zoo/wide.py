@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tests.converters.zoo.architectures import ResNet18, ViTTiny
+from tests.converters.zoo.architectures import KwsGRU, KwsLSTM, ResNet18, ViTTiny
 from tests.converters.zoo.trained import Dataset, digits, fit, keywords
 
 
@@ -88,12 +88,20 @@ WIDE: dict[str, tuple[Callable[[], nn.Module], Callable[[], Dataset], int, float
     "vit_digits": (ViTDigits, digits, 4, 1e-3),
 }
 
+#: The zoo's recurrent keyword spotters at zoo width, trained for the benchmark: unrolled
+#: over 24 steps, their files are mostly per-tensor tables (see docs/tflite-reach.md).
+RECURRENT: dict[str, tuple[Callable[[], nn.Module], Callable[[], Dataset], int, float]] = {
+    "kws_gru": (KwsGRU, keywords, 3, 3e-3),
+    "kws_lstm": (KwsLSTM, keywords, 3, 3e-3),
+}
+
 _DATA: dict[str, Dataset] = {}
 
 
 def train_wide(name: str, seed: int = 0) -> tuple[nn.Module, Dataset]:
-    """The architecture ``name`` of :data:`WIDE` trained on its dataset (eval mode)."""
-    cls, make, epochs, lr = WIDE[name]
+    """The architecture ``name`` of :data:`WIDE` or :data:`RECURRENT` trained on its
+    dataset (eval mode)."""
+    cls, make, epochs, lr = WIDE[name] if name in WIDE else RECURRENT[name]
     if make.__name__ not in _DATA:
         _DATA[make.__name__] = make()
     data = _DATA[make.__name__]

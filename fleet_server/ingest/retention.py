@@ -23,13 +23,13 @@ so one replica at a time does it and the others skip:
 
 from __future__ import annotations
 
-import json
 import logging
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, text
+from sqlalchemy import Connection, Engine, Text, cast, delete, func, insert, select, text
 
 from fleet_server.db import partitions
 from fleet_server.db.partitions import DAY, KEYS_TABLE, PART_SCHEMA, day_of
@@ -44,6 +44,7 @@ from fleet_server.db.telemetry import (
     read_mark,
     write_mark,
 )
+from fleet_server.ingest.jsoncodec import DEFAULT
 from fleet_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -233,13 +234,14 @@ class TelemetryMaintenance:
 
 
 def _add(acc: list[int] | None, counts: Any) -> list[int] | None:
+    """``acc`` plus ``counts`` bin by bin (in place; ``acc`` grows to the longer)."""
     if not isinstance(counts, list):
         return acc
-    acc = list(acc or [])
+    if acc is None:
+        return [int(c) for c in counts]
     if len(counts) > len(acc):
-        acc += [0] * (len(counts) - len(acc))
-    for i, c in enumerate(counts):
-        acc[i] += int(c)
+        acc.extend([0] * (len(counts) - len(acc)))
+    acc[: len(counts)] = map(operator.add, acc, map(int, counts))
     return acc
 
 
@@ -295,12 +297,12 @@ class _Hour:
         v["prediction_counts"] = _add(v["prediction_counts"], r["prediction_counts"])
         v["labels_count"] += r["labels_count"] or 0
         v["labels_correct"] += r["labels_correct"] or 0
-        labels = json.loads(r["labels"]) if isinstance(r["labels"], str) else r["labels"]
+        labels = r["labels"]
         if isinstance(labels, dict):
             labelled, correct = labels.get("labelled"), labels.get("correct_by_class")
             if isinstance(labelled, list) and isinstance(correct, list):
-                v["labelled_by_class"] = _add(v["labelled_by_class"] or [], labelled)
-                v["correct_by_class"] = _add(v["correct_by_class"] or [], correct)
+                v["labelled_by_class"] = _add(v["labelled_by_class"], labelled)
+                v["correct_by_class"] = _add(v["correct_by_class"], correct)
         if r["previous_count"] and r["previous_agreement"] is not None:
             v["previous_count"] += r["previous_count"]
             v["previous_agreements"] += round(float(r["previous_agreement"]) * r["previous_count"])
@@ -309,6 +311,9 @@ class _Hour:
             v["shadow_errors"] += r["shadow_errors"] or 0
             if r["shadow_agreement"] is not None:
                 v["shadow_agreements"] += round(float(r["shadow_agreement"]) * r["shadow_count"])
+
+
+_JSON_COLUMNS = ("latency_hist", "feature_counts", "prediction_counts", "labels")
 
 
 def roll_up_hour(conn: Connection, hour: float) -> int:
@@ -324,14 +329,14 @@ def roll_up_hour(conn: Connection, hour: float) -> int:
         s.shadow_version,
         s.count,
         s.errors,
-        s.latency_hist,
+        cast(s.latency_hist, Text).label("latency_hist"),
         s.p95_ms,
         s.drift_psi_max,
-        s.feature_counts,
-        s.prediction_counts,
+        cast(s.feature_counts, Text).label("feature_counts"),
+        cast(s.prediction_counts, Text).label("prediction_counts"),
         s.labels_count,
         s.labels_correct,
-        s.labels,
+        cast(s.labels, Text).label("labels"),
         s.previous_count,
         s.previous_agreement,
         s.shadow_count,
@@ -339,8 +344,12 @@ def roll_up_hour(conn: Connection, hour: float) -> int:
         s.shadow_agreement,
     ).where(s.received_at >= hour, s.received_at < hour + HOUR)
     groups: dict[tuple[Any, ...], _Hour] = {}
+    loads = DEFAULT.loads
     for row in conn.execute(stmt):
-        r = row._mapping
+        r = dict(row._mapping)
+        for col in _JSON_COLUMNS:  # decoded here: orjson, not per-column type processing
+            if r[col] is not None:
+                r[col] = loads(r[col])
         key: tuple[Any, ...] = (r["device_id"], r["name"], r["version"], r["rollout_id"])
         key += (r["shadow_name"], r["shadow_version"])
         acc = groups.get(key)

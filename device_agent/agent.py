@@ -536,7 +536,7 @@ class Agent:
             self,
             config=self.config.update,
             events=sink if hasattr(sink, "append") else None,  # type: ignore[arg-type]
-            error_rate_since=self._counts_since,
+            error_rate_since=self.counts_since,
         )
         try:
             if self.model is None:
@@ -561,7 +561,7 @@ class Agent:
             raise InstallError(f"installing {bundle_path} left no active model", "install_failed")
         return model
 
-    def _counts_since(self, since: float) -> tuple[int, int]:
+    def counts_since(self, since: float) -> tuple[int, int]:
         """Calls and errors of the active model (counted from its swap, when probation starts)."""
         active = self.stats().get("active") or {}
         return int(active.get("count", 0)), int(active.get("errors", 0))

@@ -67,8 +67,18 @@ def _logging(cfg: AgentConfig) -> None:
         _die(f"config error: {e}", 2)
 
 
-def _updater(cfg: AgentConfig) -> tuple[Any, Any]:
-    """An updater on the state directory for one-shot commands, and its store."""
+def _model_dirs(cfg: AgentConfig) -> dict[str | None, Path]:
+    """Each model's state directory: the device's own for a one-model device."""
+    from .daemon import model_dir
+
+    state_dir = Path(cfg.device.state_dir)
+    if not cfg.device.models:
+        return {None: state_dir}
+    return {m: model_dir(state_dir, m) for m in cfg.device.models}
+
+
+def _updater(cfg: AgentConfig, model: str | None = None) -> tuple[Any, Any]:
+    """An updater on the (model's) state directory for one-shot commands, and its store."""
     from .daemon import load_trust
     from .store import TelemetryStore
     from .update import Updater
@@ -77,19 +87,33 @@ def _updater(cfg: AgentConfig) -> tuple[Any, Any]:
         trust = load_trust(cfg)
     except ConfigError as e:
         _die(f"config error: {e}", 2)
+    dirs = _model_dirs(cfg)
+    if model not in dirs:
+        known = ", ".join(m for m in dirs if m) or "none: this device runs one model"
+        _die(f"--model {model}: name one of the device's models ({known})", 2)
     state_dir = Path(cfg.device.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     store = TelemetryStore(
         state_dir / "telemetry.db", max_bytes=cfg.telemetry.max_db_bytes, resilient=True
     )
     return Updater(
-        state_dir,
+        dirs[model],
         trust,
         _NoHost(),
         config=cfg.update,
         events=store,
         crash_at=os.environ.get(CRASH_ENV) or None,
+        model_name=model,
     ), store
+
+
+_MODEL_OPTION = click.option(
+    "--model",
+    "model",
+    default=None,
+    metavar="NAME",
+    help="On a device running several models ([device] models): the model to act on.",
+)
 
 
 class _NoHost:
@@ -218,7 +242,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
     cfg = _config(ctx)
     state_dir = Path(cfg.device.state_dir)
-    info = read_status(state_dir)
+    dirs = _model_dirs(cfg)
+    info = read_status(dirs[None]) if None in dirs else {}
+    models: dict[str | None, dict[str, Any]] = {
+        m: read_status(d) for m, d in dirs.items() if m is not None
+    }
+    if models:
+        info["models"] = models
     db = state_dir / "telemetry.db"
     backlog: dict[str, Any] | None = None
     if db.exists():
@@ -233,8 +263,20 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, sort_keys=True))
         return
-    a = info["active"]
     click.echo(f"device:       {cfg.device.id}")
+    for name, one in (models or {None: info}).items():
+        if name is not None:
+            click.echo(f"model {name}:")
+        _echo_status(one)
+    if backlog is not None and "error" in backlog:
+        click.echo(f"telemetry:    unreadable ({backlog['error']}); the agent replaces it")
+    elif backlog is not None:
+        rows = ", ".join(f"{k} {v}" for k, v in backlog["rows"].items())
+        click.echo(f"telemetry:    {rows} waiting ({backlog['bytes']} bytes)")
+
+
+def _echo_status(info: dict[str, Any]) -> None:
+    a = info["active"]
     click.echo(
         "active:       "
         + (f"slot {a['slot']}: {a['name']} v{a['version']}" if a else "none (install a bundle)")
@@ -249,17 +291,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if info["shadow"]:
         sh = info["shadow"]
         click.echo(f"shadow:       slot {sh['slot']}: {sh['name']} v{sh['version']}")
-    if backlog is not None and "error" in backlog:
-        click.echo(f"telemetry:    unreadable ({backlog['error']}); the agent replaces it")
-    elif backlog is not None:
-        rows = ", ".join(f"{k} {v}" for k, v in backlog["rows"].items())
-        click.echo(f"telemetry:    {rows} waiting ({backlog['bytes']} bytes)")
 
 
 @main.command("install")
 @click.argument("bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@_MODEL_OPTION
 @click.pass_context
-def install(ctx: click.Context, bundle: Path) -> None:
+def install(ctx: click.Context, bundle: Path, model: str | None) -> None:
     """Install BUNDLE from a file, without a server: verify, stage, smoke-test, switch.
 
     A bundle that fails verification (tampered, unsigned, older than the installed
@@ -270,7 +308,7 @@ def install(ctx: click.Context, bundle: Path) -> None:
 
     cfg = _config(ctx)
     _logging(cfg)
-    updater, store = _updater(cfg)
+    updater, store = _updater(cfg, model)
     try:
         updater.boot()  # finish or undo what an interrupted command left
         updater.install_file(bundle, probation=False)
@@ -294,14 +332,15 @@ def install(ctx: click.Context, bundle: Path) -> None:
 
 
 @main.command("rollback")
+@_MODEL_OPTION
 @click.pass_context
-def rollback(ctx: click.Context) -> None:
+def rollback(ctx: click.Context, model: str | None) -> None:
     """Switch back to the previous slot, if it still holds a verified bundle."""
     from .update import RollbackUnavailableError, UpdateBusyError
 
     cfg = _config(ctx)
     _logging(cfg)
-    updater, store = _updater(cfg)
+    updater, store = _updater(cfg, model)
     try:
         updater.boot()
         updater.rollback()

@@ -36,6 +36,10 @@ class DeviceConfig:
     state_dir: Path = Path("/var/lib/edgefleet-agent")
     trust_store: Path = Path("/etc/edgefleet/trust.json")
     labels: dict[str, str] = field(default_factory=dict)
+    #: the model names this device runs, each with its own A/B slots, update state,
+    #: anti-rollback floor, assignment and telemetry (under ``<state_dir>/models/<name>``);
+    #: empty: one model, whichever the first assignment names (``<state_dir>`` itself)
+    models: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -272,7 +276,19 @@ class AgentConfig:
             or "#" in self.device.id
         ):
             raise ConfigError("device.id must be non-empty and contain no '/', '+' or '#'")
+        from .bundle.manifest import MODEL_NAME
 
+        models = self.device.models
+        bad = [m for m in models if not MODEL_NAME.fullmatch(m)]
+        if bad or len(set(models)) != len(models) or len(models) > MAX_MODELS:
+            raise ConfigError(
+                f"device.models = {models!r:.200}: expected at most {MAX_MODELS} distinct model "
+                "names (letters, digits, '._-', starting with a letter or digit)"
+            )
+
+
+#: most models one device runs (each costs a check-in per poll and its own slots)
+MAX_MODELS = 16
 
 IDENTITY_FILE = "identity.json"
 

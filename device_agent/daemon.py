@@ -38,7 +38,7 @@ from .bundle import TrustStore
 from .config import AgentConfig, ConfigError
 from .store import TelemetryStore
 from .update.errors import UpdateBusyError
-from .update.fetch import HttpFetcher
+from .update.fetch import HttpFetcher, ModelFetcher
 from .update.machine import State
 from .update.updater import Updater
 
@@ -85,6 +85,11 @@ def server_ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
         raise ConfigError(str(e)) from e
 
 
+def model_dir(state_dir: str | Path, name: str) -> Path:
+    """Where one model of a device running several keeps its slots and update state."""
+    return Path(state_dir) / "models" / name
+
+
 #: seconds between renewal attempts after one failed
 RENEW_RETRY_SECONDS = 60.0
 
@@ -109,7 +114,6 @@ class AgentDaemon:
         self.store = TelemetryStore(
             state_dir / "telemetry.db", max_bytes=config.telemetry.max_db_bytes, resilient=True
         )
-        self.agent = agent if agent is not None else Agent(config, self.store, wall=clock)
         self.fetcher = (
             HttpFetcher(
                 config.server.url,
@@ -123,23 +127,51 @@ class AgentDaemon:
         )
         self._clock = clock
         self._renew_after = 0.0  # monotonic time of the next renewal attempt
-        self.updater = Updater(
-            state_dir,
-            self.trust,
-            self.agent,
-            config=config.update,
-            fetcher=self.fetcher,
-            events=self.store,
-            error_rate_since=self._error_rate_since,
-            crash_at=crash_at,
-            clock=clock,
-            on_telemetry_policy=self.agent.apply_telemetry_policy,
-            device_class=config.device.device_class,
-        )
+        names: list[str | None] = list(config.device.models)
+        if agent is not None and names:
+            raise ConfigError(
+                "an embedded Agent serves one model; [device] models names several: run the "
+                "daemon without agent= and call its agents (daemon.agents[name])"
+            )
+        #: model name -> the agent serving it; None: the one model of a device that
+        #: declares none (whichever its first assignment names)
+        self.agents: dict[str | None, Agent] = {}
+        #: model name -> its updater (own slots, update state and lock)
+        self.updaters: dict[str | None, Updater] = {}
+        for name in names or [None]:
+            a = agent if agent is not None else Agent(config, self.store, wall=clock)
+            fetcher: Any = self.fetcher
+            if name is not None and self.fetcher is not None:
+                fetcher = ModelFetcher(self.fetcher, name)
+            self.agents[name] = a
+            self.updaters[name] = Updater(
+                state_dir if name is None else model_dir(state_dir, name),
+                self.trust,
+                a,
+                config=config.update,
+                fetcher=fetcher,
+                events=self.store,
+                error_rate_since=a.counts_since,
+                crash_at=crash_at,
+                clock=clock,
+                on_telemetry_policy=a.apply_telemetry_policy,
+                device_class=config.device.device_class,
+                model_name=name,
+            )
+        #: the first model's agent and updater (the only ones on a one-model device)
+        self.agent = next(iter(self.agents.values()))
+        self.updater = next(iter(self.updaters.values()))
         if self.fetcher is not None:
             from .uptane.wiring import attach_or_migrate
 
-            attach_or_migrate(config, self.updater, self.fetcher, clock)
+            attach_or_migrate(
+                config,
+                self.updater
+                if not names
+                else {n: u for n, u in self.updaters.items() if n is not None},
+                self.fetcher,
+                clock,
+            )
         self.transport: Any = None
         self.reporter: Any = None
         self._wake = threading.Event()
@@ -147,12 +179,6 @@ class AgentDaemon:
         self._threads: list[threading.Thread] = []
         self.serving: Any = None  # the local inference endpoint, once started
         self.rounds = 0
-
-    def _error_rate_since(self, since: float) -> tuple[int, int]:
-        """Calls and errors of the active model; the Agent counts from its swap, which is
-        when probation starts."""
-        active = self.agent.stats().get("active") or {}
-        return int(active.get("count", 0)), int(active.get("errors", 0))
 
     # -- control -------------------------------------------------------------------
     def wake(self) -> None:
@@ -175,14 +201,21 @@ class AgentDaemon:
             t.join(timeout)
 
     # -- the loop ------------------------------------------------------------------
+    def _probation(self) -> bool:
+        return any(u.state is State.PROBATION for u in self.updaters.values())
+
     def run(self) -> None:
         cfg = self.config
-        try:
-            self.updater.boot()
-        except UpdateBusyError:
-            raise
-        except Exception:  # noqa: BLE001 - serve what boot loaded; the loop retries updates
-            log.exception("update state recovery failed at start; serving continues")
+        for name, updater in self.updaters.items():
+            try:
+                updater.boot()
+            except UpdateBusyError:
+                raise
+            except Exception:  # noqa: BLE001 - serve what boot loaded; the loop retries
+                log.exception(
+                    "update state recovery failed at start; serving continues",
+                    extra={"model": name},
+                )
         self._report_store_notes()
         self._start_serving()
         self._start_mqtt()
@@ -193,6 +226,7 @@ class AgentDaemon:
                 "server": cfg.server.url or None,
                 "mqtt": f"{cfg.mqtt.host}:{cfg.mqtt.port}" if cfg.mqtt.host else None,
                 "state": self.updater.state.value,
+                "models": [n for n in self.updaters if n is not None] or None,
             },
         )
         next_check = 0.0
@@ -201,19 +235,24 @@ class AgentDaemon:
                 now = time.monotonic()
                 woke = self._wake.is_set()
                 self._wake.clear()
-                try:
-                    if self.updater.state is State.PROBATION and not (woke or now >= next_check):
-                        self.updater.tick()
-                    elif woke or now >= next_check:  # also on probation: a rollback is seen
-                        self.updater.check()
-                        next_check = now + cfg.server.poll_seconds
-                        self.rounds += 1
-                except Exception:  # noqa: BLE001 - one bad round must not stop serving
-                    log.exception("update round failed; serving continues")
+                full = woke or now >= next_check  # also on probation: a rollback is seen
+                # each model in turn: one model's failed round never holds another's back
+                for name, updater in self.updaters.items():
+                    try:
+                        if full:
+                            updater.check()
+                        elif updater.state is State.PROBATION:
+                            updater.tick()
+                    except Exception:  # noqa: BLE001 - one bad round must not stop serving
+                        log.exception(
+                            "update round failed; serving continues", extra={"model": name}
+                        )
+                if full:
                     next_check = now + cfg.server.poll_seconds
+                    self.rounds += 1
                 self._after_round()
                 timeout = max(0.0, next_check - time.monotonic())
-                if self.updater.state is State.PROBATION:
+                if self._probation():
                     timeout = min(timeout, PROBATION_TICK_SECONDS)
                 self._wake.wait(timeout)
         finally:
@@ -258,11 +297,19 @@ class AgentDaemon:
             self.reporter.notify()
         if self.transport is not None:
             model = self.agent.model
-            status = {
+            status: dict[str, Any] = {
                 "update_state": self.updater.state.value,
                 "model": model.name if model else None,
                 "version": model.version if model else None,
             }
+            if len(self.agents) > 1:
+                status["models"] = {
+                    name: {
+                        "version": a.model.version if a.model else None,
+                        "update_state": self.updaters[name].state.value,
+                    }
+                    for name, a in self.agents.items()
+                }
             if any(self.transport.status_extra.get(k) != v for k, v in status.items()):
                 with contextlib.suppress(Exception):
                     self.transport.set_status(**status)
@@ -275,7 +322,9 @@ class AgentDaemon:
 
         try:
             self.serving = ServingEndpoint(
-                self.agent, self.config.serving, self.config.device.state_dir
+                self.agents if len(self.agents) > 1 or None not in self.agents else self.agent,
+                self.config.serving,
+                self.config.device.state_dir,
             ).start()
         except ServingStartError as e:
             log.error("local inference endpoint not started: %s", e)
@@ -316,6 +365,8 @@ class AgentDaemon:
             self.transport.stop()
         if self.serving is not None:
             self.serving.stop()
-        self.agent.close()
+        for agent in self.agents.values():
+            agent.close()
         self.store.close()
-        self.updater.unlock()
+        for updater in self.updaters.values():
+            updater.unlock()

@@ -9,12 +9,16 @@ HTTP (device API, per-device credentials as ``Authorization: Bearer <token>``)::
                                            "labels"} -> {"device_id", "credential", ...}
                                            (no auth; the single-use token is the proof)
     GET  /device/v1/assignment          -> Assignment JSON; ETag, If-None-Match -> 304
+         ?model=<name>                     one model's entry, on a device running several
+                                           (``[device] models``); without it, the device's
+                                           most recently changed entry
     GET  /device/v1/bundles/{bundle_id} -> bundle bytes; Range supported (206)
     POST /device/v1/reports             -> {"reports": [Report, ...]} install/health reports
 
 Assignment JSON::
 
     {"device_id": "cam-0001",
+     "model": "m" | null,                  # the model this entry is for (one per model)
      "assignment_id": "sha256 of the fields below",   # also the ETag
      "desired": {"bundle_id": "b-…", "name": "m", "version": 7, "url": "/device/v1/bundles/b-…",
                  "sha256": "<of the bundle file>", "size": 12345} | null,

@@ -198,7 +198,7 @@ class ServerContext:
 
     def _on_assignment_change(self, changes: list[AssignmentChange]) -> None:
         for c in changes:
-            self.assignment_cache.put(c.device_id, c.assignment_id, c.body)
+            self.assignment_cache.put(c.device_id, c.assignment_id, c.body, c.model)
             try:
                 self.notifier.notify(c.device_id, c.assignment_id)
                 self.metrics.notifications.inc()

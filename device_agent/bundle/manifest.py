@@ -24,7 +24,8 @@ FORMATS = ("onnx", "tflite")
 FILE_ROLES = ("model", "drift_profile", "smoke_samples", "extra")
 _MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: a model name: what a manifest, an assignment entry and a device's configured models use
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: longest integer literal a manifest may hold (covers every signed 64-bit value)
 MAX_INT_DIGITS = 19
 
@@ -329,7 +330,7 @@ class Manifest:
         if unknown:
             raise ManifestError(f"manifest has unknown fields {sorted(unknown)}")
         name, version, fmt = obj.get("name"), obj.get("version"), obj.get("format")
-        if not isinstance(name, str) or not _MODEL_NAME.match(name):
+        if not isinstance(name, str) or not MODEL_NAME.match(name):
             raise ManifestError(f"model name {name!r} must be 1-128 of letters, digits, '._-'")
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise ManifestError("'version' must be a non-negative integer")

@@ -92,25 +92,57 @@ def _quantized(meta: dict[str, Any], model: Any) -> dict[str, Any]:
 
 
 class ServingApp:
-    """Routes and answers requests for one :class:`~device_agent.agent.Agent`."""
+    """Routes and answers requests for the device's :class:`~device_agent.agent.Agent` s:
+    one agent (whichever model it runs), or one per model name on a device running several."""
 
-    def __init__(self, agent: Any, config: ServingConfig) -> None:
-        self.agent = agent
+    def __init__(self, agents: Any, config: ServingConfig) -> None:
+        #: model name -> agent; None: the one agent of a one-model device, named by its model
+        self.agents: dict[str | None, Any] = (
+            dict(agents) if isinstance(agents, Mapping) else {None: agents}
+        )
         self.config = config
 
     # -- helpers -------------------------------------------------------------------
+    def _names(self) -> list[str]:
+        out = []
+        for key, agent in self.agents.items():
+            model = agent.model
+            name = key if key is not None else (model.name if model is not None else None)
+            if name is not None:
+                out.append(name)
+        return out
+
+    def _agent(self, name: str) -> Any:
+        """The agent serving model ``name``; refused when no agent serves it."""
+        found = self.agents.get(name)
+        if found is None and None in self.agents:
+            one = self.agents[None]
+            if one.model is None:
+                raise ServingError(
+                    503,
+                    "no model is installed yet; the agent installs one from "
+                    "its assignment or `edgefleet-agent install`",
+                    "no_active_model",
+                )
+            if one.model.name == name:
+                found = one
+        if found is None:
+            raise ServingError(
+                404,
+                f"unknown model {name!r}; this device serves "
+                f"{', '.join(repr(n) for n in self._names()) or 'no model yet'}",
+                "unknown_model",
+            )
+        return found
+
     def _model(self, name: str, version: str | None) -> Any:
-        model = self.agent.model
+        model = self._agent(name).model
         if model is None:
             raise ServingError(
                 503,
-                "no model is installed yet; the agent installs one from "
+                f"model {name!r} is not installed yet; the agent installs it from "
                 "its assignment or `edgefleet-agent install`",
                 "no_active_model",
-            )
-        if name != model.name:
-            raise ServingError(
-                404, f"unknown model {name!r}; this device serves {model.name!r}", "unknown_model"
             )
         if version not in (None, "", str(model.version)):
             raise ServingError(
@@ -152,19 +184,24 @@ class ServingApp:
             return Response(200)
         if path == "/v2/health/ready":
             self._method(method, "GET")
-            if self.agent.model is None:
-                raise ServingError(503, "no model is installed yet", "no_active_model")
+            missing = [k or "" for k, a in self.agents.items() if a.model is None]
+            if missing:
+                what = ", ".join(repr(m) for m in missing if m) or "a model"
+                raise ServingError(503, f"not installed yet: {what}", "no_active_model")
             return Response(200)
         if path == "/v2/repository/index":
             self._method(method, "POST")
             read_body()
-            model = self.agent.model
-            return _json(
-                200,
-                []
-                if model is None
-                else [{"name": model.name, "version": str(model.version), "state": "READY"}],
-            )
+            index = []
+            for key, agent in self.agents.items():
+                model = agent.model
+                if model is not None:
+                    index.append(
+                        {"name": model.name, "version": str(model.version), "state": "READY"}
+                    )
+                elif key is not None:
+                    index.append({"name": key, "version": "", "state": "UNAVAILABLE"})
+            return _json(200, index)
         m = _MODEL_ROUTE.match(path)
         if m is None:
             raise ServingError(
@@ -174,7 +211,7 @@ class ServingApp:
         if action == "/labels":
             self._method(method, "POST")
             self._model(name, version and unquote(version))
-            return self._labels(read_body())
+            return self._labels(self._agent(name), read_body())
         if action == "/infer":
             self._method(method, "POST")
             return self._infer(self._model(name, version and unquote(version)), headers, read_body)
@@ -211,7 +248,7 @@ class ServingApp:
             also={n: q.dtype for n, q in model.io.inputs.items()} if model.io else None,
         )
         try:
-            prediction_id, outputs = self.agent.predict_with_id(request.feed)
+            prediction_id, outputs = self._agent(model.name).predict_with_id(request.feed)
         except InputError as e:
             raise ServingError(400, str(e), e.code) from e
         except NoActiveModelError as e:
@@ -230,14 +267,14 @@ class ServingApp:
             return Response(200, out)
         return Response(200, out, "application/octet-stream", hlen)
 
-    def _labels(self, body: bytes) -> Response:
+    def _labels(self, agent: Any, body: bytes) -> Response:
         """Post true labels for earlier predictions; each one is accepted, not counted
         (its model was swapped out) or refused with a code."""
         accepted = not_counted = 0
         refused: list[dict[str, str]] = []
         for prediction_id, label in decode_labels(body):
             try:
-                counted = self.agent.label(prediction_id, label)
+                counted = agent.label(prediction_id, label)
             except (UnknownPredictionError, InputError) as e:
                 refused.append(
                     {"prediction_id": prediction_id[:200], "code": e.code, "error": str(e)}
@@ -551,10 +588,11 @@ def load_or_create_token(path: Path) -> str:
 
 
 class ServingEndpoint:
-    """The endpoint of one agent: a Unix socket server and, optionally, a TCP one."""
+    """The device's endpoint: a Unix socket server and, optionally, a TCP one; ``agents``
+    is one agent or a mapping of model name to agent."""
 
-    def __init__(self, agent: Any, config: ServingConfig, state_dir: str | Path) -> None:
-        self.app = ServingApp(agent, config)
+    def __init__(self, agents: Any, config: ServingConfig, state_dir: str | Path) -> None:
+        self.app = ServingApp(agents, config)
         self.config = config
         state_dir = Path(state_dir)
         self.socket_path = Path(config.socket) if config.socket else state_dir / SOCKET_NAME

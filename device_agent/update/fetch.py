@@ -37,7 +37,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 from ..protocol import ASSIGNMENT_PATH, REPORTS_PATH
 from .errors import (
@@ -182,8 +182,13 @@ class HttpFetcher:
         return opener.open(req, timeout=self.timeout)
 
     # -- assignment ----------------------------------------------------------
-    def get_assignment(self, etag: str | None) -> tuple[Assignment | None, str | None]:
+    def get_assignment(
+        self, etag: str | None, model: str | None = None
+    ) -> tuple[Assignment | None, str | None]:
+        """``model``: the assignment of that model, on a device running several."""
         url = self._url(ASSIGNMENT_PATH)
+        if model is not None:
+            url += "?" + urlencode({"model": model})
         try:
             with self._request(url, {"If-None-Match": etag} if etag else None) as resp:
                 body = resp.read(1024 * 1024 + 1)
@@ -319,3 +324,27 @@ class HttpFetcher:
                     f.flush()
                     os.fsync(f.fileno())
         return have == limit
+
+
+class ModelFetcher:
+    """One model's :class:`Fetcher` on a device running several models: its own
+    assignment (``?model=``), the device's connection for downloads and reports."""
+
+    def __init__(self, base: HttpFetcher, model: str) -> None:
+        self.base = base
+        self.model = model
+
+    def get_assignment(self, etag: str | None) -> tuple[Assignment | None, str | None]:
+        assignment, new_etag = self.base.get_assignment(etag, model=self.model)
+        if assignment is not None and assignment.model not in (None, self.model):
+            raise AssignmentError(
+                f"asked for the assignment of model {self.model!r}, the server answered the "
+                f"one of {assignment.model!r:.130}; not acted on"
+            )
+        return assignment, new_etag
+
+    def download(self, ref: BundleRef, downloads: Path, max_bytes: int) -> Path:
+        return self.base.download(ref, downloads, max_bytes)
+
+    def post_reports(self, reports: list[dict[str, Any]]) -> None:
+        self.base.post_reports(reports)

@@ -114,12 +114,17 @@ class Assignment:
     rollout_id: str | None = None
     stage: int | None = None
     telemetry: dict[str, Any] = field(default_factory=dict)
+    #: the model this entry is for (a device running several has one entry per model)
+    model: str | None = None
 
     @classmethod
     def from_json(cls, obj: Any) -> Assignment:
         if not isinstance(obj, dict):
             raise AssignmentError("the assignment must be a JSON object")
         desired, shadow = obj.get("desired"), obj.get("shadow")
+        model = obj.get("model")
+        if model is not None and not isinstance(model, str):
+            raise AssignmentError("the assignment's model must be a string or null")
         return cls(
             device_id=str(obj.get("device_id", "")),
             assignment_id=str(obj.get("assignment_id", "")),
@@ -128,6 +133,7 @@ class Assignment:
             rollout_id=obj.get("rollout_id"),
             stage=obj.get("stage"),
             telemetry=dict(obj.get("telemetry") or {}),
+            model=model,
         )
 
 

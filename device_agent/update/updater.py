@@ -130,6 +130,7 @@ class Updater:
         crash_at: str | None = None,
         on_telemetry_policy: Callable[[dict[str, Any]], object] | None = None,
         device_class: str | None = None,
+        model_name: str | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -144,6 +145,10 @@ class Updater:
         self.crash_at = crash_at  # test hook: SIGKILL ourselves at this point; None = off
         self.on_telemetry_policy = on_telemetry_policy
         self.device_class = device_class  # bundles must list it (when they list classes)
+        #: on a device running several models: the one model these slots hold (any bundle
+        #: of another name is ``wrong_model``, even into empty slots); None: whichever the
+        #: first install brings
+        self.model_name = model_name
         #: False under the Uptane chain: the director may go back to an earlier release
         #: (a rollback without re-signing); the release counter floor guards it instead
         self.version_floor = True
@@ -790,7 +795,8 @@ class Updater:
         ptr = self.slots.active()
         return expectation(
             slots_root=self.slots.root,
-            model_name=ptr.name if ptr is not None and not self.record.local else None,
+            model_name=self.model_name
+            or (ptr.name if ptr is not None and not self.record.local else None),
             device_class=self.device_class,
             floors=self.floors.all() if self.version_floor else {},
         )

@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 import urllib.error
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -166,7 +166,11 @@ class UptaneClient:
         raise cls(message)
 
     def instructions(
-        self, *, floors: Mapping[str, int], active_name: str | None
+        self,
+        *,
+        floors: Mapping[str, int],
+        active_name: str | None,
+        models: Collection[str] = (),
     ) -> list[Instruction]:
         """Refresh both repositories and return what both agree this device must run."""
         director, image = self.refresh()
@@ -186,4 +190,5 @@ class UptaneClient:
             device_class=self.device_class,
             floors=floors,
             active_name=active_name,
+            models=models,
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +78,7 @@ def decide(
     device_class: str,
     floors: Mapping[str, int],
     active_name: str | None,
+    models: Collection[str] = (),
 ) -> list[Instruction]:
     """The instructions both repositories agree on, or the first refusal (raised).
 
@@ -88,7 +89,8 @@ def decide(
     * the release is of the model the director names and, when the device already runs a
       model, of that model (``wrong_model``), for this device class, at or above the floor
       of its model name (``rollback``);
-    * at most one target per role.
+    * at most one target per role (per role and model name on a device running several
+      ``models``; there every release must be of one of them, ``wrong_model``).
     """
     out: list[Instruction] = []
     for d in director:
@@ -104,9 +106,9 @@ def decide(
                 f"this device is {device_class!r}"
             )
         role = fd.get("role", "desired")
-        if role not in ROLES or any(i.role == role for i in out):
-            raise BadInstructionError(f"director role {role!r:.40} is unknown or repeated")
         name = _str(fd.get("name"), "director name")
+        if role not in ROLES or any(i.role == role and (not models or i.name == name) for i in out):
+            raise BadInstructionError(f"director role {role!r:.40} is unknown or repeated")
         img = released(d.path)
         if img is None:
             raise NotReleasedError(
@@ -129,7 +131,13 @@ def decide(
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
             raise BadInstructionError(f"image target {d.path!r}: device_classes must be a list")
         about = {"name": iname, "version": version, "sha256": img.sha256}
-        if iname != name or (active_name is not None and iname != active_name):
+        if models and (iname != name or iname not in models):
+            raise WrongModelInstructionError(
+                f"release {d.path!r} is model {iname!r}; the director says {name!r} and this "
+                f"device runs {', '.join(sorted(models))}: a slot never changes model name",
+                about=about,
+            )
+        if iname != name or (not models and active_name is not None and iname != active_name):
             raise WrongModelInstructionError(
                 f"release {d.path!r} is model {iname!r}; the director says {name!r} and this "
                 f"device runs {active_name!r}: a slot never changes model name",

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -57,27 +57,36 @@ class UptaneFetcher:
         active_name: Callable[[], str | None],
         clock: Callable[[], float] = time.time,
         mirrors: Sequence[HttpFetcher] = (),
+        model: str | None = None,
+        models: Collection[str] = (),
+        floors: Floors | None = None,
     ) -> None:
+        """On a device running several ``models``, one fetcher per ``model`` sharing the
+        client and the ``floors`` (one file, one cached copy)."""
         self.client = client
         self.http = http
         #: fetchers without a credential, tried in order before the server for bundles
         self.mirrors = tuple(mirrors)
         self.active_name = active_name
         self.clock = clock
-        self.floors = Floors(Path(client.dir), repair=True)
+        self.model = model
+        self.models = tuple(models)
+        self.floors = floors if floors is not None else Floors(Path(client.dir), repair=True)
         self._instructions: list[Instruction] = []
         self._last_report: tuple[str, float] | None = None
 
     def get_assignment(self, etag: str | None) -> tuple[Assignment | None, str | None]:
         try:
             found = self.client.instructions(
-                floors=self.floors.all(), active_name=self.active_name()
+                floors=self.floors.all(), active_name=self.active_name(), models=self.models
             )
         except UptaneError as e:
             self._report_refusal(e)
             raise
         if self._last_report is not None:
             self._report_recovered(self._last_report[0])
+        if self.model is not None:  # this model's instructions; the others have their own
+            found = [i for i in found if i.name == self.model]
         self._instructions = found
         by_role = {i.role: i for i in found}
         desired, shadow = by_role.get("desired"), by_role.get("shadow")
@@ -94,6 +103,7 @@ class UptaneFetcher:
                 assignment_id=aid,
                 desired=bundle_ref(desired) if desired else None,
                 shadow=bundle_ref(shadow) if shadow else None,
+                model=self.model,
             ),
             aid,
         )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ..config import AgentConfig, ConfigError
 from ..update.fetch import HttpFetcher
+from ..update.floors import Floors
 from ..update.updater import Updater
 from .client import Roots, UptaneClient
 from .fetcher import UptaneFetcher
@@ -14,13 +15,16 @@ from .fetcher import UptaneFetcher
 
 def attach(
     config: AgentConfig,
-    updater: Updater,
+    updaters: Updater | Mapping[str, Updater],
     http: HttpFetcher,
     clock: Callable[[], float],
     roots_files: tuple[Path, Path] | None = None,
 ) -> UptaneFetcher:
-    """Make ``updater`` take its assignments from verified Uptane metadata (``[uptane]``;
-    ``roots_files`` overrides the configured roots, after a migration)."""
+    """Make each updater take its assignments from verified Uptane metadata (``[uptane]``;
+    ``roots_files`` overrides the configured roots, after a migration). ``updaters``: the
+    device's one updater, or one per model name on a device running several (one client
+    and one set of release-counter floors, a fetcher per model). Returns the first
+    fetcher."""
     u = config.uptane
     if roots_files is None:
         if u.image_root is None or u.director_root is None:
@@ -42,11 +46,6 @@ def attach(
         stale_after_seconds=u.stale_after_seconds,
         clock=clock,
     )
-
-    def active_name() -> str | None:
-        ptr = updater.slots.active()
-        return ptr.name if ptr is not None else None
-
     mirrors = [
         HttpFetcher(
             m,
@@ -57,32 +56,62 @@ def attach(
         )
         for m in u.mirrors
     ]
-    fetcher = UptaneFetcher(client, http, active_name=active_name, clock=clock, mirrors=mirrors)
-    updater.fetcher = fetcher
-    updater.version_floor = False
-    return fetcher
+    by_model: dict[str | None, Updater] = {}
+    if isinstance(updaters, Updater):
+        by_model[None] = updaters
+    else:
+        by_model.update(updaters)
+    models = [m for m in by_model if m is not None]
+    floors = Floors(Path(client.dir), repair=True)
+    fetchers = []
+    for model, updater in by_model.items():
+
+        def active_name(updater: Updater = updater) -> str | None:
+            ptr = updater.slots.active()
+            return ptr.name if ptr is not None else None
+
+        fetcher = UptaneFetcher(
+            client,
+            http,
+            active_name=active_name,
+            clock=clock,
+            mirrors=mirrors,
+            model=model,
+            models=models,
+            floors=floors,
+        )
+        updater.fetcher = fetcher
+        updater.version_floor = False
+        fetchers.append(fetcher)
+    return fetchers[0]
 
 
 def attach_or_migrate(
     config: AgentConfig,
-    updater: Updater,
+    updaters: Updater | Mapping[str, Updater],
     http: HttpFetcher,
     clock: Callable[[], float],
 ) -> None:
     """``[uptane] enabled``: the chain from the provisioned roots. Else, after a past
     migration: the chain from the migrated roots. Else with ``[uptane] migrate``: look for a
-    signed migration at each check."""
+    signed migration at each check (a device running one model)."""
     from .migration import MigratingFetcher, migrated_roots
 
     state_dir = Path(config.device.state_dir)
     if config.uptane.enabled:
-        attach(config, updater, http, clock)
+        attach(config, updaters, http, clock)
         return
     found = migrated_roots(state_dir)
     if found is not None:
-        attach(config, updater, http, clock, roots_files=found)
+        attach(config, updaters, http, clock, roots_files=found)
         return
     if config.uptane.migrate:
+        if not isinstance(updaters, Updater):
+            raise ConfigError(
+                "[uptane] migrate is for devices running one model; a device with "
+                "[device] models gets the Uptane roots in its image ([uptane] enabled)"
+            )
+        updater = updaters
 
         def migrated(image: Path, director: Path) -> UptaneFetcher:
             return attach(config, updater, http, clock, roots_files=(image, director))

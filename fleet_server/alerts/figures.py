@@ -21,7 +21,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from fleet_server.alerts.rules import Figure, Kind, Rule
-from fleet_server.db.models import Assignment, Device
+from fleet_server.db.models import Assignment, Device, DeviceModel
 from fleet_server.db.telemetry import TelemetrySample, TelemetrySummary
 from fleet_server.ingest.gaps import records_lost
 from fleet_server.rollouts.gates import hist_quantile
@@ -111,18 +111,28 @@ def _stale(session: Session, devices: Sequence[Device], since: float) -> tuple[l
     cutoff = datetime.fromtimestamp(since, timezone.utc)
     stale = []
     assigned = 0
-    for device_id, desired, updated in session.execute(
-        select(Assignment.device_id, Assignment.desired_bundle_id, Assignment.updated_at).where(
-            Assignment.desired_bundle_id.is_not(None)
-        )
+    runs = {
+        (m.device_id, m.name): m.bundle_id
+        for m in session.scalars(select(DeviceModel).where(DeviceModel.device_id.in_(by_id)))
+    }
+    seen: set[str] = set()
+    for device_id, model, desired, updated in session.execute(
+        select(
+            Assignment.device_id,
+            Assignment.model,
+            Assignment.desired_bundle_id,
+            Assignment.updated_at,
+        ).where(Assignment.desired_bundle_id.is_not(None))
     ):
-        d = by_id.get(device_id)
-        if d is None:
+        if device_id not in by_id:
             continue
-        assigned += 1
-        if d.current_bundle_id != desired and updated < cutoff:
+        if device_id not in seen:
+            seen.add(device_id)
+            assigned += 1
+        # each model of the device against its own assignment
+        if runs.get((device_id, model)) != desired and updated < cutoff:
             stale.append(device_id)
-    return sorted(stale), assigned
+    return sorted(set(stale)), assigned
 
 
 def lost_total(engine: Engine, devices: Collection[str]) -> int:

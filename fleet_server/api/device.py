@@ -10,9 +10,10 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from cryptography import x509
-from fastapi import APIRouter, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -20,6 +21,7 @@ from starlette.datastructures import Headers
 from starlette.responses import FileResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from device_agent.bundle.manifest import MODEL_NAME
 from device_agent.protocol import (
     ASSIGNMENT_PATH,
     CERTIFICATE_PATH,
@@ -46,9 +48,9 @@ from fleet_server.api.device_schemas import (
     ReportBatch,
     report_body,
 )
-from fleet_server.assignments.document import assigned_bundle_ids
+from fleet_server.assignments.document import assigned_bundle_ids, device_assignments
 from fleet_server.context import ServerContext
-from fleet_server.db.models import Bundle, Device, DeviceReport
+from fleet_server.db.models import Bundle, Device, DeviceModel, DeviceReport
 from fleet_server.db.types import utcnow
 from fleet_server.errors import (
     BadRequestError,
@@ -117,9 +119,9 @@ def enroll(
     certificate: bytes | None = None
     if ctx.ca is not None and body.csr:
         certificate = _issue(ctx, session, d.id, body.csr, reason="enroll")
-    change = ctx.rollouts.sync_device(session, d)
+    changes = ctx.rollouts.sync_device(session, d)
     session.commit()
-    ctx.assignments.publish([change])
+    ctx.assignments.publish(changes)
     if ctx.broker is not None and certificate is not None and ctx.broker.tls is not None:
         serial = x509.load_pem_x509_certificate(certificate).serial_number
         ctx.broker.add_certificate_device(d.id, serial)
@@ -232,7 +234,7 @@ def _json_error(exc_status: int, code: str, message: str) -> Response:
 
 
 async def checkin_response(
-    ctx: ServerContext, headers: Headers, peer_cert: bytes | None = None
+    ctx: ServerContext, headers: Headers, peer_cert: bytes | None = None, query: bytes = b""
 ) -> Response:
     """The check-in answer for a request: 304, 200 with the assignment, or 401.
 
@@ -253,9 +255,15 @@ async def checkin_response(
         except ServerError as e:
             return _json_error(e.status_code, e.code, e.message)
     ctx.last_seen.touch(device_id)
-    entry = ctx.assignment_cache.get(device_id)
+    model = None
+    if query:
+        try:
+            model = model_query(query)
+        except ValueError as e:
+            return _json_error(422, "bad_model_name", str(e))
+    entry = ctx.assignment_cache.get(device_id, model)
     if entry is None:
-        entry = await run_in_threadpool(ctx.assignment_cache.load, device_id)
+        entry = await run_in_threadpool(ctx.assignment_cache.load, device_id, model)
     etag = f'"{entry.etag}"'
     if _etag_matches(headers.get("if-none-match"), entry.etag):
         ctx.metrics.not_modified.inc()
@@ -274,14 +282,25 @@ async def checkin_response(
     responses={304: {"description": "Unchanged (If-None-Match matched)"}, 401: _ERR},
     openapi_extra={"security": [{"DeviceCredential": []}]},
 )
-async def get_assignment(request: Request) -> Response:
+async def get_assignment(
+    request: Request,
+    model: str | None = Query(
+        default=None,
+        max_length=128,
+        description="the model name, on a device that runs several models (each has its "
+        "own assignment and ETag); without it, the device's most recently changed one",
+    ),
+) -> Response:
     """The calling device's assignment; ETag = ``assignment_id``; If-None-Match -> 304.
 
     Served by :class:`CheckinFastPath` ahead of the router; this route documents it
     and answers if the fast path is not installed.
     """
     return await checkin_response(
-        request.app.state.ctx, request.headers, peer_certificate(request.scope)
+        request.app.state.ctx,
+        request.headers,
+        peer_certificate(request.scope),
+        request.scope.get("query_string", b""),
     )
 
 
@@ -303,7 +322,7 @@ class CheckinFastPath:
             and scope["method"] in ("GET", "HEAD")
         ):
             response = await checkin_response(
-                self.ctx, Headers(scope=scope), peer_certificate(scope)
+                self.ctx, Headers(scope=scope), peer_certificate(scope), scope["query_string"]
             )
             await response(scope, receive, send)
             return
@@ -324,7 +343,9 @@ class CheckinFastPath:
 def get_bundle(bundle_id: str, device_id: CurrentDevice, ctx: CtxDep) -> Response:
     """Download a bundle assigned to the calling device; supports ``Range`` (206)."""
     entry = ctx.assignment_cache.get(device_id) or ctx.assignment_cache.load(device_id)
-    if bundle_id not in assigned_bundle_ids(entry.doc):
+    if bundle_id not in assigned_bundle_ids(entry.doc) and not _assigned_any_model(
+        ctx, device_id, bundle_id
+    ):
         raise NotFoundError(f"bundle {bundle_id} is not assigned to this device")
     with ctx.session() as session:
         bundle = session.get(Bundle, bundle_id)
@@ -335,6 +356,29 @@ def get_bundle(bundle_id: str, device_id: CurrentDevice, ctx: CtxDep) -> Respons
         media_type="application/octet-stream",
         headers={"etag": f'"{bundle.sha256}"', "accept-ranges": "bytes"},
     )
+
+
+def _assigned_any_model(ctx: ServerContext, device_id: str, bundle_id: str) -> bool:
+    """True when one of the device's models (not only its newest) is assigned the bundle."""
+    with ctx.session() as session:
+        return any(
+            bundle_id in (a.desired_bundle_id, a.shadow_bundle_id)
+            for a in device_assignments(session, device_id)
+        )
+
+
+def model_query(query: bytes) -> str | None:
+    """The ``model`` of a check-in's query string (None when absent); ValueError if bad."""
+    values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("model")
+    if not values:
+        return None
+    model = values[-1]
+    if not MODEL_NAME.fullmatch(model):
+        raise ValueError(
+            f"model {model[:80]!r} is not a model name (1-128 letters, digits, '._-', "
+            "starting with a letter or digit)"
+        )
+    return model
 
 
 async def read_capped(request: Request, limit: int) -> bytes:
@@ -417,9 +461,15 @@ def _store_reports_in(session: Any, device_id: str, batch: ReportBatch) -> Repor
         shadow = body.get("shadow") is True  # a shadow candidate serves nothing
         installed = r.type == "install" and r.outcome in ("installed", "rolled_back")
         if installed and r.name and not shadow:
+            bundle_id = r.bundle_id or _bundle_id_for(session, r.name, r.version)
             device.current_name = r.name
             device.current_version = r.version
-            device.current_bundle_id = r.bundle_id or _bundle_id_for(session, r.name, r.version)
+            device.current_bundle_id = bundle_id
+            running = session.get(DeviceModel, (device_id, r.name))
+            if running is None:
+                running = DeviceModel(device_id=device_id, name=r.name)
+                session.add(running)
+            running.version, running.bundle_id, running.updated_at = r.version, bundle_id, now
         if r.type == "health" and r.health:
             device.health = r.health
             device.health_details = body

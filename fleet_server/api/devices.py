@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
@@ -13,7 +14,14 @@ from fleet_server import audit
 from fleet_server.api.deps import CtxDep, OperatorDep, SessionDep, ViewerDep
 from fleet_server.api.device_schemas import LABEL_KEY
 from fleet_server.api.pagination import Page, PageDep, paginate
-from fleet_server.db.models import Assignment, Bundle, Device, EnrollmentToken, Group
+from fleet_server.db.models import (
+    Assignment,
+    Bundle,
+    Device,
+    DeviceModel,
+    EnrollmentToken,
+    Group,
+)
 from fleet_server.db.types import utcnow
 from fleet_server.errors import BadRequestError, ConflictError, NotFoundError
 from fleet_server.registry.certificates import revoke_certificates
@@ -37,6 +45,12 @@ def _check_labels(labels: Labels) -> None:
 
 
 # -- devices ------------------------------------------------------------------
+class DeviceModelPublic(BaseModel):
+    bundle_id: str | None = None
+    version: int | None = None
+    assignment: dict[str, Any] | None = None
+
+
 class DevicePublic(BaseModel):
     id: str
     device_class: str
@@ -58,7 +72,14 @@ class DevicePublic(BaseModel):
         "not_released, wrong_model, ...)",
     )
     revoked: bool
-    assignment: dict[str, Any] | None = None
+    assignment: dict[str, Any] | None = Field(
+        default=None, description="The most recently changed model's assignment document"
+    )
+    models: dict[str, DeviceModelPublic] = Field(
+        default_factory=dict,
+        description="Per model name the device runs or is assigned: what its last install "
+        "report of that model says it runs, and that model's assignment document",
+    )
     records_lost: dict[str, int] = Field(
         default_factory=dict,
         description="Telemetry records missing from the database by kind (holes in the "
@@ -74,10 +95,48 @@ class DeviceLabelsPatch(BaseModel):
 class AssignmentSet(BaseModel):
     desired_bundle_id: str | None = Field(default=None, max_length=40)
     shadow_bundle_id: str | None = Field(default=None, max_length=40)
+    model: str | None = Field(
+        default=None,
+        max_length=128,
+        description="The model this assignment is for (default: the bundles' model name); "
+        "needed to clear a model's assignment on a device running several",
+    )
 
 
-def device_public(d: Device, assignment: Assignment | None = None) -> DevicePublic:
+@dataclass
+class Assigned:
+    """A device's per-model assignment rows and running models (read in one query each)."""
+
+    assignments: list[Assignment] = field(default_factory=list)
+    running: list[DeviceModel] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, session: Any, ids: list[str]) -> dict[str, Assigned]:
+        out: dict[str, Assigned] = {i: cls() for i in ids}
+        if not ids:
+            return out
+        for a in session.scalars(
+            select(Assignment)
+            .where(Assignment.device_id.in_(ids))
+            .order_by(Assignment.updated_at.desc())
+        ):
+            out[a.device_id].assignments.append(a)
+        for m in session.scalars(select(DeviceModel).where(DeviceModel.device_id.in_(ids))):
+            out[m.device_id].running.append(m)
+        return out
+
+
+def device_public(d: Device, assigned: Assigned | None = None) -> DevicePublic:
     """A device as the API shows it; the shadow candidate (if any) apart from the active one."""
+    assigned = assigned or Assigned()
+    assignment = assigned.assignments[0] if assigned.assignments else None
+    models: dict[str, DeviceModelPublic] = {
+        m.name: DeviceModelPublic(bundle_id=m.bundle_id, version=m.version)
+        for m in assigned.running
+    }
+    for a in assigned.assignments:
+        if a.model:
+            models.setdefault(a.model, DeviceModelPublic()).assignment = a.body
     shadow = (assignment.body or {}).get("shadow") if assignment is not None else None
     if not isinstance(shadow, dict):
         shadow = {}
@@ -97,6 +156,7 @@ def device_public(d: Device, assignment: Assignment | None = None) -> DevicePubl
         health_code=d.health_code,
         revoked=d.revoked_at is not None,
         assignment=assignment.body if assignment is not None else None,
+        models=dict(sorted(models.items())),
     )
 
 
@@ -137,7 +197,7 @@ def list_devices(
         nxt_off = nxt if nxt < total else None
     else:
         rows, total, nxt_off = paginate(session, stmt, page)
-    assigned = _assignments(session, [d.id for d in rows])
+    assigned = Assigned.of(session, [d.id for d in rows])
     lost = _records_lost(session, [d.id for d in rows])
     return Page(
         items=[
@@ -168,17 +228,14 @@ def _records_lost(session: Any, ids: list[str]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _assignments(session: Any, ids: list[str]) -> dict[str, Assignment]:
-    if not ids:
-        return {}
-    rows = session.scalars(select(Assignment).where(Assignment.device_id.in_(ids)))
-    return {a.device_id: a for a in rows}
+def _assigned(session: Any, device_id: str) -> Assigned:
+    return Assigned.of(session, [device_id])[device_id]
 
 
 @router.get("/devices/{device_id}", response_model=DevicePublic, tags=["devices"])
 def get_device(device_id: str, session: SessionDep, who: ViewerDep) -> DevicePublic:
     d = _device(session, device_id)
-    return device_public(d, session.get(Assignment, device_id))
+    return device_public(d, _assigned(session, device_id))
 
 
 @router.patch("/devices/{device_id}/labels", response_model=DevicePublic, tags=["devices"])
@@ -201,10 +258,10 @@ def patch_labels(
         details={"before": before, "after": labels},
     )
     session.flush()
-    change = ctx.rollouts.sync_device(session, d)
+    changes = ctx.rollouts.sync_device(session, d)
     session.commit()
-    ctx.assignments.publish([change])
-    return device_public(d, session.get(Assignment, d.id))
+    ctx.assignments.publish(changes)
+    return device_public(d, _assigned(session, d.id))
 
 
 @router.post("/devices/{device_id}/revoke", response_model=DevicePublic, tags=["devices"])
@@ -241,12 +298,16 @@ def set_assignment(
     for bid in (body.desired_bundle_id, body.shadow_bundle_id):
         if bid is not None and session.get(Bundle, bid) is None:
             raise NotFoundError(f"bundle {bid} does not exist")
-    change = ctx.assignments.assign(
-        session,
-        d.id,
-        desired_bundle_id=body.desired_bundle_id,
-        shadow_bundle_id=body.shadow_bundle_id,
-    )
+    try:
+        change = ctx.assignments.assign(
+            session,
+            d.id,
+            desired_bundle_id=body.desired_bundle_id,
+            shadow_bundle_id=body.shadow_bundle_id,
+            model=body.model,
+        )
+    except ValueError as e:
+        raise BadRequestError(str(e)) from e
     audit.record(
         session,
         actor=who.actor,
@@ -257,7 +318,7 @@ def set_assignment(
     )
     session.commit()
     ctx.assignments.publish([change])
-    return device_public(d, session.get(Assignment, d.id))
+    return device_public(d, _assigned(session, d.id))
 
 
 # -- enrollment tokens --------------------------------------------------------
@@ -442,7 +503,7 @@ def group_devices(
     members = group_members(session, g)
     rows = members[page.offset : page.offset + page.limit]
     nxt = page.offset + len(rows)
-    assigned = _assignments(session, [d.id for d in rows])
+    assigned = Assigned.of(session, [d.id for d in rows])
     return Page(
         items=[device_public(d, assigned.get(d.id)) for d in rows],
         total=len(members),

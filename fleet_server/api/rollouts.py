@@ -24,6 +24,7 @@ from fleet_server.errors import (
     ServerError,
 )
 from fleet_server.registry.groups import group_members
+from fleet_server.registry.running import running
 from fleet_server.rollouts import InvalidSpecError, RolloutError, decide
 from fleet_server.rollouts import InvalidTransitionError as EngineTransitionError
 from fleet_server.rollouts.figures import cohort_metrics, cohorts
@@ -224,21 +225,17 @@ def create_rollout(
 
 def _running_versions(session: Any, group: Any, name: str) -> Counter[int]:
     """version -> how many of the group's devices run model ``name`` at that version."""
-    return Counter(
-        d.current_version
-        for d in group_members(session, group)
-        if d.current_name == name and d.current_version is not None
-    )
+    models = running(session, name, [d.id for d in group_members(session, group)])
+    return Counter(m.version for m in models.values() if m.version is not None)
 
 
 def _running_bundle(session: Any, group: Any, candidate: Bundle) -> Bundle | None:
     """The bundle of ``candidate``'s model that most of the group's devices run now."""
+    models = running(session, candidate.name, [d.id for d in group_members(session, group)])
     counts: Counter[tuple[str | None, int]] = Counter(
-        (d.current_bundle_id, d.current_version)
-        for d in group_members(session, group)
-        if d.current_name == candidate.name
-        and d.current_version is not None
-        and d.current_version != candidate.version
+        (m.bundle_id, m.version)
+        for m in models.values()
+        if m.version is not None and m.version != candidate.version
     )
     for (bundle_id, version), _n in counts.most_common():
         b = session.get(Bundle, bundle_id) if bundle_id else None

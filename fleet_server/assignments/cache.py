@@ -2,7 +2,7 @@
 
 * :class:`DeviceAuthCache` maps a credential hash to a device id (bounded LRU);
   a miss costs one indexed query. Revoking a device evicts its entries.
-* :class:`AssignmentCache` maps a device id to its assignment ETag and body.
+* :class:`AssignmentCache` maps a device id and model to its assignment ETag and body.
   Entries are replaced in-process the moment an assignment changes here, and a
   background poll picks up changes other replicas made (rows whose
   ``updated_at`` is newer than the last poll minus an overlap window).
@@ -75,8 +75,16 @@ class CachedAssignment:
     doc: dict[str, Any]
 
 
+def _key(device_id: str, model: str | None) -> str:
+    return device_id if model is None else f"{device_id}\x00{model}"
+
+
 class AssignmentCache:
-    """Device id -> current assignment (ETag, encoded body)."""
+    """(device id, model) -> current assignment (ETag, encoded body).
+
+    ``model=None`` is the device's default entry: its most recently changed model's
+    assignment (what an agent running one model, which names none, is given).
+    """
 
     def __init__(self, engine: Engine, telemetry: TelemetryPolicy, overlap_seconds: float = 10.0):
         self._engine = engine
@@ -85,70 +93,79 @@ class AssignmentCache:
         self._lock = threading.Lock()
         self._overlap = timedelta(seconds=overlap_seconds)
         self._polled_at: datetime = utcnow()
-        self._stmt = select(Assignment.etag, Assignment.body).where(
-            Assignment.device_id == bindparam("d")
+        self._stmt_default = (
+            select(Assignment.etag, Assignment.body)
+            .where(Assignment.device_id == bindparam("d"))
+            .order_by(Assignment.updated_at.desc())
+            .limit(1)
+        )
+        self._stmt_model = select(Assignment.etag, Assignment.body).where(
+            Assignment.device_id == bindparam("d"), Assignment.model == bindparam("m")
         )
 
-    def get(self, device_id: str) -> CachedAssignment | None:
-        return self._entries.get(device_id)
+    def get(self, device_id: str, model: str | None = None) -> CachedAssignment | None:
+        return self._entries.get(_key(device_id, model))
 
     def _entry(
-        self, device_id: str, etag: str | None, doc: dict[str, Any] | None
+        self, device_id: str, model: str | None, etag: str | None, doc: dict[str, Any] | None
     ) -> CachedAssignment:
         if doc is None:
-            doc = build_assignment(device_id, desired=None, telemetry=self._telemetry)
+            doc = build_assignment(
+                device_id, model=model or "", desired=None, telemetry=self._telemetry
+            )
             etag = doc["assignment_id"]
         assert etag is not None
         return CachedAssignment(etag=etag, body=canonical(doc), doc=doc)
 
-    def load(self, device_id: str) -> CachedAssignment:
-        """Read the device's assignment from the database (blocking) and cache it."""
+    def load(self, device_id: str, model: str | None = None) -> CachedAssignment:
+        """Read the assignment from the database (blocking) and cache it."""
         with self._engine.connect() as conn:
-            row = conn.execute(self._stmt, {"d": device_id}).first()
-        entry = self._entry(device_id, row[0] if row else None, row[1] if row else None)
+            if model is None:
+                row = conn.execute(self._stmt_default, {"d": device_id}).first()
+            else:
+                row = conn.execute(self._stmt_model, {"d": device_id, "m": model}).first()
+        entry = self._entry(device_id, model, row[0] if row else None, row[1] if row else None)
         with self._lock:
-            self._entries[device_id] = entry
+            self._entries[_key(device_id, model)] = entry
         return entry
 
-    def put(self, device_id: str, etag: str, doc: dict[str, Any]) -> None:
+    def put(self, device_id: str, etag: str, doc: dict[str, Any], model: str = "") -> None:
+        """A model's assignment changed here: it is also the device's newest (default)."""
         with self._lock:
-            self._entries[device_id] = self._entry(device_id, etag, doc)
+            self._entries[_key(device_id, model)] = self._entry(device_id, model, etag, doc)
+            self._entries[_key(device_id, None)] = self._entry(device_id, None, etag, doc)
 
     def evict(self, device_id: str) -> None:
         with self._lock:
-            self._entries.pop(device_id, None)
+            prefix = f"{device_id}\x00"
+            for k in [k for k in self._entries if k == device_id or k.startswith(prefix)]:
+                del self._entries[k]
 
     def poll(self) -> int:
         """Refresh cached entries changed by any replica since the last poll (blocking).
 
-        Reads only (device id, ETag) of recently updated rows; bodies are fetched
-        for the cached devices whose ETag changed.
+        Reads only (device id, model, ETag) of recently updated rows; bodies are fetched
+        for the cached entries whose ETag changed (a device's default entry is re-read
+        when any of its models changed to an ETag it does not hold).
         """
         since = self._polled_at - self._overlap
         now = utcnow()
         with self._engine.connect() as conn:
             rows = conn.execute(
-                select(Assignment.device_id, Assignment.etag).where(Assignment.updated_at >= since)
+                select(Assignment.device_id, Assignment.model, Assignment.etag).where(
+                    Assignment.updated_at >= since
+                )
             ).all()
-            stale = [
-                d
-                for d, etag in rows
-                if (old := self._entries.get(d)) is not None and old.etag != etag
-            ]
-            fresh = (
-                conn.execute(
-                    select(Assignment.device_id, Assignment.etag, Assignment.body).where(
-                        Assignment.device_id.in_(stale)
-                    )
-                ).all()
-                if stale
-                else []
-            )
-        with self._lock:
-            for device_id, etag, body in fresh:
-                self._entries[device_id] = self._entry(device_id, etag, body)
+            stale: list[tuple[str, str | None]] = []
+            for d, m, etag in rows:
+                for key_model in (m, None):
+                    old = self._entries.get(_key(d, key_model))
+                    if old is not None and old.etag != etag:
+                        stale.append((d, key_model))
+        for device_id, model in dict.fromkeys(stale):
+            self.load(device_id, model)
         self._polled_at = now
-        return len(fresh)
+        return len(set(stale))
 
 
 FLUSH_CHUNK = 500

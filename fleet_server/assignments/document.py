@@ -48,15 +48,17 @@ canonical = canonical_json
 def build_assignment(
     device_id: str,
     *,
+    model: str = "",
     desired: Bundle | None,
     shadow: Bundle | None = None,
     rollout_id: str | None = None,
     stage: int | None = None,
     telemetry: TelemetryPolicy = TelemetryPolicy(),  # noqa: B008 - frozen, immutable
 ) -> dict[str, Any]:
-    """The assignment document for one device, ``assignment_id`` included."""
+    """The assignment document for one model of one device, ``assignment_id`` included."""
     doc: dict[str, Any] = {
         "device_id": device_id,
+        "model": model or None,
         "desired": bundle_ref(desired) if desired is not None else None,
         "shadow": bundle_ref(shadow) if shadow is not None else None,
         "rollout_id": rollout_id,
@@ -68,6 +70,17 @@ def build_assignment(
     }
     doc["assignment_id"] = hashlib.sha256(canonical(doc)).hexdigest()
     return doc
+
+
+def model_of(desired: Bundle | None, shadow: Bundle | None) -> str:
+    """The model name an assignment entry is for: its bundles' name ("" for none)."""
+    if desired is not None and shadow is not None and desired.name != shadow.name:
+        raise ValueError(
+            f"desired {desired.name!r} and shadow {shadow.name!r} are different models; a "
+            "shadow runs beside the model it may replace (assign each model on its own)"
+        )
+    ref = desired if desired is not None else shadow
+    return ref.name if ref is not None else ""
 
 
 def assigned_bundle_ids(doc: dict[str, Any]) -> set[str]:
@@ -91,6 +104,7 @@ class AssignmentChange:
     device_id: str
     assignment_id: str
     body: dict[str, Any]
+    model: str = ""
 
 
 class AssignmentWriter:
@@ -113,27 +127,35 @@ class AssignmentWriter:
         shadow_bundle_id: str | None = None,
         rollout_id: str | None = None,
         stage: int | None = None,
+        model: str | None = None,
     ) -> AssignmentChange | None:
-        """Set what ``device_id`` should run; returns the change, or None if unchanged."""
+        """Set what one model of ``device_id`` should run; returns the change, or None if
+        unchanged. ``model`` defaults to the bundles' model name; clearing a model (no
+        bundle) needs it named."""
         desired = session.get(Bundle, desired_bundle_id) if desired_bundle_id else None
         shadow = session.get(Bundle, shadow_bundle_id) if shadow_bundle_id else None
         if desired_bundle_id and desired is None:
             raise LookupError(f"bundle {desired_bundle_id} does not exist")
         if shadow_bundle_id and shadow is None:
             raise LookupError(f"bundle {shadow_bundle_id} does not exist")
+        named = model_of(desired, shadow)
+        if model is not None and named and named != model:
+            raise ValueError(f"the bundles are model {named!r}, not {model!r}")
+        model = named or (model or "")
         doc = build_assignment(
             device_id,
+            model=model,
             desired=desired,
             shadow=shadow,
             rollout_id=rollout_id,
             stage=stage,
             telemetry=self.telemetry,
         )
-        row = session.get(Assignment, device_id)
+        row = session.get(Assignment, (device_id, model))
         if row is not None and row.etag == doc["assignment_id"]:
             return None
         if row is None:
-            row = Assignment(device_id=device_id)
+            row = Assignment(device_id=device_id, model=model)
             session.add(row)
         row.desired_bundle_id = desired_bundle_id
         row.shadow_bundle_id = shadow_bundle_id
@@ -142,7 +164,7 @@ class AssignmentWriter:
         row.etag = doc["assignment_id"]
         row.body = doc
         row.updated_at = utcnow()
-        return AssignmentChange(device_id, doc["assignment_id"], doc)
+        return AssignmentChange(device_id, doc["assignment_id"], doc, model)
 
     def publish(self, changes: Iterable[AssignmentChange | None]) -> None:
         """Call after commit: refresh caches and notify the devices concerned."""
@@ -151,5 +173,18 @@ class AssignmentWriter:
             self._on_change(real)
 
 
-def current_assignment(session: Session, device_id: str) -> Assignment | None:
-    return session.scalars(select(Assignment).where(Assignment.device_id == device_id)).first()
+def current_assignment(
+    session: Session, device_id: str, model: str | None = None
+) -> Assignment | None:
+    """The assignment of ``model`` on ``device_id``; with no model named, the device's most
+    recently changed one (a device with one model has one)."""
+    stmt = select(Assignment).where(Assignment.device_id == device_id)
+    if model is not None:
+        stmt = stmt.where(Assignment.model == model)
+    return session.scalars(stmt.order_by(Assignment.updated_at.desc())).first()
+
+
+def device_assignments(session: Session, device_id: str) -> list[Assignment]:
+    """Every model's assignment on ``device_id``, by model name."""
+    stmt = select(Assignment).where(Assignment.device_id == device_id)
+    return list(session.scalars(stmt.order_by(Assignment.model)))

@@ -145,19 +145,43 @@ class Group(Base):
 
 
 class Assignment(Base):
-    """What one device should run; the ETag is stored so replicas agree on it."""
+    """What one model of one device should run; the ETag is stored so replicas agree on it.
+
+    One row per (device, model name): a device running several models has one assignment
+    entry per model, each with its own ETag, rollout and stage. ``model`` is the bundles'
+    model name ("" for a row that names no bundle).
+    """
 
     __tablename__ = "assignments"
 
     device_id: Mapped[str] = mapped_column(
         ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
     )
+    model: Mapped[str] = mapped_column(String(200), primary_key=True, default="")
     desired_bundle_id: Mapped[str | None] = mapped_column(ForeignKey("bundles.id"), nullable=True)
     shadow_bundle_id: Mapped[str | None] = mapped_column(ForeignKey("bundles.id"), nullable=True)
     rollout_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     stage: Mapped[int | None] = mapped_column(Integer, nullable=True)
     etag: Mapped[str] = mapped_column(String(64))
     body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DeviceModel(Base):
+    """What one model of a device runs now: its last install report of that model name.
+
+    ``Device.current_*`` is the device's most recent install of any model; on a device with
+    several models, rollouts and status read this table by model name.
+    """
+
+    __tablename__ = "device_models"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    bundle_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -106,6 +106,7 @@ def agent_config_text(
         f'device_class = "{dc.name}"',
         'state_dir = "@STATE_DIR@"',
         'trust_store = "@CONFIG_DIR@/trust.json"',
+        *(["models = [" + ", ".join(f'"{m}"' for m in dc.models) + "]"] if dc.models else []),
         "",
         "[server]",
         f'url = "{server_url}"',

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device_agent.bundle.manifest import MODEL_NAME
 from fleet_server.images.compat import parse_version
 
 if sys.version_info >= (3, 11):
@@ -42,6 +43,9 @@ class DeviceClass:
     agent_defaults: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
+    #: the model names the class's devices run, each with its own slots and rollouts
+    #: (``[class] models``); empty: one model, whichever its first assignment names
+    models: tuple[str, ...] = ()
 
     @property
     def abi(self) -> str:
@@ -84,6 +88,13 @@ def load_class(name_or_path: str | Path, classes_dir: Path = CLASSES_DIR) -> Dev
             parse_version(value)
         except ValueError as e:
             raise RecipeError(f'{path}: [class] {key} must be MAJOR.MINOR, like "3.11"') from e
+    models = d["class"].get("models", [])
+    if (
+        not isinstance(models, list)
+        or not all(isinstance(m, str) and MODEL_NAME.fullmatch(m) for m in models)
+        or len(set(models)) != len(models)
+    ):
+        raise RecipeError(f"{path}: [class] models must be a list of distinct model names")
     return DeviceClass(
         name=_get(d, "class", "name", str, path),
         description=d["class"].get("description", ""),
@@ -104,6 +115,7 @@ def load_class(name_or_path: str | Path, classes_dir: Path = CLASSES_DIR) -> Dev
         agent_defaults=d.get("agent", {}),
         model=d["model"],
         source=path,
+        models=tuple(models),
     )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet_server.db.models import Assignment, Bundle, Device
@@ -66,9 +67,11 @@ def instructions_for(session: Session, device_id: str) -> tuple[str, list[Device
     device = session.get(Device, device_id)
     if device is None:
         return "", []
-    a = session.get(Assignment, device_id)
     out: list[DeviceInstruction] = []
-    if a is not None:
+    # one desired (and shadow) target per model the device runs
+    for a in session.scalars(
+        select(Assignment).where(Assignment.device_id == device_id).order_by(Assignment.model)
+    ):
         for role, bid in (("desired", a.desired_bundle_id), ("shadow", a.shadow_bundle_id)):
             b = session.get(Bundle, bid) if bid else None
             if b is not None:

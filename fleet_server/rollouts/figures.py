@@ -36,7 +36,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy.orm import Session
 
-from fleet_server.db.models import Bundle, Device, DeviceReport, Group, Rollout
+from fleet_server.db.models import Bundle, Device, DeviceModel, DeviceReport, Group, Rollout
 from fleet_server.db.telemetry import (
     FAILED_INSTALL_OUTCOMES,
     TelemetryEvent,
@@ -320,11 +320,11 @@ def _running_candidate(session: Session, spec: RolloutSpec, canary: list[str]) -
     in this stage or an earlier one)."""
     if not canary:
         return 0
-    d = Device
-    stmt = select(d.id).where(
-        d.id.in_(canary),
-        d.current_name == spec.bundle.name,
-        d.current_version == spec.bundle.version,
+    m = DeviceModel
+    stmt = select(m.device_id).where(
+        m.device_id.in_(canary),
+        m.name == spec.bundle.name,
+        m.version == spec.bundle.version,
     )
     return len(set(session.scalars(stmt)))
 

@@ -28,6 +28,7 @@ from fleet_server.db.models import (
 )
 from fleet_server.db.telemetry import FAILED_INSTALL_OUTCOMES, TelemetryEvent
 from fleet_server.registry.groups import group_members
+from fleet_server.registry.running import running
 from fleet_server.rollouts import RolloutError, decide
 from fleet_server.rollouts.figures import cohort_metrics
 from fleet_server.rollouts.numbering import people_stages as people_stages
@@ -137,37 +138,49 @@ def _devices(
     session: Session, members: list[Device], spec: RolloutSpec, state: RolloutState
 ) -> dict[str, Any]:
     ids = [d.id for d in members]
+    cand = spec.bundle
+    # this rollout's model only: on a device running several models, the others have
+    # their own assignments and rollouts
     assigned = (
         {
             a.device_id: a
-            for a in session.scalars(select(Assignment).where(Assignment.device_id.in_(ids)))
+            for a in session.scalars(
+                select(Assignment).where(
+                    Assignment.device_id.in_(ids), Assignment.model == cand.name
+                )
+            )
         }
         if ids
         else {}
     )
+    models = running(session, cand.name, ids)
     failed = _failed_devices(session, spec, state, ids)
-    cand = spec.bundle
     prev = spec.previous
     rb = state.rollback_bundle
     by_state: Counter[str] = Counter()
     by_version: Counter[str] = Counter()
     for d in members:
-        running = (d.current_name, d.current_version)
-        by_version[f"{d.current_name} v{d.current_version}" if d.current_name else "none"] += 1
+        m = models.get(d.id)
+        runs = (cand.name, m.version) if m is not None else (None, None)
+        by_version[f"{cand.name} v{m.version}" if m is not None else "none"] += 1
         a = assigned.get(d.id)
-        if running == (cand.name, cand.version):
+        if runs == (cand.name, cand.version):
             key = "on candidate"
-        elif rb is not None and running == (rb.name, rb.version):
+        elif rb is not None and runs == (rb.name, rb.version):
             key = "on rollback bundle"
         elif d.id in failed:
             key = "refused or failed"
         elif a is not None and a.shadow_bundle_id == cand.bundle_id:
             key = "shadowing candidate"
-        elif a is not None and a.desired_bundle_id and a.desired_bundle_id != d.current_bundle_id:
+        elif (
+            a is not None
+            and a.desired_bundle_id
+            and a.desired_bundle_id != (m.bundle_id if m is not None else None)
+        ):
             key = "updating"
-        elif prev is not None and running == (prev.name, prev.version):
+        elif prev is not None and runs == (prev.name, prev.version):
             key = "on previous"
-        elif d.current_name is None:
+        elif m is None:
             key = "not reported"
         else:
             key = "other"

@@ -78,19 +78,26 @@ class RolloutService:
         self.rollback_by_release = rollback_by_release
 
     # -- assignments -----------------------------------------------------------
-    def _owners(self, session: Session) -> list[tuple[Rollout, Group]]:
-        """Rollouts with their groups, newest first."""
+    def _owners(self, session: Session) -> list[tuple[Rollout, Group, str]]:
+        """Rollouts with their groups and model names, newest first."""
         rows = session.execute(
-            select(Rollout, Group)
+            select(Rollout, Group, Bundle.name)
             .join(Group, Group.id == Rollout.group_id)
+            .join(Bundle, Bundle.id == Rollout.bundle_id)
             .order_by(Rollout.created_at.desc(), Rollout.id.desc())
         ).all()
-        return [(r, g) for r, g in rows]
+        return [(r, g, name) for r, g, name in rows]
 
     @staticmethod
-    def _owner_of(device: Device, owners: list[tuple[Rollout, Group]]) -> Rollout | None:
-        for r, g in owners:
-            if matches(g.selector or {}, g.device_class, device.labels or {}, device.device_class):
+    def _owner_of(
+        device: Device, owners: list[tuple[Rollout, Group, str]], model: str
+    ) -> Rollout | None:
+        """The rollout that decides what ``model`` runs on ``device``: the newest rollout
+        of that model whose group holds the device (each model has its own)."""
+        for r, g, name in owners:
+            if name == model and matches(
+                g.selector or {}, g.device_class, device.labels or {}, device.device_class
+            ):
                 return r
         return None
 
@@ -109,24 +116,33 @@ class RolloutService:
     def sync_rollout(self, session: Session, row: Rollout) -> list[AssignmentChange]:
         """Write the assignment of every device this rollout owns (unchanged ones are skipped)."""
         owners = self._owners(session)
+        model = next((name for r, _g, name in owners if r.id == row.id), None)
+        if model is None:
+            return []
         devices = session.scalars(
             select(Device).where(Device.revoked_at.is_(None)).order_by(Device.id)
         ).all()
         # one query fills the identity map, so assign() finds each row without a query
-        session.scalars(select(Assignment)).all()
+        session.scalars(select(Assignment).where(Assignment.model == model)).all()
         changes = []
         for d in devices:
-            owner = self._owner_of(d, owners)
+            owner = self._owner_of(d, owners, model)
             if owner is not None and owner.id == row.id:
                 c = self._assign(session, d.id, row)
                 if c is not None:
                     changes.append(c)
         return changes
 
-    def sync_device(self, session: Session, device: Device) -> AssignmentChange | None:
-        """Give a newly enrolled or relabelled device its assignment from its rollout."""
-        owner = self._owner_of(device, self._owners(session))
-        return self._assign(session, device.id, owner) if owner is not None else None
+    def sync_device(self, session: Session, device: Device) -> list[AssignmentChange]:
+        """Give a newly enrolled or relabelled device the assignment of each model from
+        that model's rollout."""
+        owners = self._owners(session)
+        changes = []
+        for model in dict.fromkeys(name for _r, _g, name in owners):
+            owner = self._owner_of(device, owners, model)
+            if owner is not None and (c := self._assign(session, device.id, owner)) is not None:
+                changes.append(c)
+        return changes
 
     # -- creation and operator actions ----------------------------------------
     def create(

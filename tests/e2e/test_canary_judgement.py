@@ -88,7 +88,9 @@ def _module(kind: str, seed: int) -> Any:
     return model
 
 
-def _bundle(root: Path, key: Any, version: int, kind: str, seed: int) -> Path:
+def _bundle(
+    root: Path, key: Any, version: int, kind: str, seed: int, name: str = "condition"
+) -> Path:
     from converters.pipeline import build_bundles
     from converters.source import from_torch
     from converters.targets import parse_target
@@ -102,7 +104,7 @@ def _bundle(root: Path, key: Any, version: int, kind: str, seed: int) -> Path:
         source,
         [parse_target("onnx:float32", (CLASS,))],
         root / "bundles",
-        name="condition",
+        name=name,
         version=version,
         signing_key=key,
         samples=calib,

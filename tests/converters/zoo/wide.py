@@ -96,14 +96,18 @@ RECURRENT: dict[str, tuple[Callable[[], nn.Module], Callable[[], Dataset], int, 
 }
 
 _DATA: dict[str, Dataset] = {}
+_MODELS: dict[tuple[str, int], nn.Module] = {}
 
 
 def train_wide(name: str, seed: int = 0) -> tuple[nn.Module, Dataset]:
     """The architecture ``name`` of :data:`WIDE` or :data:`RECURRENT` trained on its
-    dataset (eval mode)."""
+    dataset (eval mode). Training is deterministic, so a model is trained once per
+    process and shared: callers must not change it."""
     cls, make, epochs, lr = WIDE[name] if name in WIDE else RECURRENT[name]
     if make.__name__ not in _DATA:
         _DATA[make.__name__] = make()
     data = _DATA[make.__name__]
-    torch.manual_seed(seed)
-    return fit(cls(), data, epochs, lr, seed), data
+    if (name, seed) not in _MODELS:
+        torch.manual_seed(seed)
+        _MODELS[(name, seed)] = fit(cls(), data, epochs, lr, seed)
+    return _MODELS[(name, seed)], data

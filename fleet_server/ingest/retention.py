@@ -152,6 +152,9 @@ class TelemetryMaintenance:
         self, conn: Connection, tables: Iterable[str], now: float, report: MaintenanceReport
     ) -> None:
         today = day_of(now)
+        # creating a partition locks the parent briefly: never queue ingestion behind a
+        # long reader for long (a timeout fails this run; the next one makes the day)
+        conn.execute(text("SET LOCAL lock_timeout = '10s'"))
         for table in tables:
             for day in range(today, today + self.policy.ahead_days + 1):
                 name = partitions.ensure_day(conn, table, day)

@@ -11,7 +11,8 @@ time across processes), into a temporary folder renamed into place when complete
 :func:`device_root` copies the cached root for one test (installing an image into it must
 not change the cache), and :class:`Arm64Root` runs commands in it: ``chroot`` in a private
 mount namespace (``/proc``, ``/sys`` and ``/dev`` mounted inside it, gone when the command
-ends; TFLite's cpuinfo reads ``/sys/devices/system/cpu`` and crashes without it),
+ends; TFLite's cpuinfo reads ``/sys/devices/system/cpu`` and crashes without it), with an
+aarch64 ``/proc/cpuinfo`` bind-mounted over the host's (see :func:`cpuinfo_text`),
 optionally with no network (``unshare -n``), every command at the lowest CPU and I/O
 priority (``nice -n 19 ionice -c3``: emulation is heavy and the machine is shared).
 
@@ -48,6 +49,28 @@ _AARCH64_MAGIC = r"\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\
 _AARCH64_MASK = r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff"
 HEAVY = ("nice", "-n", "19", "ionice", "-c3")
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# what /proc/cpuinfo says of each core of the emulated CPU (the MIDR fields and the Features
+# line a board with that core shows): (implementer, variant, part, revision, features)
+_CPUINFO = {
+    "cortex-a53": (0x41, 0x0, 0xD03, 4, "fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid"),
+    "cortex-a72": (0x41, 0x0, 0xD08, 3, "fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid"),
+    "cortex-a76": (
+        0x41,
+        0x4,
+        0xD0B,
+        1,
+        "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm "
+        "lrcpc dcpop asimddp",
+    ),
+    "neoverse-n1": (
+        0x41,
+        0x3,
+        0xD0C,
+        1,
+        "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm "
+        "lrcpc dcpop asimddp ssbs",
+    ),
+}
 MARKER = ".edgefleet-test-root.json"
 
 Say = Callable[[str], None]
@@ -228,6 +251,56 @@ def root_record(path: Path) -> dict[str, object]:
     return record
 
 
+def _host_cpus() -> list[int]:
+    """The CPU numbers ``/sys/devices/system/cpu/possible`` lists (``0-1``, ``0,2-3``)."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    cpus: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus += range(int(first), int(last or first) + 1)
+    return cpus
+
+
+def cpuinfo_text(cpu: str = QEMU_CPU, cpus: Sequence[int] | None = None) -> str:
+    """``/proc/cpuinfo`` as an aarch64 Linux kernel writes it for ``cpu``, one entry per CPU
+    of this machine (``/sys``, bind-mounted in, lists the host's CPUs).
+
+    qemu-user 7.2 passes ``/proc/cpuinfo`` through from the host, so an emulated program
+    reads an x86-64 one ("vendor_id: AuthenticAMD", no "CPU part"); a board never shows
+    that. ai-edge-litert 2.3.0's cpuinfo (``cpuinfo_arm_linux_init``) then writes out of
+    bounds and the process dies with SIGSEGV when an Interpreter is created, on every
+    QEMU CPU model; with the board's cpuinfo it runs.
+    """
+    try:
+        implementer, variant, part, revision, features = _CPUINFO[cpu]
+    except KeyError as e:
+        raise EmulationError(
+            f"no /proc/cpuinfo for QEMU CPU {cpu!r}; set EDGEFLEET_QEMU_CPU to one of "
+            f"{', '.join(sorted(_CPUINFO))}"
+        ) from e
+    entries = [
+        f"processor\t: {n}\nBogoMIPS\t: 108.00\nFeatures\t: {features}\n"
+        f"CPU implementer\t: 0x{implementer:02x}\nCPU architecture: 8\n"
+        f"CPU variant\t: 0x{variant:x}\nCPU part\t: 0x{part:03x}\n"
+        f"CPU revision\t: {revision}\n"
+        for n in (cpus if cpus is not None else _host_cpus())
+    ]
+    return "\n".join(entries) + "\n"
+
+
+def cpuinfo_file(cpu: str = QEMU_CPU) -> Path:
+    """:func:`cpuinfo_text` in a file under the cache (written once, atomically)."""
+    text = cpuinfo_text(cpu)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = CACHE_DIR / f"cpuinfo-{cpu}-{digest}"
+    if not path.exists():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path
+
+
 @dataclass(frozen=True)
 class Arm64Root:
     """An arm64 root directory and how to run commands in it under emulation."""
@@ -241,15 +314,28 @@ class Arm64Root:
     def command(self, args: Sequence[str], *, network: bool = True, cwd: str = "/") -> list[str]:
         """The host command that runs ``args`` in the root (chroot in a mount namespace)."""
         script = (
-            'R="$1"; C="$2"; shift 2; '
-            'mount -t proc proc "$R/proc" && mount --rbind /sys "$R/sys" && '
-            'mount --rbind /dev "$R/dev" && '
+            'R="$1"; I="$2"; C="$3"; shift 3; '
+            'mount -t proc proc "$R/proc" && mount --bind "$I" "$R/proc/cpuinfo" && '
+            'mount --rbind /sys "$R/sys" && mount --rbind /dev "$R/dev" && '
             'exec chroot "$R" /bin/sh -c \'cd "$0" && exec "$@"\' "$C" "$@"'
         )
         unshare = ["unshare", "--mount", "--propagation", "private"]
         if not network:
             unshare.append("--net")
-        return [*HEAVY, *unshare, "--", "/bin/sh", "-c", script, "sh", str(self.path), cwd, *args]
+        cpuinfo = str(cpuinfo_file())
+        return [
+            *HEAVY,
+            *unshare,
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+            "sh",
+            str(self.path),
+            cpuinfo,
+            cwd,
+            *args,
+        ]
 
     def environment(self, env: Mapping[str, str] | None = None) -> dict[str, str]:
         base = {

@@ -179,7 +179,12 @@ def db_sizes(dsn: str) -> dict[str, int]:
     with psycopg.connect(dsn) as conn:
         out = {"database": one(conn, "SELECT pg_database_size(current_database())")}
         for t in ("telemetry_summaries", "telemetry_events", "device_reports", "devices"):
-            out[t] = one(conn, "SELECT pg_total_relation_size(%s)", t)
+            # a partitioned table's own size is 0: add up its partitions
+            out[t] = one(
+                conn,
+                "SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM pg_partition_tree(%s)",
+                t,
+            )
             out[f"{t}_rows"] = one(conn, f"SELECT count(*) FROM {t}")
     return out
 
@@ -272,8 +277,14 @@ def stack(tmp: Path, pg: PgCluster, args: argparse.Namespace) -> Iterator[dict[s
 
 
 async def admin_call(http: httpx.AsyncClient, method: str, path: str, **kw: Any) -> dict[str, Any]:
+    # starting a rollout writes every device's assignment inside the request: more than
+    # the devices' 60 s timeout at 10,000 devices on this machine
     r = await http.request(
-        method, "/api/v1" + path, headers={"Authorization": f"Bearer {ADMIN}"}, **kw
+        method,
+        "/api/v1" + path,
+        headers={"Authorization": f"Bearer {ADMIN}"},
+        timeout=900.0,
+        **kw,
     )
     if r.status_code >= 300:
         raise RuntimeError(f"{method} {path}: {r.status_code} {r.text}")

@@ -40,6 +40,7 @@ from fleet_server.demo.services import ServerProcess
 from fleet_server.images import build_image, load_class
 from fleet_server.registry.uptane import init_uptane
 from fleet_server.simulator.fleet import ClassPlan, Fleet
+from fleet_server.simulator.runtimes import RuntimeEnvError, run_in_own_processes, runtime_env
 
 CLASS_MIX = (("x86_64-gateway", 0.45), ("aarch64-board", 0.30), ("aarch64-legacy", 0.25))
 TARGETS = {
@@ -48,6 +49,10 @@ TARGETS = {
     "aarch64-legacy": "tflite:int8-dynamic",
 }
 MODEL = "machine-condition"
+# the legacy boards' agents run in processes of their own on tflite-runtime 2.14 (numpy<2),
+# in an environment built once under .venv-cache/ (fleet_server.simulator.runtimes)
+OWN_RUNTIME = ("aarch64-legacy",)
+RUNTIME_CACHE = Path(__file__).resolve().parents[2] / ".venv-cache"
 
 
 @dataclass
@@ -59,6 +64,7 @@ class DemoResult:
     bad: dict[str, str] = field(default_factory=dict)  # class -> final status of v3
     caught_by: dict[str, str] = field(default_factory=dict)  # class -> gate and numbers
     final_versions: dict[int | None, int] = field(default_factory=dict)
+    runtimes: dict[str, str] = field(default_factory=dict)  # class -> runtime of its own
     seconds: float = 0.0
 
 
@@ -271,6 +277,7 @@ def run_demo(
         },
     )
     fleet: Fleet | None = None
+    socket_dirs: list[Path] = []
     try:
         server.start()
         kind = "embedded MQTT broker (amqtt)" if embedded else "mosquitto"
@@ -280,7 +287,7 @@ def run_demo(
         # provisioning images build in the background (pip downloads) while models train
         from concurrent.futures import ThreadPoolExecutor
 
-        pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="image")
+        pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image")
         image_jobs = {
             cls: pool.submit(
                 build_image,
@@ -294,6 +301,7 @@ def run_demo(
             )
             for cls, _ in CLASS_MIX
         }
+        env_jobs = {cls: pool.submit(runtime_env, cls, RUNTIME_CACHE) for cls in OWN_RUNTIME}
         pool.shutdown(wait=False)
 
         run.say("3. train, convert per device class, parity-check, sign, upload", bold=True)
@@ -328,6 +336,16 @@ def run_demo(
             left -= n
             plans.append(ClassPlan(cls, n, images[cls], labels={"site": f"plant-{i % 2 + 1}"}))
         fleet.provision(plans)
+        for cls, env_job in env_jobs.items():
+            try:
+                env = env_job.result()
+            except (RuntimeEnvError, OSError) as e:
+                run.say(f"  {cls} runs in this process on ai-edge-litert: {e}", fg="yellow")
+                continue
+            fleet.devices, socket_dir = run_in_own_processes(fleet.devices, cls, env)
+            socket_dirs.append(socket_dir)
+            result.runtimes[cls] = env.describe()
+            run.say(f"  {cls} agents run in processes of their own on {env.describe()}")
         tokens = {
             d.device_id: admin.post(
                 "/enrollment-tokens", json={"device_class": d.device_class, "ttl_seconds": 3600}
@@ -436,6 +454,8 @@ def run_demo(
     finally:
         if fleet is not None:
             fleet.stop()
+        for socket_dir in socket_dirs:
+            shutil.rmtree(socket_dir, ignore_errors=True)
         server.stop()
         broker.stop()
 

@@ -498,3 +498,41 @@ def test_prediction_ids_and_labels_through_the_endpoint(signer: Signer, serve: A
     labels = agent.telemetry.recent[-1]["labels"]
     assert (labels["count"], labels["correct"]) == (2, 1)
     assert labels["confusion"][2][2] == 1 and labels["confusion"][1][2] == 1
+
+
+def test_several_models_are_served_by_name(tmp_path: Path, signer: Signer) -> None:
+    """A device running two models: one endpoint, each model through its own agent; the
+    index lists both (one not installed yet as UNAVAILABLE), ready once both are."""
+    det = Agent(AgentConfig(), None, model=signer.load(mlp_onnx(1), name="detector", version=3))
+    cls = Agent(AgentConfig(), None, start_worker=False)
+    state = tmp_path / "multi"
+    state.mkdir()
+    ep = ServingEndpoint({"detector": det, "classifier": cls}, ServingConfig(), state).start()
+    try:
+        index = ServingClient(sock(ep))._request("POST", "/v2/repository/index", b"{}")
+        assert json.loads(index[2]) == [
+            {"name": "detector", "version": "3", "state": "READY"},
+            {"name": "classifier", "version": "", "state": "UNAVAILABLE"},
+        ]
+        assert not ServingClient(sock(ep)).ready()
+        status, body = status_and_json(
+            raw_request(sock(ep), infer_request("/v2/models/classifier/infer", {"inputs": []}))
+        )
+        assert status == 503 and body["code"] == "no_active_model" and "classifier" in body["error"]
+        cls.swap(signer.load(mlp_onnx(2), name="classifier", version=7))
+        assert ServingClient(sock(ep)).ready()
+        x = x16(5)
+        for name, agent in (("detector", det), ("classifier", cls)):
+            with ServingClient(sock(ep), model=name) as client:
+                assert client.metadata()["versions"] == [str(agent.model.version)]
+                (out,) = client.predict(x)
+                np.testing.assert_allclose(out, agent.predict(x)[0], rtol=1e-5, atol=1e-6)
+        status, body = status_and_json(
+            raw_request(sock(ep), infer_request("/v2/models/other/infer", {"inputs": []}))
+        )
+        assert status == 404 and body["code"] == "unknown_model"
+        assert "'detector', 'classifier'" in body["error"]
+    finally:
+        ep.stop()
+        det.close()
+        cls.close()

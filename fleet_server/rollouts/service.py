@@ -111,6 +111,9 @@ class RolloutService:
             shadow_bundle_id=a.shadow.bundle_id if a.shadow else None,
             rollout_id=row.id if (a.desired or a.shadow) else None,
             stage=a.stage,
+            # the rollout's model: a cohort left with nothing to run clears that model's
+            # entry, not another one's
+            model=spec.bundle.name,
         )
 
     def sync_rollout(self, session: Session, row: Rollout) -> list[AssignmentChange]:

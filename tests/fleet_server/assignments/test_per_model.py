@@ -162,3 +162,40 @@ def test_two_rollouts_of_two_models_in_one_group_each_own_their_model(fleet: Fle
     status = fleet.client.get(f"/api/v1/rollouts/{rollouts[0]}/status", headers=fleet.admin).json()
     by_state = status["devices"]["by_state"]
     assert "on candidate" not in by_state, by_state
+
+
+def test_a_rollout_with_nothing_to_run_clears_its_own_model_only(fleet: Fleet) -> None:
+    fleet.enroll("cam-1")
+    det = fleet.upload_bundle(version=3, seed=1, name="detector")
+    cls = fleet.upload_bundle(version=7, seed=2, name="classifier")
+    fleet.assign("cam-1", det["id"])
+    g = fleet.client.post(
+        "/api/v1/groups", headers=fleet.admin, json={"name": "cams", "device_class": "cam"}
+    )
+    # a canary rollout of the classifier with no previous model: the device is outside the
+    # first stage's cohort or inside it; either way only the classifier's entry is written
+    r = fleet.client.post(
+        "/api/v1/rollouts",
+        headers=fleet.admin,
+        json={
+            "name": "classifier",
+            "bundle_id": cls["id"],
+            "group": g.json()["id"],
+            "strategy": "staged_canary",
+            "stages": [
+                {"percent": 1, "min_devices": 0, "soak_seconds": 60},
+                {"percent": 100, "soak_seconds": 0},
+            ],
+            "gates": [],
+            "start": True,
+        },
+    )
+    assert r.status_code == 201, r.text
+    r = fleet.client.post(f"/api/v1/rollouts/{r.json()['id']}/abort", headers=fleet.admin, json={})
+    assert r.status_code == 200, r.text
+    d = _checkin(fleet, "cam-1", "detector").json()
+    c = _checkin(fleet, "cam-1", "classifier").json()
+    assert d["desired"]["bundle_id"] == det["id"]
+    assert c["desired"] is None and c["model"] == "classifier"
+    info = fleet.client.get("/api/v1/devices/cam-1", headers=fleet.admin).json()
+    assert set(info["models"]) == {"detector", "classifier"}

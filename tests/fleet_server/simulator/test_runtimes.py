@@ -7,6 +7,7 @@ demo's) and probed: its agent picks tflite-runtime 2.14 on numpy 1. The fleet de
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def test_legacy_environment_gives_the_agent_tflite_runtime_2_14_on_numpy_1(
         for cfg in [provision_files(image, tmp_path / name, {})]
     ]
     out_devices, socket_dir = run_in_own_processes(devices, "aarch64-legacy", env)
+    shutil.rmtree(socket_dir)  # the devices never start here
     legacy, gateway = out_devices
     assert isinstance(legacy, ProcessDevice) and not isinstance(gateway, ProcessDevice)
     assert legacy.socket_path == socket_dir / "legacy-0.sock"

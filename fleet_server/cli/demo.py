@@ -31,11 +31,19 @@ import click
     help="MQTT broker: Mosquitto when installed (auto), or the embedded Python one.",
 )
 @click.option(
+    "--legacy-processes",
+    is_flag=True,
+    help="Run each legacy board's agent as a process of its own on tflite-runtime 2.14 "
+    "(numpy 1, built once under .venv-cache/); default: in the demo's process.",
+)
+@click.option(
     "--roundtrip",
     is_flag=True,
     help="Only the short guided bundle round-trip (keys, pack, sign, verify, tamper).",
 )
-def demo(workdir: Path, devices: int, broker_kind: str, roundtrip: bool) -> None:
+def demo(
+    workdir: Path, devices: int, broker_kind: str, legacy_processes: bool, roundtrip: bool
+) -> None:
     """Run the fleet demo: server, broker, simulated fleet, a good and a bad rollout, report."""
     if roundtrip:
         from fleet_server.demo.roundtrip import run_roundtrip
@@ -46,6 +54,6 @@ def demo(workdir: Path, devices: int, broker_kind: str, roundtrip: bool) -> None
     from fleet_server.demo.fleet_demo import run_demo
 
     try:
-        run_demo(workdir, devices, broker_kind=broker_kind)
+        run_demo(workdir, devices, broker_kind=broker_kind, legacy_processes=legacy_processes)
     except ApiError as e:
         raise click.ClickException(f"the fleet server refused a demo step: {e}") from e

@@ -49,8 +49,9 @@ TARGETS = {
     "aarch64-legacy": "tflite:int8-dynamic",
 }
 MODEL = "machine-condition"
-# the legacy boards' agents run in processes of their own on tflite-runtime 2.14 (numpy<2),
-# in an environment built once under .venv-cache/ (fleet_server.simulator.runtimes)
+# with --legacy-processes the legacy boards' agents run in processes of their own on
+# tflite-runtime 2.14 (numpy<2), in an environment built once under .venv-cache/
+# (fleet_server.simulator.runtimes)
 OWN_RUNTIME = ("aarch64-legacy",)
 RUNTIME_CACHE = Path(__file__).resolve().parents[2] / ".venv-cache"
 
@@ -218,8 +219,13 @@ def run_demo(
     *,
     stage_percents: tuple[float, ...] = (25, 50, 100),
     broker_kind: str = "auto",
+    legacy_processes: bool = False,
 ) -> DemoResult:
-    """Run the whole demo in ``workdir``; processes it starts are stopped before it returns."""
+    """Run the whole demo in ``workdir``; processes it starts are stopped before it returns.
+
+    ``legacy_processes``: the legacy boards' agents run as processes of their own on their
+    real runtime (opt-in: one fresh-clone run's legacy rollout did not finish in time)."""
+    own_runtime = OWN_RUNTIME if legacy_processes else ()
     workdir = workdir.resolve()  # the server process runs in a directory of its own
     run = DemoRun(workdir)
     result = DemoResult(report=workdir / "report.html")
@@ -301,7 +307,7 @@ def run_demo(
             )
             for cls, _ in CLASS_MIX
         }
-        env_jobs = {cls: pool.submit(runtime_env, cls, RUNTIME_CACHE) for cls in OWN_RUNTIME}
+        env_jobs = {cls: pool.submit(runtime_env, cls, RUNTIME_CACHE) for cls in own_runtime}
         pool.shutdown(wait=False)
 
         run.say("3. train, convert per device class, parity-check, sign, upload", bold=True)

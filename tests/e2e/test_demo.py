@@ -35,10 +35,8 @@ def test_fleet_demo_good_rollout_completes_and_bad_one_is_rolled_back(tmp_path: 
     ), result.caught_by
     # the rollback is the director instructing v2's release again: nothing re-signed
     assert result.final_versions == {2: 48}, result.final_versions
-    # the legacy boards' agents ran in processes of their own on the legacy runtime
-    assert result.runtimes == {"aarch64-legacy": "tflite-runtime 2.14.0 with numpy 1.26.4"}, (
-        result.runtimes
-    )
+    # by default every agent runs in the demo's process (--legacy-processes is opt-in)
+    assert result.runtimes == {}, result.runtimes
     assert not list((tmp_path / "demo" / "server" / "bundles").rglob("*v4*"))
     # the devices ran the Uptane chain from their image's roots
     configs = list((tmp_path / "demo" / "fleet").rglob("agent.toml"))

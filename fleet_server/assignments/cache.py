@@ -131,9 +131,10 @@ class AssignmentCache:
 
     def put(self, device_id: str, etag: str, doc: dict[str, Any], model: str = "") -> None:
         """A model's assignment changed here: it is also the device's newest (default)."""
+        entry = self._entry(device_id, model, etag, doc)  # one encoding serves both keys
         with self._lock:
-            self._entries[_key(device_id, model)] = self._entry(device_id, model, etag, doc)
-            self._entries[_key(device_id, None)] = self._entry(device_id, None, etag, doc)
+            self._entries[_key(device_id, model)] = entry
+            self._entries[_key(device_id, None)] = entry
 
     def evict(self, device_id: str) -> None:
         with self._lock:

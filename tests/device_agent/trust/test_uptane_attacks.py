@@ -66,8 +66,10 @@ def make_daemon(
     *,
     update: dict[str, Any] | None = None,
     uptane: dict[str, Any] | None = None,
+    device: dict[str, Any] | None = None,
 ) -> AgentDaemon:
-    """A gateway on the chain against ``usim``; ``update``/``uptane`` override settings."""
+    """A gateway on the chain against ``usim``; ``update``/``uptane``/``device`` override
+    settings."""
     trust = tmp_path / "trust.json"
     sim.trust("release").save(trust)
     cred = tmp_path / "cred"
@@ -79,6 +81,7 @@ def make_daemon(
                 "device_class": CLASS,
                 "state_dir": str(tmp_path / "state"),
                 "trust_store": str(trust),
+                **(device or {}),
             },
             "server": {"url": usim.url, "token_file": str(cred)},
             "update": {"probation_seconds": 0.0, **(update or {})},

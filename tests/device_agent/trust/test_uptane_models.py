@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.config import AgentConfig
 from device_agent.daemon import AgentDaemon, model_dir
 from tests.bundlesim import BundleSim
-from tests.device_agent.trust.test_uptane_attacks import CLASS, CRED, Clock
+from tests.device_agent.trust.test_uptane_attacks import CLASS, CRED, Clock, make_daemon
 from tests.trustsim import release as build
 from tests.uptanesim import Released, UptaneSim
 
@@ -36,31 +35,7 @@ def _release(usim: UptaneSim, sim: BundleSim, name: str, version: int, seed: int
 
 @pytest.fixture
 def daemon(tmp_path: Path, sim: BundleSim, usim: UptaneSim) -> Iterator[AgentDaemon]:
-    trust = tmp_path / "trust.json"
-    sim.trust("release").save(trust)
-    cred = tmp_path / "cred"
-    cred.write_text(CRED)
-    cfg = AgentConfig.from_dict(
-        {
-            "device": {
-                "id": "dev-1",
-                "device_class": CLASS,
-                "state_dir": str(tmp_path / "state"),
-                "trust_store": str(trust),
-                "models": MODELS,
-            },
-            "server": {"url": usim.url, "token_file": str(cred)},
-            "update": {"probation_seconds": 0.0},
-            "uptane": {
-                "enabled": True,
-                "image_root": str(usim.image_root_file),
-                "director_root": str(usim.director_root_file),
-                "stale_after_seconds": 3600.0,
-            },
-        }
-    )
-    cfg.validate()
-    d = AgentDaemon(cfg, clock=Clock())
+    d = make_daemon(tmp_path, sim, usim, Clock(), device={"models": MODELS})
     for u in d.updaters.values():
         u.boot()
     yield d

@@ -25,6 +25,7 @@ from fleet_server.assignments.document import (
     TelemetryPolicy,
 )
 from fleet_server.broker.notify import MqttNotifier, NullNotifier
+from fleet_server.db.group_commit import GroupCommitter
 from fleet_server.db.models import Operator, OperatorToken
 from fleet_server.db.session import make_engine, make_sessionmaker, upgrade_database
 from fleet_server.metrics import ServerMetrics
@@ -105,6 +106,8 @@ class ServerContext:
         )
         self.assignment_cache = AssignmentCache(self.engine, self.telemetry_policy)
         self.last_seen = LastSeenBuffer(self.engine)
+        #: device install and health reports: concurrent requests share transactions
+        self.report_commits = GroupCommitter(self.session, name="device-reports")
         self.bundles = BundleStore(settings.bundle_dir)
         self.registry = BundleRegistry(
             self.bundles,
@@ -157,6 +160,7 @@ class ServerContext:
         if self.monitor is not None:
             self.monitor.stop()
         try:
+            self.report_commits.close()
             self.last_seen.flush()
         finally:
             close = getattr(self.notifier, "close", None)

@@ -7,6 +7,7 @@ cached credential and a cached assignment it answers a matching
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -420,15 +421,14 @@ async def post_reports(request: Request, device_id: CurrentDevice, ctx: CtxDep) 
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid body"}
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise ReportRejectedError(f"{where}: {first.get('msg')}") from None
-    return await run_in_threadpool(_store_reports, ctx, device_id, batch)
-
-
-def _store_reports(ctx: ServerContext, device_id: str, batch: ReportBatch) -> ReportAck:
-    with ctx.session() as session:
-        return _store_reports_in(session, device_id, batch)
+    # answered once the transaction holding the reports committed (shared with other
+    # devices' reports arriving at the same time: a fleet-wide install is one burst)
+    stored = ctx.report_commits.submit(lambda s: _store_reports_in(s, device_id, batch))
+    return await asyncio.wrap_future(stored)
 
 
 def _store_reports_in(session: Any, device_id: str, batch: ReportBatch) -> ReportAck:
+    """Write one device's reports into ``session``; the caller commits."""
     device = session.get(Device, device_id)
     if device is None:
         raise NotFoundError(f"device {device_id} no longer exists")
@@ -481,7 +481,6 @@ def _store_reports_in(session: Any, device_id: str, batch: ReportBatch) -> Repor
             device.health = "degraded"
             device.health_details = {"last_install": body}
     device.last_seen_at = now
-    session.commit()
     return ReportAck(accepted=len(batch.reports))
 
 

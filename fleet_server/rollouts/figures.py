@@ -242,10 +242,15 @@ def cohorts(
     device_class = group.device_class if group is not None else None
     canary: list[str] = []
     control: list[str] = []
-    for d in session.scalars(select(Device).where(Device.revoked_at.is_(None))):
-        if not matches(selector or {}, device_class, d.labels or {}, d.device_class):
+    # three columns, not Device objects: the scheduler asks this every few seconds for
+    # every active rollout, and building ten thousand ORM rows cost seconds each time
+    rows = session.execute(
+        select(Device.id, Device.labels, Device.device_class).where(Device.revoked_at.is_(None))
+    )
+    for device_id, labels, klass in rows:
+        if not matches(selector or {}, device_class, labels or {}, klass):
             continue
-        (canary if assignment(spec, state, d.id).canary else control).append(d.id)
+        (canary if assignment(spec, state, device_id).canary else control).append(device_id)
     return canary, control
 
 

@@ -101,8 +101,14 @@ class RolloutService:
                 return r
         return None
 
-    def _assign(self, session: Session, device_id: str, row: Rollout) -> AssignmentChange | None:
-        spec, state = load(row)
+    def _assign(
+        self,
+        session: Session,
+        device_id: str,
+        row: Rollout,
+        loaded: tuple[RolloutSpec, RolloutState] | None = None,
+    ) -> AssignmentChange | None:
+        spec, state = loaded if loaded is not None else load(row)
         a = assignment(spec, state, device_id)
         return self.assignments.assign(
             session,
@@ -125,15 +131,26 @@ class RolloutService:
         devices = session.scalars(
             select(Device).where(Device.revoked_at.is_(None)).order_by(Device.id)
         ).all()
-        # one query fills the identity map, so assign() finds each row without a query
-        session.scalars(select(Assignment).where(Assignment.model == model)).all()
+        # one query each fills the identity map, so assign() finds every row and bundle
+        # without a query of its own; the session's identity map holds objects weakly, so
+        # these lists keep them alive for the loop (without them, ten thousand devices
+        # cost ten thousand round trips or more)
+        held = session.scalars(select(Assignment).where(Assignment.model == model)).all()
+        loaded = load(row)  # parsed once, not once per device
+        spec, state = loaded
+        refs = [spec.bundle, spec.previous, state.rollback_bundle]
+        ids = {r.bundle_id for r in refs if r is not None}
+        held_bundles = (
+            session.scalars(select(Bundle).where(Bundle.id.in_(ids))).all() if ids else []
+        )
         changes = []
         for d in devices:
             owner = self._owner_of(d, owners, model)
             if owner is not None and owner.id == row.id:
-                c = self._assign(session, d.id, row)
+                c = self._assign(session, d.id, row, loaded)
                 if c is not None:
                     changes.append(c)
+        del held, held_bundles
         return changes
 
     def sync_device(self, session: Session, device: Device) -> list[AssignmentChange]:

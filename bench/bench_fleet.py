@@ -22,12 +22,18 @@ Per fleet size N (``--devices 1000 5000 10000``), on this machine:
   decision;
 * ingestion lag: ``received_at - ts`` of every summary row of phase 2.
 
+``--replicas 2`` runs two server processes on the same database, broker, bundle folder
+and keys (one holds the rollout leader lock; ingestion is split by the MQTT 5 shared
+subscription); the simulated devices' connection pools alternate between them and a
+device keeps its pool, as behind a sticky load balancer. Server CPU and memory are then
+the sum over both.
+
 Costs are reported per 1,000 devices, and normalised to 60 s polls and windows when the
 run compressed time (``--poll 15 --window 15`` sends four times the traffic per device:
 CPU is divided by 4, rows per device-day counted at one per 60 s). Writes
 ``<out>/bench_fleet.json`` (runs merged by N), ``bench_fleet.md`` and ``bench_fleet.png``.
 
-    python bench/bench_fleet.py --devices 1000 [5000 10000] [--poll 60 --window 60]
+    python bench/bench_fleet.py --devices 1000 [5000 10000] [--poll 60 --window 60] [--replicas 2]
 """
 
 from __future__ import annotations
@@ -159,12 +165,13 @@ class Sample:
     sim_cpu: float
 
 
-def sample(server: psutil.Process, broker: psutil.Process, pg: PgCluster) -> Sample:
-    st, bt, me = server.cpu_times(), broker.memory_info(), psutil.Process().cpu_times()
+def sample(servers: list[psutil.Process], broker: psutil.Process, pg: PgCluster) -> Sample:
+    """Server figures are the sum over the replicas."""
+    bt, me = broker.memory_info(), psutil.Process().cpu_times()
     return Sample(
         time.monotonic(),
-        st.user + st.system,
-        server.memory_info().rss,
+        sum(t.user + t.system for t in (p.cpu_times() for p in servers)),
+        sum(p.memory_info().rss for p in servers),
         pg.cpu_seconds(),
         bt.rss,
         me.user + me.system,
@@ -249,28 +256,31 @@ def stack(tmp: Path, pg: PgCluster, args: argparse.Namespace) -> Iterator[dict[s
     broker.start()
     sim = BundleSim(tmp / "repo")
     keys_dir, kid, trust = server_keys(tmp, sim)
-    server = start_server(
-        {
-            "database_url": pg.url(db),
-            "bundle_dir": str(tmp / "bundles"),
-            "admin_bootstrap_token": ADMIN,
-            "trust_store": str(trust),
-            "signing_key_dir": str(keys_dir),
-            "signing_key": kid,
-            "mqtt_host": "127.0.0.1",
-            "mqtt_port": str(broker.port),
-            "mqtt_username": "fleet-server",
-            "mqtt_password": "bench",
-            "telemetry_window_seconds": str(args.window),
-            "rollout_interval_seconds": str(args.rollout_interval),
-            "dashboard": "false",
-        },
-        tmp / "server.log",
-    )
+    settings = {
+        "database_url": pg.url(db),
+        "bundle_dir": str(tmp / "bundles"),
+        "admin_bootstrap_token": ADMIN,
+        "trust_store": str(trust),
+        "signing_key_dir": str(keys_dir),
+        "signing_key": kid,
+        "mqtt_host": "127.0.0.1",
+        "mqtt_port": str(broker.port),
+        "mqtt_username": "fleet-server",
+        "mqtt_password": "bench",
+        "telemetry_window_seconds": str(args.window),
+        "rollout_interval_seconds": str(args.rollout_interval),
+        "dashboard": "false",
+    }
+    # replicas share the database, the broker (ingestion by MQTT 5 shared subscription),
+    # the bundle folder and the keys; the rollout scheduler runs in the lock holder only
+    servers = []
     try:
-        yield {"server": server, "broker": broker, "sim": sim, "db": db}
+        for i in range(args.replicas):
+            servers.append(start_server(settings, tmp / f"server-{i}.log"))
+        yield {"server": servers[0], "servers": servers, "broker": broker, "sim": sim, "db": db}
     finally:
-        stop_server(server.proc)
+        for server in servers:
+            stop_server(server.proc)
         broker.stop()
         with psycopg.connect(pg.dsn(), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
@@ -376,7 +386,9 @@ async def run_one(n: int, pg: PgCluster, args: argparse.Namespace) -> Run:
         stack(Path(tmp_s), pg, args) as s,
     ):
         server, broker, sim = s["server"], s["broker"], s["sim"]
-        server_p, broker_p = psutil.Process(server.proc.pid), psutil.Process(broker.proc.pid)
+        server_p = [psutil.Process(x.proc.pid) for x in s["servers"]]
+        broker_p = psutil.Process(broker.proc.pid)
+        f["replicas"] = len(server_p)
         dsn = pg.dsn(s["db"])
         cfg = LoadConfig(
             server.url,
@@ -387,6 +399,7 @@ async def run_one(n: int, pg: PgCluster, args: argparse.Namespace) -> Run:
             inferences_per_window=args.inferences,
             range_bytes=args.range_bytes,
             http_connections=args.http_connections,
+            replica_urls=tuple(x.url for x in s["servers"][1:]),
         )
         fleet = LoadFleet(cfg, seed=n)
         http = fleet.http
@@ -422,7 +435,9 @@ async def run_one(n: int, pg: PgCluster, args: argparse.Namespace) -> Run:
         await asyncio.sleep(2)
         f["broker_rss_mb"] = round(broker_p.memory_info().rss / 2**20, 1)
         f["broker_kb_per_connection"] = round((broker_p.memory_info().rss - b_before) / n / 1024, 1)
-        f["server_rss_mb_idle_enrolled"] = round(server_p.memory_info().rss / 2**20, 1)
+        f["server_rss_mb_idle_enrolled"] = round(
+            sum(p.memory_info().rss for p in server_p) / 2**20, 1
+        )
 
         say(f"N={n}: v1 to every device (all at once) while the fleet comes up")
         quick = [{"percent": 100, "min_devices": 1, "soak_seconds": 0}]
@@ -561,6 +576,7 @@ async def run_one(n: int, pg: PgCluster, args: argparse.Namespace) -> Run:
 # -- output --------------------------------------------------------------------------
 COLUMNS: list[tuple[str, str | tuple[str, ...], str]] = [
     ("devices", "devices", "{:,}"),
+    ("replicas", "replicas", "{}"),
     ("load", "load_average", "{}"),
     ("server CPU cores / 1k", "server_cores_per_1k_at_60s", "{:.3f}"),
     ("PostgreSQL cores / 1k", "postgres_cores_per_1k_at_60s", "{:.3f}"),
@@ -579,7 +595,7 @@ COLUMNS: list[tuple[str, str | tuple[str, ...], str]] = [
 def table(runs: list[dict[str, Any]]) -> str:
     head = "| " + " | ".join(c[0] for c in COLUMNS) + " |"
     out = [head, "|" + "---|" * len(COLUMNS)]
-    for r in sorted(runs, key=lambda r: r["devices"]):
+    for r in sorted(runs, key=lambda r: (r["devices"], r.get("replicas", 1))):
         cells = []
         for _, key, fmt in COLUMNS:
             try:
@@ -602,7 +618,10 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = sorted((r for r in runs if "partial" not in r), key=lambda r: r["devices"])
+    runs = sorted(
+        (r for r in runs if "partial" not in r and r.get("replicas", 1) == 1),
+        key=lambda r: r["devices"],
+    )
     n = [r["devices"] for r in runs]
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
     ax[0].plot(n, [r["server_cores"] for r in runs], "o-", label="server")
@@ -654,6 +673,12 @@ def main() -> None:
         help="HTTP connections of the simulated fleet (pools of 16)",
     )
     ap.add_argument("--timeout", type=float, default=1200.0, help="per rollout, s")
+    ap.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="server processes on the same database and broker (devices split between them)",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
@@ -667,7 +692,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result_file = args.out / "bench_fleet.json"
     stored: dict[str, Any] = json.loads(result_file.read_text()) if result_file.exists() else {}
-    runs: dict[str, Any] = {r["devices"]: r for r in stored.get("runs", [])}
+    runs: dict[tuple[int, int], Any] = {
+        (r["devices"], r.get("replicas", 1)): r for r in stored.get("runs", [])
+    }
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"],
         capture_output=True,
@@ -680,8 +707,9 @@ def main() -> None:
         try:
             for n in args.devices:
                 run = asyncio.run(run_one(n, pg, args))
-                runs[n] = {
+                runs[(n, args.replicas)] = {
                     "devices": n,
+                    "replicas": args.replicas,
                     "poll": args.poll,
                     "window": args.window,
                     "commit": commit,

@@ -90,6 +90,9 @@ class LoadConfig:
     mqtt_keepalive: int = 120
     #: also subscribe to the device's notify topic and check in when notified
     notify: bool = True
+    #: more server replicas behind the same fleet: the devices' connection pools take
+    #: ``server_url`` and these in turn, and a device keeps its pool (a sticky balancer)
+    replica_urls: tuple[str, ...] = ()
 
 
 @dataclass
@@ -203,7 +206,9 @@ class LoadFleet:
         size = max(1, min(config.http_pool_size, config.http_connections))
         count = max(1, -(-config.http_connections // size))
 
-        def client(connections: int) -> httpx.AsyncClient:
+        urls = (config.server_url, *config.replica_urls)
+
+        def client(connections: int, url: str = config.server_url) -> httpx.AsyncClient:
             limits = httpx.Limits(
                 max_connections=connections,
                 max_keepalive_connections=connections,
@@ -211,9 +216,7 @@ class LoadFleet:
                 # not reused, so a request never races the server closing it
                 keepalive_expiry=3.0,
             )
-            return httpx.AsyncClient(
-                base_url=config.server_url, limits=limits, timeout=config.http_timeout
-            )
+            return httpx.AsyncClient(base_url=url, limits=limits, timeout=config.http_timeout)
 
         #: the operator's client (admin API calls of the caller), apart from the devices'
         self.http = client(8)
@@ -222,7 +225,8 @@ class LoadFleet:
         #: waiting requests on every change (quadratic with thousands queued), so
         #: devices queue on the pool's semaphore, in FIFO order, and each latency is
         #: timed once a connection is free
-        self._pools = [client(size) for _ in range(count)]
+        count = max(count, len(urls))
+        self._pools = [client(size, urls[i % len(urls)]) for i in range(count)]
         self._slots = [asyncio.Semaphore(size) for _ in range(count)]
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False

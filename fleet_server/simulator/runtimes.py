@@ -314,7 +314,8 @@ class ProcessDevice(SimDevice):
 
     def predict_many(self, n: int) -> None:
         """Run ``n`` single-row predictions on the device's serving endpoint."""
-        from device_agent.serving.client import ServingClient, ServingClientError
+        from device_agent.agent import AgentError
+        from device_agent.serving.client import ServingClient
 
         if not self.alive() or self.version() is None or self.socket_path is None:
             return
@@ -325,8 +326,8 @@ class ProcessDevice(SimDevice):
             try:
                 self._client.predict(x[i : i + 1])
                 self.predictions += 1
-            except (ServingClientError, OSError):  # the agent counts its own failures
-                self.errors += 1
+            except (AgentError, OSError):  # refusals too (no model during a switch)
+                self.errors += 1  # the agent counts its own failures
 
 
 def run_in_own_processes(

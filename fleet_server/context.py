@@ -203,6 +203,11 @@ class ServerContext:
     def _on_assignment_change(self, changes: list[AssignmentChange]) -> None:
         for c in changes:
             self.assignment_cache.put(c.device_id, c.assignment_id, c.body, c.model)
+            if not c.bundles_changed:
+                # a new rollout id over the same bundles (a control device when a rollout
+                # starts): waking every device of the group at once for it would cost a
+                # fleet-wide burst of check-ins; the next poll brings it
+                continue
             try:
                 self.notifier.notify(c.device_id, c.assignment_id)
                 self.metrics.notifications.inc()

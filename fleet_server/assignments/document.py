@@ -105,6 +105,9 @@ class AssignmentChange:
     assignment_id: str
     body: dict[str, Any]
     model: str = ""
+    #: the desired or shadow bundle changed (False: only the rollout id or stage did, so
+    #: the device need not be woken: it picks the new document up at its next poll)
+    bundles_changed: bool = True
 
 
 class AssignmentWriter:
@@ -154,6 +157,10 @@ class AssignmentWriter:
         row = session.get(Assignment, (device_id, model))
         if row is not None and row.etag == doc["assignment_id"]:
             return None
+        moved = row is None or (row.desired_bundle_id, row.shadow_bundle_id) != (
+            desired_bundle_id,
+            shadow_bundle_id,
+        )
         if row is None:
             row = Assignment(device_id=device_id, model=model)
             session.add(row)
@@ -164,7 +171,7 @@ class AssignmentWriter:
         row.etag = doc["assignment_id"]
         row.body = doc
         row.updated_at = utcnow()
-        return AssignmentChange(device_id, doc["assignment_id"], doc, model)
+        return AssignmentChange(device_id, doc["assignment_id"], doc, model, moved)
 
     def publish(self, changes: Iterable[AssignmentChange | None]) -> None:
         """Call after commit: refresh caches and notify the devices concerned."""

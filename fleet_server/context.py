@@ -26,7 +26,7 @@ from fleet_server.assignments.document import (
 )
 from fleet_server.broker.notify import MqttNotifier, NullNotifier
 from fleet_server.db.group_commit import GroupCommitter
-from fleet_server.db.models import Operator, OperatorToken
+from fleet_server.db.models import Device, DeviceModel, Operator, OperatorToken
 from fleet_server.db.session import make_engine, make_sessionmaker, upgrade_database
 from fleet_server.metrics import ServerMetrics
 from fleet_server.registry.bundles import BundleRegistry
@@ -107,7 +107,9 @@ class ServerContext:
         self.assignment_cache = AssignmentCache(self.engine, self.telemetry_policy)
         self.last_seen = LastSeenBuffer(self.engine)
         #: device install and health reports: concurrent requests share transactions
-        self.report_commits = GroupCommitter(self.session, name="device-reports")
+        self.report_commits = GroupCommitter(
+            self.session, name="device-reports", prepare=_load_reporting_devices
+        )
         self.bundles = BundleStore(settings.bundle_dir)
         self.registry = BundleRegistry(
             self.bundles,
@@ -213,3 +215,11 @@ class ServerContext:
                 self.metrics.notifications.inc()
             except Exception:  # notification is best effort; devices also poll
                 log.exception("could not notify %s", c.device_id)
+
+
+def _load_reporting_devices(session: Session, device_ids: list[str]) -> list[object]:
+    """The rows a batch of device reports updates, in one query per table."""
+    ids = sorted(set(device_ids))
+    held: list[object] = list(session.scalars(select(Device).where(Device.id.in_(ids))))
+    held += session.scalars(select(DeviceModel).where(DeviceModel.device_id.in_(ids)))
+    return held

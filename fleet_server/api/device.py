@@ -423,7 +423,9 @@ async def post_reports(request: Request, device_id: CurrentDevice, ctx: CtxDep) 
         raise ReportRejectedError(f"{where}: {first.get('msg')}") from None
     # answered once the transaction holding the reports committed (shared with other
     # devices' reports arriving at the same time: a fleet-wide install is one burst)
-    stored = ctx.report_commits.submit(lambda s: _store_reports_in(s, device_id, batch))
+    stored = ctx.report_commits.submit(
+        lambda s: _store_reports_in(s, device_id, batch), key=device_id
+    )
     return await asyncio.wrap_future(stored)
 
 

@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Write = Callable[[Session], Any]
+#: loads, in one query per table, what a batch's writes will look up by primary key,
+#: from the keys they were submitted with; what it returns is held for the batch (the
+#: session's identity map keeps objects only while something refers to them)
+Prepare = Callable[[Session, list[Any]], Any]
+Item = tuple[Write, Future[Any], Any]
 
 
 class GroupCommitter:
@@ -41,11 +46,13 @@ class GroupCommitter:
         *,
         max_batch: int = 256,
         name: str = "group-commit",
+        prepare: Prepare | None = None,
     ) -> None:
         self._sessions = sessions
+        self._prepare = prepare
         self._max_batch = max_batch
         self._name = name
-        self._queue: queue.SimpleQueue[tuple[Write, Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -53,8 +60,9 @@ class GroupCommitter:
         self.commits = 0
         self.writes = 0
 
-    def submit(self, write: Callable[[Session], T]) -> Future[T]:
-        """Queue ``write``; the future holds its result once its transaction committed."""
+    def submit(self, write: Callable[[Session], T], key: Any = None) -> Future[T]:
+        """Queue ``write``; the future holds its result once its transaction committed.
+        ``key`` is handed to ``prepare`` with the batch's other keys."""
         fut: Future[T] = Future()
         with self._lock:
             if self._closed:
@@ -62,7 +70,7 @@ class GroupCommitter:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-            self._queue.put((write, fut))
+            self._queue.put((write, fut, key))
         return fut
 
     def close(self, timeout: float = 30.0) -> None:
@@ -93,15 +101,20 @@ class GroupCommitter:
                     stop = True
                     break
                 batch.append(nxt)
-            live = [(w, f) for w, f in batch if f.set_running_or_notify_cancel()]
+            live = [item for item in batch if item[1].set_running_or_notify_cancel()]
             if live:
                 self._commit(live)
 
-    def _commit(self, batch: list[tuple[Write, Future[Any]]]) -> None:
+    def _commit(self, batch: list[Item]) -> None:
         try:
             with self._sessions() as s:
-                results = [w(s) for w, _f in batch]
+                held = self._prepare(s, [k for *_, k in batch]) if self._prepare else None
+                # the writes look rows up; flushing before each lookup would cost a round
+                # trip per write: the commit flushes them together
+                with s.no_autoflush:
+                    results = [w(s) for w, _f, _k in batch]
                 s.commit()
+                del held
         except Exception as e:
             if len(batch) == 1:  # its own outcome already
                 batch[0][1].set_exception(e)
@@ -112,11 +125,11 @@ class GroupCommitter:
             return
         self.commits += 1
         self.writes += len(batch)
-        for (_w, f), r in zip(batch, results, strict=True):
+        for (_w, f, _k), r in zip(batch, results, strict=True):
             f.set_result(r)
 
-    def _alone(self, item: tuple[Write, Future[Any]]) -> None:
-        write, fut = item
+    def _alone(self, item: Item) -> None:
+        write, fut, _key = item
         try:
             with self._sessions() as s:
                 result = write(s)

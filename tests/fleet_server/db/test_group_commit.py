@@ -107,3 +107,32 @@ def test_close_finishes_queued_writes_then_refuses_new_ones(
     assert _count(engine) == 30
     with pytest.raises(RuntimeError, match="closed"):
         gc.submit(lambda s: None)
+
+
+def test_prepare_sees_each_batch_keys_once_before_its_writes(db_url: str) -> None:
+    """What a batch's writes look up is loaded before them, from the keys they were
+    submitted with (the device reports load their devices in one query per table)."""
+    engine = make_engine(db_url)
+    meta.create_all(engine)
+    seen: list[list[int]] = []
+    gate = threading.Event()
+
+    def prepare(s: Session, keys: list[object]) -> None:
+        seen.append([int(str(k)) for k in keys])
+
+    gc = GroupCommitter(make_sessionmaker(engine), prepare=prepare)
+    try:
+
+        def first(s: Session) -> int:
+            gate.wait(10)
+            return 0
+
+        head = gc.submit(first, key=0)
+        _wait_running(head)
+        futures = [gc.submit(_writer(k), key=k) for k in range(300, 310)]
+        gate.set()
+        assert [f.result(10) for f in futures] == list(range(300, 310))
+        assert seen == [[0], list(range(300, 310))]
+    finally:
+        gc.close()
+        engine.dispose()

@@ -57,6 +57,15 @@ class GateIn(BaseModel):
     against: Literal["reference", "control"] = "reference"
     metric: Literal["psi", "js"] = "psi"
     name: str = Field(default="", max_length=100)
+    floor_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=600_000,
+        description=(
+            "latency_p95_ratio: a p95 below this many ms counts as this many, so "
+            "sub-millisecond noise cannot breach the ratio (0: no floor)"
+        ),
+    )
 
 
 class RolloutCreate(BaseModel):

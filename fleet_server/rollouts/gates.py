@@ -22,7 +22,8 @@ Statistics, per kind:
 * **latency_p95_ratio**: both cohorts' latency histograms (buckets of
   :data:`device_agent.protocol.LATENCY_BUCKETS_MS`) are merged over all windows;
   p95 is interpolated linearly inside its bucket (the open last bucket counts as
-  its lower edge); breach iff ``p95_canary / p95_control > threshold``. Bucket
+  its lower edge); breach iff ``p95_canary / p95_control > threshold``, each p95
+  raised to the gate's ``floor_ms`` first (sub-millisecond noise cannot breach). Bucket
   resolution (1-2-5 steps) bounds the precision, so thresholds below ~1.2 are
   not meaningful.
 * **drift_psi**: ``against="reference"``: the canary's PSI against the bundle's
@@ -458,13 +459,15 @@ def evaluate_gate(
     if kind is GateKind.LATENCY_P95_RATIO:
         pc = hist_quantile(canary.latency_hist, 0.95) or 0.0
         pk = hist_quantile(control.latency_hist, 0.95) or 0.0
-        ratio = pc / max(pk, 1e-6)
+        floor = gate.floor_ms
+        ratio = max(pc, floor) / max(pk, floor, 1e-6)
         verdict = Verdict.BREACH if ratio > gate.threshold else Verdict.PASS
+        floored = f" (each at least the floor {floor:g} ms)" if floor else ""
         return result(
             verdict,
             pc,
             pk,
-            f"p95 canary {pc:.3f} ms / control {pk:.3f} ms = {ratio:.3f}; "
+            f"p95 canary {pc:.3f} ms / control {pk:.3f} ms{floored} = {ratio:.3f}; "
             f"breach iff > {gate.threshold}",
         )
 

@@ -181,6 +181,9 @@ class GateSpec:
     predictions, comparisons or labels) each compared cohort needs before the gate
     may decide.
     ``confidence`` is the one-sided confidence of the rate tests.
+    ``floor_ms`` (``latency_p95_ratio`` only): a p95 below it counts as ``floor_ms``, so
+    differences of sub-millisecond timings (scheduler noise on a shared CPU, a cold
+    cache) cannot breach the ratio; 0: no floor.
     """
 
     kind: GateKind
@@ -190,6 +193,7 @@ class GateSpec:
     against: str = "reference"
     metric: str = "psi"
     name: str = ""
+    floor_ms: float = 0.0
 
     def __post_init__(self) -> None:
         try:
@@ -214,9 +218,11 @@ class GateSpec:
             raise InvalidSpecError(f"gate {self.name}: against must be 'reference' or 'control'")
         if self.metric not in ("psi", "js"):
             raise InvalidSpecError(f"gate {self.name}: metric must be 'psi' or 'js'")
+        if not _finite(self.floor_ms) or self.floor_ms < 0:
+            raise InvalidSpecError(f"gate {self.name}: floor_ms must be a finite number >= 0")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "kind": self.kind.value,
             "name": self.name,
             "threshold": self.threshold,
@@ -225,6 +231,9 @@ class GateSpec:
             "against": self.against,
             "metric": self.metric,
         }
+        if self.floor_ms:  # absent when unset: specs stored before it read the same
+            out["floor_ms"] = self.floor_ms
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> GateSpec:
@@ -239,6 +248,7 @@ class GateSpec:
             against=str(obj.get("against", "reference")),
             metric=str(obj.get("metric", "psi")),
             name=str(obj.get("name", "")),
+            floor_ms=_num(obj.get("floor_ms", 0.0), "gate floor_ms"),
         )
 
 

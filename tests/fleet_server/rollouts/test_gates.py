@@ -22,6 +22,7 @@ from fleet_server.rollouts.gates import (
     wilson,
     z_for,
 )
+from fleet_server.rollouts.spec import InvalidSpecError
 
 
 def latency_hist(values_ms: np.ndarray) -> tuple[int, ...]:
@@ -150,6 +151,26 @@ def test_slow_canary_is_caught_by_latency_gate() -> None:
     v = verdicts(cohort(latency_ms=12.0, seed=1), cohort(latency_ms=4.0, seed=2))
     assert v["latency_p95_ratio"] is Verdict.BREACH
     assert v["error_rate"] is Verdict.PASS
+
+
+def test_latency_floor_keeps_sub_millisecond_noise_from_breaching_but_not_a_regression() -> None:
+    """Seen in the demo on a loaded machine: a healthy canary at p95 3 ms against a
+    control at 0.125 ms (scheduler noise) is a ratio of 24. With a 5 ms floor that pair
+    passes, while a real regression above the floor still breaches."""
+    noisy, quiet = cohort(latency_ms=2.5, seed=1), cohort(latency_ms=0.1, seed=2)
+    bare = GateSpec(GateKind.LATENCY_P95_RATIO, 10.0, min_samples=100)
+    floored = GateSpec(GateKind.LATENCY_P95_RATIO, 10.0, min_samples=100, floor_ms=5.0)
+    m = CohortMetrics(noisy, quiet)
+    assert evaluate_gate(bare, m, live_control=True).verdict is Verdict.BREACH
+    r = evaluate_gate(floored, m, live_control=True)
+    assert r.verdict is Verdict.PASS and "floor 5 ms" in r.detail
+    slow = CohortMetrics(cohort(latency_ms=80.0, seed=3), quiet)
+    assert evaluate_gate(floored, slow, live_control=True).verdict is Verdict.BREACH
+    # stored and read back; absent from the JSON when unset
+    assert GateSpec.from_json(floored.to_json()) == floored
+    assert "floor_ms" not in bare.to_json()
+    with pytest.raises(InvalidSpecError, match="floor_ms"):
+        GateSpec(GateKind.LATENCY_P95_RATIO, 10.0, floor_ms=-1.0)
 
 
 def test_drifting_canary_is_caught_by_drift_gates() -> None:

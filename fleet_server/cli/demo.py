@@ -31,10 +31,12 @@ import click
     help="MQTT broker: Mosquitto when installed (auto), or the embedded Python one.",
 )
 @click.option(
-    "--legacy-processes",
-    is_flag=True,
+    "--legacy-processes/--legacy-in-process",
+    default=True,
+    show_default=True,
     help="Run each legacy board's agent as a process of its own on tflite-runtime 2.14 "
-    "(numpy 1, built once under .venv-cache/); default: in the demo's process.",
+    "(numpy 1, built once under .venv-cache/), or in the demo's process on ai-edge-litert "
+    "like the other classes.",
 )
 @click.option(
     "--roundtrip",

@@ -49,7 +49,7 @@ TARGETS = {
     "aarch64-legacy": "tflite:int8-dynamic",
 }
 MODEL = "machine-condition"
-# with --legacy-processes the legacy boards' agents run in processes of their own on
+# the legacy boards' agents run in processes of their own (unless --legacy-in-process) on
 # tflite-runtime 2.14 (numpy<2), in an environment built once under .venv-cache/
 # (fleet_server.simulator.runtimes)
 OWN_RUNTIME = ("aarch64-legacy",)
@@ -219,12 +219,12 @@ def run_demo(
     *,
     stage_percents: tuple[float, ...] = (25, 50, 100),
     broker_kind: str = "auto",
-    legacy_processes: bool = False,
+    legacy_processes: bool = True,
 ) -> DemoResult:
     """Run the whole demo in ``workdir``; processes it starts are stopped before it returns.
 
     ``legacy_processes``: the legacy boards' agents run as processes of their own on their
-    real runtime (opt-in: one fresh-clone run's legacy rollout did not finish in time)."""
+    real runtime (if its environment cannot be built, in this process, said in yellow)."""
     own_runtime = OWN_RUNTIME if legacy_processes else ()
     workdir = workdir.resolve()  # the server process runs in a directory of its own
     run = DemoRun(workdir)

@@ -35,8 +35,12 @@ def test_fleet_demo_good_rollout_completes_and_bad_one_is_rolled_back(tmp_path: 
     ), result.caught_by
     # the rollback is the director instructing v2's release again: nothing re-signed
     assert result.final_versions == {2: 48}, result.final_versions
-    # by default every agent runs in the demo's process (--legacy-processes is opt-in)
-    assert result.runtimes == {}, result.runtimes
+    # the legacy boards' agents ran as processes of their own on the legacy runtime (the
+    # test machine reaches the package registry, so the environment is built)
+    assert list(result.runtimes) == ["aarch64-legacy"], result.runtimes
+    assert result.runtimes["aarch64-legacy"].startswith("tflite-runtime 2.14.0 with numpy 1.")
+    legacy_logs = list((tmp_path / "demo" / "fleet").glob("aarch64-legacy-*/agent.log"))
+    assert len(legacy_logs) == 12 and all("agent running" in p.read_text() for p in legacy_logs)
     assert not list((tmp_path / "demo" / "server" / "bundles").rglob("*v4*"))
     # the devices ran the Uptane chain from their image's roots
     configs = list((tmp_path / "demo" / "fleet").rglob("agent.toml"))

@@ -175,19 +175,24 @@ def fleet(tmp_path: Path, db_url: str, bundle_sim: BundleSim) -> Iterator[Fleet]
     The rollout scheduler does not run by itself; tests drive it with
     ``fleet.scheduler.run_once()``.
     """
-    keys_dir, kid, trust_path = server_keys(tmp_path, bundle_sim)
-    app = create_app(
-        make_settings(
-            tmp_path,
-            db_url,
-            trust_store=trust_path,
-            signing_key_dir=keys_dir,
-            signing_key=kid,
-            run_scheduler=False,
-        )
-    )
+    app = create_app(signed_settings(tmp_path, db_url, bundle_sim, run_scheduler=False))
     with TestClient(app) as client:
         yield Fleet(client=client, sim=bundle_sim, tmp=tmp_path)
+
+
+def signed_settings(
+    tmp_path: Path, db_url: str, bundle_sim: BundleSim, **overrides: Any
+) -> ServerSettings:
+    """Settings of a server that trusts the sim's release key and signs with its own."""
+    keys_dir, kid, trust_path = server_keys(tmp_path, bundle_sim)
+    return make_settings(
+        tmp_path,
+        db_url,
+        trust_store=trust_path,
+        signing_key_dir=keys_dir,
+        signing_key=kid,
+        **overrides,
+    )
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from fleet_server.app import create_app
 from fleet_server.rollouts import bucket
 from tests.bundlesim import BundleSim
-from tests.server_fixtures import Fleet, make_settings, server_keys
+from tests.server_fixtures import Fleet, signed_settings
 
 DEVICES = [f"cam-{i:02d}" for i in range(16)]
 
@@ -40,15 +40,7 @@ class Recorder:
 
 @pytest.fixture
 def watched(tmp_path: Path, db_url: str, bundle_sim: BundleSim) -> Iterator[tuple[Fleet, Recorder]]:
-    keys_dir, kid, trust_path = server_keys(tmp_path, bundle_sim)
-    settings = make_settings(
-        tmp_path,
-        db_url,
-        trust_store=trust_path,
-        signing_key_dir=keys_dir,
-        signing_key=kid,
-        run_scheduler=False,
-    )
+    settings = signed_settings(tmp_path, db_url, bundle_sim, run_scheduler=False)
     recorder = Recorder()
     with TestClient(create_app(settings, notifier=recorder)) as client:
         yield Fleet(client=client, sim=bundle_sim, tmp=tmp_path), recorder

@@ -59,6 +59,7 @@ from fleet_server.errors import (
     NotFoundError,
     PayloadTooLargeError,
     ServerError,
+    ServiceUnavailableError,
     error_body,
 )
 from fleet_server.pki.serve import peer_certificate
@@ -423,9 +424,12 @@ async def post_reports(request: Request, device_id: CurrentDevice, ctx: CtxDep) 
         raise ReportRejectedError(f"{where}: {first.get('msg')}") from None
     # answered once the transaction holding the reports committed (shared with other
     # devices' reports arriving at the same time: a fleet-wide install is one burst)
-    stored = ctx.report_commits.submit(
-        lambda s: _store_reports_in(s, device_id, batch), key=device_id
-    )
+    try:
+        stored = ctx.report_commits.submit(
+            lambda s: _store_reports_in(s, device_id, batch), key=device_id
+        )
+    except RuntimeError as e:  # the committer is closed: the server is shutting down
+        raise ServiceUnavailableError(f"{e}; the server is stopping, send the reports again") from e
     return await asyncio.wrap_future(stored)
 
 

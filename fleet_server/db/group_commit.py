@@ -56,7 +56,7 @@ class GroupCommitter:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
-        #: transactions committed and writes in them (for tests and the metrics)
+        #: transactions committed and writes in them (read by the tests)
         self.commits = 0
         self.writes = 0
 

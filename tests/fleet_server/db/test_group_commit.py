@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from fleet_server.db.group_commit import GroupCommitter
 from fleet_server.db.session import make_engine, make_sessionmaker
+from tests.server_fixtures import Fleet
 
 meta = MetaData()
 rows = Table("gc_rows", meta, Column("k", Integer, primary_key=True))
@@ -136,3 +137,18 @@ def test_prepare_sees_each_batch_keys_once_before_its_writes(db_url: str) -> Non
     finally:
         gc.close()
         engine.dispose()
+
+
+def test_reports_while_the_server_stops_get_a_coded_refusal(fleet: Fleet) -> None:
+    """A report that arrives after the committer closed (the server is stopping) is
+    refused 503 with a code and a message that says what to do, not an uncoded 500."""
+    creds = fleet.enroll("cam-1")
+    fleet.ctx.report_commits.close()
+    r = fleet.client.post(
+        "/device/v1/reports",
+        headers=creds,
+        json={"reports": [{"type": "health", "health": "ok"}]},
+    )
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "unavailable"
+    assert "send the reports again" in r.json()["error"]["message"]

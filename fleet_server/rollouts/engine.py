@@ -294,8 +294,8 @@ def _small_cohort(spec: RolloutSpec, stage: int, metrics: CohortMetrics) -> str 
     return (
         f"cohort too small: stage {stage} takes {st.percent:g}% of the group's {group} "
         f"devices, which selects {canary.members}, but the stage needs {st.min_devices} "
-        "canary devices reporting to advance; lower the stage's min_devices or raise its "
-        "percent (or add devices to the group), or promote or abort the rollout by hand"
+        "canary devices reporting to advance; lower the stage's min_devices or add devices "
+        "to the group, or promote or abort the rollout by hand"
     )
 
 

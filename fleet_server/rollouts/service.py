@@ -44,6 +44,7 @@ from fleet_server.rollouts import (
     assignment,
 )
 from fleet_server.rollouts import engine as rengine
+from fleet_server.rollouts.cohort import with_bounds
 from fleet_server.rollouts.figures import cohort_metrics
 from fleet_server.rollouts.spec import Status
 
@@ -138,18 +139,25 @@ class RolloutService:
         held = session.scalars(select(Assignment).where(Assignment.model == model)).all()
         loaded = load(row)  # parsed once, not once per device
         spec, state = loaded
+        owned = [d for d in devices if (o := self._owner_of(d, owners, model)) and o.id == row.id]
+        fixed = with_bounds(spec, state, (d.id for d in owned))
+        if fixed is not state:
+            # a stage just began: its cohort's bound is fixed over the group as it is now
+            # (raised to the stage's min_devices when the percent draws fewer), stored
+            # with the state so every later sync, replica and evaluation draws the same.
+            # Lost to a concurrent change, that change's own sync fixes it.
+            self._cas(session, row, state, fixed)
+            loaded = spec, state = load(row)
         refs = [spec.bundle, spec.previous, state.rollback_bundle]
         ids = {r.bundle_id for r in refs if r is not None}
         held_bundles = (
             session.scalars(select(Bundle).where(Bundle.id.in_(ids))).all() if ids else []
         )
         changes = []
-        for d in devices:
-            owner = self._owner_of(d, owners, model)
-            if owner is not None and owner.id == row.id:
-                c = self._assign(session, d.id, row, loaded)
-                if c is not None:
-                    changes.append(c)
+        for d in owned:
+            c = self._assign(session, d.id, row, loaded)
+            if c is not None:
+                changes.append(c)
         del held, held_bundles
         return changes
 

@@ -37,6 +37,13 @@ def _num(x: Any, what: str) -> float:
     return float(x)
 
 
+def _bound(x: Any) -> float:
+    b = _num(x, "cohort bound")
+    if not 0.0 <= b <= 1.0:
+        raise InvalidSpecError(f"cohort bound {b!r} must be in [0, 1]")
+    return b
+
+
 def _obj(x: Any, what: str, err: type[Exception]) -> Mapping[str, Any]:
     if not isinstance(x, Mapping):
         raise err(f"{what} must be a JSON object, not {type(x).__name__}")
@@ -434,7 +441,9 @@ class RolloutState:
     ``stage`` is -1 while pending. ``baseline`` is the control cohort's figures
     recorded when the rollout last advanced, used by control-relative gates once
     the control cohort is gone (a 100 % stage). ``rollback_bundle`` is the
-    re-published previous model once the rollout was rolled back.
+    re-published previous model once the rollout was rolled back. ``bounds`` is the
+    bucket bound of each stage's cohort reached so far, fixed when the stage began
+    (see :mod:`.cohort`); a stage not in it draws by its percent.
     """
 
     status: Status = Status.PENDING
@@ -443,10 +452,12 @@ class RolloutState:
     history: tuple[HistoryEntry, ...] = ()
     baseline: Mapping[str, Any] | None = None
     rollback_bundle: BundleRef | None = None
+    bounds: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", Status(self.status))
         object.__setattr__(self, "history", tuple(self.history))
+        object.__setattr__(self, "bounds", tuple(self.bounds))
 
     @property
     def terminal(self) -> bool:
@@ -463,6 +474,7 @@ class RolloutState:
             "history": [h.to_json() for h in self.history],
             "baseline": dict(self.baseline) if self.baseline is not None else None,
             "rollback_bundle": self.rollback_bundle.to_json() if self.rollback_bundle else None,
+            "bounds": list(self.bounds),
         }
 
     @classmethod
@@ -478,6 +490,7 @@ class RolloutState:
                 history=tuple(HistoryEntry.from_json(h) for h in obj.get("history", [])),
                 baseline=obj.get("baseline"),
                 rollback_bundle=BundleRef.from_json(rb) if rb else None,
+                bounds=tuple(_bound(b) for b in obj.get("bounds") or ()),
             )
         except (ValueError, TypeError, InvalidSpecError) as e:
             raise InvalidStateError(f"stored rollout state is not valid: {e}") from e

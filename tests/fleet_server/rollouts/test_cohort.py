@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,7 +21,7 @@ from fleet_server.rollouts import (
     changed_devices,
     in_stage,
 )
-from fleet_server.rollouts.cohort import first_stage, stage_members
+from fleet_server.rollouts.cohort import first_stage, stage_members, with_bounds
 
 OLD = BundleRef("b-old", "m", 3)
 NEW = BundleRef("b-new", "m", 4)
@@ -166,3 +168,82 @@ def test_stage_members_grow_with_stage(percents: list[float]) -> None:
     devices = [f"d{i}" for i in range(300)]
     sizes = [len(stage_members(spec, k, devices)) for k in range(len(percents))]
     assert sizes == sorted(sizes)
+
+
+def _advance_through(spec: RolloutSpec, devices: list[str]) -> list[RolloutState]:
+    """The running state of each stage, with each stage's bound fixed on entry over
+    ``devices`` (what the service does when a rollout starts or advances)."""
+    states, state = [], RolloutState()
+    for k in range(len(spec.stages)):
+        state = with_bounds(spec, replace(running(k), bounds=state.bounds), devices)
+        states.append(state)
+    return states
+
+
+@settings(deadline=None)
+@given(
+    stages=st.lists(
+        st.tuples(st.floats(min_value=0.01, max_value=100), st.integers(0, 6)),
+        min_size=1,
+        max_size=5,
+    ).map(sorted),
+    n=st.integers(1, 12),
+    rollout_id=ids,
+)
+def test_a_stage_holds_its_minimum_devices_whatever_the_hash_draws(
+    stages: list[tuple[float, int]], n: int, rollout_id: str
+) -> None:
+    spec = RolloutSpec(
+        rollout_id=rollout_id,
+        bundle=NEW,
+        previous=OLD,
+        selector={"site": "a"},
+        stages=tuple(Stage(p, m) for p, m in stages),
+        gates=(),
+    )
+    devices = [f"d{i}" for i in range(n)]
+    before: set[str] = set()
+    for k, state in enumerate(_advance_through(spec, devices)):
+        members = {d for d in devices if assignment(spec, state, d).canary}
+        # the percent draws by hash; a small group may draw fewer than min_devices (or
+        # none): the stage takes the lowest-hashed devices up to its minimum
+        assert len(members) >= min(stages[k][1], n)
+        assert len(members) >= sum(1 for d in devices if bucket(rollout_id, d) < stages[k][0] / 100)
+        assert before <= members  # monotonic: nobody goes back to the old model
+        before = members
+
+
+def test_a_25_percent_stage_of_4_devices_has_a_canary_for_every_rollout_id() -> None:
+    devices = [f"cam-{i}" for i in range(4)]
+    empty = 0
+    for i in range(200):
+        spec = replace(spec_with([25, 100], f"r-{i}"), stages=(Stage(25, 1), Stage(100, 1)))
+        empty += all(bucket(spec.rollout_id, d) >= 0.25 for d in devices)
+        (state, _) = _advance_through(spec, devices)
+        members = [d for d in devices if assignment(spec, state, d).canary]
+        assert members, spec.rollout_id
+        if all(bucket(spec.rollout_id, d) >= 0.25 for d in devices):
+            # the one device taken is the lowest-hashed: the same one for every replica
+            assert members == [min(devices, key=lambda d: bucket(spec.rollout_id, d))]
+    assert empty > 40  # about 0.75 ** 4 of the ids draw nobody by percent alone
+
+
+def test_a_large_group_keeps_the_percent_as_its_bound() -> None:
+    spec = replace(spec_with([10, 100]), stages=(Stage(10, 5), Stage(100, 1)))
+    devices = [f"dev-{i:05d}" for i in range(10_000)]
+    (state, _) = _advance_through(spec, devices)
+    assert state.bounds[0] == 0.1  # the hash drew far more than 5: nothing raised
+
+
+def test_a_device_enrolled_after_the_bound_was_fixed_joins_by_its_bucket() -> None:
+    spec = replace(spec_with([25, 100], "r-late"), stages=(Stage(25, 3), Stage(100, 1)))
+    devices = [f"cam-{i}" for i in range(4)]
+    (state, _) = _advance_through(spec, devices)
+    bound = state.bounds[0]
+    late = [f"late-{i}" for i in range(400)]
+    inside = [d for d in late if bucket(spec.rollout_id, d) < bound]
+    assert inside and len(inside) < len(late)
+    assert all(assignment(spec, state, d).canary == (d in inside) for d in late)
+    # stored with the state: a reload (another replica) draws the same cohort
+    again = RolloutState.from_json(state.to_json())
+    assert again == state

@@ -114,14 +114,16 @@ def _group_and_bundles(fleet: Fleet) -> tuple[dict[str, Any], dict[str, Any]]:
     return creds, v3
 
 
-def _rollout(fleet: Fleet, v3: dict[str, Any], name: str, percent: float) -> dict[str, Any]:
+def _rollout(
+    fleet: Fleet, v3: dict[str, Any], name: str, percent: float, min_devices: int = 1
+) -> dict[str, Any]:
     body = {
         "name": name,
         "bundle_id": v3["id"],
         "group": "east",
         "start": False,
         "stages": [
-            {"percent": percent, "min_devices": 1, "soak_seconds": 0},
+            {"percent": percent, "min_devices": min_devices, "soak_seconds": 0},
             {"percent": 100, "min_devices": 1, "soak_seconds": 0},
         ],
         "gates": [{"kind": "error_rate", "threshold": 0.05, "min_samples": 50}],
@@ -144,19 +146,38 @@ def _start(fleet: Fleet, rollout_id: str) -> None:
     assert r.status_code == 200, r.text
 
 
-def test_api_names_an_empty_25_percent_cohort_of_4_devices(fleet: Fleet) -> None:
-    _, v3 = _group_and_bundles(fleet)
-    # a rollout id salts the cohort hash; 25 % of 4 devices selects none for about one id
+def _empty_by_hash(fleet: Fleet, v3: dict[str, Any], min_devices: int) -> dict[str, Any]:
+    """A pending rollout whose 25 % stage draws none of the 4 devices by hash."""
+    # a rollout id salts the cohort hash; 25 % of 4 devices draws none for about one id
     # in three (0.75 ** 4): create pending rollouts until one does
     for i in range(40):
-        r = _rollout(fleet, v3, f"try {i}", 25)
+        r = _rollout(fleet, v3, f"try {i}", 25, min_devices)
         if all(bucket(r["id"], d) >= 0.25 for d in DEVICES):
-            break
+            return r
         fleet.client.post(
             f"/api/v1/rollouts/{r['id']}/abort", headers=fleet.admin, json={"reason": "not empty"}
         )
-    else:
-        raise AssertionError("no rollout id gave an empty 25% cohort in 40 tries")
+    raise AssertionError("no rollout id gave an empty 25% cohort in 40 tries")
+
+
+def test_a_stage_whose_hash_draws_nobody_still_takes_its_minimum_canary(fleet: Fleet) -> None:
+    creds, v3 = _group_and_bundles(fleet)
+    r = _empty_by_hash(fleet, v3, min_devices=1)
+    _start(fleet, r["id"])
+    d = _evaluate(fleet, r["id"])
+    assert d["metrics"]["canary"]["members"] == 1 and d["metrics"]["control"]["members"] == 3
+    assert not d["reason"].startswith("empty cohort"), d["reason"]
+    # the lowest-hashed device runs the candidate; the other three keep v2
+    first = min(DEVICES, key=lambda dev: bucket(r["id"], dev))
+    for dev in DEVICES:
+        doc = fleet.client.get("/device/v1/assignment", headers=creds[dev]).json()
+        assert (doc["desired"]["bundle_id"] == v3["id"]) == (dev == first), (dev, doc)
+
+
+def test_api_names_an_empty_25_percent_cohort_of_4_devices(fleet: Fleet) -> None:
+    _, v3 = _group_and_bundles(fleet)
+    # min_devices 0: the operator asked for no minimum, so the hash alone draws the cohort
+    r = _empty_by_hash(fleet, v3, min_devices=0)
     _start(fleet, r["id"])
     d = _evaluate(fleet, r["id"])
     assert d["action"] == "hold"

@@ -23,7 +23,8 @@ Invariants:
 * The model an update replaced (``set_previous``) runs the same way on a random
   share of the kept inputs (``telemetry.compare_previous_rate``) within its own,
   smaller budget (``telemetry.compare_previous_budget`` of each flush interval: a
-  share of one core), so every canary is also judged by its agreement with the
+  share of one core, counted as the time spent running it, so the rest of a busy
+  round does not use it up), so every canary is also judged by its agreement with the
   model it replaced; its figures go in the summary's ``previous`` field.
 """
 
@@ -187,7 +188,8 @@ class Telemetry:
         self._active: Recorder | None = None
         self._shadow: _Shadow | None = None
         self._previous: _Shadow | None = None
-        self._previous_deadline = 0
+        #: ns the replaced model may still run in this round (its budget, spent per call)
+        self._previous_left_ns = 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -306,7 +308,10 @@ class Telemetry:
             budget = interval * self.options.shadow_budget
             t0 = self.perf_ns()
             deadline = t0 + int(budget * 1e9)
-            self._previous_deadline = t0 + int(interval * self.config.compare_previous_budget * 1e9)
+            # the replaced model's budget is the time spent running it, not the time since
+            # the round began: draining the active model's calls on a busy core must not
+            # use it up before a single comparison
+            self._previous_left_ns = int(interval * self.config.compare_previous_budget * 1e9)
             out: list[Record] = []
             for rec in list(self._recs):
                 self._drain(rec, deadline=deadline, yield_gil=True)
@@ -434,8 +439,9 @@ class Telemetry:
                     if rate < 1.0:
                         pick = self.rng.random(len(ins)) < rate
                         ins = [i if p else None for i, p in zip(ins, pick, strict=True)]
-                    until = min(deadline, self._previous_deadline)
-                    self._compare(prev, w.previous, w, ins, outs, until)
+                    left = self._previous_left_ns
+                    until = min(deadline, self.perf_ns() + left) if left > 0 else -1
+                    self._previous_left_ns -= self._compare(prev, w.previous, w, ins, outs, until)
             if n and yield_gil:
                 time.sleep(0)
         if rec.copy_ns and w.count > w.errors and w.lat_sum_ns:
@@ -451,12 +457,14 @@ class Telemetry:
         ins: Sequence[Inputs | np.ndarray | None],
         outs: Sequence[Outputs | None],
         deadline: int | None,
-    ) -> None:
+    ) -> int:
         """Run ``sh`` on the calls whose inputs were kept and count agreement with the
-        active model's outputs in ``st``, until ``deadline`` (perf ns)."""
+        active model's outputs in ``st``, until ``deadline`` (perf ns); returns the ns
+        spent running ``sh``."""
         info = w.info
         j = info.pred_output
         lats: list[int] = []
+        spent = 0
         perf = self.perf_ns
         name = info.input_names[0] if len(info.input_names) == 1 else ""
         for inputs, active_out in zip(ins, outs, strict=True):
@@ -469,6 +477,7 @@ class Telemetry:
             try:
                 cand = sh.run(feed)
                 lats.append(perf() - t0)
+                spent += lats[-1]
                 a = np.asarray(active_out[j])
                 c = np.asarray(cand[j])
                 if info.classes > 0:
@@ -484,6 +493,7 @@ class Telemetry:
                         )
                     )
             except Exception:  # a failing candidate is what shadow mode is meant to find
+                spent += perf() - t0
                 st.errors += 1
                 st.count += 1
                 continue
@@ -493,6 +503,7 @@ class Telemetry:
             arr = np.asarray(lats, np.int64)
             st.lat_sum_ns += int(arr.sum())
             st.fine += stats.fine_latency_counts(arr)
+        return spent
 
     def _close(self, rec: Recorder, end: float) -> list[Record]:
         w = rec.window

@@ -23,7 +23,11 @@ from tests.device_agent.test_agent import make_agent as make_agent  # noqa: F401
 D1, D2 = mlp_onnx(0), mlp_onnx(1)
 
 
-def config(rate: float, budget: float = 0.05) -> AgentConfig:
+def config(rate: float, budget: float = 1.0) -> AgentConfig:
+    """The budget is a share of each flush interval's wall time (0.05 of 1 s by default):
+    hundreds of comparisons fill most of that, so a loaded machine would cut a sample
+    short. Only the zero-budget test is about the budget; the others grant a whole
+    interval, which these windows never use up."""
     cfg = AgentConfig()
     cfg.telemetry.compare_previous_rate = rate
     cfg.telemetry.compare_previous_budget = budget
@@ -140,3 +144,45 @@ def test_a_replaced_model_with_other_inputs_or_outputs_is_not_compared(
         kit.bundle(D2, version=2, smoke=smoke_for(D2, x16(3, n=4))), kit.trust, state_dir=state
     )
     assert agent.model.version == 2 and agent.previous is None  # inputs a, b vs x
+
+
+class SteppingClock:
+    """A perf clock: ``first_gap`` ns pass between the worker's round starting and its
+    next reading (the drain of the active model's calls, or a preemption on a loaded
+    device), then ``step`` ns per reading."""
+
+    def __init__(self, first_gap: int, step: int) -> None:
+        self.t, self.first_gap, self.step, self.calls = 0, first_gap, step, 0
+
+    def __call__(self) -> int:
+        self.calls += 1
+        if self.calls == 2:
+            self.t += self.first_gap
+        elif self.calls > 2:
+            self.t += self.step
+        return self.t
+
+
+def test_the_budget_counts_time_in_the_replaced_model_not_the_rest_of_the_round(
+    kit: Kit,  # noqa: F811
+    make_agent: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # 0.05 of a 1 s interval is 50 ms: 60 ms of other work in the round (draining 2,000
+    # calls on a busy core) must not leave the replaced model with no comparison at all
+    agent = updated(kit, make_agent, tmp_path / "state", config(0.2, budget=0.05))
+    agent.telemetry.perf_ns = SteppingClock(first_gap=60_000_000, step=1_000)
+    prev = window(agent, x16(8, n=2000))["previous"]
+    assert 300 <= prev["count"] <= 500  # each call 1 µs by this clock: all fit in 50 ms
+
+
+def test_the_budget_caps_the_time_spent_in_the_replaced_model(
+    kit: Kit,  # noqa: F811
+    make_agent: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    agent = updated(kit, make_agent, tmp_path / "state", config(1.0, budget=0.05))
+    agent.telemetry.perf_ns = SteppingClock(first_gap=0, step=1_000_000)
+    prev = window(agent, x16(8, n=300))["previous"]
+    # 1 ms per reading, about 2 ms per call: 50 ms of budget compares about 25 of 300
+    assert 10 <= prev["count"] <= 50, prev

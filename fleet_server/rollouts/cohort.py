@@ -69,7 +69,8 @@ def fix_bound(
 
 def with_bounds(spec: RolloutSpec, state: RolloutState, device_ids: Iterable[str]) -> RolloutState:
     """``state`` with the bound of each stage it has reached fixed over ``device_ids``
-    (bounds fixed earlier are kept). Called when a rollout starts or advances."""
+    (bounds fixed earlier are kept): the service calls it on every sync, and it changes
+    the state only when a stage began since the last one."""
     if state.stage < 0 or len(state.bounds) > state.stage:
         return state
     ids = list(device_ids)
@@ -97,11 +98,9 @@ def first_stage(spec: RolloutSpec, device_id: str, bounds: Sequence[float] = ())
     return None
 
 
-def stage_members(
-    spec: RolloutSpec, stage: int, device_ids: Iterable[str], bounds: Sequence[float] = ()
-) -> list[str]:
-    """The devices among ``device_ids`` in the canary cohort of ``stage``."""
-    return [d for d in device_ids if in_stage(spec, stage, d, bounds)]
+def stage_members(spec: RolloutSpec, stage: int, device_ids: Iterable[str]) -> list[str]:
+    """The devices among ``device_ids`` in the canary cohort of ``stage`` by percent."""
+    return [d for d in device_ids if in_stage(spec, stage, d)]
 
 
 @dataclass(frozen=True)

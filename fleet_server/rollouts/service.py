@@ -141,13 +141,12 @@ class RolloutService:
         spec, state = loaded
         owned = [d for d in devices if (o := self._owner_of(d, owners, model)) and o.id == row.id]
         fixed = with_bounds(spec, state, (d.id for d in owned))
-        if fixed is not state:
-            # a stage just began: its cohort's bound is fixed over the group as it is now
-            # (raised to the stage's min_devices when the percent draws fewer), stored
-            # with the state so every later sync, replica and evaluation draws the same.
-            # Lost to a concurrent change, that change's own sync fixes it.
-            self._cas(session, row, state, fixed)
-            loaded = spec, state = load(row)
+        # a stage just began: its cohort's bound is fixed over the group as it is now
+        # (raised to the stage's min_devices when the percent draws fewer), stored with
+        # the state so every later sync, replica and evaluation draws the same. Lost to
+        # a concurrent change, that change's own sync fixes it.
+        if fixed is not state and self._cas(session, row, state, fixed):
+            loaded = spec, state = spec, fixed
         refs = [spec.bundle, spec.previous, state.rollback_bundle]
         ids = {r.bundle_id for r in refs if r is not None}
         held_bundles = (
